@@ -1,0 +1,1157 @@
+#!/usr/bin/env python3
+"""Real brokers on loopback: install, start, stop and break Redis, NATS JetStream, RabbitMQ
+and Apache Kafka for this repository's tests.
+
+Run it through ``scripts/brokers`` (which prepares the venv first); see docs/brokers.md.
+
+Every server listens on 127.0.0.1 only and keeps everything it writes (config, data, log,
+pid file, chosen ports) under ``.brokers/<name>/`` at the repository root; the Kafka jars are
+kept in ``.cache/kafka/``. Both folders are ignored by git. Progress goes to stderr; the
+``MSGBROKER_*`` settings of the servers that are up go to stdout and to ``.brokers/env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / ".brokers"
+CACHE_DIR = ROOT / ".cache" / "kafka"
+ENV_FILE = RUN_DIR / "env"
+LOCK_FILE = RUN_DIR / ".lock"
+
+KAFKA_VERSION = os.environ.get("MSGBROKER_BROKERS_KAFKA_VERSION", "4.1.2")
+LOG4J_VERSION = "2.24.3"  # the log4j2 line Kafka 4.1 is built against
+DEPENDENCY_PLUGIN_VERSION = "3.8.1"
+KAFKA_READY_TOPIC = "msgbroker-brokers-ready"
+RABBITMQ_NODENAME = "msgbroker@localhost"
+HOST = "127.0.0.1"
+
+ALL = ("redis", "nats", "rabbitmq", "kafka")
+
+
+class Failure(Exception):
+    """A server could not be installed, started or reached; the message says which and why."""
+
+
+def say(msg: str) -> None:
+    print(f"brokers: {msg}", file=sys.stderr, flush=True)
+
+
+def rel(path: Path) -> str:
+    """A path as shown to people: relative to the repository root when inside it."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def proc_info(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks) of a process, or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
+class Tracked:
+    """A process we started, remembered in a pid file as JSON {pid, start} so that a reused
+    pid is never mistaken for ours."""
+
+    def __init__(self, pid_file: Path):
+        self.pid_file = pid_file
+
+    def read(self) -> tuple[int, int] | None:
+        try:
+            data = json.loads(self.pid_file.read_text())
+            return int(data["pid"]), int(data["start"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    def record(self, pid: int) -> None:
+        info = proc_info(pid)
+        start = info[1] if info else 0
+        self.pid_file.write_text(json.dumps({"pid": pid, "start": start}) + "\n")
+
+    def pid(self) -> int | None:
+        """The pid when the recorded process is still there (running or stopped), else None."""
+        rec = self.read()
+        if rec is None:
+            return None
+        pid, start = rec
+        info = proc_info(pid)
+        if info is None or info[0] in ("Z", "X") or info[1] != start:
+            return None
+        return pid
+
+    def state(self) -> str | None:
+        pid = self.pid()
+        if pid is None:
+            return None
+        info = proc_info(pid)
+        return info[0] if info else None
+
+    def forget(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+
+    def signal(self, sig: int) -> bool:
+        """Send sig to the process group we started (its own session); False when gone."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            os.kill(pid, sig)
+        return True
+
+    def wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.pid() is not None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def stop(self, timeout: float, what: str) -> None:
+        """SIGTERM (then SIGKILL after timeout) and wait until the process is gone."""
+        if self.pid() is None:
+            self.forget()
+            return
+        self.signal(signal.SIGTERM)
+        self.signal(signal.SIGCONT)  # a paused server must wake up to see the SIGTERM
+        if not self.wait_gone(timeout):
+            say(f"{what} did not stop within {timeout:.0f}s of SIGTERM; sending SIGKILL")
+            self.signal(signal.SIGKILL)
+            if not self.wait_gone(10):
+                raise Failure(f"{what} (pid {self.pid()}) survived SIGKILL")
+        self.forget()
+
+
+def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+    """Start a server detached in its own session, output appended to log; return its pid."""
+    with open(log, "ab") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(cwd) if cwd else None,
+            start_new_session=True,
+            close_fds=True,
+        )
+    return proc.pid
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def ports_remembered_by_others(me: str) -> set[int]:
+    taken: set[int] = set()
+    if not RUN_DIR.is_dir():
+        return taken
+    for d in RUN_DIR.iterdir():
+        if not d.is_dir() or d.name == me:
+            continue
+        for f in d.glob("*port"):
+            with contextlib.suppress(ValueError, OSError):
+                taken.add(int(f.read_text().strip()))
+    return taken
+
+
+def choose_port(owner: str, key_file: Path, default: int, patience: float = 5.0) -> int:
+    """The port remembered in key_file if it is (or soon becomes) free, else the standard
+    port if free, else the next free one; remembered in key_file."""
+    others = ports_remembered_by_others(owner)
+    remembered = None
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        remembered = int(key_file.read_text().strip())
+    if remembered is not None and remembered not in others:
+        deadline = time.monotonic() + patience
+        while True:
+            if port_free(remembered):
+                return remembered
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        say(f"{owner}: port {remembered} is taken by another program; choosing another")
+    port = default
+    while port in others or not port_free(port):
+        port += 1
+        if port > 65535:
+            raise Failure(f"{owner}: no free port from {default} up")
+    if port != default:
+        say(f"{owner}: standard port {default} is taken by another program; using {port}")
+    key_file.write_text(f"{port}\n")
+    return port
+
+
+def read_port(key_file: Path) -> int | None:
+    try:
+        return int(key_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------- installing
+
+
+def have_root_or_sudo() -> list[str]:
+    if os.geteuid() == 0:
+        return []
+    if shutil.which("sudo"):
+        return ["sudo", "-n"]
+    raise Failure("installing Debian packages needs root (or sudo)")
+
+
+_apt_updated = False
+
+
+def apt_install(packages: list[str]) -> None:
+    """apt-get install the packages, never leaving their own services running."""
+    global _apt_updated
+    if not packages:
+        return
+    if not shutil.which("apt-get"):
+        raise Failure(f"please install {', '.join(packages)} (no apt-get on this machine)")
+    sudo = have_root_or_sudo()
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    policy = Path("/usr/sbin/policy-rc.d")
+    made_policy = False
+    if not policy.exists() and not sudo:
+        # Stop dpkg from starting the packages' own services: ours run with our config.
+        policy.write_text("#!/bin/sh\n# written by msgbroker scripts/brokers during apt-get install\nexit 101\n")
+        policy.chmod(0o755)
+        made_policy = True
+    try:
+        t0 = time.monotonic()
+        if not _apt_updated:
+            say("apt-get update")
+            subprocess.run(sudo + ["apt-get", "update", "-q"], env=env, check=True, stdout=sys.stderr)
+            _apt_updated = True
+        say(f"apt-get install {' '.join(packages)}")
+        subprocess.run(
+            sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+            env=env,
+            check=True,
+            stdout=sys.stderr,
+        )
+        say(f"installed {' '.join(packages)} in {time.monotonic() - t0:.0f}s")
+    except subprocess.CalledProcessError as e:
+        raise Failure(f"apt-get failed ({e}); install {' '.join(packages)} by hand") from None
+    finally:
+        if made_policy:
+            policy.unlink()
+    stop_system_services(packages, sudo)
+
+
+def stop_system_services(packages: list[str], sudo: list[str]) -> None:
+    """If dpkg started a package's own service anyway (no policy-rc.d honoured), stop it."""
+    services = {"redis-server": "redis-server", "rabbitmq-server": "rabbitmq-server", "nats-server": "nats-server"}
+    for pkg in packages:
+        svc = services.get(pkg)
+        if not svc:
+            continue
+        if Path("/run/systemd/system").is_dir():
+            active = subprocess.run(["systemctl", "is-active", "--quiet", svc], check=False).returncode == 0
+            if active:
+                say(f"stopping the system service {svc} that the package started")
+                subprocess.run(sudo + ["systemctl", "stop", svc], check=False)
+        elif Path(f"/etc/init.d/{svc}").exists():
+            running = subprocess.run(
+                sudo + [f"/etc/init.d/{svc}", "status"], check=False, capture_output=True
+            ).returncode == 0
+            if running:
+                say(f"stopping the system service {svc} that the package started")
+                subprocess.run(sudo + [f"/etc/init.d/{svc}", "stop"], check=False, capture_output=True)
+
+
+# --------------------------------------------------------------------------- health checks
+
+
+def quiet_client_logs() -> None:
+    for name in ("aiokafka", "kafka", "aio_pika", "aiormq", "nats", "redis", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+async def check_redis(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=3)
+    try:
+        if not await client.ping():
+            raise Failure("PING did not answer PONG")
+    finally:
+        await client.aclose()
+
+
+async def check_nats(url: str) -> None:
+    import nats
+
+    async def ignore(*_a: object) -> None:
+        return None
+
+    nc = await nats.connect(
+        url,
+        connect_timeout=2,
+        allow_reconnect=False,
+        max_reconnect_attempts=0,
+        error_cb=ignore,
+        disconnected_cb=ignore,
+        closed_cb=ignore,
+    )
+    try:
+        await nc.jetstream(timeout=3).account_info()
+    finally:
+        await nc.close()
+
+
+async def check_rabbitmq(url: str) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(url, timeout=3)
+    try:
+        channel = await conn.channel()
+        await channel.close()
+    finally:
+        await conn.close()
+
+
+async def check_kafka(bootstrap: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=4000)
+    await admin.start()
+    try:
+        await admin.list_topics()  # a metadata request
+        try:
+            resp = await admin.create_topics([NewTopic(KAFKA_READY_TOPIC, 1, 1)])
+        except TopicAlreadyExistsError:
+            return
+        for topic_err in getattr(resp, "topic_errors", []) or getattr(resp, "topic_error_codes", []):
+            code = topic_err[1]
+            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS
+                raise Failure(f"CreateTopics answered error code {code}")
+    finally:
+        await admin.close()
+
+
+# --------------------------------------------------------------------------- brokers
+
+
+class Broker:
+    name: str
+    default_port: int
+    env_var: str
+    start_timeout: float = 30.0
+    stop_timeout: float = 20.0
+
+    def __init__(self) -> None:
+        self.dir = RUN_DIR / self.name
+        self.log = self.dir / f"{self.name}.log"
+        self.port_file = self.dir / "port"
+        self.proc = Tracked(self.dir / "pid")
+
+    # -- to be provided by each server
+    def url(self, port: int) -> str:
+        raise NotImplementedError
+
+    def missing_packages(self) -> list[str]:
+        return []
+
+    def install_other(self) -> None:
+        """Anything installed some other way than apt (Kafka's jars)."""
+
+    def choose_ports(self) -> int:
+        return choose_port(self.name, self.port_file, self.default_port)
+
+    def launch(self, port: int) -> int:
+        raise NotImplementedError
+
+    async def check(self, url: str) -> None:
+        raise NotImplementedError
+
+    def after_stop(self) -> None:
+        """Stop helper processes (RabbitMQ's epmd) once the server itself is gone."""
+
+    # -- shared logic
+    def port(self) -> int | None:
+        return read_port(self.port_file)
+
+    def own_url(self) -> str | None:
+        port = self.port()
+        return self.url(port) if port else None
+
+    def external_url(self) -> str | None:
+        """The user's own server, when MSGBROKER_* names one that is not ours."""
+        value = os.environ.get(self.env_var, "").strip()
+        if not value or value == self.own_url():
+            return None
+        return value
+
+    def current_url(self) -> str | None:
+        return self.external_url() or self.own_url()
+
+    def env_line(self, url: str) -> str:
+        return f"{self.env_var}={url}"
+
+    def log_hint(self) -> str:
+        return f"see its log {rel(self.log)} (scripts/brokers logs {self.name})"
+
+    async def healthy(self, url: str | None = None, timeout: float = 5.0) -> tuple[bool, str]:
+        url = url or self.current_url()
+        if not url:
+            return False, "no port chosen yet"
+        try:
+            await asyncio.wait_for(self.check(url), timeout)
+            return True, ""
+        except asyncio.TimeoutError:
+            return False, f"no answer within {timeout:.0f}s"
+        except Exception as e:  # noqa: BLE001 - any failure means "not healthy"
+            return False, f"{type(e).__name__}: {e}".strip()
+
+    async def wait_healthy(self, timeout: float, url: str | None = None, watch_process: bool = True) -> None:
+        url = url or self.current_url()
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            if watch_process and not self.external_url():
+                if self.proc.pid() is None:
+                    raise Failure(f"{self.name} exited while starting; {self.log_hint()}")
+                if self.proc.state() == "T":
+                    raise Failure(f"{self.name} is paused (SIGSTOP); run: scripts/brokers resume {self.name}")
+            remaining = deadline - time.monotonic()
+            ok, last = await self.healthy(url, timeout=max(1.0, min(5.0, remaining)))
+            if ok:
+                return
+            if time.monotonic() >= deadline:
+                where = (
+                    f"the server at {url}" if self.external_url() else f"{self.name}; {self.log_hint()}"
+                )
+                raise Failure(f"timed out after {timeout:.0f}s waiting for {where} (last error: {last})")
+            await asyncio.sleep(0.25)
+
+    def start(self, port: int | None = None) -> None:
+        """Start our server (not waiting for it): on the given port, else a chosen one."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if port is None:
+            port = self.choose_ports()
+        else:
+            deadline = time.monotonic() + 10
+            while not port_free(port):
+                if time.monotonic() > deadline:
+                    raise Failure(f"{self.name}: port {port} is still taken; cannot restart on it")
+                time.sleep(0.2)
+        say(f"starting {self.name} on {HOST}:{port} (log {rel(self.log)})")
+        pid = self.launch(port)
+        self.proc.record(pid)
+
+    def stop(self) -> bool:
+        if self.proc.pid() is None:
+            self.proc.forget()
+            self.after_stop()
+            return False
+        say(f"stopping {self.name} (pid {self.proc.pid()})")
+        self.proc.stop(self.stop_timeout, self.name)
+        self.after_stop()
+        return True
+
+
+class Redis(Broker):
+    name = "redis"
+    default_port = 6379
+    env_var = "MSGBROKER_REDIS__URL"
+    start_timeout = 20.0
+
+    def url(self, port: int) -> str:
+        return f"redis://{HOST}:{port}"
+
+    def missing_packages(self) -> list[str]:
+        return [] if shutil.which("redis-server") else ["redis-server"]
+
+    def launch(self, port: int) -> int:
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "redis.conf"
+        conf.write_text(
+            "# written by scripts/brokers; rewritten at every start\n"
+            f"bind {HOST}\n"
+            f"port {port}\n"
+            "protected-mode yes\n"
+            "daemonize no\n"
+            'logfile ""\n'
+            f"dir {data}\n"
+            "appendonly yes\n"
+            "appendfsync everysec\n"
+            "save 60 1\n"
+        )
+        return spawn([shutil.which("redis-server") or "redis-server", str(conf)], self.log)
+
+    async def check(self, url: str) -> None:
+        await check_redis(url)
+
+
+class Nats(Broker):
+    name = "nats"
+    default_port = 4222
+    env_var = "MSGBROKER_NATS__URL"
+    start_timeout = 20.0
+
+    def url(self, port: int) -> str:
+        return f"nats://{HOST}:{port}"
+
+    def missing_packages(self) -> list[str]:
+        return [] if shutil.which("nats-server") else ["nats-server"]
+
+    def launch(self, port: int) -> int:
+        store = self.dir / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        argv = [
+            shutil.which("nats-server") or "nats-server",
+            "-a", HOST, "-p", str(port), "-n", "msgbroker-nats",
+            "-js", "-sd", str(store),
+        ]
+        return spawn(argv, self.log)
+
+    async def check(self, url: str) -> None:
+        await check_nats(url)
+
+
+class RabbitMQ(Broker):
+    name = "rabbitmq"
+    default_port = 5672
+    env_var = "MSGBROKER_RABBITMQ__URL"
+    start_timeout = 90.0
+    stop_timeout = 30.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epmd = Tracked(self.dir / "epmd.pid")
+        self.epmd_port_file = self.dir / "epmd_port"
+        self.dist_port_file = self.dir / "dist_port"
+
+    def url(self, port: int) -> str:
+        return f"amqp://guest:guest@{HOST}:{port}/"
+
+    @staticmethod
+    def server_script() -> str | None:
+        for cand in ("/usr/lib/rabbitmq/bin/rabbitmq-server",):
+            if os.access(cand, os.X_OK):
+                return cand
+        return shutil.which("rabbitmq-server")
+
+    def missing_packages(self) -> list[str]:
+        return [] if self.server_script() and shutil.which("epmd") else ["rabbitmq-server"]
+
+    def start_epmd(self) -> int:
+        """Our own epmd (Erlang's port mapper), tracked so that `down` can stop it too."""
+        port = read_port(self.epmd_port_file)
+        if self.epmd.pid() is not None and port:
+            return port
+        port = choose_port(self.name, self.epmd_port_file, 4369)
+        pid = spawn(
+            [shutil.which("epmd") or "epmd", "-address", HOST, "-port", str(port)],
+            self.dir / "epmd.log",
+        )
+        self.epmd.record(pid)
+        deadline = time.monotonic() + 10
+        while port_free(port):
+            if self.epmd.pid() is None or time.monotonic() > deadline:
+                raise Failure(f"rabbitmq: epmd did not start; see {rel(self.dir / 'epmd.log')}")
+            time.sleep(0.05)
+        return port
+
+    def launch(self, port: int) -> int:
+        epmd_port = self.start_epmd()
+        dist_port = choose_port(self.name, self.dist_port_file, 25672)
+        home = self.dir / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        cookie = home / ".erlang.cookie"
+        if not cookie.exists():
+            cookie.write_text(secrets.token_hex(16))
+            cookie.chmod(0o400)
+        (self.dir / "mnesia").mkdir(exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        conf = self.dir / "rabbitmq.conf"
+        conf.write_text(
+            "# written by scripts/brokers; rewritten at every start\n"
+            f"listeners.tcp.default = {HOST}:{port}\n"
+            "loopback_users.guest = true\n"
+            "log.console = true\n"
+            "log.console.level = info\n"
+            "log.file = false\n"
+            f"distribution.listener.interface = {HOST}\n"
+            f"distribution.listener.port_range.min = {dist_port}\n"
+            f"distribution.listener.port_range.max = {dist_port}\n"
+        )
+        (self.dir / "enabled_plugins").write_text("[].\n")
+        (self.dir / "rabbitmq-env.conf").write_text("# intentionally empty: settings come from scripts/brokers\n")
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_", "NOTIFY_SOCKET"))
+        }
+        env.update(
+            HOME=str(home),
+            RUNNING_UNDER_SYSTEMD="true",  # makes rabbitmq-server exec the Erlang VM (one process)
+            RABBITMQ_NODENAME=RABBITMQ_NODENAME,
+            RABBITMQ_USE_LONGNAME="false",
+            RABBITMQ_NODE_IP_ADDRESS=HOST,
+            RABBITMQ_NODE_PORT=str(port),
+            RABBITMQ_DIST_PORT=str(dist_port),
+            RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
+            RABBITMQ_CONFIG_FILE=str(conf),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.dir / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
+            RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.dir / "logs"),
+            RABBITMQ_LOGS="-",
+            RABBITMQ_PID_FILE=str(self.dir / "rabbitmq.pid"),
+            ERL_EPMD_ADDRESS=HOST,
+            ERL_EPMD_PORT=str(epmd_port),
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-start_epmd false",
+        )
+        return spawn([self.server_script() or "rabbitmq-server"], self.log, env=env, cwd=self.dir)
+
+    def after_stop(self) -> None:
+        if self.epmd.pid() is not None:
+            self.epmd.stop(5, "rabbitmq's epmd")
+        self.epmd.forget()
+
+    async def check(self, url: str) -> None:
+        await check_rabbitmq(url)
+
+
+class Kafka(Broker):
+    name = "kafka"
+    default_port = 9092
+    env_var = "MSGBROKER_KAFKA__BOOTSTRAP_SERVERS"
+    start_timeout = 90.0
+    stop_timeout = 30.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.controller_port_file = self.dir / "controller_port"
+        self.lib = CACHE_DIR / "lib"
+        self.stamp = CACHE_DIR / "lib.version"
+
+    def url(self, port: int) -> str:
+        return f"{HOST}:{port}"
+
+    def java(self) -> str | None:
+        home = os.environ.get("JAVA_HOME")
+        if home and os.access(Path(home) / "bin" / "java", os.X_OK):
+            return str(Path(home) / "bin" / "java")
+        return shutil.which("java")
+
+    def missing_packages(self) -> list[str]:
+        if self.installed():
+            return [] if self.java() else ["openjdk-17-jre-headless"]
+        missing = [] if self.java() else ["openjdk-17-jdk-headless"]
+        if not shutil.which("mvn"):
+            missing.append("maven")
+        return missing
+
+    def installed(self) -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            if self.stamp.read_text().strip() == KAFKA_VERSION and any(self.lib.glob("kafka_2.13-*.jar")):
+                return True
+        return False
+
+    def install_other(self) -> None:
+        if self.installed():
+            return
+        t0 = time.monotonic()
+        say(f"fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {rel(CACHE_DIR)}")
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        pom = CACHE_DIR / "pom.xml"
+        pom.write_text(
+            f"""<?xml version="1.0" encoding="UTF-8"?>
+<!-- written by scripts/brokers: the runtime class path of a single Kafka broker -->
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.msgbroker</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{KAFKA_VERSION}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>{LOG4J_VERSION}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-core</artifactId>
+      <version>{LOG4J_VERSION}</version>
+    </dependency>
+  </dependencies>
+  <build>
+    <pluginManagement>
+      <plugins>
+        <plugin>
+          <groupId>org.apache.maven.plugins</groupId>
+          <artifactId>maven-dependency-plugin</artifactId>
+          <version>{DEPENDENCY_PLUGIN_VERSION}</version>
+        </plugin>
+      </plugins>
+    </pluginManagement>
+  </build>
+</project>
+"""
+        )
+        tmp = CACHE_DIR / "lib.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            shutil.which("mvn") or "mvn", "-B", "-q", "-f", str(pom),
+            f"-Dmaven.repo.local={CACHE_DIR / 'm2'}",
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}", "-DincludeScope=runtime",
+        ]
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        if res.returncode != 0:
+            (CACHE_DIR / "mvn.log").write_text(res.stdout)
+            raise Failure(
+                f"kafka: mvn could not fetch the Kafka jars (exit {res.returncode}); "
+                f"see {rel(CACHE_DIR / 'mvn.log')}"
+            )
+        shutil.rmtree(self.lib, ignore_errors=True)
+        tmp.rename(self.lib)
+        self.stamp.write_text(KAFKA_VERSION + "\n")
+        say(f"fetched Kafka {KAFKA_VERSION} in {time.monotonic() - t0:.0f}s")
+
+    def jvm(self) -> list[str]:
+        return [
+            self.java() or "java",
+            "-Xmx512m", "-Xms128m",
+            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dkafka.logs.dir={self.dir / 'logs'}",
+            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
+            "-cp", f"{self.lib}/*",
+        ]
+
+    def launch(self, port: int) -> int:
+        cport = choose_port(self.name, self.controller_port_file, 9093)
+        data = self.dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        (self.dir / "logs").mkdir(exist_ok=True)
+        (self.dir / "log4j2.properties").write_text(
+            "# written by scripts/brokers\n"
+            "status = warn\n"
+            "appender.out.type = Console\n"
+            "appender.out.name = OUT\n"
+            "appender.out.layout.type = PatternLayout\n"
+            "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+            "rootLogger.level = INFO\n"
+            "rootLogger.appenderRef.out.ref = OUT\n"
+            "logger.state.name = state.change.logger\n"
+            "logger.state.level = WARN\n"
+            "logger.clients.name = org.apache.kafka.clients\n"
+            "logger.clients.level = WARN\n"
+        )
+        props = self.dir / "server.properties"
+        props.write_text(
+            "# written by scripts/brokers; rewritten at every start\n"
+            "process.roles=broker,controller\n"
+            "node.id=1\n"
+            f"controller.quorum.voters=1@{HOST}:{cport}\n"
+            f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}\n"
+            f"advertised.listeners=PLAINTEXT://{HOST}:{port}\n"
+            "controller.listener.names=CONTROLLER\n"
+            "inter.broker.listener.name=PLAINTEXT\n"
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+            f"log.dirs={data}\n"
+            "num.partitions=1\n"
+            "auto.create.topics.enable=true\n"
+            "offsets.topic.replication.factor=1\n"
+            "offsets.topic.num.partitions=10\n"
+            "transaction.state.log.replication.factor=1\n"
+            "transaction.state.log.min.isr=1\n"
+            "share.coordinator.state.topic.replication.factor=1\n"
+            "share.coordinator.state.topic.min.isr=1\n"
+            "group.initial.rebalance.delay.ms=0\n"
+            "log.flush.interval.ms=1000\n"
+        )
+        if not (data / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            say(f"kafka: formatting KRaft storage (cluster id {cluster_id})")
+            with open(self.log, "ab") as out:
+                res = subprocess.run(
+                    self.jvm() + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
+                )
+            if res.returncode != 0:
+                raise Failure(f"kafka: formatting the storage failed; {self.log_hint()}")
+        return spawn(self.jvm() + ["kafka.Kafka", str(props)], self.log, cwd=self.dir)
+
+    async def check(self, url: str) -> None:
+        await check_kafka(url)
+
+
+BROKERS: dict[str, Broker] = {b.name: b for b in (Redis(), Nats(), RabbitMQ(), Kafka())}
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@contextlib.contextmanager
+def locked() -> Iterator[None]:
+    """One changing command at a time (two test runs may call `up` together)."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            say("waiting for another scripts/brokers command to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def write_env_file() -> None:
+    lines = []
+    for b in BROKERS.values():
+        url = b.external_url() or (b.own_url() if b.proc.pid() is not None else None)
+        if url:
+            lines.append(b.env_line(url))
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = ENV_FILE.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.replace(ENV_FILE)
+
+
+def ensure_installed(brokers: list[Broker]) -> None:
+    packages: list[str] = []
+    for b in brokers:
+        for p in b.missing_packages():
+            if p not in packages:
+                packages.append(p)
+    apt_install(packages)
+    for b in brokers:
+        b.install_other()
+        missing = b.missing_packages()
+        if missing:
+            raise Failure(f"{b.name}: still missing after install: {', '.join(missing)}")
+
+
+async def bring_up(brokers: list[Broker]) -> dict[str, str]:
+    """Start what is not running, wait for everything to answer; return {name: failure}."""
+    waits: list[tuple[Broker, float, bool]] = []
+    failures: dict[str, str] = {}
+    for b in brokers:
+        ext = b.external_url()
+        if ext:
+            say(f"{b.name}: using your own server {ext} ({b.env_var} is set); checking it answers")
+            waits.append((b, 15.0, False))
+            continue
+        if b.proc.pid() is not None:
+            if b.proc.state() == "T":
+                failures[b.name] = f"{b.name} is paused (SIGSTOP); run: scripts/brokers resume {b.name}"
+                continue
+            ok, _ = await b.healthy(timeout=5.0)
+            if ok:
+                say(f"{b.name}: already running and healthy on port {b.port()}")
+                continue
+            say(f"{b.name}: running (pid {b.proc.pid()}) but not answering yet; waiting")
+            waits.append((b, b.start_timeout, True))
+            continue
+        try:
+            b.start()
+        except Failure as e:
+            failures[b.name] = str(e)
+            continue
+        waits.append((b, b.start_timeout, True))
+
+    async def one(b: Broker, timeout: float, watch: bool) -> str | None:
+        t0 = time.monotonic()
+        try:
+            await b.wait_healthy(timeout, watch_process=watch)
+        except Failure as e:
+            return str(e)
+        say(f"{b.name}: ready on {b.current_url()} after {time.monotonic() - t0:.1f}s")
+        return None
+
+    results = await asyncio.gather(*(one(*w) for w in waits))
+    for (b, _, _), r in zip(waits, results):
+        if r:
+            failures[b.name] = r
+    return failures
+
+
+def names_arg(names: list[str]) -> list[Broker]:
+    return [BROKERS[n] for n in (names or ALL)]
+
+
+def print_env(brokers: list[Broker]) -> None:
+    for b in brokers:
+        url = b.current_url()
+        if url and (b.external_url() or b.proc.pid() is not None):
+            print(b.env_line(url), flush=True)
+
+
+def cmd_up(names: list[str]) -> int:
+    brokers = names_arg(names)
+    t0 = time.monotonic()
+    with locked():
+        try:
+            ensure_installed([b for b in brokers if not b.external_url()])
+        except Failure as e:
+            say(f"ERROR: {e}")
+            return 1
+        failures = asyncio.run(bring_up(brokers))
+        write_env_file()
+    print_env([b for b in brokers if b.name not in failures])
+    for f in failures.values():
+        say(f"ERROR: {f}")
+    if failures:
+        return 1
+    say(f"up: {', '.join(b.name for b in brokers)} ready in {time.monotonic() - t0:.1f}s; "
+        f"settings in {rel(ENV_FILE)} (set -a; . {rel(ENV_FILE)}; set +a)")
+    return 0
+
+
+def cmd_down(names: list[str]) -> int:
+    brokers = names_arg(names)
+    with locked():
+        for b in brokers:
+            if b.external_url() and b.proc.pid() is None:
+                say(f"{b.name}: your own server ({b.env_var}) is left alone")
+                continue
+            if not b.stop():
+                say(f"{b.name}: not running")
+        write_env_file()
+    return 0
+
+
+async def gather_status() -> list[tuple[str, ...]]:
+    async def row(b: Broker) -> tuple[str, ...]:
+        ext = b.external_url()
+        pid = b.proc.pid()
+        if ext and pid is None:
+            ok, why = await b.healthy(ext, timeout=3.0)
+            return (b.name, "external", "-", ext, "yes" if ok else f"no ({why})", "-")
+        port = b.port()
+        if pid is None:
+            return (b.name, "stopped", "-", str(port or "-"), "-", rel(b.log))
+        state = {"T": "paused", "t": "paused"}.get(b.proc.state() or "", "running")
+        if state == "paused":
+            healthy = "no (paused)"
+        else:
+            ok, why = await b.healthy(b.own_url(), timeout=3.0)
+            healthy = "yes" if ok else f"no ({why})"
+        return (b.name, state, str(pid), str(port or "-"), healthy, rel(b.log))
+
+    return list(await asyncio.gather(*(row(b) for b in BROKERS.values())))
+
+
+def cmd_status() -> int:
+    rows = [("NAME", "STATE", "PID", "PORT", "HEALTHY", "LOG")] + asyncio.run(gather_status())
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+    return 0
+
+
+def cmd_logs(name: str, lines: int, follow: bool) -> int:
+    b = BROKERS[name]
+    if not b.log.exists():
+        say(f"{name}: no log yet ({rel(b.log)})")
+        return 1
+    argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(b.log)]
+    os.execvp("tail", argv)
+    return 0
+
+
+def ours(b: Broker, action: str) -> bool:
+    if b.external_url() and b.proc.pid() is None:
+        say(f"{b.name}: {action} only acts on servers started by scripts/brokers; "
+            f"{b.env_var} points at your own server")
+        return False
+    return True
+
+
+def cmd_restart(names: list[str]) -> int:
+    brokers = [b for b in names_arg(names) if ours(b, "restart")]
+    failures: dict[str, str] = {}
+    with locked():
+        ensure_installed(brokers)
+        for b in brokers:
+            port = b.port()
+            b.stop()
+            try:
+                b.start(port)
+            except Failure as e:
+                failures[b.name] = str(e)
+        failures.update(asyncio.run(bring_up([b for b in brokers if b.name not in failures])))
+        write_env_file()
+    print_env([b for b in brokers if b.name not in failures])
+    for f in failures.values():
+        say(f"ERROR: {f}")
+    return 1 if failures else 0
+
+
+def cmd_signal(names: list[str], sig: int, verb: str) -> int:
+    rc = 0
+    with locked():
+        for b in names_arg(names):
+            if not ours(b, verb):
+                rc = 1
+                continue
+            pid = b.proc.pid()
+            if pid is None:
+                say(f"{b.name}: not running")
+                rc = 1
+                continue
+            b.proc.signal(sig)
+            if sig == signal.SIGKILL:
+                if not b.proc.wait_gone(10):
+                    say(f"{b.name}: pid {pid} still there after SIGKILL")
+                    rc = 1
+                    continue
+                b.proc.forget()
+                say(f"{b.name}: killed (pid {pid}); start it again with: scripts/brokers up {b.name}")
+            elif sig == signal.SIGSTOP:
+                deadline = time.monotonic() + 5
+                while b.proc.state() not in ("T", "t") and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                say(f"{b.name}: paused (pid {pid}); wake it with: scripts/brokers resume {b.name}")
+            else:
+                say(f"{b.name}: resumed (pid {pid})")
+        write_env_file()
+    return rc
+
+
+def cmd_wait(names: list[str], timeout: float | None) -> int:
+    brokers = names_arg(names)
+
+    async def run() -> list[str]:
+        async def one(b: Broker) -> str | None:
+            if b.proc.pid() is None and not b.external_url():
+                return f"{b.name} is not running; start it with: scripts/brokers up {b.name}"
+            t = timeout if timeout is not None else b.start_timeout
+            deadline = time.monotonic() + t
+            last = ""
+            while True:
+                ok, last = await b.healthy(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                if ok:
+                    return None
+                if not b.external_url() and b.proc.pid() is None:
+                    return f"{b.name} exited; {b.log_hint()}"
+                if time.monotonic() >= deadline:
+                    extra = " (it is paused: scripts/brokers resume)" if b.proc.state() in ("T", "t") else ""
+                    return f"{b.name} not healthy after {t:.0f}s{extra} (last error: {last}); {b.log_hint()}"
+                await asyncio.sleep(0.2)
+
+        return [r for r in await asyncio.gather(*(one(b) for b in brokers)) if r]
+
+    t0 = time.monotonic()
+    failures = asyncio.run(run())
+    for f in failures:
+        say(f"ERROR: {f}")
+    if not failures:
+        say(f"{', '.join(b.name for b in brokers)} healthy ({time.monotonic() - t0:.1f}s)")
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_client_logs()
+    parser = argparse.ArgumentParser(
+        prog="scripts/brokers",
+        description="Real Redis, NATS JetStream, RabbitMQ and Kafka on 127.0.0.1 for tests (docs/brokers.md).",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    names = {"nargs": "*", "metavar": "NAME", "help": f"any of {', '.join(ALL)}; default all"}
+    one = {"choices": ALL, "metavar": "NAME", "help": f"one of {', '.join(ALL)}"}
+    sub.add_parser("up", help="install what is missing, start what is not running, wait until all answer").add_argument("names", **names)
+    sub.add_parser("down", help="stop the servers this script started").add_argument("names", **names)
+    sub.add_parser("status", help="show each server: state, pid, port, health")
+    p = sub.add_parser("logs", help="show the end of a server's log")
+    p.add_argument("name", **one)
+    p.add_argument("-n", "--lines", type=int, default=200)
+    p.add_argument("-f", "--follow", action="store_true")
+    sub.add_parser("restart", help="stop and start again on the same port, keeping data").add_argument("names", **names)
+    sub.add_parser("kill", help="kill -9 (start again with up)").add_argument("names", **names)
+    sub.add_parser("pause", help="SIGSTOP: the server hangs without closing connections").add_argument("names", **names)
+    sub.add_parser("resume", help="SIGCONT after pause").add_argument("names", **names)
+    p = sub.add_parser("wait", help="wait until healthy (after resume or restart)")
+    p.add_argument("names", **names)
+    p.add_argument("--timeout", type=float, default=None, help="seconds (default: 20 for redis/nats, 90 for rabbitmq/kafka)")
+    args = parser.parse_args(argv)
+    for n in getattr(args, "names", []):
+        if n not in ALL:
+            parser.error(f"unknown server {n!r}: choose from {', '.join(ALL)}")
+    try:
+        if args.cmd == "up":
+            return cmd_up(args.names)
+        if args.cmd == "down":
+            return cmd_down(args.names)
+        if args.cmd == "status":
+            return cmd_status()
+        if args.cmd == "logs":
+            return cmd_logs(args.name, args.lines, args.follow)
+        if args.cmd == "restart":
+            return cmd_restart(args.names)
+        if args.cmd == "kill":
+            return cmd_signal(args.names, signal.SIGKILL, "kill")
+        if args.cmd == "pause":
+            return cmd_signal(args.names, signal.SIGSTOP, "pause")
+        if args.cmd == "resume":
+            return cmd_signal(args.names, signal.SIGCONT, "resume")
+        if args.cmd == "wait":
+            return cmd_wait(args.names, args.timeout)
+    except Failure as e:
+        say(f"ERROR: {e}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
