@@ -262,6 +262,7 @@ def apt_install(packages: list[str]) -> None:
         policy.write_text("#!/bin/sh\n# written by msgbroker scripts/brokers during apt-get install\nexit 101\n")
         policy.chmod(0o755)
         made_policy = True
+    epmd_before = pids_named("epmd")
     try:
         t0 = time.monotonic()
         if not _apt_updated:
@@ -282,6 +283,21 @@ def apt_install(packages: list[str]) -> None:
         if made_policy:
             policy.unlink()
     stop_system_services(packages, sudo)
+    # Erlang's postinst leaves an `epmd -daemon` on 0.0.0.0:4369 behind; it is not ours to keep.
+    for pid in pids_named("epmd") - epmd_before:
+        say(f"stopping the epmd (pid {pid}) that the package installation left running")
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def pids_named(comm: str) -> set[int]:
+    found = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (d / "comm").read_text().strip() == comm:
+                    found.add(int(d.name))
+    return found
 
 
 def stop_system_services(packages: list[str], sudo: list[str]) -> None:
@@ -458,7 +474,7 @@ class Broker:
             if watch_process and not self.external_url():
                 if self.proc.pid() is None:
                     raise Failure(f"{self.name} exited while starting; {self.log_hint()}")
-                if self.proc.state() == "T":
+                if self.proc.state() in ("T", "t"):
                     raise Failure(f"{self.name} is paused (SIGSTOP); run: scripts/brokers resume {self.name}")
             remaining = deadline - time.monotonic()
             ok, last = await self.healthy(url, timeout=max(1.0, min(5.0, remaining)))
@@ -883,6 +899,9 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
     """Start what is not running, wait for everything to answer; return {name: failure}."""
     waits: list[tuple[Broker, float, bool]] = []
     failures: dict[str, str] = {}
+    running = [b for b in brokers if not b.external_url() and b.proc.state() not in (None, "T", "t")]
+    answers = await asyncio.gather(*(b.healthy(timeout=5.0) for b in running))
+    healthy = {b.name for b, (ok, _) in zip(running, answers) if ok}
     for b in brokers:
         ext = b.external_url()
         if ext:
@@ -890,11 +909,10 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
             waits.append((b, 15.0, False))
             continue
         if b.proc.pid() is not None:
-            if b.proc.state() == "T":
+            if b.proc.state() in ("T", "t"):
                 failures[b.name] = f"{b.name} is paused (SIGSTOP); run: scripts/brokers resume {b.name}"
                 continue
-            ok, _ = await b.healthy(timeout=5.0)
-            if ok:
+            if b.name in healthy:
                 say(f"{b.name}: already running and healthy on port {b.port()}")
                 continue
             say(f"{b.name}: running (pid {b.proc.pid()}) but not answering yet; waiting")
@@ -907,6 +925,13 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
             continue
         waits.append((b, b.start_timeout, True))
 
+    failures.update(await await_ready(waits))
+    return failures
+
+
+async def await_ready(waits: list[tuple[Broker, float, bool]]) -> dict[str, str]:
+    """Wait for each (broker, timeout, watch its process) in parallel; return {name: failure}."""
+
     async def one(b: Broker, timeout: float, watch: bool) -> str | None:
         t0 = time.monotonic()
         try:
@@ -917,10 +942,7 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
         return None
 
     results = await asyncio.gather(*(one(*w) for w in waits))
-    for (b, _, _), r in zip(waits, results):
-        if r:
-            failures[b.name] = r
-    return failures
+    return {b.name: r for (b, _, _), r in zip(waits, results) if r}
 
 
 def names_arg(names: list[str]) -> list[Broker]:
@@ -1027,7 +1049,8 @@ def cmd_restart(names: list[str]) -> int:
                 b.start(port)
             except Failure as e:
                 failures[b.name] = str(e)
-        failures.update(asyncio.run(bring_up([b for b in brokers if b.name not in failures])))
+        waits = [(b, b.start_timeout, True) for b in brokers if b.name not in failures]
+        failures.update(asyncio.run(await_ready(waits)))
         write_env_file()
     print_env([b for b in brokers if b.name not in failures])
     for f in failures.values():
