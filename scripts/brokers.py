@@ -1130,21 +1130,29 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     names = {"nargs": "*", "metavar": "NAME", "help": f"any of {', '.join(ALL)}; default all"}
     one = {"choices": ALL, "metavar": "NAME", "help": f"one of {', '.join(ALL)}"}
-    sub.add_parser("up", help="install what is missing, start what is not running, wait until all answer").add_argument("names", **names)
+    timeout_help = "seconds to wait for each server (default: 20 for redis/nats, 90 for rabbitmq/kafka)"
+    p = sub.add_parser("up", help="install what is missing, start what is not running, wait until all answer")
+    p.add_argument("names", **names)
+    p.add_argument("--timeout", type=float, default=None, help=timeout_help)
     sub.add_parser("down", help="stop the servers this script started").add_argument("names", **names)
     sub.add_parser("status", help="show each server: state, pid, port, health")
     p = sub.add_parser("logs", help="show the end of a server's log")
     p.add_argument("name", **one)
     p.add_argument("-n", "--lines", type=int, default=200)
     p.add_argument("-f", "--follow", action="store_true")
-    sub.add_parser("restart", help="stop and start again on the same port, keeping data").add_argument("names", **names)
+    p = sub.add_parser("restart", help="stop and start again on the same port, keeping data")
+    p.add_argument("names", **names)
+    p.add_argument("--timeout", type=float, default=None, help=timeout_help)
     sub.add_parser("kill", help="kill -9 (start again with up)").add_argument("names", **names)
     sub.add_parser("pause", help="SIGSTOP: the server hangs without closing connections").add_argument("names", **names)
     sub.add_parser("resume", help="SIGCONT after pause").add_argument("names", **names)
     p = sub.add_parser("wait", help="wait until healthy (after resume or restart)")
     p.add_argument("names", **names)
-    p.add_argument("--timeout", type=float, default=None, help="seconds (default: 20 for redis/nats, 90 for rabbitmq/kafka)")
+    p.add_argument("--timeout", type=float, default=None, help=timeout_help)
     args = parser.parse_args(argv)
+    if args.cmd in ("up", "restart") and args.timeout is not None:
+        for b in BROKERS.values():
+            b.start_timeout = args.timeout
     for n in getattr(args, "names", []):
         if n not in ALL:
             parser.error(f"unknown server {n!r}: choose from {', '.join(ALL)}")

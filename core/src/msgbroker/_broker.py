@@ -1,0 +1,363 @@
+"""The public broker: connect(), publishing, subscribing, and the management calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Generator, Mapping, Sequence
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+from ._codec import REPLAY_GROUP_HEADER, encode, message_type_of, validate_name
+from ._engine import SubscriptionRunner
+from ._errors import BrokerClosedError, BrokerConnectionError, ConfigurationError
+from ._message import DeadLetter, Handler, Message
+from ._provider import Capabilities, OutgoingRecord, Transport
+from ._registry import registry
+from ._settings import BrokerSettings
+
+__all__ = ["Broker", "Consumer", "Producer", "Subscription", "connect"]
+
+log = logging.getLogger("msgbroker")
+
+
+class Subscription:
+    """A running subscription of this member; :meth:`close` stops it gracefully."""
+
+    def __init__(self, runner: SubscriptionRunner, owner: Consumer) -> None:
+        self._runner = runner
+        self._owner = owner
+        self.closed = False
+
+    @property
+    def topic(self) -> str:
+        return self._runner.topic
+
+    @property
+    def group(self) -> str:
+        return self._runner.group
+
+    @property
+    def member_id(self) -> str:
+        """This member's id within the group."""
+        return self._runner.member_id
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this member reads right now."""
+        return self._runner.partitions
+
+    async def close(self) -> None:
+        """Stop taking messages, let in-flight handlers finish (bounded by ``shutdown_timeout``),
+        settle what was handled and hand the partitions over."""
+        if self.closed:
+            return
+        self.closed = True
+        self._owner._subscriptions.discard(self)
+        await self._runner.close()
+
+    async def abort(self) -> None:
+        """Simulate a crash (for tests): stop at once, settle and release nothing."""
+        self.closed = True
+        self._owner._subscriptions.discard(self)
+        await self._runner.abort()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Producer:
+    """The publishing side of a broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def _record(self, topic: str, message: Message, headers: Mapping[str, str] | None) -> OutgoingRecord:
+        settings = self._broker.settings
+        limit = min(settings.max_message_bytes, self._broker.capabilities.max_message_bytes)
+        return encode(validate_name("topic", topic), message, settings.partition_count, limit, headers)
+
+    def _dedup_window(self) -> float | None:
+        settings = self._broker.settings
+        if not settings.enable_deduplication:
+            return None
+        self._broker.capabilities.require("deduplication")
+        return settings.deduplication_window.total_seconds()
+
+    async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
+        """Publish one message; returns its message id once the broker confirmed it."""
+        record = self._record(topic, message, headers)
+        await self._broker._transport_open().publish([record], self._dedup_window())
+        return record.message_id
+
+    async def publish_batch(
+        self, topic: str, messages: Sequence[Message], *, headers: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Publish many messages in one round trip where the broker allows; returns their ids."""
+        records = [self._record(topic, m, headers) for m in messages]
+        if records:
+            await self._broker._transport_open().publish(records, self._dedup_window())
+        return [r.message_id for r in records]
+
+
+class Consumer:
+    """The subscribing side of a broker."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._subscriptions: set[Subscription] = set()
+
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        handler: Handler,
+        *,
+        message_type: type[Message] | None = None,
+        ordered: bool = True,
+        max_concurrency: int | None = None,
+    ) -> Subscription:
+        """Join ``group`` on ``topic``: this member gets its share of the partitions."""
+        return await self._start(topic, group, handler, message_type, ordered, max_concurrency, None)
+
+    async def subscribe_to_partition(
+        self,
+        topic: str,
+        group: str,
+        partition: int,
+        handler: Handler,
+        *,
+        message_type: type[Message] | None = None,
+        ordered: bool = True,
+        max_concurrency: int | None = None,
+    ) -> Subscription:
+        """Take ``partition`` of ``topic`` exclusively within ``group``."""
+        count = self._broker.settings.partition_count
+        if not isinstance(partition, int) or not 0 <= partition < count:
+            raise ConfigurationError(f"partition {partition!r} is out of range 0..{count - 1}")
+        self._broker.capabilities.require("partition_exclusive")
+        return await self._start(topic, group, handler, message_type, ordered, max_concurrency, partition)
+
+    async def _start(
+        self,
+        topic: str,
+        group: str,
+        handler: Handler,
+        message_type: type[Message] | None,
+        ordered: bool,
+        max_concurrency: int | None,
+        partition: int | None,
+    ) -> Subscription:
+        validate_name("topic", topic)
+        validate_name("group", group)
+        if not callable(handler):
+            raise TypeError(f"handler must be an async callable, got {handler!r}")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
+        runner = SubscriptionRunner(
+            self._broker._transport_open(),
+            self._broker.settings,
+            topic,
+            group,
+            handler,
+            message_type_of(handler, message_type),
+            ordered=ordered,
+            max_concurrency=max_concurrency,
+            partition=partition,
+        )
+        await runner.start()
+        subscription = Subscription(runner, self)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def close(self) -> None:
+        await asyncio.gather(*(s.close() for s in list(self._subscriptions)))
+
+
+class Broker:
+    """One connection to one broker, with its producer and consumer sides.
+
+    Use ``async with msgbroker.connect(url) as broker`` or ``broker = await msgbroker.connect(url)``.
+    """
+
+    def __init__(self, settings: BrokerSettings, transport_class: type[Transport]) -> None:
+        self.settings = settings
+        self.capabilities: Capabilities = transport_class.CAPABILITIES
+        self.transport = transport_class(settings)
+        self.producer = Producer(self)
+        self.consumer = Consumer(self)
+        self._state = "new"
+
+    @property
+    def provider(self) -> str:
+        return self.transport.NAME
+
+    def _transport_open(self) -> Transport:
+        if self._state != "open":
+            raise BrokerClosedError(f"the {self.provider} broker is {self._state}, not open")
+        return self.transport
+
+    async def open(self) -> Self:
+        if self._state == "open":
+            return self
+        try:
+            await self.transport.connect()
+        except ConnectionError as exc:
+            raise BrokerConnectionError(f"cannot connect to the {self.provider} broker: {exc}") from exc
+        self._state = "open"
+        return self
+
+    def __await__(self) -> Generator[Any, None, Self]:
+        return self.open().__await__()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every subscription gracefully, then the connection."""
+        if self._state != "open":
+            return
+        self._state = "closing"
+        try:
+            await self.consumer.close()
+        finally:
+            await self.transport.close()
+            self._state = "closed"
+
+    async def abort(self) -> None:
+        """Simulate a crash of this process (for tests): subscriptions stop without settling,
+        releasing or flushing anything, and the connection is dropped."""
+        if self._state != "open":
+            return
+        self._state = "closed"
+        await asyncio.gather(*(s.abort() for s in list(self.consumer._subscriptions)))
+        with contextlib.suppress(Exception):
+            await self.transport.abort()
+
+    # -- the API of SPEC §2 --------------------------------------------------------------------
+
+    async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
+        """Publish one message; returns its message id once the broker confirmed it."""
+        return await self.producer.publish(topic, message, headers=headers)
+
+    async def publish_batch(
+        self, topic: str, messages: Sequence[Message], *, headers: Mapping[str, str] | None = None
+    ) -> list[str]:
+        """Publish many messages; returns their ids once the broker confirmed them all."""
+        return await self.producer.publish_batch(topic, messages, headers=headers)
+
+    async def subscribe(
+        self,
+        topic: str,
+        group: str,
+        handler: Handler,
+        *,
+        message_type: type[Message] | None = None,
+        ordered: bool = True,
+        max_concurrency: int | None = None,
+    ) -> Subscription:
+        """Join ``group`` on ``topic`` with ``handler``; see :meth:`Consumer.subscribe`."""
+        return await self.consumer.subscribe(
+            topic, group, handler, message_type=message_type, ordered=ordered, max_concurrency=max_concurrency
+        )
+
+    async def subscribe_to_partition(
+        self,
+        topic: str,
+        group: str,
+        partition: int,
+        handler: Handler,
+        *,
+        message_type: type[Message] | None = None,
+        ordered: bool = True,
+        max_concurrency: int | None = None,
+    ) -> Subscription:
+        """Take one partition exclusively; see :meth:`Consumer.subscribe_to_partition`."""
+        return await self.consumer.subscribe_to_partition(
+            topic, group, partition, handler, message_type=message_type, ordered=ordered,
+            max_concurrency=max_concurrency,
+        )
+
+    async def is_healthy(self) -> bool:
+        """True only when the server answers and the connection works; never raises."""
+        if self._state != "open":
+            return False
+        try:
+            return bool(await asyncio.wait_for(self.transport.ping(), 5.0))
+        except BaseException as exc:  # noqa: BLE001 - health never raises
+            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task() and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            return False
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        """Messages of ``topic`` that ``group`` has not settled (ready, in flight, waiting)."""
+        return await self._transport_open().pending_count(validate_name("topic", topic), validate_name("group", group))
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        """The dead letters of ``group`` on ``topic``, oldest first."""
+        return await self._transport_open().dead_letters(validate_name("topic", topic), validate_name("group", group))
+
+    async def replay_dead_letters(self, topic: str, group: str, ids: Sequence[str] | None = None) -> int:
+        """Publish dead letters back to ``topic`` (for ``group`` only) and remove them; returns how many."""
+        transport = self._transport_open()
+        letters = await self.dead_letters(topic, group)
+        if ids is not None:
+            wanted = {str(i) for i in ids}
+            letters = [letter for letter in letters if letter.message_id in wanted]
+        if not letters:
+            return 0
+        records = []
+        for letter in letters:
+            headers = {k: v for k, v in letter.headers.items() if not k.startswith("msgbroker-dead-letter-")}
+            headers[REPLAY_GROUP_HEADER] = group
+            records.append(OutgoingRecord(topic, letter.partition, letter.partition_key, letter.message_id,
+                                          headers, letter.payload))
+        await transport.publish(records, None)
+        await transport.remove_dead_letters(topic, group, [letter.message_id for letter in letters])
+        return len(letters)
+
+
+def connect(url_or_settings: str | BrokerSettings | None = None, /, **overrides: Any) -> Broker:
+    """A broker for a URL (the scheme picks the provider) or for settings.
+
+    Await it or use it with ``async with``; ``overrides`` are settings fields
+    (``partition_count=16``, ``redis={"claim_timeout": 2}``).
+    """
+    if isinstance(url_or_settings, BrokerSettings):
+        base = url_or_settings.model_dump(exclude_unset=False)
+        merged = _merge(base, overrides)
+        settings = BrokerSettings(**merged)
+        transport_class = registry.by_name(settings.provider)
+    elif isinstance(url_or_settings, str) or url_or_settings is None:
+        url = url_or_settings
+        if url is None:
+            settings = BrokerSettings(**overrides)
+            transport_class = registry.by_name(settings.provider)
+        else:
+            scheme = urlsplit(url).scheme
+            if not scheme:
+                raise ConfigurationError(f"connection URL {url!r} has no scheme (like redis:// or memory://)")
+            transport_class = registry.by_scheme(scheme)
+            from_url = {"provider": transport_class.NAME, **transport_class.settings_from_url(url)}
+            settings = BrokerSettings(**_merge(from_url, overrides))
+    else:
+        raise TypeError(f"connect() takes a URL or BrokerSettings, got {url_or_settings!r}")
+    return Broker(settings, transport_class)
+
+
+def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overrides.items():
+        current = out.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            out[key] = _merge(current, value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,111 @@
+"""The envelope codec: messages to records and deliveries back to messages, in one place."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
+
+from ._errors import InvalidNameError, MessageTooLargeError, SerializationError
+from ._message import GenericMessage, Message, MessageContext
+from ._partitioner import partition_for
+from ._provider import Delivery, OutgoingRecord
+
+__all__ = ["REPLAY_GROUP_HEADER", "decode", "encode", "message_type_of", "validate_name"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+REPLAY_GROUP_HEADER = "msgbroker-replay-group"
+"""Set on a replayed dead letter: only that group handles it again, the others skip it."""
+
+
+def validate_name(kind: str, value: object) -> str:
+    """Topic and group names: 1–200 of ``A-Z a-z 0-9 _ . -``, not starting with ``.`` or ``-``,
+    no ``..`` — safe as a Redis key part, a NATS subject token group, an AMQP or Kafka name."""
+    if not isinstance(value, str) or not _NAME.match(value) or ".." in value or value.endswith("."):
+        raise InvalidNameError(
+            f"invalid {kind} name {value!r}: use 1-200 characters of A-Z a-z 0-9 _ . - "
+            "(not starting with '.' or '-', no '..', not ending with '.')"
+        )
+    return value
+
+
+def _check_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name or not isinstance(value, str):
+            raise InvalidNameError(f"invalid header {name!r}={value!r}: names and values must be str, names non-empty")
+        try:
+            name.encode("utf-8")
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidNameError(f"invalid header {name!r}: not encodable as UTF-8 ({exc.reason})") from exc
+        out[name] = value
+    return out
+
+
+def encode(
+    topic: str,
+    message: Message,
+    partition_count: int,
+    max_bytes: int,
+    headers: Mapping[str, str] | None = None,
+) -> OutgoingRecord:
+    """Serialise ``message`` (pydantic's JSON serialiser) and pick its partition."""
+    if not isinstance(message, Message):
+        raise SerializationError(f"publish takes a msgbroker.Message, got {type(message).__name__}")
+    try:
+        body = message.__pydantic_serializer__.to_json(message)
+    except PydanticSerializationError as exc:
+        raise SerializationError(f"cannot serialise {type(message).__name__} {message.message_id}: {exc}") from exc
+    if len(body) > max_bytes:
+        raise MessageTooLargeError(
+            f"message {message.message_id} on {topic!r} is {len(body)} bytes; the limit is {max_bytes}"
+        )
+    key = message.partition_key
+    if not isinstance(key, str):
+        raise SerializationError(f"partition_key of {type(message).__name__} must be str, got {key!r}")
+    return OutgoingRecord(
+        topic=topic,
+        partition=partition_for(key, partition_count),
+        key=key,
+        message_id=str(message.message_id),
+        headers=_check_headers(headers) if headers else {},
+        body=body,
+    )
+
+
+def decode(delivery: Delivery, message_type: type[Message]) -> Message:
+    """Parse a delivery's body; a :class:`SerializationError` marks a poison message."""
+    try:
+        return message_type.model_validate_json(delivery.body)
+    except ValidationError as exc:
+        raise SerializationError(f"cannot decode as {message_type.__name__}: {exc}") from exc
+
+
+def message_type_of(handler: Callable[..., Any], explicit: type[Message] | None) -> type[Message]:
+    """The message type a handler takes: ``message_type=`` or its ``MessageContext[T]`` annotation."""
+    if explicit is not None:
+        if not (isinstance(explicit, type) and issubclass(explicit, Message)):
+            raise TypeError(f"message_type must be a Message subclass, got {explicit!r}")
+        return GenericMessage if explicit is Message else explicit
+    target = handler
+    if not inspect.isfunction(target) and not inspect.ismethod(target) and callable(target):
+        target = type(target).__call__
+    try:
+        hints = typing.get_type_hints(target)
+        params = list(inspect.signature(handler).parameters)
+    except (NameError, TypeError, ValueError):
+        return GenericMessage
+    if not params:
+        return GenericMessage
+    hint = hints.get(params[0])
+    if typing.get_origin(hint) is MessageContext:
+        (arg,) = typing.get_args(hint)
+        if isinstance(arg, type) and issubclass(arg, Message) and arg is not Message:
+            return arg
+    return GenericMessage

@@ -1,0 +1,498 @@
+"""The consumption engine, written once: ordered lanes, settling, attempts, dead letters,
+bounded concurrency, assignment over live members, graceful shutdown and crash simulation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._codec import REPLAY_GROUP_HEADER, decode
+from ._errors import MsgBrokerError, SerializationError
+from ._message import DeadLetter, Handler, Message, MessageContext, Outcome
+from ._partitioner import murmur2
+from ._provider import Delivery, Lane, LaneConsumer, Transport
+
+if TYPE_CHECKING:
+    from ._settings import BrokerSettings
+
+__all__ = ["SubscriptionRunner", "rendezvous_owner"]
+
+log = logging.getLogger("msgbroker")
+
+
+def rendezvous_owner(partition: int, members: Sequence[str]) -> str:
+    """Highest-random-weight hashing: every member computes the same owner, and a member
+    joining or leaving moves only the partitions it gains or loses."""
+    return max(members, key=lambda m: (murmur2(f"{m}/{partition}".encode()), m))
+
+
+class Settler:
+    """Carries out a handler's settle calls for one delivery (used by MessageContext)."""
+
+    __slots__ = ("_delivery", "_lane", "_runner", "result")
+
+    def __init__(self, runner: SubscriptionRunner, lane: _LaneState, delivery: Delivery) -> None:
+        self._runner = runner
+        self._lane = lane
+        self._delivery = delivery
+        self.result: str | None = None
+
+    async def ack(self) -> None:
+        self.result = Outcome.ACK
+        await self._runner.consumer.ack(self._delivery)
+
+    async def retry(self, delay: float | None, error: BaseException | str | None) -> None:
+        await self._runner._retry(self, self._lane, self._delivery, delay, error)
+
+    async def dead_letter(self, error: BaseException | str) -> None:
+        self.result = Outcome.DEAD
+        await self._runner._dead_letter(self._lane, self._delivery, error)
+
+
+class _LaneState:
+    __slots__ = ("buffer", "data", "failures", "held_until", "in_flight", "lease", "partition", "stopping", "task")
+
+    def __init__(self, partition: int, lease: str | None) -> None:
+        self.partition = partition
+        self.lease = lease
+        self.buffer: deque[Delivery] = deque()
+        self.data = asyncio.Event()
+        self.failures: dict[Delivery, int] = {}
+        self.held_until = 0.0
+        self.in_flight = 0
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+
+
+def _error_text(error: BaseException | str | None) -> str:
+    if error is None:
+        return "unknown error"
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return str(error)
+
+
+class SubscriptionRunner:
+    """One subscription of one member: reads its lanes and runs the handler."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        settings: BrokerSettings,
+        topic: str,
+        group: str,
+        handler: Handler,
+        message_type: type[Message],
+        *,
+        ordered: bool,
+        max_concurrency: int | None,
+        partition: int | None,
+    ) -> None:
+        self.transport = transport
+        self.settings = settings
+        self.topic = topic
+        self.group = group
+        self.handler = handler
+        self.message_type = message_type
+        self.ordered = ordered
+        self.only_partition = partition
+        self.member_id = f"{uuid.uuid4().hex[:12]}"
+        self.consumer: LaneConsumer = transport.consumer(topic, group, self.member_id)
+        limit = max_concurrency or settings.max_concurrency or (None if ordered else 100)
+        self._semaphore = asyncio.Semaphore(limit) if limit else None
+        self._lanes: dict[int, _LaneState] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._coordinator: _LeaseCoordinator | None = None
+        self._spawned: set[asyncio.Task[None]] = set()
+        self._max_attempts = settings.max_retry_attempts
+        self._retry_delay = settings.retry_delay.total_seconds()
+        self._grace = settings.shutdown_timeout.total_seconds()
+        self._poll_timeout = min(settings.poll_timeout.total_seconds(), transport.MAX_POLL_BLOCK)
+        self._batch = settings.batch_size
+        self._low_water = max(1, settings.batch_size // 2)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this member currently reads."""
+        return sorted(p for p, lane in self._lanes.items() if not lane.stopping)
+
+    async def start(self) -> None:
+        await self.consumer.start(self, self.only_partition)
+        mode = self.transport.ASSIGNMENT
+        if mode == "shared":
+            wanted = [self.only_partition] if self.only_partition is not None else range(self.settings.partition_count)
+            await self.assigned(list(wanted))
+        elif mode == "leases":
+            self._coordinator = coordinator = _LeaseCoordinator(self)
+            await coordinator.beat()
+            self._tasks.append(asyncio.create_task(coordinator.run(), name=f"msgbroker-leases-{self.topic}"))
+        self._tasks.append(asyncio.create_task(self._read_loop(), name=f"msgbroker-reader-{self.topic}"))
+
+    async def close(self) -> None:
+        """Stop taking messages, let in-flight handlers finish (bounded), settle, release."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.revoked(list(self._lanes))
+        if self._coordinator is not None:
+            await self._coordinator.release_all()
+            with contextlib.suppress(Exception):
+                await self.transport.leave(self.topic, self.group, self.member_id)
+        await self.consumer.stop(flush=True)
+
+    async def abort(self) -> None:
+        """A crash, for tests: stop everything at once, settle and release nothing."""
+        self._closing = True
+        tasks = [*self._tasks, *self._spawned, *(lane.task for lane in self._lanes.values() if lane.task)]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._lanes.clear()
+        with contextlib.suppress(Exception):
+            await self.consumer.stop(flush=False)
+
+    # -- assignment (AssignmentListener) ----------------------------------------------------
+
+    async def assigned(self, partitions: Sequence[int], leases: dict[int, str] | None = None) -> None:
+        for partition in partitions:
+            if partition in self._lanes or self._closing:
+                continue
+            lease = leases.get(partition) if leases else None
+            await self.consumer.open_lane(partition, lease)
+            lane = _LaneState(partition, lease)
+            self._lanes[partition] = lane
+            run = self._run_ordered_lane if self.ordered else self._run_unordered_lane
+            lane.task = asyncio.create_task(run(lane), name=f"msgbroker-lane-{self.topic}-{partition}")
+        self._wake.set()
+
+    async def revoked(self, partitions: Sequence[int]) -> None:
+        lanes = [self._lanes[p] for p in partitions if p in self._lanes]
+        await asyncio.gather(*(self._stop_lane(lane) for lane in lanes))
+
+    async def lost(self, partitions: Sequence[int]) -> None:
+        """The lease is gone (another member holds it): stop at once; settles are fenced anyway."""
+        for partition in partitions:
+            lane = self._lanes.pop(partition, None)
+            if lane is None:
+                continue
+            lane.stopping = True
+            if lane.task:
+                lane.task.cancel()
+                await asyncio.gather(lane.task, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.consumer.close_lane(partition)
+
+    async def _stop_lane(self, lane: _LaneState) -> None:
+        lane.stopping = True
+        lane.data.set()
+        if lane.task is not None:
+            done, _ = await asyncio.wait({lane.task}, timeout=self._grace)
+            if not done:
+                log.warning("msgbroker: handler on %s[%d] outlived the grace period; it is cancelled and "
+                            "its message will be redelivered", self.topic, lane.partition)
+                lane.task.cancel()
+                await asyncio.gather(lane.task, return_exceptions=True)
+        if lane.in_flight:
+            pending = [t for t in self._spawned if t.get_name().endswith(f"-{lane.partition}")]
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=self._grace)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+        self._lanes.pop(lane.partition, None)
+        with contextlib.suppress(Exception):
+            await self.consumer.close_lane(lane.partition)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _wants_data(self, lane: _LaneState) -> bool:
+        return not lane.stopping and len(lane.buffer) < self._low_water and lane.held_until <= time.monotonic()
+
+    async def _read_loop(self) -> None:
+        failures = 0
+        while not self._closing:
+            idle = [p for p, lane in self._lanes.items() if self._wants_data(lane)]
+            if not idle:
+                self._wake.clear()
+                held = [lane.held_until for lane in self._lanes.values() if lane.held_until > time.monotonic()]
+                timeout = max(0.0, min(held) - time.monotonic()) if held else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            self._wake.clear()
+            try:
+                deliveries = await self.consumer.poll(idle, self._batch, self._poll_timeout, self._wake)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                pause = min(2.0, 0.05 * 2**failures)
+                log.warning("msgbroker: polling %s for %s failed (%s); again in %.2fs", self.topic, self.group, exc, pause)
+                await asyncio.sleep(pause)
+                continue
+            for delivery in deliveries:
+                lane = self._lanes.get(delivery.partition)
+                if lane is None or lane.stopping:
+                    continue  # still unsettled at the broker: the lane's next owner gets it
+                lane.buffer.append(delivery)
+                lane.data.set()
+
+    # -- handling ---------------------------------------------------------------------------
+
+    async def _wait_not_before(self, lane: _LaneState, delivery: Delivery) -> bool:
+        """Sleep until the delivery may be handled; False when the lane is stopping."""
+        if delivery.not_before is None:
+            return not lane.stopping
+        wait = delivery.not_before - time.time()
+        if wait > 0:
+            lane.data.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.data.wait(), wait)
+            if delivery.not_before - time.time() > 0.001:
+                return False if lane.stopping else await self._wait_not_before(lane, delivery)
+        return not lane.stopping
+
+    async def _run_ordered_lane(self, lane: _LaneState) -> None:
+        while not lane.stopping:
+            if not lane.buffer:
+                lane.data.clear()
+                self._wake.set()
+                await lane.data.wait()
+                continue
+            delivery = lane.buffer[0]
+            if not await self._wait_not_before(lane, delivery):
+                break
+            result = await self._handle(lane, delivery)
+            if result == Outcome.RETRY and self.transport.REDELIVERY == "local":
+                continue  # the head stays: it is handed again before anything after it
+            if result == Outcome.RETRY:
+                lane.buffer.clear()  # the broker delivers it (and what follows) again
+                lane.held_until = time.monotonic() + max(0.0, (delivery.not_before or 0) - time.time())
+            elif lane.buffer and lane.buffer[0] is delivery:
+                lane.buffer.popleft()
+                lane.failures.pop(delivery, None)
+            if len(lane.buffer) < self._low_water:
+                self._wake.set()
+
+    async def _run_unordered_lane(self, lane: _LaneState) -> None:
+        assert self._semaphore is not None
+        while not lane.stopping:
+            if not lane.buffer:
+                lane.data.clear()
+                self._wake.set()
+                await lane.data.wait()
+                continue
+            await self._semaphore.acquire()
+            if lane.stopping:
+                self._semaphore.release()
+                break
+            delivery = lane.buffer.popleft()
+            lane.in_flight += 1
+            task = asyncio.create_task(self._handle_detached(lane, delivery), name=f"msgbroker-h-{lane.partition}")
+            self._spawned.add(task)
+            task.add_done_callback(self._spawned.discard)
+            if len(lane.buffer) < self._low_water:
+                self._wake.set()
+
+    async def _handle_detached(self, lane: _LaneState, delivery: Delivery) -> None:
+        assert self._semaphore is not None
+        try:
+            while True:
+                if not await self._wait_not_before(lane, delivery):
+                    return
+                result = await self._handle(lane, delivery, limited=False)
+                if result != Outcome.RETRY or self.transport.REDELIVERY != "local":
+                    lane.failures.pop(delivery, None)
+                    return
+        finally:
+            lane.in_flight -= 1
+            self._semaphore.release()
+            self._wake.set()
+
+    async def _handle(self, lane: _LaneState, delivery: Delivery, limited: bool = True) -> str | None:
+        failures = lane.failures.get(delivery)
+        if failures is None:
+            failures = lane.failures[delivery] = max(0, delivery.attempt - 1)  # unknown past: count crashes
+        try:
+            replay_for = delivery.headers.get(REPLAY_GROUP_HEADER)
+            if replay_for is not None and replay_for != self.group:
+                await self.consumer.ack(delivery)  # a dead letter replayed for another group
+                return Outcome.ACK
+            if delivery.attempt > self._max_attempts and failures >= self._max_attempts:
+                await self._dead_letter(
+                    lane, delivery, f"delivered {delivery.attempt} times without being settled (the worker died)"
+                )
+                return Outcome.DEAD
+            try:
+                message = decode(delivery, self.message_type)
+            except SerializationError as exc:
+                await self._dead_letter(lane, delivery, exc)
+                return Outcome.DEAD
+            settler = Settler(self, lane, delivery)
+            ctx: MessageContext[Any] = MessageContext(
+                message=message,
+                topic=self.topic,
+                group=self.group,
+                partition=delivery.partition,
+                message_id=delivery.message_id or str(message.message_id),
+                delivery_attempt=delivery.attempt,
+                headers=delivery.headers,
+                settler=settler,
+            )
+            try:
+                if limited and self._semaphore is not None:
+                    async with self._semaphore:
+                        await self.handler(ctx)
+                else:
+                    await self.handler(ctx)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if ctx.settled is None:
+                    log.info("msgbroker: handler failed on %s[%d] %s attempt %d: %r", self.topic,
+                             delivery.partition, ctx.message_id, delivery.attempt, exc)
+                    ctx.settled = Outcome.RETRY
+                    await settler.retry(None, exc)
+                else:
+                    log.warning("msgbroker: handler raised after settling %s: %r", ctx.message_id, exc)
+            else:
+                if ctx.settled is None:
+                    ctx.settled = Outcome.ACK
+                    await settler.ack()
+            return settler.result
+        except asyncio.CancelledError:
+            raise
+        except MsgBrokerError as exc:
+            # The settle itself failed (connection lost, lease lost): the message stays
+            # unsettled at the broker and comes back; this member retries it after a pause.
+            log.warning("msgbroker: settling %s on %s[%d] failed: %s", delivery.message_id, self.topic,
+                        delivery.partition, exc)
+            await asyncio.sleep(0.2)
+            return Outcome.RETRY if self.transport.REDELIVERY == "local" else None
+
+    async def _retry(
+        self,
+        settler: Settler,
+        lane: _LaneState,
+        delivery: Delivery,
+        delay: float | None,
+        error: BaseException | str | None,
+    ) -> None:
+        failures = lane.failures.get(delivery, 0) + (1 if delay is None else 0)
+        if delay is None and failures >= self._max_attempts:
+            settler.result = Outcome.DEAD
+            await self._dead_letter(lane, delivery, error)
+            return
+        if delay:
+            self.transport.CAPABILITIES.require("delay")
+        wait = self._retry_delay if delay is None else delay
+        not_before = time.time() + wait if wait > 0 else None
+        await self.consumer.retry(delivery, delivery.attempt + 1, not_before)
+        lane.failures[delivery] = failures
+        delivery.attempt += 1
+        delivery.not_before = not_before
+        settler.result = Outcome.RETRY
+
+    async def _dead_letter(self, lane: _LaneState, delivery: Delivery, error: BaseException | str | None) -> None:
+        letter = DeadLetter(
+            message_id=delivery.message_id,
+            topic=self.topic,
+            group=self.group,
+            partition=delivery.partition,
+            error=_error_text(error),
+            attempts=delivery.attempt,
+            headers=dict(delivery.headers),
+            payload=delivery.body,
+            partition_key=delivery.key,
+        )
+        log.warning("msgbroker: dead-lettering %s from %s[%d] for %s after %d attempt(s): %s",
+                    delivery.message_id, self.topic, delivery.partition, self.group, delivery.attempt, letter.error)
+        await self.consumer.dead_letter(delivery, letter)
+        lane.failures.pop(delivery, None)
+
+
+class _LeaseCoordinator:
+    """Membership heartbeats, rendezvous assignment and exclusive leases over the provider's
+    primitives (``Transport.ASSIGNMENT == "leases"``)."""
+
+    def __init__(self, runner: SubscriptionRunner) -> None:
+        self.runner = runner
+        self.transport = runner.transport
+        self.ttl = self.transport.lease_ttl()
+        self.interval = max(0.05, min(1.0, self.ttl / 4))
+        self.held: dict[int, str] = {}
+        self._draining: dict[int, asyncio.Task[None]] = {}
+
+    def _lane(self, partition: int) -> Lane:
+        return Lane(self.runner.topic, self.runner.group, partition)
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("msgbroker: membership of %s/%s failed: %s", self.runner.topic, self.runner.group, exc)
+
+    async def beat(self) -> None:
+        runner = self.runner
+        count = runner.settings.partition_count
+        if runner.only_partition is not None:
+            desired = {runner.only_partition}
+        else:
+            members = await self.transport.heartbeat(runner.topic, runner.group, runner.member_id, self.ttl)
+            if runner.member_id not in members:
+                members = [*members, runner.member_id]
+            desired = {p for p in range(count) if rendezvous_owner(p, members) == runner.member_id}
+        if self.held:
+            kept = await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
+            lost = [p for p in self.held if self._lane(p) not in kept]
+            for partition in lost:
+                log.warning("msgbroker: lease of %s[%d] for %s was lost", runner.topic, partition, runner.group)
+                self.held.pop(partition, None)
+                task = self._draining.pop(partition, None)
+                if task:
+                    task.cancel()
+            if lost:
+                await runner.lost(lost)
+        for partition in list(self.held):
+            if partition not in desired and partition not in self._draining:
+                self._draining[partition] = asyncio.create_task(self._hand_over(partition))
+        for partition in sorted(desired - set(self.held)):
+            token = await self.transport.acquire_lease(self._lane(partition), runner.member_id, self.ttl)
+            if token is not None:
+                self.held[partition] = token
+                await runner.assigned([partition], {partition: token})
+
+    async def _hand_over(self, partition: int) -> None:
+        """Rebalance: finish the in-flight message, then release the lane."""
+        try:
+            await self.runner.revoked([partition])
+            token = self.held.pop(partition, None)
+            if token is not None:
+                await self.transport.release_lease(self._lane(partition), token)
+        finally:
+            self._draining.pop(partition, None)
+
+    async def release_all(self) -> None:
+        for partition, token in list(self.held.items()):
+            with contextlib.suppress(Exception):
+                await self.transport.release_lease(self._lane(partition), token)
+        self.held.clear()

@@ -1,0 +1,113 @@
+"""The one exception tree of msgbroker.
+
+Every provider maps its client library's native errors into this tree at the edge
+(``raise ... from exc``), so callers and the resilience module classify errors once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = [
+    "AlreadySettledError",
+    "BrokerClosedError",
+    "BrokerConnectionError",
+    "BrokerTimeoutError",
+    "BrokerUnavailableError",
+    "CapabilityNotSupported",
+    "ConfigurationError",
+    "InvalidNameError",
+    "MessageTooLargeError",
+    "MsgBrokerError",
+    "PermanentError",
+    "ProviderNotFoundError",
+    "PublishFailedError",
+    "PublishIndeterminateError",
+    "SerializationError",
+    "TransientError",
+    "is_transient",
+]
+
+
+class MsgBrokerError(Exception):
+    """Base class of every error msgbroker raises."""
+
+
+class ConfigurationError(MsgBrokerError, ValueError):
+    """A setting or connection URL is wrong; the message names the key and the value."""
+
+
+class ProviderNotFoundError(ConfigurationError):
+    """No provider serves the asked-for scheme or name; the message says what to install."""
+
+
+class InvalidNameError(MsgBrokerError, ValueError):
+    """A topic, group or header name is not allowed; the message names the value."""
+
+
+class MessageTooLargeError(MsgBrokerError, ValueError):
+    """An encoded message is larger than the provider accepts."""
+
+
+class SerializationError(MsgBrokerError, ValueError):
+    """A payload could not be encoded, or bytes on the wire could not be decoded."""
+
+
+class AlreadySettledError(MsgBrokerError, RuntimeError):
+    """A message context was acked, naked, delayed or dead-lettered twice."""
+
+
+class CapabilityNotSupported(MsgBrokerError, NotImplementedError):
+    """The provider declares that it lacks the capability this call needs."""
+
+
+class BrokerClosedError(MsgBrokerError, RuntimeError):
+    """The broker, producer or subscription was used after close()."""
+
+
+class PermanentError(MsgBrokerError):
+    """A failure that retrying cannot fix: the message goes to the dead letters."""
+
+
+class TransientError(MsgBrokerError):
+    """A failure that may go away when retried (the resilience module retries these)."""
+
+
+class BrokerConnectionError(TransientError, ConnectionError):
+    """The connection to the broker server failed or was lost."""
+
+
+class BrokerTimeoutError(TransientError, TimeoutError):
+    """The broker server did not answer in time."""
+
+
+class BrokerUnavailableError(TransientError):
+    """The broker server answered that it cannot serve the request now."""
+
+
+class PublishFailedError(MsgBrokerError):
+    """The publish definitely did not happen: the message will never be delivered."""
+
+
+class PublishIndeterminateError(TransientError):
+    """The publish may or may not have happened (timeout or connection lost mid-way)."""
+
+
+_TRANSIENT_NAME_PARTS = ("Transient", "Connection", "Network", "Unavailable")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying may help: SPEC §4's classification, in one place.
+
+    Transient: ``TimeoutError``, ``ConnectionError``, :class:`TransientError`, and any exception
+    whose type name (or a base's) contains ``Transient``, ``Connection``, ``Network`` or
+    ``Unavailable``. Never transient: cancellation, :class:`PermanentError`, and the resilience
+    module's open-circuit error.
+    """
+    if isinstance(exc, (asyncio.CancelledError, PermanentError)):
+        return False
+    if type(exc).__name__ == "BrokenCircuitError":
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, TransientError)):
+        return True
+    return any(part in cls.__name__ for cls in type(exc).__mro__ for part in _TRANSIENT_NAME_PARTS)

@@ -1,0 +1,346 @@
+"""The in-memory provider: a real broker inside the process, and the reference for SPEC §3.
+
+Logs per (topic, partition), consumer groups with a read cursor and a pending list per lane,
+membership with heartbeats, exclusive leases with fencing tokens, dedup, dead letters.
+``memory://NAME`` connections in one process share one broker; ``memory://`` is private.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from ._errors import BrokerClosedError, ConfigurationError
+from ._hookspecs import hookimpl
+from ._message import DeadLetter
+from ._provider import AssignmentListener, Capabilities, Delivery, Lane, LaneConsumer, OutgoingRecord, Transport
+
+__all__ = ["MemoryTransport"]
+
+log = logging.getLogger("msgbroker.memory")
+
+DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
+
+
+@dataclass(slots=True)
+class _Entry:
+    offset: int
+    message_id: str
+    key: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class _Pending:
+    count: int
+    not_before: float | None = None
+
+
+@dataclass(slots=True)
+class _GroupLane:
+    next_offset: int = 0
+    pending: dict[int, _Pending] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Lease:
+    member: str
+    token: str
+    expires: float
+
+
+class _MemoryServer:
+    """The broker state one or more connections share."""
+
+    def __init__(self) -> None:
+        self.logs: dict[str, list[list[_Entry]]] = {}
+        self.groups: dict[tuple[str, str], list[_GroupLane]] = {}
+        self.members: dict[tuple[str, str], dict[str, float]] = {}
+        self.leases: dict[Lane, _Lease] = {}
+        self.dedup: dict[str, float] = {}
+        self.dead: dict[tuple[str, str], list[DeadLetter]] = {}
+        self._changed: asyncio.Event | None = None
+
+    @property
+    def changed(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def log_of(self, topic: str, partitions: int) -> list[list[_Entry]]:
+        log_ = self.logs.get(topic)
+        if log_ is None:
+            log_ = self.logs[topic] = [[] for _ in range(partitions)]
+        elif len(log_) != partitions:
+            raise ConfigurationError(
+                f"topic {topic!r} exists with {len(log_)} partitions; this connection has partition_count={partitions}"
+            )
+        return log_
+
+    def group_of(self, topic: str, group: str, partitions: int) -> list[_GroupLane]:
+        self.log_of(topic, partitions)
+        lanes = self.groups.get((topic, group))
+        if lanes is None:
+            lanes = self.groups[(topic, group)] = [_GroupLane() for _ in range(partitions)]
+        return lanes
+
+    def holds(self, lane: Lane, token: str | None) -> bool:
+        lease = self.leases.get(lane)
+        return token is None or (lease is not None and lease.token == token)
+
+    def append(self, record: OutgoingRecord, partitions: int) -> None:
+        part = self.log_of(record.topic, partitions)[record.partition]
+        part.append(_Entry(len(part), record.message_id, record.key, dict(record.headers), record.body))
+
+
+_SERVERS: dict[str, _MemoryServer] = {}
+
+
+class MemoryTransport(Transport):
+    """``memory://`` — the embedded default."""
+
+    NAME: ClassVar[str] = "memory"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("memory",)
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        persistent=False,
+        deduplication="store",
+        reasons={"persistent": "state lives in the process", "server_restart": "there is no server"},
+    )
+    ASSIGNMENT = "leases"
+    REDELIVERY = "local"
+    MAX_POLL_BLOCK: ClassVar[float] = 1.0
+
+    @classmethod
+    def settings_from_url(cls, url: str) -> dict[str, Any]:
+        parts = urlsplit(url)
+        name = (parts.netloc + parts.path).strip("/")
+        return {"memory": {"name": name}}
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self._server: _MemoryServer | None = None
+        self._partitions = settings.partition_count
+
+    def lease_ttl(self) -> float:
+        return float(self.settings.memory.claim_timeout.total_seconds())
+
+    @property
+    def server(self) -> _MemoryServer:
+        if self._server is None:
+            raise BrokerClosedError("the memory broker connection is closed")
+        return self._server
+
+    async def connect(self) -> None:
+        name = self.settings.memory.name
+        if name:
+            self._server = _SERVERS.setdefault(name, _MemoryServer())
+        else:
+            self._server = _MemoryServer()
+
+    async def close(self) -> None:
+        self._server = None
+
+    async def ping(self) -> bool:
+        return self._server is not None
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        server = self.server
+        now = time.monotonic()
+        if dedup_window is not None and server.dedup:
+            for mid in [m for m, exp in server.dedup.items() if exp <= now]:
+                del server.dedup[mid]
+        for record in records:
+            if dedup_window is not None:
+                if record.message_id in server.dedup:
+                    continue
+                server.dedup[record.message_id] = now + dedup_window
+            server.append(record, self._partitions)
+        server.notify()
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _MemoryConsumer(self, topic, group, member_id)
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        server = self.server
+        log_ = server.logs.get(topic)
+        if log_ is None:
+            return 0
+        lanes = server.groups.get((topic, group))
+        if lanes is None:
+            return sum(len(p) for p in log_)
+        return sum(len(part) - lane.next_offset + len(lane.pending) for part, lane in zip(log_, lanes, strict=True))
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        return list(self.server.dead.get((topic, group), ()))
+
+    async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        letters = self.server.dead.get((topic, group), [])
+        wanted = set(message_ids)
+        kept = [letter for letter in letters if letter.message_id not in wanted]
+        self.server.dead[(topic, group)] = kept
+        return len(letters) - len(kept)
+
+    # -- membership and leases -------------------------------------------------------------
+
+    async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
+        now = time.monotonic()
+        members = self.server.members.setdefault((topic, group), {})
+        members[member_id] = now + ttl
+        for member in [m for m, exp in members.items() if exp <= now]:
+            del members[member]
+        return sorted(members)
+
+    async def leave(self, topic: str, group: str, member_id: str) -> None:
+        self.server.members.get((topic, group), {}).pop(member_id, None)
+
+    async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
+        now = time.monotonic()
+        lease = self.server.leases.get(lane)
+        if lease is not None and lease.expires > now and lease.member != member_id:
+            return None
+        token = uuid.uuid4().hex
+        self.server.leases[lane] = _Lease(member_id, token, now + ttl)
+        return token
+
+    async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
+        now = time.monotonic()
+        kept: set[Lane] = set()
+        for lane, token in leases.items():
+            lease = self.server.leases.get(lane)
+            if lease is not None and lease.token == token:
+                lease.expires = now + ttl
+                kept.add(lane)
+        return kept
+
+    async def release_lease(self, lane: Lane, token: str) -> None:
+        lease = self.server.leases.get(lane)
+        if lease is not None and lease.token == token:
+            del self.server.leases[lane]
+
+
+class _MemoryConsumer(LaneConsumer):
+    def __init__(self, transport: MemoryTransport, topic: str, group: str, member_id: str) -> None:
+        self._transport = transport
+        self._topic = topic
+        self._group = group
+        self._member = member_id
+        self._tokens: dict[int, str | None] = {}
+        self._history: dict[int, deque[int]] = {}
+        self._stopped = False
+
+    def _lanes(self) -> list[_GroupLane]:
+        return self._transport.server.group_of(self._topic, self._group, self._transport._partitions)
+
+    async def start(self, listener: AssignmentListener, partition: int | None) -> None:
+        self._lanes()  # the group exists from its first subscribe, reading from the oldest entry
+
+    async def open_lane(self, partition: int, lease: str | None) -> None:
+        lane = self._lanes()[partition]
+        self._tokens[partition] = lease
+        self._history[partition] = deque(sorted(lane.pending))
+
+    async def close_lane(self, partition: int) -> None:
+        self._tokens.pop(partition, None)
+        self._history.pop(partition, None)
+
+    def _fenced(self, partition: int) -> bool:
+        if partition not in self._tokens:
+            return True
+        return not self._transport.server.holds(Lane(self._topic, self._group, partition), self._tokens[partition])
+
+    def _delivery(self, entry: _Entry, partition: int, pending: _Pending) -> Delivery:
+        return Delivery(partition, entry.message_id, entry.key, entry.headers, entry.body,
+                        pending.count, entry.offset, pending.not_before)
+
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._stopped:
+                return []
+            server = self._transport.server
+            changed = server.changed
+            logs = server.log_of(self._topic, self._transport._partitions)
+            lanes = self._lanes()
+            out: list[Delivery] = []
+            for partition in partitions:
+                if self._fenced(partition):
+                    continue
+                lane, entries, history = lanes[partition], logs[partition], self._history[partition]
+                taken = 0
+                while history and taken < max_per_lane:
+                    offset = history.popleft()
+                    pending = lane.pending.get(offset)
+                    if pending is None:
+                        continue
+                    pending.count += 1
+                    out.append(self._delivery(entries[offset], partition, pending))
+                    taken += 1
+                while lane.next_offset < len(entries) and taken < max_per_lane and not history:
+                    entry = entries[lane.next_offset]
+                    pending = lane.pending[entry.offset] = _Pending(1)
+                    lane.next_offset += 1
+                    out.append(self._delivery(entry, partition, pending))
+                    taken += 1
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0 or wake.is_set():
+                return out
+            waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(wake.wait())]
+            done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if not done or wake.is_set():
+                return []
+
+    async def ack(self, delivery: Delivery) -> None:
+        if self._fenced(delivery.partition):
+            log.warning("memory: ack of %s dropped: this member no longer holds %s[%d]",
+                        delivery.message_id, self._topic, delivery.partition)
+            return
+        self._lanes()[delivery.partition].pending.pop(delivery.position, None)
+
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        if self._fenced(delivery.partition):
+            return
+        pending = self._lanes()[delivery.partition].pending.get(delivery.position)
+        if pending is not None:
+            pending.count = attempt
+            pending.not_before = not_before
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        if self._fenced(delivery.partition):
+            return
+        server = self._transport.server
+        server.dead.setdefault((self._topic, self._group), []).append(letter)
+        headers = dict(letter.headers)
+        headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
+        server.append(
+            OutgoingRecord(f"{self._topic}.dlq", delivery.partition, delivery.key, delivery.message_id, headers,
+                           delivery.body),
+            self._transport._partitions,
+        )
+        self._lanes()[delivery.partition].pending.pop(delivery.position, None)
+        server.notify()
+
+    async def stop(self, flush: bool) -> None:
+        self._stopped = True
+        self._tokens.clear()
+
+
+@hookimpl
+def msgbroker_providers() -> list[type[Transport]]:
+    return [MemoryTransport]

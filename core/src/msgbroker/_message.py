@@ -1,0 +1,170 @@
+"""Messages, the per-delivery context handed to handlers, and dead letters."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ._errors import AlreadySettledError
+
+if TYPE_CHECKING:
+    from ._engine import Settler
+
+__all__ = ["DeadLetter", "Message", "MessageContext", "Outcome"]
+
+
+try:
+    from opentelemetry import trace as _trace
+except ImportError:  # the otel extra is optional
+    _trace = None  # type: ignore[assignment]
+
+
+def _current_correlation_id() -> str | None:
+    """The current W3C trace context (traceparent), when opentelemetry is installed and a span is active."""
+    if _trace is None:
+        return None
+    span_context = _trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return None
+    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+
+
+class Message(BaseModel):
+    """Base class of every message: a pydantic model with an id, a correlation id and a time.
+
+    Override :attr:`partition_key` so that messages that must be handled in order share a key.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+    message_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    correlation_id: str | None = Field(default_factory=_current_correlation_id)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def partition_key(self) -> str:
+        """Messages with the same key go to the same partition and are handled in order."""
+        return str(self.message_id)
+
+
+class GenericMessage(Message):
+    """What a handler without a declared message type receives: every field is kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Outcome:
+    """How a delivery was settled (the engine's vocabulary)."""
+
+    ACK: ClassVar[str] = "ack"
+    RETRY: ClassVar[str] = "retry"
+    DEAD: ClassVar[str] = "dead"
+
+
+M = TypeVar("M", bound=Message)
+
+
+class MessageContext(Generic[M]):
+    """One delivery of one message to a handler, and the means to settle it.
+
+    Settle exactly once: :meth:`ack`, :meth:`nak` or :meth:`delay`. A handler that returns
+    without settling acks; one that raises naks with requeue.
+    """
+
+    __slots__ = (
+        "_settler",
+        "delivery_attempt",
+        "headers",
+        "message",
+        "message_id",
+        "partition",
+        "settled",
+        "topic",
+        "group",
+    )
+
+    def __init__(
+        self,
+        *,
+        message: M,
+        topic: str,
+        group: str,
+        partition: int,
+        message_id: str,
+        delivery_attempt: int,
+        headers: Mapping[str, str],
+        settler: Settler,
+    ) -> None:
+        self.message = message
+        self.topic = topic
+        self.group = group
+        self.partition = partition
+        self.message_id = message_id
+        self.delivery_attempt = delivery_attempt
+        self.headers = headers
+        self.settled: str | None = None
+        self._settler = settler
+
+    def _claim(self, outcome: str) -> None:
+        if self.settled is not None:
+            raise AlreadySettledError(
+                f"message {self.message_id} on {self.topic!r} was already settled ({self.settled})"
+            )
+        self.settled = outcome
+
+    async def ack(self) -> None:
+        """The message was handled: it is not delivered to this group again."""
+        self._claim(Outcome.ACK)
+        await self._settler.ack()
+
+    async def nak(self, requeue: bool = True, *, error: BaseException | str | None = None) -> None:
+        """Handling failed. ``requeue=True`` retries (holding the partition when ordered);
+        ``requeue=False`` gives up and sends the message to the dead letters with ``error``."""
+        if requeue:
+            self._claim(Outcome.RETRY)
+            await self._settler.retry(None, error)
+        else:
+            self._claim(Outcome.DEAD)
+            await self._settler.dead_letter(error if error is not None else "nak(requeue=False)")
+
+    async def delay(self, delay: float | timedelta) -> None:
+        """Redeliver no earlier than ``delay`` from now (holding the partition when ordered)."""
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+        if seconds < 0:
+            raise ValueError(f"delay must not be negative, got {delay!r}")
+        self._claim(Outcome.RETRY)
+        await self._settler.retry(seconds, None)
+
+    def __repr__(self) -> str:
+        return (
+            f"MessageContext(topic={self.topic!r}, partition={self.partition}, "
+            f"message_id={self.message_id!r}, delivery_attempt={self.delivery_attempt})"
+        )
+
+
+Handler = Callable[[MessageContext[Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that was given up on, with why and after how many attempts."""
+
+    message_id: str
+    topic: str
+    group: str
+    partition: int
+    error: str
+    attempts: int
+    headers: Mapping[str, str]
+    payload: bytes
+    partition_key: str = ""
+    dead_lettered_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def message(self, message_type: type[M]) -> M:
+        """The original payload parsed as ``message_type``."""
+        return message_type.model_validate_json(self.payload)

@@ -1,0 +1,43 @@
+"""Kafka's default partitioner, the one partition function every provider uses."""
+
+from __future__ import annotations
+
+__all__ = ["murmur2", "partition_for"]
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """MurmurHash2 (32 bit, seed 0x9747B28C) exactly as Kafka's Java client computes it.
+
+    Returns the signed 32-bit result, like ``org.apache.kafka.common.utils.Utils.murmur2``.
+    """
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    end = length - (length & 3)
+    for i in range(0, end, 4):
+        k = data[i] | (data[i + 1] << 8) | (data[i + 2] << 16) | (data[i + 3] << 24)
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        k = (k * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    rest = length & 3
+    if rest == 3:
+        h ^= data[end + 2] << 16
+    if rest >= 2:
+        h ^= data[end + 1] << 8
+    if rest >= 1:
+        h ^= data[end]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return h - 0x100000000 if h & 0x80000000 else h
+
+
+def partition_for(key: str, partition_count: int) -> int:
+    """``(murmur2(utf8(key)) & 0x7fffffff) % partition_count`` — never Python's ``hash()``."""
+    if partition_count < 1:
+        raise ValueError(f"partition_count must be at least 1, got {partition_count!r}")
+    return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partition_count

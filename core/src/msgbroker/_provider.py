@@ -1,0 +1,252 @@
+"""The provider interface: what a broker must supply so the core engine can keep SPEC §3.
+
+The engine (``_engine.py``) owns ordering, settling, attempts, dead-letter decisions and
+assignment; a provider supplies transport primitives: append, read a lane, settle, and — where
+the broker has no partition assignment of its own — membership and exclusive leases.
+See docs/writing-a-provider.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+from ._errors import CapabilityNotSupported
+
+if TYPE_CHECKING:
+    from ._message import DeadLetter
+    from ._settings import BrokerSettings
+
+__all__ = [
+    "AssignmentListener",
+    "Capabilities",
+    "Delivery",
+    "Lane",
+    "LaneConsumer",
+    "OutgoingRecord",
+    "Transport",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a provider can do. The conformance suite reads this declaration and skips exactly
+    the cases whose capability is declared missing (naming it), and nothing else."""
+
+    persistent: bool
+    """Messages survive a restart of the broker server."""
+    retains_before_group: bool = True
+    """A new group also receives messages published before it was first subscribed."""
+    competing_consumers: bool = True
+    """Several members of one group share the partitions (load balancing)."""
+    redelivery_on_crash: bool = True
+    """A dead member's unsettled message is redelivered to a live one."""
+    kill_member: bool = True
+    """``Broker.abort()`` simulates a crash (no settle, no release) that others recover from."""
+    delay: bool = True
+    """``ctx.delay()`` is supported."""
+    deduplication: Literal["none", "native", "store"] = "store"
+    """How ``enable_deduplication`` is kept: by the broker, by a store on its server, or not."""
+    pending_count_exact: bool = True
+    """``pending_count`` is exact once the group is quiet."""
+    partition_exclusive: bool = True
+    """``subscribe_to_partition`` holds its partition exclusively within the group."""
+    server_restart: bool = False
+    """The test setup can restart the server (fault hooks); clients recover by themselves."""
+    max_message_bytes: int = 1024 * 1024
+    """The largest encoded message the provider accepts."""
+    reasons: Mapping[str, str] = field(default_factory=dict)
+    """Why a capability is missing, keyed by its name."""
+
+    def require(self, name: str) -> None:
+        """Raise :class:`CapabilityNotSupported` when ``name`` is declared missing."""
+        value = getattr(self, name)
+        if value is False or value == "none":
+            reason = self.reasons.get(name, "declared missing by the provider")
+            raise CapabilityNotSupported(f"capability {name!r} is not supported: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One ordered lane: a (topic, group, partition)."""
+
+    topic: str
+    group: str
+    partition: int
+
+
+@dataclass(slots=True)
+class OutgoingRecord:
+    """One encoded message on its way to the broker."""
+
+    topic: str
+    partition: int
+    key: str
+    message_id: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(slots=True, eq=False)
+class Delivery:
+    """One message read from a lane. ``attempt`` counts deliveries (this one included), as
+    recorded by the broker so that it survives a crash; ``position`` is the provider's own
+    handle (a stream id, an offset, a native message); ``not_before`` (epoch seconds) is a
+    persisted delay the engine must wait out before handling."""
+
+    partition: int
+    message_id: str
+    key: str
+    headers: Mapping[str, str]
+    body: bytes
+    attempt: int
+    position: Any = None
+    not_before: float | None = None
+
+
+class AssignmentListener(Protocol):
+    """The engine's side of a provider-driven assignment (``Transport.ASSIGNMENT == "native"``)."""
+
+    async def assigned(self, partitions: Sequence[int]) -> None:
+        """The member now owns these partitions: the engine opens their lanes."""
+
+    async def revoked(self, partitions: Sequence[int]) -> None:
+        """The member must give these up: returns once their in-flight handling settled."""
+
+
+class LaneConsumer(ABC):
+    """A member's reader of one (topic, group): polls the lanes the engine owns and settles."""
+
+    @abstractmethod
+    async def start(self, listener: AssignmentListener, partition: int | None) -> None:
+        """Prepare (create the group where needed). For native assignment, start the broker's
+        membership and report partitions through ``listener``; ``partition`` asks for that one only."""
+
+    @abstractmethod
+    async def open_lane(self, partition: int, lease: str | None) -> None:
+        """The member now owns ``partition`` (``lease`` is its token under lease assignment).
+        The next poll of the lane starts with its unsettled history, oldest first."""
+
+    @abstractmethod
+    async def close_lane(self, partition: int) -> None:
+        """Stop reading ``partition``; what is unsettled stays for the next owner."""
+
+    @abstractmethod
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        """Up to ``max_per_lane`` next deliveries of each of ``partitions``, in lane order,
+        waiting up to ``timeout`` seconds when there is none (returning early, empty, when
+        ``wake`` is set, if the provider can). Never returns a delivery of a lane that was not
+        opened, nor one already returned and not yet settled."""
+
+    @abstractmethod
+    async def ack(self, delivery: Delivery) -> None:
+        """Settle for good. May be buffered; :meth:`stop` with ``flush`` makes it durable."""
+
+    @abstractmethod
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        """Record that ``delivery`` will be delivered again as ``attempt`` (not before
+        ``not_before``, epoch seconds), so a new owner after a crash knows both."""
+
+    @abstractmethod
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        """Store ``letter`` in ``<topic>.dlq`` and settle ``delivery`` — the letter first."""
+
+    @abstractmethod
+    async def stop(self, flush: bool) -> None:
+        """Leave. ``flush=False`` simulates a crash: nothing buffered is written."""
+
+
+class Transport(ABC):
+    """A provider: one connection to one broker server."""
+
+    NAME: ClassVar[str]
+    """The provider's name (``BrokerSettings.provider``)."""
+    SCHEMES: ClassVar[tuple[str, ...]]
+    """The URL schemes that select this provider."""
+    CAPABILITIES: ClassVar[Capabilities]
+    ASSIGNMENT: ClassVar[Literal["leases", "shared", "native"]] = "leases"
+    """Who decides which member reads which lane: the engine over this provider's membership
+    and lease primitives (``leases``), nobody because the broker serialises each lane itself
+    (``shared``: every member polls every lane), or the broker (``native``)."""
+    REDELIVERY: ClassVar[Literal["local", "broker"]] = "local"
+    """After :meth:`LaneConsumer.retry`, does the engine hand the message again itself
+    (``local``) or does the broker deliver it again through ``poll`` (``broker``)?"""
+    MAX_POLL_BLOCK: ClassVar[float] = 0.25
+    """The longest one poll may block, in seconds (lanes freed meanwhile wait that long)."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+
+    @classmethod
+    def settings_from_url(cls, url: str) -> dict[str, Any]:
+        """Settings overrides that a connection URL stands for (by default none)."""
+        return {}
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the connection(s); raise :class:`BrokerConnectionError` when the server is unreachable."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close cleanly (flushing whatever is buffered)."""
+
+    async def abort(self) -> None:
+        """Drop the connection(s) without flushing anything: a crash, for tests."""
+        await self.close()
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """True when the server answers; never raises."""
+
+    @abstractmethod
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        """Append ``records`` durably (confirmed by the server when this returns). With
+        ``dedup_window`` (seconds), a record whose ``message_id`` was published within the
+        window is dropped."""
+
+    @abstractmethod
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        """A reader of ``topic`` for ``group``, for the member ``member_id``."""
+
+    @abstractmethod
+    async def pending_count(self, topic: str, group: str) -> int:
+        """Messages of ``topic`` the group has not settled: ready + in flight + waiting."""
+
+    @abstractmethod
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        """The dead letters of ``group`` on ``topic``, oldest first."""
+
+    @abstractmethod
+    async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        """Delete these dead letters; return how many were removed."""
+
+    # -- membership and leases (ASSIGNMENT == "leases") ---------------------------------------
+
+    def lease_ttl(self) -> float:
+        """Seconds a silent member keeps its membership and leases (its claim timeout)."""
+        return 30.0
+
+    async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
+        """Record that ``member_id`` is alive for ``ttl`` seconds; return the live members."""
+        raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
+
+    async def leave(self, topic: str, group: str, member_id: str) -> None:
+        """Remove ``member_id`` from the live members at once."""
+        raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
+
+    async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
+        """Take ``lane`` exclusively for ``ttl`` seconds: a fencing token, or None when held."""
+        raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
+
+    async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
+        """Extend the leases still held (same token); return those lanes."""
+        raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
+
+    async def release_lease(self, lane: Lane, token: str) -> None:
+        """Give ``lane`` up if ``token`` still holds it."""
+        raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
