@@ -198,7 +198,7 @@ def ports_remembered_by_others(me: str) -> set[int]:
     return taken
 
 
-def choose_port(owner: str, key_file: Path, default: int, patience: float = 5.0) -> int:
+def choose_port(owner: str, key_file: Path, default: int, patience: float = 1.0) -> int:
     """The port remembered in key_file if it is (or soon becomes) free, else the standard
     port if free, else the next free one; remembered in key_file."""
     others = ports_remembered_by_others(owner)
@@ -213,7 +213,8 @@ def choose_port(owner: str, key_file: Path, default: int, patience: float = 5.0)
             if time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        say(f"{owner}: port {remembered} is taken by another program; choosing another")
+        if remembered != default:
+            say(f"{owner}: port {remembered} used last time is taken by another program; choosing another")
     port = default
     while port in others or not port_free(port):
         port += 1
@@ -464,7 +465,9 @@ class Broker:
         except asyncio.TimeoutError:
             return False, f"no answer within {timeout:.0f}s"
         except Exception as e:  # noqa: BLE001 - any failure means "not healthy"
-            return False, f"{type(e).__name__}: {e}".strip()
+            text = str(e).strip()
+            kind = type(e).__name__
+            return False, (text if text.startswith(kind) else f"{kind}: {text}".rstrip(": "))[:200]
 
     async def wait_healthy(self, timeout: float, url: str | None = None, watch_process: bool = True) -> None:
         url = url or self.current_url()
@@ -481,10 +484,12 @@ class Broker:
             if ok:
                 return
             if time.monotonic() >= deadline:
-                where = (
-                    f"the server at {url}" if self.external_url() else f"{self.name}; {self.log_hint()}"
-                )
-                raise Failure(f"timed out after {timeout:.0f}s waiting for {where} (last error: {last})")
+                if self.external_url():
+                    raise Failure(f"{self.name}: your server at {url} did not answer within {timeout:.0f}s "
+                                  f"(last error: {last}); check {self.env_var}")
+                raise Failure(f"{self.name} did not answer within {timeout:.0f}s (last error: {last}); "
+                              f"{self.log_hint()}; it is left running (pid {self.proc.pid()}): "
+                              f"scripts/brokers down {self.name} stops it")
             await asyncio.sleep(0.25)
 
     def start(self, port: int | None = None) -> None:
@@ -996,7 +1001,7 @@ async def gather_status() -> list[tuple[str, ...]]:
         pid = b.proc.pid()
         if ext and pid is None:
             ok, why = await b.healthy(ext, timeout=3.0)
-            return (b.name, "external", "-", ext, "yes" if ok else f"no ({why})", "-")
+            return (b.name, "external", "-", ext, "yes" if ok else f"no ({why[:60]})", "-")
         port = b.port()
         if pid is None:
             return (b.name, "stopped", "-", str(port or "-"), "-", rel(b.log))
@@ -1005,7 +1010,7 @@ async def gather_status() -> list[tuple[str, ...]]:
             healthy = "no (paused)"
         else:
             ok, why = await b.healthy(b.own_url(), timeout=3.0)
-            healthy = "yes" if ok else f"no ({why})"
+            healthy = "yes" if ok else f"no ({why[:60]})"
         return (b.name, state, str(pid), str(port or "-"), healthy, rel(b.log))
 
     return list(await asyncio.gather(*(row(b) for b in BROKERS.values())))
