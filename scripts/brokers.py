@@ -452,6 +452,16 @@ class Broker:
     def env_line(self, url: str) -> str:
         return f"{self.env_var}={url}"
 
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            with open(self.log, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - 8192))
+                tail = fh.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return "".join(f"\n    | {line}" for line in tail)
+
     def log_hint(self) -> str:
         return f"see its log {rel(self.log)} (scripts/brokers logs {self.name})"
 
@@ -476,7 +486,7 @@ class Broker:
         while True:
             if watch_process and not self.external_url():
                 if self.proc.pid() is None:
-                    raise Failure(f"{self.name} exited while starting; {self.log_hint()}")
+                    raise Failure(f"{self.name} exited while starting; {self.log_hint()}{self.log_tail()}")
                 if self.proc.state() in ("T", "t"):
                     raise Failure(f"{self.name} is paused (SIGSTOP); run: scripts/brokers resume {self.name}")
             remaining = deadline - time.monotonic()
@@ -911,7 +921,7 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
         ext = b.external_url()
         if ext:
             say(f"{b.name}: using your own server {ext} ({b.env_var} is set); checking it answers")
-            waits.append((b, 15.0, False))
+            waits.append((b, min(15.0, b.start_timeout), False))
             continue
         if b.proc.pid() is not None:
             if b.proc.state() in ("T", "t"):
@@ -1043,8 +1053,9 @@ def ours(b: Broker, action: str) -> bool:
 
 
 def cmd_restart(names: list[str]) -> int:
-    brokers = [b for b in names_arg(names) if ours(b, "restart")]
-    failures: dict[str, str] = {}
+    requested = names_arg(names)
+    brokers = [b for b in requested if ours(b, "restart")]
+    failures: dict[str, str] = {b.name: "not ours" for b in requested if b not in brokers}
     with locked():
         ensure_installed(brokers)
         for b in brokers:
@@ -1058,8 +1069,9 @@ def cmd_restart(names: list[str]) -> int:
         failures.update(asyncio.run(await_ready(waits)))
         write_env_file()
     print_env([b for b in brokers if b.name not in failures])
-    for f in failures.values():
-        say(f"ERROR: {f}")
+    for name, f in failures.items():
+        if f != "not ours":
+            say(f"ERROR: {f}")
     return 1 if failures else 0
 
 
