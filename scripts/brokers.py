@@ -792,6 +792,7 @@ class Kafka(Broker):
         shutil.rmtree(self.lib, ignore_errors=True)
         tmp.rename(self.lib)
         self.stamp.write_text(KAFKA_VERSION + "\n")
+        shutil.rmtree(CACHE_DIR / "m2", ignore_errors=True)  # the jars are in lib/ now
         say(f"fetched Kafka {KAFKA_VERSION} in {time.monotonic() - t0:.0f}s")
 
     def jvm(self) -> list[str]:
@@ -845,6 +846,9 @@ class Kafka(Broker):
             "share.coordinator.state.topic.replication.factor=1\n"
             "share.coordinator.state.topic.min.isr=1\n"
             "group.initial.rebalance.delay.ms=0\n"
+            # after a kill -9 the new broker waits for its old registration to expire: keep it short
+            "broker.heartbeat.interval.ms=1000\n"
+            "broker.session.timeout.ms=4000\n"
             "log.flush.interval.ms=1000\n"
         )
         if not (data / "meta.properties").exists():
