@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".brokers"
 CACHE_DIR = ROOT / ".cache" / "kafka"
 ENV_FILE = RUN_DIR / "env"
-LOCK_FILE = RUN_DIR / ".lock"
 
 KAFKA_VERSION = os.environ.get("MSGBROKER_BROKERS_KAFKA_VERSION", "4.1.2")
 LOG4J_VERSION = "2.24.3"  # the log4j2 line Kafka 4.1 is built against
@@ -268,11 +267,13 @@ def apt_install(packages: list[str]) -> None:
         t0 = time.monotonic()
         if not _apt_updated:
             say("apt-get update")
-            subprocess.run(sudo + ["apt-get", "update", "-q"], env=env, check=True, stdout=sys.stderr)
+            subprocess.run(sudo + ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"],
+                           env=env, check=True, stdout=sys.stderr)
             _apt_updated = True
         say(f"apt-get install {' '.join(packages)}")
         subprocess.run(
-            sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends", *packages],
+            sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+                    "-o", "DPkg::Lock::Timeout=300", *packages],
             env=env,
             check=True,
             stdout=sys.stderr,
@@ -875,9 +876,10 @@ BROKERS: dict[str, Broker] = {b.name: b for b in (Redis(), Nats(), RabbitMQ(), K
 
 @contextlib.contextmanager
 def locked() -> Iterator[None]:
-    """One changing command at a time (two test runs may call `up` together)."""
+    """One changing command at a time (two test runs may call `up` together). The lock is
+    taken on this script itself, which `rm -rf .brokers` cannot pull away from under a holder."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "w") as fh:
+    with open(__file__, "rb") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
