@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".brokers"
