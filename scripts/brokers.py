@@ -184,23 +184,23 @@ def port_free(port: int) -> bool:
     return True
 
 
-def ports_remembered_by_others(me: str) -> set[int]:
+def ports_remembered_elsewhere(key_file: Path) -> set[int]:
+    """Ports remembered for our other servers and helpers: never hand one out twice."""
     taken: set[int] = set()
     if not RUN_DIR.is_dir():
         return taken
-    for d in RUN_DIR.iterdir():
-        if not d.is_dir() or d.name == me:
+    for f in RUN_DIR.glob("*/*port"):
+        if f == key_file:
             continue
-        for f in d.glob("*port"):
-            with contextlib.suppress(ValueError, OSError):
-                taken.add(int(f.read_text().strip()))
+        with contextlib.suppress(ValueError, OSError):
+            taken.add(int(f.read_text().strip()))
     return taken
 
 
 def choose_port(owner: str, key_file: Path, default: int, patience: float = 1.0) -> int:
     """The port remembered in key_file if it is (or soon becomes) free, else the standard
     port if free, else the next free one; remembered in key_file."""
-    others = ports_remembered_by_others(owner)
+    others = ports_remembered_elsewhere(key_file)
     remembered = None
     with contextlib.suppress(FileNotFoundError, ValueError):
         remembered = int(key_file.read_text().strip())

@@ -1,0 +1,1 @@
+"""Smoke tests of the real brokers started by scripts/brokers (see docs/brokers.md)."""
