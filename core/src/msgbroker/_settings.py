@@ -162,6 +162,12 @@ class KafkaSettings(_Section):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    session_timeout: Duration = timedelta(seconds=10)
+    """How long a silent group member keeps its partitions (the broker allows 6 s to 5 min)."""
+    heartbeat_interval: Duration = timedelta(seconds=3)
+    """How often a member tells the group coordinator it is alive (under ``session_timeout``)."""
+    commit_interval: Duration = timedelta(milliseconds=200)
+    """How long settled offsets may wait before they are committed in one batch."""
 
 
 # Keys of the seed's appsettings.json that are not the snake_case of our field names.
