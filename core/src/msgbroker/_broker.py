@@ -341,7 +341,7 @@ def connect(url_or_settings: str | BrokerSettings | None = None, /, **overrides:
             settings = BrokerSettings(**overrides)
             transport_class = registry.by_name(settings.provider)
         else:
-            scheme = urlsplit(url).scheme
+            scheme = urlsplit(url).scheme if "://" in url else ""
             if not scheme:
                 raise ConfigurationError(f"connection URL {url!r} has no scheme (like redis:// or memory://)")
             transport_class = registry.by_scheme(scheme)

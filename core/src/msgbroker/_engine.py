@@ -21,7 +21,7 @@ from ._provider import Delivery, Lane, LaneConsumer, Transport
 if TYPE_CHECKING:
     from ._settings import BrokerSettings
 
-__all__ = ["SubscriptionRunner", "rendezvous_owner"]
+__all__ = ["SubscriptionRunner", "assign_partitions", "rendezvous_owner"]
 
 log = logging.getLogger("msgbroker")
 
@@ -30,6 +30,24 @@ def rendezvous_owner(partition: int, members: Sequence[str]) -> str:
     """Highest-random-weight hashing: every member computes the same owner, and a member
     joining or leaving moves only the partitions it gains or loses."""
     return max(members, key=lambda m: (murmur2(f"{m}/{partition}".encode()), m))
+
+
+def assign_partitions(partition_count: int, members: Sequence[str]) -> dict[int, str]:
+    """Balanced rendezvous hashing: each partition goes to its highest-ranked member that has
+    fewer than ``ceil(partitions / members)`` partitions. Every member computes the same map,
+    loads differ by at most one, and a member joining or leaving moves few partitions."""
+    ordered = sorted(set(members))
+    if not ordered:
+        return {}
+    cap = -(-partition_count // len(ordered))
+    load = dict.fromkeys(ordered, 0)
+    owners: dict[int, str] = {}
+    for partition in range(partition_count):
+        ranked = sorted(ordered, key=lambda m: (murmur2(f"{m}/{partition}".encode()), m), reverse=True)
+        owner = next(m for m in ranked if load[m] < cap)
+        load[owner] += 1
+        owners[partition] = owner
+    return owners
 
 
 class Settler:
@@ -460,7 +478,8 @@ class _LeaseCoordinator:
             members = await self.transport.heartbeat(runner.topic, runner.group, runner.member_id, self.ttl)
             if runner.member_id not in members:
                 members = [*members, runner.member_id]
-            desired = {p for p in range(count) if rendezvous_owner(p, members) == runner.member_id}
+            owners = assign_partitions(count, members)
+            desired = {p for p, owner in owners.items() if owner == runner.member_id}
         if self.held:
             kept = await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
             lost = [p for p in self.held if self._lane(p) not in kept]

@@ -169,6 +169,7 @@ class MemoryTransport(Transport):
                 server.dedup[record.message_id] = now + dedup_window
             server.append(record, self._partitions)
         server.notify()
+        await asyncio.sleep(0)  # like a network round trip, let consumers run
 
     def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
         return _MemoryConsumer(self, topic, group, member_id)

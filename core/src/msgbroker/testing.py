@@ -1,0 +1,29 @@
+"""Helpers for testing code that uses msgbroker (and for msgbroker's own tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+
+__all__ = ["eventually"]
+
+
+async def eventually(
+    condition: Callable[[], object | Awaitable[object]], timeout: float = 10.0, what: str = "", interval: float = 0.01
+) -> None:
+    """Wait until ``condition()`` (sync or async) is truthy, polling every ``interval`` seconds.
+
+    Raises ``AssertionError`` naming ``what`` when ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(interval)
