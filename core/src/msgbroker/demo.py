@@ -42,6 +42,8 @@ class DemoResult:
     out_of_order: int = 0
     lost: int = 0
     partitions_used: int = 0
+    partitions_keyed: int = 0
+    """How many partitions the demo's keys hash to (all of them get used)."""
     seconds: float = 0.0
     workers_stopped: int = 0
     per_worker: list[int] = field(default_factory=list)
@@ -148,6 +150,10 @@ async def run_demo(
         result.duplicates = ledger.duplicates
         result.out_of_order = ledger.out_of_order
         result.partitions_used = len(ledger.partitions)
+        result.partitions_keyed = len({
+            msgbroker.partition_for(f"{keys[s][0]}:{areas_of[s][a]}", partition_count)
+            for s in range(sessions) for a in range(areas)
+        })
         result.per_worker = counts
     finally:
         await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
@@ -173,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"messages handled    {result.handled} in {result.seconds:.2f}s ({result.rate:,.0f} msg/s)")
     print(f"workers             {args.workers} (one left mid-stream: {result.workers_stopped == 1}); "
           f"handled per worker {result.per_worker}")
-    print(f"partitions used     {result.partitions_used} of {args.partitions}")
+    print(f"partitions used     {result.partitions_used} of {args.partitions} "
+          f"(the keys hash to {result.partitions_keyed})")
     print(f"keys (session+area) {args.sessions * args.areas}, per-key order verified")
     print(f"duplicates handled  {result.duplicates} (skipped by the idempotent handler)")
     print(f"out of order        {result.out_of_order}")
