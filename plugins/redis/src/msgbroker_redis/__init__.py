@@ -1,0 +1,11 @@
+"""msgbroker-redis: the Redis Streams provider of msgbroker (``redis://``, ``rediss://``).
+
+Installed, it is found through the ``msgbroker.providers`` entry point; use it with
+``msgbroker.connect("redis://localhost:6379")``. See docs/providers/redis.md.
+"""
+
+from __future__ import annotations
+
+from ._transport import RedisLaneConsumer, RedisTransport, topic_keys
+
+__all__ = ["RedisLaneConsumer", "RedisTransport", "topic_keys"]

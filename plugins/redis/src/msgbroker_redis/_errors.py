@@ -1,0 +1,54 @@
+"""Mapping redis-py's exceptions into msgbroker's one exception tree, at the edge."""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit, urlunsplit
+
+from msgbroker import (
+    BrokerConnectionError,
+    BrokerTimeoutError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    MsgBrokerError,
+    PermanentError,
+)
+from redis import exceptions as rex
+
+__all__ = ["redacted", "translate"]
+
+# Error replies that say "not now" rather than "never": retrying may help.
+_UNAVAILABLE = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "OOM")
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def translate(exc: BaseException, doing: str) -> MsgBrokerError:
+    """The msgbroker error for a redis-py (or socket) error raised while ``doing`` something."""
+    if isinstance(exc, MsgBrokerError):
+        return exc
+    text = f"redis: {doing} failed: {exc}"
+    if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError)):
+        return ConfigurationError(f"redis: {doing} failed: the server refused the credentials: {exc}")
+    if isinstance(exc, rex.BusyLoadingError):
+        return BrokerUnavailableError(text)
+    if isinstance(exc, (rex.TimeoutError, asyncio.TimeoutError)):
+        return BrokerTimeoutError(text)
+    if isinstance(exc, (rex.ConnectionError, ConnectionError, OSError)):
+        return BrokerConnectionError(text)
+    if isinstance(exc, rex.ResponseError):
+        code = str(exc).split(" ", 1)[0].upper()
+        if code in _UNAVAILABLE:
+            return BrokerUnavailableError(text)
+        return PermanentError(text)
+    return BrokerUnavailableError(text)

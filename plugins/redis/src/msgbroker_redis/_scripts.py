@@ -1,0 +1,344 @@
+"""The Lua scripts of the Redis provider.
+
+Everything that must be atomic runs as one script: a publish with its dedup marker and the
+trim, a read or settle together with the check that the caller still holds the lane's lease
+(the fence against a paused old owner), a dead letter together with its ack.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACK",
+    "ACQUIRE",
+    "CREATE_GROUPS",
+    "DEAD_LETTER",
+    "HEARTBEAT",
+    "PENDING",
+    "PUBLISH",
+    "READ",
+    "RELEASE",
+    "RENEW",
+    "RETRY",
+    "TOPIC_META",
+]
+
+# Shared helpers. Stream ids are "<ms>-<seq>"; both parts fit a Lua double exactly for any
+# id Redis generates from a clock.
+_PRELUDE = r"""
+local function id_parts(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+
+local function id_less(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+
+local function id_next(id)
+  local m, s = id_parts(id)
+  return string.format('%.0f-%.0f', m, s + 1)
+end
+
+local function fields(flat)
+  local out = {}
+  for i = 1, #flat, 2 do out[flat[i]] = flat[i + 1] end
+  return out
+end
+
+-- Trim settled history beyond maxlen, never an entry a group has not settled: MAXLEN alone
+-- deletes pending entries (redis#5570). The cut is the oldest entry any group still needs
+-- (its oldest pending entry, or the one after its last delivered) or the maxlen bound,
+-- whichever is lower. Work is O(entries trimmed), so amortised O(1) per published entry.
+local function trim(key, maxlen, slack)
+  local len = redis.call('XLEN', key)
+  if len <= maxlen + slack then return 0 end
+  local need = nil
+  for _, raw in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local g = fields(raw)
+    local oldest
+    if g['pending'] > 0 then
+      oldest = redis.call('XPENDING', key, g['name'], '-', '+', 1)[1][1]
+    else
+      oldest = id_next(g['last-delivered-id'])
+    end
+    if need == nil or id_less(oldest, need) then need = oldest end
+  end
+  local excess = len - maxlen
+  local upto = '+'
+  if need ~= nil then upto = '(' .. need end
+  local below = redis.call('XRANGE', key, '-', upto, 'COUNT', excess + 1)
+  if #below == 0 then return 0 end
+  local minid
+  if #below > excess then minid = below[excess + 1][1] else minid = need end
+  return redis.call('XTRIM', key, 'MINID', minid)
+end
+
+local function holds(lease, token)
+  return token == '' or redis.call('GET', lease) == token
+end
+"""
+
+TOPIC_META = r"""
+-- KEYS[1] the topic's meta hash; ARGV[1] partition count. Returns the count on record.
+redis.call('HSETNX', KEYS[1], 'partitions', ARGV[1])
+return redis.call('HGET', KEYS[1], 'partitions')
+"""
+
+CREATE_GROUPS = r"""
+-- KEYS[1] meta hash, KEYS[2..] the lane streams; ARGV[1] group, ARGV[2] partition count.
+-- Creates the group on every lane at 0 (so what was published before is received).
+-- Returns the partition count on record.
+redis.call('HSETNX', KEYS[1], 'partitions', ARGV[2])
+local recorded = redis.call('HGET', KEYS[1], 'partitions')
+if recorded ~= ARGV[2] then return recorded end
+for i = 2, #KEYS do
+  local r = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[1], '0', 'MKSTREAM')
+  if type(r) == 'table' and r.err and not string.find(r.err, 'BUSYGROUP', 1, true) then
+    return redis.error_reply(r.err)
+  end
+end
+return recorded
+"""
+
+PUBLISH = _PRELUDE + r"""
+-- KEYS[1] lane stream, KEYS[2..] dedup markers (one per record, only with dedup)
+-- ARGV: maxlen, slack, dedup window ms (0: off), then per record: id, key, headers, body
+local stream = KEYS[1]
+local maxlen, slack, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local added = 0
+local n = (#ARGV - 3) / 4
+for i = 1, n do
+  local a = 4 + (i - 1) * 4
+  local fresh = true
+  if window > 0 then fresh = redis.call('SET', KEYS[1 + i], '1', 'NX', 'PX', window) end
+  if fresh then
+    if ARGV[a + 2] == '' then
+      redis.call('XADD', stream, '*', 'i', ARGV[a], 'k', ARGV[a + 1], 'b', ARGV[a + 3])
+    else
+      redis.call('XADD', stream, '*', 'i', ARGV[a], 'k', ARGV[a + 1], 'h', ARGV[a + 2], 'b', ARGV[a + 3])
+    end
+    added = added + 1
+  end
+end
+if added > 0 then trim(stream, maxlen, slack) end
+return added
+"""
+
+READ = _PRELUDE + r"""
+-- KEYS per lane: stream, lease, delay hash. ARGV: group, meta key, partition count, count,
+-- then per lane: consumer (the partition), lease token ('' = unfenced), cursor (the last id
+-- handed to the caller). The consumer's pending entries after the cursor come first (a new
+-- owner's history, or entries whose reply was lost), then new ones.
+-- Returns per lane {status, block id, id, fields, count, not_before, ...}; status is 'ok',
+-- 'more' (history left: poll again at once) or 'fenced' (the lease is gone).
+local group, meta, partitions, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+
+local function readgroup(stream, consumer, n, from)
+  local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', stream, from)
+  if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+    -- The stream or the group is gone (server flushed or restarted without data): recreate.
+    redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
+    redis.call('HSETNX', meta, 'partitions', partitions)
+    r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', stream, from)
+  end
+  if not r then return {} end
+  return r[1][2]
+end
+
+local out = {}
+local lanes = #KEYS / 3
+for l = 0, lanes - 1 do
+  local stream, lease, delay = KEYS[3 * l + 1], KEYS[3 * l + 2], KEYS[3 * l + 3]
+  local consumer, token, cursor = ARGV[3 * l + 5], ARGV[3 * l + 6], ARGV[3 * l + 7]
+  local lane = {}
+  if not holds(lease, token) then
+    lane[1] = 'fenced'
+    lane[2] = ''
+  else
+    lane[1] = 'ok'
+    lane[2] = ''
+    local history = readgroup(stream, consumer, count, cursor)
+    if history.err then return history end
+    local kept = {}
+    for _, e in ipairs(history) do
+      if e[2] then
+        kept[#kept + 1] = e
+      else
+        -- The entry was deleted under its pending record (XDEL, or MAXLEN by another client).
+        redis.call('XACK', stream, group, e[1])
+        redis.call('HDEL', delay, e[1])
+      end
+    end
+    if #kept > 0 then
+      local counts = {}
+      local pel = redis.call('XPENDING', stream, group, kept[1][1], kept[#kept][1], #history, consumer)
+      for _, p in ipairs(pel) do counts[p[1]] = p[4] end
+      local waits = {}
+      if redis.call('EXISTS', delay) == 1 then
+        local ids = {}
+        for i, e in ipairs(kept) do ids[i] = e[1] end
+        waits = redis.call('HMGET', delay, unpack(ids))
+      end
+      for i, e in ipairs(kept) do
+        lane[#lane + 1] = e[1]
+        lane[#lane + 1] = e[2]
+        lane[#lane + 1] = counts[e[1]] or 1
+        lane[#lane + 1] = waits[i] or ''
+      end
+    end
+    if #history >= count then
+      lane[1] = 'more'
+    else
+      local fresh = readgroup(stream, consumer, count - #history, '>')
+      if fresh.err then return fresh end
+      for _, e in ipairs(fresh) do
+        lane[#lane + 1] = e[1]
+        lane[#lane + 1] = e[2] or {}
+        lane[#lane + 1] = 1
+        lane[#lane + 1] = ''
+      end
+      if #history == 0 and #fresh == 0 then
+        -- Nothing to hand: the caller blocks (XREAD) for entries after the last one.
+        local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+        if #last > 0 then lane[2] = last[1][1] else lane[2] = '0-0' end
+      end
+    end
+  end
+  out[#out + 1] = lane
+end
+return out
+"""
+
+ACK = _PRELUDE + r"""
+-- KEYS per lane: stream, lease, delay hash. ARGV: group, then per lane: token, n, ids...
+-- Returns the (0-based) lanes whose lease is gone: their acks are dropped (the new owner
+-- redelivers; a zombie never settles what another member holds).
+local group = ARGV[1]
+local a = 2
+local fenced = {}
+for l = 0, #KEYS / 3 - 1 do
+  local token, n = ARGV[a], tonumber(ARGV[a + 1])
+  if holds(KEYS[3 * l + 2], token) then
+    local has_delay = redis.call('EXISTS', KEYS[3 * l + 3]) == 1
+    local first = a + 2
+    while first <= a + 1 + n do
+      local last = math.min(first + 499, a + 1 + n)
+      redis.call('XACK', KEYS[3 * l + 1], group, unpack(ARGV, first, last))
+      if has_delay then redis.call('HDEL', KEYS[3 * l + 3], unpack(ARGV, first, last)) end
+      first = last + 1
+    end
+  else
+    fenced[#fenced + 1] = l
+  end
+  a = a + 2 + n
+end
+return fenced
+"""
+
+RETRY = _PRELUDE + r"""
+-- KEYS: stream, lease, delay hash. ARGV: group, consumer, token, id, attempt, not_before ('' none).
+-- Persists the attempt as the entry's delivery count (XCLAIM RETRYCOUNT to the same consumer)
+-- and the delay in the lane's delay hash, so a new owner after a crash knows both.
+if not holds(KEYS[2], ARGV[3]) then return -1 end
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'RETRYCOUNT', ARGV[5], 'JUSTID')
+if ARGV[6] == '' then
+  redis.call('HDEL', KEYS[3], ARGV[4])
+else
+  redis.call('HSET', KEYS[3], ARGV[4], ARGV[6])
+end
+return #claimed
+"""
+
+DEAD_LETTER = _PRELUDE + r"""
+-- KEYS: stream, lease, delay hash, the group's dead-letter stream, the <topic>.dlq lane
+-- stream, the <topic>.dlq meta hash.
+-- ARGV: group, token, id, maxlen, slack, partition count, then the letter's field/value
+-- pairs count n, pairs..., then the dlq record: id, key, headers, body.
+-- Writes the letter, then acks, in one step. Returns 1, 0 when the entry is no longer
+-- pending (settled already: a repeated call), -1 when fenced.
+local group, token, id = ARGV[1], ARGV[2], ARGV[3]
+if not holds(KEYS[2], token) then return -1 end
+if #redis.call('XPENDING', KEYS[1], group, id, id, 1) == 0 then return 0 end
+local n = tonumber(ARGV[7])
+redis.call('XADD', KEYS[4], '*', unpack(ARGV, 8, 7 + 2 * n))
+local r = 8 + 2 * n
+if ARGV[r + 2] == '' then
+  redis.call('XADD', KEYS[5], '*', 'i', ARGV[r], 'k', ARGV[r + 1], 'b', ARGV[r + 3])
+else
+  redis.call('XADD', KEYS[5], '*', 'i', ARGV[r], 'k', ARGV[r + 1], 'h', ARGV[r + 2], 'b', ARGV[r + 3])
+end
+redis.call('HSETNX', KEYS[6], 'partitions', ARGV[6])
+trim(KEYS[5], tonumber(ARGV[4]), tonumber(ARGV[5]))
+redis.call('XACK', KEYS[1], group, id)
+redis.call('HDEL', KEYS[3], id)
+return 1
+"""
+
+PENDING = _PRELUDE + r"""
+-- KEYS: the lane streams; ARGV[1] group. Unsettled = lag (not yet delivered) + pending
+-- (delivered, unacked) per lane; every entry when the group does not exist on a lane yet.
+local total = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    local found = false
+    for _, raw in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+      local g = fields(raw)
+      if g['name'] == ARGV[1] then
+        found = true
+        local lag = g['lag']
+        if not lag then
+          -- Unknown after deletions: count the entries after the last delivered one.
+          lag = #redis.call('XRANGE', key, '(' .. g['last-delivered-id'], '+')
+        end
+        total = total + g['pending'] + lag
+      end
+    end
+    if not found then total = total + redis.call('XLEN', key) end
+  end
+end
+return total
+"""
+
+HEARTBEAT = r"""
+-- KEYS[1] the group's member set (score: expiry, server clock ms). ARGV: member, ttl ms.
+-- Returns the live members.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], 2 * ttl + 1000)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+ACQUIRE = r"""
+-- KEYS[1] lease. ARGV: member, fresh token, ttl ms. The lease value "<member>/<token>" is
+-- the fencing token; a member may take over its own lease. Returns it, or nil when held.
+local current = redis.call('GET', KEYS[1])
+local mine = ARGV[1] .. '/'
+if current and string.sub(current, 1, #mine) ~= mine then return false end
+local value = mine .. ARGV[2]
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+return value
+"""
+
+RENEW = r"""
+-- KEYS: leases; ARGV: ttl ms, then the tokens. Returns the 0-based indexes still held.
+local kept = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then
+    redis.call('PEXPIRE', key, ARGV[1])
+    kept[#kept + 1] = i - 1
+  end
+end
+return kept
+"""
+
+RELEASE = r"""
+-- KEYS[1] lease; ARGV[1] token. Compare and delete.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

@@ -1,0 +1,682 @@
+"""The Redis Streams provider: a stream per (topic, partition), a consumer group per msgbroker
+group, leases with fencing for exclusive ordered lanes.
+
+Key layout (``P`` = ``key_prefix``, ``{T}`` = the topic as a hash tag, so one topic's keys
+share a cluster slot)::
+
+    P:{T}:<n>                  lane stream of partition n (fields i=id, k=key, h=headers, b=body)
+    P:{T}:meta                 hash: partitions = the topic's partition count
+    P:{T}:dedup:<message id>   dedup marker (SET NX PX deduplication_window)
+    P:{T}:members:<group>      sorted set: live members, score = expiry (server clock)
+    P:{T}:lease:<group>:<n>    the lane's lease, "<member>/<token>", PX claim_timeout
+    P:{T}:delay:<group>:<n>    hash: entry id -> not-before (epoch seconds) of a delayed retry
+    P:{T}:dead:<group>         stream of the group's dead letters
+
+The Redis consumer name of a lane is its partition number, so the consumer's pending list
+*is* the lane's in-flight list: a new owner resumes by reading it (which also counts the
+delivery), and nothing is ever claimed from a live owner by idle time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import redis.asyncio as aioredis
+from msgbroker import (
+    BrokerClosedError,
+    BrokerConnectionError,
+    Capabilities,
+    ConfigurationError,
+    DeadLetter,
+    Delivery,
+    Lane,
+    LaneConsumer,
+    MsgBrokerError,
+    OutgoingRecord,
+    PublishFailedError,
+    PublishIndeterminateError,
+    Transport,
+)
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from . import _scripts
+from ._errors import redacted, translate
+
+if TYPE_CHECKING:
+    from msgbroker import BrokerSettings
+    from msgbroker._provider import AssignmentListener
+    from redis.commands.core import AsyncScript
+
+__all__ = ["RedisTransport", "topic_keys"]
+
+log = logging.getLogger("msgbroker.redis")
+
+DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
+ACK_BATCH = 512
+"""Buffered acks of one consumer flushed at once without waiting for the linger."""
+ACK_LINGER = 0.002
+"""Seconds an ack waits for company before it is flushed."""
+PUBLISH_CHUNK = 500
+"""Records per publish script call (bounds the script's argument list)."""
+
+
+class topic_keys:  # noqa: N801 - a small namespace of key builders, used like a function
+    """The keys of one topic under ``prefix`` (see the module docstring)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str, topic: str) -> None:
+        self.base = f"{prefix}:{{{topic}}}"
+
+    def stream(self, partition: int) -> str:
+        return f"{self.base}:{partition}"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.base}:meta"
+
+    def dedup(self, message_id: str) -> str:
+        return f"{self.base}:dedup:{message_id}"
+
+    def members(self, group: str) -> str:
+        return f"{self.base}:members:{group}"
+
+    def lease(self, group: str, partition: int) -> str:
+        return f"{self.base}:lease:{group}:{partition}"
+
+    def delay(self, group: str, partition: int) -> str:
+        return f"{self.base}:delay:{group}:{partition}"
+
+    def dead(self, group: str) -> str:
+        return f"{self.base}:dead:{group}"
+
+
+def _fields(flat: Sequence[Any]) -> dict[bytes, bytes]:
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value is not None else ""
+
+
+def _headers(raw: bytes | None) -> dict[str, str]:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _encode_headers(headers: Mapping[str, str]) -> str:
+    return json.dumps(dict(headers), ensure_ascii=False, separators=(",", ":")) if headers else ""
+
+
+class RedisTransport(Transport):
+    """``redis://`` and ``rediss://`` — Redis ≥ 7.0 Streams (redis.asyncio)."""
+
+    NAME: ClassVar[str] = "redis"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("redis", "rediss")
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        persistent=True,
+        deduplication="store",
+        server_restart=True,
+        max_message_bytes=16 * 1024 * 1024,
+    )
+    ASSIGNMENT = "leases"
+    REDELIVERY = "local"
+    MAX_POLL_BLOCK: ClassVar[float] = 0.25
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__(settings)
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._checked_topics: set[str] = set()
+        self._consumers: weakref.WeakSet[RedisLaneConsumer] = weakref.WeakSet()
+        config = settings.redis
+        self.url: str = config.url
+        self.prefix: str = config.key_prefix
+        self.max_stream_length: int = config.max_stream_length
+        # Trim in steps rather than at every entry; 0 keeps small limits exact.
+        self.trim_slack: int = min(100, config.max_stream_length // 10)
+        self.partitions: int = settings.partition_count
+
+    @classmethod
+    def settings_from_url(cls, url: str) -> dict[str, Any]:
+        return {"redis": {"url": url}}
+
+    def lease_ttl(self) -> float:
+        return float(self.settings.redis.claim_timeout.total_seconds())
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def new_client(self, *, single: bool = False) -> aioredis.Redis:
+        """A client for this server: the shared pool, or one connection of its own (``single``)."""
+        try:
+            return aioredis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=5,
+                socket_timeout=15,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
+                single_connection_client=single,
+                client_name="msgbroker",
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid redis url {redacted(self.url)!r}: {exc}") from exc
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise BrokerClosedError("the redis broker connection is closed")
+        return self._redis
+
+    def script(self, name: str) -> AsyncScript:
+        return self._scripts[name]
+
+    async def connect(self) -> None:
+        client = self.new_client()
+        try:
+            await client.ping()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            error = translate(exc, f"connecting to {redacted(self.url)}")
+            if isinstance(error, ConfigurationError):
+                raise error from exc
+            raise BrokerConnectionError(f"cannot connect to redis at {redacted(self.url)}: {exc}") from exc
+        self._redis = client
+        self._scripts = {
+            name: client.register_script(getattr(_scripts, name))
+            for name in _scripts.__all__
+        }
+
+    async def close(self) -> None:
+        consumers = list(self._consumers)
+        await asyncio.gather(*(c.stop(flush=True) for c in consumers), return_exceptions=True)
+        client, self._redis = self._redis, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def abort(self) -> None:
+        consumers = list(self._consumers)
+        await asyncio.gather(*(c.stop(flush=False) for c in consumers), return_exceptions=True)
+        client, self._redis = self._redis, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def ping(self) -> bool:
+        client = self._redis
+        if client is None:
+            return False
+        try:
+            return bool(await asyncio.wait_for(client.ping(), 2.0))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+
+    async def call(self, name: str, keys: Sequence[Any], args: Sequence[Any], doing: str,
+                   client: aioredis.Redis | None = None) -> Any:
+        """Run one script, mapping errors into msgbroker's tree."""
+        try:
+            return await self.script(name)(keys=list(keys), args=list(args), client=client or self.redis)
+        except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise translate(exc, doing) from exc
+
+    # -- topics --------------------------------------------------------------------------------
+
+    def keys(self, topic: str) -> topic_keys:
+        return topic_keys(self.prefix, topic)
+
+    def _refuse(self, topic: str, recorded: Any) -> ConfigurationError:
+        count = int(recorded) if recorded is not None else "?"
+        return ConfigurationError(
+            f"topic {topic!r} exists on redis with {count} partitions; this connection has "
+            f"partition_count={self.partitions} (keys under {self.keys(topic).base!r})"
+        )
+
+    async def check_topic(self, topic: str) -> None:
+        """Refuse a topic whose recorded partition count differs from ours (once per topic)."""
+        if topic in self._checked_topics:
+            return
+        recorded = await self.call("TOPIC_META", [self.keys(topic).meta], [self.partitions],
+                                   f"checking topic {topic!r}")
+        if recorded is None or int(recorded) != self.partitions:
+            raise self._refuse(topic, recorded)
+        self._checked_topics.add(topic)
+
+    async def create_groups(self, topic: str, group: str) -> None:
+        """Create ``group`` on every lane of ``topic`` at 0 and check the partition count."""
+        keys = self.keys(topic)
+        recorded = await self.call(
+            "CREATE_GROUPS", [keys.meta, *(keys.stream(p) for p in range(self.partitions))],
+            [group, self.partitions], f"creating group {group!r} on {topic!r}",
+        )
+        if recorded is None or int(recorded) != self.partitions:
+            raise self._refuse(topic, recorded)
+        self._checked_topics.add(topic)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        client = self.redis
+        for topic in {r.topic for r in records}:
+            await self.check_topic(topic)
+        window = max(1, int(dedup_window * 1000)) if dedup_window is not None else 0
+        lanes: dict[tuple[str, int], list[OutgoingRecord]] = {}
+        for record in records:
+            lanes.setdefault((record.topic, record.partition), []).append(record)
+        calls: list[tuple[list[str], list[Any]]] = []
+        for (topic, partition), lane in lanes.items():
+            keys = self.keys(topic)
+            for start in range(0, len(lane), PUBLISH_CHUNK):
+                chunk = lane[start:start + PUBLISH_CHUNK]
+                args: list[Any] = [self.max_stream_length, self.trim_slack, window]
+                for r in chunk:
+                    args += (r.message_id, r.key, _encode_headers(r.headers), r.body)
+                script_keys = [keys.stream(partition)]
+                if window:
+                    script_keys += [keys.dedup(r.message_id) for r in chunk]
+                calls.append((script_keys, args))
+        script = self.script("PUBLISH")
+        if len(calls) == 1:
+            try:
+                await script(keys=calls[0][0], args=calls[0][1], client=client)
+            except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+                raise self._publish_error(exc, 1, len(records)) from exc
+            return
+        try:
+            results = await self._pipelined(script, calls)
+        except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise self._publish_error(exc, len(calls), len(records)) from exc
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            error = self._publish_error(failed[0], len(calls), len(records))
+            if len(failed) < len(results) and isinstance(error, PublishFailedError):
+                # Some lanes were written, others not: the batch as a whole is indeterminate.
+                raise PublishIndeterminateError(f"{len(failed)} of {len(results)} lanes failed: {error}") from failed[0]
+            raise error from failed[0]
+
+    @staticmethod
+    def _publish_error(exc: BaseException, calls: int, count: int) -> MsgBrokerError:
+        if isinstance(exc, rex.ResponseError):
+            return PublishFailedError(f"redis refused the publish of {count} message(s): {exc}")
+        return PublishIndeterminateError(
+            f"publishing {count} message(s) to redis may or may not have happened: {translate(exc, 'publish')}"
+        )
+
+    async def _pipelined(self, script: AsyncScript, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run many calls of one script in one round trip; load it once if the server lost it."""
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            for i in todo:
+                keys, args = calls[i]
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            out = await pipe.execute(raise_on_error=False)
+            missing = []
+            for i, result in zip(todo, out, strict=True):
+                results[i] = result
+                if isinstance(result, rex.NoScriptError):
+                    missing.append(i)
+            if not missing:
+                break
+            await self.redis.script_load(script.script)
+            todo = missing
+        return results
+
+    # -- consuming -----------------------------------------------------------------------------
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        consumer = RedisLaneConsumer(self, topic, group, member_id)
+        self._consumers.add(consumer)
+        return consumer
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        # Acks this process buffered count as settled: make them visible first.
+        for consumer in list(self._consumers):
+            with contextlib.suppress(MsgBrokerError):
+                await consumer.flush_acks()
+        keys = self.keys(topic)
+        total = await self.call("PENDING", [keys.stream(p) for p in range(self.partitions)], [group],
+                                f"counting pending of {group!r} on {topic!r}")
+        return int(total)
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        try:
+            entries = await self.redis.xrange(self.keys(topic).dead(group), "-", "+")
+        except (rex.RedisError, OSError) as exc:
+            raise translate(exc, f"reading dead letters of {group!r} on {topic!r}") from exc
+        letters = []
+        for _entry_id, fields in entries:
+            at = _text(fields.get(b"t"))
+            letters.append(DeadLetter(
+                message_id=_text(fields.get(b"i")),
+                topic=topic,
+                group=group,
+                partition=int(fields.get(b"p", b"0")),
+                error=_text(fields.get(b"e")),
+                attempts=int(fields.get(b"a", b"0")),
+                headers=_headers(fields.get(b"h")),
+                payload=fields.get(b"b", b""),
+                partition_key=_text(fields.get(b"k")),
+                dead_lettered_at=datetime.fromisoformat(at) if at else datetime.now(UTC),
+            ))
+        return letters
+
+    async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        wanted = {m.encode() for m in message_ids}
+        key = self.keys(topic).dead(group)
+        try:
+            entries = await self.redis.xrange(key, "-", "+")
+            doomed = [entry_id for entry_id, fields in entries if fields.get(b"i") in wanted]
+            return int(await self.redis.xdel(key, *doomed)) if doomed else 0
+        except (rex.RedisError, OSError) as exc:
+            raise translate(exc, f"removing dead letters of {group!r} on {topic!r}") from exc
+
+    # -- membership and leases -----------------------------------------------------------------
+
+    async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
+        members = await self.call("HEARTBEAT", [self.keys(topic).members(group)], [member_id, int(ttl * 1000)],
+                                  f"heartbeat of {group!r} on {topic!r}")
+        return sorted(m.decode() for m in members)
+
+    async def leave(self, topic: str, group: str, member_id: str) -> None:
+        try:
+            await self.redis.zrem(self.keys(topic).members(group), member_id)
+        except (rex.RedisError, OSError) as exc:
+            raise translate(exc, f"leaving {group!r} on {topic!r}") from exc
+
+    async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
+        key = self.keys(lane.topic).lease(lane.group, lane.partition)
+        value = await self.call("ACQUIRE", [key], [member_id, uuid.uuid4().hex, max(1, int(ttl * 1000))],
+                                f"taking the lease of {lane.topic}[{lane.partition}]")
+        return value.decode() if value else None
+
+    async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
+        lanes = list(leases)
+        keys = [self.keys(lane.topic).lease(lane.group, lane.partition) for lane in lanes]
+        kept = await self.call("RENEW", keys, [max(1, int(ttl * 1000)), *(leases[lane] for lane in lanes)],
+                               "renewing leases")
+        return {lanes[int(i)] for i in kept}
+
+    async def release_lease(self, lane: Lane, token: str) -> None:
+        key = self.keys(lane.topic).lease(lane.group, lane.partition)
+        await self.call("RELEASE", [key], [token], f"releasing the lease of {lane.topic}[{lane.partition}]")
+
+
+class RedisLaneConsumer(LaneConsumer):
+    """One member's reader of one (topic, group): fenced reads and settles, buffered acks,
+    one blocking wait across all its lanes on a connection of its own."""
+
+    def __init__(self, transport: RedisTransport, topic: str, group: str, member_id: str) -> None:
+        self._transport = transport
+        self._topic = topic
+        self._group = group
+        self._member = member_id
+        self._keys = transport.keys(topic)
+        self._tokens: dict[int, str] = {}
+        self._cursors: dict[int, bytes] = {}
+        self._acks: dict[int, tuple[str, list[bytes]]] = {}
+        self._ack_count = 0
+        self._flush_lock = asyncio.Lock()
+        self._flusher: asyncio.Task[None] | None = None
+        self._reader: aioredis.Redis | None = None
+        self._reader_id: int | None = None
+        self._stopped = False
+
+    def _lane_keys(self, partition: int) -> list[str]:
+        keys = self._keys
+        return [keys.stream(partition), keys.lease(self._group, partition), keys.delay(self._group, partition)]
+
+    async def start(self, listener: AssignmentListener, partition: int | None) -> None:
+        await self._transport.create_groups(self._topic, self._group)
+        self._reader = self._transport.new_client(single=True)
+
+    async def open_lane(self, partition: int, lease: str | None) -> None:
+        self._tokens[partition] = lease or ""
+        self._cursors[partition] = b"0-0"  # the lane's unsettled history first
+
+    async def close_lane(self, partition: int) -> None:
+        try:
+            await self.flush_acks()
+        finally:
+            self._tokens.pop(partition, None)
+            self._cursors.pop(partition, None)
+            dropped = self._acks.pop(partition, None)
+            if dropped:
+                self._ack_count -= len(dropped[1])
+                log.warning("redis: %d ack(s) on %s[%d] could not be written; those messages will be redelivered",
+                            len(dropped[1]), self._topic, partition)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        lanes = [p for p in partitions if p in self._tokens]
+        if self._stopped or not lanes:
+            return []
+        deliveries, waits, more = await self._read(lanes, max_per_lane)
+        if deliveries or more or timeout <= 0 or wake.is_set() or self._stopped:
+            return deliveries
+        if not waits:  # every lane is fenced: the lease coordinator will notice
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
+            return []
+        if not await self._wait_for_entries(waits, timeout, wake):
+            return []
+        lanes = [p for p in lanes if p in self._tokens]
+        return (await self._read(lanes, max_per_lane))[0] if lanes and not self._stopped else []
+
+    async def _read(self, lanes: list[int], count: int) -> tuple[list[Delivery], dict[str, bytes], bool]:
+        reader = self._reader
+        if reader is None:
+            raise BrokerClosedError("the redis consumer is stopped")
+        keys: list[str] = []
+        args: list[Any] = [self._group, self._keys.meta, self._transport.partitions, count]
+        for p in lanes:
+            keys += self._lane_keys(p)
+            args += (str(p), self._tokens[p], self._cursors[p])
+        result = await self._transport.call("READ", keys, args, f"reading {self._topic} for {self._group}", reader)
+        deliveries: list[Delivery] = []
+        waits: dict[str, bytes] = {}
+        more = False
+        for partition, lane in zip(lanes, result, strict=True):
+            status = lane[0]
+            if status == b"fenced":
+                continue
+            if status == b"more":
+                more = True
+            items = lane[2:]
+            if not items:
+                if lane[1]:
+                    waits[self._keys.stream(partition)] = lane[1]
+                continue
+            if partition not in self._tokens:
+                continue  # closed meanwhile: what was read stays pending for the next owner
+            for i in range(0, len(items), 4):
+                entry_id, raw, count_, not_before = items[i:i + 4]
+                fields = _fields(raw)
+                deliveries.append(Delivery(
+                    partition=partition,
+                    message_id=_text(fields.get(b"i")),
+                    key=_text(fields.get(b"k")),
+                    headers=_headers(fields.get(b"h")),
+                    body=fields.get(b"b", b""),
+                    attempt=int(count_),
+                    position=entry_id,
+                    not_before=float(not_before) if not_before else None,
+                ))
+            self._cursors[partition] = items[-4]
+        return deliveries, waits, more
+
+    async def _wait_for_entries(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event) -> bool:
+        """Block (XREAD, no group state touched) until one of the lanes has a new entry, the
+        timeout passes, or ``wake`` is set (then the blocked read is cut short with CLIENT
+        UNBLOCK). True when an entry arrived."""
+        reader = self._reader
+        if reader is None:
+            return False
+        transport = self._transport
+        try:
+            if self._reader_id is None:
+                self._reader_id = int(await reader.client_id())
+            read = asyncio.ensure_future(reader.xread(dict(waits), count=1, block=max(1, int(timeout * 1000))))
+        except (rex.RedisError, OSError) as exc:
+            self._reader_id = None
+            raise translate(exc, f"waiting for {self._topic}") from exc
+        waker = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({read, waker}, return_when=asyncio.FIRST_COMPLETED)
+            if not read.done() and self._reader_id is not None:
+                try:
+                    if not await transport.redis.client_unblock(self._reader_id):
+                        self._reader_id = None  # reconnected since: learn the new id next time
+                except (rex.RedisError, OSError):
+                    pass
+            return bool(await read)
+        except (rex.RedisError, OSError) as exc:
+            self._reader_id = None
+            raise translate(exc, f"waiting for {self._topic}") from exc
+        finally:
+            waker.cancel()
+            if not read.done():
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def ack(self, delivery: Delivery) -> None:
+        partition = delivery.partition
+        token = self._tokens.get(partition)
+        if token is None:
+            log.warning("redis: ack of %s dropped: %s[%d] is not open here", delivery.message_id, self._topic,
+                        partition)
+            return
+        buffered = self._acks.get(partition)
+        if buffered is None or buffered[0] != token:
+            buffered = self._acks[partition] = (token, [])
+        buffered[1].append(delivery.position)
+        self._ack_count += 1
+        if self._ack_count >= ACK_BATCH:
+            with contextlib.suppress(MsgBrokerError):
+                await self.flush_acks()  # a failure leaves them buffered for the flusher
+        if self._ack_count and self._flusher is None and not self._stopped:
+            self._flusher = asyncio.create_task(self._flush_soon(), name=f"msgbroker-redis-acks-{self._topic}")
+
+    async def _flush_soon(self) -> None:
+        pause = ACK_LINGER
+        try:
+            while self._ack_count and not self._stopped:
+                await asyncio.sleep(pause)
+                try:
+                    await self.flush_acks()
+                    pause = ACK_LINGER
+                except MsgBrokerError as exc:
+                    pause = min(1.0, max(0.05, pause * 2))
+                    log.warning("redis: writing acks of %s failed (%s); again in %.2fs", self._topic, exc, pause)
+        finally:
+            self._flusher = None
+
+    async def flush_acks(self) -> None:
+        """Write the buffered acks now (fenced: acks of a lane whose lease is gone are dropped)."""
+        async with self._flush_lock:
+            if not self._acks:
+                return
+            batch, self._acks, self._ack_count = self._acks, {}, 0
+            partitions = list(batch)
+            keys: list[str] = []
+            args: list[Any] = [self._group]
+            for p in partitions:
+                token, ids = batch[p]
+                keys += self._lane_keys(p)
+                args += (token, len(ids), *ids)
+            try:
+                fenced = await self._transport.call("ACK", keys, args, f"acking on {self._topic}")
+            except MsgBrokerError:
+                for p, (token, ids) in batch.items():  # keep them, oldest first, for the next try
+                    current = self._acks.get(p)
+                    if current is not None and current[0] == token:
+                        current[1][:0] = ids
+                    elif current is None:
+                        self._acks[p] = (token, ids)
+                    self._ack_count += len(ids)
+                raise
+            for index in fenced:
+                p = partitions[int(index)]
+                log.warning("redis: %d ack(s) on %s[%d] dropped: this member no longer holds the lane "
+                            "(they will be redelivered to its owner)", len(batch[p][1]), self._topic, p)
+
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        partition = delivery.partition
+        token = self._tokens.get(partition)
+        if token is None:
+            return
+        result = await self._transport.call(
+            "RETRY", self._lane_keys(partition),
+            [self._group, str(partition), token, delivery.position, attempt, repr(not_before) if not_before else ""],
+            f"recording a retry on {self._topic}[{partition}]",
+        )
+        if int(result) < 0:
+            log.warning("redis: retry of %s not recorded: this member no longer holds %s[%d]",
+                        delivery.message_id, self._topic, partition)
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        partition = delivery.partition
+        token = self._tokens.get(partition)
+        if token is None:
+            return
+        transport = self._transport
+        dlq = transport.keys(f"{self._topic}.dlq")
+        headers = dict(letter.headers)
+        headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
+        pairs: list[Any] = [
+            "i", letter.message_id, "p", letter.partition, "e", letter.error, "a", letter.attempts,
+            "h", _encode_headers(letter.headers) or "{}", "b", letter.payload, "k", letter.partition_key,
+            "t", letter.dead_lettered_at.isoformat(),
+        ]
+        keys = [*self._lane_keys(partition), self._keys.dead(self._group), dlq.stream(partition), dlq.meta]
+        args: list[Any] = [self._group, token, delivery.position, transport.max_stream_length, transport.trim_slack,
+                           transport.partitions, len(pairs) // 2, *pairs,
+                           delivery.message_id, delivery.key, _encode_headers(headers), delivery.body]
+        result = await transport.call("DEAD_LETTER", keys, args, f"dead-lettering on {self._topic}[{partition}]")
+        if int(result) < 0:
+            log.warning("redis: dead letter of %s not written: this member no longer holds %s[%d] "
+                        "(its owner will handle it)", delivery.message_id, self._topic, partition)
+
+    async def stop(self, flush: bool) -> None:
+        if flush and not self._stopped:
+            try:
+                await self.flush_acks()
+            except MsgBrokerError as exc:
+                log.warning("redis: %d buffered ack(s) on %s could not be written (%s); those messages will "
+                            "be redelivered", self._ack_count, self._topic, exc)
+        self._stopped = True
+        self._acks.clear()
+        self._ack_count = 0
+        self._tokens.clear()
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and flusher is not asyncio.current_task():
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.aclose()
+
