@@ -77,9 +77,10 @@ class Producer:
         self._broker = broker
 
     def _record(self, topic: str, message: Message, headers: Mapping[str, str] | None) -> OutgoingRecord:
+        """Encode for a topic whose name was validated already."""
         settings = self._broker.settings
         limit = min(settings.max_message_bytes, self._broker.capabilities.max_message_bytes)
-        return encode(validate_name("topic", topic), message, settings.partition_count, limit, headers)
+        return encode(topic, message, settings.partition_count, limit, headers)
 
     def _dedup_window(self) -> float | None:
         settings = self._broker.settings
@@ -90,7 +91,7 @@ class Producer:
 
     async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
         """Publish one message; returns its message id once the broker confirmed it."""
-        record = self._record(topic, message, headers)
+        record = self._record(validate_name("topic", topic), message, headers)
         await self._broker._transport_open().publish([record], self._dedup_window())
         return record.message_id
 
@@ -98,6 +99,7 @@ class Producer:
         self, topic: str, messages: Sequence[Message], *, headers: Mapping[str, str] | None = None
     ) -> list[str]:
         """Publish many messages in one round trip where the broker allows; returns their ids."""
+        validate_name("topic", topic)
         records = [self._record(topic, m, headers) for m in messages]
         if records:
             await self._broker._transport_open().publish(records, self._dedup_window())

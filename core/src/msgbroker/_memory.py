@@ -241,9 +241,13 @@ class _MemoryConsumer(LaneConsumer):
         self._tokens: dict[int, str | None] = {}
         self._history: dict[int, deque[int]] = {}
         self._stopped = False
+        self._group_lanes: list[_GroupLane] | None = None
+        self._lane_ids = [Lane(topic, group, p) for p in range(transport._partitions)]
 
     def _lanes(self) -> list[_GroupLane]:
-        return self._transport.server.group_of(self._topic, self._group, self._transport._partitions)
+        if self._group_lanes is None:
+            self._group_lanes = self._transport.server.group_of(self._topic, self._group, self._transport._partitions)
+        return self._group_lanes
 
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         self._lanes()  # the group exists from its first subscribe, reading from the oldest entry
@@ -260,7 +264,11 @@ class _MemoryConsumer(LaneConsumer):
     def _fenced(self, partition: int) -> bool:
         if partition not in self._tokens:
             return True
-        return not self._transport.server.holds(Lane(self._topic, self._group, partition), self._tokens[partition])
+        token = self._tokens[partition]
+        if token is None:
+            return False
+        lease = self._transport.server.leases.get(self._lane_ids[partition])
+        return lease is None or lease.token != token
 
     def _delivery(self, entry: _Entry, partition: int, pending: _Pending) -> Delivery:
         return Delivery(partition, entry.message_id, entry.key, entry.headers, entry.body,

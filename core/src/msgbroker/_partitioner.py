@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 __all__ = ["murmur2", "partition_for"]
 
 _M = 0x5BD1E995
@@ -36,6 +38,7 @@ def murmur2(data: bytes) -> int:
     return h - 0x100000000 if h & 0x80000000 else h
 
 
+@lru_cache(maxsize=65536)  # hot keys (session+area) repeat; murmur2 in Python costs ~3 µs
 def partition_for(key: str, partition_count: int) -> int:
     """``(murmur2(utf8(key)) & 0x7fffffff) % partition_count`` — never Python's ``hash()``."""
     if partition_count < 1:

@@ -4,6 +4,8 @@ a name that is not built in, and a table of known providers to say what to insta
 from __future__ import annotations
 
 import sys
+import logging
+from importlib.metadata import entry_points
 
 import pluggy
 
@@ -14,6 +16,7 @@ from ._provider import Transport
 __all__ = ["KNOWN_PROVIDERS", "ProviderRegistry", "registry"]
 
 ENTRY_POINT_GROUP = "msgbroker.providers"
+log = logging.getLogger("msgbroker")
 
 # scheme -> (provider name, pip extra)
 KNOWN_PROVIDERS: dict[str, tuple[str, str]] = {
@@ -36,6 +39,7 @@ class ProviderRegistry:
         self.plugins.add_hookspecs(_hookspecs)
         self.plugins.register(_memory, name="msgbroker.memory")
         self._entry_points_loaded = False
+        self._broken: dict[str, str] = {}
         self._by_name: dict[str, type[Transport]] = {}
         self._collect()
 
@@ -64,9 +68,23 @@ class ProviderRegistry:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
-        self.plugins.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if self.plugins.has_plugin(ep.name) or self.plugins.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # one broken plugin must not hide the others
+                self._broken[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+                log.warning("msgbroker provider plugin %r failed to load (%s)", ep.name, self._broken[ep.name])
+                continue
+            self.plugins.register(plugin, name=ep.name)
         self.plugins.check_pending()
         self._collect()
+
+    def _broken_note(self) -> str:
+        if not self._broken:
+            return ""
+        return "; plugins that failed to load: " + ", ".join(f"{n} ({e})" for n, e in sorted(self._broken.items()))
 
     def names(self) -> list[str]:
         self.load_entry_points()
@@ -86,9 +104,11 @@ class ProviderRegistry:
         if extra:
             raise ProviderNotFoundError(
                 f"the {name!r} provider is not installed: pip install 'msgbroker[{extra}]' "
-                f"(the msgbroker-{extra} package) into {sys.prefix}"
+                f"(the msgbroker-{extra} package) into {sys.prefix}" + self._broken_note()
             )
-        raise ProviderNotFoundError(f"unknown provider {name!r}; installed providers: {', '.join(self.names())}")
+        raise ProviderNotFoundError(
+            f"unknown provider {name!r}; installed providers: {', '.join(self.names())}" + self._broken_note()
+        )
 
     def by_scheme(self, scheme: str) -> type[Transport]:
         scheme = scheme.lower()
@@ -105,6 +125,7 @@ class ProviderRegistry:
         raise ProviderNotFoundError(
             f"unknown URL scheme {scheme + '://'!r}; known schemes: "
             + ", ".join(s + "://" for s in self.schemes())
+            + self._broken_note()
         )
 
 
