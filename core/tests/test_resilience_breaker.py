@@ -6,7 +6,6 @@ import asyncio
 import logging
 
 import pytest
-
 from msgbroker import MsgBrokerError, PermanentError, TransientError
 from msgbroker.resilience import (
     BrokenCircuitError,

@@ -8,9 +8,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker import Broker, BrokerUnavailableError, Message, MessageContext, PermanentError
 from msgbroker.resilience import (
     CircuitState,
@@ -18,6 +17,7 @@ from msgbroker.resilience import (
     ResilienceSettings,
     ResilientMessageHandler,
 )
+from pydantic import Field
 
 TOPIC = "seat-lock-requests"
 GROUP = "seat-lock-workers"
@@ -25,7 +25,7 @@ GROUP = "seat-lock-workers"
 
 class SeatLockMessage(Message):
     session_id: str
-    seat_ids: list[str] = []
+    seat_ids: list[str] = Field(default_factory=list)
 
     @property
     def partition_key(self) -> str:
@@ -40,21 +40,18 @@ class FakeClock:
         return self.now
 
 
-async def eventually(condition: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` seconds."""
-    async def poll() -> None:
-        while True:
-            result = condition()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.01)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        pytest.fail(f"condition not met within {timeout}s")
+async def eventually(condition: Callable[[], Awaitable[bool] | bool], within: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"condition not met within {within}s")
 
 
 def fast_settings(**overrides: Any) -> ResilienceSettings:

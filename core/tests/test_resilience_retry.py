@@ -10,7 +10,6 @@ from datetime import timedelta
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from msgbroker import BrokerConnectionError, PermanentError, TransientError
 from msgbroker.resilience import (
     BrokenCircuitError,
@@ -67,8 +66,9 @@ def test_every_delay_is_the_capped_backoff_within_the_jitter_factor(
     retry_delay: float, extra: float, exponential: bool, jitter: float, retry: int, draw: float
 ) -> None:
     max_retry_delay = retry_delay + extra
-    backoff = JitteredBackoff(retry_delay, max_retry_delay, exponential=exponential, jitter_factor=jitter,
-                              random=lambda: draw)
+    backoff = JitteredBackoff(
+        retry_delay, max_retry_delay, exponential=exponential, jitter_factor=jitter, random=lambda: draw
+    )
     base = min(retry_delay * 2.0 ** min(retry - 1, 60), max_retry_delay) if exponential else retry_delay
     delay = backoff.delay(retry)
     assert backoff.base_delay(retry) == pytest.approx(base)
@@ -128,7 +128,10 @@ async def test_gives_up_after_max_retry_attempts_and_reraises_the_last_error(cap
         await policy.call(flaky, context=context)
     assert flaky.calls == 3
     assert len(sleep.delays) == 2
-    assert "CallExternalService (message 123 on my-topic): attempt 1 of 3 failed (TimeoutError: slow); retrying in" in caplog.text
+    assert (
+        "CallExternalService (message 123 on my-topic): attempt 1 of 3 failed (TimeoutError: slow); retrying in"
+        in caplog.text
+    )
     assert "attempt 2 of 3 failed" in caplog.text
     assert "giving up after 3 attempt(s)" in caplog.text
 
@@ -170,18 +173,19 @@ async def test_cancellation_inside_the_call_is_not_retried() -> None:
 
 async def test_cancelling_the_task_during_the_backoff_stops_retrying() -> None:
     policy = RetryPolicy(max_retry_attempts=5, backoff=JitteredBackoff(3600, 3600, jitter_factor=0))
-    flaky = Flaky(10, BrokerConnectionError("down"))
-    task = asyncio.create_task(policy.call(flaky))
+    attempted = asyncio.Event()
 
-    async def first_attempt_made() -> None:
-        while flaky.calls < 1:
-            await asyncio.sleep(0.001)
+    async def down() -> None:
+        attempted.set()
+        raise BrokerConnectionError("down")
 
-    await asyncio.wait_for(first_attempt_made(), 5)
+    task = asyncio.create_task(policy.call(down))
+    await asyncio.wait_for(attempted.wait(), 5)
+    attempted.clear()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert flaky.calls == 1
+    assert not attempted.is_set()  # no second attempt
 
 
 async def test_zero_retry_attempts_makes_one_attempt() -> None:

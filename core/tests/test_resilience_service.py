@@ -6,7 +6,6 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-
 from msgbroker import BrokerUnavailableError, PermanentError
 from msgbroker.resilience import (
     BrokenCircuitError,
@@ -88,7 +87,8 @@ async def test_a_hanging_attempt_times_out_as_a_transient_failure_and_is_retried
         await asyncio.Event().wait()
 
     context = ResilienceContext(operation_name="CallExternalService", message_id="123", topic="my-topic")
-    with pytest.raises(TimeoutError, match=r"CallExternalService \(message 123 on my-topic\) did not finish within 0.02s"):
+    expected = r"CallExternalService \(message 123 on my-topic\) did not finish within 0.02s"
+    with pytest.raises(TimeoutError, match=expected):
         await service.execute(hang, context=context)
     assert attempts == 2
 
@@ -163,8 +163,9 @@ async def test_cancelling_execute_propagates_and_leaves_the_breaker_alone() -> N
 
 
 async def test_without_the_breaker_calls_keep_going_through() -> None:
-    service = ResilienceService(fast(max_retry_attempts=0, enable_circuit_breaker=False,
-                                     circuit_breaker_minimum_throughput=1))
+    service = ResilienceService(
+        fast(max_retry_attempts=0, enable_circuit_breaker=False, circuit_breaker_minimum_throughput=1)
+    )
     assert service.circuit_breaker is None
     attempts = 0
 

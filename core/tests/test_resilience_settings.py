@@ -7,7 +7,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from msgbroker import ConfigurationError
 from msgbroker.resilience import ResilienceSettings
 
@@ -74,22 +73,27 @@ def test_the_seed_appsettings_json_loads_unchanged(seed_appsettings: Path) -> No
 
 def test_every_key_of_the_resilience_section_is_read(tmp_path: Path) -> None:
     path = tmp_path / "appsettings.json"
-    path.write_text(json.dumps({
-        "MessageBroker": {"PartitionCount": 8},
-        "Resilience": {
-            "MaxRetryAttempts": 5,
-            "RetryDelay": "00:00:00.250",
-            "MaxRetryDelay": "00:02:00",
-            "UseExponentialBackoff": False,
-            "JitterFactor": 0.1,
-            "EnableCircuitBreaker": False,
-            "CircuitBreakerFailureRatio": 0.75,
-            "CircuitBreakerDuration": "00:00:45",
-            "CircuitBreakerSamplingDuration": "00:05:00",
-            "CircuitBreakerMinimumThroughput": 20,
-            "Timeout": "00:00:10",
-        },
-    }), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "MessageBroker": {"PartitionCount": 8},
+                "Resilience": {
+                    "MaxRetryAttempts": 5,
+                    "RetryDelay": "00:00:00.250",
+                    "MaxRetryDelay": "00:02:00",
+                    "UseExponentialBackoff": False,
+                    "JitterFactor": 0.1,
+                    "EnableCircuitBreaker": False,
+                    "CircuitBreakerFailureRatio": 0.75,
+                    "CircuitBreakerDuration": "00:00:45",
+                    "CircuitBreakerSamplingDuration": "00:05:00",
+                    "CircuitBreakerMinimumThroughput": 20,
+                    "Timeout": "00:00:10",
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
     assert ResilienceSettings.from_file(path).model_dump() == {
         "max_retry_attempts": 5,
         "retry_delay": timedelta(milliseconds=250),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 from msgbroker.resilience import ResilienceContext, ResilienceService, ResilienceSettings
 
@@ -36,7 +37,9 @@ class MyService:
 async def main() -> str:
     """Run ``do_work`` once and return its result."""
     # Short delays for the demo; defaults (or appsettings.json) give 1 s, 2 s, 4 s ... capped at 30 s.
-    resilience = ResilienceService(ResilienceSettings(retry_delay=0.01, max_retry_delay=0.1))
+    resilience = ResilienceService(
+        ResilienceSettings(retry_delay=timedelta(milliseconds=10), max_retry_delay=timedelta(milliseconds=100))
+    )
     service = MyService(resilience)
     result = await service.do_work()
     print(f"{result} after {service.calls} calls")

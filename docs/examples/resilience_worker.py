@@ -10,10 +10,12 @@ import asyncio
 import logging
 import sys
 import uuid
+from datetime import timedelta
 
 import msgbroker
 from msgbroker import BrokerUnavailableError, Consumer, Message, MessageContext, Subscription
 from msgbroker.resilience import ResilienceService, ResilienceSettings, ResilientMessageHandler
+from pydantic import Field
 
 
 class SeatLockMessage(Message):
@@ -21,7 +23,7 @@ class SeatLockMessage(Message):
 
     session_id: uuid.UUID
     area_id: uuid.UUID
-    seat_ids: list[str] = []
+    seat_ids: list[str] = Field(default_factory=list)
 
     @property
     def partition_key(self) -> str:
@@ -67,21 +69,21 @@ class SeatLockWorker:
 async def main(url: str = "memory://", requests: int = 5) -> list[str]:
     """Publish ``requests`` seat-lock requests, let the worker handle them, return the locked seats."""
     # Short delays for the demo; a real worker uses ResilienceSettings.from_file("appsettings.json").
-    settings = ResilienceSettings(retry_delay=0.01, max_retry_delay=0.1)
+    settings = ResilienceSettings(retry_delay=timedelta(milliseconds=10), max_retry_delay=timedelta(milliseconds=100))
     seats = SeatLockService()
     async with msgbroker.connect(url, partition_count=8) as broker:
         worker = SeatLockWorker(broker.consumer, ResilientMessageHandler(ResilienceService(settings)), seats)
         subscription = await worker.start()
         session = uuid.uuid4()
         for n in range(requests):
-            await broker.publish("seat-lock-requests",
-                                 SeatLockMessage(session_id=session, area_id=uuid.uuid4(), seat_ids=[f"A{n}"]))
+            await broker.publish(
+                "seat-lock-requests", SeatLockMessage(session_id=session, area_id=uuid.uuid4(), seat_ids=[f"A{n}"])
+            )
 
-        async def all_handled() -> None:
-            while await broker.pending_count("seat-lock-requests", "seat-lock-workers"):
+        async with asyncio.timeout(30):  # wait until the group has settled every request
+            # The broker has no "all settled" notification to wait on, so poll it (hence the noqa).
+            while await broker.pending_count("seat-lock-requests", "seat-lock-workers") > 0:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(all_handled(), 30)
         await subscription.close()
     print(f"locked {sorted(seats.locked)}")
     return seats.locked
@@ -89,4 +91,4 @@ async def main(url: str = "memory://", requests: int = 5) -> list[str]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    asyncio.run(main(*sys.argv[1:2]))
+    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else "memory://"))

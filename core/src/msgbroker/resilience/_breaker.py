@@ -217,8 +217,14 @@ class CircuitBreaker:
             self._listeners.append(on_state_change)
 
     @classmethod
-    def from_settings(cls, settings: ResilienceSettings, *, clock: Clock = time.monotonic,
-                      name: str = "circuit", on_state_change: StateListener | None = None) -> CircuitBreaker:
+    def from_settings(
+        cls,
+        settings: ResilienceSettings,
+        *,
+        clock: Clock = time.monotonic,
+        name: str = "circuit",
+        on_state_change: StateListener | None = None,
+    ) -> CircuitBreaker:
         """A breaker configured by the ``circuit_breaker_*`` keys of ``settings``."""
         return cls(
             failure_ratio=settings.circuit_breaker_failure_ratio,
@@ -274,8 +280,11 @@ class CircuitBreaker:
             # that a hanging call cannot keep the breaker half-open forever.
             self._trial = permit = CircuitPermit(True, context)
             self._blocked_until = now + self.break_duration
-            log.debug("msgbroker.resilience: circuit %s is half-open; %s is the trial call", self.name,
-                     context.describe() if context else "a call")
+            log.debug(
+                "msgbroker.resilience: circuit %s is half-open; %s is the trial call",
+                self.name,
+                context.describe() if context else "a call",
+            )
             return permit
         retry_after = max(0.0, self._blocked_until - now)
         what = "open" if state is CircuitState.OPEN else "half-open with its trial call under way"
@@ -320,8 +329,7 @@ class CircuitBreaker:
         else:
             self.record_success(permit)  # the dependency answered; the input was bad
 
-    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any,
-                   context: ResilienceContext | None = None) -> T:
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any, context: ResilienceContext | None = None) -> T:
         """Run ``await fn(*args)`` through the breaker."""
         permit = self.acquire(context)
         try:
@@ -334,13 +342,20 @@ class CircuitBreaker:
 
     # -- transitions -------------------------------------------------------------------------
 
-    def _open(self, context: ResilienceContext | None, error: BaseException | None,
-              health: CircuitHealth | None) -> None:
+    def _open(
+        self, context: ResilienceContext | None, error: BaseException | None, health: CircuitHealth | None
+    ) -> None:
         self._blocked_until = self._clock() + self.break_duration
         self._transition(CircuitState.OPEN, context, error=error, health=health)
 
-    def _transition(self, state: CircuitState, context: ResilienceContext | None, *,
-                    error: BaseException | None = None, health: CircuitHealth | None = None) -> None:
+    def _transition(
+        self,
+        state: CircuitState,
+        context: ResilienceContext | None,
+        *,
+        error: BaseException | None = None,
+        health: CircuitHealth | None = None,
+    ) -> None:
         previous, self._state = self._state, state
         if state is CircuitState.CLOSED:
             self._blocked_until = 0.0
@@ -355,10 +370,18 @@ class CircuitBreaker:
             context=context,
         )
         if state is CircuitState.OPEN:
-            why = (f"{health.failures} of {health.throughput} calls failed" if health is not None
-                   else "the half-open trial call failed")
-            log.warning("msgbroker.resilience: circuit %s opened for %.3fs: %s; last error: %r", self.name,
-                        self.break_duration, why, error)
+            why = (
+                f"{health.failures} of {health.throughput} calls failed"
+                if health is not None
+                else "the half-open trial call failed"
+            )
+            log.warning(
+                "msgbroker.resilience: circuit %s opened for %.3fs: %s; last error: %r",
+                self.name,
+                self.break_duration,
+                why,
+                error,
+            )
         elif state is CircuitState.HALF_OPEN:
             log.info("msgbroker.resilience: circuit %s is half-open: the next call is a trial", self.name)
         else:

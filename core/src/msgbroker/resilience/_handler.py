@@ -9,8 +9,8 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .._message import Message, MessageContext
 from .._errors import is_transient
+from .._message import Message, MessageContext
 from ._breaker import BrokenCircuitError
 from ._context import ResilienceContext
 from ._service import ResilienceService
@@ -50,22 +50,34 @@ class ResilientMessageHandler:
             await self.service.execute(fn, ctx.message, context=context)
         except BrokenCircuitError as exc:
             if ctx.settled is None:
-                log.info("msgbroker.resilience: %s: circuit open, delaying the message %.3fs (attempt %d)",
-                         context.describe(), exc.retry_after, ctx.delivery_attempt)
+                log.info(
+                    "msgbroker.resilience: %s: circuit open, delaying the message %.3fs (attempt %d)",
+                    context.describe(),
+                    exc.retry_after,
+                    ctx.delivery_attempt,
+                )
                 await ctx.delay(exc.retry_after)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if ctx.settled is not None:
-                log.warning("msgbroker.resilience: %s failed after it was settled (%s): %r",
-                            context.describe(), ctx.settled, exc)
+                log.warning(
+                    "msgbroker.resilience: %s failed after it was settled (%s): %r",
+                    context.describe(),
+                    ctx.settled,
+                    exc,
+                )
             elif is_transient(exc):
-                log.info("msgbroker.resilience: %s: transient failure left after retries, requeued "
-                         "(delivery attempt %d): %r", context.describe(), ctx.delivery_attempt, exc)
+                log.info(
+                    "msgbroker.resilience: %s: transient failure left after retries, requeued "
+                    "(delivery attempt %d): %r",
+                    context.describe(),
+                    ctx.delivery_attempt,
+                    exc,
+                )
                 await ctx.nak(requeue=True, error=exc)
             else:
-                log.warning("msgbroker.resilience: %s: permanent failure, dead-lettering: %r",
-                            context.describe(), exc)
+                log.warning("msgbroker.resilience: %s: permanent failure, dead-lettering: %r", context.describe(), exc)
                 await ctx.nak(requeue=False, error=exc)
         else:
             if ctx.settled is None:

@@ -69,7 +69,9 @@ class JitteredBackoff(wait_base):
         self._random = random
 
     @classmethod
-    def from_settings(cls, settings: ResilienceSettings, *, random: Callable[[], float] = random.random) -> JitteredBackoff:
+    def from_settings(
+        cls, settings: ResilienceSettings, *, random: Callable[[], float] = random.random
+    ) -> JitteredBackoff:
         """The backoff ``settings`` describe."""
         return cls(
             settings.retry_delay,
@@ -179,9 +181,15 @@ class RetryPolicy:
             error = state.outcome.exception() if state.outcome is not None else None
             delay = state.next_action.sleep if state.next_action is not None else 0.0
             assert error is not None  # tenacity sleeps only after a failed attempt
-            log.info("msgbroker.resilience: %s: attempt %d of %d failed (%s: %s); retrying in %.3fs",
-                     context.describe(), state.attempt_number, self.max_attempts, type(error).__name__,
-                     error, delay)
+            log.info(
+                "msgbroker.resilience: %s: attempt %d of %d failed (%s: %s); retrying in %.3fs",
+                context.describe(),
+                state.attempt_number,
+                self.max_attempts,
+                type(error).__name__,
+                error,
+                delay,
+            )
             event = RetryEvent(context, state.attempt_number, self.max_attempts, delay, error)
             for listener in list(self._listeners):
                 try:
@@ -212,6 +220,11 @@ class RetryPolicy:
             return await self.retrying(context)(attempt)
         except Exception as exc:
             if self._should_retry(exc) and attempts >= self.max_attempts:
-                log.warning("msgbroker.resilience: %s: giving up after %d attempt(s): %s: %s",
-                            context.describe(), attempts, type(exc).__name__, exc)
+                log.warning(
+                    "msgbroker.resilience: %s: giving up after %d attempt(s): %s: %s",
+                    context.describe(),
+                    attempts,
+                    type(exc).__name__,
+                    exc,
+                )
             raise

@@ -84,8 +84,9 @@ class ResilienceService:
 
         return await self.retry_policy.call(attempt, context=context)
 
-    async def _within_timeout(self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...],
-                              context: ResilienceContext) -> T:
+    async def _within_timeout(
+        self, fn: Callable[..., Awaitable[T]], args: tuple[Any, ...], context: ResilienceContext
+    ) -> T:
         deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline:

@@ -32,7 +32,7 @@ class ResilienceSettings(_FileSettings):
     )
     _section: ClassVar[str | None] = "Resilience"
 
-    max_retry_attempts: int = Field(3, ge=0, le=1000)
+    max_retry_attempts: int = Field(default=3, ge=0, le=1000)
     """Retries after the first attempt (Polly's ``MaxRetryAttempts``): 3 means up to 4 attempts."""
     retry_delay: Duration = timedelta(seconds=1)
     """The delay before the first retry; the base of the exponential backoff."""
@@ -40,17 +40,17 @@ class ResilienceSettings(_FileSettings):
     """No retry waits longer than this, jitter included."""
     use_exponential_backoff: bool = True
     """Double the delay on each retry (``retry_delay * 2**(n-1)``); off: always ``retry_delay``."""
-    jitter_factor: float = Field(0.2, ge=0.0, le=1.0)
+    jitter_factor: float = Field(default=0.2, ge=0.0, le=1.0)
     """Each delay is multiplied by a random factor in ``[1 - jitter_factor, 1 + jitter_factor]``."""
     enable_circuit_breaker: bool = True
     """Whether calls go through the circuit breaker."""
-    circuit_breaker_failure_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    circuit_breaker_failure_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
     """The breaker opens when this share of the sampled calls failed."""
     circuit_breaker_duration: Duration = timedelta(seconds=30)
     """How long the breaker stays open before it lets one trial call through."""
     circuit_breaker_sampling_duration: Duration = timedelta(seconds=60)
     """The rolling window over which the failure ratio is measured."""
-    circuit_breaker_minimum_throughput: int = Field(10, ge=1)
+    circuit_breaker_minimum_throughput: int = Field(default=10, ge=1)
     """The breaker never opens while the window holds fewer calls than this."""
     timeout: Duration = timedelta(seconds=30)
     """The longest one attempt may run; it then fails with ``TimeoutError`` (transient)."""
