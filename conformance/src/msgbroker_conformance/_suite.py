@@ -1,0 +1,769 @@
+"""The contract cases: one per rule of SPEC §3 (and its parts), each small and bounded.
+
+Subclass :class:`ConformanceSuite` with a ``harness`` to run them all against a provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import timedelta
+from typing import Any, ClassVar
+
+import msgbroker
+from msgbroker import Message, MessageContext, OutgoingRecord, partition_for
+
+from ._cases import case, requires, requires_hook
+from ._harness import ConformanceHarness
+from ._support import ConformanceFailure, ConformanceMessage, Recorder, Scenario, Seen, keys_in_partition
+
+__all__ = ["ConformanceSuite"]
+
+WEIRD_HEADERS: dict[str, str] = {
+    "x-conformance-slashes": "a/b\\c//d",
+    "x-conformance-quotes": "'single' \"double\" `back`",
+    "x-conformance-unicode": "naïve – 日本語 – 🎫",
+    "x-conformance-ascii": "".join(chr(i) for i in range(32, 127)),
+    "x-conformance-tab": "a\tb",
+    "x-conformance-empty": "",
+    "x-conformance-spaces": "  padded  ",
+    "X-Conformance-Case": "MixedCase",
+}
+"""Header values that break naive encodings (Go CDK's weird strings, the printable part)."""
+
+
+class OpaqueMessage(Message):
+    """A message with a field pydantic cannot serialise (publishing it must fail at the call)."""
+
+    key: str = "opaque"
+    blob: Any = None
+
+
+def _ids(messages: list[ConformanceMessage]) -> list[str]:
+    return [str(m.message_id) for m in messages]
+
+
+def _missing(expected: set[str], got: set[str]) -> str:
+    lost = sorted(expected - got)
+    return f"{len(lost)} of {len(expected)} message(s) not handled, e.g. {lost[:3]}"
+
+
+class ConformanceSuite:
+    """The msgbroker contract (SPEC §3) as pytest tests.
+
+    Activate it in your provider's tests by subclassing with a harness::
+
+        class TestMyConformance(ConformanceSuite):
+            harness = MyHarness()
+
+    Each case gets a fresh namespace and unique topic/group names; cases whose capability the
+    provider declares missing are skipped naming it; nothing else is ever skipped.
+    """
+
+    harness: ClassVar[ConformanceHarness | None] = None
+
+    # -- §2/§3 basics ---------------------------------------------------------------------------
+
+    @case("core")
+    async def test_round_trip_keeps_every_field(self, s: Scenario) -> None:
+        """Payload, ids, correlation id, timestamps, headers, key, partition and attempt arrive
+        exactly as published (single and batch publish)."""
+        broker = await s.connect(partition_count=4)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        single = ConformanceMessage(key="clé/ключ 🎫", seq=1, text="x" * 2000 + " ünïcödé", tags=["a", "", "ß"],
+                                    correlation_id="corr-1")
+        batch = [ConformanceMessage(key=f"batch-{i}", seq=i, text=f"b{i}") for i in range(3)]
+        first = await broker.publish(topic, single, headers=WEIRD_HEADERS)
+        assert first == str(single.message_id), "publish must return the message id"
+        ids = await broker.publish_batch(topic, batch, headers={"x-conformance-batch": "yes"})
+        assert ids == _ids(batch), "publish_batch must return the ids in order"
+        expected = {str(m.message_id): (m, h) for m, h in
+                    [(single, WEIRD_HEADERS), *((m, {"x-conformance-batch": "yes"}) for m in batch)]}
+        await s.eventually(lambda: rec.acked_ids() >= set(expected), lambda: _missing(set(expected), rec.acked_ids()))
+        for seen in rec.seen:
+            original, headers = expected[seen.message_id]
+            assert seen.message == original, f"payload changed in transit: {seen.message!r} != {original!r}"
+            assert seen.attempt == 1, f"first delivery must have delivery_attempt 1, got {seen.attempt}"
+            assert seen.partition == partition_for(original.partition_key, 4), (
+                f"message with key {original.partition_key!r} arrived on partition {seen.partition}, the partitioner "
+                f"says {partition_for(original.partition_key, 4)}"
+            )
+            for name, value in headers.items():
+                assert seen.headers.get(name) == value, (
+                    f"header {name!r}={value!r} arrived as {seen.headers.get(name)!r}"
+                )
+        assert len(rec.seen) == len(expected), f"{len(rec.seen)} deliveries for {len(expected)} messages"
+
+    @case("core")
+    async def test_handler_return_acks_and_raise_retries(self, s: Scenario) -> None:
+        """Returning without settling acks; raising naks with requeue; settling twice raises."""
+        broker = await s.connect(max_retry_attempts=5)
+        topic, group = s.topic(), s.group()
+
+        async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.seq == 1 and seen.attempt == 1:
+                raise RuntimeError("conformance: fail once")
+            if seen.seq == 2:
+                await ctx.ack()
+                try:
+                    await ctx.ack()
+                except msgbroker.AlreadySettledError:
+                    rec.errors.append(msgbroker.AlreadySettledError("expected"))
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage)
+        await broker.publish_batch(topic, [ConformanceMessage(key="one", seq=i) for i in range(4)])
+        await s.eventually(lambda: len(rec.acked()) >= 4, lambda: f"handled so far: {rec.trace()}")
+        assert rec.trace() == [(0, 1), (1, 1), (1, 2), (2, 1), (3, 1)], (
+            f"expected (seq, attempt) [(0,1), (1,1), (1,2), (2,1), (3,1)], got {rec.trace()}"
+        )
+        assert len(rec.errors) == 1, "acking twice must raise AlreadySettledError"
+
+    @case("core")
+    async def test_health_reports_the_connection(self, s: Scenario) -> None:
+        """``is_healthy`` is True while connected, False after close, and never raises."""
+        broker = await s.connect()
+        assert await broker.is_healthy() is True, "a fresh connection must be healthy"
+        await broker.close()
+        assert await broker.is_healthy() is False, "a closed broker must not be healthy"
+        try:
+            await broker.publish(s.topic(), ConformanceMessage(key="k"))
+        except msgbroker.BrokerClosedError:
+            pass
+        else:
+            raise ConformanceFailure("publish on a closed broker must raise BrokerClosedError")
+
+    # -- §3.4 consumer groups -------------------------------------------------------------------
+
+    @case("core")
+    async def test_every_group_gets_every_message(self, s: Scenario) -> None:
+        """Three groups on one topic each handle every message published after they subscribed."""
+        broker = await s.connect(partition_count=4)
+        topic = s.topic()
+        recorders = {s.group(f"g{i}"): Recorder() for i in range(3)}
+        for group, rec in recorders.items():
+            await broker.subscribe(topic, group, rec.handler(group), message_type=ConformanceMessage)
+        messages = [ConformanceMessage(key=f"k{i % 5}", seq=i) for i in range(20)]
+        await broker.publish_batch(topic, messages)
+        wanted = set(_ids(messages))
+        for group, rec in recorders.items():
+            await s.eventually(lambda rec=rec: rec.acked_ids() >= wanted,
+                               lambda rec=rec, group=group: f"group {group}: {_missing(wanted, rec.acked_ids())}")
+        for group, rec in recorders.items():
+            assert len(rec.seen) == len(wanted), f"group {group} handled {len(rec.seen)} deliveries for 20 messages"
+
+    @requires("retains_before_group")
+    @case("semantics")
+    async def test_a_new_group_gets_the_retained_backlog(self, s: Scenario) -> None:
+        """A group that subscribes after the producer published still gets those messages."""
+        broker = await s.connect(partition_count=4)
+        topic, group = s.topic(), s.group()
+        messages = [ConformanceMessage(key=f"k{i % 3}", seq=i) for i in range(10)]
+        await broker.publish_batch(topic, messages)
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        wanted = set(_ids(messages))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()))
+
+    @case("core")
+    async def test_each_message_goes_to_one_member_of_a_group(self, s: Scenario) -> None:
+        """With three members in a group and no faults, every message is handled exactly once,
+        by one member, and (with competing consumers) every member gets a share."""
+        count = 6
+        brokers = [await s.connect(partition_count=count) for _ in range(3)]
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        subs = [await b.subscribe(topic, group, rec.handler(f"m{i}"), message_type=ConformanceMessage)
+                for i, b in enumerate(brokers)]
+        await _wait_spread(s, brokers[0], subs, count)
+        keys = [k for p in range(count) for k in keys_in_partition(p, count, 2, prefix=f"p{p}")]
+        messages = [ConformanceMessage(key=k, seq=n) for n in range(3) for k in keys]
+        await brokers[0].publish_batch(topic, messages)
+        wanted = set(_ids(messages))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()))
+        dupes = [(mid, [x.member for x in rec.of(mid)]) for mid in wanted if len(rec.of(mid)) > 1]
+        assert not dupes, f"without faults, messages were handled more than once in one group: {dupes[:3]}"
+        rec.assert_no_overlap()
+        if s.capabilities.competing_consumers and brokers[0].transport.ASSIGNMENT != "shared":
+            idle = [f"m{i}" for i in range(3) if not rec.by_member(f"m{i}")]
+            assert not idle, f"members {idle} got no messages although each holds partitions"
+
+    # -- §3.3 order -----------------------------------------------------------------------------
+
+    @case("core")
+    async def test_order_per_partition_under_concurrency(self, s: Scenario) -> None:
+        """Many keys published concurrently to two members: each key's messages are handled in
+        publish order, and no two handlers of one partition ever overlap."""
+        count = 8
+        brokers = [await s.connect(partition_count=count) for _ in range(2)]
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        rng = s.rng
+
+        async def jitter(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if rng.random() < 0.3:
+                await asyncio.sleep(rng.random() * 0.003)
+
+        subs = [await b.subscribe(topic, group, rec.handler(f"m{i}", jitter), message_type=ConformanceMessage)
+                for i, b in enumerate(brokers)]
+        await _wait_spread(s, brokers[0], subs, count)
+        keys = [f"key-{i}" for i in range(16)]
+        per_key = 5
+
+        async def produce(key: str) -> None:
+            for seq in range(per_key):
+                await brokers[seq % 2].publish(topic, ConformanceMessage(key=key, seq=seq))
+
+        await asyncio.gather(*(produce(k) for k in keys))
+        await s.eventually(lambda: len({(x.key, x.seq) for x in rec.acked()}) >= len(keys) * per_key,
+                           lambda: f"{len(rec.acked())} of {len(keys) * per_key} handled")
+        for key in keys:
+            trace = [seq for seq, _ in rec.trace(key)]
+            assert trace == sorted(trace) and sorted(set(trace)) == list(range(per_key)), (
+                f"key {key!r} handled out of order: seq {trace}"
+            )
+            parts = {x.partition for x in rec.seen if x.key == key}
+            assert parts == {partition_for(key, count)}, f"key {key!r} arrived on partitions {parts}"
+        rec.assert_no_overlap()
+
+    @case("core")
+    async def test_nak_requeue_holds_the_partition_and_redelivers_first(self, s: Scenario) -> None:
+        """A nak(requeue=True) message comes back (attempt + 1) before anything after it in its
+        partition."""
+        broker = await s.connect(max_retry_attempts=5)
+        topic, group = s.topic(), s.group()
+
+        async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.key == "held" and seen.seq == 0 and seen.attempt < 3:
+                await ctx.nak(requeue=True)
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage)
+        await broker.publish_batch(topic, [ConformanceMessage(key="held", seq=i) for i in range(3)])
+        await s.eventually(lambda: len(rec.acked()) >= 3, lambda: f"handled so far: {rec.trace()}")
+        assert rec.trace("held") == [(0, 1), (0, 2), (0, 3), (1, 1), (2, 1)], (
+            f"expected (seq, attempt) [(0,1), (0,2), (0,3), (1,1), (2,1)], got {rec.trace('held')}"
+        )
+
+    @case("core")
+    async def test_nak_without_requeue_dead_letters(self, s: Scenario) -> None:
+        """nak(requeue=False) dead-letters at once with the error; it is never redelivered and
+        the partition goes on."""
+        broker = await s.connect()
+        topic, group = s.topic(), s.group()
+
+        async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.seq == 0:
+                await ctx.nak(requeue=False, error="rejected by the conformance suite")
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage)
+        first, second = ConformanceMessage(key="k", seq=0), ConformanceMessage(key="k", seq=1)
+        await broker.publish_batch(topic, [first, second], headers={"x-conformance": "nak"})
+        await s.eventually(lambda: str(second.message_id) in rec.acked_ids(), lambda: f"trace {rec.trace()}")
+        letters = await _eventually_letters(s, broker, topic, group, 1)
+        letter = letters[0]
+        assert letter.message_id == str(first.message_id), f"dead letter {letter.message_id} is not the naked message"
+        assert "rejected by the conformance suite" in letter.error, f"dead letter error {letter.error!r}"
+        assert letter.attempts == 1, f"dead letter after one delivery says attempts={letter.attempts}"
+        assert letter.headers.get("x-conformance") == "nak", f"original headers lost: {dict(letter.headers)}"
+        assert rec.trace() == [(0, 1), (1, 1)], f"a naked-without-requeue message came back: {rec.trace()}"
+        if s.capabilities.pending_count_exact:
+            await s.eventually(lambda: _pending_is(broker, topic, group, 0), "pending_count to reach 0")
+
+    @requires("delay")
+    @case("semantics")
+    async def test_delay_redelivers_no_earlier_and_holds_the_partition(self, s: Scenario) -> None:
+        """ctx.delay(d) redelivers not before d has passed (attempt + 1) and nothing after it in
+        its partition is handled meanwhile."""
+        broker = await s.connect()
+        topic, group = s.topic(), s.group()
+        delay = 0.3
+        asked: dict[str, float] = {}
+
+        async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.seq == 0 and seen.attempt == 1:
+                asked[seen.message_id] = time.time()
+                await ctx.delay(delay)
+            elif seen.seq == 1 and seen.attempt == 1:
+                asked[seen.message_id] = time.time()
+                await ctx.delay(timedelta(seconds=delay))
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage)
+        await broker.publish_batch(topic, [ConformanceMessage(key="k", seq=i) for i in range(3)])
+        await s.eventually(lambda: len(rec.acked()) >= 3, lambda: f"handled so far: {rec.trace()}")
+        assert rec.trace() == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1)], (
+            f"expected (seq, attempt) [(0,1), (0,2), (1,1), (1,2), (2,1)], got {rec.trace()}"
+        )
+        for seen in rec.seen:
+            if seen.attempt == 2:
+                early = asked[seen.message_id] + delay - seen.at
+                assert early <= 0.005, f"message {seen.seq} was redelivered {early:.3f}s before its delay of {delay}s"
+
+    # -- §3.5 attempts and dead letters ---------------------------------------------------------
+
+    @requires("redelivery_on_crash", "kill_member")
+    @case("semantics")
+    async def test_delivery_attempt_counts_a_delivery_to_a_member_that_died(self, s: Scenario) -> None:
+        """A member dies (abort) mid-message: another member gets it with delivery_attempt 2,
+        and what followed it in the partition after it."""
+        first_broker = await s.connect(partition_count=1)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        stuck = asyncio.Event()
+
+        async def hang(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            await stuck.wait()  # never set: this member dies holding the message
+
+        await first_broker.subscribe(topic, group, rec.handler("dying", hang), message_type=ConformanceMessage)
+        messages = [ConformanceMessage(key="k", seq=i) for i in range(3)]
+        await first_broker.publish_batch(topic, messages)
+        await s.eventually(lambda: rec.by_member("dying"), "the first member to receive the message")
+        survivor = await s.connect(partition_count=1)
+        await survivor.subscribe(topic, group, rec.handler("survivor"), message_type=ConformanceMessage)
+        await first_broker.abort()
+        wanted = set(_ids(messages))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()),
+                           timeout=s.failover_timeout())
+        taken_over = [x for x in rec.by_member("survivor") if x.seq == 0]
+        assert taken_over and taken_over[0].attempt == 2, (
+            f"the message the dead member held came back with delivery_attempt "
+            f"{[x.attempt for x in taken_over]}, expected 2"
+        )
+        assert [x.seq for x in rec.by_member("survivor")][:3] == [0, 1, 2], "order lost on failover"
+
+    @case("core")
+    async def test_max_attempts_dead_letters_with_error_attempts_and_headers(self, s: Scenario) -> None:
+        """A message that always fails is handled max_retry_attempts times, then goes to
+        ``<topic>.dlq`` and ``dead_letters`` with the last error, the attempt count and its
+        original headers and payload; the partition goes on."""
+        broker = await s.connect(max_retry_attempts=3)
+        topic, group = s.topic(), s.group()
+
+        async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.seq == 0:
+                raise RuntimeError(f"conformance failure on attempt {seen.attempt}")
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage)
+        poison, after = ConformanceMessage(key="k", seq=0, text="poison"), ConformanceMessage(key="k", seq=1)
+        await broker.publish_batch(topic, [poison, after], headers={"x-conformance": "dlq", "x-trace": "t-1"})
+        await s.eventually(lambda: str(after.message_id) in rec.acked_ids(), lambda: f"trace {rec.trace()}")
+        assert rec.trace() == [(0, 1), (0, 2), (0, 3), (1, 1)], (
+            f"expected (seq, attempt) [(0,1), (0,2), (0,3), (1,1)], got {rec.trace()}"
+        )
+        letter = (await _eventually_letters(s, broker, topic, group, 1))[0]
+        assert letter.message_id == str(poison.message_id)
+        assert "conformance failure on attempt 3" in letter.error, f"dead letter error {letter.error!r}"
+        assert letter.attempts == 3, f"dead letter attempts={letter.attempts}, expected 3"
+        assert letter.topic == topic and letter.group == group, f"dead letter names {letter.topic}/{letter.group}"
+        assert letter.partition == partition_for("k", 4)
+        for name, value in {"x-conformance": "dlq", "x-trace": "t-1"}.items():
+            assert letter.headers.get(name) == value, f"original header {name!r} lost: {dict(letter.headers)}"
+        assert letter.message(ConformanceMessage) == poison, "the dead letter's payload is not the original"
+        dlq = Recorder()
+        await broker.subscribe(f"{topic}.dlq", s.group("dlq-reader"), dlq.handler(), message_type=ConformanceMessage)
+        await s.eventually(lambda: str(poison.message_id) in dlq.acked_ids(), f"the dead letter on {topic}.dlq")
+        on_dlq = dlq.of(str(poison.message_id))[0]
+        assert on_dlq.message == poison and on_dlq.headers.get("x-trace") == "t-1", (
+            f"{topic}.dlq carries {on_dlq.message!r} with headers {on_dlq.headers}"
+        )
+
+    @case("core")
+    async def test_dead_letters_can_be_listed_and_replayed(self, s: Scenario) -> None:
+        """Dead letters are listed per group; replaying some (by id) or all publishes them back
+        for that group only and removes them from the list."""
+        broker = await s.connect(partition_count=4)
+        topic, group, other = s.topic(), s.group(), s.group("other")
+        rejected: set[str] = set()
+
+        async def reject_once(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.message_id not in rejected:
+                rejected.add(seen.message_id)
+                await ctx.nak(requeue=False, error="rejected once")
+
+        rec, bystander = Recorder(), Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=reject_once), message_type=ConformanceMessage)
+        await broker.subscribe(topic, other, bystander.handler(), message_type=ConformanceMessage)
+        messages = [ConformanceMessage(key=f"r{i}", seq=i) for i in range(3)]
+        await broker.publish_batch(topic, messages)
+        letters = await _eventually_letters(s, broker, topic, group, 3)
+        assert {x.message_id for x in letters} == set(_ids(messages)), "dead_letters lists other messages"
+        assert await broker.dead_letters(topic, other) == [], "another group's dead letters leaked"
+        chosen = str(messages[1].message_id)
+        assert await broker.replay_dead_letters(topic, group, ids=[chosen]) == 1
+        await s.eventually(lambda: chosen in rec.acked_ids(), "the replayed dead letter to be handled again")
+        left = {x.message_id for x in await broker.dead_letters(topic, group)}
+        assert left == set(_ids(messages)) - {chosen}, f"after replaying one, dead_letters lists {left}"
+        assert await broker.replay_dead_letters(topic, group) == 2
+        wanted = set(_ids(messages))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()))
+        assert await broker.dead_letters(topic, group) == [], "replayed dead letters must be removed"
+        # A sentinel per key after the replays: once the bystander group handled it, it has passed
+        # the replayed copies in that partition, which it must not have been handed.
+        sentinels = [ConformanceMessage(key=m.key, seq=100) for m in messages]
+        await broker.publish_batch(topic, sentinels)
+        await s.eventually(lambda: bystander.acked_ids() >= set(_ids(sentinels)), "the bystander group's sentinels")
+        again = [mid for mid in _ids(messages) if len(bystander.of(mid)) > 1]
+        assert not again, f"replays for {group} were handed to the group {other}: {again}"
+
+    # -- §3.7 deduplication ---------------------------------------------------------------------
+
+    @requires("deduplication")
+    @case("semantics")
+    async def test_dedup_drops_a_repeat_inside_the_window_only(self, s: Scenario) -> None:
+        """With enable_deduplication, the same message id published again inside the window is
+        not delivered; distinct ids are never collapsed; after the window it is delivered again."""
+        window = s.harness.dedup_window
+        broker = await s.connect(enable_deduplication=True, deduplication_window=window)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        original = ConformanceMessage(key="d", seq=0)
+        twin = ConformanceMessage(key="d", seq=0)  # same content, its own id: not a duplicate
+        started = time.monotonic()
+        await broker.publish(topic, original)
+        await broker.publish(topic, original)
+        await broker.publish_batch(topic, [original, twin])
+        sentinel = ConformanceMessage(key="d", seq=1)
+        await broker.publish(topic, sentinel)
+        inside = time.monotonic() - started
+        await s.eventually(lambda: str(sentinel.message_id) in rec.acked_ids(), "the sentinel after the repeats")
+        if inside < window:  # the repeats really were inside the window (a slow server can't fake a pass)
+            assert len(rec.of(str(original.message_id))) == 1, (
+                f"a repeated message id inside the {window}s window was delivered "
+                f"{len(rec.of(str(original.message_id)))} times"
+            )
+        assert len(rec.of(str(twin.message_id))) == 1, "a distinct message id was collapsed by deduplication"
+        await asyncio.sleep(max(0.0, window - (time.monotonic() - started)) + 0.2 * s.multiplier)
+        await broker.publish(topic, original)
+        await s.eventually(lambda: len(rec.of(str(original.message_id))) >= 2,
+                           f"the message id republished after the {window}s window to be delivered again")
+
+    # -- §3.8 pending count ---------------------------------------------------------------------
+
+    @requires("pending_count_exact")
+    @case("semantics")
+    async def test_pending_count_counts_ready_in_flight_and_delayed(self, s: Scenario) -> None:
+        """pending_count = not yet settled by the group: in flight, waiting behind it, and (when
+        delay is supported) delayed; exact once quiet."""
+        count = 4
+        broker = await s.connect(partition_count=count)
+        topic, group = s.topic(), s.group()
+        assert await broker.pending_count(topic, group) == 0, "pending_count of an empty topic must be 0"
+        hold_key, delay_key, done_key = (keys_in_partition(p, count, 1, prefix="pc")[0] for p in range(3))
+        release = asyncio.Event()
+        use_delay = bool(s.capabilities.delay)
+
+        async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.key == hold_key and seen.seq == 0:
+                await release.wait()
+            elif seen.key == delay_key and seen.attempt == 1:
+                await ctx.delay(3600)
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage)
+        messages = [ConformanceMessage(key=hold_key, seq=i) for i in range(3)]
+        messages += [ConformanceMessage(key=done_key, seq=i) for i in range(3)]
+        if use_delay:
+            messages.append(ConformanceMessage(key=delay_key, seq=0))
+        await broker.publish_batch(topic, messages)
+        held = 3 + (1 if use_delay else 0)  # 1 in flight + 2 behind it (+ 1 delayed)
+        await s.eventually(lambda: len([x for x in rec.acked() if x.key == done_key]) == 3, "the free partition")
+        await s.eventually(lambda: rec.of(str(messages[0].message_id)), "the held message to be in flight")
+        if use_delay:
+            await s.eventually(lambda: any(x.key == delay_key for x in rec.seen), "the delayed message")
+        await _eventually_pending(s, broker, topic, group, held)
+        release.set()
+        await s.eventually(lambda: len([x for x in rec.acked() if x.key == hold_key]) == 3, "the held partition")
+        await _eventually_pending(s, broker, topic, group, held - 3)
+
+    # -- §3.4 assignment and failover -----------------------------------------------------------
+
+    @requires("competing_consumers")
+    @case("semantics")
+    async def test_partitions_spread_and_move_when_a_member_closes(self, s: Scenario) -> None:
+        """Partitions are spread over the live members; when one closes, the others take its
+        partitions and handle what is published to them."""
+        count = 6
+        brokers = [await s.connect(partition_count=count) for _ in range(3)]
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        subs = [await b.subscribe(topic, group, rec.handler(f"m{i}"), message_type=ConformanceMessage)
+                for i, b in enumerate(brokers)]
+        await _wait_spread(s, brokers[0], subs, count)
+        await brokers[2].close()
+        await _wait_spread(s, brokers[0], subs[:2], count)
+        messages = [ConformanceMessage(key=keys_in_partition(p, count, 1, prefix="mv")[0]) for p in range(count)]
+        await brokers[0].publish_batch(topic, messages)
+        wanted = set(_ids(messages))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()))
+        assert not rec.by_member("m2"), "a closed member handled messages"
+
+    @requires("kill_member")
+    @case("semantics")
+    async def test_partitions_move_when_a_member_stops_heartbeating(self, s: Scenario) -> None:
+        """A member that dies (abort: no leave, no release) loses its partitions to the live
+        member within the claim timeout."""
+        count = 4
+        brokers = [await s.connect(partition_count=count) for _ in range(2)]
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        subs = [await b.subscribe(topic, group, rec.handler(f"m{i}"), message_type=ConformanceMessage)
+                for i, b in enumerate(brokers)]
+        await _wait_spread(s, brokers[0], subs, count)
+        await brokers[1].abort()
+        await s.eventually(lambda: set(subs[0].partitions) == set(range(count)),
+                           lambda: f"the survivor to own every partition, it owns {subs[0].partitions}",
+                           timeout=s.failover_timeout())
+        messages = [ConformanceMessage(key=keys_in_partition(p, count, 1, prefix="hb")[0]) for p in range(count)]
+        await brokers[0].publish_batch(topic, messages)
+        wanted = set(_ids(messages))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()),
+                           timeout=s.failover_timeout())
+
+    @requires("partition_exclusive")
+    @case("semantics")
+    async def test_subscribe_to_partition_is_exclusive(self, s: Scenario) -> None:
+        """Two members asking for the same partition: one holds it and gets all its messages
+        (and none of other partitions); the other takes over only when the first closes."""
+        count, partition = 4, 2
+        first, second = await s.connect(partition_count=count), await s.connect(partition_count=count)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        holder = await first.subscribe_to_partition(topic, group, partition, rec.handler("first"),
+                                                    message_type=ConformanceMessage)
+        waiting = await second.subscribe_to_partition(topic, group, partition, rec.handler("second"),
+                                                      message_type=ConformanceMessage)
+        keys = keys_in_partition(partition, count, 3, prefix="ex")
+        elsewhere = [keys_in_partition(p, count, 1, prefix="ex")[0] for p in range(count) if p != partition]
+        batch = [ConformanceMessage(key=k, seq=0) for k in keys + elsewhere]
+        await first.publish_batch(topic, batch)
+        mine = set(_ids(batch[: len(keys)]))
+        await s.eventually(lambda: rec.acked_ids() >= mine, lambda: _missing(mine, rec.acked_ids()))
+        assert all(x.member == "first" for x in rec.seen), "the second member got messages of a held partition"
+        assert all(x.partition == partition for x in rec.seen), (
+            f"a partition subscription got messages of partitions {sorted({x.partition for x in rec.seen})}"
+        )
+        assert waiting.partitions == [], f"the waiting member claims partitions {waiting.partitions}"
+        await holder.close()
+        later = [ConformanceMessage(key=k, seq=1) for k in keys]
+        await second.publish_batch(topic, later)
+        wanted = set(_ids(later))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()),
+                           timeout=s.failover_timeout())
+        assert all(x.member == "second" for x in rec.seen if x.seq == 1), "a closed partition holder got messages"
+        assert not [x for x in rec.seen if x.member == "second" and x.seq == 0], (
+            "the second member handled messages the first had already acked"
+        )
+
+    # -- §3.10 bad input ------------------------------------------------------------------------
+
+    @case("core")
+    async def test_invalid_names_and_payloads_are_rejected_naming_the_value(self, s: Scenario) -> None:
+        """Invalid topic/group/header names, oversize and unserialisable messages fail at the
+        call with an error naming the bad value; the broker keeps working."""
+        broker = await s.connect(partition_count=4)
+        topic, group = s.topic(), s.group()
+        good = ConformanceMessage(key="k")
+
+        async def handler(ctx: MessageContext[ConformanceMessage]) -> None:
+            return None
+
+        for bad in ["", "has space", "semi;colon", ".hidden", "-dash", "a..b", "trailing.", "sl/ash", "x" * 201,
+                    "ünï"]:
+            for call in (lambda b=bad: broker.publish(b, good),
+                         lambda b=bad: broker.subscribe(b, group, handler, message_type=ConformanceMessage),
+                         lambda b=bad: broker.subscribe(topic, b, handler, message_type=ConformanceMessage)):
+                await _expect(call(), msgbroker.InvalidNameError, repr(bad) if len(bad) < 50 else bad[:40])
+        await _expect(broker.publish(topic, good, headers={"x-bad": 1}),  # type: ignore[dict-item]
+                      msgbroker.InvalidNameError, "x-bad")
+        limit = min(s.capabilities.max_message_bytes, broker.settings.max_message_bytes)
+        await _expect(broker.publish(topic, ConformanceMessage(key="big", text="x" * limit)),
+                      msgbroker.MessageTooLargeError, str(limit))
+        await _expect(broker.publish(topic, OpaqueMessage(blob=object())), msgbroker.SerializationError, "OpaqueMessage")
+        await _expect(broker.publish(topic, {"key": "not a message"}),  # type: ignore[arg-type]
+                      msgbroker.SerializationError, "dict")
+        await _expect(broker.subscribe_to_partition(topic, group, 99, handler), msgbroker.ConfigurationError, "99")
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        await broker.publish(topic, good)
+        await s.eventually(lambda: str(good.message_id) in rec.acked_ids(), "a good message after the bad calls")
+
+    @case("core")
+    async def test_undecodable_bytes_are_dead_lettered_and_the_worker_goes_on(self, s: Scenario) -> None:
+        """Malformed bytes and valid JSON of the wrong shape on the wire are dead-lettered with
+        the decode error; the messages after them are handled."""
+        broker = await s.connect(partition_count=4)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        key = "poison"
+        partition = partition_for(key, 4)
+        garbage = OutgoingRecord(topic, partition, key, str(uuid.uuid4()), {"x-conformance": "garbage"},
+                                 b"\xff\xfe not json \x00")
+        wrong = OutgoingRecord(topic, partition, key, str(uuid.uuid4()), {"x-conformance": "wrong-shape"},
+                               b'{"seq": "not a number"}')
+        await broker.transport.publish([garbage, wrong], None)
+        after = ConformanceMessage(key=key, seq=1)
+        await broker.publish(topic, after)
+        await s.eventually(lambda: str(after.message_id) in rec.acked_ids(), "the good message after the bad bytes")
+        letters = {x.message_id: x for x in await _eventually_letters(s, broker, topic, group, 2)}
+        for record in (garbage, wrong):
+            letter = letters.get(record.message_id)
+            assert letter is not None, f"undecodable message {record.headers} was not dead-lettered"
+            assert "decode" in letter.error.lower() or "valid" in letter.error.lower(), (
+                f"dead letter error does not say why: {letter.error!r}"
+            )
+            assert letter.payload == record.body, "the dead letter must keep the original bytes"
+            assert letter.headers.get("x-conformance") == record.headers["x-conformance"]
+        assert len(rec.seen) == 1, "the handler was called with an undecodable message"
+
+    # -- §3.11 shutdown -------------------------------------------------------------------------
+
+    @case("core")
+    async def test_close_under_load_loses_nothing(self, s: Scenario) -> None:
+        """A member closes while messages stream in: its in-flight handlers finish, and every
+        published message is handled by the group."""
+        count = 4
+        brokers = [await s.connect(partition_count=count) for _ in range(2)]
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+
+        async def work(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            await asyncio.sleep(0.002)
+
+        for i, b in enumerate(brokers):
+            await b.subscribe(topic, group, rec.handler(f"m{i}", work), message_type=ConformanceMessage)
+        producer = await s.connect(partition_count=count)
+        messages = [ConformanceMessage(key=f"load-{i % 12}", seq=i // 12) for i in range(72)]
+
+        async def produce() -> None:
+            for i in range(0, len(messages), 4):
+                await producer.publish_batch(topic, messages[i:i + 4])
+                await asyncio.sleep(0)
+
+        publishing = asyncio.create_task(produce())
+        await s.eventually(lambda: len(rec.acked()) >= 12, "the first messages to be handled")
+        await brokers[0].close()
+        await publishing
+        wanted = set(_ids(messages))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()),
+                           timeout=s.failover_timeout())
+        unfinished = [x for x in rec.by_member("m0") if x.outcome is None]
+        assert not unfinished, f"close() cut {len(unfinished)} in-flight handler(s) short"
+        for key in {m.key for m in messages}:
+            firsts = []
+            for x in rec.seen:
+                if x.key == key and x.seq not in firsts:
+                    firsts.append(x.seq)
+            assert firsts == sorted(firsts), f"key {key!r} handled out of order across the close: {firsts}"
+        if s.capabilities.pending_count_exact:
+            await _eventually_pending(s, producer, topic, group, 0)
+
+    # -- §3.1 resilience ------------------------------------------------------------------------
+
+    @requires("server_restart")
+    @requires_hook("restart_server")
+    @case("resilience", timeout=180.0)
+    async def test_reconnect_after_server_restart(self, s: Scenario) -> None:
+        """The server restarts under a running subscription: the broker becomes healthy again by
+        itself and every confirmed message is handled."""
+        broker = await s.connect(partition_count=4)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        before = [ConformanceMessage(key=f"r{i}", seq=i) for i in range(5)]
+        await broker.publish_batch(topic, before)
+        await s.eventually(lambda: rec.acked_ids() >= set(_ids(before)), "the messages before the restart")
+        restart = getattr(s.harness, "restart_server")  # noqa: B009 - an optional hook
+        await restart()
+        healthy = await _wait_healthy(s, broker)
+        assert healthy, "the broker did not become healthy again after the server restart"
+        confirmed: list[ConformanceMessage] = []
+        for i in range(5):
+            message = ConformanceMessage(key=f"r{i}", seq=10 + i)
+            for _ in range(50):
+                try:
+                    await broker.publish(topic, message)
+                except msgbroker.TransientError:
+                    await asyncio.sleep(0.2)
+                    continue
+                confirmed.append(message)
+                break
+        assert confirmed, "no publish succeeded after the restart"
+        wanted = set(_ids(before + confirmed))
+        await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()),
+                           timeout=60)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def _wait_spread(s: Scenario, broker: msgbroker.Broker, subs: list[msgbroker.Subscription], count: int) -> None:
+    """Wait until every partition is read by a member and (for lease or native assignment)
+    every member holds some and none is held twice."""
+    shared = broker.transport.ASSIGNMENT == "shared"
+    spread = s.capabilities.competing_consumers
+
+    def settled() -> bool:
+        held = [p for sub in subs for p in sub.partitions]
+        if set(held) != set(range(count)):
+            return False
+        if shared:
+            return True
+        if len(held) != len(set(held)):
+            return False
+        return not spread or all(sub.partitions for sub in subs)
+
+    await s.eventually(settled, lambda: f"partitions to spread over the members: {[sub.partitions for sub in subs]}",
+                       timeout=s.failover_timeout())
+
+
+async def _pending_is(broker: msgbroker.Broker, topic: str, group: str, expected: int) -> bool:
+    return await broker.pending_count(topic, group) == expected
+
+
+async def _eventually_pending(s: Scenario, broker: msgbroker.Broker, topic: str, group: str, expected: int) -> None:
+    last: list[int] = []
+
+    async def check() -> bool:
+        last.append(await broker.pending_count(topic, group))
+        return last[-1] == expected
+
+    await s.eventually(check, lambda: f"pending_count to be {expected} once quiet, it stays {last[-1:]}")
+
+
+async def _eventually_letters(
+    s: Scenario, broker: msgbroker.Broker, topic: str, group: str, n: int
+) -> list[msgbroker.DeadLetter]:
+    letters: list[msgbroker.DeadLetter] = []
+
+    async def check() -> bool:
+        letters[:] = await broker.dead_letters(topic, group)
+        return len(letters) >= n
+
+    await s.eventually(check, lambda: f"{n} dead letter(s) for {group} on {topic}, found {len(letters)}")
+    return letters
+
+
+async def _expect(call: Any, error: type[BaseException], mentions: str) -> None:
+    try:
+        await call
+    except error as exc:
+        assert mentions in str(exc), f"{type(exc).__name__} does not name the bad value {mentions!r}: {exc}"
+    else:
+        raise ConformanceFailure(f"expected {error.__name__} naming {mentions!r}, the call succeeded")
+
+
+async def _wait_healthy(s: Scenario, broker: msgbroker.Broker) -> bool:
+    deadline = time.monotonic() + s.timeout(60)
+    while time.monotonic() < deadline:
+        if await broker.is_healthy():
+            return True
+        await asyncio.sleep(0.1)
+    return False
