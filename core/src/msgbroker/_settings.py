@@ -147,6 +147,8 @@ class RabbitMQSettings(_Section):
     exchange_prefix: str = "msgbroker"
     prefetch: int = Field(1, ge=1)
     queue_type: str = "quorum"
+    claim_timeout: Duration = timedelta(seconds=10)
+    """How long a member may stay silent before its partitions move to the others."""
 
 
 class KafkaSettings(_Section):
