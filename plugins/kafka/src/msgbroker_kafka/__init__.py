@@ -1,0 +1,20 @@
+"""msgbroker-kafka: the Apache Kafka provider of msgbroker (``kafka://host:port``), on aiokafka."""
+
+from __future__ import annotations
+
+from ._assignor import PROTOCOL_NAME, PinningAssignor, assign_members
+from ._consumer import KafkaLaneConsumer, format_attempts, parse_attempts
+from ._transport import DEAD_LETTER_TOPIC_SUFFIX, MESSAGE_ID_HEADER, KafkaTransport, dead_letter_topic
+
+__all__ = [
+    "DEAD_LETTER_TOPIC_SUFFIX",
+    "MESSAGE_ID_HEADER",
+    "PROTOCOL_NAME",
+    "KafkaLaneConsumer",
+    "KafkaTransport",
+    "PinningAssignor",
+    "assign_members",
+    "dead_letter_topic",
+    "format_attempts",
+    "parse_attempts",
+]

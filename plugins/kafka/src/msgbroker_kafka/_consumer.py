@@ -1,0 +1,429 @@
+"""A member's reader of one (topic, group) on Kafka: a native consumer-group member.
+
+* One ``AIOKafkaConsumer`` per subscription; Kafka assigns the partitions (our assignor keeps
+  ``subscribe_to_partition`` exclusive) and the rebalance listener hands them to the engine.
+* Handlers never run here: the engine calls :meth:`poll` from its reader task and runs
+  handlers in lane tasks, so a slow handler cannot starve heartbeats (aiokafka#848).
+* Redelivery is local (the engine holds the lane), so there is no seek loop and no pause
+  to lose on a rebalance; a lane that waits is simply not polled.
+* Commits: the lowest unsettled offset of each partition (everything below it settled), in
+  batches every ``commit_interval``, synchronously on revoke and on a graceful stop, never on
+  a crash. The commit metadata carries the attempt count of the message at that offset
+  (``msgbroker:a=<deliveries started>[;nb=<not before>]``), so a new owner after a
+  rebalance or crash knows how often it was tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import errors as kafka_errors
+from aiokafka.structs import TopicPartition
+from msgbroker import DeadLetter, Delivery, LaneConsumer
+
+from ._assignor import PinningAssignor
+from ._errors import map_error
+from ._transport import MESSAGE_ID_HEADER, decode_headers
+
+if TYPE_CHECKING:
+    from msgbroker._provider import AssignmentListener
+
+    from ._transport import KafkaTransport
+
+__all__ = ["KafkaLaneConsumer", "format_attempts", "parse_attempts"]
+
+log = logging.getLogger("msgbroker.kafka")
+
+_META_PREFIX = "msgbroker:"
+_MARKER_BOUND = 5.0
+_FINAL_BOUND = 10.0
+
+
+def format_attempts(started: int, not_before: float | None) -> str:
+    """Commit metadata: ``started`` deliveries of the message at the committed offset began
+    (or, after a nak, the next one is due at ``not_before``)."""
+    text = f"{_META_PREFIX}a={started}"
+    return text if not_before is None else f"{text};nb={not_before:.3f}"
+
+
+def parse_attempts(metadata: str | None) -> tuple[int, float | None] | None:
+    """The (started, not_before) of :func:`format_attempts`, or None for foreign metadata."""
+    if not metadata or not metadata.startswith(_META_PREFIX):
+        return None
+    fields: dict[str, str] = {}
+    for part in metadata[len(_META_PREFIX):].split(";"):
+        name, _, value = part.partition("=")
+        fields[name] = value
+    try:
+        started = int(fields["a"])
+        not_before = float(fields["nb"]) if fields.get("nb") else None
+    except (KeyError, ValueError):
+        return None
+    return started, not_before
+
+
+def next_attempt(started: int, not_before: float | None, now: float) -> tuple[int, float | None]:
+    """The attempt number (and persisted delay) of the next delivery of a message that had
+    ``started`` deliveries: a nak recorded the coming attempt with its ``not_before``, which
+    has not begun while ``now`` is before it."""
+    if not_before is not None and now < not_before:
+        return started, not_before
+    return started + 1, None
+
+
+@dataclass(slots=True, eq=False)
+class _Track:
+    """What this member knows about one owned partition."""
+
+    tp: TopicPartition
+    pending: dict[int, Delivery] = field(default_factory=dict)
+    """Fetched and not settled, by offset (insertion order is offset order)."""
+    handed: set[int] = field(default_factory=set)
+    """Offsets handed to the engine (the others wait in ``surplus``)."""
+    surplus: deque[Delivery] = field(default_factory=deque)
+    retried: dict[int, tuple[int, float | None]] = field(default_factory=dict)
+    fetched_to: int | None = None
+    inherited: tuple[int, int, float | None] | None = None
+    """(offset, started, not_before) read from the group's committed metadata."""
+    committed: tuple[int, str] | None = None
+    closed: bool = False
+
+    def target(self) -> int | None:
+        """The offset to commit: the lowest unsettled one, or the next to fetch."""
+        if self.pending:
+            return next(iter(self.pending))
+        if self.fetched_to is not None:
+            return self.fetched_to
+        return self.committed[0] if self.committed else None
+
+    def metadata(self, offset: int) -> str:
+        delivery = self.pending.get(offset)
+        if delivery is not None and offset in self.handed:
+            started, not_before = delivery.attempt, delivery.not_before
+            if offset in self.retried:
+                retried_attempt, not_before = self.retried[offset]
+                started = max(started, retried_attempt)
+            return format_attempts(started, not_before)
+        if self.inherited is not None and self.inherited[0] == offset:
+            return format_attempts(self.inherited[1], self.inherited[2])
+        return ""
+
+
+class _RebalanceListener(ConsumerRebalanceListener):
+    def __init__(self, owner: KafkaLaneConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:  # type: ignore[override]
+        await self.owner.on_revoked(sorted(tp.partition for tp in revoked if tp.topic == self.owner.topic))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:  # type: ignore[override]
+        await self.owner.on_assigned(sorted(tp.partition for tp in assigned if tp.topic == self.owner.topic))
+
+
+class KafkaLaneConsumer(LaneConsumer):
+    """One member of a Kafka consumer group for one topic."""
+
+    def __init__(self, transport: KafkaTransport, topic: str, group: str, member_id: str) -> None:
+        self.transport = transport
+        self.topic = topic
+        self.group = group
+        self.member_id = member_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self._listener: AssignmentListener | None = None
+        self._lanes: dict[int, _Track] = {}
+        self._committed: dict[int, tuple[int, str]] = {}
+        self._commit_lock = asyncio.Lock()
+        self._dirty = asyncio.Event()
+        self._assigned_once = asyncio.Event()
+        self._commit_task: asyncio.Task[None] | None = None
+        self._stopped = False
+        kafka = transport.settings.kafka
+        self._commit_interval = kafka.commit_interval.total_seconds()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, listener: AssignmentListener, partition: int | None) -> None:
+        await self.transport.ensure_topic(self.topic)
+        settings = self.transport.settings
+        kafka = settings.kafka
+        session = int(kafka.session_timeout.total_seconds() * 1000)
+        grace = int(settings.shutdown_timeout.total_seconds() * 1000)
+        consumer = AIOKafkaConsumer(
+            **self.transport.client_options(),
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",  # a new group also gets what was published before it
+            session_timeout_ms=session,
+            heartbeat_interval_ms=int(kafka.heartbeat_interval.total_seconds() * 1000),
+            # a revoke waits for in-flight handlers (the engine bounds them by the grace period)
+            rebalance_timeout_ms=session + 2 * grace,
+            # handlers never block polling here; the engine just stops polling full lanes, which
+            # must not count as a stuck member (liveness is the heartbeat's job)
+            max_poll_interval_ms=24 * 3600 * 1000,
+            partition_assignment_strategy=(PinningAssignor(partition),),
+            fetch_max_wait_ms=250,
+        )
+        self._listener = listener
+        try:
+            await consumer.start()
+            consumer.subscribe([self.topic], listener=_RebalanceListener(self))
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise map_error(exc, f"joining group {self.group!r} on {self.topic!r}") from exc
+        self._consumer = consumer
+        self.transport.consumers.add(self)
+        self._commit_task = asyncio.create_task(self._commit_loop(), name=f"msgbroker-kafka-commit-{self.topic}")
+        # return once this member holds its share, so what follows subscribe() sees a steady group
+        # (bounded: a join waits for the others to drain their in-flight handlers)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._assigned_once.wait(), kafka.session_timeout.total_seconds())
+
+    async def stop(self, flush: bool) -> None:
+        self._stopped = True
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if flush:
+            await self._commit(None, bound=_FINAL_BOUND)
+        self._lanes.clear()
+        self.transport.consumers.discard(self)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), _FINAL_BOUND)
+
+    # -- assignment (called by aiokafka's coordinator) ------------------------------------------
+
+    async def on_assigned(self, partitions: list[int]) -> None:
+        if self._stopped or self._listener is None:
+            return
+        try:
+            tps = [TopicPartition(self.topic, p) for p in partitions]
+            found = await self.transport.committed_offsets(self.group, tps) if tps else {}
+            self._committed = {tp.partition: (meta.offset, meta.metadata or "") for tp, meta in found.items()}
+            await self._listener.assigned(partitions)
+        except Exception:
+            log.exception("kafka: taking over %s%s for %s failed", self.topic, partitions, self.group)
+        finally:
+            self._assigned_once.set()
+
+    async def on_revoked(self, partitions: list[int]) -> None:
+        if self._listener is None or not partitions:
+            return
+        try:
+            await self._listener.revoked(partitions)  # stops the lanes, in-flight handlers finish (bounded)
+        except Exception:
+            log.exception("kafka: giving up %s%s for %s failed", self.topic, partitions, self.group)
+        # commit what was settled, then release; a failed commit only means redelivery
+        await self._commit(partitions, bound=_FINAL_BOUND)
+        for partition in partitions:
+            self._lanes.pop(partition, None)
+
+    async def open_lane(self, partition: int, lease: str | None) -> None:
+        tp = TopicPartition(self.topic, partition)
+        track = _Track(tp)
+        committed = self._committed.get(partition)
+        if committed is not None:
+            offset, metadata = committed
+            track.committed = committed
+            recorded = parse_attempts(metadata)
+            if recorded is not None:
+                track.inherited = (offset, *recorded)
+            if self._consumer is not None:
+                try:
+                    # records fetched before a rebalance and never settled are read again
+                    self._consumer.seek(tp, offset)
+                except (kafka_errors.IllegalStateError, AssertionError) as exc:
+                    log.debug("kafka: seek of %s failed: %s", tp, exc)
+        self._lanes[partition] = track
+
+    async def close_lane(self, partition: int) -> None:
+        track = self._lanes.get(partition)
+        if track is not None:
+            track.closed = True
+            track.surplus.clear()
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def _delivery(self, track: _Track, record: Any) -> Delivery:
+        headers = decode_headers(record.headers)
+        message_id = headers.pop(MESSAGE_ID_HEADER, "")
+        attempt, not_before = 1, None
+        if track.inherited is not None and track.inherited[0] == record.offset:
+            attempt, not_before = next_attempt(track.inherited[1], track.inherited[2], time.time())
+        return Delivery(
+            partition=record.partition,
+            message_id=message_id,
+            key=(record.key or b"").decode("utf-8", errors="replace"),
+            headers=headers,
+            body=record.value or b"",
+            attempt=attempt,
+            position=record.offset,
+            not_before=not_before,
+        )
+
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], timeout: float, wake: asyncio.Event
+    ) -> dict[TopicPartition, list[Any]]:
+        fetch = asyncio.ensure_future(consumer.getmany(*tps, timeout_ms=int(timeout * 1000)))
+        if timeout <= 0:
+            return await fetch
+        waker = asyncio.ensure_future(wake.wait())
+        try:
+            # getmany ignores its timeout while a rebalance is in progress: bound it here
+            done, _ = await asyncio.wait({fetch, waker}, timeout=timeout + 0.05, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waker.cancel()
+        if fetch in done:
+            return fetch.result()
+        fetch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            result = await fetch
+            if result:
+                return result  # finished just before the cancel: keep what was consumed
+        return {}
+
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        consumer = self._consumer
+        if consumer is None or self._stopped:
+            return []
+        out: list[Delivery] = []
+        heads_before = {p: t.target() for p, t in self._lanes.items()}
+        to_fetch: list[TopicPartition] = []
+        for partition in partitions:
+            track = self._lanes.get(partition)
+            if track is None or track.closed:
+                continue
+            if track.surplus:
+                self._hand_out(track, max_per_lane, out)
+            else:
+                to_fetch.append(track.tp)
+        if to_fetch:
+            try:
+                batch = await self._fetch(consumer, to_fetch, 0 if out else timeout, wake)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise map_error(exc, f"polling {self.topic!r} for {self.group!r}") from exc
+            for tp, records in batch.items():
+                track = self._lanes.get(tp.partition)
+                if track is None or track.closed:
+                    continue  # not ours now: the next owner (or our reopened lane) seeks back
+                for record in records:
+                    delivery = self._delivery(track, record)
+                    track.pending[record.offset] = delivery
+                    track.surplus.append(delivery)
+                    track.fetched_to = record.offset + 1
+                self._hand_out(track, max_per_lane, out)
+        # A lane whose head was just handed out: record that its delivery began, before the
+        # handler runs, so a crash during it counts as an attempt for the next owner.
+        started = [
+            p for p, t in self._lanes.items()
+            if not t.closed and (head := t.target()) is not None and head in t.handed
+            and (heads_before.get(p) != head or t.committed is None or t.committed[0] != head)
+        ]
+        if started:
+            await self._commit(started, bound=_MARKER_BOUND)
+        return out
+
+    @staticmethod
+    def _hand_out(track: _Track, limit: int, out: list[Delivery]) -> None:
+        for _ in range(min(limit, len(track.surplus))):
+            delivery = track.surplus.popleft()
+            track.handed.add(delivery.position)
+            out.append(delivery)
+
+    # -- settling -------------------------------------------------------------------------------
+
+    def _owned(self, delivery: Delivery) -> _Track | None:
+        track = self._lanes.get(delivery.partition)
+        if track is None or track.pending.get(delivery.position) is not delivery:
+            log.debug("kafka: settle of %s on %s[%d] ignored: the partition moved on",
+                      delivery.message_id, self.topic, delivery.partition)
+            return None
+        return track
+
+    async def ack(self, delivery: Delivery) -> None:
+        track = self._owned(delivery)
+        if track is None:
+            return
+        del track.pending[delivery.position]
+        track.handed.discard(delivery.position)
+        track.retried.pop(delivery.position, None)
+        self._dirty.set()
+
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        track = self._owned(delivery)
+        if track is None:
+            return
+        track.retried[delivery.position] = (attempt, not_before)
+        if track.target() == delivery.position:
+            # persisted at once, so the attempt and the delay survive a crash; a message behind
+            # the lowest unsettled offset (unordered lanes) cannot carry metadata in Kafka
+            await self._commit([delivery.partition], bound=_MARKER_BOUND)
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        if self._owned(delivery) is None:
+            return
+        await self.transport.write_dead_letter(letter, delivery.key, delivery.message_id)
+        await self.ack(delivery)
+
+    # -- committing -----------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Commit what is settled now (used before counting pending messages)."""
+        if not self._stopped:
+            await self._commit(None, bound=_FINAL_BOUND)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self._commit_interval)  # batch the acks of this interval
+            self._dirty.clear()
+            await self._commit(None, bound=_FINAL_BOUND)
+
+    async def _commit(self, partitions: Iterable[int] | None, *, bound: float) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
+        async with self._commit_lock:
+            assigned = consumer.assignment()
+            wanted = self._lanes if partitions is None else {p: self._lanes[p] for p in partitions if p in self._lanes}
+            offsets: dict[TopicPartition, tuple[int, str]] = {}
+            tracks: dict[TopicPartition, _Track] = {}
+            for track in wanted.values():
+                target = track.target()
+                if target is None or track.tp not in assigned:
+                    continue
+                entry = (target, track.metadata(target))
+                if track.committed != entry:
+                    offsets[track.tp] = entry
+                    tracks[track.tp] = track
+            if not offsets:
+                return
+            try:
+                await asyncio.wait_for(consumer.commit(offsets), bound)
+            except asyncio.CancelledError:
+                raise
+            except (kafka_errors.CommitFailedError, kafka_errors.IllegalStateError) as exc:
+                # the group rebalanced meanwhile: the partitions' next owner starts from the
+                # previous commit and redelivers (at least once), nothing is lost
+                log.info("kafka: commit of %s for %s skipped (group rebalancing): %s", self.topic, self.group, exc)
+            except Exception as exc:
+                log.warning("kafka: commit of %s for %s failed: %r; it is retried", self.topic, self.group, exc)
+                self._dirty.set()
+            else:
+                for tp, entry in offsets.items():
+                    tracks[tp].committed = entry

@@ -1,0 +1,452 @@
+"""``kafka://`` — the Apache Kafka provider (aiokafka).
+
+A msgbroker topic is a Kafka topic with ``partition_count`` partitions; a msgbroker group is
+a Kafka consumer group with Kafka's own assignment (see ``_consumer.py``). Dead letters go to
+``<topic>.dlq`` (same partition count, same partition as the original, so it can be
+subscribed to like any topic). Kafka cannot delete single records, so removing a dead letter
+appends a marker naming it to ``<topic>.dlq.removed``, which readers apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import TopicPartition
+from msgbroker import (
+    BrokerClosedError,
+    BrokerConnectionError,
+    Capabilities,
+    ConfigurationError,
+    DeadLetter,
+    LaneConsumer,
+    OutgoingRecord,
+    Transport,
+)
+
+from ._errors import map_error
+
+if TYPE_CHECKING:
+    from msgbroker import BrokerSettings
+
+    from ._consumer import KafkaLaneConsumer
+
+__all__ = [
+    "DEAD_LETTER_TOPIC_SUFFIX",
+    "MESSAGE_ID_HEADER",
+    "KafkaTransport",
+    "dead_letter_topic",
+]
+
+log = logging.getLogger("msgbroker.kafka")
+
+MESSAGE_ID_HEADER = "msgbroker-message-id"
+"""The record header carrying the msgbroker message id (Kafka records have no id of their own)."""
+DEAD_LETTER_TOPIC_SUFFIX = ".dlq"
+_DL = "msgbroker-dead-letter-"
+_DL_GROUP, _DL_ERROR, _DL_ATTEMPTS = f"{_DL}group", f"{_DL}error", f"{_DL}attempts"
+_DL_PARTITION, _DL_AT = f"{_DL}partition", f"{_DL}at"
+_DL_REMOVED = "msgbroker-dead-letters-removed"
+"""Header of a marker in ``<topic>.dlq.removed``: ``partition:offset`` of each removed letter."""
+REMOVED_TOPIC_SUFFIX = ".removed"
+_TOPIC_EXISTS = 36
+_ADMIN_TIMEOUT = 15.0
+
+
+def dead_letter_topic(topic: str) -> str:
+    """The Kafka topic holding the dead letters of ``topic``."""
+    return f"{topic}{DEAD_LETTER_TOPIC_SUFFIX}"
+
+
+def encode_headers(headers: dict[str, str]) -> list[tuple[str, bytes]]:
+    """msgbroker headers as Kafka record headers."""
+    return [(name, value.encode("utf-8")) for name, value in headers.items()]
+
+
+def decode_headers(raw: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Kafka record headers as msgbroker headers (bytes that are not UTF-8 are replaced)."""
+    return {name: (value or b"").decode("utf-8", errors="replace") for name, value in (raw or ())}
+
+
+class KafkaTransport(Transport):
+    """``kafka://host:port[,host:port...]`` — one connection to one Kafka cluster."""
+
+    NAME: ClassVar[str] = "kafka"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("kafka",)
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        persistent=True,
+        retains_before_group=True,
+        competing_consumers=True,
+        redelivery_on_crash=True,
+        kill_member=True,
+        delay=True,
+        deduplication="none",
+        pending_count_exact=True,
+        partition_exclusive=True,
+        server_restart=True,
+        max_message_bytes=1_000_000,
+        reasons={
+            "deduplication": (
+                "Kafka's idempotent producer only drops its own retries within one producer session; "
+                "a second publish of the same message id is a new record, and keeping a shared store "
+                "of ids would need a server Kafka does not have"
+            ),
+        },
+    )
+    ASSIGNMENT = "native"
+    REDELIVERY = "local"
+    MAX_POLL_BLOCK: ClassVar[float] = 0.25
+
+    @classmethod
+    def settings_from_url(cls, url: str) -> dict[str, Any]:
+        parts = urlsplit(url)
+        servers = unquote(parts.netloc.rsplit("@", 1)[-1])
+        return {"kafka": {"bootstrap_servers": servers}} if servers else {}
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__(settings)
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._offsets: AIOKafkaConsumer | None = None
+        self._topics: dict[str, int] = {}
+        self._topic_lock = asyncio.Lock()
+        self.consumers: set[KafkaLaneConsumer] = set()
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def client_options(self) -> dict[str, Any]:
+        """Connection options shared by every aiokafka client of this transport."""
+        kafka = self.settings.kafka
+        options: dict[str, Any] = {
+            "bootstrap_servers": kafka.bootstrap_servers,
+            "client_id": kafka.client_id,
+            "security_protocol": kafka.security_protocol,
+        }
+        if kafka.security_protocol in ("SSL", "SASL_SSL"):
+            options["ssl_context"] = create_ssl_context(
+                cafile=kafka.ssl_cafile, certfile=kafka.ssl_certfile, keyfile=kafka.ssl_keyfile
+            )
+        if kafka.sasl_mechanism:
+            options["sasl_mechanism"] = kafka.sasl_mechanism
+            options["sasl_plain_username"] = kafka.sasl_username
+            options["sasl_plain_password"] = kafka.sasl_password
+        return options
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise BrokerClosedError("the kafka connection is closed")
+        return self._producer
+
+    @property
+    def admin(self) -> AIOKafkaAdminClient:
+        if self._admin is None:
+            raise BrokerClosedError("the kafka connection is closed")
+        return self._admin
+
+    async def connect(self) -> None:
+        options = self.client_options()
+        producer = AIOKafkaProducer(
+            **options,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_request_size=1024 * 1024,
+        )
+        admin = AIOKafkaAdminClient(**options, request_timeout_ms=int(_ADMIN_TIMEOUT * 1000))
+        try:
+            await producer.start()
+            await admin.start()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            with contextlib.suppress(Exception):
+                await admin.close()
+            raise BrokerConnectionError(
+                f"cannot connect to kafka at {self.settings.kafka.bootstrap_servers}: {exc}"
+            ) from exc
+        self._producer, self._admin = producer, admin
+
+    async def close(self) -> None:
+        producer, admin, offsets = self._producer, self._admin, self._offsets
+        self._producer = self._admin = self._offsets = None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+        if offsets is not None:
+            with contextlib.suppress(Exception):
+                await offsets.stop()
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    async def ping(self) -> bool:
+        if self._admin is None:
+            return False
+        try:
+            info = await asyncio.wait_for(self._admin.describe_cluster(), 3.0)
+            return bool(info.get("brokers"))
+        except Exception:
+            return False
+
+    # -- topics ---------------------------------------------------------------------------------
+
+    async def ensure_topic(self, topic: str, partitions: int | None = None) -> int:
+        """Create ``topic`` with ``partitions`` (default ``partition_count``) when missing and
+        check an existing one has exactly that many; return the count.
+
+        Always create first: a metadata request for a missing topic makes a broker with
+        ``auto.create.topics.enable`` create it with its default (wrong) partition count.
+        """
+        wanted = self.settings.partition_count if partitions is None else partitions
+        known = self._topics.get(topic)
+        if known is None:
+            async with self._topic_lock:
+                known = self._topics.get(topic)
+                if known is None:
+                    known = self._topics[topic] = await self._create_or_describe(topic, wanted)
+        if partitions is None and known != wanted:
+            raise ConfigurationError(
+                f"kafka topic {topic!r} exists with {known} partitions; this connection has "
+                f"partition_count={wanted} (partitions decide ordering: use the topic's count or another topic)"
+            )
+        return known
+
+    async def _create_or_describe(self, topic: str, partitions: int) -> int:
+        admin = self.admin
+        try:
+            response = await asyncio.wait_for(
+                admin.create_topics([NewTopic(topic, partitions, self.settings.kafka.replication_factor)]),
+                _ADMIN_TIMEOUT,
+            )
+            for name, code, message in response.topic_errors:
+                if name == topic and code not in (0, _TOPIC_EXISTS):
+                    raise ConfigurationError(f"kafka refused to create topic {topic!r}: error {code}: {message}")
+            deadline = time.monotonic() + _ADMIN_TIMEOUT
+            while True:
+                [described] = await asyncio.wait_for(admin.describe_topics([topic]), _ADMIN_TIMEOUT)
+                count = len(described["partitions"])
+                if described["error_code"] == 0 and count:
+                    return count
+                if time.monotonic() > deadline:  # metadata of a new topic propagates asynchronously
+                    raise ConfigurationError(f"kafka topic {topic!r} has no metadata: error {described['error_code']}")
+                await asyncio.sleep(0.05)
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"creating topic {topic!r}") from exc
+
+    async def _existing_partitions(self, topic: str) -> list[int] | None:
+        """The partitions of ``topic`` without creating it, or None when it does not exist."""
+        try:
+            names = await asyncio.wait_for(self.admin.list_topics(), _ADMIN_TIMEOUT)
+            if topic not in names:
+                return None
+            [described] = await asyncio.wait_for(self.admin.describe_topics([topic]), _ADMIN_TIMEOUT)
+        except Exception as exc:
+            raise map_error(exc, f"describing topic {topic!r}") from exc
+        return sorted(p["partition"] for p in described["partitions"])
+
+    async def offsets_client(self) -> AIOKafkaConsumer:
+        """A group-less consumer used for log start/end offsets."""
+        if self._offsets is None:
+            consumer = AIOKafkaConsumer(**self.client_options(), enable_auto_commit=False)
+            try:
+                await consumer.start()
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+                raise map_error(exc, "starting the offsets client") from exc
+            if self._offsets is None:
+                self._offsets = consumer
+            else:
+                await consumer.stop()
+        return self._offsets
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        if dedup_window is not None:
+            self.CAPABILITIES.require("deduplication")
+        for topic in {r.topic for r in records}:
+            await self.ensure_topic(topic)
+        producer = self.producer
+        try:
+            # send() all, then await the confirmations: one round trip per batch, not per record
+            futures = [
+                await producer.send(
+                    r.topic,
+                    r.body,
+                    key=r.key.encode("utf-8"),
+                    partition=r.partition,
+                    headers=[(MESSAGE_ID_HEADER, r.message_id.encode()), *encode_headers(r.headers)],
+                )
+                for r in records
+            ]
+            await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"publishing {len(records)} record(s)", publishing=True) from exc
+
+    # -- consuming ------------------------------------------------------------------------------
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        from ._consumer import KafkaLaneConsumer
+
+        return KafkaLaneConsumer(self, topic, group, member_id)
+
+    async def committed_offsets(self, group: str, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Any]:
+        """The group's committed offsets (``OffsetAndMetadata``) for ``partitions``; absent when none."""
+        try:
+            found = await asyncio.wait_for(
+                self.admin.list_consumer_group_offsets(group, partitions=list(partitions)), _ADMIN_TIMEOUT
+            )
+        except Exception as exc:
+            raise map_error(exc, f"reading committed offsets of group {group!r}") from exc
+        return {tp: meta for tp, meta in found.items() if meta.offset >= 0}
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        partitions = await self._existing_partitions(topic)
+        if not partitions:
+            return 0
+        # settled-but-buffered acks of this process's own members count as settled
+        await asyncio.gather(*(c.flush() for c in list(self.consumers) if c.topic == topic and c.group == group))
+        tps = [TopicPartition(topic, p) for p in partitions]
+        committed = await self.committed_offsets(group, tps)
+        offsets = await self.offsets_client()
+        try:
+            ends = await asyncio.wait_for(offsets.end_offsets(tps), _ADMIN_TIMEOUT)
+            starts = await asyncio.wait_for(offsets.beginning_offsets(tps), _ADMIN_TIMEOUT)
+        except Exception as exc:
+            raise map_error(exc, f"reading offsets of topic {topic!r}") from exc
+        total = 0
+        for tp in tps:
+            done = committed[tp].offset if tp in committed else starts[tp]
+            total += max(0, ends[tp] - max(done, starts[tp]))
+        return total
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    async def write_dead_letter(self, letter: DeadLetter, key: str, message_id: str) -> None:
+        """Append ``letter`` to ``<topic>.dlq`` and wait until Kafka confirmed it (acks=all)."""
+        dlq = dead_letter_topic(letter.topic)
+        await self.ensure_topic(dlq)
+        headers = {
+            **letter.headers,
+            _DL_GROUP: letter.group,
+            _DL_ERROR: letter.error,
+            _DL_ATTEMPTS: str(letter.attempts),
+            _DL_PARTITION: str(letter.partition),
+            _DL_AT: letter.dead_lettered_at.isoformat(),
+        }
+        try:
+            await self.producer.send_and_wait(
+                dlq,
+                letter.payload,
+                key=key.encode("utf-8"),
+                partition=letter.partition,
+                headers=[(MESSAGE_ID_HEADER, message_id.encode()), *encode_headers(headers)],
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"writing a dead letter to {dlq!r}", publishing=True) from exc
+
+    async def _read_topic(self, dlq: str) -> list[tuple[int, int, Any]]:
+        """Every record of ``dlq`` as (partition, offset, record), oldest first."""
+        partitions = await self._existing_partitions(dlq)
+        if not partitions:
+            return []
+        tps = [TopicPartition(dlq, p) for p in partitions]
+        reader = AIOKafkaConsumer(**self.client_options(), enable_auto_commit=False, auto_offset_reset="earliest")
+        out: list[tuple[int, int, Any]] = []
+        try:
+            await reader.start()
+            reader.assign(tps)
+            ends = await asyncio.wait_for(reader.end_offsets(tps), _ADMIN_TIMEOUT)
+            await reader.seek_to_beginning(*tps)
+            remaining = {tp for tp in tps if ends[tp] > 0}
+            deadline = time.monotonic() + 4 * _ADMIN_TIMEOUT
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise BrokerConnectionError(f"kafka: reading {dlq!r} did not reach its end in time")
+                batch = await reader.getmany(*remaining, timeout_ms=500)
+                for tp, records in batch.items():
+                    out.extend((tp.partition, r.offset, r) for r in records)
+                for tp in list(remaining):
+                    if await reader.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+        except asyncio.CancelledError:
+            raise
+        except BrokerConnectionError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"reading {dlq!r}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+        out.sort(key=lambda item: (item[2].timestamp, item[0], item[1]))
+        return out
+
+    async def _letters(self, topic: str, group: str) -> list[tuple[str, DeadLetter]]:
+        dlq = dead_letter_topic(topic)
+        records, markers = await asyncio.gather(self._read_topic(dlq), self._read_topic(dlq + REMOVED_TOPIC_SUFFIX))
+        removed: set[str] = set()
+        for _, _, record in markers:
+            headers = decode_headers(record.headers)
+            if headers.get(_DL_GROUP) == group:
+                removed.update(p for p in headers.get(_DL_REMOVED, "").split(",") if p)
+        letters: list[tuple[str, DeadLetter]] = []
+        for partition, offset, record in records:
+            headers = decode_headers(record.headers)
+            if headers.get(_DL_GROUP) != group:
+                continue
+            position = f"{partition}:{offset}"
+            original = {k: v for k, v in headers.items() if not k.startswith(_DL) and k != MESSAGE_ID_HEADER}
+            try:
+                at = datetime.fromisoformat(headers[_DL_AT])
+            except (KeyError, ValueError):
+                at = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+            letter = DeadLetter(
+                message_id=headers.get(MESSAGE_ID_HEADER, ""),
+                topic=topic,
+                group=group,
+                partition=int(headers.get(_DL_PARTITION, "0") or 0),
+                error=headers.get(_DL_ERROR, ""),
+                attempts=int(headers.get(_DL_ATTEMPTS, "0") or 0),
+                headers=original,
+                payload=record.value or b"",
+                partition_key=(record.key or b"").decode("utf-8", errors="replace"),
+                dead_lettered_at=at,
+            )
+            letters.append((position, letter))
+        return [(pos, letter) for pos, letter in letters if pos not in removed]
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        return [letter for _, letter in await self._letters(topic, group)]
+
+    async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        wanted = set(message_ids)
+        gone = [pos for pos, letter in await self._letters(topic, group) if letter.message_id in wanted]
+        if not gone:
+            return 0
+        marker = {_DL_GROUP: group, _DL_REMOVED: ",".join(gone)}
+        removed_topic = dead_letter_topic(topic) + REMOVED_TOPIC_SUFFIX
+        await self.ensure_topic(removed_topic, 1)
+        try:
+            await self.producer.send_and_wait(removed_topic, b"", headers=encode_headers(marker))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"removing dead letters of {topic!r}", publishing=True) from exc
+        return len(gone)
