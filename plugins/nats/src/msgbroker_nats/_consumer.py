@@ -1,0 +1,378 @@
+"""A member's reader of one (topic, group): one long-lived pull request per lane, all answered
+on a single inbox subscription, so polling 64 lanes costs no task per lane and no round trip
+per poll.
+
+Each open lane always has one pull request (batch 1) waiting on the server. Because the lane's
+consumer has ``max_ack_pending = 1``, the server answers it with the lane's next message only
+after the previous one is acked — so the request made right after a message arrives is what the
+ack releases: one hop from ack to next message, and members compete message by message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from msgbroker import BrokerClosedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, OutgoingRecord
+
+from ._errors import map_error
+from ._layout import ENVELOPE_HEADER, decode_envelope
+from ._transport import DEAD_LETTER_HEADERS
+
+if TYPE_CHECKING:
+    from msgbroker._provider import AssignmentListener
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+    from ._transport import NatsTransport
+
+__all__ = ["NatsLaneConsumer"]
+
+log = logging.getLogger("msgbroker.nats")
+
+PULL_EXPIRES = 15.0
+"""Seconds a pull request waits on the server; renewed when it expires (the server also drops
+it at once when our inbox goes away, so a dead member leaves no request behind)."""
+_PULL_REQUEST = b'{"batch":1,"expires":%d}' % int(PULL_EXPIRES * 1e9)
+_ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
+
+
+class _Held:
+    """One message this member holds (received, not settled). ``msg`` is replaced when the
+    server redelivers the same message to us, so settling uses the newest delivery."""
+
+    __slots__ = ("delivered", "msg", "seq")
+
+    def __init__(self, msg: Msg, seq: int, delivered: int) -> None:
+        self.msg = msg
+        self.seq = seq
+        self.delivered = delivered
+
+
+class _Lane:
+    __slots__ = ("deadline", "gen", "held", "next_subject", "open", "outstanding", "partition", "ready", "retry_at")
+
+    def __init__(self, partition: int, next_subject: str) -> None:
+        self.partition = partition
+        self.next_subject = next_subject
+        self.open = False
+        self.gen = 0
+        self.outstanding = False
+        self.deadline = 0.0
+        self.retry_at = 0.0
+        self.ready: deque[_Held] = deque()
+        self.held: dict[int, _Held] = {}
+
+
+class NatsLaneConsumer(LaneConsumer):
+    """Reads the lanes of one (topic, group) for one member."""
+
+    def __init__(self, transport: NatsTransport, topic: str, group: str, member_id: str) -> None:
+        self._transport = transport
+        self._layout = transport.layout(topic)
+        self._topic = topic
+        self._group = group
+        self._member = member_id
+        self._lanes: dict[int, _Lane] = {}
+        self._ready_lanes: set[int] = set()
+        self._needs_request: set[int] = set()
+        self._arrival: asyncio.Future[None] | None = None
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._next_sweep = 0.0
+        self._stopped = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, listener: AssignmentListener, partition: int | None) -> None:
+        transport = self._transport
+        await transport.ensure_stream(self._layout, None)
+        wanted = [partition] if partition is not None else list(range(transport.partition_count))
+        await asyncio.gather(*(transport.ensure_consumer(self._layout, self._group, p) for p in wanted))
+        nc = transport.nc
+        self._inbox = nc.new_inbox()
+        try:
+            self._sub = await nc.subscribe(f"{self._inbox}.>", cb=self._on_message, pending_msgs_limit=-1,
+                                           pending_bytes_limit=-1)
+        except Exception as exc:
+            raise map_error(exc, "subscribing to the pull inbox") from exc
+        self._keeper = asyncio.create_task(self._keep_in_progress(), name=f"msgbroker-nats-wpi-{self._topic}")
+
+    async def open_lane(self, partition: int, lease: str | None) -> None:
+        lane = self._lanes.get(partition)
+        if lane is None:
+            stream, consumer = self._layout.stream, self._layout.consumer(self._group, partition)
+            lane = self._lanes[partition] = _Lane(partition, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
+        lane.open = True
+        await self._request(lane)
+
+    async def close_lane(self, partition: int) -> None:
+        lane = self._lanes.get(partition)
+        if lane is None:
+            return
+        lane.open = False
+        await self._release(lane)
+
+    async def _release(self, lane: _Lane) -> None:
+        """Hand back what this member holds of the lane and never handled (a nak without delay
+        redelivers it at once to another member)."""
+        held = [*lane.ready, *lane.held.values()]
+        lane.ready.clear()
+        lane.held.clear()
+        self._ready_lanes.discard(lane.partition)
+        for item in held:
+            with contextlib.suppress(Exception):
+                await self._transport.nc.publish(item.msg.reply, _NAK)
+
+    async def stop(self, flush: bool) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._transport._consumers.discard(self)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        sub, self._sub = self._sub, None
+        if not flush:
+            # A crash: stop receiving (the server forgets our pull requests), settle nothing;
+            # what we hold comes back to the others after ack_wait.
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            self._wake_poll()
+            return
+        for lane in self._lanes.values():
+            lane.open = False
+            await self._release(lane)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                # Unsubscribe and wait until the server sent all it had for us: those messages
+                # reach _on_message, which hands them back, instead of waiting out ack_wait.
+                await asyncio.wait_for(sub.drain(), 5.0)
+        with contextlib.suppress(Exception):
+            await self._transport.nc.flush(timeout=2)
+        self._wake_poll()
+
+    def reconnected(self) -> None:
+        """The server forgot our pull requests: ask again on every open lane."""
+        for lane in self._lanes.values():
+            if lane.open:
+                lane.outstanding = False
+                lane.retry_at = 0.0
+                self._needs_request.add(lane.partition)
+        self._wake_poll()
+
+    # -- pull requests ---------------------------------------------------------------------
+
+    async def _request(self, lane: _Lane) -> None:
+        lane.gen += 1
+        lane.outstanding = True
+        lane.deadline = time.monotonic() + PULL_EXPIRES + 2.0
+        self._needs_request.discard(lane.partition)
+        try:
+            await self._transport.nc.publish(lane.next_subject, _PULL_REQUEST, reply=f"{self._inbox}.{lane.partition}.{lane.gen}")
+        except Exception as exc:
+            lane.outstanding = False
+            self._needs_request.add(lane.partition)
+            raise map_error(exc, f"pulling from {self._topic}[{lane.partition}]") from exc
+
+    async def _maintain(self) -> None:
+        """Renew pull requests that ended (expired, refused, lost with a reconnect)."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + 1.0
+            for lane in self._lanes.values():
+                if lane.open and lane.outstanding and now > lane.deadline:
+                    lane.outstanding = False  # no answer at all: the request is gone
+                    self._needs_request.add(lane.partition)
+        for partition in list(self._needs_request):
+            lane = self._lanes.get(partition)
+            if lane is None or not lane.open or lane.outstanding:
+                self._needs_request.discard(partition)
+            elif now >= lane.retry_at:
+                await self._request(lane)
+
+    def _wake_poll(self) -> None:
+        arrival = self._arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
+
+    async def _on_message(self, msg: Msg) -> None:
+        """Every answer to every lane's pull request: a message or a status."""
+        try:
+            if not msg.reply:
+                # A status comes on our inbox subject: <inbox>.<partition>.<request generation>.
+                part, _, gen = msg.subject[len(self._inbox) + 1:].partition(".")
+                self._on_status(self._lanes.get(int(part)), int(gen or 0), msg)
+                return
+            # A message keeps its stream subject (<prefix>.<topic>.<partition>).
+            lane = self._lanes.get(self._layout.partition_of(msg.subject))
+            if lane is None or not lane.open or self._stopped:
+                # Arrived for a lane this member no longer reads: hand it back at once.
+                await self._transport.nc.publish(msg.reply, _NAK)
+                return
+            lane.outstanding = False  # a batch-1 request is used up by its message
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            current = lane.held.get(seq) or next((h for h in lane.ready if h.seq == seq), None)
+            if current is not None:
+                # Redelivered to us while we still hold it (ack_wait passed): settle the newest.
+                current.msg = msg
+                current.delivered = meta.num_delivered
+            else:
+                lane.ready.append(_Held(msg, seq, meta.num_delivered))
+                self._ready_lanes.add(lane.partition)
+            if not lane.outstanding:
+                # Ask for the next one now: the server answers when this one is acked.
+                await self._request(lane)
+            self._wake_poll()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never let one bad answer stop the inbox
+            log.warning("nats: handling a pull answer on %s failed: %r", msg.subject, exc)
+
+    def _on_status(self, lane: _Lane | None, gen: int, msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100" or lane is None or gen != lane.gen:
+            return  # heartbeat, or the end of a request we already replaced
+        lane.outstanding = False
+        description = str(headers.get("Description", ""))
+        now = time.monotonic()
+        if status in ("408", "404"):
+            lane.retry_at = now  # expired (or nothing right now): ask again
+        elif status == "409" and "Consumer Deleted" in description:
+            lane.retry_at = now + 0.5
+            asyncio.ensure_future(self._recreate(lane.partition))
+        else:
+            # 409 Server Shutdown / Exceeded MaxWaiting, 503: ask again soon, not in a loop.
+            log.debug("nats: pull request on %s[%d] ended: %s %s", self._topic, lane.partition, status, description)
+            lane.retry_at = now + 0.25
+        if lane.open:
+            self._needs_request.add(lane.partition)
+        self._wake_poll()
+
+    async def _recreate(self, partition: int) -> None:
+        try:
+            await self._transport.ensure_consumer(self._layout, self._group, partition)
+        except Exception as exc:
+            log.warning("nats: recreating the consumer of %s[%d] for %s failed: %s", self._topic, partition,
+                        self._group, exc)
+
+    async def _keep_in_progress(self) -> None:
+        """``+WPI`` for every message this member holds, every ack_wait/3: a long handler on a
+        live member is not redelivered elsewhere; a dead member's message is after ack_wait."""
+        interval = max(0.05, self._transport.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                nc = self._transport.nc
+                for lane in list(self._lanes.values()):
+                    for item in [*lane.ready, *lane.held.values()]:
+                        await nc.publish(item.msg.reply, _WPI)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("nats: in-progress signal failed: %r", exc)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        if self._stopped:
+            return []
+        deadline = time.monotonic() + timeout
+        wanted: set[int] | None = None
+        waker: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                await self._maintain()
+                out: list[Delivery] = []
+                if self._ready_lanes:
+                    wanted = wanted if wanted is not None else set(partitions)
+                    for partition in [p for p in self._ready_lanes if p in wanted]:
+                        lane = self._lanes[partition]
+                        for _ in range(max_per_lane):
+                            if not lane.ready:
+                                break
+                            item = lane.ready.popleft()
+                            lane.held[item.seq] = item
+                            out.append(self._delivery(lane, item))
+                        if not lane.ready:
+                            self._ready_lanes.discard(partition)
+                remaining = deadline - time.monotonic()
+                if out or wake.is_set() or remaining <= 0 or self._stopped:
+                    return out
+                arrival = self._arrival = asyncio.get_running_loop().create_future()
+                if waker is None:
+                    waker = asyncio.ensure_future(wake.wait())
+                # Wake up for renewals too: a request that ended is asked again within a second.
+                await asyncio.wait({arrival, waker}, timeout=min(remaining, 1.0),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                self._arrival = None
+        finally:
+            if waker is not None:
+                waker.cancel()
+
+    def _delivery(self, lane: _Lane, item: _Held) -> Delivery:
+        msg = item.msg
+        raw = msg.headers.get(ENVELOPE_HEADER) if msg.headers else None
+        envelope = decode_envelope(raw, f"nats-{self._layout.stream}-{item.seq}")
+        return Delivery(
+            partition=lane.partition,
+            message_id=envelope.message_id,
+            key=envelope.key,
+            headers=envelope.headers,
+            body=msg.data,
+            attempt=item.delivered,
+            position=item,
+        )
+
+    # -- settling --------------------------------------------------------------------------
+
+    async def _settle(self, delivery: Delivery, payload: bytes, doing: str) -> None:
+        item: _Held = delivery.position
+        lane = self._lanes.get(delivery.partition)
+        if lane is not None:
+            lane.held.pop(item.seq, None)  # whatever happens next, stop extending it
+        try:
+            await self._transport.nc.publish(item.msg.reply, payload)
+        except BrokerClosedError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"{doing} {delivery.message_id} on {self._topic}[{delivery.partition}]") from exc
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self._settle(delivery, _ACK, "acking")
+
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        # The server counts deliveries itself (num_delivered); the nak holds the lane until the
+        # message is redelivered (max_ack_pending=1), after the delay when there is one.
+        delay = (not_before - time.time()) if not_before is not None else 0.0
+        payload = _NAK if delay <= 0.001 else b'-NAK {"delay":%d}' % int(delay * 1e9)
+        await self._settle(delivery, payload, "naking")
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        item: _Held = delivery.position
+        headers = dict(letter.headers)
+        headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
+        record = OutgoingRecord(f"{self._topic}.dlq", delivery.partition, delivery.key, delivery.message_id,
+                                headers, delivery.body)
+        dead = self._layout.dead_letters
+        try:
+            await self._transport.ensure_stream(dead, None)
+            # The stream sequence makes the letter's dedup id: dead-lettering the same delivery
+            # twice (a TERM lost with a connection) stores it once.
+            await self._transport.publish_records([record], [f"{self._layout.stream}:{self._group}:{item.seq}"])
+        except MsgBrokerError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"dead-lettering {delivery.message_id}") from exc
+        await self._settle(delivery, _TERM, "terminating")

@@ -1,0 +1,492 @@
+"""The NATS JetStream provider: streams per topic, durable pull consumers per lane.
+
+JetStream keeps each lane by itself: a durable pull consumer per (group, partition) with
+``max_ack_pending = 1`` hands out one message at a time and holds the next one back until the
+current one is acked — also across members, and also while a nak'ed message waits out its delay
+(observed on nats-server 2.9.10). So every member polls every lane (``ASSIGNMENT = "shared"``),
+the broker redelivers (``REDELIVERY = "broker"``), and no leases are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+import weakref
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from msgbroker import (
+    BrokerClosedError,
+    BrokerConnectionError,
+    Capabilities,
+    ConfigurationError,
+    DeadLetter,
+    LaneConsumer,
+    MessageTooLargeError,
+    OutgoingRecord,
+    PublishFailedError,
+    PublishIndeterminateError,
+    Transport,
+)
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, StorageType, StreamConfig
+
+from ._errors import map_error
+from ._layout import (
+    ENVELOPE_HEADER,
+    MSG_ID_HEADER,
+    TopicLayout,
+    decode_envelope,
+    encode_envelope,
+    validate_stream_prefix,
+)
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js import JetStreamContext, JetStreamManager
+
+    from ._consumer import NatsLaneConsumer
+
+__all__ = ["DEAD_LETTER_HEADERS", "NatsTransport"]
+
+log = logging.getLogger("msgbroker.nats")
+
+DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
+_STREAM_NAME_IN_USE = 10058
+_PUBLISH_TIMEOUT = 10.0
+_API_TIMEOUT = 5.0
+_HEADER_ROOM = 4096
+"""Bytes of a message's budget left for msgbroker's envelope and the user's headers."""
+_SERVER_MAX_PAYLOAD = 1024 * 1024
+"""nats-server's default ``max_payload``; the connection's real limit is checked at publish."""
+
+
+class NatsTransport(Transport):
+    """``nats://`` and ``tls://`` — NATS JetStream (nats-server >= 2.9) through nats-py."""
+
+    NAME: ClassVar[str] = "nats"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("nats", "tls")
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        persistent=True,
+        retains_before_group=True,
+        competing_consumers=True,
+        redelivery_on_crash=True,
+        kill_member=True,
+        delay=True,
+        deduplication="native",
+        pending_count_exact=True,
+        partition_exclusive=True,
+        server_restart=True,
+        max_message_bytes=_SERVER_MAX_PAYLOAD - _HEADER_ROOM,
+    )
+    ASSIGNMENT = "shared"
+    REDELIVERY = "broker"
+    MAX_POLL_BLOCK: ClassVar[float] = 1.0
+
+    @classmethod
+    def settings_from_url(cls, url: str) -> dict[str, Any]:
+        return {"nats": {"url": url}}
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        section = settings.nats
+        self.prefix = validate_stream_prefix(section.stream_prefix)
+        self.partition_count: int = settings.partition_count
+        self.ack_wait = section.ack_wait.total_seconds()
+        if self.ack_wait <= 0:
+            raise ConfigurationError(f"nats.ack_wait={section.ack_wait!r} must be positive")
+        self.max_age = section.max_age.total_seconds()
+        if section.max_deliver != -1 and section.max_deliver <= settings.max_retry_attempts:
+            # The engine dead-letters after max_retry_attempts; the server limit is never used
+            # (a message at the server's max_deliver is dropped silently), see docs/providers/nats.md.
+            log.info("nats: max_deliver=%d is below max_retry_attempts=%d; the server-side limit is "
+                     "unlimited anyway and msgbroker dead-letters first", section.max_deliver,
+                     settings.max_retry_attempts)
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self._jsm: JetStreamManager | None = None
+        self._streams: dict[str, asyncio.Task[float]] = {}
+        self._consumers: weakref.WeakSet[NatsLaneConsumer] = weakref.WeakSet()
+        self._closing = False
+
+    # -- connection ----------------------------------------------------------------------------
+
+    @property
+    def nc(self) -> Client:
+        if self._nc is None or self._nc.is_closed:
+            raise BrokerClosedError("the nats broker connection is closed")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise BrokerClosedError("the nats broker connection is closed")
+        return self._js
+
+    @property
+    def jsm(self) -> JetStreamManager:
+        if self._jsm is None:
+            raise BrokerClosedError("the nats broker connection is closed")
+        return self._jsm
+
+    async def connect(self) -> None:
+        url = self.settings.nats.url
+        try:
+            self._nc = await nats.connect(
+                servers=[url],
+                name=f"msgbroker-{uuid.uuid4().hex[:8]}",
+                connect_timeout=5,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                ping_interval=10,
+                max_outstanding_pings=3,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+            )
+        except Exception as exc:
+            raise BrokerConnectionError(f"cannot connect to nats at {url}: {type(exc).__name__} {exc}") from exc
+        self._js = self._nc.jetstream(timeout=_API_TIMEOUT)
+        self._jsm = self._nc.jsm(timeout=_API_TIMEOUT)
+        try:
+            await self._jsm.account_info()
+        except Exception as exc:
+            await self._nc.close()
+            raise map_error(exc, f"checking JetStream on {url}") from exc
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("nats: connection error: %r", exc)
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing:
+            log.warning("nats: disconnected from %s; reconnecting", self.settings.nats.url)
+
+    async def _on_reconnected(self) -> None:
+        log.warning("nats: reconnected to %s", self.settings.nats.url)
+        for consumer in list(self._consumers):
+            consumer.reconnected()  # the server dropped every pull request with the old connection
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        self._closing = True
+        if nc is None or nc.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+    async def abort(self) -> None:
+        nc, self._nc = self._nc, None
+        self._closing = True
+        if nc is None or nc.is_closed:
+            return
+        # A crash: whatever is still buffered (acks, naks) never reaches the server.
+        nc._pending = []
+        nc._pending_data_size = 0
+        with contextlib.suppress(Exception):
+            await nc.close()
+
+    async def ping(self) -> bool:
+        try:
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                return False
+            await nc.flush(timeout=2)
+            await self.jsm.account_info()
+            return True
+        except Exception:
+            return False
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def layout(self, topic: str) -> TopicLayout:
+        return TopicLayout(self.prefix, topic)
+
+    async def ensure_stream(self, layout: TopicLayout, dedup_window: float | None) -> None:
+        """Create the topic's stream, or check an existing one (partition count, subjects) and
+        widen its duplicate window when deduplication asks for more."""
+        task = self._streams.get(layout.topic)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._streams[layout.topic] = asyncio.ensure_future(self._open_stream(layout, dedup_window))
+        try:
+            window = await asyncio.shield(task)
+        except BaseException:
+            if task.done() and self._streams.get(layout.topic) is task:
+                del self._streams[layout.topic]
+            raise
+        if dedup_window is not None and window < min(dedup_window, self._max_age_or(dedup_window)):
+            self._streams[layout.topic] = asyncio.ensure_future(self._open_stream(layout, dedup_window))
+            await self._streams[layout.topic]
+
+    def _max_age_or(self, default: float) -> float:
+        return self.max_age if self.max_age > 0 else default
+
+    async def _open_stream(self, layout: TopicLayout, dedup_window: float | None) -> float:
+        jsm = self.jsm
+        try:
+            try:
+                info = await jsm.stream_info(layout.stream)
+            except nats.js.errors.NotFoundError:
+                config = StreamConfig(
+                    name=layout.stream,
+                    description=layout.description(self.partition_count),
+                    subjects=[layout.subjects],
+                    storage=StorageType.FILE,
+                    max_age=self.max_age or None,
+                    duplicate_window=min(dedup_window, self._max_age_or(dedup_window)) if dedup_window else None,
+                )
+                try:
+                    info = await jsm.add_stream(config)
+                    return float(info.config.duplicate_window or 0)
+                except nats.js.errors.BadRequestError as exc:
+                    if exc.err_code != _STREAM_NAME_IN_USE:
+                        raise
+                    info = await jsm.stream_info(layout.stream)  # another member created it just now
+            config = info.config
+            count = layout.partition_count_of(config.description)
+            if count is not None and count != self.partition_count:
+                raise ConfigurationError(
+                    f"nats stream {layout.stream!r} of topic {layout.topic!r} was created with "
+                    f"partition_count={count}; this connection has partition_count={self.partition_count}"
+                )
+            if layout.subjects not in (config.subjects or []):
+                raise ConfigurationError(
+                    f"nats stream {layout.stream!r} exists with subjects {config.subjects!r}, not "
+                    f"{layout.subjects!r}: it is not a msgbroker stream (change nats.stream_prefix)"
+                )
+            window = float(config.duplicate_window or 0)
+            changes: dict[str, Any] = {}
+            if count is None:
+                changes["description"] = layout.description(self.partition_count)
+            if dedup_window is not None and window < min(dedup_window, self._max_age_or(dedup_window)):
+                changes["duplicate_window"] = min(dedup_window, self._max_age_or(dedup_window))
+            if changes:
+                log.info("nats: updating stream %s: %s", layout.stream, changes)
+                info = await jsm.update_stream(config.evolve(**changes))
+                window = float(info.config.duplicate_window or 0)
+            return window
+        except (ConfigurationError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"opening stream {layout.stream!r}") from exc
+
+    def consumer_config(self, layout: TopicLayout, group: str, partition: int) -> ConsumerConfig:
+        """The durable pull consumer of one lane: one message in flight (``max_ack_pending=1``)
+        keeps the lane ordered and exclusive; no server-side delivery limit, because a message at
+        ``max_deliver`` would be dropped silently — the engine dead-letters instead."""
+        name = layout.consumer(group, partition)
+        return ConsumerConfig(
+            durable_name=name,
+            description=f"msgbroker group {group} on {layout.topic} partition {partition}",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=-1,
+            filter_subject=layout.subject(partition),
+            replay_policy=ReplayPolicy.INSTANT,
+            max_ack_pending=1,
+            max_waiting=512,
+        )
+
+    async def ensure_consumer(self, layout: TopicLayout, group: str, partition: int) -> None:
+        """Create the lane's durable consumer, or bring an existing one to these settings
+        (nats-server updates ack_wait, max_deliver, max_ack_pending in place)."""
+        config = self.consumer_config(layout, group, partition)
+        try:
+            await self.jsm.add_consumer(layout.stream, config)
+        except nats.js.errors.BadRequestError as exc:
+            raise ConfigurationError(
+                f"nats consumer {config.durable_name!r} on stream {layout.stream!r} exists with settings "
+                f"that cannot be changed to msgbroker's ({exc.description}); delete it "
+                f"(nats consumer rm {layout.stream} {config.durable_name}) or use another group name"
+            ) from exc
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"creating consumer {config.durable_name!r} on {layout.stream!r}") from exc
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        if not records:
+            return
+        for topic in {r.topic for r in records}:
+            await self.ensure_stream(self.layout(topic), dedup_window)
+        ids = [r.message_id for r in records] if dedup_window is not None else None
+        await self.publish_records(records, ids)
+
+    async def publish_records(self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None) -> None:
+        """Publish with async acks (bounded by nats-py's pending-ack window) and wait for all of
+        them: one round trip for the batch, not one per message."""
+        js = self.js
+        limit = self.nc.max_payload
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            # One deadline for the whole batch; no per-message timeout, so the loop below never
+            # yields to the event loop and nats-py writes the batch with one socket write.
+            async with asyncio.timeout(_PUBLISH_TIMEOUT):
+                for index, record in enumerate(records):
+                    headers = {ENVELOPE_HEADER: encode_envelope(record.message_id, record.key, record.headers)}
+                    if dedup_ids is not None:
+                        headers[MSG_ID_HEADER] = dedup_ids[index]
+                    size = len(record.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+                    if size > limit:
+                        raise MessageTooLargeError(
+                            f"message {record.message_id} on {record.topic!r} is {size} bytes with its headers; "
+                            f"the nats server accepts at most {limit} (max_payload)"
+                        )
+                    subject = f"{self.prefix}.{record.topic}.{record.partition}"
+                    futures.append(await js.publish_async(subject, record.body, headers=headers))
+                results = await asyncio.gather(*futures, return_exceptions=True)
+        except (MessageTooLargeError, asyncio.CancelledError):
+            for future in futures:
+                future.cancel()
+            raise
+        except (TimeoutError, nats.js.errors.TooManyStalledMsgsError) as exc:
+            for future in futures:
+                future.cancel()
+            raise PublishIndeterminateError(
+                f"nats: no confirmation within {_PUBLISH_TIMEOUT}s for {len(records)} message(s) on "
+                f"{records[0].topic!r}; they may or may not be stored"
+            ) from exc
+        except Exception as exc:
+            for future in futures:
+                future.cancel()
+            raise map_error(exc, f"publishing to {records[0].topic!r}") from exc
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            first = failures[0]
+            if isinstance(first, nats.js.errors.NoStreamResponseError):
+                for topic in {r.topic for r in records}:
+                    self._streams.pop(topic, None)  # deleted behind our back: recreated on the next publish
+                raise PublishFailedError(
+                    f"nats: no stream took {len(failures)} of {len(records)} message(s) on {records[0].topic!r}"
+                ) from first
+            if isinstance(first, nats.js.errors.APIError):
+                raise PublishFailedError(
+                    f"nats: JetStream refused {len(failures)} of {len(records)} message(s) on "
+                    f"{records[0].topic!r}: {first.description}"
+                ) from first
+            raise PublishIndeterminateError(
+                f"nats: {len(failures)} of {len(records)} message(s) on {records[0].topic!r} not confirmed: {first!r}"
+            ) from first
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        from ._consumer import NatsLaneConsumer
+
+        consumer = NatsLaneConsumer(self, topic, group, member_id)
+        self._consumers.add(consumer)
+        return consumer
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        layout = self.layout(topic)
+        try:
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=2)  # our own fire-and-forget acks land first
+            try:
+                info = await self.jsm.stream_info(layout.stream, subjects_filter=layout.subjects)
+            except nats.js.errors.NotFoundError:
+                return 0
+            per_subject = info.state.subjects or {}
+            lanes = await asyncio.gather(*(self._lane_pending(layout, group, p) for p in range(self.partition_count)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"counting pending messages of {group!r} on {topic!r}") from exc
+        # A lane whose consumer does not exist yet will get every retained message of its subject.
+        return sum(n if n is not None else per_subject.get(layout.subject(p), 0) for p, n in enumerate(lanes))
+
+    async def _lane_pending(self, layout: TopicLayout, group: str, partition: int) -> int | None:
+        try:
+            info = await self.jsm.consumer_info(layout.stream, layout.consumer(group, partition))
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    # -- dead letters ----------------------------------------------------------------------------
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        return [letter for _, letter in await self._scan_dead_letters(topic, group)]
+
+    async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        wanted = set(message_ids)
+        stream = self.layout(topic).dead_letters.stream
+        found = [seq for seq, letter in await self._scan_dead_letters(topic, group) if letter.message_id in wanted]
+        try:
+            done = await asyncio.gather(*(self.jsm.delete_msg(stream, seq) for seq in found), return_exceptions=True)
+        except asyncio.CancelledError:
+            raise
+        return sum(1 for ok in done if ok is True)
+
+    async def _scan_dead_letters(self, topic: str, group: str) -> list[tuple[int, DeadLetter]]:
+        """Read the ``<topic>.dlq`` stream through a short-lived ephemeral consumer (no acks)."""
+        layout = self.layout(topic).dead_letters
+        try:
+            try:
+                info = await self.jsm.stream_info(layout.stream)
+            except nats.js.errors.NotFoundError:
+                return []
+            if not info.state.messages:
+                return []
+            config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                                    inactive_threshold=30.0, mem_storage=True)
+            sub = await self.js.pull_subscribe(layout.subjects, stream=layout.stream, config=config)
+            out: list[tuple[int, DeadLetter]] = []
+            try:
+                while True:
+                    try:
+                        msgs = await sub.fetch(256, timeout=1.0)
+                    except nats.errors.TimeoutError:
+                        break
+                    for msg in msgs:
+                        letter = self._dead_letter_of(layout, topic, msg)
+                        if letter is not None and letter.group == group:
+                            out.append((msg.metadata.sequence.stream, letter))
+                    if not msgs or msgs[-1].metadata.num_pending == 0:
+                        break
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                with contextlib.suppress(Exception):
+                    await self.jsm.delete_consumer(layout.stream, sub._consumer)
+            return out
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"reading the dead letters of {topic!r}") from exc
+
+    @staticmethod
+    def _dead_letter_of(layout: TopicLayout, topic: str, msg: Any) -> DeadLetter | None:
+        meta = msg.metadata
+        raw = msg.headers.get(ENVELOPE_HEADER) if msg.headers else None
+        envelope = decode_envelope(raw, f"nats-{meta.stream}-{meta.sequence.stream}")
+        headers = envelope.headers
+        group = headers.get(DEAD_LETTER_HEADERS[2])
+        if group is None:
+            return None
+        try:
+            attempts = int(headers.get(DEAD_LETTER_HEADERS[1], "0"))
+        except ValueError:
+            attempts = 0
+        return DeadLetter(
+            message_id=envelope.message_id,
+            topic=topic,
+            group=group,
+            partition=layout.partition_of(msg.subject),
+            error=headers.get(DEAD_LETTER_HEADERS[0], ""),
+            attempts=attempts,
+            headers={k: v for k, v in headers.items() if not k.startswith("msgbroker-dead-letter-")},
+            payload=msg.data,
+            partition_key=envelope.key,
+            dead_lettered_at=meta.timestamp or datetime.now(UTC),
+        )
+
