@@ -1,0 +1,48 @@
+"""A group member in a process of its own, for the failover test (killed with SIGKILL there).
+
+    python _member.py URL PREFIX TOPIC GROUP PARTITIONS HOLD_AT
+
+It handles ``Item`` messages, appending ``"<key>:<n>:<attempt>"`` to the Redis list
+``<PREFIX>:record`` after each one, and, on the message whose ``n`` is HOLD_AT, pushes
+``"holding:<key>:<n>"`` to ``<PREFIX>:holding`` and never returns (its lane stays in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import msgbroker
+import redis.asyncio as aioredis
+from msgbroker import Message, MessageContext
+
+
+class Item(Message):
+    key: str
+    n: int
+
+    @property
+    def partition_key(self) -> str:
+        return self.key
+
+
+async def main(url: str, prefix: str, topic: str, group: str, partitions: int, hold_at: int) -> None:
+    raw = aioredis.Redis.from_url(url)
+
+    async def handle(ctx: MessageContext[Item]) -> None:
+        item = ctx.message
+        if item.n == hold_at:
+            await raw.rpush(f"{prefix}:holding", f"holding:{item.key}:{item.n}")
+            await asyncio.Event().wait()  # in flight until the process is killed
+        await raw.rpush(f"{prefix}:record", f"{item.key}:{item.n}:{ctx.delivery_attempt}")
+
+    broker = msgbroker.connect(url, partition_count=partitions, retry_delay=0,
+                               redis={"key_prefix": prefix, "claim_timeout": 2})
+    async with broker:
+        await broker.subscribe(topic, group, handle)
+        await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    url, prefix, topic, group, partitions, hold_at = sys.argv[1:7]
+    asyncio.run(main(url, prefix, topic, group, int(partitions), int(hold_at)))

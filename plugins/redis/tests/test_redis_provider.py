@@ -1,0 +1,380 @@
+"""The Redis provider against the real server: what the conformance suite cannot see from
+outside (keys, trimming, fencing, a killed member process, a restarted server, the seed's
+settings)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgbroker
+import pytest
+import redis.asyncio as aioredis
+from msgbroker import BrokerSettings, ConfigurationError, DeadLetter, Lane, Message, MessageContext, partition_for
+from msgbroker_redis import RedisTransport, topic_keys
+
+REPO = Path(__file__).resolve().parents[3]
+SEED_APPSETTINGS = REPO.parent / "shared" / "seed" / "appsettings.json"
+MEMBER = Path(__file__).with_name("_member.py")
+
+
+class Item(Message):
+    key: str
+    n: int
+
+    @property
+    def partition_key(self) -> str:
+        return self.key
+
+
+async def wait_until(check: Callable[[], Awaitable[bool] | bool], timeout: float = 20.0, what: str = "") -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+def first_seen_in_order(events: list[tuple[str, int]]) -> dict[str, list[int]]:
+    """Per key, the numbers in the order they were first handled (redeliveries dropped)."""
+    seen: set[tuple[str, int]] = set()
+    out: dict[str, list[int]] = {}
+    for key, n in events:
+        if (key, n) not in seen:
+            seen.add((key, n))
+            out.setdefault(key, []).append(n)
+    return out
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+async def test_every_key_lives_under_the_key_prefix(connect: Any, raw: aioredis.Redis, prefix: str, topic: str) -> None:
+    handled: set[int] = set()
+
+    async def handle(ctx: MessageContext[Item]) -> None:
+        if ctx.message.n == 3:
+            await ctx.nak(requeue=False)
+            return
+        if ctx.message.n == 4 and ctx.delivery_attempt == 1:
+            await ctx.delay(0.05)
+            return
+        handled.add(ctx.message.n)
+
+    async with connect(enable_deduplication=True) as broker:
+        await broker.publish_batch(topic, [Item(key=f"k{i}", n=i) for i in range(20)])
+        await broker.subscribe(topic, "workers", handle)
+        await wait_until(lambda: len(handled) == 19, what="19 messages handled")
+        await wait_until(lambda: _has_dead_letter(broker, topic), what="the dead letter")
+        keys = sorted([key.decode() async for key in raw.scan_iter(match=f"*{topic}*", count=1000)])
+    assert all(key.startswith(f"{prefix}:") for key in keys), keys
+    kinds = {key.split("}:", 1)[1].split(":", 1)[0] for key in keys}
+    assert {"0", "meta", "dedup", "members", "lease", "dead"} <= kinds, kinds
+
+
+async def _has_dead_letter(broker: msgbroker.Broker, topic: str) -> bool:
+    return len(await broker.dead_letters(topic, "workers")) == 1
+
+
+# -- trimming ------------------------------------------------------------------------------------
+
+
+async def test_trimming_never_deletes_what_a_group_has_not_settled(
+    connect: Any, raw: aioredis.Redis, prefix: str, topic: str
+) -> None:
+    stream = topic_keys(prefix, topic).stream(0)
+    gate = asyncio.Event()
+    busy: list[int] = []
+    late: list[int] = []
+
+    async def hold_the_first(ctx: MessageContext[Item]) -> None:
+        busy.append(ctx.message.n)
+        if ctx.message.n == 0:
+            await gate.wait()
+
+    async def collect(ctx: MessageContext[Item]) -> None:
+        late.append(ctx.message.n)
+
+    async with connect(partition_count=1, redis={"max_stream_length": 10}) as broker:
+        # "late" exists (subscribed once and left) but has not handled anything.
+        await (await broker.subscribe(topic, "late", collect)).close()
+        await broker.subscribe(topic, "busy", hold_the_first)
+        await broker.publish_batch(topic, [Item(key="k", n=i) for i in range(50)])
+        await wait_until(lambda: busy == [0], what="the first message in flight")
+        for i in range(50, 60):
+            await broker.publish(topic, Item(key="k", n=i))
+        assert await raw.xlen(stream) == 60, "an unsettled entry was trimmed"
+
+        gate.set()
+        await wait_until(lambda: len(busy) == 60, what="busy to handle all 60")
+        assert busy == list(range(60))
+        await broker.publish(topic, Item(key="k", n=60))
+        assert await raw.xlen(stream) == 61, "entries the late group still needs were trimmed"
+
+        await broker.subscribe(topic, "late", collect)
+        await wait_until(lambda: len(late) == 61, what="late to handle all 61")
+        assert late == list(range(61))
+        for group in ("busy", "late"):
+            await wait_until(lambda g=group: _settled(broker, topic, g), what=f"{group} to settle everything")
+        await broker.publish(topic, Item(key="k", n=61))
+        assert await raw.xlen(stream) == 10, "settled history beyond max_stream_length was kept"
+
+
+async def _settled(broker: msgbroker.Broker, topic: str, group: str) -> bool:
+    return await broker.pending_count(topic, group) == 0
+
+
+# -- fencing -------------------------------------------------------------------------------------
+
+
+async def test_a_paused_member_cannot_settle_what_the_new_owner_holds(connect: Any, topic: str) -> None:
+    async with connect(partition_count=1) as broker:
+        transport = broker.transport
+        assert isinstance(transport, RedisTransport)
+        lane = Lane(topic, "g", 0)
+        await broker.publish(topic, Item(key="a", n=1))
+        wake = asyncio.Event()
+
+        zombie = transport.consumer(topic, "g", "member-a")
+        await zombie.start(None, None)  # type: ignore[arg-type]
+        token_a = await transport.acquire_lease(lane, "member-a", 0.3)
+        assert token_a is not None
+        await zombie.open_lane(0, token_a)
+        [held] = await zombie.poll([0], 10, 0.5, wake)
+        assert held.attempt == 1
+
+        # member-a stalls past its lease; member-b takes the lane and resumes its history.
+        owner = transport.consumer(topic, "g", "member-b")
+        await owner.start(None, None)  # type: ignore[arg-type]
+        tokens: list[str | None] = []
+
+        async def taken() -> bool:
+            tokens.append(await transport.acquire_lease(lane, "member-b", 30))
+            return tokens[-1] is not None
+
+        await wait_until(taken, what="member-b to take the expired lease")
+        await owner.open_lane(0, tokens[-1])
+        [again] = await owner.poll([0], 10, 0.5, wake)
+        assert (again.message_id, again.attempt) == (held.message_id, 2)
+
+        # The zombie wakes up: its ack, retry and dead letter change nothing.
+        await zombie.ack(held)
+        await zombie.flush_acks()  # type: ignore[attr-defined]
+        await zombie.retry(held, 9, None)
+        await zombie.dead_letter(held, DeadLetter(held.message_id, topic, "g", 0, "late", 1, {}, held.body))
+        assert await broker.pending_count(topic, "g") == 1
+        assert await broker.dead_letters(topic, "g") == []
+        # ...nor can it read the lane any more.
+        await broker.publish(topic, Item(key="a", n=2))
+        assert await zombie.poll([0], 10, 0.2, wake) == []
+        second = await owner.poll([0], 10, 0.5, wake)
+        assert [d.attempt for d in second] == [1]
+
+        await owner.ack(again)
+        await owner.ack(second[0])
+        await owner.stop(flush=True)
+        assert await broker.pending_count(topic, "g") == 0
+        await zombie.stop(flush=False)
+
+
+# -- a member process killed ---------------------------------------------------------------------
+
+
+async def test_a_killed_member_process_hands_its_lanes_and_in_flight_message_over(
+    connect: Any, raw: aioredis.Redis, redis_url: str, prefix: str, topic: str
+) -> None:
+    keys = [f"key-{i}" for i in range(8)]
+    count = 40
+    await_all = {(k, n) for k in keys for n in range(count)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(MEMBER), redis_url, prefix, topic, "workers", "4", "7", env=env
+    )
+    try:
+        async with connect(partition_count=4) as broker:
+            await broker.publish_batch(topic, [Item(key=k, n=n) for n in range(count) for k in keys])
+            # The worker owns every lane; it holds one message of each lane in flight at n=7.
+            await wait_until(lambda: _count(raw, f"{prefix}:holding", 1), timeout=30, what="the member to hold")
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            by_worker = [_parse(e) for e in await raw.lrange(f"{prefix}:record", 0, -1)]
+            holding = [e.decode().split(":")[1] for e in await raw.lrange(f"{prefix}:holding", 0, -1)]
+
+            events: list[tuple[str, int, int]] = []
+
+            async def handle(ctx: MessageContext[Item]) -> None:
+                events.append((ctx.message.key, ctx.message.n, ctx.delivery_attempt))
+
+            await broker.subscribe(topic, "workers", handle)
+            handled = lambda: {(k, n) for k, n, _ in by_worker + events}  # noqa: E731
+            await wait_until(lambda: handled() >= await_all, timeout=30, what="every message handled")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert by_worker, "the member process handled nothing before it was killed"
+    survivor = first_seen_in_order([(k, n) for k, n, _ in events])
+    for key, numbers in survivor.items():
+        assert numbers == sorted(numbers), f"{key} out of order after failover: {numbers}"
+    # The message the dead member held comes first on its lane, with the crash counted.
+    for key in holding:
+        lane = partition_for(key, 4)
+        first = next((k, n, a) for k, n, a in events if partition_for(k, 4) == lane)
+        assert first[:2] == (key, 7), f"lane {lane} resumed with {first}, not the held ({key}, 7)"
+        assert first[2] >= 2, f"the held message lost its delivery count: {first}"
+
+
+async def _count(raw: aioredis.Redis, key: str, at_least: int) -> bool:
+    return int(await raw.llen(key)) >= at_least
+
+
+def _parse(entry: bytes) -> tuple[str, int, int]:
+    key, n, attempt = entry.decode().rsplit(":", 2)
+    return key, int(n), int(attempt)
+
+
+# -- the server restarted -------------------------------------------------------------------------
+
+
+async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, topic: str) -> None:
+    keys = [f"key-{i}" for i in range(6)]
+    total = 300
+    confirmed: set[tuple[str, int]] = set()
+    events: list[tuple[str, int]] = []
+
+    async def handle(ctx: MessageContext[Item]) -> None:
+        events.append((ctx.message.key, ctx.message.n))
+        await asyncio.sleep(0.002)
+
+    async def publish_all(broker: msgbroker.Broker) -> None:
+        for start in range(0, total, 10):
+            batch = [Item(key=keys[n % len(keys)], n=n) for n in range(start, start + 10)]
+            while True:
+                try:
+                    await broker.publish_batch(topic, batch)
+                    break
+                except msgbroker.TransientError:
+                    await asyncio.sleep(0.1)  # not confirmed: publish the same messages again
+            confirmed.update((m.key, m.n) for m in batch)
+            await asyncio.sleep(0.01)
+
+    async with connect(redis={"claim_timeout": 10}) as broker:
+        await broker.subscribe(topic, "workers", handle)
+        publisher = asyncio.create_task(publish_all(broker))
+        await wait_until(lambda: len(events) >= 60, what="the stream to be under way")
+        restart = await asyncio.create_subprocess_exec(
+            str(REPO / "scripts" / "brokers"), "restart", "redis",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await restart.communicate()
+        assert restart.returncode == 0, output.decode()[-2000:]
+        await asyncio.wait_for(publisher, 60)
+        await wait_until(lambda: {e for e in events} >= confirmed, timeout=60, what="every confirmed message")
+        assert len(confirmed) == total
+        await wait_until(lambda: _settled(broker, topic, "workers"), what="everything settled")
+    for key, numbers in first_seen_in_order(events).items():
+        assert numbers == sorted(numbers), f"{key} out of order across the restart: {numbers}"
+
+
+# -- recovery from a flushed server ---------------------------------------------------------------
+
+
+async def test_streams_and_groups_deleted_under_a_running_member_are_recreated(
+    connect: Any, raw: aioredis.Redis, prefix: str, topic: str
+) -> None:
+    handled: list[int] = []
+
+    async def handle(ctx: MessageContext[Item]) -> None:
+        handled.append(ctx.message.n)
+
+    async with connect() as broker:
+        await broker.subscribe(topic, "workers", handle)
+        await broker.publish_batch(topic, [Item(key=f"k{n}", n=n) for n in range(10)])
+        await wait_until(lambda: len(handled) == 10, what="the first ten")
+        await wait_until(lambda: _settled(broker, topic, "workers"), what="the first ten settled")
+        # What FLUSHALL does to this test's keys, without touching anyone else's.
+        doomed = [key async for key in raw.scan_iter(match=f"{prefix}:*", count=1000)]
+        await raw.delete(*doomed)
+        await broker.publish_batch(topic, [Item(key=f"k{n}", n=n) for n in range(10, 20)])
+        await wait_until(lambda: set(range(10, 20)) <= set(handled), what="messages after the flush")
+        assert await raw.exists(topic_keys(prefix, topic).meta), "the topic's partition count was not recorded again"
+
+
+# -- settings --------------------------------------------------------------------------------------
+
+
+async def test_the_seed_appsettings_redis_section_drives_the_provider(
+    redis_url: str, raw: aioredis.Redis, topic: str
+) -> None:
+    assert SEED_APPSETTINGS.is_file(), f"the seed's settings are not at {SEED_APPSETTINGS}"
+    settings = BrokerSettings.from_file(SEED_APPSETTINGS, provider="redis", redis={"url": redis_url})
+    assert settings.redis.key_prefix == "msgbroker"
+    assert settings.redis.max_stream_length == 100_000
+    assert settings.redis.claim_timeout.total_seconds() == 300
+    got: list[int] = []
+
+    async def handle(ctx: MessageContext[Item]) -> None:
+        got.append(ctx.message.n)
+
+    try:
+        async with msgbroker.connect(settings) as broker:
+            assert isinstance(broker.transport, RedisTransport)
+            assert broker.transport.lease_ttl() == 300
+            assert broker.transport.max_stream_length == 100_000
+            await broker.publish(topic, Item(key="k", n=1))
+            await broker.subscribe(topic, "workers", handle)
+            await wait_until(lambda: got == [1], what="the message")
+            assert await raw.exists(f"msgbroker:{{{topic}}}:meta")
+            assert await raw.hget(f"msgbroker:{{{topic}}}:meta", "partitions") == b"64"
+    finally:
+        async for key in raw.scan_iter(match=f"msgbroker:{{{topic}}}*", count=1000):
+            await raw.delete(key)
+
+
+async def test_a_stackexchange_connection_string_is_accepted(redis_url: str, prefix: str) -> None:
+    host_port = redis_url.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
+    settings = BrokerSettings(provider="redis", redis={"url": f"{host_port},abortConnect=false", "key_prefix": prefix})
+    async with msgbroker.connect(settings) as broker:
+        assert await broker.is_healthy()
+
+
+async def test_an_existing_topic_with_another_partition_count_is_refused(connect: Any, topic: str) -> None:
+    async with connect(partition_count=4) as broker:
+        await broker.publish(topic, Item(key="k", n=1))
+    async with connect(partition_count=8) as other:
+        with pytest.raises(ConfigurationError, match="4 partitions"):
+            await other.subscribe(topic, "workers", lambda ctx: asyncio.sleep(0))
+        with pytest.raises(ConfigurationError, match="partition_count=8"):
+            await other.publish(topic, Item(key="k", n=2))
+
+
+async def test_pending_counts_every_entry_before_the_group_exists(connect: Any, topic: str) -> None:
+    async with connect() as broker:
+        await broker.publish_batch(topic, [Item(key=f"k{n}", n=n) for n in range(25)])
+        assert await broker.pending_count(topic, "nobody-yet") == 25
+
+
+async def test_an_unreachable_server_is_a_connection_error_and_unhealthy() -> None:
+    with pytest.raises(msgbroker.BrokerConnectionError, match="127.0.0.1:1"):
+        await msgbroker.connect("redis://127.0.0.1:1/0").open()
+
+
+def test_the_url_picks_the_redis_provider() -> None:
+    for url in ("redis://127.0.0.1:6379", "rediss://127.0.0.1:6380"):
+        broker = msgbroker.connect(url, redis={"key_prefix": f"x-{uuid.uuid4().hex[:6]}"})
+        assert broker.provider == "redis"
+        assert broker.settings.redis.url == url
