@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import nats.js.errors
 from msgbroker import BrokerClosedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, OutgoingRecord
 
 from ._errors import map_error
@@ -69,6 +70,45 @@ class _Lane:
         self.held: dict[int, _Held] = {}
 
 
+class _LanePin:
+    """``subscribe_to_partition``'s exclusive claim on its lane: a key in the pins bucket,
+    created only if absent, renewed (revision-checked) every ttl/4, deleted on close; a crashed
+    holder's key ages out after the bucket's TTL. Only the holder pulls the lane."""
+
+    def __init__(self, transport: NatsTransport, topic: str, group: str, partition: int, member: str) -> None:
+        self._transport = transport
+        self.key = f"{topic}/{group}/{partition}"  # '/' is in neither name: one key per lane
+        self._member = member.encode()
+        self.revision: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.revision is not None
+
+    async def acquire(self) -> bool:
+        kv = await self._transport.pins()
+        try:
+            self.revision = await kv.create(self.key, self._member)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def renew(self) -> bool:
+        kv = await self._transport.pins()
+        try:
+            self.revision = await kv.update(self.key, self._member, last=self.revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            self.revision = None
+            return False
+        return True
+
+    async def release(self) -> None:
+        revision, self.revision = self.revision, None
+        if revision is not None:
+            kv = await self._transport.pins()
+            await kv.delete(self.key, last=revision)
+
+
 class NatsLaneConsumer(LaneConsumer):
     """Reads the lanes of one (topic, group) for one member."""
 
@@ -85,6 +125,9 @@ class NatsLaneConsumer(LaneConsumer):
         self._inbox = ""
         self._sub: Subscription | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._pin: _LanePin | None = None
+        self._listener: AssignmentListener | None = None
+        self._pinner: asyncio.Task[None] | None = None
         self._next_sweep = 0.0
         self._stopped = False
 
@@ -103,6 +146,45 @@ class NatsLaneConsumer(LaneConsumer):
         except Exception as exc:
             raise map_error(exc, "subscribing to the pull inbox") from exc
         self._keeper = asyncio.create_task(self._keep_in_progress(), name=f"msgbroker-nats-wpi-{self._topic}")
+        if partition is not None:
+            self._listener = listener
+            self._pin = _LanePin(transport, self._topic, self._group, partition, self._member)
+            try:
+                await self._pin.acquire()
+            except Exception as exc:
+                raise map_error(exc, f"pinning {self._topic}[{partition}] for {self._group}") from exc
+            self._pinner = asyncio.create_task(self._keep_pin(partition), name=f"msgbroker-nats-pin-{self._topic}")
+
+    def _gated(self) -> bool:
+        """Pinned to one partition but another member holds the pin: pull nothing."""
+        return self._pin is not None and not self._pin.held
+
+    async def _keep_pin(self, partition: int) -> None:
+        """Hold, renew or wait for the pin. The engine opens a partition subscription's lane at
+        once (shared assignment); while another member holds the pin this member gives the lane
+        back (so it neither reads nor claims it) and takes it when the pin is free."""
+        assert self._pin is not None and self._listener is not None
+        pin, listener = self._pin, self._listener
+        interval = max(0.05, self._transport.ack_wait / 4)
+        if not pin.held:
+            while not (partition in self._lanes and self._lanes[partition].open):
+                await asyncio.sleep(0.01)  # the engine is still opening it
+            await listener.revoked([partition])
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if pin.held:
+                    if not await pin.renew():
+                        log.warning("nats: %s lost the pin of %s[%d] for %s", self._member, self._topic, partition,
+                                    self._group)
+                        await listener.revoked([partition])
+                elif await pin.acquire():
+                    await listener.assigned([partition])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("nats: keeping the pin of %s[%d] for %s failed: %r", self._topic, partition, self._group,
+                            exc)
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
         lane = self._lanes.get(partition)
@@ -110,7 +192,8 @@ class NatsLaneConsumer(LaneConsumer):
             stream, consumer = self._layout.stream, self._layout.consumer(self._group, partition)
             lane = self._lanes[partition] = _Lane(partition, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
         lane.open = True
-        await self._request(lane)
+        if not self._gated():
+            await self._request(lane)
 
     async def close_lane(self, partition: int) -> None:
         lane = self._lanes.get(partition)
@@ -135,9 +218,10 @@ class NatsLaneConsumer(LaneConsumer):
             return
         self._stopped = True
         self._transport._consumers.discard(self)
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
+        background = [t for t in (self._keeper, self._pinner) if t is not None]
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         sub, self._sub = self._sub, None
         if not flush:
             # A crash: stop receiving (the server forgets our pull requests), settle nothing;
@@ -157,6 +241,9 @@ class NatsLaneConsumer(LaneConsumer):
                 await asyncio.wait_for(sub.drain(), 5.0)
         with contextlib.suppress(Exception):
             await self._transport.nc.flush(timeout=2)
+        if self._pin is not None:
+            with contextlib.suppress(Exception):
+                await self._pin.release()  # the next member takes the partition over now
         self._wake_poll()
 
     def reconnected(self) -> None:
@@ -184,6 +271,8 @@ class NatsLaneConsumer(LaneConsumer):
 
     async def _maintain(self) -> None:
         """Renew pull requests that ended (expired, refused, lost with a reconnect)."""
+        if self._gated():
+            return
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + 1.0
@@ -213,8 +302,8 @@ class NatsLaneConsumer(LaneConsumer):
                 return
             # A message keeps its stream subject (<prefix>.<topic>.<partition>).
             lane = self._lanes.get(self._layout.partition_of(msg.subject))
-            if lane is None or not lane.open or self._stopped:
-                # Arrived for a lane this member no longer reads: hand it back at once.
+            if lane is None or not lane.open or self._stopped or self._gated():
+                # Arrived for a lane this member does not read (now): hand it back at once.
                 await self._transport.nc.publish(msg.reply, _NAK)
                 return
             lane.outstanding = False  # a batch-1 request is used up by its message
@@ -228,7 +317,7 @@ class NatsLaneConsumer(LaneConsumer):
             else:
                 lane.ready.append(_Held(msg, seq, meta.num_delivered))
                 self._ready_lanes.add(lane.partition)
-            if not lane.outstanding:
+            if not lane.outstanding and not self._gated():
                 # Ask for the next one now: the server answers when this one is acked.
                 await self._request(lane)
             self._wake_poll()

@@ -49,6 +49,7 @@ from ._layout import (
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.js import JetStreamContext, JetStreamManager
+    from nats.js.kv import KeyValue
 
     from ._consumer import NatsLaneConsumer
 
@@ -112,6 +113,7 @@ class NatsTransport(Transport):
         self._jsm: JetStreamManager | None = None
         self._streams: dict[str, asyncio.Task[float]] = {}
         self._consumers: weakref.WeakSet[NatsLaneConsumer] = weakref.WeakSet()
+        self._pins: asyncio.Future[KeyValue] | None = None
         self._closing = False
 
     # -- connection ----------------------------------------------------------------------------
@@ -221,12 +223,16 @@ class NatsTransport(Transport):
             if task.done() and self._streams.get(layout.topic) is task:
                 del self._streams[layout.topic]
             raise
-        if dedup_window is not None and window < min(dedup_window, self._max_age_or(dedup_window)):
+        wanted = self._window(dedup_window)
+        if wanted is not None and abs(window - wanted) > 0.001:
             self._streams[layout.topic] = asyncio.ensure_future(self._open_stream(layout, dedup_window))
             await self._streams[layout.topic]
 
-    def _max_age_or(self, default: float) -> float:
-        return self.max_age if self.max_age > 0 else default
+    def _window(self, dedup_window: float | None) -> float | None:
+        """The stream's duplicate window for a dedup window (JetStream wants it within max_age)."""
+        if dedup_window is None:
+            return None
+        return min(dedup_window, self.max_age) if self.max_age > 0 else dedup_window
 
     async def _open_stream(self, layout: TopicLayout, dedup_window: float | None) -> float:
         jsm = self.jsm
@@ -240,7 +246,7 @@ class NatsTransport(Transport):
                     subjects=[layout.subjects],
                     storage=StorageType.FILE,
                     max_age=self.max_age or None,
-                    duplicate_window=min(dedup_window, self._max_age_or(dedup_window)) if dedup_window else None,
+                    duplicate_window=self._window(dedup_window),
                 )
                 try:
                     info = await jsm.add_stream(config)
@@ -265,8 +271,11 @@ class NatsTransport(Transport):
             changes: dict[str, Any] = {}
             if count is None:
                 changes["description"] = layout.description(self.partition_count)
-            if dedup_window is not None and window < min(dedup_window, self._max_age_or(dedup_window)):
-                changes["duplicate_window"] = min(dedup_window, self._max_age_or(dedup_window))
+            wanted = self._window(dedup_window)
+            if wanted is not None and abs(window - wanted) > 0.001:
+                # The native window is the stream's: the deduplication_window of the last
+                # connection that published with deduplication on.
+                changes["duplicate_window"] = wanted
             if changes:
                 log.info("nats: updating stream %s: %s", layout.stream, changes)
                 info = await jsm.update_stream(config.evolve(**changes))
@@ -311,6 +320,30 @@ class NatsTransport(Transport):
             raise
         except Exception as exc:
             raise map_error(exc, f"creating consumer {config.durable_name!r} on {layout.stream!r}") from exc
+
+    async def pins(self) -> KeyValue:
+        """The KV bucket ``<stream_prefix>_pins`` whose keys pin a lane to the member of a
+        ``subscribe_to_partition``; the bucket's TTL (``ack_wait``) is the pin's lease."""
+        task = self._pins
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._pins = asyncio.ensure_future(self._open_pins())
+        return await asyncio.shield(task)
+
+    async def _open_pins(self) -> KeyValue:
+        bucket = f"{self.prefix}_pins"
+        try:
+            try:
+                return await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                try:
+                    return await self.js.create_key_value(bucket=bucket, history=1, ttl=max(1.0, self.ack_wait),
+                                                          description="msgbroker subscribe_to_partition pins")
+                except nats.js.errors.BadRequestError:
+                    return await self.js.key_value(bucket)  # another member created it just now
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"opening the KV bucket {bucket!r}") from exc
 
     # -- publishing ------------------------------------------------------------------------------
 
