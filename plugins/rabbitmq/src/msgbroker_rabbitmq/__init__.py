@@ -1,0 +1,12 @@
+"""msgbroker-rabbitmq: the RabbitMQ provider of msgbroker (``amqp://``, ``amqps://``).
+
+Installed, it is found through the ``msgbroker.providers`` entry point; use it with
+``msgbroker.connect("amqp://guest:guest@localhost:5672/")``. See docs/providers/rabbitmq.md.
+"""
+
+from __future__ import annotations
+
+from ._names import Topology
+from ._transport import RabbitMQLaneConsumer, RabbitMQTransport
+
+__all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport", "Topology"]

@@ -1,0 +1,536 @@
+"""One member of a group: its own connection, membership over a fanout exchange, exclusive
+lane leases (exclusive queues) and one channel per owned lane.
+
+Everything a member holds on the server — its lease queues, consumers and unacked deliveries —
+lives on its connection, so when the member dies (or its connection does) RabbitMQ frees the
+leases and returns the unsettled messages to the head of their lane queues at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import aiormq
+from aio_pika.abc import AbstractChannel
+from aiormq import exceptions as amqp
+from aiormq.abc import DeliveredMessage
+from msgbroker import DeadLetter, Delivery, LaneConsumer, PublishFailedError
+from pamqp import commands as spec
+
+from ._declare import declare_group, declare_topic
+from ._errors import translate
+from ._link import Link
+
+if TYPE_CHECKING:
+    from msgbroker._provider import AssignmentListener
+
+    from ._transport import RabbitMQTransport
+
+__all__ = ["KEY_HEADER", "RabbitMQLaneConsumer", "delivery_headers", "letter_headers"]
+
+log = logging.getLogger("msgbroker.rabbitmq")
+
+KEY_HEADER = "msgbroker-key"
+"""The partition key travels as a header (the routing key is the partition number)."""
+DEAD_LETTER_ERROR = "msgbroker-dead-letter-error"
+DEAD_LETTER_ATTEMPTS = "msgbroker-dead-letter-attempts"
+DEAD_LETTER_GROUP = "msgbroker-dead-letter-group"
+DEAD_LETTER_PARTITION = "msgbroker-dead-letter-partition"
+DEAD_LETTER_AT = "msgbroker-dead-letter-at"
+_BROKER_HEADERS = frozenset({
+    KEY_HEADER, "x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
+    "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
+})
+PERSISTENT = 2
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return None
+
+
+def delivery_headers(raw: dict[str, Any] | None) -> dict[str, str]:
+    """The application's headers of an AMQP message (the provider's and the broker's removed)."""
+    out: dict[str, str] = {}
+    for name, value in (raw or {}).items():
+        if name in _BROKER_HEADERS:
+            continue
+        text = _text(value)
+        if text is not None:
+            out[name] = text
+    return out
+
+
+def letter_headers(letter: DeadLetter, key: str) -> dict[str, str]:
+    """What a dead letter carries on the wire: its original headers and why it died."""
+    headers = dict(letter.headers)
+    headers.update({
+        DEAD_LETTER_ERROR: letter.error,
+        DEAD_LETTER_ATTEMPTS: str(letter.attempts),
+        DEAD_LETTER_GROUP: letter.group,
+        DEAD_LETTER_PARTITION: str(letter.partition),
+        DEAD_LETTER_AT: letter.dead_lettered_at.isoformat(),
+        KEY_HEADER: key,
+    })
+    return headers
+
+
+@dataclass(eq=False)
+class _Lane:
+    """An owned lane on this member: its channel, what the broker pushed and what is out."""
+
+    partition: int
+    token: str | None
+    generation: int
+    channel: AbstractChannel
+    raw: aiormq.abc.AbstractChannel
+    phase: Literal["backlog", "main"] = "backlog"
+    consumer_tag: str | None = None
+    incoming: deque[DeliveredMessage] = field(default_factory=deque)
+    outstanding: dict[int, Delivery] = field(default_factory=dict)
+    acks: list[int] = field(default_factory=list)
+    dead: bool = False
+    closing: bool = False
+
+
+class RabbitMQLaneConsumer(LaneConsumer):
+    """A member of ``group`` on ``topic`` (see the module docstring)."""
+
+    def __init__(self, transport: RabbitMQTransport, topic: str, group: str, member_id: str) -> None:
+        self._transport = transport
+        self._topology = transport.topology
+        self._partitions = transport.settings.partition_count
+        self._prefetch = transport.settings.rabbitmq.prefetch
+        self.topic = topic
+        self.group = group
+        self.member_id = member_id
+        self._link: Link | None = None
+        self._lanes: dict[int, _Lane] = {}
+        self._arrived = asyncio.Event()
+        self._seen: dict[str, float] = {}
+        self._tokens: dict[int, str] = {}
+        self._lost: set[int] = set()
+        self._control: aiormq.abc.AbstractChannel | None = None
+        self._lease_channel: aiormq.abc.AbstractChannel | None = None
+        self._stopped = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # -- connection and membership ----------------------------------------------------------
+
+    @property
+    def link(self) -> Link:
+        if self._link is None:
+            raise RuntimeError("the member has not started")
+        return self._link
+
+    async def start(self, listener: AssignmentListener, partition: int | None) -> None:
+        self._transport.register_member(self)
+        self._link = Link(
+            self._transport.url,
+            f"msgbroker-member {self.topic}/{self.group}/{self.member_id}",
+            heartbeat=self._transport.amqp_heartbeat,
+            on_up=self._restore,
+            on_down=self._down,
+        )
+        await self._link.open()
+        await declare_topic(self._link, self._topology, self.topic, self._partitions)
+        await declare_group(self._link, self._topology, self.topic, self.group, self._partitions)
+        await self._join()
+
+    async def _restore(self) -> None:
+        """After a reconnect: the group's queues again (a restarted server keeps durable ones;
+        declaring is idempotent) and a fresh membership queue."""
+        link = self.link
+        self._control = self._lease_channel = None
+        await declare_topic(link, self._topology, self.topic, self._partitions)
+        await declare_group(link, self._topology, self.topic, self.group, self._partitions)
+        await self._join()
+
+    def _down(self) -> None:
+        """The connection is gone: every lease, consumer and unacked delivery went with it."""
+        self._control = self._lease_channel = None
+        for lane in self._lanes.values():
+            lane.dead = True
+            lane.incoming.clear()
+            self._lost.add(lane.partition)
+        self._arrived.set()
+
+    async def _join(self) -> None:
+        _, raw = await self.link.channel(confirms=True)
+        self._control = raw
+        exchange = self._topology.members_exchange(self.topic, self.group)
+        await raw.exchange_declare(exchange, exchange_type="fanout", durable=True)
+        declared = await raw.queue_declare("", exclusive=True, auto_delete=True)
+        queue = declared.queue
+        await raw.queue_bind(queue, exchange, routing_key="")
+        await raw.basic_consume(queue, self._on_member_message, no_ack=True)
+        await self._announce("beat", None)
+
+    async def _announce(self, kind: str, ttl: float | None) -> None:
+        raw = self._control
+        if raw is None or raw.is_closed:
+            return
+        body = json.dumps({"kind": kind, "member": self.member_id}).encode()
+        expiration = str(max(1, int((ttl or self._transport.lease_ttl()) * 1000)))
+        await raw.basic_publish(
+            body,
+            exchange=self._topology.members_exchange(self.topic, self.group),
+            routing_key="",
+            properties=spec.Basic.Properties(message_type=kind, expiration=expiration, content_type="application/json"),
+        )
+
+    async def _on_member_message(self, message: DeliveredMessage) -> None:
+        try:
+            data = json.loads(message.body)
+            kind, member = str(data["kind"]), str(data.get("member", ""))
+        except (ValueError, KeyError, TypeError):
+            return
+        if kind == "beat" and member != self.member_id:
+            new = member not in self._seen
+            self._seen[member] = time.monotonic()
+            if new:
+                self._spawn(self._announce("beat", None))  # let the newcomer see us at once
+        elif kind == "leave":
+            self._seen.pop(member, None)
+        elif kind == "census":
+            reply_to = message.header.properties.reply_to
+            if reply_to:
+                self._spawn(self._answer_census(reply_to))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failures are best effort
+
+    def in_flight(self) -> dict[int, int]:
+        """Per owned lane: deliveries pushed to this member and not settled yet."""
+        return {p: len(lane.outstanding) + len(lane.incoming) for p, lane in self._lanes.items() if not lane.dead}
+
+    def members(self, ttl: float) -> list[str]:
+        now = time.monotonic()
+        for member in [m for m, at in self._seen.items() if now - at > ttl]:
+            del self._seen[member]
+        return sorted({*self._seen, self.member_id})
+
+    async def _answer_census(self, reply_to: str) -> None:
+        raw = self._control
+        if raw is None or raw.is_closed:
+            return
+        ttl = self._transport.lease_ttl()
+        body = json.dumps({"member": self.member_id, "members": self.members(ttl),
+                           "lanes": {str(p): n for p, n in self.in_flight().items()}}).encode()
+        await raw.basic_publish(body, exchange="", routing_key=reply_to)
+
+    async def heartbeat(self, ttl: float) -> list[str]:
+        """Announce this member; the live members as heard within ``ttl``."""
+        if self.link.is_up:
+            try:
+                await self._announce("beat", ttl)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("rabbitmq: heartbeat of %s failed: %s", self.member_id, exc)
+        return self.members(ttl)
+
+    async def leave(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._announce("leave", None)
+
+    # -- leases ------------------------------------------------------------------------------
+
+    async def _lease_raw(self) -> aiormq.abc.AbstractChannel:
+        raw = self._lease_channel
+        if raw is None or raw.is_closed:
+            _, raw = await self.link.channel()
+            self._lease_channel = raw
+        return raw
+
+    async def acquire(self, partition: int) -> str | None:
+        """Declare the lane's exclusive queue: only one connection can hold it."""
+        link = self.link
+        if not link.is_up:
+            return None
+        generation = link.generation
+        try:
+            raw = await self._lease_raw()
+            await raw.queue_declare(self._topology.lease_queue(self.topic, self.group, partition),
+                                    exclusive=True, auto_delete=False, durable=False)
+        except amqp.ChannelLockedResource:
+            return None  # another member's connection holds it
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"taking the lease of {self.topic}[{partition}]") from exc
+        if generation != link.generation:
+            return None
+        token = f"{self.member_id}/{generation}/{uuid.uuid4().hex[:8]}"
+        self._tokens[partition] = token
+        self._lost.discard(partition)
+        return token
+
+    async def renew(self, partition: int, token: str) -> bool:
+        """Still held: same connection generation, and the lane's channel did not die. A lane
+        given up here while the connection lives is released at once (closed, lease deleted)."""
+        link = self.link
+        if self._tokens.get(partition) != token:
+            return False
+        if link.is_up and token.split("/")[1] == str(link.generation) and partition not in self._lost:
+            return True
+        self._tokens.pop(partition, None)
+        lane = self._lanes.pop(partition, None)
+        if lane is not None:
+            await self._close_lane(lane, flush=False)
+        await self._delete_lease(partition, token)
+        return False
+
+    async def release(self, partition: int, token: str) -> None:
+        if self._tokens.get(partition) != token:
+            return
+        self._tokens.pop(partition, None)
+        await self._delete_lease(partition, token)
+
+    async def _delete_lease(self, partition: int, token: str) -> None:
+        link = self.link
+        if not link.is_up or token.split("/")[1] != str(link.generation):
+            return  # the lease queue died with its connection
+        with contextlib.suppress(Exception):
+            raw = await self._lease_raw()
+            await raw.queue_delete(self._topology.lease_queue(self.topic, self.group, partition))
+
+    # -- lanes -------------------------------------------------------------------------------
+
+    async def open_lane(self, partition: int, lease: str | None) -> None:
+        link = self.link
+        try:
+            channel, raw = await link.channel()
+            await raw.basic_qos(prefetch_count=self._prefetch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("rabbitmq: opening %s[%d] failed (%s); it is taken again later", self.topic, partition, exc)
+            self._lost.add(partition)
+            return
+        lane = _Lane(partition, lease, link.generation, channel, raw)
+
+        def closed(_sender: Any, _exc: BaseException | None = None) -> None:
+            if not lane.closing:
+                log.warning("rabbitmq: the channel of %s[%d] closed: %s", self.topic, partition, _exc)
+                lane.dead = True
+                lane.incoming.clear()
+                self._lost.add(partition)
+                self._arrived.set()
+
+        channel.close_callbacks.add(closed)
+        self._lanes[partition] = lane
+
+    async def close_lane(self, partition: int) -> None:
+        lane = self._lanes.pop(partition, None)
+        if lane is not None:
+            await self._close_lane(lane, flush=True)
+
+    async def _close_lane(self, lane: _Lane, flush: bool) -> None:
+        """Cancel first (no more pushes), then send the acks, then close the channel: what is
+        still unacked goes back to the head of the queue in order (spring-amqp#2482: never hand
+        a lane over while holding a delivery)."""
+        lane.closing = True
+        raw = lane.raw
+        if not lane.dead and not raw.is_closed:
+            with contextlib.suppress(Exception):
+                if lane.consumer_tag is not None:
+                    await raw.basic_cancel(lane.consumer_tag)
+                if flush:
+                    await self._send_acks(lane)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(lane.channel.close(), 5.0)
+
+    async def _send_acks(self, lane: _Lane) -> None:
+        tags, lane.acks = lane.acks, []
+        for tag in tags:
+            await lane.raw.basic_ack(tag)
+
+    def _to_delivery(self, lane: _Lane, message: DeliveredMessage) -> Delivery:
+        properties = message.header.properties
+        raw_headers = properties.headers or {}
+        count = raw_headers.get("x-delivery-count")
+        attempt = (count if isinstance(count, int) else 0) + 1
+        tag = message.delivery_tag or 0
+        delivery = Delivery(
+            partition=lane.partition,
+            message_id=properties.message_id or "",
+            key=_text(raw_headers.get(KEY_HEADER)) or "",
+            headers=delivery_headers(raw_headers),
+            body=message.body,
+            attempt=attempt,
+            position=(lane, tag),
+        )
+        lane.outstanding[tag] = delivery
+        return delivery
+
+    def _on_push(self, lane: _Lane) -> Any:
+        async def pushed(message: DeliveredMessage) -> None:
+            if lane.dead or lane.closing or self._lanes.get(lane.partition) is not lane:
+                return  # unacked: it goes back to the queue when the lane's channel closes
+            incoming = lane.incoming
+            incoming.append(message)
+            if len(incoming) > 1 and (incoming[-2].delivery_tag or 0) > (message.delivery_tag or 0):
+                incoming_sorted = sorted(incoming, key=lambda m: m.delivery_tag or 0)  # keep delivery order
+                incoming.clear()
+                incoming.extend(incoming_sorted)
+            self._arrived.set()
+
+        return pushed
+
+    async def _read_backlog(self, lane: _Lane, limit: int) -> list[Delivery]:
+        """Messages published while no group was bound come first (they are older than anything
+        in the lane queue); once the backlog is empty the lane consumes its own queue."""
+        out: list[Delivery] = []
+        queue = self._topology.backlog_queue(self.topic, lane.partition)
+        try:
+            while len(out) < limit:
+                message = await lane.raw.basic_get(queue, no_ack=False)
+                if isinstance(message.delivery, spec.Basic.GetEmpty):
+                    lane.phase = "main"
+                    ok = await lane.raw.basic_consume(
+                        self._topology.lane_queue(self.topic, self.group, lane.partition), self._on_push(lane)
+                    )
+                    lane.consumer_tag = ok.consumer_tag
+                    break
+                out.append(self._to_delivery(lane, message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not lane.closing:
+                log.warning("rabbitmq: reading %s[%d] failed: %s", self.topic, lane.partition, exc)
+                lane.dead = True
+                self._lost.add(lane.partition)
+        return out
+
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        lanes = [lane for p in partitions if (lane := self._lanes.get(p)) is not None]
+        for lane in lanes:
+            if lane.acks and not lane.dead:
+                try:
+                    await self._send_acks(lane)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.info("rabbitmq: acking on %s[%d] failed: %s", self.topic, lane.partition, exc)
+        while not self._stopped:
+            self._arrived.clear()
+            out: list[Delivery] = []
+            backlog = [lane for lane in lanes if lane.phase == "backlog" and not lane.dead and not lane.closing]
+            if backlog:
+                for batch in await asyncio.gather(*(self._read_backlog(lane, max_per_lane) for lane in backlog)):
+                    out.extend(batch)
+            for lane in lanes:
+                if lane.dead or lane.closing:
+                    continue
+                if lane.consumer_tag is not None and lane.consumer_tag not in lane.raw.consumers:
+                    log.warning("rabbitmq: the server cancelled the consumer of %s[%d]", self.topic, lane.partition)
+                    lane.dead = True
+                    self._lost.add(lane.partition)
+                    continue
+                taken = sum(1 for d in out if d.partition == lane.partition)
+                while lane.incoming and taken < max_per_lane:
+                    out.append(self._to_delivery(lane, lane.incoming.popleft()))
+                    taken += 1
+            remaining = deadline - time.monotonic()
+            if out or remaining <= 0 or wake.is_set():
+                return out
+            waiters = [asyncio.ensure_future(self._arrived.wait()), asyncio.ensure_future(wake.wait())]
+            done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if not done or wake.is_set():
+                return []
+        return []
+
+    def _current(self, delivery: Delivery) -> tuple[_Lane, int] | None:
+        lane, tag = delivery.position
+        if lane.dead or lane.closing or self._lanes.get(delivery.partition) is not lane:
+            return None  # a stale delivery: it went back to the queue with its channel
+        return lane, tag
+
+    async def ack(self, delivery: Delivery) -> None:
+        current = self._current(delivery)
+        if current is None:
+            log.info("rabbitmq: ack of %s on %s[%d] dropped: the lane's channel is gone, it is redelivered",
+                     delivery.message_id, self.topic, delivery.partition)
+            return
+        lane, tag = current
+        lane.outstanding.pop(tag, None)
+        lane.acks.append(tag)  # sent before the next read of the lane, or when it closes
+
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        """Nothing to do at the broker: the message stays unacked on this member, which hands
+        it again itself (a nack would count a delivery and lose the delay)."""
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        current = self._current(delivery)
+        if current is None:
+            return  # not ours any more: it comes back and is decided again
+        lane, tag = current
+        link = self.link
+        raw = self._control
+        if raw is None or raw.is_closed:
+            _, raw = await link.channel(confirms=True)
+            self._control = raw
+        headers = letter_headers(letter, delivery.key)
+        properties = spec.Basic.Properties(
+            delivery_mode=PERSISTENT,
+            message_id=delivery.message_id,
+            headers=dict(headers),
+            timestamp=letter.dead_lettered_at.astimezone(UTC).replace(tzinfo=None)
+            if letter.dead_lettered_at.tzinfo else datetime.now(UTC).replace(tzinfo=None),
+        )
+        dlq_topic = f"{self.topic}.dlq"
+        try:
+            await self._transport.ensure_topic(dlq_topic, link)
+            confirmations = await asyncio.gather(
+                raw.basic_publish(delivery.body, exchange="", routing_key=self._topology.letters_queue(
+                    self.topic, self.group), properties=properties, mandatory=True),
+                raw.basic_publish(delivery.body, exchange=self._topology.exchange(dlq_topic),
+                                  routing_key=str(delivery.partition), properties=properties, mandatory=True),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"dead-lettering {delivery.message_id} of {self.topic}[{delivery.partition}]") from exc
+        for confirmation in confirmations:
+            if not isinstance(confirmation, spec.Basic.Ack):
+                raise PublishFailedError(f"rabbitmq: the dead letter of {delivery.message_id} was not stored "
+                                         f"({type(confirmation).__name__})")
+        lane.outstanding.pop(tag, None)
+        lane.acks.append(tag)
+
+    async def stop(self, flush: bool) -> None:
+        self._stopped = True
+        self._arrived.set()
+        try:
+            if flush:
+                for lane in list(self._lanes.values()):
+                    await self._close_lane(lane, flush=True)
+            self._lanes.clear()
+            for task in list(self._background):
+                task.cancel()
+            if self._link is not None:
+                await self._link.close()  # leases, membership queue and unacked deliveries go with it
+        finally:
+            self._transport.unregister_member(self)

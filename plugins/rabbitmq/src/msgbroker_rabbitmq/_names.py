@@ -1,0 +1,94 @@
+"""Names and arguments of everything the provider declares on the RabbitMQ server.
+
+Topic and group names are ``A-Z a-z 0-9 _ . -``, so ``:`` separates the parts of a name and
+``@`` marks the provider's own objects: no topic or group can make two names collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+__all__ = ["DELIVERY_LIMIT", "MAX_NAME_BYTES", "Topology"]
+
+MAX_NAME_BYTES = 255
+"""AMQP 0-9-1 short strings (queue, exchange and routing key names) hold 255 bytes."""
+
+DELIVERY_LIMIT = 1000
+"""``x-delivery-limit`` of every lane queue: far above any attempt limit the engine keeps.
+
+Quorum queues on 3.10 put a requeued message back at its position only when the queue has a
+delivery limit (without one it goes to the back); the engine dead-letters long before this
+limit, which only backs it up (the broker then dead-letters into the group's letters queue)."""
+
+
+def _short(name: str) -> str:
+    """``name``, or a unique shortened form of it when it exceeds the AMQP name length."""
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:24]
+    head = name.encode()[: MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}@{digest}"
+
+
+class Topology:
+    """The exchanges and queues of one ``exchange_prefix`` (see docs/providers/rabbitmq.md)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def exchange(self, topic: str) -> str:
+        """The direct exchange of ``topic``; the routing key is the partition number."""
+        return _short(f"{self.prefix}:{topic}")
+
+    def backlog_exchange(self, topic: str) -> str:
+        """The alternate exchange of ``topic``: what no group's queue takes lands here."""
+        return _short(f"{self.prefix}:{topic}:@backlog")
+
+    def backlog_queue(self, topic: str, partition: int) -> str:
+        """Messages of ``partition`` published while no group was bound, for the first group(s)."""
+        return _short(f"{self.prefix}:{topic}:@backlog:{partition}")
+
+    def meta_queue(self, topic: str) -> str:
+        """An empty queue whose ``x-max-length`` records the topic's partition count."""
+        return _short(f"{self.prefix}:{topic}:@partitions")
+
+    def lane_queue(self, topic: str, group: str, partition: int) -> str:
+        """The quorum queue of one lane: (topic, group, partition)."""
+        return _short(f"{self.prefix}:{topic}:{group}:{partition}")
+
+    def letters_queue(self, topic: str, group: str) -> str:
+        """The group's dead letters (a classic queue read by ``dead_letters``)."""
+        return _short(f"{self.prefix}:{topic}:{group}:@dlq")
+
+    def lease_queue(self, topic: str, group: str, partition: int) -> str:
+        """The exclusive queue whose holder owns the lane."""
+        return _short(f"{self.prefix}:{topic}:{group}:{partition}:@lease")
+
+    def members_exchange(self, topic: str, group: str) -> str:
+        """The fanout exchange of the group's membership heartbeats and pending-count census."""
+        return _short(f"{self.prefix}:{topic}:{group}:@members")
+
+    def dead_letter_exchange(self) -> str:
+        """Where the broker's own dead-lettering (past the delivery limit) goes."""
+        return _short(f"{self.prefix}:@dead-letters")
+
+    # -- arguments ---------------------------------------------------------------------------
+
+    def lane_arguments(self, topic: str, group: str) -> dict[str, Any]:
+        """A quorum queue with single active consumer and a delivery limit (keeps requeue
+        positions), dead-lettering at least once into the group's letters queue."""
+        return {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": self.dead_letter_exchange(),
+            "x-dead-letter-routing-key": self.letters_queue(topic, group),
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+    @staticmethod
+    def backlog_arguments() -> dict[str, Any]:
+        """A quorum queue with a delivery limit, so attempts are counted and positions kept."""
+        return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}

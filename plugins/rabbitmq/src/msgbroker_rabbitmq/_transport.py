@@ -1,0 +1,486 @@
+"""The RabbitMQ provider: client-side partitions on quorum queues, lanes owned through
+exclusive-queue leases, publisher confirms with mandatory routing. See docs/providers/rabbitmq.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import aiormq
+from aiormq import exceptions as amqp
+from aiormq.abc import DeliveredMessage
+from msgbroker import (
+    BrokerClosedError,
+    BrokerConnectionError,
+    Capabilities,
+    ConfigurationError,
+    DeadLetter,
+    Lane,
+    LaneConsumer,
+    OutgoingRecord,
+    PublishFailedError,
+    PublishIndeterminateError,
+    Transport,
+)
+from pamqp import commands as spec
+
+from ._consumer import (
+    DEAD_LETTER_AT,
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_ERROR,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_PARTITION,
+    KEY_HEADER,
+    PERSISTENT,
+    RabbitMQLaneConsumer,
+    delivery_headers,
+)
+from ._declare import declare_topic
+from ._errors import translate
+from ._link import Link
+from ._names import DELIVERY_LIMIT, Topology
+
+__all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport"]
+
+log = logging.getLogger("msgbroker.rabbitmq")
+
+PUBLISH_TIMEOUT = 30.0
+"""How long a publish waits for the server's confirm before it is indeterminate."""
+RECONNECT_WAIT = 5.0
+"""How long a call waits for a lost connection to come back before it raises."""
+CENSUS_TIMEOUT = 2.0
+"""How long ``pending_count`` waits for the group's members to report what they hold."""
+
+
+class RabbitMQTransport(Transport):
+    """``amqp://`` / ``amqps://`` — RabbitMQ ≥ 3.10 through aio-pika, no plugins needed."""
+
+    NAME: ClassVar[str] = "rabbitmq"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("amqp", "amqps")
+    CAPABILITIES: ClassVar[Capabilities] = Capabilities(
+        persistent=True,
+        retains_before_group=False,
+        deduplication="none",
+        server_restart=True,
+        max_message_bytes=16 * 1024 * 1024,
+        reasons={
+            "retains_before_group": (
+                "RabbitMQ keeps a message only in the queues bound when it is published: a group's queues "
+                "exist from its first subscribe, so a group created while others exist does not get what "
+                "was published before it (messages published while no group existed are kept for the first)"
+            ),
+            "deduplication": (
+                "RabbitMQ 3.10 has no publish-side deduplication and no atomic key store without the "
+                "rabbitmq-message-deduplication plugin, which Debian does not ship"
+            ),
+        },
+    )
+    ASSIGNMENT = "leases"
+    REDELIVERY = "local"
+    MAX_POLL_BLOCK: ClassVar[float] = 0.25
+
+    @classmethod
+    def settings_from_url(cls, url: str) -> dict[str, Any]:
+        return {"rabbitmq": {"url": url}}
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        section = settings.rabbitmq
+        if section.queue_type != "quorum":
+            raise ConfigurationError(
+                f"rabbitmq.queue_type={section.queue_type!r}: only 'quorum' is supported (quorum queues count "
+                "deliveries and keep a requeued message's position, which ordered lanes need)"
+            )
+        if settings.max_retry_attempts >= DELIVERY_LIMIT:
+            raise ConfigurationError(
+                f"max_retry_attempts={settings.max_retry_attempts} must stay below the lane queues' "
+                f"delivery limit of {DELIVERY_LIMIT}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,50}", section.exchange_prefix):
+            raise ConfigurationError(
+                f"rabbitmq.exchange_prefix={section.exchange_prefix!r} must be 1-50 characters of A-Z a-z 0-9 _ . -"
+            )
+        self.url: str = section.url
+        self.topology = Topology(section.exchange_prefix)
+        claim = section.claim_timeout.total_seconds()
+        self.amqp_heartbeat = max(5, math.ceil(claim))
+        self._link: Link | None = None
+        self._members: dict[str, RabbitMQLaneConsumer] = {}
+        self._declared: dict[tuple[int, int, str], asyncio.Future[None]] = {}
+        self._publisher: aiormq.abc.AbstractChannel | None = None
+        self._publisher_lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def lease_ttl(self) -> float:
+        return float(self.settings.rabbitmq.claim_timeout.total_seconds())
+
+    @property
+    def link(self) -> Link:
+        if self._link is None:
+            raise BrokerClosedError("the rabbitmq transport is not connected")
+        return self._link
+
+    async def connect(self) -> None:
+        link = Link(self.url, "msgbroker-publisher", heartbeat=self.amqp_heartbeat, on_down=self._down)
+        await link.open()
+        self._link = link
+
+    def _down(self) -> None:
+        self._publisher = None
+        self._declared.clear()
+
+    async def close(self) -> None:
+        for member in list(self._members.values()):
+            with contextlib.suppress(Exception):
+                await member.stop(flush=True)
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+
+    async def abort(self) -> None:
+        for member in list(self._members.values()):
+            with contextlib.suppress(Exception):
+                await member.stop(flush=False)
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+
+    async def ping(self) -> bool:
+        link = self._link
+        if link is None or not link.is_up:
+            return False
+        try:
+            channel, raw = await link.channel()
+            try:
+                await asyncio.wait_for(raw.exchange_declare("amq.direct", exchange_type="direct", passive=True), 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        except BaseException as exc:  # noqa: BLE001 - health never raises
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return False
+        return True
+
+    def register_member(self, member: RabbitMQLaneConsumer) -> None:
+        self._members[member.member_id] = member
+
+    def unregister_member(self, member: RabbitMQLaneConsumer) -> None:
+        if self._members.get(member.member_id) is member:
+            del self._members[member.member_id]
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return RabbitMQLaneConsumer(self, topic, group, member_id)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def _up(self) -> Link:
+        link = self.link
+        if not await link.wait_up(RECONNECT_WAIT):
+            raise BrokerConnectionError("rabbitmq: the connection is down (reconnecting)")
+        return link
+
+    async def ensure_topic(self, topic: str, link: Link | None = None) -> None:
+        """Declare the topic's exchanges and backlog queues once per connection generation."""
+        link = link or await self._up()
+        key = (id(link), link.generation, topic)
+        declared = self._declared.get(key)
+        if declared is None or (declared.done() and declared.exception() is not None):
+            declared = asyncio.ensure_future(
+                declare_topic(link, self.topology, topic, self.settings.partition_count)
+            )
+            self._declared[key] = declared
+        await asyncio.shield(declared)
+
+    async def _publisher_channel(self, link: Link) -> aiormq.abc.AbstractChannel:
+        async with self._publisher_lock:
+            raw = self._publisher
+            if raw is None or raw.is_closed:
+                _, raw = await link.channel(confirms=True)
+                self._publisher = raw
+            return raw
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        if dedup_window is not None:
+            self.CAPABILITIES.require("deduplication")
+        link = await self._up()
+        for topic in dict.fromkeys(r.topic for r in records):
+            await self.ensure_topic(topic, link)
+        raw = await self._publisher_channel(link)
+        # aiormq matches a returned message to its publish by message id: one id per round.
+        rounds: list[list[OutgoingRecord]] = [[]]
+        ids: set[str] = set()
+        for record in records:
+            if record.message_id in ids:
+                rounds.append([])
+                ids.clear()
+            ids.add(record.message_id)
+            rounds[-1].append(record)
+        for chunk in rounds:
+            await self._publish_round(raw, chunk)
+
+    async def _publish_round(self, raw: aiormq.abc.AbstractChannel, records: list[OutgoingRecord]) -> None:
+        # Frames go out in order (aiormq serialises them under a FIFO lock); confirms come back together.
+        results = await asyncio.gather(
+            *(
+                raw.basic_publish(
+                    record.body,
+                    exchange=self.topology.exchange(record.topic),
+                    routing_key=str(record.partition),
+                    properties=spec.Basic.Properties(
+                        delivery_mode=PERSISTENT,
+                        message_id=record.message_id,
+                        content_type="application/json",
+                        headers={**record.headers, KEY_HEADER: record.key},
+                    ),
+                    mandatory=True,
+                    timeout=PUBLISH_TIMEOUT,
+                )
+                for record in records
+            ),
+            return_exceptions=True,
+        )
+        unroutable = [r.message_id for r, x in zip(records, results, strict=True) if isinstance(x, DeliveredMessage)]
+        refused = [r.message_id for r, x in zip(records, results, strict=True) if isinstance(x, amqp.DeliveryError)]
+        unknown = [
+            (r.message_id, x) for r, x in zip(records, results, strict=True)
+            if isinstance(x, BaseException) and not isinstance(x, amqp.DeliveryError)
+        ]
+        for _, error in unknown:
+            if isinstance(error, asyncio.CancelledError):
+                raise error
+        if unknown:
+            first = unknown[0][1]
+            raise PublishIndeterminateError(
+                f"rabbitmq: {len(unknown)} of {len(records)} publish(es) to {records[0].topic!r} may or may not have "
+                f"been stored: {translate(first, 'publishing')}"
+            ) from first
+        if unroutable:
+            raise PublishFailedError(
+                f"rabbitmq: {len(unroutable)} message(s) to {records[0].topic!r} were returned unroutable "
+                f"(first {unroutable[0]}): the topic's backlog queue is missing"
+            )
+        if refused:
+            raise PublishFailedError(
+                f"rabbitmq: the server refused {len(refused)} message(s) to {records[0].topic!r} "
+                f"(first {refused[0]}; basic.nack)"
+            )
+
+    # -- membership and leases (delegated to the member's own connection) ------------------------
+
+    def _member(self, member_id: str) -> RabbitMQLaneConsumer:
+        member = self._members.get(member_id)
+        if member is None:
+            raise BrokerClosedError(f"rabbitmq: member {member_id} is not running on this connection")
+        return member
+
+    async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
+        return await self._member(member_id).heartbeat(ttl)
+
+    async def leave(self, topic: str, group: str, member_id: str) -> None:
+        member = self._members.get(member_id)
+        if member is not None:
+            await member.leave()
+
+    async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
+        return await self._member(member_id).acquire(lane.partition)
+
+    async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
+        kept: set[Lane] = set()
+        for lane, token in leases.items():
+            member = self._members.get(token.split("/", 1)[0])
+            if member is not None and await member.renew(lane.partition, token):
+                kept.add(lane)
+        return kept
+
+    async def release_lease(self, lane: Lane, token: str) -> None:
+        member = self._members.get(token.split("/", 1)[0])
+        if member is not None:
+            await member.release(lane.partition, token)
+
+    # -- management ----------------------------------------------------------------------------
+
+    async def _passive_counts(self, link: Link, queues: Sequence[str]) -> list[tuple[int, int] | None]:
+        """(ready messages, consumers) of each queue, or None where it does not exist."""
+        out: list[tuple[int, int] | None] = []
+        channel, raw = await link.channel()
+        try:
+            for queue in queues:
+                try:
+                    ok = await raw.queue_declare(queue, passive=True)
+                except amqp.ChannelNotFoundEntity:
+                    out.append(None)
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+                    channel, raw = await link.channel()
+                    continue
+                out.append((ok.message_count or 0, ok.consumer_count or 0))
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return out
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        """Ready messages of the group's lane queues and of the topic's backlog, plus what the
+        group's live members hold unacked (asked for through a census on the members exchange)."""
+        link = await self._up()
+        count = self.settings.partition_count
+        try:
+            backlog = await self._passive_counts(link, [self.topology.backlog_queue(topic, p) for p in range(count)])
+            lanes = await self._passive_counts(
+                link, [self.topology.lane_queue(topic, group, p) for p in range(count)]
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"counting pending messages of {group!r} on {topic!r}") from exc
+        ready = sum(c[0] for c in backlog if c) + sum(c[0] for c in lanes if c)
+        if all(c is None for c in lanes):
+            return ready  # the group does not exist yet: it would get the backlog
+        consumed = {p for p, c in enumerate(lanes) if c and c[1]}
+        return ready + await self._census(link, topic, group, consumed)
+
+    async def _census(self, link: Link, topic: str, group: str, consumed: set[int]) -> int:
+        """Ask the group's members what they hold; wait until every member anyone knows of and
+        every lane with a consumer has answered (bounded)."""
+        replies: dict[str, dict[str, Any]] = {}
+        arrived = asyncio.Event()
+
+        async def on_reply(message: DeliveredMessage) -> None:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                data = json.loads(message.body)
+                replies[str(data["member"])] = data
+                arrived.set()
+
+        def complete() -> bool:
+            if not replies:
+                return False
+            known = {m for data in replies.values() for m in data.get("members", ())}
+            covered = {int(p) for data in replies.values() for p in data.get("lanes", {})}
+            return known <= set(replies) and consumed <= covered
+
+        channel, raw = await link.channel(confirms=True)
+        try:
+            await raw.basic_consume("amq.rabbitmq.reply-to", on_reply, no_ack=True)
+            try:
+                result = await raw.basic_publish(
+                    json.dumps({"kind": "census"}).encode(),
+                    exchange=self.topology.members_exchange(topic, group),
+                    routing_key="",
+                    properties=spec.Basic.Properties(reply_to="amq.rabbitmq.reply-to", message_type="census"),
+                    mandatory=True,
+                )
+            except amqp.ChannelNotFoundEntity:
+                return 0  # no member ever joined
+            if isinstance(result, DeliveredMessage) and not consumed:
+                return 0  # no member is bound now, and no lane has a consumer
+            deadline = time.monotonic() + CENSUS_TIMEOUT
+            while not complete():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.info("rabbitmq: pending_count of %s/%s: not every member answered in %.1fs",
+                             topic, group, CENSUS_TIMEOUT)
+                    break
+                arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), remaining)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return sum(int(n) for data in replies.values() for n in data.get("lanes", {}).values())
+
+    async def _read_letters(
+        self, topic: str, group: str, remove: set[str] | None
+    ) -> tuple[list[DeadLetter], int]:
+        """Every letter of the letters queue, oldest first: fetched unacked (those in ``remove``
+        acked), then the channel closes and the rest go back in their place."""
+        link = await self._up()
+        queue = self.topology.letters_queue(topic, group)
+        channel, raw = await link.channel()
+        letters: list[DeadLetter] = []
+        seen: set[str] = set()
+        removed: set[str] = set()
+        try:
+            try:
+                await raw.queue_declare(queue, passive=True)
+            except amqp.ChannelNotFoundEntity:
+                return [], 0
+            while True:
+                message = await raw.basic_get(queue, no_ack=False)
+                if isinstance(message.delivery, spec.Basic.GetEmpty):
+                    break
+                letter = self._letter(topic, group, message)
+                if remove is not None and letter.message_id in remove:
+                    await raw.basic_ack(message.delivery_tag or 0)
+                    removed.add(letter.message_id)
+                    continue
+                if letter.message_id not in seen:  # a crash between storing and acking stores it twice
+                    seen.add(letter.message_id)
+                    letters.append(letter)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"reading the dead letters of {group!r} on {topic!r}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return letters, len(removed)
+
+    def _letter(self, topic: str, group: str, message: DeliveredMessage) -> DeadLetter:
+        properties = message.header.properties
+        raw = properties.headers or {}
+        error = raw.get(DEAD_LETTER_ERROR)
+        attempts = raw.get(DEAD_LETTER_ATTEMPTS)
+        partition = raw.get(DEAD_LETTER_PARTITION)
+        at = raw.get(DEAD_LETTER_AT)
+        if error is None:  # the broker's own dead-lettering past the delivery limit (the safety net)
+            deaths = raw.get("x-death")
+            death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+            keys = death.get("routing-keys") or ["0"]
+            error = (f"the broker dead-lettered it past its delivery limit of {DELIVERY_LIMIT} "
+                     f"(reason: {_as_text(death.get('reason')) or 'unknown'})")
+            attempts = raw.get("x-delivery-count", DELIVERY_LIMIT)
+            partition = keys[0]
+        headers = {k: v for k, v in delivery_headers(raw).items() if not k.startswith("msgbroker-dead-letter-")}
+        when = datetime.now(UTC)
+        if isinstance(at, str):
+            with contextlib.suppress(ValueError):
+                when = datetime.fromisoformat(at)
+        key = raw.get(KEY_HEADER)
+        return DeadLetter(
+            message_id=properties.message_id or "",
+            topic=topic,
+            group=str(raw.get(DEAD_LETTER_GROUP) or group),
+            partition=int(_as_text(partition) or 0),
+            error=_as_text(error) or "",
+            attempts=int(_as_text(attempts) or 0),
+            headers=headers,
+            payload=message.body,
+            partition_key=_as_text(key) or "",
+            dead_lettered_at=when,
+        )
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        letters, _ = await self._read_letters(topic, group, None)
+        return letters
+
+    async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
+        _, removed = await self._read_letters(topic, group, set(message_ids))
+        return removed
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
