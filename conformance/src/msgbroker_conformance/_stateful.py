@@ -1,0 +1,713 @@
+"""The Hypothesis state machine: random sequences of publish / handle (ack, nak, reject, delay) /
+member crash / member join / member leave run against the real provider and, step by step, a
+pure-Python reference model of one topic and one group.
+
+Hypothesis stateful tests are synchronous, provider connections are bound to their event loop:
+each machine owns one event loop in a background thread for its whole life (zarr's SyncMixin
+approach) and every rule bridges into it with ``run_coroutine_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from hypothesis import HealthCheck, Phase, event, note, seed, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from msgbroker import Broker, MessageContext, Subscription, partition_for
+
+from ._support import ConformanceFailure, ConformanceMessage
+
+if TYPE_CHECKING:
+    from ._harness import ConformanceHarness
+
+__all__ = ["PROFILES", "BrokerMachine", "ModelViolation", "ReferenceModel", "machine_settings", "run_machine"]
+
+T = TypeVar("T")
+
+PARTITIONS = 4
+KEYS = ("a", "b", "c", "d", "e", "f")
+MAX_ATTEMPTS = 3
+EPSILON = 0.005
+"""Clock slack (seconds) for the "not before" check of a delay."""
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # (examples, steps) for in-process providers, then for providers with a server
+    "default": {"local": (25, 25), "remote": (10, 20), "derandomize": False},
+    "ci": {"local": (25, 25), "remote": (10, 20), "derandomize": True},
+    "nightly": {"local": (300, 60), "remote": (60, 40), "derandomize": False},
+}
+"""Budgets of the state machine, chosen by ``HYPOTHESIS_PROFILE`` (unknown names: ``default``)."""
+
+
+def machine_settings(local: bool, profile: str | None = None) -> settings:
+    """Hypothesis settings for the profile named by ``HYPOTHESIS_PROFILE`` (or ``profile``)."""
+    name = profile or os.environ.get("HYPOTHESIS_PROFILE", "default")
+    chosen = PROFILES.get(name, PROFILES["default"])
+    examples, steps = chosen["local" if local else "remote"]
+    return settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        derandomize=chosen["derandomize"],
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=True,
+    )
+
+
+class ModelViolation(ConformanceFailure):
+    """The provider did something the reference model says a correct broker never does."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# -- the reference model -------------------------------------------------------------------------
+
+READY, INFLIGHT, ACKED, DEAD = "ready", "in flight", "acked", "dead"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One published message, as the model tracks it for the group."""
+
+    message_id: str
+    key: str
+    seq: int
+    partition: int
+    state: str = READY
+    holder: str | None = None
+    deliveries: int = 0
+    """Handler invocations seen."""
+    last_attempt: int = 0
+    naks: int = 0
+    disturbed: bool = False
+    """A member joined, left or died while this was unsettled: the broker may have counted
+    deliveries no handler saw (prefetched, then handed over), so attempts may jump."""
+    delayed_until: float | None = None
+    acked_by: str | None = None
+    uncertain: bool = False
+    """Acked by a member that died later: a broker that buffers acks may deliver it again."""
+
+
+@dataclass
+class ReferenceModel:
+    """What a correct broker may do with one topic, one group and ``partitions`` partitions
+    (SPEC §3.1, 3.3–3.5, 3.8): a pure function of the history of publishes and settlements."""
+
+    partitions: int = PARTITIONS
+    max_attempts: int = MAX_ATTEMPTS
+    entries: dict[str, Entry] = field(default_factory=dict)
+    order: dict[int, list[str]] = field(default_factory=dict)
+    duplicates: int = 0
+
+    def publish(self, message_id: str, key: str, seq: int) -> None:
+        partition = partition_for(key, self.partitions)
+        self.entries[message_id] = Entry(message_id, key, seq, partition)
+        self.order.setdefault(partition, []).append(message_id)
+
+    def head(self, partition: int) -> Entry | None:
+        """The oldest message of the partition the group has not settled."""
+        for mid in self.order.get(partition, ()):
+            entry = self.entries[mid]
+            if entry.state not in (ACKED, DEAD):
+                return entry
+        return None
+
+    def expects_delivery(self) -> bool:
+        """Some partition's head is waiting for a handler (not in flight)."""
+        return any((h := self.head(p)) is not None and h.state == READY for p in self.order)
+
+    def unsettled(self) -> tuple[int, int]:
+        """(exact, extra): the pending count must lie in [exact, exact + extra]."""
+        exact = sum(1 for e in self.entries.values() if e.state in (READY, INFLIGHT))
+        extra = sum(1 for e in self.entries.values() if e.state == ACKED and e.uncertain)
+        return exact, extra
+
+    def deliver(self, message_id: str, member: str, attempt: int, at: float) -> Entry:
+        """A handler of ``member`` was handed ``message_id``: check it may be, then commit."""
+        entry = self.entries.get(message_id)
+        if entry is None:
+            raise ModelViolation(f"delivered {message_id}, which was never published to this topic")
+        name = f"{entry.key}#{entry.seq} ({message_id[:8]})"
+        if entry.state == DEAD:
+            raise ModelViolation(f"{name} was delivered after it was dead-lettered")
+        if entry.state == ACKED and not entry.uncertain:
+            raise ModelViolation(f"{name} was delivered again after it was acked (by {entry.acked_by})")
+        if entry.state == INFLIGHT:
+            raise ModelViolation(f"{name} was delivered to {member} while {entry.holder} still handles it")
+        for mid in self.order[entry.partition]:
+            if mid == message_id:
+                break
+            earlier = self.entries[mid]
+            if earlier.state not in (ACKED, DEAD):
+                raise ModelViolation(
+                    f"{name} was handed to {member} before the earlier {earlier.key}#{earlier.seq} of partition "
+                    f"{entry.partition} was settled (it is {earlier.state})", "order"
+                )
+        if entry.state == ACKED:
+            self.duplicates += 1
+        if not entry.disturbed and attempt != entry.deliveries + 1:
+            raise ModelViolation(f"{name} has delivery_attempt {attempt}; it was handled {entry.deliveries} time(s)")
+        if attempt <= entry.last_attempt or attempt < entry.deliveries + 1:
+            raise ModelViolation(
+                f"{name} has delivery_attempt {attempt} after attempt {entry.last_attempt} "
+                f"({entry.deliveries} handler call(s)): attempts must grow"
+            )
+        if entry.delayed_until is not None and at < entry.delayed_until - EPSILON:
+            raise ModelViolation(f"{name} was redelivered {entry.delayed_until - at:.3f}s before its delay ended")
+        entry.state, entry.holder = INFLIGHT, member
+        entry.deliveries += 1
+        entry.last_attempt = attempt
+        entry.delayed_until = None
+        entry.uncertain = False
+        return entry
+
+    def settle(self, message_id: str, action: str, dead: bool, not_before: float | None = None) -> None:
+        """The handler settled: ``dead`` says whether the broker lists it as a dead letter now."""
+        entry = self.entries[message_id]
+        name = f"{entry.key}#{entry.seq}"
+        holder = entry.holder
+        entry.holder = None
+        if action == "ack":
+            entry.state, entry.acked_by = ACKED, holder
+        elif action == "reject":
+            if not dead:
+                raise ModelViolation(f"{name} was naked with requeue=False but is not among the dead letters")
+            entry.state = DEAD
+        elif action == "nak":
+            entry.naks += 1
+            if dead:
+                if entry.last_attempt < self.max_attempts:
+                    raise ModelViolation(
+                        f"{name} was dead-lettered after a nak on attempt {entry.last_attempt}, "
+                        f"before max_retry_attempts={self.max_attempts}"
+                    )
+                entry.state = DEAD
+            elif entry.naks >= self.max_attempts:
+                raise ModelViolation(f"{name} failed {entry.naks} times and is still not dead-lettered")
+            else:
+                entry.state = READY
+        elif action == "delay":
+            if dead:
+                raise ModelViolation(f"{name} was dead-lettered on a delay")
+            entry.state, entry.delayed_until = READY, not_before
+        else:  # pragma: no cover - the machine only draws the actions above
+            raise ValueError(action)
+
+    def forget_holder(self, member: str) -> None:
+        """``member`` died: what it held is unsettled again, and acks it sent may be lost."""
+        for entry in self.entries.values():
+            if entry.state == INFLIGHT and entry.holder == member:
+                entry.state, entry.holder = READY, None
+            if entry.state == ACKED and entry.acked_by == member:
+                entry.uncertain = True
+        self.disturb()
+
+    def disturb(self) -> None:
+        """Membership changed: prefetched-but-unhandled deliveries may be counted."""
+        for entry in self.entries.values():
+            if entry.state in (READY, INFLIGHT):
+                entry.disturbed = True
+
+    def dead_without_handler(self, message_id: str) -> bool:
+        """The broker dead-lettered a message the model did not see go (a member died holding it
+        too often); legal only for a disturbed, unsettled message. Commits when legal."""
+        entry = self.entries.get(message_id)
+        if entry is None:
+            raise ModelViolation(f"dead letter {message_id} was never published to this topic")
+        if entry.state == DEAD:
+            return True
+        if entry.state == READY and entry.disturbed:
+            entry.state = DEAD
+            return True
+        return False
+
+
+# -- the bridge ----------------------------------------------------------------------------------
+
+
+class _LoopThread:
+    """One event loop in a background thread, for the whole life of a machine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="msgbroker-conformance-loop", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError as exc:
+            future.cancel()
+            raise ConformanceFailure(f"a provider call did not return within {timeout:.0f}s") from exc
+
+    def close(self) -> None:
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(cancel_rest(), 30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(30)
+            self.loop.close()
+
+
+@dataclass(eq=False)
+class Arrival:
+    """One handler invocation, parked until the machine decides how to settle it."""
+
+    member: str
+    message_id: str
+    key: str
+    seq: int
+    partition: int
+    attempt: int
+    at: float
+    action: asyncio.Future[tuple[str, float]] | None
+    done: concurrent.futures.Future[str] = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(eq=False)
+class Member:
+    name: str
+    broker: Broker
+    subscription: Subscription | None = None
+    auto: bool = False
+    """Ack at once without asking the machine (while leaving, and while draining)."""
+
+
+class BrokerMachine(RuleBasedStateMachine):
+    """The provider under test beside :class:`ReferenceModel`. Bound to a harness by
+    :func:`run_machine` (``harness`` is set on a subclass)."""
+
+    harness: ConformanceHarness
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bridge = _LoopThread()
+        self.model = ReferenceModel()
+        self.namespace = uuid.uuid4().hex[:10]
+        self.topic = f"sm-{uuid.uuid4().hex[:8]}"
+        self.group = f"g-{uuid.uuid4().hex[:8]}"
+        self.multiplier = float(self.harness.timeout_multiplier)
+        self.capabilities = self.harness.capabilities()
+        self.members: dict[str, Member] = {}
+        self.departed: list[Member] = []
+        self.arrivals: queue.SimpleQueue[Arrival] = queue.SimpleQueue()
+        self.inbox: list[Arrival] = []
+        self.seqs: Counter[str] = Counter()
+        self.producer: Broker | None = None
+        self.crashes = 0
+        self.joined = 0
+        self.in_step = False
+        self.coverage: Counter[str] = Counter()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _step(self, name: str = "") -> Iterator[None]:
+        """Marks a step in progress: when it raises, teardown does not drain (which would
+        bury the real failure under a second one)."""
+        self.in_step = True
+        if name:
+            self.coverage[f"step:{name}"] += 1
+        yield
+        self.in_step = False
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return self.bridge.run(coro, timeout * self.multiplier)
+
+    async def _connect(self) -> Broker:
+        broker = self.harness.connect(
+            self.namespace, partition_count=PARTITIONS, retry_delay=0, max_retry_attempts=MAX_ATTEMPTS,
+            shutdown_timeout=5,
+        )
+        await broker.open()
+        return broker
+
+    def _handler(self, member: Member) -> Any:
+        loop = self.bridge.loop
+
+        async def handle(ctx: MessageContext[ConformanceMessage]) -> None:
+            message = ctx.message
+            action: asyncio.Future[tuple[str, float]] | None = None if member.auto else loop.create_future()
+            arrival = Arrival(member.name, ctx.message_id, message.key, message.seq, ctx.partition,
+                              ctx.delivery_attempt, time.time(), action)
+            self.arrivals.put(arrival)
+            try:
+                kind, arg = ("ack", 0.0) if action is None else await action
+                if kind == "ack":
+                    await ctx.ack()
+                elif kind == "nak":
+                    await ctx.nak(requeue=True, error="naked by the state machine")
+                elif kind == "reject":
+                    await ctx.nak(requeue=False, error="rejected by the state machine")
+                else:
+                    await ctx.delay(arg)
+                arrival.done.set_result(kind)
+            except BaseException as exc:
+                if not arrival.done.done():
+                    arrival.done.set_exception(exc)
+                raise
+
+        return handle
+
+    def _join(self) -> Member:
+        self.joined += 1
+        name = f"m{self.joined}"
+        self.model.disturb()
+        broker = self.run(self._connect())
+        member = Member(name, broker)
+        member.subscription = self.run(
+            broker.subscribe(self.topic, self.group, self._handler(member), message_type=ConformanceMessage)
+        )
+        self.members[name] = member
+        note(f"{name} joined")
+        return member
+
+    def _dead_ids(self) -> set[str]:
+        assert self.producer is not None
+        return {x.message_id for x in self.run(self.producer.dead_letters(self.topic, self.group))}
+
+    def _refresh_dead(self) -> None:
+        for mid in self._dead_ids():
+            if mid in self.model.entries and not self.model.dead_without_handler(mid):
+                entry = self.model.entries[mid]
+                if entry.state != DEAD:
+                    raise ModelViolation(f"{entry.key}#{entry.seq} is among the dead letters but is {entry.state}")
+
+    def _admit(self, arrival: Arrival) -> None:
+        try:
+            self.model.deliver(arrival.message_id, arrival.member, arrival.attempt, arrival.at)
+        except ModelViolation as exc:
+            if exc.kind != "order":
+                raise
+            self._refresh_dead()  # an earlier message may have been dead-lettered unseen
+            self.model.deliver(arrival.message_id, arrival.member, arrival.attempt, arrival.at)
+        entry = self.model.entries[arrival.message_id]
+        if entry.deliveries > 1:
+            self.coverage["redelivered"] += 1
+        if arrival.action is None:
+            arrival.done.result(self.multiplier * 10)
+            self.model.settle(arrival.message_id, "ack", dead=False)
+        else:
+            self.inbox.append(arrival)
+
+    def _collect(self, wait: bool) -> None:
+        """Admit every new handler invocation; with ``wait``, block (bounded) for one."""
+        deadline = time.monotonic() + (10.0 + self._claim_timeout()) * self.multiplier
+        while True:
+            try:
+                while True:
+                    self._admit(self.arrivals.get_nowait())
+            except queue.Empty:
+                pass
+            if not wait or self.inbox or not self.model.expects_delivery() or not self._live():
+                return
+            if time.monotonic() > deadline:
+                self._refresh_dead()
+                if not self.model.expects_delivery():
+                    return
+                heads = [h for p in sorted(self.model.order) if (h := self.model.head(p)) is not None]
+                raise ConformanceFailure(
+                    "liveness: no delivery arrived although these partition heads wait for a handler: "
+                    + ", ".join(f"{h.key}#{h.seq} (partition {h.partition}, {h.state})" for h in heads)
+                )
+            try:
+                self._admit(self.arrivals.get(timeout=0.05))
+            except queue.Empty:
+                pass
+
+    def _claim_timeout(self) -> float:
+        return 5.0
+
+    def _live(self) -> list[Member]:
+        return list(self.members.values())
+
+    def _resolve(self, arrival: Arrival, kind: str, arg: float = 0.0) -> str:
+        assert arrival.action is not None
+        self.bridge.loop.call_soon_threadsafe(arrival.action.set_result, (kind, arg))
+        try:
+            return arrival.done.result(10 * self.multiplier)
+        except concurrent.futures.TimeoutError as exc:
+            raise ConformanceFailure(f"settling {arrival.key}#{arrival.seq} with {kind} did not return") from exc
+
+    # -- rules ------------------------------------------------------------------------------------
+
+    @initialize()
+    def start(self) -> None:
+        self.producer = self.run(self._connect())
+        self._join()
+
+    @rule(key=st.sampled_from(KEYS), n=st.integers(1, 3))
+    def publish(self, key: str, n: int) -> None:
+        with self._step("publish"):
+            self._publish(key, n)
+
+    def _publish(self, key: str, n: int) -> None:
+        assert self.producer is not None
+        messages = []
+        for _ in range(n):
+            messages.append(ConformanceMessage(key=key, seq=self.seqs[key]))
+            self.seqs[key] += 1
+        for message in messages:
+            self.model.publish(str(message.message_id), message.key, message.seq)
+        self.run(self.producer.publish_batch(self.topic, messages))
+
+    # One rule per settlement, so that Hypothesis's swarm testing (which switches whole rules
+    # off per example) rarely leaves an example without any handling at all.
+
+    def _can_handle(self) -> bool:
+        # Only what the history decides (never what has arrived yet): Hypothesis replays
+        # examples and needs the same rules enabled each time.
+        return bool(self.members) and self.model.unsettled()[0] > 0
+
+    @precondition(_can_handle)
+    @rule(pick=st.integers(0, 7))
+    def ack(self, pick: int) -> None:
+        with self._step("ack"):
+            self._handle(pick, "ack", 0.0)
+
+    @precondition(_can_handle)
+    @rule(pick=st.integers(0, 7))
+    def ack_everything(self, pick: int) -> None:
+        with self._step("ack_everything"):
+            self._handle(pick, "ack", 0.0)
+            while self.inbox:
+                self._handle(0, "ack", 0.0)
+
+    @precondition(_can_handle)
+    @rule(pick=st.integers(0, 7))
+    def nak(self, pick: int) -> None:
+        with self._step("nak"):
+            self._handle(pick, "nak", 0.0)
+
+    @precondition(_can_handle)
+    @rule(pick=st.integers(0, 7))
+    def reject(self, pick: int) -> None:
+        with self._step("reject"):
+            self._handle(pick, "reject", 0.0)
+
+    @precondition(_can_handle)
+    @rule(pick=st.integers(0, 7), seconds=st.floats(0.01, 0.1))
+    def delay(self, pick: int, seconds: float) -> None:
+        with self._step("delay"):
+            self._handle(pick, "delay", seconds)
+
+    def _handle(self, pick: int, action: str, delay: float) -> None:
+        self._collect(wait=True)
+        if not self.inbox:
+            return
+        arrival = self.inbox.pop(pick % len(self.inbox))
+        if action == "delay" and not self.capabilities.delay:
+            action = "nak"
+        not_before = time.time() + delay if action == "delay" else None
+        note(f"{arrival.member} settles {arrival.key}#{arrival.seq} attempt {arrival.attempt}: {action}")
+        outcome = self._resolve(arrival, action, delay)
+        assert outcome == action
+        dead = arrival.message_id in self._dead_ids() if action in ("nak", "reject", "delay") else False
+        self.model.settle(arrival.message_id, action, dead, not_before)
+        self.coverage[f"{action}{'-dead' if dead else ''}"] += 1
+        event(f"settle: {action}{' (dead-lettered)' if dead else ''}")
+
+    @precondition(lambda self: self.crashes < 2 and bool(self.members))
+    @rule(pick=st.integers(0, 7))
+    def crash_member(self, pick: int) -> None:
+        if not (self.capabilities.kill_member and self.capabilities.redelivery_on_crash):
+            return
+        with self._step("crash"):
+            self._crash(pick)
+
+    def _crash(self, pick: int) -> None:
+        self._collect(wait=False)
+        member = self._live()[pick % len(self.members)]
+        self.crashes += 1
+        held = [a for a in self.inbox if a.member == member.name]
+        note(f"{member.name} crashes holding {[f'{a.key}#{a.seq}' for a in held]}")
+        event("crash with a message in flight" if held else "crash while idle")
+        if held:
+            self.coverage["crash-in-flight"] += 1
+        self.run(member.broker.abort())
+        del self.members[member.name]
+        self.departed.append(member)
+        self._collect(wait=False)  # invocations that began before the abort landed
+        self.inbox = [a for a in self.inbox if a.member != member.name]
+        self.model.forget_holder(member.name)
+
+    @precondition(lambda self: len(self.members) < 3 and self.joined < 5)
+    @rule()
+    def join_member(self) -> None:
+        if not self.capabilities.competing_consumers:
+            return
+        with self._step("join"):
+            self._collect(wait=False)
+            self._join()
+            event("member joined")
+
+    @precondition(lambda self: len(self.members) >= 2)
+    @rule(pick=st.integers(0, 7))
+    def leave_member(self, pick: int) -> None:
+        with self._step("leave"):
+            self._collect(wait=False)
+            member = self._live()[pick % len(self.members)]
+            note(f"{member.name} leaves")
+            self.model.disturb()
+            self._finish(member, member.broker.close())
+            del self.members[member.name]
+            self.departed.append(member)
+            self._collect(wait=False)
+
+    def _finish(self, member: Member, closing: Coroutine[Any, Any, None]) -> None:
+        """Run ``closing`` while acking whatever ``member`` is handed meanwhile (a graceful
+        close waits for in-flight handlers, which would otherwise wait for the machine)."""
+        member.auto = True
+        future = asyncio.run_coroutine_threadsafe(closing, self.bridge.loop)
+        deadline = time.monotonic() + 30 * self.multiplier
+        while True:
+            self._collect(wait=False)
+            for arrival in [a for a in self.inbox if a.member == member.name]:
+                self.inbox.remove(arrival)
+                self._resolve(arrival, "ack")
+                self.model.settle(arrival.message_id, "ack", dead=False)
+            if future.done():
+                future.result()
+                return
+            if time.monotonic() > deadline:
+                raise ConformanceFailure(f"closing member {member.name} did not finish")
+            time.sleep(0.01)
+
+    @precondition(lambda self: self.capabilities.pending_count_exact and self.producer is not None)
+    @rule()
+    def check_pending(self) -> None:
+        with self._step("check_pending"):
+            self._check_pending()
+
+    def _check_pending(self) -> None:
+        self._collect(wait=False)
+        self._refresh_dead()
+        low, extra = self.model.unsettled()
+        assert self.producer is not None
+        deadline = time.monotonic() + 2.0 * self.multiplier
+        while True:
+            pending = self.run(self.producer.pending_count(self.topic, self.group))
+            self._collect(wait=False)
+            low, extra = self.model.unsettled()
+            if low <= pending <= low + extra:
+                break
+            if time.monotonic() > deadline:
+                raise ModelViolation(f"pending_count is {pending}; the model has {low} unsettled (+{extra} uncertain)")
+            time.sleep(0.02)
+
+    @invariant()
+    def deliveries_keep_the_contract(self) -> None:
+        with self._step():
+            self._collect(wait=False)
+
+    # -- the end ------------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Settle everything: every published message must end acked or dead-lettered."""
+        if not self.members:
+            self._join()
+        for member in self.members.values():
+            member.auto = True
+        deadline = time.monotonic() + (10.0 + self._claim_timeout()) * self.multiplier
+        while True:
+            self._collect(wait=False)
+            for arrival in list(self.inbox):  # parked before auto was set
+                self.inbox.remove(arrival)
+                self._resolve(arrival, "ack")
+                self.model.settle(arrival.message_id, "ack", dead=False)
+            open_ = [e for e in self.model.entries.values() if e.state in (READY, INFLIGHT)]
+            if not open_:
+                break
+            if time.monotonic() > deadline:
+                self._refresh_dead()
+                open_ = [e for e in self.model.entries.values() if e.state in (READY, INFLIGHT)]
+                if not open_:
+                    break
+                raise ConformanceFailure(
+                    f"lost: {len(open_)} published message(s) were never handled to the end, e.g. "
+                    + ", ".join(f"{e.key}#{e.seq} (partition {e.partition}, handled {e.deliveries}x)" for e in open_[:5])
+                )
+            time.sleep(0.02)
+        if self.capabilities.pending_count_exact:
+            assert self.producer is not None
+            deadline = time.monotonic() + 5.0 * self.multiplier
+            while (pending := self.run(self.producer.pending_count(self.topic, self.group))) != 0:
+                if time.monotonic() > deadline:
+                    raise ModelViolation(f"pending_count is {pending} after everything was settled")
+                time.sleep(0.02)
+
+    def teardown(self) -> None:
+        try:
+            if not self.in_step:  # a failed step already reported; don't mask it
+                self.drain()
+                _COVERAGE.update(self.coverage)
+        finally:
+            try:
+                for member in [*self.members.values(), *self.departed]:
+                    member.auto = True
+                for arrival in self.inbox:
+                    if arrival.action is not None and not arrival.action.done():
+                        self.bridge.loop.call_soon_threadsafe(arrival.action.set_result, ("ack", 0.0))
+                brokers = [m.broker for m in self.members.values()]
+                if self.producer is not None:
+                    brokers.append(self.producer)
+                if brokers:
+                    self.run(_close_all(brokers), 60)
+            finally:
+                self.bridge.close()
+
+
+async def _close_all(brokers: list[Broker]) -> None:
+    for broker in brokers:
+        try:
+            await asyncio.wait_for(broker.close(), 20)
+        except Exception:
+            await broker.abort()
+
+
+_COVERAGE: Counter[str] = Counter()
+
+
+def run_machine(harness: ConformanceHarness, session_seed: int, profile: str | None = None,
+                shrink: bool = True) -> Counter[str]:
+    """Run :class:`BrokerMachine` against ``harness`` with the profile's budget; returns how
+    often each interesting scenario happened (crash with a message in flight, dead letter...)."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    machine = type("BrokerMachineFor" + type(harness).__name__, (BrokerMachine,), {"harness": harness})
+    chosen = machine_settings(bool(harness.local), profile)
+    if not shrink:
+        chosen = settings(chosen, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    if not chosen.derandomize:
+        machine = seed(session_seed)(machine)
+    _COVERAGE.clear()
+    run_state_machine_as_test(machine, settings=chosen)
+    return Counter(_COVERAGE)
