@@ -310,7 +310,8 @@ class NatsTransport(Transport):
         config = self.consumer_config(layout, group, partition)
         try:
             await self.jsm.add_consumer(layout.stream, config)
-        except nats.js.errors.BadRequestError as exc:
+        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
+            # 2.9 answers 500 / err_code 10012 for "deliver policy can not be updated".
             raise ConfigurationError(
                 f"nats consumer {config.durable_name!r} on stream {layout.stream!r} exists with settings "
                 f"that cannot be changed to msgbroker's ({exc.description}); delete it "

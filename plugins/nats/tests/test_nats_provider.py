@@ -1,0 +1,340 @@
+"""What the NATS provider does underneath, checked against the real nats-server: where streams,
+subjects and consumers live, native dedup, failover after a member process is killed, a server
+restart mid-stream, long handlers kept alive with +WPI, stale pull requests, settings from the
+seed's appsettings.json."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgbroker
+import nats.js.errors
+import pytest
+from msgbroker import BrokerSettings, ConfigurationError, Message, MessageContext, partition_for
+from msgbroker_nats import NatsTransport, TopicLayout
+from nats.aio.client import Client
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+REPO = Path(__file__).resolve().parents[3]
+MEMBER = Path(__file__).with_name("_member.py")
+SEED = REPO.parent / "shared" / "seed" / "appsettings.json"
+
+
+class Item(Message):
+    key: str
+    n: int
+
+    @property
+    def partition_key(self) -> str:
+        return self.key
+
+
+async def eventually(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> None:
+    """Wait (bounded) until ``condition()`` — sync or async — is truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+
+
+class Record:
+    """What handlers saw: (member, key, n, attempt) in handling order."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, int, int]] = []
+
+    def handler(self, member: str, hold: Callable[[Item], Awaitable[None]] | None = None) -> Any:
+        async def handle(ctx: MessageContext[Item]) -> None:
+            if hold is not None:
+                await hold(ctx.message)
+            self.seen.append((member, ctx.message.key, ctx.message.n, ctx.delivery_attempt))
+
+        return handle
+
+    def ns(self, key: str) -> list[int]:
+        return [n for _, k, n, _ in self.seen if k == key]
+
+
+# -- layout ------------------------------------------------------------------------------------
+
+
+def test_names_escape_dots_one_to_one() -> None:
+    layout = TopicLayout("MSGBROKER", "orders.eu")
+    assert layout.stream == "MSGBROKER_orders~eu"
+    assert layout.subjects == "MSGBROKER.orders.eu.*"
+    assert layout.subject(3) == "MSGBROKER.orders.eu.3"
+    assert layout.dead_letters.stream == "MSGBROKER_orders~eu~dlq"
+    assert TopicLayout.consumer("billing.v2", 7) == "billing~v2_7"
+    assert TopicLayout("P", "a_b").stream != TopicLayout("P", "a.b").stream
+    assert TopicLayout.partition_count_of(layout.description(16)) == 16
+
+
+def test_a_bad_stream_prefix_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigurationError, match=r"stream_prefix='A\.B'"):
+        msgbroker.connect("nats://127.0.0.1:1", nats={"stream_prefix": "A.B"})
+
+
+# -- on the server -------------------------------------------------------------------------------
+
+
+async def test_streams_subjects_and_consumers_live_under_the_stream_prefix(
+    connect: Any, raw: Client, prefix: str
+) -> None:
+    topic = "orders.eu"
+    item = Item(key="seat-42", n=0)
+    async with connect(partition_count=4) as broker:
+        await broker.publish(topic, item)
+        jsm = raw.jsm()
+        info = await jsm.stream_info(f"{prefix}_orders~eu")
+        assert info.config.subjects == [f"{prefix}.orders.eu.*"]
+        assert str(getattr(info.config.storage, "value", info.config.storage)) == "file"
+        assert TopicLayout.partition_count_of(info.config.description) == 4
+        partition = partition_for("seat-42", 4)
+        stored = await jsm.get_msg(f"{prefix}_orders~eu", seq=1)
+        assert stored.subject == f"{prefix}.orders.eu.{partition}"
+        assert stored.headers is not None and "Nats-Msg-Id" not in stored.headers  # no dedup asked for
+
+        record = Record()
+        await broker.subscribe(topic, "billing.v2", record.handler("a"))
+        await eventually(lambda: record.ns("seat-42") == [0], "the message to be handled")
+        for p in range(4):
+            consumer = await jsm.consumer_info(f"{prefix}_orders~eu", f"billing~v2_{p}")
+            config = consumer.config
+            assert config.filter_subject == f"{prefix}.orders.eu.{p}"
+            assert config.max_ack_pending == 1
+            assert config.ack_policy == AckPolicy.EXPLICIT
+            assert config.deliver_policy == DeliverPolicy.ALL
+            assert config.max_deliver == -1
+            assert config.ack_wait == 2.0
+
+
+async def test_a_wrong_partition_count_on_an_existing_stream_is_refused(connect: Any, raw: Client, topic: str) -> None:
+    async with connect(partition_count=4) as broker:
+        await broker.publish(topic, Item(key="k", n=0))
+    async with connect(partition_count=8) as other:
+        with pytest.raises(ConfigurationError, match="partition_count=4"):
+            await other.publish(topic, Item(key="k", n=1))
+        with pytest.raises(ConfigurationError, match="partition_count=4"):
+            await other.subscribe(topic, "g", Record().handler("b"))
+
+
+async def test_dedup_is_jetstreams_own_msg_id_within_the_window(
+    connect: Any, raw: Client, prefix: str, topic: str
+) -> None:
+    item = Item(key="k", n=0)
+    async with connect(enable_deduplication=True, deduplication_window=30) as broker:
+        await broker.publish(topic, item)
+        await broker.publish(topic, item)
+        await broker.publish_batch(topic, [item, Item(key="k", n=1)])
+        jsm = raw.jsm()
+        info = await jsm.stream_info(f"{prefix}_{topic}")
+        assert info.config.duplicate_window == 30.0
+        assert info.state.messages == 2, "the server stored a repeated Nats-Msg-Id inside the window"
+        stored = await jsm.get_msg(f"{prefix}_{topic}", seq=1)
+        assert stored.headers is not None and stored.headers["Nats-Msg-Id"] == str(item.message_id)
+    async with connect() as plain:  # without deduplication the same id is a new message (replays)
+        await plain.publish(topic, item)
+        assert (await raw.jsm().stream_info(f"{prefix}_{topic}")).state.messages == 3
+
+
+async def test_an_existing_consumer_is_updated_or_refused_with_a_clear_message(
+    connect: Any, raw: Client, prefix: str, topic: str
+) -> None:
+    async with connect(partition_count=2) as broker:
+        await broker.publish(topic, Item(key="k", n=0))
+        jsm = raw.jsm()
+        stream = f"{prefix}_{topic}"
+        await jsm.add_consumer(stream, ConsumerConfig(
+            durable_name="g_0", ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+            ack_wait=60, max_ack_pending=1000, filter_subject=f"{prefix}.{topic}.0"))
+        await jsm.add_consumer(stream, ConsumerConfig(
+            durable_name="h_1", ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.NEW,
+            filter_subject=f"{prefix}.{topic}.1"))
+        sub = await broker.subscribe(topic, "g", Record().handler("a"))
+        updated = await jsm.consumer_info(stream, "g_0")
+        assert (updated.config.ack_wait, updated.config.max_ack_pending) == (2.0, 1)
+        await sub.close()
+        with pytest.raises(ConfigurationError, match=r"'h_1'.*nats consumer rm"):
+            await broker.subscribe(topic, "h", Record().handler("b"))
+
+
+async def test_a_dead_members_pull_requests_take_nothing(connect: Any, raw: Client, topic: str) -> None:
+    """A member that dies idle leaves pull requests behind; the server must not hand the next
+    message to them (it would come back only after ack_wait, as a second attempt)."""
+    dead, live = connect(partition_count=1), connect(partition_count=1)
+    await dead.open()
+    await live.open()
+    try:
+        record = Record()
+        await dead.subscribe(topic, "g", record.handler("dead"))
+        await dead.abort()
+        await live.subscribe(topic, "g", record.handler("live"))
+        await live.publish(topic, Item(key="k", n=0))
+        await eventually(lambda: record.seen, "the message to be handled")
+        assert record.seen == [("live", "k", 0, 1)]
+    finally:
+        await live.close()
+
+
+async def test_a_long_handler_on_a_live_member_is_not_redelivered(connect: Any, raw: Client, topic: str) -> None:
+    """+WPI keeps a message that runs past ack_wait with its live member."""
+    ack_wait = 1.0
+    first, second = connect(partition_count=1, nats={"ack_wait": ack_wait}), connect(
+        partition_count=1, nats={"ack_wait": ack_wait})
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def hold(item: Item) -> None:
+        if item.n == 0:
+            started.set()
+            await release.wait()
+
+    async with first, second:
+        record = Record()
+        await first.subscribe(topic, "g", record.handler("first", hold))
+        await first.publish_batch(topic, [Item(key="k", n=0), Item(key="k", n=1)])
+        await asyncio.wait_for(started.wait(), 10)
+        await second.subscribe(topic, "g", record.handler("second", hold))
+        # Observe for several ack_wait periods: nobody else may get message 0 (or 1, behind it).
+        await asyncio.sleep(3.5 * ack_wait)
+        assert record.seen == [], f"redelivered while its handler was running: {record.seen}"
+        release.set()
+        await eventually(lambda: record.ns("k") == [0, 1], "both messages, in order")
+        assert [attempt for *_, attempt in record.seen] == [1, 1]
+        assert await first.pending_count(topic, "g") == 0
+
+
+async def test_a_killed_member_process_hands_its_in_flight_message_over(
+    connect: Any, raw: Client, prefix: str, topic: str, nats_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL a member process mid-handler: after ack_wait a live member gets the message (as
+    attempt 2) before everything behind it, and nothing is lost."""
+    path = tmp_path / "record.txt"
+    path.touch()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(MEMBER), nats_url, prefix, topic, "g", "2", "2", str(path),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        await eventually(lambda: "ready" in path.read_text(), "the member process to subscribe")
+        async with connect(partition_count=2) as broker:
+            await broker.publish_batch(topic, [Item(key="a", n=n) for n in range(5)])
+            await eventually(lambda: "holding:a:2" in path.read_text(), "the member to hold message 2")
+            record = Record()
+            await broker.subscribe(topic, "g", record.handler("live"))
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            await eventually(lambda: record.ns("a") == [2, 3, 4], "the rest of the lane on the live member")
+            handled_there = [line for line in path.read_text().splitlines() if line.startswith("a:")]
+            assert [line.split(":")[1] for line in handled_there] == ["0", "1"]
+            assert record.seen[0][3] == 2, "the killed member's message must come back as attempt 2"
+            assert await broker.pending_count(topic, "g") == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, raw: Client, topic: str) -> None:
+    """Publishing and handling go on while nats-server restarts (file storage): every message
+    published is handled, in order per key."""
+    keys = [f"k{i}" for i in range(8)]
+    restarted = asyncio.Event()
+    published: list[int] = []
+    async with connect(partition_count=4, enable_deduplication=True, deduplication_window=120) as broker:
+        record = Record()
+        await broker.subscribe(topic, "g", record.handler("a"))
+
+        async def publish_until_after_the_restart() -> None:
+            after = 0
+            n = 0
+            while after < 10:
+                batch = [Item(key=k, n=n) for k in keys]
+                while True:  # a publish cut by the restart is retried; dedup keeps it once
+                    try:
+                        await broker.publish_batch(topic, batch)
+                        break
+                    except msgbroker.TransientError:
+                        await asyncio.sleep(0.1)
+                published.append(n)
+                n += 1
+                after += 1 if restarted.is_set() else 0
+                await asyncio.sleep(0.02)
+
+        publisher = asyncio.create_task(publish_until_after_the_restart())
+        await eventually(lambda: len(record.seen) >= 40, "some messages before the restart")
+        process = await asyncio.create_subprocess_exec(
+            str(REPO / "scripts" / "brokers"), "restart", "nats",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await process.communicate()
+        assert process.returncode == 0, output.decode()[-2000:]
+        restarted.set()
+        await asyncio.wait_for(publisher, 60)
+        total = len(published)
+        await eventually(lambda: all(record.ns(k)[-1:] == [total - 1] for k in keys), "every key to the end", 60)
+        for key in keys:
+            seen = record.ns(key)
+            assert sorted(set(seen)) == list(range(total)), f"{key}: lost {set(range(total)) - set(seen)}"
+            assert all(a <= b for a, b in zip(seen, seen[1:], strict=False)), f"{key} out of order: {seen}"
+        await eventually(lambda: broker.is_healthy(), "the broker to be healthy again")
+        assert await broker.pending_count(topic, "g") == 0
+
+
+async def test_the_seeds_appsettings_nats_section_drives_the_provider(
+    nats_url: str, raw: Client, tmp_path: Path, topic: str, delete_streams: Any
+) -> None:
+    if not SEED.is_file():
+        pytest.fail(f"the seed's settings file {SEED} is missing", pytrace=False)
+    settings = BrokerSettings.from_file(SEED, provider="nats", nats={"url": nats_url})
+    assert settings.nats.stream_prefix == "MSGBROKER"
+    assert settings.nats.ack_wait.total_seconds() == 30
+    assert settings.nats.max_age.total_seconds() == 7 * 86400
+    assert settings.nats.max_deliver == 5
+    try:
+        async with msgbroker.connect(settings, partition_count=2) as broker:
+            assert isinstance(broker.transport, NatsTransport)
+            await broker.publish(topic, Item(key="k", n=0))
+            record = Record()
+            await broker.subscribe(topic, "g", record.handler("a"))
+            await eventually(lambda: record.ns("k") == [0], "the message")
+            jsm = raw.jsm()
+            stream = await jsm.stream_info(f"MSGBROKER_{topic}")
+            assert stream.config.max_age == 7 * 86400
+            consumer = await jsm.consumer_info(f"MSGBROKER_{topic}", "g_0")
+            assert consumer.config.ack_wait == 30.0
+            assert consumer.config.max_deliver == -1  # MaxDeliver never lets the server drop: see the docs
+    finally:
+        jsm = raw.jsm()
+        for name in (f"MSGBROKER_{topic}", f"MSGBROKER_{topic}~dlq"):
+            try:
+                await jsm.delete_stream(name)
+            except nats.js.errors.NotFoundError:
+                pass
+
+    # A changed copy: what the file says is what the server gets.
+    text = SEED.read_text(encoding="utf-8").replace('"StreamPrefix": "MSGBROKER"', '"StreamPrefix": "SEEDCOPY"')
+    text = text.replace('"AckWait": "00:00:30"', '"AckWait": "00:00:07"')
+    copy = tmp_path / "appsettings.json"
+    copy.write_text(text, encoding="utf-8")
+    changed = BrokerSettings.from_file(copy, provider="nats", nats={"url": nats_url})
+    try:
+        async with msgbroker.connect(changed, partition_count=2) as broker:
+            await broker.subscribe(topic, "g", Record().handler("a"))
+            consumer = await raw.jsm().consumer_info(f"SEEDCOPY_{topic}", "g_1")
+            assert consumer.config.ack_wait == 7.0
+    finally:
+        await delete_streams(raw, "SEEDCOPY")
