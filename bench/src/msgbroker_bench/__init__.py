@@ -1,0 +1,33 @@
+"""msgbroker-bench: msgbroker measured side by side with the raw client libraries, FastStream and
+the brokers' own tools, on every provider whose server is up (see docs/benchmarks.md).
+
+``run(argv)`` is the entry point (``msgbroker bench``, ``python -m msgbroker_bench``,
+``scripts/bench``)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from ._run import PROVIDERS, parse_args
+
+__all__ = ["PROVIDERS", "main", "run"]
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark with command-line arguments ``argv`` (``--help`` lists them); returns
+    the exit status. Writes docs/benchmarks/results.csv, docs/benchmarks.md and its plots."""
+    from ._run import main_async
+
+    args = parse_args(argv)
+    return asyncio.run(main_async(args, _log))
+
+
+def main() -> None:
+    """Console entry point."""
+    raise SystemExit(run(sys.argv[1:]))

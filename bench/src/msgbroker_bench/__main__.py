@@ -1,0 +1,7 @@
+"""``python -m msgbroker_bench``."""
+
+from __future__ import annotations
+
+from . import main
+
+main()

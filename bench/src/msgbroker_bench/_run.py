@@ -1,0 +1,326 @@
+"""The whole run: which providers are up, the cells of each, the budget, the CSV."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ._cells import FIELDS, BrokerCpu, Cell, E2EVariant, PublishVariant, run_cell
+from ._driver import Driver, Unsupported
+from ._ours import OursDriver
+from ._raw import raw_driver
+
+__all__ = ["PROVIDERS", "Plan", "main_async", "parse_args"]
+
+PROVIDERS = ("memory", "redis", "nats", "rabbitmq", "kafka")
+ENV_VARS = {
+    "redis": "MSGBROKER_REDIS__URL",
+    "nats": "MSGBROKER_NATS__URL",
+    "rabbitmq": "MSGBROKER_RABBITMQ__URL",
+    "kafka": "MSGBROKER_KAFKA__BOOTSTRAP_SERVERS",
+}
+PAYLOADS = (100, 1024, 16384)
+WORKERS = (1, 2, 4)
+PARTITION_CURVE = (1, 4, 16, 64, 256)
+PAYLOAD_CURVE = (100, 1024, 4096, 16384)
+
+# Messages per repetition (full run). Chosen so one repetition takes roughly 0.2–1.5 s on
+# this machine for the slowest variant of the cell; 16 KiB cells use a quarter.
+COUNTS: dict[str, dict[str, int]] = {
+    "memory": {"single": 20_000, "batch": 50_000, "e2e": 20_000, "curve": 10_000, "rate": 2_000},
+    "redis": {"single": 2_000, "batch": 10_000, "e2e": 6_000, "curve": 3_000, "rate": 1_000},
+    "nats": {"single": 1_500, "batch": 6_000, "e2e": 3_000, "curve": 2_000, "rate": 1_000},
+    "rabbitmq": {"single": 1_000, "batch": 4_000, "e2e": 3_000, "curve": 1_500, "rate": 1_000},
+    "kafka": {"single": 400, "batch": 10_000, "e2e": 6_000, "curve": 3_000, "rate": 1_000},
+}
+RATE = {"memory": 2000.0, "redis": 1000.0, "nats": 1000.0, "rabbitmq": 500.0, "kafka": 1000.0}
+"""Offered rate (msg/s) of the open-loop latency cell."""
+
+
+def repo_root() -> Path:
+    """The repository root: the nearest parent of the working directory with ``.brokers`` or
+    ``scripts/brokers`` (falls back to the working directory)."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "scripts" / "brokers").exists() or (folder / ".brokers").is_dir():
+            return folder
+    return here
+
+
+def load_env(root: Path) -> None:
+    """Read ``.brokers/env`` (written by ``scripts/brokers up``) under the environment's own values."""
+    env_file = root / ".brokers" / "env"
+    if not env_file.exists():
+        return
+    for line in env_file.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            os.environ.setdefault(key.strip(), value.strip())
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    target = url if "://" in url else f"tcp://{url.split(',')[0]}"
+    parts = urlsplit(target)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Target:
+    provider: str
+    url: str
+    status: str  # "up" or why not
+
+
+def find_targets(wanted: Sequence[str]) -> list[Target]:
+    """Each wanted provider with its URL and whether it can run (plugin installed, server up)."""
+    from msgbroker import registry
+
+    installed = set(registry.names())
+    ports = {"redis": 6379, "nats": 4222, "rabbitmq": 5672, "kafka": 9092}
+    out = []
+    for provider in wanted:
+        if provider == "memory":
+            out.append(Target(provider, "memory://", "up"))
+            continue
+        url = os.environ.get(ENV_VARS[provider], "")
+        if provider == "kafka" and url and "://" in url:
+            url = url.split("://", 1)[1]
+        if provider not in installed:
+            out.append(Target(provider, url, f"provider not installed (plugins/{provider} has not landed)"))
+        elif not url:
+            out.append(Target(provider, url, f"{ENV_VARS[provider]} is not set: run scripts/brokers up {provider}"))
+        elif not _reachable(url, ports[provider]):
+            out.append(Target(provider, url, f"server at {url} does not answer: run scripts/brokers up {provider}"))
+        else:
+            out.append(Target(provider, url, "up"))
+    return out
+
+
+def broker_pid(root: Path, provider: str) -> int | None:
+    try:
+        return int((root / ".brokers" / provider / "pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ours_url(target: Target) -> str:
+    return f"kafka://{target.url}" if target.provider == "kafka" else target.url
+
+
+def _ours_overrides(provider: str) -> dict[str, Any]:
+    """Settings that put ours on the same footing as the raw baseline (documented in the doc)."""
+    if provider == "redis":
+        return {"redis": {"key_prefix": "msgbroker-bench"}}
+    if provider == "nats":
+        return {"nats": {"stream_prefix": "MSGBENCH"}}
+    if provider == "rabbitmq":
+        return {"rabbitmq": {"exchange_prefix": "msgbroker-bench"}}
+    if provider == "kafka":
+        return {"kafka": {"client_id": "msgbroker-bench"}}
+    return {}
+
+
+@dataclass
+class Plan:
+    quick: bool
+    reps: int
+    rep_timeout: float
+    faststream: bool
+    native: bool
+    cells: list[str]
+
+
+def _scale(plan: Plan, n: int) -> int:
+    return max(50, n // 10) if plan.quick else n
+
+
+def build_cells(target: Target, plan: Plan) -> list[Cell]:
+    """The cells of one provider, each with its variants in interleaving order."""
+    from ._faststream import faststream_driver
+    from ._native import native_driver
+
+    provider = target.provider
+    counts = {k: _scale(plan, v) for k, v in COUNTS[provider].items()}
+    ours_url = _ours_url(target)
+    overrides = _ours_overrides(provider)
+    cells: list[Cell] = []
+
+    def ours(partitions: int = 64) -> Driver:
+        return OursDriver(provider, ours_url, partitions, overrides)
+
+    def raw() -> Driver:
+        return raw_driver(provider, target.url)
+
+    def fast() -> Driver:
+        return faststream_driver(provider, target.url)
+
+    def optional(cell: Cell, name: str, kind: str, make: Callable[[], Driver], add: Callable[[Driver], None]) -> None:
+        try:
+            add(make())
+        except Unsupported as exc:
+            cell.skipped.append((name, kind, "", str(exc)))
+
+    for mode in ("single", "batch"):
+        if f"publish-{mode}" not in plan.cells:
+            continue
+        for size in PAYLOADS:
+            n = counts[mode] // (4 if size >= 16384 else 1)
+            batch = 500
+            cell = Cell(provider, f"publish-{mode}", f"publish {mode} {_size(size)}",
+                        {"payload": size, "partitions": 64, "workers": 0, "ordered": ""})
+            cell.variants.append(PublishVariant("ours", ours(), mode, n, size, batch))
+            cell.variants.append(PublishVariant("raw", raw(), mode, n, size, batch))
+            if plan.faststream:
+                optional(cell, "faststream", "faststream", fast,
+                         lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
+                             PublishVariant("faststream", d, m, n, s, batch)))
+            if plan.native:
+                optional(cell, "native", "native", lambda m=mode: native_driver(provider, target.url, m),
+                         lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
+                             PublishVariant("native", d, m, n * 5, s, batch)))
+            cells.append(cell)
+
+    timeout = plan.rep_timeout
+    if "consume" in plan.cells:
+        for workers in WORKERS:
+            n = counts["e2e"]
+            cell = Cell(provider, "consume", f"consume {workers} worker{'s' if workers > 1 else ''}",
+                        {"payload": 100, "partitions": 64, "workers": workers, "ordered": "both"})
+            common = {"messages": n, "size": 100, "workers": workers, "partitions": 64, "timeout": timeout}
+            cell.variants.append(E2EVariant("ours", ours(), ordered=True, **common))
+            cell.variants.append(E2EVariant("ours-unordered", ours(), ordered=False, **common))
+            cell.variants.append(E2EVariant("raw", raw(), ordered=False, **common))
+            if plan.faststream:
+                optional(cell, "faststream", "faststream", fast,
+                         lambda d, c=cell, kw=common: c.variants.append(
+                             E2EVariant("faststream", d, ordered=False, **kw)))
+            cells.append(cell)
+
+    if "latency" in plan.cells:
+        rate = RATE[provider] / (2 if plan.quick else 1)
+        n = counts["rate"]
+        cell = Cell(provider, "latency", f"latency at {rate:,.0f} msg/s",
+                    {"payload": 100, "partitions": 64, "workers": 1, "ordered": "both", "offered_rate": rate})
+        common = {"messages": n, "size": 100, "workers": 1, "partitions": 64, "timeout": timeout, "rate": rate}
+        cell.variants.append(E2EVariant("ours", ours(), ordered=True, **common))
+        cell.variants.append(E2EVariant("raw", raw(), ordered=False, **common))
+        if plan.faststream:
+            optional(cell, "faststream", "faststream", fast,
+                     lambda d, c=cell, kw=common: c.variants.append(E2EVariant("faststream", d, ordered=False, **kw)))
+        cells.append(cell)
+
+    if "partitions" in plan.cells:
+        n = counts["curve"]
+        cell = Cell(provider, "partitions", "partition curve",
+                    {"payload": 100, "partitions": "1-256", "workers": 1, "ordered": True})
+        for partitions in PARTITION_CURVE:
+            variant = E2EVariant(f"ours-p{partitions}", ours(partitions), messages=n, size=100, workers=1,
+                                 partitions=partitions, ordered=True, timeout=timeout)
+            cell.variants.append(variant)
+        cells.append(cell)
+
+    if "payloads" in plan.cells:
+        for size in PAYLOAD_CURVE:
+            n = counts["curve"] // (4 if size >= 16384 else 1)
+            cell = Cell(provider, "payloads", f"payload curve {_size(size)}",
+                        {"payload": size, "partitions": 64, "workers": 1, "ordered": True})
+            common = {"messages": n, "size": size, "workers": 1, "partitions": 64, "timeout": timeout}
+            cell.variants.append(E2EVariant("ours", ours(), ordered=True, **common))
+            cell.variants.append(E2EVariant("raw", raw(), ordered=False, **common))
+            cells.append(cell)
+    return cells
+
+
+def _size(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
+
+
+CELL_KINDS = ("publish-single", "publish-batch", "consume", "latency", "partitions", "payloads")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="msgbroker bench",
+        description="Benchmark msgbroker side by side with the raw clients, FastStream and native tools.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts and 2 repetitions (for debugging)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated (default: all)")
+    parser.add_argument("--cells", default=",".join(CELL_KINDS), help="comma-separated workloads (default: all)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per variant (default 3; quick 2)")
+    parser.add_argument("--rep-timeout", type=float, default=None, help="seconds one repetition may take")
+    parser.add_argument("--no-faststream", action="store_true", help="leave the FastStream baselines out")
+    parser.add_argument("--no-native", action="store_true", help="leave the native tools out")
+    parser.add_argument("--csv", default="docs/benchmarks/results.csv", help="where to write the raw rows")
+    parser.add_argument("--doc", default="docs/benchmarks.md", help="the report to write ('' for none)")
+    parser.add_argument("--profile", action="store_true", help="also profile the hot paths (cProfile)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the doc and plots from the CSV")
+    parser.add_argument("--command", default=None, help="the command line to print in the doc")
+    return parser.parse_args(argv)
+
+
+async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    root = repo_root()
+    os.chdir(root)
+    load_env(root)
+    csv_path = root / args.csv
+    started = time.time()
+    if not args.report_only:
+        plan = Plan(
+            quick=args.quick,
+            reps=args.reps or (2 if args.quick else 3),
+            rep_timeout=args.rep_timeout or (15.0 if args.quick else 30.0),
+            faststream=not args.no_faststream,
+            native=not args.no_native,
+            cells=[c.strip() for c in args.cells.split(",") if c.strip()],
+        )
+        wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
+        targets = find_targets(wanted)
+        rows: list[dict[str, Any]] = []
+        for target in targets:
+            if target.status != "up":
+                log(f"{target.provider}: skipped: {target.status}")
+                rows.append({"provider": target.provider, "workload": "provider", "cell": "provider",
+                             "variant": "ours", "kind": "ours", "rep": "-", "status": f"n/a: {target.status}"})
+                continue
+            t0 = time.monotonic()
+            log(f"{target.provider}: {target.url}")
+            cpu = BrokerCpu(broker_pid(root, target.provider) if target.provider != "memory" else None)
+            for cell in build_cells(target, plan):
+                rows.extend(await run_cell(cell, plan.reps, cpu, plan.rep_timeout, log))
+            log(f"{target.provider}: {time.monotonic() - t0:.0f}s")
+            _write_csv(csv_path, rows)
+        _write_csv(csv_path, rows)
+        log(f"wrote {csv_path.relative_to(root)} ({len(rows)} rows) in {time.time() - started:.0f}s")
+    if args.profile:
+        from ._profile import profile_hot_paths
+
+        await profile_hot_paths(root, log)
+    if args.doc:
+        from ._report import write_report
+
+        command = args.command or "msgbroker-bench " + " ".join(sys.argv[1:])
+        write_report(root, csv_path, root / args.doc, command, time.time() - started, log)
+    return 0
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in FIELDS})
