@@ -56,7 +56,8 @@ class _Held:
 
 
 class _Lane:
-    __slots__ = ("deadline", "gen", "held", "next_subject", "open", "outstanding", "partition", "ready", "retry_at")
+    __slots__ = ("deadline", "gen", "held", "next_subject", "open", "outstanding", "partition", "ready", "retried",
+                 "retry_at")
 
     def __init__(self, partition: int, next_subject: str) -> None:
         self.partition = partition
@@ -68,6 +69,7 @@ class _Lane:
         self.retry_at = 0.0
         self.ready: deque[_Held] = deque()
         self.held: dict[int, _Held] = {}
+        self.retried: Delivery | None = None
 
 
 class _LanePin:
@@ -411,6 +413,13 @@ class NatsLaneConsumer(LaneConsumer):
                 waker.cancel()
 
     def _delivery(self, lane: _Lane, item: _Held) -> Delivery:
+        retried, lane.retried = lane.retried, None
+        if retried is not None and retried.position.seq == item.seq:
+            # The message this member nak'ed, back from the server: the same Delivery object, so
+            # the engine still knows how many of its attempts failed (a delay is not a failure).
+            retried.position = item
+            retried.attempt = item.delivered
+            return retried
         msg = item.msg
         raw = msg.headers.get(ENVELOPE_HEADER) if msg.headers else None
         envelope = decode_envelope(raw, f"nats-{self._layout.stream}-{item.seq}")
@@ -447,6 +456,9 @@ class NatsLaneConsumer(LaneConsumer):
         delay = (not_before - time.time()) if not_before is not None else 0.0
         payload = _NAK if delay <= 0.001 else b'-NAK {"delay":%d}' % int(delay * 1e9)
         await self._settle(delivery, payload, "naking")
+        lane = self._lanes.get(delivery.partition)
+        if lane is not None:
+            lane.retried = delivery
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         item: _Held = delivery.position
