@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ import nats.js.errors
 from msgbroker import (
     BrokerClosedError,
     BrokerConnectionError,
+    BrokerTimeoutError,
+    BrokerUnavailableError,
     Capabilities,
     ConfigurationError,
     DeadLetter,
@@ -354,18 +357,49 @@ class NatsTransport(Transport):
         for topic in {r.topic for r in records}:
             await self.ensure_stream(self.layout(topic), dedup_window)
         ids = [r.message_id for r in records] if dedup_window is not None else None
-        await self.publish_records(records, ids)
+        await self.publish_records(records, ids, dedup_window)
 
-    async def publish_records(self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None) -> None:
-        """Publish with async acks (bounded by nats-py's pending-ack window) and wait for all of
-        them: one round trip for the batch, not one per message."""
+    async def publish_records(
+        self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None, dedup_window: float | None = None
+    ) -> None:
+        """Publish with async acks and wait for all of them: one round trip for the batch, not
+        one per message. Records no stream took (JetStream still starting after a restart, a
+        stream deleted behind our back) were definitely not stored: they are sent again, after
+        re-opening the stream, until the publish deadline."""
+        deadline = time.monotonic() + _PUBLISH_TIMEOUT
+        pending = list(range(len(records)))
+        pause = 0.05
+        while True:
+            refused = await self._publish_once([records[i] for i in pending],
+                                               [dedup_ids[i] for i in pending] if dedup_ids is not None else None,
+                                               deadline)
+            if not refused:
+                return
+            pending = [pending[i] for i in refused]
+            for topic in {records[i].topic for i in pending}:
+                self._streams.pop(topic, None)
+            if time.monotonic() + pause > deadline:
+                raise BrokerUnavailableError(
+                    f"nats: no stream took {len(pending)} of {len(records)} message(s) on {records[0].topic!r} "
+                    f"within {_PUBLISH_TIMEOUT}s (is JetStream up?); they were not stored"
+                )
+            await asyncio.sleep(pause)
+            pause = min(0.5, pause * 2)
+            with contextlib.suppress(BrokerUnavailableError, BrokerTimeoutError, BrokerConnectionError):
+                for topic in {records[i].topic for i in pending}:
+                    await self.ensure_stream(self.layout(topic), dedup_window)
+
+    async def _publish_once(
+        self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None, deadline: float
+    ) -> list[int]:
+        """Publish and wait for the acks; the indexes no stream took (not stored)."""
         js = self.js
         limit = self.nc.max_payload
         futures: list[asyncio.Future[Any]] = []
         try:
             # One deadline for the whole batch; no per-message timeout, so the loop below never
             # yields to the event loop and nats-py writes the batch with one socket write.
-            async with asyncio.timeout(_PUBLISH_TIMEOUT):
+            async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                 for index, record in enumerate(records):
                     headers = {ENVELOPE_HEADER: encode_envelope(record.message_id, record.key, record.headers)}
                     if dedup_ids is not None:
@@ -394,23 +428,22 @@ class NatsTransport(Transport):
             for future in futures:
                 future.cancel()
             raise map_error(exc, f"publishing to {records[0].topic!r}") from exc
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            first = failures[0]
-            if isinstance(first, nats.js.errors.NoStreamResponseError):
-                for topic in {r.topic for r in records}:
-                    self._streams.pop(topic, None)  # deleted behind our back: recreated on the next publish
+        refused: list[int] = []
+        for index, result in enumerate(results):
+            if not isinstance(result, BaseException):
+                continue
+            if isinstance(result, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
+                refused.append(index)
+            elif isinstance(result, nats.js.errors.APIError):
                 raise PublishFailedError(
-                    f"nats: no stream took {len(failures)} of {len(records)} message(s) on {records[0].topic!r}"
-                ) from first
-            if isinstance(first, nats.js.errors.APIError):
-                raise PublishFailedError(
-                    f"nats: JetStream refused {len(failures)} of {len(records)} message(s) on "
-                    f"{records[0].topic!r}: {first.description}"
-                ) from first
-            raise PublishIndeterminateError(
-                f"nats: {len(failures)} of {len(records)} message(s) on {records[0].topic!r} not confirmed: {first!r}"
-            ) from first
+                    f"nats: JetStream refused message {records[index].message_id} on {records[index].topic!r}: "
+                    f"{result.description}"
+                ) from result
+            else:
+                raise PublishIndeterminateError(
+                    f"nats: message {records[index].message_id} on {records[index].topic!r} not confirmed: {result!r}"
+                ) from result
+        return refused
 
     # -- consuming -------------------------------------------------------------------------------
 
