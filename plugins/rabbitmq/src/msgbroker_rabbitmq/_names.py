@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-__all__ = ["DELIVERY_LIMIT", "MAX_NAME_BYTES", "Topology"]
+__all__ = ["DELIVERY_LIMIT", "MAX_EXCHANGE_BYTES", "MAX_NAME_BYTES", "Topology"]
 
 MAX_NAME_BYTES = 255
-"""AMQP 0-9-1 short strings (queue, exchange and routing key names) hold 255 bytes."""
+"""AMQP 0-9-1 short strings (queue names, routing keys) hold 255 bytes."""
+MAX_EXCHANGE_BYTES = 127
+"""pamqp (aio-pika's codec) refuses exchange names longer than 127 characters."""
 
 DELIVERY_LIMIT = 1000
 """``x-delivery-limit`` of every lane queue: far above any attempt limit the engine keeps.
@@ -22,12 +24,12 @@ delivery limit (without one it goes to the back); the engine dead-letters long b
 limit, which only backs it up (the broker then dead-letters into the group's letters queue)."""
 
 
-def _short(name: str) -> str:
-    """``name``, or a unique shortened form of it when it exceeds the AMQP name length."""
-    if len(name.encode()) <= MAX_NAME_BYTES:
+def _short(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """``name``, or a unique shortened form of it when it exceeds ``limit`` bytes."""
+    if len(name.encode()) <= limit:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:24]
-    head = name.encode()[: MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    head = name.encode()[: limit - len(digest) - 1].decode(errors="ignore")
     return f"{head}@{digest}"
 
 
@@ -39,11 +41,11 @@ class Topology:
 
     def exchange(self, topic: str) -> str:
         """The direct exchange of ``topic``; the routing key is the partition number."""
-        return _short(f"{self.prefix}:{topic}")
+        return _short(f"{self.prefix}:{topic}", MAX_EXCHANGE_BYTES)
 
     def backlog_exchange(self, topic: str) -> str:
         """The alternate exchange of ``topic``: what no group's queue takes lands here."""
-        return _short(f"{self.prefix}:{topic}:@backlog")
+        return _short(f"{self.prefix}:{topic}:@backlog", MAX_EXCHANGE_BYTES)
 
     def backlog_queue(self, topic: str, partition: int) -> str:
         """Messages of ``partition`` published while no group was bound, for the first group(s)."""
@@ -67,11 +69,11 @@ class Topology:
 
     def members_exchange(self, topic: str, group: str) -> str:
         """The fanout exchange of the group's membership heartbeats and pending-count census."""
-        return _short(f"{self.prefix}:{topic}:{group}:@members")
+        return _short(f"{self.prefix}:{topic}:{group}:@members", MAX_EXCHANGE_BYTES)
 
     def dead_letter_exchange(self) -> str:
         """Where the broker's own dead-lettering (past the delivery limit) goes."""
-        return _short(f"{self.prefix}:@dead-letters")
+        return _short(f"{self.prefix}:@dead-letters", MAX_EXCHANGE_BYTES)
 
     # -- arguments ---------------------------------------------------------------------------
 
