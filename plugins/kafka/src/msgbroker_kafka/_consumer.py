@@ -207,10 +207,21 @@ class KafkaLaneConsumer(LaneConsumer):
     async def on_assigned(self, partitions: list[int]) -> None:
         if self._stopped or self._listener is None:
             return
-        try:
-            tps = [TopicPartition(self.topic, p) for p in partitions]
-            found = await self.transport.committed_offsets(self.group, tps) if tps else {}
+        tps = [TopicPartition(self.topic, p) for p in partitions]
+        self._committed = {}
+        for attempt in range(3):
+            try:
+                found = await self.transport.committed_offsets(self.group, tps) if tps else {}
+            except Exception as exc:
+                # the lanes open anyway (aiokafka starts them at the committed offsets); only
+                # the attempt counts recorded by the previous owner are unknown then
+                log.warning("kafka: reading the commits of %s for %s failed (%d): %s", self.topic, self.group,
+                            attempt + 1, exc)
+                await asyncio.sleep(0.2)
+                continue
             self._committed = {tp.partition: (meta.offset, meta.metadata or "") for tp, meta in found.items()}
+            break
+        try:
             await self._listener.assigned(partitions)
         except Exception:
             log.exception("kafka: taking over %s%s for %s failed", self.topic, partitions, self.group)
