@@ -43,6 +43,15 @@ _PULL_REQUEST = b'{"batch":1,"expires":%d}' % int(PULL_EXPIRES * 1e9)
 _ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
 
 
+def _ack_fields(reply: str) -> tuple[int, int]:
+    """(deliveries, stream sequence) from a JetStream ack subject, without nats-py's full parse:
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`` (or with domain and account hash)."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[4]), int(tokens[5])
+    return int(tokens[6]), int(tokens[7])
+
+
 class _Held:
     """One message this member holds (received, not settled). ``msg`` is replaced when the
     server redelivers the same message to us, so settling uses the newest delivery."""
@@ -309,15 +318,14 @@ class NatsLaneConsumer(LaneConsumer):
                 await self._transport.nc.publish(msg.reply, _NAK)
                 return
             lane.outstanding = False  # a batch-1 request is used up by its message
-            meta = msg.metadata
-            seq = meta.sequence.stream
+            delivered, seq = _ack_fields(msg.reply)
             current = lane.held.get(seq) or next((h for h in lane.ready if h.seq == seq), None)
             if current is not None:
                 # Redelivered to us while we still hold it (ack_wait passed): settle the newest.
                 current.msg = msg
-                current.delivered = meta.num_delivered
+                current.delivered = delivered
             else:
-                lane.ready.append(_Held(msg, seq, meta.num_delivered))
+                lane.ready.append(_Held(msg, seq, delivered))
                 self._ready_lanes.add(lane.partition)
             if not lane.outstanding and not self._gated():
                 # Ask for the next one now: the server answers when this one is acked.
