@@ -180,6 +180,16 @@ async def test_without_the_breaker_calls_keep_going_through() -> None:
     assert attempts == 5
 
 
+async def test_a_function_that_is_not_async_is_a_clear_error() -> None:
+    service = ResilienceService(fast())
+
+    def not_async() -> str:
+        return "oops"
+
+    with pytest.raises(TypeError, match="execute\\(\\) takes an async callable"):
+        await service.execute(not_async)  # type: ignore[arg-type]
+
+
 async def test_default_service_uses_the_seed_settings() -> None:
     service = ResilienceService()
     assert service.settings == ResilienceSettings()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -90,7 +91,10 @@ class ResilienceService:
         deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline:
-                return await fn(*args)
+                awaitable = fn(*args)
+                if not inspect.isawaitable(awaitable):
+                    raise TypeError(f"execute() takes an async callable; {fn!r} returned {awaitable!r}")
+                return await awaitable
         except TimeoutError as exc:
             if deadline.expired():
                 # asyncio's TimeoutError carries no text; say what timed out (still transient).
