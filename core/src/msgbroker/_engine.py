@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._codec import REPLAY_GROUP_HEADER, decode
 from ._errors import MsgBrokerError, SerializationError
+from ._hookspecs import HandleEvent, has_implementations
 from ._message import DeadLetter, Handler, Message, MessageContext, Outcome
 from ._partitioner import murmur2
 from ._provider import Delivery, Lane, LaneConsumer, Transport
+from ._registry import registry
 
 if TYPE_CHECKING:
     from ._settings import BrokerSettings
@@ -50,22 +52,27 @@ def assign_partitions(partition_count: int, members: Sequence[str]) -> dict[int,
     return owners
 
 
+_HOOK_OUTCOMES = {Outcome.ACK: HandleEvent.ACK, Outcome.RETRY: HandleEvent.NAK, Outcome.DEAD: HandleEvent.DEAD_LETTER}
+
+
 class Settler:
     """Carries out a handler's settle calls for one delivery (used by MessageContext)."""
 
-    __slots__ = ("_delivery", "_lane", "_runner", "result")
+    __slots__ = ("_delivery", "_lane", "_runner", "delayed", "result")
 
     def __init__(self, runner: SubscriptionRunner, lane: _LaneState, delivery: Delivery) -> None:
         self._runner = runner
         self._lane = lane
         self._delivery = delivery
         self.result: str | None = None
+        self.delayed = False
 
     async def ack(self) -> None:
         self.result = Outcome.ACK
         await self._runner.consumer.ack(self._delivery)
 
     async def retry(self, delay: float | None, error: BaseException | str | None) -> None:
+        self.delayed = delay is not None
         await self._runner._retry(self, self._lane, self._delivery, delay, error)
 
     async def dead_letter(self, error: BaseException | str) -> None:
@@ -136,6 +143,8 @@ class SubscriptionRunner:
         self._poll_timeout = min(settings.poll_timeout.total_seconds(), transport.MAX_POLL_BLOCK)
         self._batch = settings.batch_size
         self._low_water = max(1, settings.batch_size // 2)
+        # Looked up once: with no plugin observing handling, the hot path skips the hook.
+        self._observed = has_implementations("msgbroker_handle", registry.plugins)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -232,7 +241,10 @@ class SubscriptionRunner:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
         self._lanes.pop(lane.partition, None)
+        unhandled = [d for d in lane.buffer if d not in lane.failures]
         with contextlib.suppress(Exception):
+            if unhandled:
+                await self.consumer.unread(unhandled)
             await self.consumer.close_lane(lane.partition)
 
     # -- reading ----------------------------------------------------------------------------
@@ -343,6 +355,24 @@ class SubscriptionRunner:
             self._wake.set()
 
     async def _handle(self, lane: _LaneState, delivery: Delivery, limited: bool = True) -> str | None:
+        if not self._observed:
+            return await self._handle_delivery(lane, delivery, limited, None)
+        replay_for = delivery.headers.get(REPLAY_GROUP_HEADER)
+        if replay_for is not None and replay_for != self.group:
+            return await self._handle_delivery(lane, delivery, limited, None)  # not ours: nothing to observe
+        event = HandleEvent(self.transport.NAME, self.topic, self.group, delivery.partition, delivery.message_id,
+                            delivery.attempt, delivery.headers, self.member_id, len(delivery.body))
+        with contextlib.ExitStack() as observers:
+            for observer in registry.plugins.hook.msgbroker_handle(event=event):
+                observers.enter_context(observer)
+            result = await self._handle_delivery(lane, delivery, limited, event)
+            if event.outcome is None:
+                event.outcome = _HOOK_OUTCOMES.get(result or "", HandleEvent.FAILED)
+        return result
+
+    async def _handle_delivery(
+        self, lane: _LaneState, delivery: Delivery, limited: bool, event: HandleEvent | None
+    ) -> str | None:
         failures = lane.failures.get(delivery)
         if failures is None:
             failures = lane.failures[delivery] = max(0, delivery.attempt - 1)  # unknown past: count crashes
@@ -352,13 +382,16 @@ class SubscriptionRunner:
                 await self.consumer.ack(delivery)  # a dead letter replayed for another group
                 return Outcome.ACK
             if delivery.attempt > self._max_attempts and failures >= self._max_attempts:
-                await self._dead_letter(
-                    lane, delivery, f"delivered {delivery.attempt} times without being settled (the worker died)"
-                )
+                died = f"delivered {delivery.attempt} times without being settled (the worker died)"
+                if event is not None:
+                    event.error = died
+                await self._dead_letter(lane, delivery, died)
                 return Outcome.DEAD
             try:
                 message = decode(delivery, self.message_type)
             except SerializationError as exc:
+                if event is not None:
+                    event.error = exc
                 await self._dead_letter(lane, delivery, exc)
                 return Outcome.DEAD
             settler = Settler(self, lane, delivery)
@@ -372,6 +405,8 @@ class SubscriptionRunner:
                 headers=delivery.headers,
                 settler=settler,
             )
+            if event is not None:
+                event.context = ctx
             try:
                 if limited and self._semaphore is not None:
                     async with self._semaphore:
@@ -381,6 +416,8 @@ class SubscriptionRunner:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if event is not None:
+                    event.error = exc
                 if ctx.settled is None:
                     log.info("msgbroker: handler failed on %s[%d] %s attempt %d: %r", self.topic,
                              delivery.partition, ctx.message_id, delivery.attempt, exc)
@@ -392,10 +429,14 @@ class SubscriptionRunner:
                 if ctx.settled is None:
                     ctx.settled = Outcome.ACK
                     await settler.ack()
+            if event is not None and settler.result == Outcome.RETRY and settler.delayed:
+                event.outcome = HandleEvent.DELAY
             return settler.result
         except asyncio.CancelledError:
             raise
         except MsgBrokerError as exc:
+            if event is not None:
+                event.outcome, event.error = HandleEvent.FAILED, exc
             # The settle itself failed (connection lost, lease lost): the message stays
             # unsettled at the broker and comes back; this member retries it after a pause.
             log.warning("msgbroker: settling %s on %s[%d] failed: %s", delivery.message_id, self.topic,

@@ -68,11 +68,16 @@ class _MemoryServer:
         self.dedup: dict[str, float] = {}
         self.dead: dict[tuple[str, str], list[DeadLetter]] = {}
         self._changed: asyncio.Event | None = None
+        self._changed_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def changed(self) -> asyncio.Event:
-        if self._changed is None:
+        # A named broker outlives event loops (one asyncio.run per CLI command, one loop per
+        # test) and an Event belongs to the loop that first waited on it.
+        loop = asyncio.get_running_loop()
+        if self._changed is None or self._changed_loop is not loop:
             self._changed = asyncio.Event()
+            self._changed_loop = loop
         return self._changed
 
     def notify(self) -> None:
@@ -193,6 +198,37 @@ class MemoryTransport(Transport):
         kept = [letter for letter in letters if letter.message_id not in wanted]
         self.server.dead[(topic, group)] = kept
         return len(letters) - len(kept)
+
+    async def pending_by_partition(self, topic: str, group: str) -> dict[int, int]:
+        server = self.server
+        log_ = server.logs.get(topic)
+        if log_ is None:
+            return {}
+        lanes = server.groups.get((topic, group))
+        if lanes is None:
+            return {p: len(part) for p, part in enumerate(log_) if part}
+        counts = {p: len(part) - lane.next_offset + len(lane.pending)
+                  for p, (part, lane) in enumerate(zip(log_, lanes, strict=True))}
+        return {p: n for p, n in counts.items() if n}
+
+    async def peek(self, topic: str, group: str, limit: int) -> list[Delivery]:
+        server = self.server
+        log_ = server.logs.get(topic)
+        lanes = server.groups.get((topic, group))
+        out: list[Delivery] = []
+        for partition, entries in enumerate(log_ or ()):
+            lane = lanes[partition] if lanes is not None else _GroupLane()
+            for offset in [*sorted(lane.pending), *range(lane.next_offset, len(entries))]:
+                if len(out) >= limit:
+                    return out
+                entry, pending = entries[offset], lane.pending.get(offset) or _Pending(0)
+                out.append(self._peeked(entry, partition, pending))
+        return out
+
+    @staticmethod
+    def _peeked(entry: _Entry, partition: int, pending: _Pending) -> Delivery:
+        return Delivery(partition, entry.message_id, entry.key, entry.headers, entry.body, pending.count,
+                        entry.offset, pending.not_before)
 
     # -- membership and leases -------------------------------------------------------------
 
@@ -344,6 +380,15 @@ class _MemoryConsumer(LaneConsumer):
         )
         self._lanes()[delivery.partition].pending.pop(delivery.position, None)
         server.notify()
+
+    async def unread(self, deliveries: Sequence[Delivery]) -> None:
+        lanes = self._lanes()
+        for delivery in deliveries:
+            if self._fenced(delivery.partition):
+                continue
+            pending = lanes[delivery.partition].pending.get(delivery.position)
+            if pending is not None and pending.count > 0:
+                pending.count -= 1
 
     async def stop(self, flush: bool) -> None:
         self._stopped = True

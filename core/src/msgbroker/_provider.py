@@ -156,6 +156,11 @@ class LaneConsumer(ABC):
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         """Store ``letter`` in ``<topic>.dlq`` and settle ``delivery`` — the letter first."""
 
+    async def unread(self, deliveries: Sequence[Delivery]) -> None:  # noqa: B027 - optional
+        """These deliveries were read ahead but never handed to a handler, and the lane is being
+        handed over: the provider may take back their delivery count so that the next owner's
+        ``delivery_attempt`` counts handlings. The default does nothing (a count one too high)."""
+
     @abstractmethod
     async def stop(self, flush: bool) -> None:
         """Leave. ``flush=False`` simulates a crash: nothing buffered is written."""
@@ -224,6 +229,17 @@ class Transport(ABC):
     @abstractmethod
     async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
         """Delete these dead letters; return how many were removed."""
+
+    # -- optional operator views (the CLI uses them where the provider has them) -----------
+
+    async def pending_by_partition(self, topic: str, group: str) -> Mapping[int, int]:
+        """Optional: :meth:`pending_count` per partition (partitions with none may be left out)."""
+        raise CapabilityNotSupported(f"the {self.NAME} provider does not count pending messages per partition")
+
+    async def peek(self, topic: str, group: str, limit: int) -> list[Delivery]:
+        """Optional: up to ``limit`` messages ``group`` has not settled, oldest first within each
+        partition, without delivering or settling anything (``attempt`` = deliveries so far)."""
+        raise CapabilityNotSupported(f"the {self.NAME} provider cannot read messages without delivering them")
 
     # -- membership and leases (ASSIGNMENT == "leases") ---------------------------------------
 
