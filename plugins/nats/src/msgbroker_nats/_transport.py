@@ -455,6 +455,12 @@ class NatsTransport(Transport):
         return consumer
 
     async def pending_count(self, topic: str, group: str) -> int:
+        return sum((await self.pending_by_partition(topic, group)).values())
+
+    async def pending_by_partition(self, topic: str, group: str) -> dict[int, int]:
+        """Per lane: the consumer's ``num_pending`` (not yet delivered) + ``num_ack_pending``
+        (in flight, or nak'ed and waiting out a delay); a lane whose consumer does not exist yet
+        will get every retained message of its subject."""
         layout = self.layout(topic)
         try:
             with contextlib.suppress(Exception):
@@ -462,15 +468,15 @@ class NatsTransport(Transport):
             try:
                 info = await self.jsm.stream_info(layout.stream, subjects_filter=layout.subjects)
             except nats.js.errors.NotFoundError:
-                return 0
+                return {}
             per_subject = info.state.subjects or {}
             lanes = await asyncio.gather(*(self._lane_pending(layout, group, p) for p in range(self.partition_count)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise map_error(exc, f"counting pending messages of {group!r} on {topic!r}") from exc
-        # A lane whose consumer does not exist yet will get every retained message of its subject.
-        return sum(n if n is not None else per_subject.get(layout.subject(p), 0) for p, n in enumerate(lanes))
+        counts = {p: n if n is not None else per_subject.get(layout.subject(p), 0) for p, n in enumerate(lanes)}
+        return {p: n for p, n in counts.items() if n}
 
     async def _lane_pending(self, layout: TopicLayout, group: str, partition: int) -> int | None:
         try:
