@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from ._codec import REPLAY_GROUP_HEADER, encode, message_type_of, validate_name
 from ._engine import SubscriptionRunner
 from ._errors import BrokerClosedError, BrokerConnectionError, ConfigurationError
+from ._hookspecs import PublishEvent, has_implementations
 from ._message import DeadLetter, Handler, Message
 from ._provider import Capabilities, OutgoingRecord, Transport
 from ._registry import registry
@@ -92,7 +93,10 @@ class Producer:
     async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
         """Publish one message; returns its message id once the broker confirmed it."""
         record = self._record(validate_name("topic", topic), message, headers)
-        await self._broker._transport_open().publish([record], self._dedup_window())
+        if self._broker._observe_publish:
+            await self._broker._publish_observed(topic, [record], self._dedup_window())
+        else:
+            await self._broker._transport_open().publish([record], self._dedup_window())
         return record.message_id
 
     async def publish_batch(
@@ -102,7 +106,10 @@ class Producer:
         validate_name("topic", topic)
         records = [self._record(topic, m, headers) for m in messages]
         if records:
-            await self._broker._transport_open().publish(records, self._dedup_window())
+            if self._broker._observe_publish:
+                await self._broker._publish_observed(topic, records, self._dedup_window())
+            else:
+                await self._broker._transport_open().publish(records, self._dedup_window())
         return [r.message_id for r in records]
 
 
@@ -193,6 +200,7 @@ class Broker:
         self.producer = Producer(self)
         self.consumer = Consumer(self)
         self._state = "new"
+        self._observe_publish = False
 
     @property
     def provider(self) -> str:
@@ -211,7 +219,20 @@ class Broker:
         except ConnectionError as exc:
             raise BrokerConnectionError(f"cannot connect to the {self.provider} broker: {exc}") from exc
         self._state = "open"
+        # Looked up once: with no plugin observing publishes, publish skips the hook.
+        self._observe_publish = has_implementations("msgbroker_publish", registry.plugins)
         return self
+
+    async def _publish_observed(
+        self, topic: str, records: list[OutgoingRecord], dedup_window: float | None, *, replay: bool = False
+    ) -> None:
+        """Publish inside the context managers of the ``msgbroker_publish`` hook implementations."""
+        transport = self._transport_open()
+        event = PublishEvent(self.provider, topic, records, replay)
+        with contextlib.ExitStack() as observers:
+            for observer in registry.plugins.hook.msgbroker_publish(event=event):
+                observers.enter_context(observer)
+            await transport.publish(records, dedup_window)
 
     def __await__(self) -> Generator[Any, None, Self]:
         return self.open().__await__()
@@ -293,9 +314,12 @@ class Broker:
             return False
         try:
             return bool(await asyncio.wait_for(self.transport.ping(), 5.0))
-        except BaseException as exc:  # noqa: BLE001 - health never raises
-            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task() and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller is being cancelled
+            return False
+        except Exception:
             return False
 
     async def pending_count(self, topic: str, group: str) -> int:
@@ -321,7 +345,10 @@ class Broker:
             headers[REPLAY_GROUP_HEADER] = group
             records.append(OutgoingRecord(topic, letter.partition, letter.partition_key, letter.message_id,
                                           headers, letter.payload))
-        await transport.publish(records, None)
+        if self._observe_publish:
+            await self._publish_observed(topic, records, None, replay=True)
+        else:
+            await transport.publish(records, None)
         await transport.remove_dead_letters(topic, group, [letter.message_id for letter in letters])
         return len(letters)
 

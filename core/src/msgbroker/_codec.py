@@ -24,7 +24,7 @@ REPLAY_GROUP_HEADER = "msgbroker-replay-group"
 
 
 def validate_name(kind: str, value: object) -> str:
-    """Topic and group names: 1–200 of ``A-Z a-z 0-9 _ . -``, not starting with ``.`` or ``-``,
+    """Topic and group names: 1-200 of ``A-Z a-z 0-9 _ . -``, not starting with ``.`` or ``-``,
     no ``..`` — safe as a Redis key part, a NATS subject token group, an AMQP or Kafka name."""
     if not isinstance(value, str) or not _NAME.match(value) or ".." in value or value.endswith("."):
         raise InvalidNameError(

@@ -272,7 +272,8 @@ class SubscriptionRunner:
             except Exception as exc:
                 failures += 1
                 pause = min(2.0, 0.05 * 2**failures)
-                log.warning("msgbroker: polling %s for %s failed (%s); again in %.2fs", self.topic, self.group, exc, pause)
+                log.warning("msgbroker: polling %s for %s failed (%s); again in %.2fs", self.topic, self.group, exc,
+                            pause)
                 await asyncio.sleep(pause)
                 continue
             for delivery in deliveries:

@@ -79,13 +79,13 @@ class MessageContext(Generic[M]):
     __slots__ = (
         "_settler",
         "delivery_attempt",
+        "group",
         "headers",
         "message",
         "message_id",
         "partition",
         "settled",
         "topic",
-        "group",
     )
 
     def __init__(

@@ -3,8 +3,8 @@ a name that is not built in, and a table of known providers to say what to insta
 
 from __future__ import annotations
 
-import sys
 import logging
+import sys
 from importlib.metadata import entry_points
 
 import pluggy

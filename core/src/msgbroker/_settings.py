@@ -208,7 +208,7 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
         if suffix == ".toml":
             data: Any = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
-            import yaml
+            import yaml  # type: ignore[import-untyped]
 
             data = yaml.safe_load(text) or {}
         else:
@@ -217,7 +217,8 @@ def load_settings_file(path: str | Path) -> dict[str, Any]:
         raise ConfigurationError(f"settings file {str(file)!r} is not valid {suffix or 'JSON'}: {exc}") from exc
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"settings file {str(file)!r} must hold a mapping at the top")
-    return _normalise(data)
+    normalised: dict[str, Any] = _normalise(data)
+    return normalised
 
 
 class _FileSource(PydanticBaseSettingsSource):
@@ -313,6 +314,9 @@ class BrokerSettings(_FileSettings):
     nats: NatsSettings = NatsSettings()
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     kafka: KafkaSettings = KafkaSettings()
+    provider_options: dict[str, dict[str, Any]] = {}
+    """Settings of providers that have no section above (third-party plugins), keyed by the
+    provider's name: ``provider_options={"sqlite": {"path": "broker.db"}}`` (docs/writing-a-provider.md)."""
 
     @field_validator("poll_timeout", "retry_delay", "deduplication_window", "shutdown_timeout")
     @classmethod

@@ -25,7 +25,7 @@ class SeatLockMessage(Message):
 
     session_id: uuid.UUID
     area_id: uuid.UUID
-    seat_ids: list[str] = []
+    seat_ids: list[str] = []  # noqa: RUF012 - a pydantic field default, copied per instance
     sequence: int = 0
     """Position of this request among those of its session+area (to verify order)."""
 
@@ -123,8 +123,8 @@ async def run_demo(
             s, a = n % sessions, (n // sessions) % areas
             seq = sequence[(s, a)]
             sequence[(s, a)] += 1
-            batch.append(SeatLockMessage(session_id=keys[s][0], area_id=areas_of[s][a], seat_ids=[f"R{n % 30}-{n % 20}"],
-                                         sequence=seq))
+            batch.append(SeatLockMessage(session_id=keys[s][0], area_id=areas_of[s][a],
+                                         seat_ids=[f"R{n % 30}-{n % 20}"], sequence=seq))
             if len(batch) == 500 or n == messages - 1:
                 await producer.publish_batch(topic, batch)
                 await asyncio.sleep(0)  # API servers and workers run side by side
