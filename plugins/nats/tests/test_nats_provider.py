@@ -338,3 +338,35 @@ async def test_the_seeds_appsettings_nats_section_drives_the_provider(
             assert consumer.config.ack_wait == 7.0
     finally:
         await delete_streams(raw, "SEEDCOPY")
+
+
+async def test_pending_by_partition_and_peek_read_without_delivering(connect: Any, raw: Client, topic: str) -> None:
+    release = asyncio.Event()
+
+    async def hold(item: Item) -> None:
+        if item.n == 1:
+            await release.wait()
+
+    async with connect(partition_count=2) as broker:
+        transport = broker.transport
+        assert isinstance(transport, NatsTransport)
+        items = [Item(key="a", n=n) for n in range(4)]
+        await broker.publish_batch(topic, items)
+        partition = partition_for("a", 2)
+        assert await transport.pending_by_partition(topic, "g") == {partition: 4}
+        peeked = await transport.peek(topic, "g", 10)
+        assert [d.message_id for d in peeked] == [str(i.message_id) for i in items]
+        assert {d.attempt for d in peeked} == {0}
+        record = Record()
+        await broker.subscribe(topic, "g", record.handler("a", hold))
+        await eventually(lambda: record.ns("a") == [0], "message 0, with message 1 held in its handler")
+        async def three_left() -> bool:
+            return await transport.pending_by_partition(topic, "g") == {partition: 3}
+
+        await eventually(three_left, "3 pending: message 1 in flight, 2 and 3 behind it")
+        peeked = await transport.peek(topic, "g", 2)
+        assert [d.message_id for d in peeked] == [str(i.message_id) for i in items[1:3]]
+        assert [d.attempt for d in peeked] == [1, 0]
+        release.set()
+        await eventually(lambda: record.ns("a") == [0, 1, 2, 3], "the rest")
+        assert await transport.pending_by_partition(topic, "g") == {}

@@ -30,6 +30,7 @@ from msgbroker import (
     Capabilities,
     ConfigurationError,
     DeadLetter,
+    Delivery,
     LaneConsumer,
     MessageTooLargeError,
     OutgoingRecord,
@@ -274,6 +275,8 @@ class NatsTransport(Transport):
             changes: dict[str, Any] = {}
             if count is None:
                 changes["description"] = layout.description(self.partition_count)
+            if abs(float(config.max_age or 0) - self.max_age) > 0.001:
+                changes["max_age"] = self.max_age or None  # the configured retention follows the settings
             wanted = self._window(dedup_window)
             if wanted is not None and abs(window - wanted) > 0.001:
                 # The native window is the stream's: the deduplication_window of the last
@@ -477,6 +480,46 @@ class NatsTransport(Transport):
             raise map_error(exc, f"counting pending messages of {group!r} on {topic!r}") from exc
         counts = {p: n if n is not None else per_subject.get(layout.subject(p), 0) for p, n in enumerate(lanes)}
         return {p: n for p, n in counts.items() if n}
+
+    async def peek(self, topic: str, group: str, limit: int) -> list[Delivery]:
+        """Up to ``limit`` messages the group has not settled, oldest first per partition, read
+        with direct gets (nothing is delivered). With ``max_ack_pending = 1`` acks come in lane
+        order, so the unsettled messages are those after the consumer's ack floor. ``attempt``
+        is 1 for a message delivered at least once (JetStream reports no per-message count
+        outside a delivery), 0 for one never delivered."""
+        layout = self.layout(topic)
+        out: list[Delivery] = []
+        try:
+            try:
+                await self.jsm.stream_info(layout.stream)
+            except nats.js.errors.NotFoundError:
+                return []
+            for partition in range(self.partition_count):
+                if len(out) >= limit:
+                    break
+                try:
+                    info = await self.jsm.consumer_info(layout.stream, layout.consumer(group, partition))
+                    floor, delivered = int(info.ack_floor.stream_seq or 0), int(info.delivered.stream_seq or 0)
+                except nats.js.errors.NotFoundError:
+                    floor = delivered = 0
+                seq = floor + 1
+                while len(out) < limit:
+                    try:
+                        raw = await self.jsm.get_msg(layout.stream, seq=seq, subject=layout.subject(partition),
+                                                     next=True)
+                    except nats.js.errors.NotFoundError:
+                        break
+                    number = int(raw.seq or seq)
+                    header = raw.headers.get(ENVELOPE_HEADER) if raw.headers else None
+                    envelope = decode_envelope(header, f"nats-{layout.stream}-{number}")
+                    out.append(Delivery(partition, envelope.message_id, envelope.key, envelope.headers, raw.data or b"",
+                                        attempt=1 if number <= delivered else 0, position=number))
+                    seq = number + 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"reading the unsettled messages of {group!r} on {topic!r}") from exc
+        return out
 
     async def _lane_pending(self, layout: TopicLayout, group: str, partition: int) -> int | None:
         try:
