@@ -432,6 +432,8 @@ class SubscriptionRunner:
                     await settler.ack()
             if event is not None and settler.result == Outcome.RETRY and settler.delayed:
                 event.outcome = HandleEvent.DELAY
+            if settler.result is not None:
+                ctx.settled = settler.result  # a retry past the attempt limit became a dead letter
             return settler.result
         except asyncio.CancelledError:
             raise
