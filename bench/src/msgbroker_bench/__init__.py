@@ -7,6 +7,7 @@ the brokers' own tools, on every provider whose server is up (see docs/benchmark
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +26,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     from ._run import main_async
 
     args = parse_args(argv)
+    # the clients' retry chatter (NotLeaderForPartition on fresh topics, rebalances) is not ours
+    # to show; failures surface as cell statuses
+    for name in ("aiokafka", "aio_pika", "aiormq", "nats", "msgbroker", "faststream"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     return asyncio.run(main_async(args, _log))
 
 

@@ -81,8 +81,8 @@ class PublishVariant(Variant):
         data = payload(self.size)
         if self.mode == "single":
             await self.driver.publish_single(self.topic, range(20), 0, data)
-        else:
-            await self.driver.publish_batch(self.topic, range(20), 0, data, time.perf_counter_ns())
+        else:  # enough keys to touch every partition once
+            await self.driver.publish_batch(self.topic, range(200), 0, data, time.perf_counter_ns())
 
     async def rep(self, run: int) -> dict[str, Any]:
         data = payload(self.size)
@@ -146,7 +146,7 @@ class E2EVariant(Variant):
         await self.driver.prepare(self.topic, self.partitions)
         self.sink = Sink()
         self.consumers = await self.driver.start_consumers(
-            self.topic, "bench-workers", self.workers, self.partitions, self.sink, self.ordered
+            self.topic, f"bench-g-{uuid.uuid4().hex[:8]}", self.workers, self.partitions, self.sink, self.ordered
         )
         # warm-up: joins, assignment, first fetches (not measured); a failure here fails the variant
         warm = await self._drive(0, min(500, max(50, self.messages // 10)), closed_loop=True)
@@ -249,20 +249,25 @@ async def run_cell(cell: Cell, reps: int, broker_cpu: BrokerCpu, rep_timeout: fl
     for name, kind, label, reason in cell.skipped:
         rows.append(row(name, kind, label, "", "-", status=f"n/a: {reason}"))
     live: list[Variant] = []
-    for variant in cell.variants:
+
+    async def set_up(variant: Variant) -> None:
         d = variant.driver
         try:
+            t0 = time.monotonic()
             await asyncio.wait_for(variant.setup(), rep_timeout + 30)
             live.append(variant)
+            log(f"  {cell.provider:8} {cell.name:28} {variant.name:16} ready in {time.monotonic() - t0:.1f}s")
         except Unsupported as exc:
             rows.append(row(variant.name, d.kind, d.label, d.config, "-", status=f"n/a: {exc}"))
             await _quiet_teardown(variant)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise
+        except Exception as exc:
             rows.append(row(variant.name, d.kind, d.label, d.config, "-", status=f"failed: setup: {_short(exc)}"))
             log(f"  {cell.provider} {cell.name} {variant.name}: setup failed: {_short(exc)}")
             await _quiet_teardown(variant)
+
+    # set-ups only wait for the servers (joins, assignment, topic creation): run them together
+    await asyncio.gather(*(set_up(v) for v in cell.variants))
+    live.sort(key=cell.variants.index)
     for rep in range(1, reps + 1):
         for variant in live:
             d = variant.driver
@@ -275,9 +280,7 @@ async def run_cell(cell: Cell, reps: int, broker_cpu: BrokerCpu, rep_timeout: fl
                 variant.broken = f"n/a: {exc}"
                 rows.append(row(variant.name, d.kind, d.label, d.config, rep, status=variant.broken))
                 continue
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise
+            except Exception as exc:
                 variant.broken = f"failed: {_short(exc)}"
                 rows.append(row(variant.name, d.kind, d.label, d.config, rep, status=variant.broken))
                 log(f"  {cell.provider} {cell.name} {variant.name} rep {rep}: {variant.broken}")
@@ -305,17 +308,13 @@ async def run_cell(cell: Cell, reps: int, broker_cpu: BrokerCpu, rep_timeout: fl
             rows.append(row(variant.name, d.kind, d.label, d.config, rep, **values))
             log(f"  {cell.provider:8} {cell.name:28} {variant.name:16} rep {rep}: "
                 f"{rate:>10,.0f} msg/s  {status if status != 'ok' else ''}")
-    for variant in live:
-        await _quiet_teardown(variant)
+    await asyncio.gather(*(_quiet_teardown(v) for v in live))
     return rows
 
 
 async def _quiet_teardown(variant: Variant) -> None:
-    try:
+    with contextlib.suppress(Exception):
         await asyncio.wait_for(variant.teardown(), 30)
-    except BaseException as exc:
-        if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-            raise
 
 
 def _short(exc: BaseException) -> str:

@@ -344,10 +344,12 @@ class RawKafka(Driver):
     async def prepare(self, topic: str, partitions: int) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+        name = self._topic(topic)
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         try:
-            await admin.create_topics([NewTopic(self._topic(topic), partitions, 1)])
+            await admin.create_topics([NewTopic(name, partitions, 1)])
+            await _leaders_elected(admin, name, partitions)
         finally:
             await admin.close()
 
@@ -410,6 +412,21 @@ class RawKafka(Driver):
                     await consumer.stop()
 
         return Consumers(close)
+
+
+async def _leaders_elected(admin: Any, topic: str, partitions: int, timeout: float = 20.0) -> None:
+    """Wait until every partition of a new topic has a leader (the first produce otherwise
+    meets NotLeaderForPartition and retries with back-off inside the timed section)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            (info,) = await admin.describe_topics([topic])
+            parts = info.get("partitions") or []
+            if info.get("error_code", 0) == 0 and len(parts) == partitions and all(
+                p.get("leader", -1) >= 0 and p.get("error_code", 0) == 0 for p in parts
+            ):
+                return
+        await asyncio.sleep(0.1)
 
 
 def raw_driver(provider: str, url: str) -> Driver:

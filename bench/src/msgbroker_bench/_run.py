@@ -151,7 +151,7 @@ def _scale(plan: Plan, n: int) -> int:
 def build_cells(target: Target, plan: Plan) -> list[Cell]:
     """The cells of one provider, each with its variants in interleaving order."""
     from ._faststream import faststream_driver
-    from ._native import native_driver
+    from ._native import NativeVariant, native_driver
 
     provider = target.provider
     counts = {k: _scale(plan, v) for k, v in COUNTS[provider].items()}
@@ -191,7 +191,7 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
             if plan.native:
                 optional(cell, "native", "native", lambda m=mode: native_driver(provider, target.url, m),
                          lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
-                             PublishVariant("native", d, m, n * 5, s, batch)))
+                             NativeVariant("native", d, m, n * 5, s, batch)))
             cells.append(cell)
 
     timeout = plan.rep_timeout
@@ -301,7 +301,10 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
             cpu = BrokerCpu(broker_pid(root, target.provider) if target.provider != "memory" else None)
             for cell in build_cells(target, plan):
                 rows.extend(await run_cell(cell, plan.reps, cpu, plan.rep_timeout, log))
-            log(f"{target.provider}: {time.monotonic() - t0:.0f}s")
+            from ._cleanup import cleanup
+
+            removed = await cleanup(target.provider, target.url)
+            log(f"{target.provider}: {time.monotonic() - t0:.0f}s (removed {removed} benchmark streams/keys/topics)")
             _write_csv(csv_path, rows)
         _write_csv(csv_path, rows)
         log(f"wrote {csv_path.relative_to(root)} ({len(rows)} rows) in {time.time() - started:.0f}s")

@@ -56,6 +56,6 @@ def percentiles(samples: Sequence[int], points: Sequence[float]) -> list[float]:
     n = len(ordered)
     out = []
     for p in points:
-        rank = max(1, math.ceil(p / 100 * n))
+        rank = max(1, math.ceil(p * n / 100 - 1e-9))  # the epsilon: 99.9 * 1000 / 100 is 999.0000000000001
         out.append(float(ordered[min(rank, n) - 1]))
     return out

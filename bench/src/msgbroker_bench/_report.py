@@ -1,0 +1,537 @@
+"""docs/benchmarks.md and its plots, from the CSV of one run."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ._stats import Spread, ratio_spread, spread
+
+__all__ = ["write_report"]
+
+PROVIDER_ORDER = ("memory", "redis", "nats", "rabbitmq", "kafka")
+KIND_ORDER = ("ours", "raw", "faststream", "native")
+
+
+def _num(value: str | None) -> float | None:
+    try:
+        out = float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+    return out if out is not None and math.isfinite(out) else None
+
+
+class Results:
+    """The CSV rows, grouped: (provider, cell) -> variant -> reps."""
+
+    def __init__(self, rows: list[dict[str, str]]) -> None:
+        self.rows = rows
+        self.cells: dict[tuple[str, str], dict[str, list[dict[str, str]]]] = defaultdict(lambda: defaultdict(list))
+        self.order: list[tuple[str, str]] = []
+        for row in rows:
+            key = (row["provider"], row["cell"])
+            if key not in self.cells:
+                self.order.append(key)
+            self.cells[key][row["variant"]].append(row)
+
+    def providers(self) -> list[str]:
+        seen = {p for p, _ in self.order}
+        return [p for p in PROVIDER_ORDER if p in seen]
+
+    def provider_status(self, provider: str) -> str:
+        reps = self.cells.get((provider, "provider"), {}).get("ours")
+        return reps[0]["status"] if reps else "ok"
+
+    def rates(self, provider: str, cell: str, variant: str) -> list[float | None]:
+        """msgs/s of each repetition in order (None for a failed one)."""
+        out: list[float | None] = []
+        for row in self.cells.get((provider, cell), {}).get(variant, []):
+            if row["rep"] == "-":
+                continue
+            out.append(_num(row["msgs_per_s"]) if row["status"] == "ok" else None)
+        return out
+
+    def spread_of(self, provider: str, cell: str, variant: str, column: str = "msgs_per_s") -> Spread:
+        rows = self.cells.get((provider, cell), {}).get(variant, [])
+        return spread(v for r in rows if r["status"] == "ok" and (v := _num(r[column])) is not None)
+
+    def status(self, provider: str, cell: str, variant: str) -> str | None:
+        """Why a variant has no number (n/a or failure), or None when it has reps."""
+        rows = self.cells.get((provider, cell), {}).get(variant, [])
+        if not rows:
+            return None
+        bad = [r["status"] for r in rows if r["status"] != "ok"]
+        ok = [r for r in rows if r["status"] == "ok"]
+        if ok:
+            return None
+        return bad[0] if bad else None
+
+    def first(self, provider: str, cell: str, variant: str, column: str) -> str:
+        rows = self.cells.get((provider, cell), {}).get(variant, [])
+        return rows[0].get(column, "") if rows else ""
+
+    def cells_of(self, provider: str, workload: str) -> list[str]:
+        out = []
+        for p, cell in self.order:
+            if p == provider:
+                variants = self.cells[(p, cell)]
+                any_row = next(iter(variants.values()))[0]
+                if any_row["workload"] == workload:
+                    out.append(cell)
+        return out
+
+
+# -- machine -----------------------------------------------------------------------------------
+
+
+def _cmd(*args: str) -> str:
+    if not shutil.which(args[0]):
+        return ""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=20, check=False).stdout.strip()
+    except Exception:
+        return ""
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info(root: Path) -> list[str]:
+    lscpu = _cmd("lscpu")
+    fields = {}
+    for line in lscpu.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            fields[k.strip()] = v.strip()
+    mem = ""
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rabbit = _cmd("dpkg-query", "-W", "-f=${Version}", "rabbitmq-server")
+    kafka = ""
+    with_stamp = root / ".cache" / "kafka" / "lib.version"
+    if with_stamp.exists():
+        kafka = with_stamp.read_text().strip()
+    redis_v = re.search(r"v=(\S+)", _cmd("redis-server", "--version"))
+    nats_v = _cmd("nats-server", "--version")
+    lines = [
+        f"- CPU: {fields.get('Model name', '?')}; {fields.get('CPU(s)', '?')} logical CPUs "
+        f"({fields.get('Core(s) per socket', '?')} cores per socket, {fields.get('Thread(s) per core', '?')} "
+        f"threads per core); hypervisor: {fields.get('Hypervisor vendor', 'none reported')} "
+        f"({fields.get('Virtualization type', '')})",
+        f"- RAM: {mem}; kernel {platform.release()}; load average when the report was written: {load}",
+        f"- Python {platform.python_version()} ({platform.python_implementation()}), default asyncio event loop (no uvloop)",
+        "- Client libraries: " + ", ".join(
+            f"{d} {_version(d)}" for d in ("redis", "nats-py", "aio-pika", "aiormq", "aiokafka", "faststream",
+                                            "pydantic", "pydantic-core")
+        ),
+        "- msgbroker: " + ", ".join(
+            f"{d} {_version(d)}" for d in ("msgbroker", "msgbroker-redis", "msgbroker-nats", "msgbroker-rabbitmq",
+                                            "msgbroker-kafka")
+        ),
+        f"- Brokers (all on 127.0.0.1, started by `scripts/brokers up`): Redis {redis_v.group(1) if redis_v else '?'}, "
+        f"{nats_v or 'nats-server ?'} (JetStream, file storage), RabbitMQ {rabbit or '?'}, "
+        f"Apache Kafka {kafka or '?'} (KRaft, one node)",
+    ]
+    return lines
+
+
+# -- tables --------------------------------------------------------------------------------------
+
+
+def _fmt_rate(s: Spread) -> str:
+    return s.text("{:,.0f}")
+
+
+def _fmt_ratio(s: Spread) -> str:
+    return s.text("{:.2f}")
+
+
+def _cell_text(results: Results, provider: str, cell: str, variant: str) -> str:
+    s = results.spread_of(provider, cell, variant)
+    if s.n:
+        return _fmt_rate(s)
+    status = results.status(provider, cell, variant)
+    if status is None:
+        return "—"
+    return "n/a" if status.startswith("n/a") else "failed"
+
+
+def _ratio(results: Results, provider: str, cell: str, ours: str, base: str) -> Spread:
+    return ratio_spread(results.rates(provider, cell, ours), results.rates(provider, cell, base))
+
+
+def _latency(results: Results, provider: str, cell: str, variant: str) -> str:
+    parts = []
+    for column in ("p50_ms", "p99_ms", "p999_ms"):
+        s = results.spread_of(provider, cell, variant, column)
+        if not s.n:
+            return "—"
+        parts.append(f"{s.median:.1f}")
+    return " / ".join(parts)
+
+
+def provider_table(results: Results, provider: str) -> list[str]:
+    lines = [
+        "| cell | ours msg/s | raw msg/s | FastStream msg/s | native msg/s | ours ÷ raw | ours ÷ FastStream "
+        "| latency ms p50 / p99 / p99.9 (ours; raw) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for workload in ("publish-single", "publish-batch", "consume", "latency"):
+        for cell in results.cells_of(provider, workload):
+            ours_variants = ["ours", "ours-unordered"] if workload == "consume" else ["ours"]
+            for ours in ours_variants:
+                if ours not in results.cells[(provider, cell)]:
+                    continue
+                name = cell if ours == "ours" else f"{cell}, ordered=False"
+                if workload == "consume" and ours == "ours":
+                    name = f"{cell}, ordered"
+                lat = ""
+                if workload in ("consume", "latency"):
+                    lat = f"{_latency(results, provider, cell, ours)}; {_latency(results, provider, cell, 'raw')}"
+                lines.append(
+                    f"| {name} | {_cell_text(results, provider, cell, ours)} "
+                    f"| {_cell_text(results, provider, cell, 'raw')} "
+                    f"| {_cell_text(results, provider, cell, 'faststream')} "
+                    f"| {_cell_text(results, provider, cell, 'native')} "
+                    f"| {_fmt_ratio(_ratio(results, provider, cell, ours, 'raw'))} "
+                    f"| {_fmt_ratio(_ratio(results, provider, cell, ours, 'faststream'))} | {lat} |"
+                )
+    return lines
+
+
+def curve_table(results: Results, provider: str) -> list[str]:
+    lines: list[str] = []
+    cell = "partition curve"
+    if (provider, cell) in results.cells:
+        variants = sorted(results.cells[(provider, cell)], key=lambda v: int(v.split("-p")[-1]))
+        head = " | ".join(v.split("-p")[-1] for v in variants)
+        lines += [f"| partitions | {head} |", "|---|" + "---:|" * len(variants)]
+        lines.append("| ours ordered, 1 worker, msg/s | " + " | ".join(
+            _cell_text(results, provider, cell, v) for v in variants) + " |")
+    payload_cells = results.cells_of(provider, "payloads")
+    if payload_cells:
+        lines += ["", "| payload | " + " | ".join(c.replace("payload curve ", "") for c in payload_cells) + " |",
+                  "|---|" + "---:|" * len(payload_cells)]
+        for variant, label in (("ours", "ours ordered, 1 worker"), ("raw", "raw, 1 worker")):
+            lines.append(f"| {label}, msg/s | " + " | ".join(
+                _cell_text(results, provider, c, variant) for c in payload_cells) + " |")
+        lines.append("| ours ÷ raw | " + " | ".join(
+            _fmt_ratio(_ratio(results, provider, c, "ours", "raw")) for c in payload_cells) + " |")
+    return lines
+
+
+# -- COMPASS targets ---------------------------------------------------------------------------
+
+
+def targets(results: Results) -> list[str]:
+    lines = ["| target | provider | measured (median ratio per cell; min–max over paired reps) | met? |",
+             "|---|---|---|---|"]
+
+    def judge(provider: str, cells: Iterable[str], ours: str, base: str, threshold: float) -> tuple[str, str]:
+        parts, verdicts = [], []
+        for cell in cells:
+            s = _ratio(results, provider, cell, ours, base)
+            if not s.n:
+                continue
+            parts.append(f"{cell}: {_fmt_ratio(s)}")
+            verdicts.append(s.median >= threshold)
+        if not verdicts:
+            return "no baseline measured", "—"
+        met = "yes" if all(verdicts) else ("partly" if any(verdicts) else "no")
+        return "; ".join(parts), met
+
+    for provider in results.providers():
+        if results.provider_status(provider) != "ok":
+            continue
+        publish = results.cells_of(provider, "publish-single") + results.cells_of(provider, "publish-batch")
+        text, met = judge(provider, publish, "ours", "raw", 0.9)
+        lines.append(f"| publish ≥ 0.9 × raw | {provider} | {text} | {met} |")
+    for provider in results.providers():
+        if results.provider_status(provider) != "ok":
+            continue
+        text, met = judge(provider, results.cells_of(provider, "consume"), "ours", "raw", 0.8)
+        lines.append(f"| ordered consume ≥ 0.8 × unordered raw loop | {provider} | {text} | {met} |")
+    for provider in results.providers():
+        if results.provider_status(provider) != "ok" or provider == "memory":
+            continue
+        cells = [c for w in ("publish-single", "publish-batch", "consume") for c in results.cells_of(provider, w)]
+        text, met = judge(provider, cells, "ours", "faststream", 2.0)
+        lines.append(f"| ≥ 2 × FastStream on equal work | {provider} | {text} | {met} |")
+    if "memory" in results.providers():
+        parts, ok = [], []
+        for cell, variant in (("publish batch 100 B", "ours"), ("consume 1 worker", "ours"),
+                              ("consume 1 worker", "ours-unordered")):
+            s = results.spread_of("memory", cell, variant)
+            if s.n:
+                label = cell + (", ordered=False" if variant == "ours-unordered" else "")
+                parts.append(f"{label}: {_fmt_rate(s)} msg/s")
+                ok.append(s.median >= 100_000)
+        met = "—" if not ok else ("yes" if all(ok) else ("partly" if any(ok) else "no"))
+        lines.append(f"| memory provider ≥ 100k msg/s | memory | {'; '.join(parts) or 'not measured'} | {met} |")
+    return lines
+
+
+# -- plots ---------------------------------------------------------------------------------------
+
+
+def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no plots (scripts/bench installs it)")
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made: list[str] = []
+    providers = [p for p in results.providers() if results.provider_status(p) == "ok"]
+    colors = {"ours": "#1f77b4", "ours-unordered": "#6baed6", "raw": "#ff7f0e", "faststream": "#2ca02c",
+              "native": "#7f7f7f"}
+
+    def bars(workload: str, variants: list[str], filename: str, title: str) -> None:
+        fig, axes = plt.subplots(1, len(providers), figsize=(3.2 * len(providers), 3.6), squeeze=False)
+        any_data = False
+        for ax, provider in zip(axes[0], providers, strict=True):
+            cells = results.cells_of(provider, workload)
+            width = 0.8 / max(1, len(variants))
+            for i, variant in enumerate(variants):
+                values, lows, highs = [], [], []
+                for cell in cells:
+                    s = results.spread_of(provider, cell, variant)
+                    values.append(s.median if s.n else 0)
+                    lows.append(s.median - s.low if s.n else 0)
+                    highs.append(s.high - s.median if s.n else 0)
+                if any(values):
+                    any_data = True
+                xs = [x + i * width for x in range(len(cells))]
+                ax.bar(xs, values, width, yerr=[lows, highs], label=variant, color=colors.get(variant))
+            ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(cells))])
+            ax.set_xticklabels([c.split(" ", 2)[-1].replace("workers", "w").replace("worker", "w") for c in cells],
+                               fontsize=7)
+            ax.set_yscale("log")
+            ax.set_title(provider, fontsize=9)
+            ax.tick_params(axis="y", labelsize=7)
+        axes[0][0].set_ylabel("msg/s (log)")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        if any_data:
+            fig.savefig(out_dir / filename, dpi=110)
+            made.append(filename)
+        plt.close(fig)
+
+    if providers:
+        bars("publish-single", ["ours", "raw", "faststream", "native"], "publish-single.png",
+             "Publish, one confirmed await per message (median, min–max)")
+        bars("publish-batch", ["ours", "raw", "faststream", "native"], "publish-batch.png",
+             "Publish in batches of 500 (median, min–max)")
+        bars("consume", ["ours", "ours-unordered", "raw", "faststream"], "consume.png",
+             "End to end: publish + consume + ack each, 64 partitions, 10k keys")
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for provider in providers:
+            cell = "partition curve"
+            if (provider, cell) not in results.cells:
+                continue
+            variants = sorted(results.cells[(provider, cell)], key=lambda v: int(v.split("-p")[-1]))
+            xs, ys = [], []
+            for v in variants:
+                s = results.spread_of(provider, cell, v)
+                if s.n:
+                    xs.append(int(v.split("-p")[-1]))
+                    ys.append(s.median)
+            if xs:
+                ax.plot(xs, ys, marker="o", label=provider)
+                drawn = True
+        if drawn:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("partition_count")
+            ax.set_ylabel("msg/s (median)")
+            ax.set_title("Ordered end-to-end throughput vs partitions (1 worker, 100 B)", fontsize=10)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out_dir / "partitions.png", dpi=110)
+            made.append("partitions.png")
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for i, provider in enumerate(providers):
+            cells = results.cells_of(provider, "payloads")
+            for variant, style in (("ours", "-"), ("raw", "--")):
+                xs, ys = [], []
+                for cell in cells:
+                    s = results.spread_of(provider, cell, variant)
+                    size = _num(results.first(provider, cell, variant, "payload"))
+                    if s.n and size:
+                        xs.append(size)
+                        ys.append(s.median)
+                if xs:
+                    ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{provider} {variant}")
+                    drawn = True
+        if drawn:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("payload bytes")
+            ax.set_ylabel("msg/s (median)")
+            ax.set_title("End-to-end throughput vs payload (1 worker, 64 partitions)", fontsize=10)
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out_dir / "payloads.png", dpi=110)
+            made.append("payloads.png")
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, len(providers), figsize=(3.2 * len(providers), 3.4), squeeze=False)
+        drawn = False
+        for ax, provider in zip(axes[0], providers, strict=True):
+            cells = results.cells_of(provider, "latency")
+            if not cells:
+                continue
+            cell = cells[0]
+            for j, variant in enumerate(("ours", "raw", "faststream")):
+                ys = []
+                for column in ("p50_ms", "p99_ms", "p999_ms"):
+                    s = results.spread_of(provider, cell, variant, column)
+                    ys.append(s.median if s.n else 0)
+                if any(ys):
+                    drawn = True
+                ax.bar([x + j * 0.27 for x in range(3)], ys, 0.27, label=variant, color=colors[variant])
+            ax.set_xticks([x + 0.27 for x in range(3)])
+            ax.set_xticklabels(["p50", "p99", "p99.9"], fontsize=8)
+            ax.set_yscale("log")
+            ax.set_title(f"{provider}: {cell.replace('latency at ', '')}", fontsize=8)
+        axes[0][0].set_ylabel("ms publish → handler (log)")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle("Latency at a fixed offered rate (open loop, from the intended send time)", fontsize=10)
+        fig.tight_layout()
+        if drawn:
+            fig.savefig(out_dir / "latency.png", dpi=110)
+            made.append("latency.png")
+        plt.close(fig)
+    return made
+
+
+# -- the document --------------------------------------------------------------------------------
+
+
+def _configs(results: Results) -> list[str]:
+    seen: dict[tuple[str, str], tuple[str, str]] = {}
+    for row in results.rows:
+        kind = row.get("kind", "")
+        if not row.get("config") or kind == "":
+            continue
+        variant = "ours" if kind == "ours" else kind
+        key = (row["provider"], variant)
+        if key not in seen or (kind == "ours" and "partition_count=64" in row["config"]):
+            seen[key] = (row.get("label", ""), row["config"])
+    lines = ["| provider | variant | what | configuration |", "|---|---|---|---|"]
+    for provider in PROVIDER_ORDER:
+        for kind in KIND_ORDER:
+            if (provider, kind) in seen:
+                label, config = seen[(provider, kind)]
+                lines.append(f"| {provider} | {kind} | {label} | {config} |")
+    return lines
+
+
+def _problems(results: Results) -> list[str]:
+    out = []
+    seen = set()
+    for row in results.rows:
+        status = row.get("status", "ok")
+        if status == "ok" or row.get("workload") == "provider":
+            continue
+        key = (row["provider"], row["cell"], row["variant"], status[:60])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(f"- {row['provider']} / {row['cell']} / {row['variant']}: {status}")
+    return out
+
+
+def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: float,
+                 log: Callable[[str], None]) -> None:
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    results = Results(rows)
+    out_dir = doc.parent / "benchmarks"
+    images = plots(results, out_dir, log)
+    notes_path = Path(__file__).with_name("notes.md")
+    notes = notes_path.read_text() if notes_path.exists() else ""
+    profile_path = out_dir / "profile.md"
+    profile = profile_path.read_text() if profile_path.exists() else ""
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by scripts/bench (bench/src/msgbroker_bench/_report.py); edit the generator or "
+        "bench/src/msgbroker_bench/notes.md, not this file. -->",
+        "",
+        f"msgbroker measured side by side with the raw client libraries, FastStream and the brokers' own tools, "
+        f"in one run ({now}, {seconds / 60:.1f} min). Every number is the **median of the repetitions** with "
+        f"**min–max** in brackets; repetitions of the variants of a cell are interleaved (A B C A B C) and each "
+        f"ratio pairs repetitions measured back to back.",
+        "",
+        "Regenerate (bootstrap, start the servers, run, write this file, the plots and the CSV):",
+        "",
+        "```sh",
+        "scripts/bench",
+        "```",
+        "",
+        f"which ran `{command}`. Raw rows: [benchmarks/results.csv](benchmarks/results.csv).",
+        "",
+        "## Machine",
+        "",
+        *machine_info(root),
+        "",
+        "## COMPASS targets",
+        "",
+        *targets(results),
+        "",
+    ]
+    lines += ["## Results by provider", ""]
+    for provider in results.providers():
+        status = results.provider_status(provider)
+        lines += [f"### {provider}", ""]
+        if status != "ok":
+            lines += [f"Not measured: {status.removeprefix('n/a: ')}.", ""]
+            continue
+        lines += provider_table(results, provider) + [""]
+        curve = curve_table(results, provider)
+        if curve:
+            lines += ["Cost curves (end to end, ordered, 1 worker):", "", *curve, ""]
+    if images:
+        lines += ["## Plots", ""]
+        lines += [f"![{name}](benchmarks/{name})" for name in images]
+        lines += [""]
+    lines += ["## What each variant does", "", *_configs(results), ""]
+    problems = _problems(results)
+    if problems:
+        lines += ["## Not measured or failed", "", *problems, ""]
+    if profile:
+        lines += [profile.strip(), ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines))
+    log(f"wrote {doc.relative_to(root)} and {len(images)} plots")
