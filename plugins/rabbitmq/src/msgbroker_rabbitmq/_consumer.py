@@ -125,6 +125,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         self._lost: set[int] = set()
         self._control: aiormq.abc.AbstractChannel | None = None
         self._lease_channel: aiormq.abc.AbstractChannel | None = None
+        self._admin_channel: aiormq.abc.AbstractChannel | None = None
         self._stopped = False
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -154,14 +155,14 @@ class RabbitMQLaneConsumer(LaneConsumer):
         """After a reconnect: the group's queues again (a restarted server keeps durable ones;
         declaring is idempotent) and a fresh membership queue."""
         link = self.link
-        self._control = self._lease_channel = None
+        self._control = self._lease_channel = self._admin_channel = None
         await declare_topic(link, self._topology, self.topic, self._partitions)
         await declare_group(link, self._topology, self.topic, self.group, self._partitions)
         await self._join()
 
     def _down(self) -> None:
         """The connection is gone: every lease, consumer and unacked delivery went with it."""
-        self._control = self._lease_channel = None
+        self._control = self._lease_channel = self._admin_channel = None
         for lane in self._lanes.values():
             lane.dead = True
             lane.incoming.clear()
@@ -253,10 +254,20 @@ class RabbitMQLaneConsumer(LaneConsumer):
     # -- leases ------------------------------------------------------------------------------
 
     async def _lease_raw(self) -> aiormq.abc.AbstractChannel:
+        """The channel lease declarations go through (a refused one closes it)."""
         raw = self._lease_channel
         if raw is None or raw.is_closed:
             _, raw = await self.link.channel()
             self._lease_channel = raw
+        return raw
+
+    async def _admin_raw(self) -> aiormq.abc.AbstractChannel:
+        """A channel of its own for deleting leases, so that a refused declaration running at the
+        same time cannot close it under a release."""
+        raw = self._admin_channel
+        if raw is None or raw.is_closed:
+            _, raw = await self.link.channel()
+            self._admin_channel = raw
         return raw
 
     async def acquire(self, partition: int) -> str | None:
@@ -307,9 +318,16 @@ class RabbitMQLaneConsumer(LaneConsumer):
         link = self.link
         if not link.is_up or token.split("/")[1] != str(link.generation):
             return  # the lease queue died with its connection
-        with contextlib.suppress(Exception):
-            raw = await self._lease_raw()
-            await raw.queue_delete(self._topology.lease_queue(self.topic, self.group, partition))
+        name = self._topology.lease_queue(self.topic, self.group, partition)
+        for _ in range(2):  # once more on a fresh channel if the first one failed
+            try:
+                raw = await self._admin_raw()
+                await raw.queue_delete(name)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.info("rabbitmq: releasing %s failed: %s", name, exc)
 
     # -- lanes -------------------------------------------------------------------------------
 
@@ -358,9 +376,15 @@ class RabbitMQLaneConsumer(LaneConsumer):
             await asyncio.wait_for(lane.channel.close(), 5.0)
 
     async def _send_acks(self, lane: _Lane) -> None:
-        tags, lane.acks = lane.acks, []
+        tags, lane.acks = sorted(lane.acks), []
+        if not tags:
+            return
+        unsettled = [*lane.outstanding, *(m.delivery_tag or 0 for m in lane.incoming)]
+        if not unsettled or min(unsettled) > tags[-1]:
+            await lane.raw.basic_ack(tags[-1], multiple=True, wait=False)  # one frame settles them all
+            return
         for tag in tags:
-            await lane.raw.basic_ack(tag)
+            await lane.raw.basic_ack(tag, wait=False)
 
     def _to_delivery(self, lane: _Lane, message: DeliveredMessage) -> Delivery:
         properties = message.header.properties

@@ -244,6 +244,7 @@ class RabbitMQTransport(Transport):
                     ),
                     mandatory=True,
                     timeout=PUBLISH_TIMEOUT,
+                    wait=False,  # do not hold aiormq's channel lock until each frame is on the socket
                 )
                 for record in records
             ),
