@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import importlib
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import msgbroker
-from msgbroker import Capabilities
+from msgbroker import Capabilities, Transport
 
 __all__ = ["FAULT_HOOKS", "ConformanceHarness", "OptionHarness", "load_harness"]
 
@@ -76,19 +77,22 @@ class ConformanceHarness:
             return broker
         return msgbroker.connect(None, provider=self.provider, **merged)
 
-    def _probe(self) -> msgbroker.Broker:
-        # An unopened broker without the overrides: enough to read the provider's class.
+    def transport_class(self) -> type[Transport]:
+        """The provider's Transport class, found by URL scheme or name without building it."""
         if self.url:
-            return msgbroker.connect(self.url)
-        return msgbroker.connect(None, provider=self.provider)
+            scheme = urlsplit(self.url).scheme if "://" in self.url else ""
+            if not scheme:
+                raise msgbroker.ConfigurationError(f"connection URL {self.url!r} has no scheme")
+            return msgbroker.registry.by_scheme(scheme)
+        return msgbroker.registry.by_name(str(self.provider))
 
     def capabilities(self) -> Capabilities:
         """The provider's declaration (``Transport.CAPABILITIES``), read without connecting."""
-        return self._probe().capabilities
+        return self.transport_class().CAPABILITIES
 
     def provider_name(self) -> str:
         """The provider's name (``Transport.NAME``)."""
-        return self._probe().provider
+        return self.transport_class().NAME
 
 
 def merge_settings(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
