@@ -11,7 +11,7 @@ from typing import Any
 import aio_pika
 import msgbroker
 import pytest
-from msgbroker import Message, MessageContext, partition_for
+from msgbroker import Lane, Message, MessageContext, partition_for
 from msgbroker_rabbitmq import RabbitMQTransport, Topology
 from msgbroker_rabbitmq._names import DELIVERY_LIMIT
 
@@ -277,3 +277,33 @@ async def test_a_handover_keeps_order_and_recounts_at_most_the_pushed_message(
     recounted = [a for a in attempts if a[2] != 1]
     assert recounted in ([], [taken_over[0]]), recounted
     assert all(a[2] <= 2 for a in attempts), attempts
+
+
+async def test_a_release_is_not_lost_when_an_acquire_is_refused_at_the_same_time(amqp_url: str, prefix: str) -> None:
+    """A refused lease declaration closes its channel; a release running at that moment must
+    still delete the lease queue (otherwise the lane stays held by nobody who reads it)."""
+    topic, group = f"lease-{uuid.uuid4().hex[:6]}", "g"
+    async with connect(amqp_url, prefix, 4) as a, connect(amqp_url, prefix, 4) as b:
+        members = {}
+        for name, broker in (("ma", a), ("mb", b)):
+            member = broker.transport.consumer(topic, group, name)
+            await member.start(None, None)  # type: ignore[arg-type]  # no engine: the primitives alone
+            members[name] = member
+        lanes = [Lane(topic, group, p) for p in range(4)]
+        assert await a.transport.acquire_lease(lanes[0], "ma", 2) is not None
+        held_by_b = await b.transport.acquire_lease(lanes[1], "mb", 2)
+        assert held_by_b is not None
+        assert await a.transport.acquire_lease(lanes[1], "ma", 2) is None, "a held lease was granted twice"
+        for _ in range(5):
+            refused, _ = await asyncio.gather(
+                b.transport.acquire_lease(lanes[0], "mb", 2), b.transport.release_lease(lanes[1], held_by_b)
+            )
+            assert refused is None
+            taken = await a.transport.acquire_lease(lanes[1], "ma", 2)
+            assert taken is not None, "the released lease is still held"
+            await a.transport.release_lease(lanes[1], taken)
+            held_by_b = await b.transport.acquire_lease(lanes[1], "mb", 2)
+            assert held_by_b is not None
+        assert await a.transport.renew_leases({lanes[1]: "ma/1/stale"}, 2) == set()
+        for member in members.values():
+            await member.stop(flush=True)
