@@ -23,7 +23,7 @@ from ._errors import (
     TransientError,
     is_transient,
 )
-from ._hookspecs import hookimpl
+from ._hookspecs import HandleEvent, PublishEvent, hookimpl
 from ._message import DeadLetter, Message, MessageContext
 from ._partitioner import murmur2, partition_for
 from ._provider import Capabilities, Delivery, Lane, LaneConsumer, OutgoingRecord, Transport
@@ -53,6 +53,7 @@ __all__ = [
     "Consumer",
     "DeadLetter",
     "Delivery",
+    "HandleEvent",
     "InvalidNameError",
     "KafkaSettings",
     "Lane",
@@ -67,6 +68,7 @@ __all__ = [
     "PermanentError",
     "Producer",
     "ProviderNotFoundError",
+    "PublishEvent",
     "PublishFailedError",
     "PublishIndeterminateError",
     "RabbitMQSettings",
