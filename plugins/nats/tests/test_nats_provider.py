@@ -370,3 +370,36 @@ async def test_pending_by_partition_and_peek_read_without_delivering(connect: An
         release.set()
         await eventually(lambda: record.ns("a") == [0, 1, 2, 3], "the rest")
         assert await transport.pending_by_partition(topic, "g") == {}
+
+
+async def test_a_message_whose_last_attempt_killed_its_worker_reaches_the_dead_letters(
+    connect: Any, raw: Client, topic: str
+) -> None:
+    """The server never stops redelivering (max_deliver -1), so the delivery after the last
+    allowed one reaches a live member, which dead-letters it instead of running it again."""
+    crashed, live = connect(partition_count=1, max_retry_attempts=1), connect(partition_count=1, max_retry_attempts=1)
+    started = asyncio.Event()
+
+    async def hang(item: Item) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await crashed.open()
+    async with live:
+        await crashed.subscribe(topic, "g", Record().handler("crashed", hang))
+        item = Item(key="k", n=0)
+        await live.publish(topic, item)
+        await asyncio.wait_for(started.wait(), 10)
+        await crashed.abort()
+        record = Record()
+        await live.subscribe(topic, "g", record.handler("live"))
+
+        async def dead_lettered() -> bool:
+            return bool(await live.dead_letters(topic, "g"))
+
+        await eventually(dead_lettered, "the message in the dead letters after ack_wait")
+        (letter,) = await live.dead_letters(topic, "g")
+        assert letter.message_id == str(item.message_id)
+        assert letter.attempts == 2 and "died" in letter.error
+        assert record.seen == [], "a message past its last attempt must not be handled again"
+        assert await live.pending_count(topic, "g") == 0

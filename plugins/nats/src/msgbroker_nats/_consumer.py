@@ -162,8 +162,11 @@ class NatsLaneConsumer(LaneConsumer):
             self._pin = _LanePin(transport, self._topic, self._group, partition, self._member)
             try:
                 await self._pin.acquire()
-            except Exception as exc:
-                raise map_error(exc, f"pinning {self._topic}[{partition}] for {self._group}") from exc
+            except BaseException as exc:
+                await self.stop(flush=False)  # the engine never got this consumer: leave nothing running
+                if isinstance(exc, Exception):
+                    raise map_error(exc, f"pinning {self._topic}[{partition}] for {self._group}") from exc
+                raise
             self._pinner = asyncio.create_task(self._keep_pin(partition), name=f"msgbroker-nats-pin-{self._topic}")
 
     def _gated(self) -> bool:
