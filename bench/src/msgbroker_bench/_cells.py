@@ -236,8 +236,11 @@ class Cell:
     """(variant name, kind, label, reason) of variants that cannot do this work."""
 
 
-async def run_cell(cell: Cell, reps: int, broker_cpu: BrokerCpu, rep_timeout: float, log: Any) -> list[dict[str, Any]]:
-    """Set every variant up, run the repetitions interleaved (A B C A B C …), tear down."""
+async def run_cell(
+    cell: Cell, reps: int, broker_cpu: BrokerCpu, rep_timeout: float, log: Any, deadline: float = math.inf
+) -> list[dict[str, Any]]:
+    """Set every variant up, run the repetitions interleaved (A B C A B C …), tear down. After
+    ``deadline`` (monotonic) no further repetition starts (the run's time budget)."""
     rows: list[dict[str, Any]] = []
     base = {"provider": cell.provider, "workload": cell.workload, "cell": cell.name, **cell.params}
 
@@ -254,7 +257,7 @@ async def run_cell(cell: Cell, reps: int, broker_cpu: BrokerCpu, rep_timeout: fl
         d = variant.driver
         try:
             t0 = time.monotonic()
-            await asyncio.wait_for(variant.setup(), rep_timeout + 30)
+            await asyncio.wait_for(variant.setup(), rep_timeout + 20)
             live.append(variant)
             log(f"  {cell.provider:8} {cell.name:28} {variant.name:16} ready in {time.monotonic() - t0:.1f}s")
         except Unsupported as exc:
@@ -269,13 +272,16 @@ async def run_cell(cell: Cell, reps: int, broker_cpu: BrokerCpu, rep_timeout: fl
     await asyncio.gather(*(set_up(v) for v in cell.variants))
     live.sort(key=cell.variants.index)
     for rep in range(1, reps + 1):
+        if time.monotonic() > deadline and rep > 1:
+            log(f"  {cell.provider} {cell.name}: time budget spent, {rep - 1} repetition(s) only")
+            break
         for variant in live:
             d = variant.driver
             if variant.broken:
                 continue
             cpu0 = broker_cpu.seconds()
             try:
-                result = await asyncio.wait_for(variant.rep(rep), rep_timeout + 15)
+                result = await asyncio.wait_for(variant.rep(rep), rep_timeout + 10)
             except Unsupported as exc:
                 variant.broken = f"n/a: {exc}"
                 rows.append(row(variant.name, d.kind, d.label, d.config, rep, status=variant.broken))

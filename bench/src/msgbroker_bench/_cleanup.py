@@ -4,6 +4,7 @@ bench prefix, so nothing of other users is touched)."""
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 __all__ = ["cleanup"]
@@ -48,8 +49,15 @@ async def _nats(url: str) -> int:
     removed = 0
     try:
         js = nc.jetstream()
-        for info in await js.streams_info():
-            name = info.config.name or ""
+        names: list[str] = []
+        while True:  # the stream list comes in pages
+            reply = await nc.request("$JS.API.STREAM.NAMES", json.dumps({"offset": len(names)}).encode(), timeout=5)
+            page = json.loads(reply.data)
+            batch = page.get("streams") or []
+            names += batch
+            if not batch or len(names) >= page.get("total", 0):
+                break
+        for name in names:
             if name.startswith(("MSGBENCH", "BENCHRAW", "BENCH_FS")):
                 with contextlib.suppress(Exception):
                     await js.delete_stream(name)

@@ -389,8 +389,14 @@ class RawKafka(Driver):
                              auto_offset_reset="earliest")
             for _ in range(workers)
         ]
-        for consumer in consumers:
-            await consumer.start()
+        try:
+            for consumer in consumers:
+                await consumer.start()
+        except BaseException:
+            for consumer in consumers:
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
+            raise
 
         async def work(consumer: Any) -> None:
             while True:
