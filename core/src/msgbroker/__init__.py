@@ -22,6 +22,7 @@ from ._errors import (
     SerializationError,
     TransientError,
     is_transient,
+    redact,
 )
 from ._hookspecs import HandleEvent, PublishEvent, hookimpl
 from ._message import DeadLetter, Message, MessageContext
@@ -83,5 +84,6 @@ __all__ = [
     "is_transient",
     "murmur2",
     "partition_for",
+    "redact",
     "registry",
 ]

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from ._codec import REPLAY_GROUP_HEADER, encode, message_type_of, validate_name
 from ._engine import SubscriptionRunner
-from ._errors import BrokerClosedError, BrokerConnectionError, ConfigurationError
+from ._errors import BrokerClosedError, BrokerConnectionError, ConfigurationError, redact
 from ._hookspecs import PublishEvent, has_implementations
 from ._message import DeadLetter, Handler, Message
 from ._provider import Capabilities, OutgoingRecord, Transport
@@ -216,8 +216,14 @@ class Broker:
             return self
         try:
             await self.transport.connect()
-        except ConnectionError as exc:
-            raise BrokerConnectionError(f"cannot connect to the {self.provider} broker: {exc}") from exc
+        except Exception as exc:
+            text = str(exc)
+            safe = redact(text)
+            if safe != text:  # never let a password out in an error (or a log of one)
+                raise BrokerConnectionError(f"cannot connect to the {self.provider} broker: {safe}") from None
+            if isinstance(exc, ConnectionError) and not isinstance(exc, BrokerConnectionError):
+                raise BrokerConnectionError(f"cannot connect to the {self.provider} broker: {exc}") from exc
+            raise
         self._state = "open"
         # Looked up once: with no plugin observing publishes, publish skips the hook.
         self._observe_publish = has_implementations("msgbroker_publish", registry.plugins)

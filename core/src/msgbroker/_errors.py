@@ -7,6 +7,7 @@ Every provider maps its client library's native errors into this tree at the edg
 from __future__ import annotations
 
 import asyncio
+import re
 
 __all__ = [
     "AlreadySettledError",
@@ -26,6 +27,7 @@ __all__ = [
     "SerializationError",
     "TransientError",
     "is_transient",
+    "redact",
 ]
 
 
@@ -111,3 +113,14 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (TimeoutError, ConnectionError, TransientError)):
         return True
     return any(part in cls.__name__ for cls in type(exc).__mro__ for part in _TRANSIENT_NAME_PARTS)
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]+)@")
+_SECRET_PAIRS = re.compile(r"(?i)(?P<name>password|passwd|secret|token)(?P<sep>\s*[=:]\s*)(?P<value>[^,;\s&]+)")
+
+
+def redact(text: str) -> str:
+    """``text`` with the passwords of URLs (``scheme://user:***@host``) and of ``password=...``
+    pairs replaced by ``***``: for every error message and log line that may carry a setting."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _SECRET_PAIRS.sub(lambda m: f"{m['name']}{m['sep']}***", text)

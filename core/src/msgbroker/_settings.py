@@ -20,7 +20,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, redact
 
 __all__ = [
     "BrokerSettings",
@@ -149,6 +149,9 @@ class RabbitMQSettings(_Section):
     queue_type: str = "quorum"
     claim_timeout: Duration = timedelta(seconds=10)
     """How long a member may stay silent before its partitions move to the others."""
+    queue_expires: Duration | None = None
+    """Let the server delete a topic's and group's queues once unused this long (``x-expires``;
+    for tests and short-lived topics). None (the default) keeps them until deleted by hand."""
 
 
 class KafkaSettings(_Section):
@@ -247,7 +250,11 @@ def _validation_message(cls: type[BaseModel], exc: ValidationError) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or cls.__name__
         value = err.get("input")
-        lines.append(f"{loc}={value!r}: {err['msg']}")
+        if isinstance(value, dict):
+            value = "{...}"  # a whole section: its other keys may hold secrets
+        elif any(word in loc for word in ("password", "secret", "token")):
+            value = "***"
+        lines.append(redact(f"{loc}={value!r}: {err['msg']}"))
     return f"invalid {cls.__name__}: " + "; ".join(lines)
 
 
