@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._codec import REPLAY_GROUP_HEADER, decode
-from ._errors import MsgBrokerError, SerializationError
+from ._errors import MsgBrokerError, SerializationError, redact
 from ._hookspecs import HandleEvent, has_implementations
 from ._message import DeadLetter, Handler, Message, MessageContext, Outcome
 from ._partitioner import murmur2
@@ -272,8 +272,8 @@ class SubscriptionRunner:
             except Exception as exc:
                 failures += 1
                 pause = min(2.0, 0.05 * 2**failures)
-                log.warning("msgbroker: polling %s for %s failed (%s); again in %.2fs", self.topic, self.group, exc,
-                            pause)
+                log.warning("msgbroker: polling %s for %s failed (%s); again in %.2fs", self.topic, self.group,
+                            redact(str(exc)), pause)
                 await asyncio.sleep(pause)
                 continue
             for delivery in deliveries:
