@@ -403,3 +403,14 @@ async def test_a_message_whose_last_attempt_killed_its_worker_reaches_the_dead_l
         assert letter.attempts == 2 and "died" in letter.error
         assert record.seen == [], "a message past its last attempt must not be handled again"
         assert await live.pending_count(topic, "g") == 0
+
+
+async def test_no_server_at_the_url_is_a_connection_error_naming_it() -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+    with pytest.raises(msgbroker.BrokerConnectionError, match=f"127.0.0.1:{port}"):
+        await asyncio.wait_for(msgbroker.connect(url).open(), 30)

@@ -148,7 +148,9 @@ class NatsTransport(Transport):
                 name=f"msgbroker-{uuid.uuid4().hex[:8]}",
                 connect_timeout=5,
                 allow_reconnect=True,
-                max_reconnect_attempts=-1,
+                # nats-py applies this to the first connect too: "forever" would hang on a
+                # server that is not there; once connected, it reconnects forever (below).
+                max_reconnect_attempts=1,
                 reconnect_time_wait=0.25,
                 ping_interval=10,
                 max_outstanding_pings=3,
@@ -158,6 +160,7 @@ class NatsTransport(Transport):
             )
         except Exception as exc:
             raise BrokerConnectionError(f"cannot connect to nats at {url}: {type(exc).__name__} {exc}") from exc
+        self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=_API_TIMEOUT)
         self._jsm = self._nc.jsm(timeout=_API_TIMEOUT)
         try:
