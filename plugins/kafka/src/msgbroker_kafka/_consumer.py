@@ -145,6 +145,7 @@ class KafkaLaneConsumer(LaneConsumer):
         self._assigned_once = asyncio.Event()
         self._commit_task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._commits_failing = False
         kafka = transport.settings.kafka
         self._commit_interval = kafka.commit_interval.total_seconds()
 
@@ -345,7 +346,7 @@ class KafkaLaneConsumer(LaneConsumer):
             if not t.closed and (head := t.target()) is not None and head in t.handed
             and (heads_before.get(p) != head or t.committed is None or t.committed[0] != head)
         ]
-        if started:
+        if started and not self._commits_failing:
             await self._commit(started, bound=_MARKER_BOUND)
         return out
 
@@ -373,6 +374,8 @@ class KafkaLaneConsumer(LaneConsumer):
         del track.pending[delivery.position]
         track.handed.discard(delivery.position)
         track.retried.pop(delivery.position, None)
+        # batched: a synchronous commit per ack (to record that the next message began) costs
+        # ten times the throughput; the next commit, within commit_interval, records it
         self._dirty.set()
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
@@ -433,8 +436,12 @@ class KafkaLaneConsumer(LaneConsumer):
                 # previous commit and redelivers (at least once), nothing is lost
                 log.info("kafka: commit of %s for %s skipped (group rebalancing): %s", self.topic, self.group, exc)
             except Exception as exc:
+                # until a commit succeeds again, progress is committed in batches only (settles
+                # do not wait for an unreachable broker)
                 log.warning("kafka: commit of %s for %s failed: %r; it is retried", self.topic, self.group, exc)
+                self._commits_failing = True
                 self._dirty.set()
             else:
+                self._commits_failing = False
                 for tp, entry in offsets.items():
                     tracks[tp].committed = entry

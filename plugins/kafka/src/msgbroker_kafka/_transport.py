@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import TopicPartition
@@ -29,7 +30,9 @@ from msgbroker import (
     ConfigurationError,
     DeadLetter,
     LaneConsumer,
+    MsgBrokerError,
     OutgoingRecord,
+    PublishIndeterminateError,
     Transport,
 )
 
@@ -59,6 +62,14 @@ _DL_REMOVED = "msgbroker-dead-letters-removed"
 """Header of a marker in ``<topic>.dlq.removed``: ``partition:offset`` of each removed letter."""
 REMOVED_TOPIC_SUFFIX = ".removed"
 _TOPIC_EXISTS = 36
+_PRODUCER_STATE_LOST = (
+    kafka_errors.OutOfOrderSequenceNumber,
+    kafka_errors.UnknownProducerId,
+    kafka_errors.InvalidProducerEpoch,
+    kafka_errors.ProducerFenced,
+)
+"""The broker lost the idempotent producer's sequence state (seen after a broker restart); the
+producer is useless from then on (aiokafka#1017) and is replaced by a new one."""
 _ADMIN_TIMEOUT = 15.0
 
 
@@ -119,6 +130,7 @@ class KafkaTransport(Transport):
         self._offsets: AIOKafkaConsumer | None = None
         self._topics: dict[str, int] = {}
         self._topic_lock = asyncio.Lock()
+        self._producer_lock = asyncio.Lock()
         self.consumers: set[KafkaLaneConsumer] = set()
 
     # -- connection -----------------------------------------------------------------------------
@@ -153,15 +165,38 @@ class KafkaTransport(Transport):
             raise BrokerClosedError("the kafka connection is closed")
         return self._admin
 
-    async def connect(self) -> None:
-        options = self.client_options()
-        producer = AIOKafkaProducer(
-            **options,
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            **self.client_options(),
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
             max_request_size=1024 * 1024,
         )
+
+    async def _produce_failed(self, exc: Exception, doing: str, broken: AIOKafkaProducer) -> MsgBrokerError:
+        """The error to raise for a failed produce; replaces a producer whose idempotence state
+        the broker lost (the records may or may not have been written: a retry may duplicate)."""
+        if not isinstance(exc, _PRODUCER_STATE_LOST):
+            return map_error(exc, doing, publishing=True)
+        async with self._producer_lock:
+            if self._producer is broken:
+                log.warning("kafka: the broker lost this producer's sequence state (%s); starting a new producer", exc)
+                fresh = self._new_producer()
+                try:
+                    await fresh.start()
+                except Exception as start_exc:
+                    with contextlib.suppress(Exception):
+                        await fresh.stop()
+                    return map_error(start_exc, "restarting the producer", publishing=True)
+                self._producer = fresh
+                with contextlib.suppress(Exception):
+                    await broken.stop()
+        return PublishIndeterminateError(f"kafka: {doing} failed: {type(exc).__name__}: {exc}; retry")
+
+    async def connect(self) -> None:
+        options = self.client_options()
+        producer = self._new_producer()
         admin = AIOKafkaAdminClient(**options, request_timeout_ms=int(_ADMIN_TIMEOUT * 1000))
         try:
             await producer.start()
@@ -296,7 +331,7 @@ class KafkaTransport(Transport):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise map_error(exc, f"publishing {len(records)} record(s)", publishing=True) from exc
+            raise await self._produce_failed(exc, f"publishing {len(records)} record(s)", producer) from exc
 
     # -- consuming ------------------------------------------------------------------------------
 
@@ -349,8 +384,9 @@ class KafkaTransport(Transport):
             _DL_PARTITION: str(letter.partition),
             _DL_AT: letter.dead_lettered_at.isoformat(),
         }
+        producer = self.producer
         try:
-            await self.producer.send_and_wait(
+            await producer.send_and_wait(
                 dlq,
                 letter.payload,
                 key=key.encode("utf-8"),
@@ -360,7 +396,7 @@ class KafkaTransport(Transport):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise map_error(exc, f"writing a dead letter to {dlq!r}", publishing=True) from exc
+            raise await self._produce_failed(exc, f"writing a dead letter to {dlq!r}", producer) from exc
 
     async def _read_topic(self, dlq: str) -> list[tuple[int, int, Any]]:
         """Every record of ``dlq`` as (partition, offset, record), oldest first."""
