@@ -31,7 +31,8 @@ class RedisHarness(ConformanceHarness):
         )
         output, _ = await process.communicate()
         if process.returncode != 0:
-            raise RuntimeError(f"scripts/brokers restart redis failed ({process.returncode}): {output.decode()[-2000:]}")
+            tail = output.decode()[-2000:]
+            raise RuntimeError(f"scripts/brokers restart redis failed ({process.returncode}): {tail}")
 
 
 class TestRedisConformance(ConformanceSuite):

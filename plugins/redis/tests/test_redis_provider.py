@@ -368,9 +368,11 @@ async def test_pending_counts_every_entry_before_the_group_exists(connect: Any, 
         assert await broker.pending_count(topic, "nobody-yet") == 25
 
 
-async def test_an_unreachable_server_is_a_connection_error_and_unhealthy() -> None:
-    with pytest.raises(msgbroker.BrokerConnectionError, match="127.0.0.1:1"):
-        await msgbroker.connect("redis://127.0.0.1:1/0").open()
+async def test_an_unreachable_server_is_a_connection_error_naming_it() -> None:
+    broker = msgbroker.connect("redis://127.0.0.1:1/0")
+    with pytest.raises(msgbroker.BrokerConnectionError, match=r"127\.0\.0\.1:1"):
+        await broker.open()
+    assert not await broker.is_healthy()
 
 
 def test_the_url_picks_the_redis_provider() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from urllib.parse import urlsplit, urlunsplit
 
 from msgbroker import (
@@ -42,7 +41,7 @@ def translate(exc: BaseException, doing: str) -> MsgBrokerError:
         return ConfigurationError(f"redis: {doing} failed: the server refused the credentials: {exc}")
     if isinstance(exc, rex.BusyLoadingError):
         return BrokerUnavailableError(text)
-    if isinstance(exc, (rex.TimeoutError, asyncio.TimeoutError)):
+    if isinstance(exc, (rex.TimeoutError, TimeoutError)):
         return BrokerTimeoutError(text)
     if isinstance(exc, (rex.ConnectionError, ConnectionError, OSError)):
         return BrokerConnectionError(text)

@@ -27,7 +27,7 @@ import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import redis.asyncio as aioredis
 from msgbroker import (
@@ -70,7 +70,7 @@ PUBLISH_CHUNK = 500
 """Records per publish script call (bounds the script's argument list)."""
 
 
-class topic_keys:  # noqa: N801 - a small namespace of key builders, used like a function
+class topic_keys:
     """The keys of one topic under ``prefix`` (see the module docstring)."""
 
     __slots__ = ("base",)
@@ -234,7 +234,7 @@ class RedisTransport(Transport):
         """Run one script, mapping errors into msgbroker's tree."""
         try:
             return await self.script(name)(keys=list(keys), args=list(args), client=client or self.redis)
-        except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (rex.RedisError, OSError, TimeoutError) as exc:
             raise translate(exc, doing) from exc
 
     # -- topics --------------------------------------------------------------------------------
@@ -296,12 +296,12 @@ class RedisTransport(Transport):
         if len(calls) == 1:
             try:
                 await script(keys=calls[0][0], args=calls[0][1], client=client)
-            except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (rex.RedisError, OSError, TimeoutError) as exc:
                 raise self._publish_error(exc, 1, len(records)) from exc
             return
         try:
             results = await self._pipelined(script, calls)
-        except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except (rex.RedisError, OSError, TimeoutError) as exc:
             raise self._publish_error(exc, len(calls), len(records)) from exc
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
@@ -358,10 +358,7 @@ class RedisTransport(Transport):
         return int(total)
 
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
-        try:
-            entries = await self.redis.xrange(self.keys(topic).dead(group), "-", "+")
-        except (rex.RedisError, OSError) as exc:
-            raise translate(exc, f"reading dead letters of {group!r} on {topic!r}") from exc
+        entries = await self._entries(self.keys(topic).dead(group), f"reading dead letters of {group!r} on {topic!r}")
         letters = []
         for _entry_id, fields in entries:
             at = _text(fields.get(b"t"))
@@ -382,12 +379,20 @@ class RedisTransport(Transport):
     async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
         wanted = {m.encode() for m in message_ids}
         key = self.keys(topic).dead(group)
+        doing = f"removing dead letters of {group!r} on {topic!r}"
+        entries = await self._entries(key, doing)
+        doomed = [entry_id for entry_id, fields in entries if fields.get(b"i") in wanted]
         try:
-            entries = await self.redis.xrange(key, "-", "+")
-            doomed = [entry_id for entry_id, fields in entries if fields.get(b"i") in wanted]
             return int(await self.redis.xdel(key, *doomed)) if doomed else 0
         except (rex.RedisError, OSError) as exc:
-            raise translate(exc, f"removing dead letters of {group!r} on {topic!r}") from exc
+            raise translate(exc, doing) from exc
+
+    async def _entries(self, key: str, doing: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        try:
+            entries = await self.redis.xrange(key, "-", "+")
+        except (rex.RedisError, OSError) as exc:
+            raise translate(exc, doing) from exc
+        return cast("list[tuple[bytes, dict[bytes, bytes]]]", entries or [])
 
     # -- membership and leases -----------------------------------------------------------------
 
@@ -537,7 +542,8 @@ class RedisLaneConsumer(LaneConsumer):
         try:
             if self._reader_id is None:
                 self._reader_id = int(await reader.client_id())
-            read = asyncio.ensure_future(reader.xread(dict(waits), count=1, block=max(1, int(timeout * 1000))))
+            streams: dict[Any, Any] = dict(waits)
+            read = asyncio.ensure_future(reader.xread(streams, count=1, block=max(1, int(timeout * 1000))))
         except (rex.RedisError, OSError) as exc:
             self._reader_id = None
             raise translate(exc, f"waiting for {self._topic}") from exc
