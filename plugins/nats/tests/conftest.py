@@ -37,12 +37,22 @@ def topic() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
+async def _stream_names(nc: Client) -> list[str]:
+    """Every stream's name (the server lists 256 per page)."""
+    jsm = nc.jsm()
+    names: list[str] = []
+    while True:
+        page = await jsm.streams_info(offset=len(names))
+        if not page:
+            return names
+        names += [info.config.name for info in page]
+
+
 async def _delete_streams(nc: Client, prefix: str) -> None:
     """Delete every stream of ``prefix`` (topic streams and the pins bucket)."""
     jsm = nc.jsm()
     with contextlib.suppress(Exception):
-        for info in await jsm.streams_info():
-            name = info.config.name
+        for name in await _stream_names(nc):
             if name.startswith(f"{prefix}_") or name == f"KV_{prefix}_pins":
                 with contextlib.suppress(Exception):
                     await jsm.delete_stream(name)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+import nats
+import pytest
 from msgbroker_conformance import ConformanceHarness, ConformanceSuite
 
 REPO = Path(__file__).resolve().parents[3]
@@ -18,9 +22,13 @@ class NatsHarness(ConformanceHarness):
     url = os.environ.get("MSGBROKER_NATS__URL") or None
     url_env = "MSGBROKER_NATS__URL"
     timeout_multiplier = 1.0
+    prefixes: ClassVar[list[str]] = []
+    """The stream prefixes this process's cases used (their streams are deleted afterwards)."""
 
     def overrides(self, namespace: str) -> dict[str, Any]:
-        return {"nats": {"stream_prefix": f"CONF-{namespace}", "ack_wait": 2}}
+        prefix = f"CONF-{namespace}"
+        self.prefixes.append(prefix)
+        return {"nats": {"stream_prefix": prefix, "ack_wait": 2}}
 
     async def restart_server(self) -> None:
         """Restart nats-server through the repository's broker script (streams and consumers are
@@ -36,3 +44,36 @@ class NatsHarness(ConformanceHarness):
 
 class TestNatsConformance(ConformanceSuite):
     harness = NatsHarness()
+
+
+async def _stream_names(nc: Any) -> list[str]:
+    """Every stream's name (the server lists 256 per page)."""
+    jsm = nc.jsm()
+    names: list[str] = []
+    while True:
+        page = await jsm.streams_info(offset=len(names))
+        if not page:
+            return names
+        names += [info.config.name for info in page]
+
+
+async def _delete_streams(url: str, prefixes: list[str]) -> None:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=1)
+    try:
+        jsm = nc.jsm()
+        for name in await _stream_names(nc):
+            if any(name.startswith(f"{p}_") or name == f"KV_{p}_pins" for p in prefixes):
+                with contextlib.suppress(Exception):
+                    await jsm.delete_stream(name)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_the_suites_streams() -> Iterator[None]:
+    """Keep the shared server lean (its restart time grows with the streams it restores)."""
+    yield
+    if NatsHarness.url and NatsHarness.prefixes:
+        with contextlib.suppress(Exception):
+            asyncio.run(_delete_streams(NatsHarness.url, list(NatsHarness.prefixes)))
+        NatsHarness.prefixes.clear()
