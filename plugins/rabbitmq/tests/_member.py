@@ -37,7 +37,7 @@ async def main() -> None:
     url, prefix, topic, group, partitions = sys.argv[1:6]
     handle_seconds = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
     broker = msgbroker.connect(url, partition_count=int(partitions), retry_delay=0,
-                               rabbitmq={"exchange_prefix": prefix, "claim_timeout": 2})
+                               rabbitmq={"exchange_prefix": prefix, "claim_timeout": 2, "queue_expires": 300})
     await broker.open()
 
     async def handle(ctx: MessageContext[Numbered]) -> None:

@@ -20,7 +20,7 @@ class RabbitMQHarness(ConformanceHarness):
     timeout_multiplier = 1.0
 
     def overrides(self, namespace: str) -> dict[str, Any]:
-        return {"rabbitmq": {"exchange_prefix": f"conf-{namespace}", "claim_timeout": 2}}
+        return {"rabbitmq": {"exchange_prefix": f"conf-{namespace}", "claim_timeout": 2, "queue_expires": 300}}
 
     async def restart_server(self) -> None:
         """Restart the server through the repository's broker script (durable queues and

@@ -39,7 +39,7 @@ def first_handling_order(events: list[dict[str, Any]]) -> dict[str, list[int]]:
 
 def connect(url: str, prefix: str, partitions: int, **settings: Any) -> msgbroker.Broker:
     return msgbroker.connect(url, partition_count=partitions, retry_delay=0,
-                             rabbitmq={"exchange_prefix": prefix, "claim_timeout": 2}, **settings)
+                             rabbitmq={"exchange_prefix": prefix, "claim_timeout": 2, "queue_expires": 300}, **settings)
 
 
 async def test_capabilities_declare_what_is_missing_with_reasons() -> None:
@@ -205,14 +205,22 @@ async def test_publish_returns_after_the_confirm_and_unroutable_is_an_error(amqp
             queue = topology.lane_queue(topic, group, partition_for("a", 2))
             declared = await channel.declare_queue(queue, passive=True)
             assert declared.declaration_result.message_count == 1, "publish returned before the message was stored"
-            # Take away every queue a message of partition 1 could land in: the publish must fail, not vanish.
+            # The group's queue of partition 1 is gone: its messages wait in the topic's backlog.
             lost = next(k for k in (f"x{i}" for i in range(100)) if partition_for(k, 2) == 1)
             await channel.queue_delete(topology.lane_queue(topic, group, 1))
-            await channel.queue_delete(topology.backlog_queue(topic, 1))
+        finally:
+            await connection.close()
+        await broker.publish(topic, Numbered(key=lost, seq=2))
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            channel = await connection.channel()
+            backlog = await channel.declare_queue(topology.backlog_queue(topic, 1), passive=True)
+            assert backlog.declaration_result.message_count == 1, "the unroutable message was not kept"
+            await channel.exchange_delete(topology.backlog_exchange(topic))  # now nothing can take it
         finally:
             await connection.close()
         with pytest.raises(msgbroker.PublishFailedError, match="unroutable"):
-            await broker.publish(topic, Numbered(key=lost, seq=2))
+            await broker.publish(topic, Numbered(key=lost, seq=3))
 
 
 async def test_a_different_partition_count_on_an_existing_topic_is_refused(amqp_url: str, prefix: str) -> None:

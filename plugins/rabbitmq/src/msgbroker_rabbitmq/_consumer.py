@@ -18,30 +18,29 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
-from msgbroker import DeadLetter, Delivery, LaneConsumer, PublishFailedError
+from msgbroker import DeadLetter, Delivery, LaneConsumer, OutgoingRecord, PublishFailedError
 from pamqp import commands as spec
 
-from ._declare import declare_group, declare_topic
+from ._declare import backlog_exists, declare_group, declare_topic
 from ._errors import translate
 from ._link import Link
+from ._publish import KEY_HEADER, PERSISTENT, publish_confirmed
 
 if TYPE_CHECKING:
     from msgbroker._provider import AssignmentListener
 
     from ._transport import RabbitMQTransport
 
-__all__ = ["KEY_HEADER", "RabbitMQLaneConsumer", "delivery_headers", "letter_headers"]
+__all__ = ["RabbitMQLaneConsumer", "delivery_headers", "letter_headers"]
 
 log = logging.getLogger("msgbroker.rabbitmq")
 
-KEY_HEADER = "msgbroker-key"
-"""The partition key travels as a header (the routing key is the partition number)."""
 DEAD_LETTER_ERROR = "msgbroker-dead-letter-error"
 DEAD_LETTER_ATTEMPTS = "msgbroker-dead-letter-attempts"
 DEAD_LETTER_GROUP = "msgbroker-dead-letter-group"
@@ -51,7 +50,6 @@ _BROKER_HEADERS = frozenset({
     KEY_HEADER, "x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
     "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
 })
-PERSISTENT = 2
 
 
 def _text(value: Any) -> str | None:
@@ -104,6 +102,7 @@ class _Lane:
     acks: list[int] = field(default_factory=list)
     dead: bool = False
     closing: bool = False
+    backlog_checked: bool = False
 
 
 class RabbitMQLaneConsumer(LaneConsumer):
@@ -175,7 +174,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         exchange = self._topology.members_exchange(self.topic, self.group)
         await raw.exchange_declare(exchange, exchange_type="fanout", durable=True)
         declared = await raw.queue_declare("", exclusive=True, auto_delete=True)
-        queue = declared.queue
+        queue = declared.queue or ""
         await raw.queue_bind(queue, exchange, routing_key="")
         await raw.basic_consume(queue, self._on_member_message, no_ack=True)
         await self._announce("beat", None)
@@ -424,16 +423,22 @@ class RabbitMQLaneConsumer(LaneConsumer):
         out: list[Delivery] = []
         queue = self._topology.backlog_queue(self.topic, lane.partition)
         try:
-            while len(out) < limit:
+            present = True
+            if not lane.backlog_checked:
+                lane.backlog_checked = True  # declared only when something was published while no group was bound
+                present = await backlog_exists(self.link, self._topology, self.topic, lane.partition)
+            while present and len(out) < limit:
                 message = await lane.raw.basic_get(queue, no_ack=False)
                 if isinstance(message.delivery, spec.Basic.GetEmpty):
-                    lane.phase = "main"
-                    ok = await lane.raw.basic_consume(
-                        self._topology.lane_queue(self.topic, self.group, lane.partition), self._on_push(lane)
-                    )
-                    lane.consumer_tag = ok.consumer_tag
-                    break
-                out.append(self._to_delivery(lane, message))
+                    present = False
+                else:
+                    out.append(self._to_delivery(lane, message))
+            if not present:
+                lane.phase = "main"
+                ok = await lane.raw.basic_consume(
+                    self._topology.lane_queue(self.topic, self.group, lane.partition), self._on_push(lane)
+                )
+                lane.consumer_tag = ok.consumer_tag
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -466,7 +471,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
             for lane in lanes:
                 if lane.dead or lane.closing:
                     continue
-                if lane.consumer_tag is not None and lane.consumer_tag not in lane.raw.consumers:
+                if lane.consumer_tag is not None and lane.consumer_tag not in getattr(lane.raw, "consumers", {}):
                     log.warning("rabbitmq: the server cancelled the consumer of %s[%d]", self.topic, lane.partition)
                     lane.dead = True
                     self._lost.add(lane.partition)
@@ -487,7 +492,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         return []
 
     def _current(self, delivery: Delivery) -> tuple[_Lane, int] | None:
-        lane, tag = delivery.position
+        lane, tag = cast("tuple[_Lane, int]", delivery.position)
         if lane.dead or lane.closing or self._lanes.get(delivery.partition) is not lane:
             return None  # a stale delivery: it went back to the queue with its channel
         return lane, tag
@@ -525,22 +530,22 @@ class RabbitMQLaneConsumer(LaneConsumer):
             if letter.dead_lettered_at.tzinfo else datetime.now(UTC).replace(tzinfo=None),
         )
         dlq_topic = f"{self.topic}.dlq"
+        on_topic = OutgoingRecord(dlq_topic, delivery.partition, delivery.key, delivery.message_id,
+                                  {k: v for k, v in headers.items() if k != KEY_HEADER}, delivery.body)
         try:
-            await self._transport.ensure_topic(dlq_topic, link)
-            confirmations = await asyncio.gather(
-                raw.basic_publish(delivery.body, exchange="", routing_key=self._topology.letters_queue(
-                    self.topic, self.group), properties=properties, mandatory=True),
-                raw.basic_publish(delivery.body, exchange=self._topology.exchange(dlq_topic),
-                                  routing_key=str(delivery.partition), properties=properties, mandatory=True),
+            stored = await raw.basic_publish(
+                delivery.body, exchange="", routing_key=self._topology.letters_queue(self.topic, self.group),
+                properties=properties, mandatory=True,
             )
+            if not isinstance(stored, spec.Basic.Ack):
+                raise PublishFailedError(f"rabbitmq: the dead letter of {delivery.message_id} was not stored "
+                                         f"({type(stored).__name__}): is the group's letters queue missing?")
+            await self._transport.ensure_topic(dlq_topic, link)
+            await publish_confirmed(link, self._topology, raw, [on_topic])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise translate(exc, f"dead-lettering {delivery.message_id} of {self.topic}[{delivery.partition}]") from exc
-        for confirmation in confirmations:
-            if not isinstance(confirmation, spec.Basic.Ack):
-                raise PublishFailedError(f"rabbitmq: the dead letter of {delivery.message_id} was not stored "
-                                         f"({type(confirmation).__name__})")
         lane.outstanding.pop(tag, None)
         lane.acks.append(tag)
 

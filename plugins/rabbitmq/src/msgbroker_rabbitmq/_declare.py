@@ -12,16 +12,19 @@ from ._errors import translate
 from ._link import Link
 from ._names import Topology
 
-__all__ = ["declare_group", "declare_topic"]
+__all__ = ["backlog_exists", "declare_backlog", "declare_group", "declare_topic"]
 
 
 async def declare_topic(link: Link, topology: Topology, topic: str, partitions: int) -> None:
-    """The topic's exchange, its alternate (backlog) exchange with one queue per partition, and
-    the marker queue that pins the partition count. A wrong count raises ConfigurationError."""
+    """The topic's exchange and its alternate (backlog) exchange, and the marker queue that pins
+    the partition count (a wrong count raises ConfigurationError). Backlog queues are declared
+    only when a message needs one (:func:`declare_backlog`): most topics never do."""
     channel, raw = await link.channel()
     try:
         try:
-            await raw.queue_declare(topology.meta_queue(topic), durable=True, arguments={"x-max-length": partitions})
+            await raw.queue_declare(
+                topology.meta_queue(topic), durable=True, arguments=topology.meta_arguments(partitions)
+            )
         except amqp.ChannelPreconditionFailed as exc:
             raise ConfigurationError(
                 f"topic {topic!r} exists on the RabbitMQ server with another partition count; this connection "
@@ -29,10 +32,6 @@ async def declare_topic(link: Link, topology: Topology, topic: str, partitions: 
             ) from exc
         backlog = topology.backlog_exchange(topic)
         await raw.exchange_declare(backlog, exchange_type="direct", durable=True)
-        for partition in range(partitions):
-            queue = topology.backlog_queue(topic, partition)
-            await raw.queue_declare(queue, durable=True, arguments=topology.backlog_arguments())
-            await raw.queue_bind(queue, backlog, routing_key=str(partition))
         await raw.exchange_declare(
             topology.exchange(topic), exchange_type="direct", durable=True, arguments={"alternate-exchange": backlog}
         )
@@ -47,6 +46,42 @@ async def declare_topic(link: Link, topology: Topology, topic: str, partitions: 
             await channel.close()
 
 
+async def declare_backlog(link: Link, topology: Topology, topic: str, partitions: set[int]) -> None:
+    """The backlog queues of these partitions, bound to the topic's alternate exchange."""
+    channel, raw = await link.channel()
+    try:
+        backlog = topology.backlog_exchange(topic)
+        for partition in sorted(partitions):
+            queue = topology.backlog_queue(topic, partition)
+            await raw.queue_declare(queue, durable=True, arguments=topology.backlog_arguments())
+            await raw.queue_bind(queue, backlog, routing_key=str(partition))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise translate(exc, f"declaring the backlog of topic {topic!r}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+async def backlog_exists(link: Link, topology: Topology, topic: str, partition: int) -> bool:
+    """Whether the partition's backlog queue exists (checked on a channel of its own, since a
+    passive declaration of a missing queue closes the channel)."""
+    channel, raw = await link.channel()
+    try:
+        await raw.queue_declare(topology.backlog_queue(topic, partition), passive=True)
+        return True
+    except amqp.ChannelNotFoundEntity:
+        return False
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise translate(exc, f"looking for the backlog of {topic!r}[{partition}]") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
 async def declare_group(link: Link, topology: Topology, topic: str, group: str, partitions: int) -> None:
     """The group's lane queues (bound to the topic exchange: from now on the group gets every
     message of the topic) and its letters queue."""
@@ -55,7 +90,7 @@ async def declare_group(link: Link, topology: Topology, topic: str, group: str, 
         dlx = topology.dead_letter_exchange()
         letters = topology.letters_queue(topic, group)
         await raw.exchange_declare(dlx, exchange_type="direct", durable=True)
-        await raw.queue_declare(letters, durable=True, arguments={"x-queue-type": "classic"})
+        await raw.queue_declare(letters, durable=True, arguments=topology.letters_arguments())
         await raw.queue_bind(letters, dlx, routing_key=letters)
         exchange = topology.exchange(topic)
         arguments = topology.lane_arguments(topic, group)

@@ -55,6 +55,7 @@ class Link:
         self._closing = False
         self._reconnecting: asyncio.Task[None] | None = None
         self.generation = 0
+        self._channel_number = 0
 
     @property
     def is_up(self) -> bool:
@@ -91,7 +92,9 @@ class Link:
         if self._on_down is not None:
             self._on_down()
         if self._reconnecting is None or self._reconnecting.done():
-            self._reconnecting = asyncio.create_task(self._reconnect(), name=f"msgbroker-rabbitmq-reconnect-{self._name}")
+            self._reconnecting = asyncio.create_task(
+                self._reconnect(), name=f"msgbroker-rabbitmq-reconnect-{self._name}"
+            )
 
     async def _reconnect(self) -> None:
         pause = 0.1
@@ -143,10 +146,30 @@ class Link:
             raise BrokerConnectionError(f"rabbitmq: connection {self._name} to {self._shown} is down")
         return conn
 
+    def _next_channel_number(self, conn: AbstractConnection) -> int | None:
+        """Channel numbers in rising order, wrapping at the negotiated maximum: aiormq on its own
+        reuses the number of a channel the server has just closed before our close-ok reached
+        the server, which then closes the whole connection ("second 'channel.open' seen")."""
+        transport = getattr(conn, "transport", None)
+        underlay = getattr(transport, "connection", None)
+        in_use = getattr(underlay, "channels", None)
+        if in_use is None:
+            return None
+        tune = getattr(underlay, "connection_tune", None)
+        limit = min(getattr(tune, "channel_max", 0) or 2047, 65535)
+        for _ in range(limit):
+            self._channel_number = self._channel_number % limit + 1
+            if self._channel_number not in in_use:
+                return self._channel_number
+        return None
+
     async def channel(self, *, confirms: bool = False) -> tuple[AbstractChannel, aiormq.abc.AbstractChannel]:
         """A new channel (and its aiormq underlay) on the current connection."""
         try:
-            channel = await self.connection.channel(publisher_confirms=confirms, on_return_raises=False)
+            conn = self.connection
+            channel = await conn.channel(
+                channel_number=self._next_channel_number(conn), publisher_confirms=confirms, on_return_raises=False
+            )
             return channel, await channel.get_underlay_channel()
         except asyncio.CancelledError:
             raise

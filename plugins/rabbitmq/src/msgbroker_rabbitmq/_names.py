@@ -36,8 +36,10 @@ def _short(name: str, limit: int = MAX_NAME_BYTES) -> str:
 class Topology:
     """The exchanges and queues of one ``exchange_prefix`` (see docs/providers/rabbitmq.md)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, expires_ms: int | None = None) -> None:
         self.prefix = prefix
+        self.expires_ms = expires_ms
+        """``x-expires`` of every durable queue (``rabbitmq.queue_expires``), or None."""
 
     def exchange(self, topic: str) -> str:
         """The direct exchange of ``topic``; the routing key is the partition number."""
@@ -77,10 +79,23 @@ class Topology:
 
     # -- arguments ---------------------------------------------------------------------------
 
+    def _expiring(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        if self.expires_ms is not None:
+            arguments["x-expires"] = self.expires_ms
+        return arguments
+
+    def meta_arguments(self, partitions: int) -> dict[str, Any]:
+        """The partition-count marker: its ``x-max-length`` cannot be redeclared differently."""
+        return self._expiring({"x-max-length": partitions})
+
+    def letters_arguments(self) -> dict[str, Any]:
+        """A classic queue: a listing puts letters back in their place, uncounted."""
+        return self._expiring({"x-queue-type": "classic"})
+
     def lane_arguments(self, topic: str, group: str) -> dict[str, Any]:
         """A quorum queue with single active consumer and a delivery limit (keeps requeue
         positions), dead-lettering at least once into the group's letters queue."""
-        return {
+        return self._expiring({
             "x-queue-type": "quorum",
             "x-single-active-consumer": True,
             "x-delivery-limit": DELIVERY_LIMIT,
@@ -88,9 +103,8 @@ class Topology:
             "x-dead-letter-routing-key": self.letters_queue(topic, group),
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
-        }
+        })
 
-    @staticmethod
-    def backlog_arguments() -> dict[str, Any]:
+    def backlog_arguments(self) -> dict[str, Any]:
         """A quorum queue with a delivery limit, so attempts are counted and positions kept."""
-        return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+        return self._expiring({"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT})

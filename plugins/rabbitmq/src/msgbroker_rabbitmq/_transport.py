@@ -26,8 +26,6 @@ from msgbroker import (
     Lane,
     LaneConsumer,
     OutgoingRecord,
-    PublishFailedError,
-    PublishIndeterminateError,
     Transport,
 )
 from pamqp import commands as spec
@@ -38,8 +36,6 @@ from ._consumer import (
     DEAD_LETTER_ERROR,
     DEAD_LETTER_GROUP,
     DEAD_LETTER_PARTITION,
-    KEY_HEADER,
-    PERSISTENT,
     RabbitMQLaneConsumer,
     delivery_headers,
 )
@@ -47,13 +43,12 @@ from ._declare import declare_topic
 from ._errors import translate
 from ._link import Link
 from ._names import DELIVERY_LIMIT, Topology
+from ._publish import KEY_HEADER, publish_confirmed
 
 __all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport"]
 
 log = logging.getLogger("msgbroker.rabbitmq")
 
-PUBLISH_TIMEOUT = 30.0
-"""How long a publish waits for the server's confirm before it is indeterminate."""
 RECONNECT_WAIT = 5.0
 """How long a call waits for a lost connection to come back before it raises."""
 CENSUS_TIMEOUT = 2.0
@@ -109,7 +104,12 @@ class RabbitMQTransport(Transport):
                 f"rabbitmq.exchange_prefix={section.exchange_prefix!r} must be 1-50 characters of A-Z a-z 0-9 _ . -"
             )
         self.url: str = section.url
-        self.topology = Topology(section.exchange_prefix)
+        expires = section.queue_expires
+        if expires is not None and expires.total_seconds() < 1:
+            raise ConfigurationError(f"rabbitmq.queue_expires={expires} must be at least 1 second (or None)")
+        self.topology = Topology(
+            section.exchange_prefix, None if expires is None else int(expires.total_seconds() * 1000)
+        )
         claim = section.claim_timeout.total_seconds()
         self.amqp_heartbeat = max(5, math.ceil(claim))
         self._link: Link | None = None
@@ -165,7 +165,7 @@ class RabbitMQTransport(Transport):
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
-        except BaseException as exc:  # noqa: BLE001 - health never raises
+        except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return False
@@ -216,65 +216,7 @@ class RabbitMQTransport(Transport):
         for topic in dict.fromkeys(r.topic for r in records):
             await self.ensure_topic(topic, link)
         raw = await self._publisher_channel(link)
-        # aiormq matches a returned message to its publish by message id: one id per round.
-        rounds: list[list[OutgoingRecord]] = [[]]
-        ids: set[str] = set()
-        for record in records:
-            if record.message_id in ids:
-                rounds.append([])
-                ids.clear()
-            ids.add(record.message_id)
-            rounds[-1].append(record)
-        for chunk in rounds:
-            await self._publish_round(raw, chunk)
-
-    async def _publish_round(self, raw: aiormq.abc.AbstractChannel, records: list[OutgoingRecord]) -> None:
-        # Frames go out in order (aiormq serialises them under a FIFO lock); confirms come back together.
-        results = await asyncio.gather(
-            *(
-                raw.basic_publish(
-                    record.body,
-                    exchange=self.topology.exchange(record.topic),
-                    routing_key=str(record.partition),
-                    properties=spec.Basic.Properties(
-                        delivery_mode=PERSISTENT,
-                        message_id=record.message_id,
-                        content_type="application/json",
-                        headers={**record.headers, KEY_HEADER: record.key},
-                    ),
-                    mandatory=True,
-                    timeout=PUBLISH_TIMEOUT,
-                    wait=False,  # do not hold aiormq's channel lock until each frame is on the socket
-                )
-                for record in records
-            ),
-            return_exceptions=True,
-        )
-        unroutable = [r.message_id for r, x in zip(records, results, strict=True) if isinstance(x, DeliveredMessage)]
-        refused = [r.message_id for r, x in zip(records, results, strict=True) if isinstance(x, amqp.DeliveryError)]
-        unknown = [
-            (r.message_id, x) for r, x in zip(records, results, strict=True)
-            if isinstance(x, BaseException) and not isinstance(x, amqp.DeliveryError)
-        ]
-        for _, error in unknown:
-            if isinstance(error, asyncio.CancelledError):
-                raise error
-        if unknown:
-            first = unknown[0][1]
-            raise PublishIndeterminateError(
-                f"rabbitmq: {len(unknown)} of {len(records)} publish(es) to {records[0].topic!r} may or may not have "
-                f"been stored: {translate(first, 'publishing')}"
-            ) from first
-        if unroutable:
-            raise PublishFailedError(
-                f"rabbitmq: {len(unroutable)} message(s) to {records[0].topic!r} were returned unroutable "
-                f"(first {unroutable[0]}): the topic's backlog queue is missing"
-            )
-        if refused:
-            raise PublishFailedError(
-                f"rabbitmq: the server refused {len(refused)} message(s) to {records[0].topic!r} "
-                f"(first {refused[0]}; basic.nack)"
-            )
+        await publish_confirmed(link, self.topology, raw, records)
 
     # -- membership and leases (delegated to the member's own connection) ------------------------
 
@@ -445,7 +387,9 @@ class RabbitMQTransport(Transport):
         at = raw.get(DEAD_LETTER_AT)
         if error is None:  # the broker's own dead-lettering past the delivery limit (the safety net)
             deaths = raw.get("x-death")
-            death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+            death: dict[str, Any] = {}
+            if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+                death = deaths[0]
             keys = death.get("routing-keys") or ["0"]
             error = (f"the broker dead-lettered it past its delivery limit of {DELIVERY_LIMIT} "
                      f"(reason: {_as_text(death.get('reason')) or 'unknown'})")
