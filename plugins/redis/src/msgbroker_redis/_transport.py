@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -101,9 +102,56 @@ class topic_keys:
         return f"{self.base}:dead:{group}"
 
 
-def _fields(flat: Sequence[Any]) -> dict[bytes, bytes]:
-    it = iter(flat)
-    return dict(zip(it, it, strict=True))
+_HEAD = struct.Struct(">II")
+_LENGTH = struct.Struct(">I")
+
+
+def _unpack(packed: bytes, partition: int, into: list[Delivery]) -> bytes:
+    """Decode the READ script's packed entries of one lane into ``into``; the last entry id."""
+    head, length = _HEAD.unpack_from, _LENGTH.unpack_from
+    pos, end = 0, len(packed)
+    entry_id = b""
+    while pos < end:
+        delivered, pairs = head(packed, pos)
+        (size,) = length(packed, pos + 8)
+        pos += 12
+        entry_id = packed[pos:pos + size]
+        pos += size
+        (size,) = length(packed, pos)
+        pos += 4
+        not_before = packed[pos:pos + size]
+        pos += size
+        fields: dict[bytes, bytes] = {}
+        for _ in range(pairs):
+            (size,) = length(packed, pos)
+            name = packed[pos + 4:pos + 4 + size]
+            pos += 4 + size
+            (size,) = length(packed, pos)
+            fields[name] = packed[pos + 4:pos + 4 + size]
+            pos += 4 + size
+        into.append(Delivery(
+            partition=partition,
+            message_id=_text(fields.get(b"i")),
+            key=_text(fields.get(b"k")),
+            headers=_headers(fields.get(b"h")),
+            body=fields.get(b"b", b""),
+            attempt=delivered,
+            position=entry_id,
+            not_before=float(not_before) if not_before else None,
+        ))
+    return entry_id
+
+
+def _pack_records(records: Sequence[OutgoingRecord]) -> bytes:
+    """The PUBLISH script's records argument: id, key, headers, body, each length-prefixed."""
+    pack = _LENGTH.pack
+    parts: list[bytes] = []
+    for record in records:
+        for part in (record.message_id.encode(), record.key.encode(), _encode_headers(record.headers).encode(),
+                     record.body):
+            parts.append(pack(len(part)))
+            parts.append(part)
+    return b"".join(parts)
 
 
 def _text(value: bytes | None) -> str:
@@ -285,9 +333,7 @@ class RedisTransport(Transport):
             keys = self.keys(topic)
             for start in range(0, len(lane), PUBLISH_CHUNK):
                 chunk = lane[start:start + PUBLISH_CHUNK]
-                args: list[Any] = [self.max_stream_length, self.trim_slack, window]
-                for r in chunk:
-                    args += (r.message_id, r.key, _encode_headers(r.headers), r.body)
+                args: list[Any] = [self.max_stream_length, self.trim_slack, window, _pack_records(chunk)]
                 script_keys = [keys.stream(partition)]
                 if window:
                     script_keys += [keys.dedup(r.message_id) for r in chunk]
@@ -508,27 +554,14 @@ class RedisLaneConsumer(LaneConsumer):
                 continue
             if status == b"more":
                 more = True
-            items = lane[2:]
-            if not items:
+            packed = lane[2]
+            if not packed:
                 if lane[1]:
                     waits[self._keys.stream(partition)] = lane[1]
                 continue
             if partition not in self._tokens:
                 continue  # closed meanwhile: what was read stays pending for the next owner
-            for i in range(0, len(items), 4):
-                entry_id, raw, count_, not_before = items[i:i + 4]
-                fields = _fields(raw)
-                deliveries.append(Delivery(
-                    partition=partition,
-                    message_id=_text(fields.get(b"i")),
-                    key=_text(fields.get(b"k")),
-                    headers=_headers(fields.get(b"h")),
-                    body=fields.get(b"b", b""),
-                    attempt=int(count_),
-                    position=entry_id,
-                    not_before=float(not_before) if not_before else None,
-                ))
-            self._cursors[partition] = items[-4]
+            self._cursors[partition] = _unpack(packed, partition, deliveries)
         return deliveries, waits, more
 
     async def _wait_for_entries(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event) -> bool:
@@ -612,7 +645,7 @@ class RedisLaneConsumer(LaneConsumer):
             for p in partitions:
                 token, ids = batch[p]
                 keys += self._lane_keys(p)
-                args += (token, len(ids), *ids)
+                args += (token, b" ".join(ids))
             try:
                 fenced = await self._transport.call("ACK", keys, args, f"acking on {self._topic}")
             except MsgBrokerError:
