@@ -414,3 +414,23 @@ async def test_no_server_at_the_url_is_a_connection_error_naming_it() -> None:
     url = f"nats://127.0.0.1:{port}"
     with pytest.raises(msgbroker.BrokerConnectionError, match=f"127.0.0.1:{port}"):
         await asyncio.wait_for(msgbroker.connect(url).open(), 30)
+
+
+async def test_subscribe_members_leave_a_pinned_partition_to_its_holder(connect: Any, raw: Client, topic: str) -> None:
+    count, partition = 4, 1
+    shared, pinned = connect(partition_count=count), connect(partition_count=count)
+    async with shared, pinned:
+        record = Record()
+        everywhere = await shared.subscribe(topic, "g", record.handler("shared"))
+        holder = await pinned.subscribe_to_partition(topic, "g", partition, record.handler("pinned"))
+        await eventually(lambda: partition not in everywhere.partitions, "the shared member to leave the pinned lane")
+        assert holder.partitions == [partition]
+        keys = [f"key-{i}" for i in range(40)]
+        await shared.publish_batch(topic, [Item(key=k, n=0) for k in keys])
+        await eventually(lambda: len(record.seen) == len(keys), "every message")
+        for member, key, _, _ in record.seen:
+            assert (member == "pinned") == (partition_for(key, count) == partition), (member, key)
+        await holder.close()
+        await eventually(lambda: partition in everywhere.partitions, "the shared member to take the lane back")
+        await shared.publish(topic, Item(key=next(k for k in keys if partition_for(k, count) == partition), n=1))
+        await eventually(lambda: any(n == 1 and m == "shared" for m, _, n, _ in record.seen), "the lane on the shared member")

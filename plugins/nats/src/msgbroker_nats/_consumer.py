@@ -88,7 +88,9 @@ class _LanePin:
 
     def __init__(self, transport: NatsTransport, topic: str, group: str, partition: int, member: str) -> None:
         self._transport = transport
-        self.key = f"{topic}/{group}/{partition}"  # '/' is in neither name: one key per lane
+        # '/' is in neither name, so the key is one per lane; the partition is the subject's last
+        # token, so members of the group can list the pins with one wildcard.
+        self.key = f"{topic}/{group}.{partition}"
         self._member = member.encode()
         self.revision: int | None = None
 
@@ -168,6 +170,33 @@ class NatsLaneConsumer(LaneConsumer):
                     raise map_error(exc, f"pinning {self._topic}[{partition}] for {self._group}") from exc
                 raise
             self._pinner = asyncio.create_task(self._keep_pin(partition), name=f"msgbroker-nats-pin-{self._topic}")
+        else:
+            self._listener = listener
+            self._pinner = asyncio.create_task(self._respect_pins(), name=f"msgbroker-nats-pins-{self._topic}")
+
+    async def _respect_pins(self) -> None:
+        """A ``subscribe()`` member leaves the partitions that a ``subscribe_to_partition``
+        member of the group has pinned (after settling what it holds of them), and reads them
+        again when the pin goes (closed, or aged out after the crash of its holder)."""
+        assert self._listener is not None
+        listener = self._listener
+        interval = max(0.1, self._transport.ack_wait / 4)
+        left: set[int] = set()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                pinned = await self._transport.pinned_partitions(self._topic, self._group)
+                for partition in sorted(pinned - left):
+                    if partition in self._lanes and self._lanes[partition].open:
+                        left.add(partition)
+                        await listener.revoked([partition])
+                for partition in sorted(left - pinned):
+                    left.discard(partition)
+                    await listener.assigned([partition])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("nats: reading the pins of %s for %s failed: %r", self._topic, self._group, exc)
 
     def _gated(self) -> bool:
         """Pinned to one partition but another member holds the pin: pull nothing."""

@@ -355,6 +355,34 @@ class NatsTransport(Transport):
         except Exception as exc:
             raise map_error(exc, f"opening the KV bucket {bucket!r}") from exc
 
+    async def pinned_partitions(self, topic: str, group: str) -> set[int]:
+        """The partitions of ``topic`` that a ``subscribe_to_partition`` member of ``group``
+        holds right now (keys of the pins bucket; one listing, then a read of each listed key,
+        since a released pin leaves a delete marker until it ages out)."""
+        bucket = f"{self.prefix}_pins"
+        try:
+            try:
+                info = await self.jsm.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{topic}/{group}.*")
+            except nats.js.errors.NotFoundError:
+                return set()
+            subjects = list(info.state.subjects or {})
+            if not subjects:
+                return set()
+            kv = await self.pins()
+            pinned: set[int] = set()
+            for subject in subjects:
+                key = subject[len(f"$KV.{bucket}."):]
+                try:
+                    await kv.get(key)
+                except nats.js.errors.KeyNotFoundError:
+                    continue
+                pinned.add(int(key.rpartition(".")[2]))
+            return pinned
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"reading the pins of {group!r} on {topic!r}") from exc
+
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
