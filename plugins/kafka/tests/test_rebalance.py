@@ -159,6 +159,10 @@ async def test_a_rebalance_with_messages_in_flight_loses_nothing_and_commits_not
         f"offset {blocker_at[1]} was still in its handler"
     )
     _check_commits(watch.samples, finished, positions)
+    handled_ids = [mid for _, _, _, mid in handled]
+    assert len(handled_ids) == len(set(handled_ids)), (
+        "messages were handled twice: the revoked member did not commit what it had settled"
+    )
     for key in keys:
         firsts: list[int] = []
         for _, k, seq, _ in handled:

@@ -56,9 +56,15 @@ def test_assignor_gives_each_topic_to_its_own_subscribers() -> None:
 
 
 def test_pin_user_data_round_trips() -> None:
-    assert decode_pin(encode_pin(7, True)) == (7, True)
-    assert decode_pin(encode_pin(7, False)) == (7, False)
-    assert decode_pin(encode_pin(None, False)) == (None, False)
+    assert decode_pin(encode_pin(7, True, 123)) == (7, True, 123)
+    assert decode_pin(encode_pin(7, False)) == (7, False, 0)
+    assert decode_pin(encode_pin(None, False)) == (None, False, 0)
+    assert decode_pin(b"garbage") == (None, False, 0)
+
+
+def test_the_first_to_pin_a_partition_gets_it_when_nobody_holds_it() -> None:
+    plan = assign_members({"t": range(2)}, {"a": (["t"], 1), "b": (["t"], 1)}, since={"a": 20, "b": 10})
+    assert plan["b"] == {"t": [1]} and plan["a"] == {}
 
 
 def test_native_errors_map_into_the_tree() -> None:

@@ -4,6 +4,7 @@ member pinned with ``subscribe_to_partition`` goes to that member only (exclusiv
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
@@ -19,35 +20,37 @@ PROTOCOL_NAME = "msgbroker-pinning"
 """The assignment protocol every msgbroker member of a Kafka group announces."""
 
 
-def encode_pin(pinned: int | None, holding: bool) -> bytes:
-    """A member's subscription user data: ``pin=<partition>[;held]`` or empty."""
+def encode_pin(pinned: int | None, holding: bool, since: int = 0) -> bytes:
+    """A member's subscription user data: ``pin=<partition>;since=<ms>[;held]`` or empty."""
     if pinned is None:
         return b""
-    return f"pin={pinned}{';held' if holding else ''}".encode()
+    return f"pin={pinned};since={since}{';held' if holding else ''}".encode()
 
 
-def decode_pin(user_data: bytes | None) -> tuple[int | None, bool]:
-    """The (pinned partition, currently holding it) of :func:`encode_pin`."""
+def decode_pin(user_data: bytes | None) -> tuple[int | None, bool, int]:
+    """The (pinned partition, currently holding it, pinned since) of :func:`encode_pin`."""
     text = (user_data or b"").decode("ascii", errors="replace")
     if not text.startswith("pin="):
-        return None, False
-    value, _, flag = text[4:].partition(";")
+        return None, False, 0
+    fields = dict(part.partition("=")[::2] for part in text.split(";"))
     try:
-        return int(value), flag == "held"
+        return int(fields["pin"]), "held" in fields, int(fields.get("since") or 0)
     except ValueError:
-        return None, False
+        return None, False, 0
 
 
 def assign_members(
     partitions_by_topic: Mapping[str, Iterable[int]],
     subscriptions: Mapping[str, tuple[Iterable[str], int | None]],
     holding: Iterable[str] = (),
+    since: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, list[int]]]:
     """member -> topic -> partitions. ``subscriptions`` is member -> (topics, pinned partition);
     ``holding`` are the members that held their pinned partition in the last generation.
 
     A pinned partition goes to one of its pinners and to nobody else: the one that held it
-    (so a holder keeps it while a second asker waits), else the first by member id; the other
+    (so a holder keeps it while a second asker waits), else the one that asked first (``since``,
+    milliseconds), else the first by member id; the other
     pinners get nothing (hot standbys). The remaining partitions of a topic go round robin
     over the members subscribed to it that pinned nothing.
     """
@@ -57,7 +60,7 @@ def assign_members(
         partitions = sorted(partitions_by_topic[topic])
         members = sorted(m for m, (topics, _) in subscriptions.items() if topic in set(topics))
         pinned: dict[int, str] = {}
-        for member in sorted(members, key=lambda m: (m not in holders, m)):
+        for member in sorted(members, key=lambda m: (m not in holders, (since or {}).get(m, 0), m)):
             pin = subscriptions[member][1]
             if pin is not None and pin in partitions and pin not in pinned:
                 pinned[pin] = member
@@ -81,9 +84,11 @@ class PinningAssignor(AbstractPartitionAssignor):
     def __init__(self, pinned: int | None) -> None:
         self.pinned = pinned
         self.holding = False
+        self.since = int(time.time() * 1000)
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:  # type: ignore[override]
-        return ConsumerProtocolMemberMetadata(self.version, sorted(topics), encode_pin(self.pinned, self.holding))
+        user_data = encode_pin(self.pinned, self.holding, self.since)
+        return ConsumerProtocolMemberMetadata(self.version, sorted(topics), user_data)
 
     def assign(  # type: ignore[override]
         self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
@@ -100,7 +105,8 @@ class PinningAssignor(AbstractPartitionAssignor):
         plan = assign_members(
             partitions_by_topic,
             {m: (meta.subscription, pins[m][0]) for m, meta in members.items()},
-            [m for m, (_, held) in pins.items() if held],
+            [m for m, (_, held, _) in pins.items() if held],
+            {m: asked for m, (_, _, asked) in pins.items()},
         )
         return {
             member: ConsumerProtocolMemberAssignment(self.version, sorted(plan[member].items()), b"")

@@ -183,10 +183,13 @@ class KafkaLaneConsumer(LaneConsumer):
         self._consumer = consumer
         self.transport.consumers.add(self)
         self._commit_task = asyncio.create_task(self._commit_loop(), name=f"msgbroker-kafka-commit-{self.topic}")
-        # return once this member holds its share, so what follows subscribe() sees a steady group
-        # (bounded: a join waits for the others to drain their in-flight handlers)
+        # Return once this member holds its share, so what follows subscribe() usually sees a
+        # steady group: the others notice the join within a heartbeat. Bounded well below the
+        # grace period: when they must first drain in-flight handlers, the join completes later
+        # (waiting longer would deadlock a caller whose own handlers wait for it).
+        bound = min(kafka.session_timeout.total_seconds(), 2 * kafka.heartbeat_interval.total_seconds() + 0.5)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._assigned_once.wait(), kafka.session_timeout.total_seconds())
+            await asyncio.wait_for(self._assigned_once.wait(), bound)
 
     async def stop(self, flush: bool) -> None:
         self._stopped = True
@@ -312,7 +315,6 @@ class KafkaLaneConsumer(LaneConsumer):
         if consumer is None or self._stopped:
             return []
         out: list[Delivery] = []
-        heads_before = {p: t.target() for p, t in self._lanes.items()}
         to_fetch: list[TopicPartition] = []
         for partition in partitions:
             track = self._lanes.get(partition)
@@ -341,10 +343,11 @@ class KafkaLaneConsumer(LaneConsumer):
                 self._hand_out(track, max_per_lane, out)
         # A lane whose head was just handed out: record that its delivery began, before the
         # handler runs, so a crash during it counts as an attempt for the next owner.
+        handed_now = {(d.partition, d.position) for d in out}
         started = [
             p for p, t in self._lanes.items()
-            if not t.closed and (head := t.target()) is not None and head in t.handed
-            and (heads_before.get(p) != head or t.committed is None or t.committed[0] != head)
+            if not t.closed and (head := t.target()) is not None and (p, head) in handed_now
+            and t.committed != (head, t.metadata(head))
         ]
         if started and not self._commits_failing:
             await self._commit(started, bound=_MARKER_BOUND)
