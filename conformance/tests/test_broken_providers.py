@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
+from hypothesis.errors import FlakyFailure
 from msgbroker_conformance import ConformanceHarness, ConformanceSuite
 from msgbroker_conformance._stateful import run_machine
 
@@ -39,7 +39,8 @@ def _suite_for(scheme: str) -> ConformanceSuite:
         def overrides(self, namespace: str) -> dict[str, Any]:
             return {"memory": {"name": f"broken-{namespace}", "claim_timeout": 0.5}}
 
-    suite_class = type(f"Broken{scheme.title().replace('-', '')}Suite", (ConformanceSuite,), {"harness": BrokenHarness()})
+    name = f"Broken{scheme.title().replace('-', '')}Suite"
+    suite_class = type(name, (ConformanceSuite,), {"harness": BrokenHarness()})
     return suite_class()  # type: ignore[no-any-return]
 
 
@@ -70,8 +71,11 @@ def test_the_cases_guarding_a_rule_fail_a_provider_that_breaks_it(scheme: str) -
 @pytest.mark.parametrize("scheme", sorted(BROKEN))
 def test_the_state_machine_fails_a_broken_provider(scheme: str) -> None:
     harness = type(_suite_for(scheme)).harness
-    with pytest.raises(AssertionError):
+    # Flaky: it failed, then passed on replay (timing on a loaded machine); still a failure found.
+    with pytest.raises((AssertionError, FlakyFailure)) as failure:
         run_machine(harness, 20261124, profile="ci", shrink=False)
+    if isinstance(failure.value, FlakyFailure):
+        assert any(isinstance(e, AssertionError) for e in failure.value.exceptions), failure.value
 
 
 def test_the_same_cases_pass_the_memory_provider() -> None:

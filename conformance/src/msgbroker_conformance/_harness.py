@@ -40,7 +40,7 @@ class ConformanceHarness:
     local: ClassVar[bool] = False
     """True for in-process providers: the state machine then runs its larger budgets."""
 
-    def overrides(self, namespace: str) -> dict[str, Any]:  # noqa: ARG002 - a hook for subclasses
+    def overrides(self, namespace: str) -> dict[str, Any]:
         """Settings that isolate one test (a key/stream/exchange prefix containing ``namespace``)
         and make failover fast (a short ``claim_timeout`` / ``ack_wait``)."""
         return {}

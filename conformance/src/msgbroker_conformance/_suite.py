@@ -23,7 +23,7 @@ __all__ = ["ConformanceSuite"]
 WEIRD_HEADERS: dict[str, str] = {
     "x-conformance-slashes": "a/b\\c//d",
     "x-conformance-quotes": "'single' \"double\" `back`",
-    "x-conformance-unicode": "naïve – 日本語 – 🎫",
+    "x-conformance-unicode": "naïve – 日本語 – 🎫",  # noqa: RUF001 - the dash is the point
     "x-conformance-ascii": "".join(chr(i) for i in range(32, 127)),
     "x-conformance-tab": "a\tb",
     "x-conformance-empty": "",
@@ -150,8 +150,7 @@ class ConformanceSuite:
         await broker.publish_batch(topic, messages)
         wanted = set(_ids(messages))
         for group, rec in recorders.items():
-            await s.eventually(lambda rec=rec: rec.acked_ids() >= wanted,
-                               lambda rec=rec, group=group: f"group {group}: {_missing(wanted, rec.acked_ids())}")
+            await _eventually_all(s, rec, wanted, f"group {group}")
         for group, rec in recorders.items():
             assert len(rec.seen) == len(wanted), f"group {group} handled {len(rec.seen)} deliveries for 20 messages"
 
@@ -589,7 +588,8 @@ class ConformanceSuite:
         limit = min(s.capabilities.max_message_bytes, broker.settings.max_message_bytes)
         await _expect(broker.publish(topic, ConformanceMessage(key="big", text="x" * limit)),
                       msgbroker.MessageTooLargeError, str(limit))
-        await _expect(broker.publish(topic, OpaqueMessage(blob=object())), msgbroker.SerializationError, "OpaqueMessage")
+        await _expect(broker.publish(topic, OpaqueMessage(blob=object())), msgbroker.SerializationError,
+                      "OpaqueMessage")
         await _expect(broker.publish(topic, {"key": "not a message"}),  # type: ignore[arg-type]
                       msgbroker.SerializationError, "dict")
         await _expect(broker.subscribe_to_partition(topic, group, 99, handler), msgbroker.ConfigurationError, "99")
@@ -737,6 +737,10 @@ async def _wait_spread(s: Scenario, broker: msgbroker.Broker, subs: list[msgbrok
 
     await s.eventually(settled, lambda: f"partitions to spread over the members: {[sub.partitions for sub in subs]}",
                        timeout=s.failover_timeout())
+
+
+async def _eventually_all(s: Scenario, rec: Recorder, wanted: set[str], who: str) -> None:
+    await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: f"{who}: {_missing(wanted, rec.acked_ids())}")
 
 
 async def _pending_is(broker: msgbroker.Broker, topic: str, group: str, expected: int) -> bool:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgbroker
 from msgbroker import Broker, Message, MessageContext, partition_for
+from pydantic import Field
 
 if TYPE_CHECKING:
     from ._harness import ConformanceHarness
@@ -49,7 +50,7 @@ class ConformanceMessage(Message):
     key: str
     seq: int = 0
     text: str = ""
-    tags: list[str] = []
+    tags: list[str] = Field(default_factory=list)
 
     @property
     def partition_key(self) -> str:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker import Message, MessageContext
 from msgbroker_sqlite import SqliteTransport
 

@@ -207,7 +207,8 @@ class SqliteTransport(Transport):
             c.execute("INSERT INTO topics VALUES (?, ?)", (topic, self.partitions))
         elif row[0] != self.partitions:
             raise ConfigurationError(
-                f"topic {topic!r} exists with {row[0]} partitions; this connection has partition_count={self.partitions}"
+                f"topic {topic!r} exists with {row[0]} partitions; "
+                f"this connection has partition_count={self.partitions}"
             )
 
     @staticmethod
@@ -242,7 +243,8 @@ class SqliteTransport(Transport):
 
     async def pending_count(self, topic: str, group: str) -> int:
         def count(c: sqlite3.Connection) -> int:
-            if c.execute("SELECT 1 FROM cursors WHERE topic = ? AND grp = ? LIMIT 1", (topic, group)).fetchone() is None:
+            group_exists = c.execute("SELECT 1 FROM cursors WHERE topic = ? AND grp = ? LIMIT 1", (topic, group))
+            if group_exists.fetchone() is None:
                 (total,) = c.execute("SELECT COUNT(*) FROM messages WHERE topic = ?", (topic,)).fetchone()
                 return int(total)
             (unread,) = c.execute(
@@ -379,7 +381,8 @@ class _SqliteConsumer(LaneConsumer):
                 if row is None:
                     continue  # settled meanwhile
                 attempt = row[0] + 1
-                c.execute("UPDATE pending SET attempts = ? WHERE topic = ? AND grp = ? AND partition = ? AND offset = ?",
+                c.execute("UPDATE pending SET attempts = ? "
+                          "WHERE topic = ? AND grp = ? AND partition = ? AND offset = ?",
                           (attempt, *key, partition, offset))
                 out.append(self._delivery(c, partition, offset, attempt, row[1]))
                 taken += 1
