@@ -109,3 +109,14 @@ def test_the_report_records_each_case_and_the_not_applicable_ones(tmp_path: Path
     assert cases["test_reconnect_after_server_restart"]["status"] == "not applicable"
     assert "server_restart" in cases["test_reconnect_after_server_restart"]["reason"]
     assert "not applicable: test_reconnect_after_server_restart" in result.stdout
+
+
+def test_the_shipped_suite_runs_against_a_url_given_on_the_command_line(tmp_path: Path) -> None:
+    base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--pyargs", "msgbroker_conformance",
+            "-k", "health or round_trip", "--msgbroker-report="]
+    given = subprocess.run([*base, "--msgbroker-url=memory://"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert "2 passed" in given.stdout, given.stdout[-3000:]
+    missing = subprocess.run(base, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert "2 failed" in missing.stdout, missing.stdout[-3000:]
+    assert "--msgbroker-url" in missing.stdout

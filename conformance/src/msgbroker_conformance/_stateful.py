@@ -745,6 +745,11 @@ async def _close_all(brokers: list[Broker]) -> None:
 _COVERAGE: Counter[str] = Counter()
 
 
+def last_coverage() -> dict[str, int]:
+    """How often each scenario happened in the last :func:`run_machine` (for the report)."""
+    return dict(sorted(_COVERAGE.items()))
+
+
 def run_machine(harness: ConformanceHarness, session_seed: int, profile: str | None = None,
                 shrink: bool = True) -> Counter[str]:
     """Run :class:`BrokerMachine` against ``harness`` with the profile's budget; returns how

@@ -190,6 +190,11 @@ class _Report:
             elif report.failed:
                 reason = str(report.longreprtext).strip().splitlines()[-1][:500] if report.longreprtext else "failed"
             self.case(item, harness, info.name, info.tier, status, reason, report.duration)
+            if info.tier == "model" and report.when == "call":
+                from ._stateful import last_coverage
+
+                # How often each scenario happened (crash with a message in flight, dead letter...)
+                self._suite(item, harness)["cases"][info.name]["coverage"] = last_coverage()
 
     def write(self) -> None:
         if not self.path or not self.suites:
