@@ -229,6 +229,30 @@ class ConformanceSuite:
         rec.assert_no_overlap()
 
     @case("core")
+    async def test_an_unordered_subscription_still_handles_everything(self, s: Scenario) -> None:
+        """ordered=False (SPEC §3.3's opt-out) gives up order, never delivery: with retries and
+        concurrent handlers, every message is handled to an ack, none more than needed."""
+        broker = await s.connect(partition_count=2, max_retry_attempts=5)
+        topic, group = s.topic(), s.group()
+
+        async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            await asyncio.sleep(0.002)
+            if seen.seq % 5 == 0 and seen.attempt == 1:
+                await ctx.nak(requeue=True)
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage,
+                               ordered=False, max_concurrency=4)
+        messages = [ConformanceMessage(key=f"u{i % 2}", seq=i) for i in range(20)]
+        await broker.publish_batch(topic, messages)
+        wanted = set(_ids(messages))
+        await _eventually_all(s, rec, wanted, "the unordered subscription")
+        for message in messages:
+            attempts = [x.attempt for x in rec.of(str(message.message_id))]
+            expected = [1, 2] if message.seq % 5 == 0 else [1]
+            assert attempts == expected, f"message {message.seq} was handled with attempts {attempts}, not {expected}"
+
+    @case("core")
     async def test_nak_requeue_holds_the_partition_and_redelivers_first(self, s: Scenario) -> None:
         """A nak(requeue=True) message comes back (attempt + 1) before anything after it in its
         partition."""
