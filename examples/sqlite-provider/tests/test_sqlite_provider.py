@@ -7,6 +7,7 @@ from pathlib import Path
 import msgbroker
 import pytest
 from msgbroker import Message, MessageContext
+from msgbroker_conformance import eventually
 from msgbroker_sqlite import SqliteTransport
 
 
@@ -39,15 +40,6 @@ async def test_messages_survive_closing_every_connection(tmp_path: Path) -> None
 
     async with msgbroker.connect(url, partition_count=2) as broker:
         await broker.subscribe("orders", "billing", handle)
-        for _ in range(500):
-            if len(seen) == 5:
-                break
-            await msgbroker_sleep()
+        await eventually(lambda: len(seen) == 5, 10, lambda: f"the 5 orders published earlier, got {seen}")
         assert sorted(seen) == list(range(5))
         assert await broker.pending_count("orders", "billing") == 0
-
-
-async def msgbroker_sleep() -> None:
-    import asyncio
-
-    await asyncio.sleep(0.01)
