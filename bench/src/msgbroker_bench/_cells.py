@@ -197,7 +197,11 @@ class E2EVariant(Variant):
             sink.resume_at = n
             await asyncio.wait_for(sink.done.wait(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            status = f"lost: {sink.count} of {n} handled ({published} published) within {self.timeout:.0f}s"
+            # still making progress: slow, not lost (a second more tells which)
+            before = sink.count
+            await asyncio.sleep(1.0)
+            what = "too slow" if sink.count > before else "lost"
+            status = f"{what}: {before} of {n} handled ({published} published) within {self.timeout:.0f}s"
         seconds = time.perf_counter() - t0
         cpu = time.process_time() - c0
         p50, p99, p999, pmax = percentiles(sink.latencies, (50, 99, 99.9, 100))

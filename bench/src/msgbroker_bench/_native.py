@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -65,31 +67,89 @@ class NativeRedis(Driver):
         return float(rows[-1]["rps"])
 
 
+class NativeKafka(Driver):
+    """Kafka's ``ProducerPerformance`` (kafka-producer-perf-test) with the producer settings of
+    ours (acks=all, idempotence, linger 2 ms), into a topic with 64 partitions; its own rate.
+    Needs the kafka-tools jar, which scripts/bench fetches into .cache/bench/lib."""
+
+    kind = "native"
+
+    def __init__(self, bootstrap: str, root: Path) -> None:
+        tools = sorted((root / ".cache" / "bench" / "lib").glob("kafka-tools-*.jar"))
+        kafka_lib = root / ".cache" / "kafka" / "lib"
+        java = shutil.which("java")
+        if not tools or not kafka_lib.is_dir() or java is None:
+            raise Unsupported("kafka-producer-perf-test needs the kafka-tools jar (scripts/bench fetches it with "
+                              "mvn into .cache/bench/lib) and Kafka's class path from scripts/brokers")
+        self.java = java
+        self.classpath = f"{tools[-1]}:{kafka_lib}/*"
+        self.bootstrap = bootstrap
+        self.label = "kafka-producer-perf-test"
+        self.config = "ProducerPerformance --throughput -1, acks=all, enable.idempotence=true, linger.ms=2, 64 partitions"
+        self.topic_name = f"bench-native-{uuid.uuid4().hex[:8]}"
+
+    async def prepare(self, topic: str, partitions: int) -> None:
+        from ._raw import RawKafka
+
+        raw = RawKafka(self.bootstrap)
+        raw.prefix = self.topic_name
+        await raw.prepare("t", partitions)
+
+    async def drop(self, topic: str) -> None:
+        from ._raw import RawKafka
+
+        raw = RawKafka(self.bootstrap)
+        raw.prefix = self.topic_name
+        await raw.drop("t")
+
+    async def publish_single(self, topic: str, seqs: range, run: int, data: str) -> None:
+        raise Unsupported("use run_tool")
+
+    async def publish_batch(self, topic: str, seqs: range, run: int, data: str, stamp: int) -> None:
+        raise Unsupported("use run_tool")
+
+    async def run_tool(self, messages: int, data: str) -> float:
+        proc = await asyncio.create_subprocess_exec(
+            self.java, "-Xmx256m", "-cp", self.classpath, "org.apache.kafka.tools.ProducerPerformance",
+            "--topic", f"{self.topic_name}.t", "--num-records", str(messages), "--record-size", str(len(data)),
+            "--throughput", "-1", "--producer-props", f"bootstrap.servers={self.bootstrap}", "acks=all",
+            "enable.idempotence=true", "linger.ms=2",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        match = re.search(rb"records sent, ([0-9.]+) records/sec", out)
+        if proc.returncode != 0 or match is None:
+            raise RuntimeError(f"ProducerPerformance exited {proc.returncode}: {(out + err).decode()[-200:]}")
+        return float(match.group(1))
+
+
 class NativeVariant(PublishVariant):
     """A publish cell run by a native tool: its own timing, no client CPU of ours."""
 
     async def setup(self) -> None:
-        assert isinstance(self.driver, NativeRedis)
+        await self.driver.prepare(self.topic, 64)
 
     async def rep(self, run: int) -> dict[str, Any]:
         from ._model import payload
 
-        assert isinstance(self.driver, NativeRedis)
-        rate = await self.driver.run_tool(self.messages, payload(self.size))
+        rate = await self.driver.run_tool(self.messages, payload(self.size))  # type: ignore[attr-defined]
         return {"messages": self.messages, "seconds": self.messages / rate}
 
     async def teardown(self) -> None:
         await self.driver.drop(self.topic)
 
 
-def native_driver(provider: str, url: str, mode: str) -> Driver:
+def native_driver(provider: str, url: str, mode: str, root: Path | None = None) -> Driver:
     """The native tool of ``provider`` for ``mode`` (single or batch), or :class:`Unsupported`."""
     if provider == "redis":
         return NativeRedis(url, mode)
+    if provider == "kafka":
+        if mode == "single":
+            raise Unsupported("kafka-producer-perf-test has no one-record-at-a-time mode")
+        return NativeKafka(url, root or Path.cwd())
     reasons = {
         "memory": "no native tool for an in-process broker",
         "nats": "the nats CLI (nats bench) is not on this machine (Go binary, not in Debian 12)",
         "rabbitmq": "RabbitMQ PerfTest is not installed here (a Java tool from Maven Central)",
-        "kafka": "kafka-producer-perf-test needs the kafka-tools jar, not in scripts/brokers' Kafka class path",
     }
     raise Unsupported(reasons.get(provider, "no native tool"))

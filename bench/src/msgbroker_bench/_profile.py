@@ -107,4 +107,4 @@ async def profile_hot_paths(root: Path, log: Callable[[str], None], deadline: fl
     path = root / "docs" / "benchmarks" / "profile.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
-    log(f"wrote {path.relative_to(root)}")
+    log(f"wrote {path}")

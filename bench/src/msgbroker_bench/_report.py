@@ -188,11 +188,16 @@ def _latency(results: Results, provider: str, cell: str, variant: str) -> str:
     return " / ".join(parts)
 
 
+def _cpu(results: Results, provider: str, cell: str, variant: str) -> str:
+    s = results.spread_of(provider, cell, variant, "cpu_us_per_msg")
+    return f"{s.median:.0f}" if s.n else "—"
+
+
 def provider_table(results: Results, provider: str) -> list[str]:
     lines = [
         "| cell | ours msg/s | raw msg/s | FastStream msg/s | native msg/s | ours ÷ raw | ours ÷ FastStream "
-        "| latency ms p50 / p99 / p99.9 (ours; raw) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| client CPU µs/msg (ours; raw) | latency ms p50 / p99 / p99.9 (ours; raw) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for workload in ("publish-single", "publish-batch", "consume", "latency"):
         for cell in results.cells_of(provider, workload):
@@ -212,7 +217,8 @@ def provider_table(results: Results, provider: str) -> list[str]:
                     f"| {_cell_text(results, provider, cell, 'faststream')} "
                     f"| {_cell_text(results, provider, cell, 'native')} "
                     f"| {_fmt_ratio(_ratio(results, provider, cell, ours, 'raw'))} "
-                    f"| {_fmt_ratio(_ratio(results, provider, cell, ours, 'faststream'))} | {lat} |"
+                    f"| {_fmt_ratio(_ratio(results, provider, cell, ours, 'faststream'))} "
+                    f"| {_cpu(results, provider, cell, ours)}; {_cpu(results, provider, cell, 'raw')} | {lat} |"
                 )
     return lines
 
@@ -484,17 +490,16 @@ def _checks(results: Results) -> list[str]:
 
 
 def _problems(results: Results) -> list[str]:
-    out = []
-    seen = set()
+    grouped: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for row in results.rows:
         status = row.get("status", "ok")
         if status == "ok" or row.get("workload") == "provider":
             continue
-        key = (row["provider"], row["cell"], row["variant"], status[:60])
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(f"- {row['provider']} / {row['cell']} / {row['variant']}: {status}")
+        label = f"{row['cell']}" + (f" (rep {row['rep']})" if row.get("rep") not in ("-", "") else "")
+        grouped[(row["provider"], row["variant"], re.sub(r"\d[\d,]* of \d[\d,]*.*", "…", status))].append(label)
+    out = []
+    for (provider, variant, status), cells in grouped.items():
+        out.append(f"- {provider} / {variant}: {status} — {', '.join(dict.fromkeys(cells))}")
     return out
 
 
@@ -569,4 +574,4 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         lines += [notes.strip(), ""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines))
-    log(f"wrote {doc.relative_to(root)} and {len(images)} plots")
+    log(f"wrote {doc} and {len(images)} plots")
