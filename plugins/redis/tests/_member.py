@@ -1,16 +1,18 @@
 """A group member in a process of its own, for the failover test (killed with SIGKILL there).
 
-    python _member.py URL PREFIX TOPIC GROUP PARTITIONS HOLD_AT
+    python _member.py URL PREFIX TOPIC GROUP PARTITIONS HOLD_AT [HOLD_SECONDS]
 
-It handles ``Item`` messages, appending ``"<key>:<n>:<attempt>"`` to the Redis list
-``<PREFIX>:record`` after each one, and, on the message whose ``n`` is HOLD_AT, pushes
-``"holding:<key>:<n>"`` to ``<PREFIX>:holding`` and never returns (its lane stays in flight).
+It handles ``Item`` messages, appending ``"<key>:<n>:<attempt>:<time>"`` to the Redis list
+``<PREFIX>:record`` after each one, and, on the first delivery of a message whose ``n`` is
+HOLD_AT, pushes ``"holding:<key>:<n>"`` to ``<PREFIX>:holding`` and holds it HOLD_SECONDS
+(forever by default) before finishing it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 
 import msgbroker
 import redis.asyncio as aioredis
@@ -26,15 +28,18 @@ class Item(Message):
         return self.key
 
 
-async def main(url: str, prefix: str, topic: str, group: str, partitions: int, hold_at: int) -> None:
+async def main(url: str, prefix: str, topic: str, group: str, partitions: int, hold_at: int,
+               hold_seconds: float | None) -> None:
     raw = aioredis.Redis.from_url(url)
 
     async def handle(ctx: MessageContext[Item]) -> None:
         item = ctx.message
-        if item.n == hold_at:
+        if item.n == hold_at and ctx.delivery_attempt == 1:
             await raw.rpush(f"{prefix}:holding", f"holding:{item.key}:{item.n}")
-            await asyncio.Event().wait()  # in flight until the process is killed
-        await raw.rpush(f"{prefix}:record", f"{item.key}:{item.n}:{ctx.delivery_attempt}")
+            if hold_seconds is None:
+                await asyncio.Event().wait()  # in flight until the process is killed
+            await asyncio.sleep(hold_seconds)
+        await raw.rpush(f"{prefix}:record", f"{item.key}:{item.n}:{ctx.delivery_attempt}:{time.time()!r}")
 
     broker = msgbroker.connect(url, partition_count=partitions, retry_delay=0,
                                redis={"key_prefix": prefix, "claim_timeout": 2})
@@ -45,4 +50,5 @@ async def main(url: str, prefix: str, topic: str, group: str, partitions: int, h
 
 if __name__ == "__main__":
     url, prefix, topic, group, partitions, hold_at = sys.argv[1:7]
-    asyncio.run(main(url, prefix, topic, group, int(partitions), int(hold_at)))
+    hold = float(sys.argv[7]) if len(sys.argv) > 7 else None
+    asyncio.run(main(url, prefix, topic, group, int(partitions), int(hold_at), hold))
