@@ -308,7 +308,13 @@ class SubscriptionRunner:
             delivery = lane.buffer[0]
             if not await self._wait_not_before(lane, delivery):
                 break
-            result = await self._handle(lane, delivery)
+            if self._semaphore is not None:
+                async with self._semaphore:
+                    if lane.stopping:
+                        break  # shutdown began while this lane waited its turn: the message stays unread
+                    result = await self._handle(lane, delivery, limited=False)
+            else:
+                result = await self._handle(lane, delivery)
             if result == Outcome.RETRY and self.transport.REDELIVERY == "local":
                 continue  # the head stays: it is handed again before anything after it
             if result == Outcome.RETRY:
