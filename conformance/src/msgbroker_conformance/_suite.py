@@ -576,6 +576,7 @@ class ConformanceSuite:
         assert all(x.partition == partition for x in rec.seen), (
             f"a partition subscription got messages of partitions {sorted({x.partition for x in rec.seen})}"
         )
+        assert holder.partitions == [partition], f"the holder reads partitions {holder.partitions}, not [{partition}]"
         assert waiting.partitions == [], f"the waiting member claims partitions {waiting.partitions}"
         await holder.close()
         later = [ConformanceMessage(key=k, seq=1) for k in keys]

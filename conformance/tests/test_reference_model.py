@@ -1,0 +1,119 @@
+"""The state machine's reference model on its own: it must flag exactly what SPEC §3 forbids."""
+
+from __future__ import annotations
+
+import pytest
+from msgbroker import partition_for
+from msgbroker_conformance._stateful import ModelViolation, ReferenceModel
+
+
+def _model(*messages: tuple[str, str, int]) -> ReferenceModel:
+    model = ReferenceModel(partitions=4, max_attempts=3)
+    for message_id, key, seq in messages:
+        model.publish(message_id, key, seq)
+    return model
+
+
+def test_a_later_message_of_a_partition_may_not_overtake_an_unsettled_one() -> None:
+    model = _model(("m1", "k", 0), ("m2", "k", 1))
+    with pytest.raises(ModelViolation, match="before the earlier k#0"):
+        model.deliver("m2", "a", 1, 0.0)
+    model.deliver("m1", "a", 1, 0.0)
+    with pytest.raises(ModelViolation, match="before the earlier k#0"):
+        model.deliver("m2", "a", 1, 0.0)  # m1 is in flight, not settled
+    model.settle("m1", "ack", dead=False)
+    model.deliver("m2", "a", 1, 0.0)
+
+
+def test_other_partitions_flow_independently() -> None:
+    other = next(k for k in (f"x{i}" for i in range(100)) if partition_for(k, 4) != partition_for("k", 4))
+    model = _model(("m1", "k", 0), ("m2", other, 0))
+    model.deliver("m1", "a", 1, 0.0)
+    model.deliver("m2", "b", 1, 0.0)
+
+
+def test_a_message_in_flight_at_one_member_may_not_reach_another() -> None:
+    model = _model(("m1", "k", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    with pytest.raises(ModelViolation, match="while a still handles it"):
+        model.deliver("m1", "b", 2, 0.0)
+
+
+def test_a_crash_frees_what_the_member_held_and_relaxes_attempts() -> None:
+    model = _model(("m1", "k", 0), ("m2", "k", 1))
+    model.deliver("m1", "a", 1, 0.0)
+    model.forget_holder("a")
+    model.deliver("m1", "b", 3, 0.0)  # prefetched deliveries may have been counted too
+    with pytest.raises(ModelViolation, match="attempts must grow"):
+        model.forget_holder("b")
+        model.deliver("m1", "c", 3, 0.0)
+
+
+def test_attempts_are_exact_without_membership_changes() -> None:
+    model = _model(("m1", "k", 0))
+    with pytest.raises(ModelViolation, match="delivery_attempt 2"):
+        model.deliver("m1", "a", 2, 0.0)
+    model.deliver("m1", "a", 1, 0.0)
+    model.settle("m1", "nak", dead=False)
+    with pytest.raises(ModelViolation, match="delivery_attempt 3"):
+        model.deliver("m1", "a", 3, 0.0)
+
+
+def test_acked_and_dead_messages_never_come_back() -> None:
+    model = _model(("m1", "k", 0), ("m2", "j", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    model.settle("m1", "ack", dead=False)
+    with pytest.raises(ModelViolation, match="again after it was acked"):
+        model.deliver("m1", "a", 2, 0.0)
+    model.deliver("m2", "a", 1, 0.0)
+    model.settle("m2", "reject", dead=True)
+    with pytest.raises(ModelViolation, match="after it was dead-lettered"):
+        model.deliver("m2", "a", 2, 0.0)
+
+
+def test_an_ack_lost_with_its_member_may_come_back_once_as_a_duplicate() -> None:
+    model = _model(("m1", "k", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    model.settle("m1", "ack", dead=False)
+    model.forget_holder("a")
+    assert model.unsettled() == (0, 1)
+    model.deliver("m1", "b", 2, 0.0)
+    assert model.duplicates == 1
+
+
+def test_naks_dead_letter_exactly_at_max_attempts() -> None:
+    model = _model(("m1", "k", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    with pytest.raises(ModelViolation, match="before max_retry_attempts"):
+        model.settle("m1", "nak", dead=True)
+    model = _model(("m1", "k", 0))
+    for attempt in (1, 2):
+        model.deliver("m1", "a", attempt, 0.0)
+        model.settle("m1", "nak", dead=False)
+    model.deliver("m1", "a", 3, 0.0)
+    with pytest.raises(ModelViolation, match="still not dead-lettered"):
+        model.settle("m1", "nak", dead=False)
+
+
+def test_reject_must_dead_letter_and_delay_must_wait() -> None:
+    model = _model(("m1", "k", 0), ("m2", "j", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    with pytest.raises(ModelViolation, match="not among the dead letters"):
+        model.settle("m1", "reject", dead=False)
+    model.deliver("m2", "a", 1, 0.0)
+    model.settle("m2", "delay", dead=False, not_before=100.0)
+    with pytest.raises(ModelViolation, match="before its delay ended"):
+        model.deliver("m2", "a", 2, 99.0)
+    model.deliver("m2", "a", 2, 100.0)
+
+
+def test_pending_counts_ready_and_in_flight_only() -> None:
+    model = _model(("m1", "k", 0), ("m2", "k", 1), ("m3", "j", 0))
+    assert model.unsettled() == (3, 0)
+    model.deliver("m1", "a", 1, 0.0)
+    assert model.unsettled() == (3, 0)
+    model.settle("m1", "ack", dead=False)
+    model.deliver("m3", "a", 1, 0.0)
+    model.settle("m3", "reject", dead=True)
+    assert model.unsettled() == (1, 0)
+    assert model.expects_delivery()
