@@ -190,6 +190,43 @@ async def test_a_paused_member_cannot_settle_what_the_new_owner_holds(connect: A
         await zombie.stop(flush=False)
 
 
+async def test_read_ahead_handed_over_unhandled_keeps_its_first_attempt(connect: Any, topic: str) -> None:
+    gate = asyncio.Event()
+    first: list[int] = []
+    second: list[tuple[int, int]] = []
+
+    async def slow(ctx: MessageContext[Item]) -> None:
+        first.append(ctx.message.n)
+        await gate.wait()
+
+    async def collect(ctx: MessageContext[Item]) -> None:
+        second.append((ctx.message.n, ctx.delivery_attempt))
+
+    async with connect(partition_count=1) as broker:
+        await broker.publish_batch(topic, [Item(key="k", n=n) for n in range(10)])
+        leaving = await broker.subscribe(topic, "workers", slow)
+        await wait_until(lambda: first == [0], what="the first message in flight")
+        # Close while 0 is in flight: it finishes (the gate opens once close waits for it), and
+        # 1..9, read ahead with it but never handled, go back to the group.
+        asyncio.get_running_loop().call_later(0.5, gate.set)
+        await leaving.close()
+        assert first == [0]
+        await broker.subscribe(topic, "workers", collect)
+        await wait_until(lambda: len(second) == 9, what="the rest handled")
+    assert second == [(n, 1) for n in range(1, 10)]
+
+
+async def test_peek_and_pending_by_partition_show_without_delivering(connect: Any, topic: str) -> None:
+    async with connect(partition_count=4) as broker:
+        ids = await broker.publish_batch(topic, [Item(key=f"k{n}", n=n) for n in range(12)])
+        per_partition = await broker.transport.pending_by_partition(topic, "workers")
+        assert sum(per_partition.values()) == 12
+        peeked = await broker.transport.peek(topic, "workers", 50)
+        assert sorted(d.message_id for d in peeked) == sorted(ids)
+        assert {d.attempt for d in peeked} == {0}
+        assert await broker.pending_count(topic, "workers") == 12
+
+
 # -- a member process killed ---------------------------------------------------------------------
 
 

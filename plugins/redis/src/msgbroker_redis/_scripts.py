@@ -13,6 +13,7 @@ __all__ = [
     "CREATE_GROUPS",
     "DEAD_LETTER",
     "HEARTBEAT",
+    "PEEK",
     "PENDING",
     "PUBLISH",
     "READ",
@@ -20,6 +21,7 @@ __all__ = [
     "RENEW",
     "RETRY",
     "TOPIC_META",
+    "UNREAD",
 ]
 
 # Shared helpers. Stream ids are "<ms>-<seq>"; both parts fit a Lua double exactly for any
@@ -73,6 +75,18 @@ local function trim(key, maxlen, slack)
   local minid
   if #below > excess then minid = below[excess + 1][1] else minid = need end
   return redis.call('XTRIM', key, 'MINID', minid)
+end
+
+-- One bulk string per lane instead of a dozen nested replies per entry: parsing RESP is
+-- what a Python client spends its time on. Each entry: delivery count and field count
+-- (4-byte big-endian), then id, not-before and each field and value, length-prefixed.
+local function pack(out, id, flat, delivered, not_before)
+  out[#out + 1] = struct.pack('>I4I4', delivered, #flat / 2)
+  out[#out + 1] = struct.pack('>I4', #id) .. id
+  out[#out + 1] = struct.pack('>I4', #not_before) .. not_before
+  for _, part in ipairs(flat) do
+    out[#out + 1] = struct.pack('>I4', #part) .. part
+  end
 end
 
 local function holds(lease, token)
@@ -144,18 +158,6 @@ READ = _PRELUDE + r"""
 -- Returns per lane {status, block id, packed entries}; status is 'ok', 'more' (history
 -- left: poll again at once) or 'fenced' (the lease is gone).
 local group, meta, partitions, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-
--- One bulk string per lane instead of a dozen nested replies per entry: parsing RESP is
--- what a Python client spends its time on. Each entry: delivery count and field count
--- (4-byte big-endian), then id, not-before and each field and value, length-prefixed.
-local function pack(out, id, flat, delivered, not_before)
-  out[#out + 1] = struct.pack('>I4I4', delivered, #flat / 2)
-  out[#out + 1] = struct.pack('>I4', #id) .. id
-  out[#out + 1] = struct.pack('>I4', #not_before) .. not_before
-  for _, part in ipairs(flat) do
-    out[#out + 1] = struct.pack('>I4', #part) .. part
-  end
-end
 
 local function readgroup(stream, consumer, n, from)
   local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', stream, from)
@@ -289,10 +291,12 @@ return 1
 """
 
 PENDING = _PRELUDE + r"""
--- KEYS: the lane streams; ARGV[1] group. Unsettled = lag (not yet delivered) + pending
--- (delivered, unacked) per lane; every entry when the group does not exist on a lane yet.
-local total = 0
-for _, key in ipairs(KEYS) do
+-- KEYS: the lane streams; ARGV[1] group. Returns per lane the unsettled entries: lag (not
+-- yet delivered) + pending (delivered, unacked); every entry when the group does not exist
+-- on a lane yet.
+local counts = {}
+for i, key in ipairs(KEYS) do
+  local n = 0
   if redis.call('EXISTS', key) == 1 then
     local found = false
     for _, raw in ipairs(redis.call('XINFO', 'GROUPS', key)) do
@@ -304,13 +308,64 @@ for _, key in ipairs(KEYS) do
           -- Unknown after deletions: count the entries after the last delivered one.
           lag = #redis.call('XRANGE', key, '(' .. g['last-delivered-id'], '+')
         end
-        total = total + g['pending'] + lag
+        n = g['pending'] + lag
       end
     end
-    if not found then total = total + redis.call('XLEN', key) end
+    if not found then n = redis.call('XLEN', key) end
+  end
+  counts[i] = n
+end
+return counts
+"""
+
+PEEK = _PRELUDE + r"""
+-- KEYS: the lane streams; ARGV: group, limit. Returns per lane the packed unsettled entries,
+-- oldest first (pending ones, then those not yet delivered), without delivering anything;
+-- the count is the deliveries so far.
+local group, left = ARGV[1], tonumber(ARGV[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local packed = {}
+  if left > 0 and redis.call('EXISTS', key) == 1 then
+    local after = '-'
+    for _, raw in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+      local g = fields(raw)
+      if g['name'] == group then
+        after = '(' .. g['last-delivered-id']
+        for _, p in ipairs(redis.call('XPENDING', key, group, '-', '+', left)) do
+          local entry = redis.call('XRANGE', key, p[1], p[1])
+          if #entry > 0 and left > 0 then
+            pack(packed, p[1], entry[1][2], p[4], '')
+            left = left - 1
+          end
+        end
+      end
+    end
+    if left > 0 then
+      for _, e in ipairs(redis.call('XRANGE', key, after, '+', 'COUNT', left)) do
+        pack(packed, e[1], e[2], 0, '')
+        left = left - 1
+      end
+    end
+  end
+  out[i] = table.concat(packed)
+end
+return out
+"""
+
+UNREAD = _PRELUDE + r"""
+-- KEYS: stream, lease. ARGV: group, token, entry ids separated by spaces. These entries were
+-- read ahead and never handed to a handler: take their read back from the delivery count.
+if not holds(KEYS[2], ARGV[2]) then return -1 end
+local done = 0
+for id in string.gmatch(ARGV[3], '%S+') do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p > 0 and p[1][4] > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], p[1][2], 0, id, 'RETRYCOUNT', p[1][4] - 1, 'JUSTID')
+    done = done + 1
   end
 end
-return total
+return done
 """
 
 HEARTBEAT = r"""

@@ -394,14 +394,27 @@ class RedisTransport(Transport):
         return consumer
 
     async def pending_count(self, topic: str, group: str) -> int:
-        # Acks this process buffered count as settled: make them visible first.
+        # Acks this process buffered count as settled: pending_by_partition writes them first.
+        return sum((await self.pending_by_partition(topic, group)).values())
+
+    async def pending_by_partition(self, topic: str, group: str) -> dict[int, int]:
         for consumer in list(self._consumers):
             with contextlib.suppress(MsgBrokerError):
                 await consumer.flush_acks()
         keys = self.keys(topic)
-        total = await self.call("PENDING", [keys.stream(p) for p in range(self.partitions)], [group],
-                                f"counting pending of {group!r} on {topic!r}")
-        return int(total)
+        counts = await self.call("PENDING", [keys.stream(p) for p in range(self.partitions)], [group],
+                                 f"counting pending of {group!r} on {topic!r}")
+        return {p: int(n) for p, n in enumerate(counts) if int(n)}
+
+    async def peek(self, topic: str, group: str, limit: int) -> list[Delivery]:
+        keys = self.keys(topic)
+        lanes = await self.call("PEEK", [keys.stream(p) for p in range(self.partitions)], [group, max(0, limit)],
+                                f"peeking at {topic!r} for {group!r}")
+        out: list[Delivery] = []
+        for partition, packed in enumerate(lanes):
+            if packed:
+                _unpack(packed, partition, out)
+        return out
 
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
         entries = await self._entries(self.keys(topic).dead(group), f"reading dead letters of {group!r} on {topic!r}")
@@ -698,6 +711,18 @@ class RedisLaneConsumer(LaneConsumer):
         if int(result) < 0:
             log.warning("redis: dead letter of %s not written: this member no longer holds %s[%d] "
                         "(its owner will handle it)", delivery.message_id, self._topic, partition)
+
+    async def unread(self, deliveries: Sequence[Delivery]) -> None:
+        by_lane: dict[int, list[bytes]] = {}
+        for delivery in deliveries:
+            by_lane.setdefault(delivery.partition, []).append(delivery.position)
+        for partition, ids in by_lane.items():
+            token = self._tokens.get(partition)
+            if token is not None:
+                await self._transport.call(
+                    "UNREAD", self._lane_keys(partition)[:2], [self._group, token, b" ".join(ids)],
+                    f"handing back read-ahead entries of {self._topic}[{partition}]",
+                )
 
     async def stop(self, flush: bool) -> None:
         if flush and not self._stopped:
