@@ -29,7 +29,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     # the clients' retry chatter (NotLeaderForPartition on fresh topics, rebalances) is not ours
     # to show; failures surface as cell statuses
     for name in ("aiokafka", "aio_pika", "aiormq", "nats", "msgbroker", "faststream"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     return asyncio.run(main_async(args, _log))
 
 

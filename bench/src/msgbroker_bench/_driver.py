@@ -43,16 +43,16 @@ class Driver(ABC):
     config: str = ""
     """Its batching/ack configuration, in words (shown in the doc)."""
 
-    async def open(self) -> None:
+    async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect (outside every timed section)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook
         """Disconnect."""
 
-    async def prepare(self, topic: str, partitions: int) -> None:
+    async def prepare(self, topic: str, partitions: int) -> None:  # noqa: B027 - optional hook
         """Create what ``topic`` needs (stream, queue, Kafka topic) before anything is timed."""
 
-    async def drop(self, topic: str) -> None:
+    async def drop(self, topic: str) -> None:  # noqa: B027 - optional hook
         """Delete what :meth:`prepare` and the run created, where the system allows."""
 
     @abstractmethod

@@ -185,7 +185,8 @@ class FsNats(_FastStream):
 
 class FsRabbit(_FastStream):
     config = ("RabbitBroker (publisher confirms on); publish(queue=…, persist=True); no batch API (the end-to-end "
-              f"publisher gathers a batch's publishes); quorum queue, Channel(prefetch_count={FETCH}), ack after handler")
+              f"publisher gathers a batch's publishes); quorum queue, Channel(prefetch_count={FETCH}), "
+              "ack after handler")
 
     def make(self) -> Any:
         from faststream.rabbit import RabbitBroker
@@ -226,7 +227,8 @@ class FsRabbit(_FastStream):
 class FsKafka(_FastStream):
     max_batch = 512 * 1024
     config = ("KafkaBroker(acks='all', enable_idempotence=True, linger_ms=2); publish(topic, key=…) awaits the ack; "
-              "batch = publish_batch in 512 KiB record batches (max_batch_size), gathered; subscriber(group_id, AckPolicy.ACK: commit after each handler)")
+              "batch = publish_batch in 512 KiB record batches (max_batch_size), gathered; "
+              "subscriber(group_id, AckPolicy.ACK: commit after each handler)")
 
     def make(self) -> Any:
         from faststream.kafka import KafkaBroker

@@ -85,7 +85,8 @@ class NativeKafka(Driver):
         self.classpath = f"{tools[-1]}:{kafka_lib}/*"
         self.bootstrap = bootstrap
         self.label = "kafka-producer-perf-test"
-        self.config = "ProducerPerformance --throughput -1, acks=all, enable.idempotence=true, linger.ms=2, 64 partitions"
+        self.config = ("ProducerPerformance --throughput -1, acks=all, enable.idempotence=true, linger.ms=2, "
+                       "64 partitions")
         self.topic_name = f"bench-native-{uuid.uuid4().hex[:8]}"
 
     async def prepare(self, topic: str, partitions: int) -> None:

@@ -9,7 +9,7 @@ import math
 import os
 import pstats
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._cells import E2EVariant, PublishVariant
@@ -52,12 +52,17 @@ def _table(profile: cProfile.Profile, messages: int, root: Path) -> list[str]:
     return lines
 
 
-async def profile_hot_paths(root: Path, log: Callable[[str], None], deadline: float = math.inf) -> None:
+async def profile_hot_paths(
+    root: Path, log: Callable[[str], None], deadline: float = math.inf, providers: Sequence[str] | None = None
+) -> None:
     from ._run import ENV_VARS, _ours_overrides, _reachable, load_env
 
     load_env(root)
-    targets = [("memory", "memory://")]
+    wanted = set(providers or ("memory", "redis", "nats", "rabbitmq", "kafka"))
+    targets = [("memory", "memory://")] if "memory" in wanted else []
     for provider in ("redis", "nats", "rabbitmq", "kafka"):
+        if provider not in wanted:
+            continue
         url = os.environ.get(ENV_VARS[provider], "")
         if url and _reachable(url, 0):
             targets.append((provider, f"kafka://{url}" if provider == "kafka" else url))

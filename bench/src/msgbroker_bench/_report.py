@@ -14,7 +14,6 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from ._stats import Spread, ratio_spread, spread
 
@@ -137,7 +136,8 @@ def machine_info(root: Path) -> list[str]:
         f"threads per core); hypervisor: {fields.get('Hypervisor vendor', 'none reported')} "
         f"({fields.get('Virtualization type', '')})",
         f"- RAM: {mem}; kernel {platform.release()}; load average when the report was written: {load}",
-        f"- Python {platform.python_version()} ({platform.python_implementation()}), default asyncio event loop (no uvloop)",
+        f"- Python {platform.python_version()} ({platform.python_implementation()}), "
+        "default asyncio event loop (no uvloop)",
         "- Client libraries: " + ", ".join(
             f"{d} {_version(d)}" for d in ("redis", "nats-py", "aio-pika", "aiormq", "aiokafka", "faststream",
                                             "pydantic", "pydantic-core")
@@ -337,7 +337,8 @@ def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[s
             ax.set_title(provider, fontsize=9)
             ax.tick_params(axis="y", labelsize=7)
         axes[0][0].set_ylabel("msg/s (log)" if log_scale else "msg/s")
-        axes[0][-1].legend(fontsize=7)
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=7)
         fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         if any_data:
@@ -428,7 +429,8 @@ def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[s
             ax.set_yscale("log")
             ax.set_title(f"{provider}: {cell.replace('latency at ', '')}", fontsize=8)
         axes[0][0].set_ylabel("ms publish → handler (log)")
-        axes[0][-1].legend(fontsize=7)
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=7)
         fig.suptitle("Latency at a fixed offered rate (open loop, from the intended send time)", fontsize=10)
         fig.tight_layout()
         if drawn:
@@ -550,7 +552,7 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         if status != "ok":
             lines += [f"Not measured: {status.removeprefix('n/a: ')}.", ""]
             continue
-        lines += provider_table(results, provider) + [""]
+        lines += [*provider_table(results, provider), ""]
         curve = curve_table(results, provider)
         if curve:
             lines += ["Cost curves (end to end, ordered, 1 worker):", "", *curve, ""]

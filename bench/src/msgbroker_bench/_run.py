@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import math
 import os
@@ -31,6 +30,8 @@ ENV_VARS = {
     "kafka": "MSGBROKER_KAFKA__BOOTSTRAP_SERVERS",
 }
 PAYLOADS = (100, 1024, 16384)
+BATCH = 500
+"""Messages per publish_batch in the publish cells."""
 WORKERS = (1, 2, 4)
 PARTITION_CURVE = (1, 4, 16, 64, 256)
 PAYLOAD_CURVE = (100, 1024, 4096, 16384)
@@ -181,19 +182,18 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
             continue
         for size in PAYLOADS:
             n = counts[mode] // (4 if size >= 16384 else 1)
-            batch = 500
             cell = Cell(provider, f"publish-{mode}", f"publish {mode} {_size(size)}",
                         {"payload": size, "partitions": 64, "workers": 0, "ordered": ""})
-            cell.variants.append(PublishVariant("ours", ours(), mode, n, size, batch))
-            cell.variants.append(PublishVariant("raw", raw(), mode, n, size, batch))
+            cell.variants.append(PublishVariant("ours", ours(), mode, n, size, BATCH))
+            cell.variants.append(PublishVariant("raw", raw(), mode, n, size, BATCH))
             if plan.faststream:
                 optional(cell, "faststream", "faststream", fast,
                          lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
-                             PublishVariant("faststream", d, m, n, s, batch)))
+                             PublishVariant("faststream", d, m, n, s, BATCH)))
             if plan.native:
                 optional(cell, "native", "native", lambda m=mode: native_driver(provider, target.url, m, repo_root()),
                          lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
-                             NativeVariant("native", d, m, n * (2 if provider == "kafka" else 5), s, batch)))
+                             NativeVariant("native", d, m, n * (2 if provider == "kafka" else 5), s, BATCH)))
             cells.append(cell)
 
     timeout = plan.rep_timeout
@@ -286,6 +286,7 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
     load_env(root)
     csv_path = root / args.csv
     started = time.time()
+    self_deadline = math.inf
     if not args.report_only:
         plan = Plan(
             quick=args.quick,
@@ -333,7 +334,8 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
     if args.profile:
         from ._profile import profile_hot_paths
 
-        await profile_hot_paths(root, log, deadline=self_deadline if not args.report_only else math.inf)
+        await profile_hot_paths(root, log, deadline=self_deadline,
+                                providers=[p.strip() for p in args.providers.split(",") if p.strip()])
     if args.doc:
         from ._report import write_report
 
