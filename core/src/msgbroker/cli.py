@@ -195,7 +195,10 @@ def run_with_broker(target: Target, work: Callable[[Broker], Awaitable[T]]) -> T
 
 
 def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = 200  # piped into grep or a file: no wrapping at 80 columns
+    return console
 
 
 def _err() -> Console:
@@ -272,11 +275,7 @@ def _read_messages(payload: str | None, file: Path | None) -> tuple[list[Any], s
     if payload is not None and file is not None:
         raise CliError("give the message as an argument or with --file, not both", exit_code=2)
     if payload is not None:
-        try:
-            value = json.loads(payload)
-        except ValueError as exc:
-            raise CliError(f"the message is not valid JSON: {exc}") from None
-        return (value if isinstance(value, list) else [value]), "the argument"
+        return _parse_documents(payload, "the argument"), "the argument"
     if file is not None and str(file) != "-":
         try:
             text = file.read_text(encoding="utf-8-sig")
@@ -618,7 +617,8 @@ def dlq_list(
         _out().print(f"no dead letters in {topic!r} for {group!r}", markup=False)
         return 0
     table = Table(title=f"dead letters: {topic} / {group}")
-    for name in ("message id", "partition", "attempts", "dead-lettered at", "error"):
+    table.add_column("message id", no_wrap=True, min_width=36)
+    for name in ("partition", "attempts", "dead-lettered at", "error"):
         table.add_column(name, justify="right" if name in ("partition", "attempts") else "left")
     for letter in letters:
         table.add_row(letter.message_id, str(letter.partition), str(letter.attempts),
