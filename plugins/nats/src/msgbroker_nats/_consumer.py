@@ -475,13 +475,16 @@ class NatsLaneConsumer(LaneConsumer):
 
     # -- settling --------------------------------------------------------------------------
 
-    async def _settle(self, delivery: Delivery, payload: bytes, doing: str) -> None:
+    async def _settle(self, delivery: Delivery, payload: bytes, doing: str, confirm: bool = False) -> None:
         item: _Held = delivery.position
         lane = self._lanes.get(delivery.partition)
         if lane is not None:
             lane.held.pop(item.seq, None)  # whatever happens next, stop extending it
         try:
-            await self._transport.nc.publish(item.msg.reply, payload)
+            if confirm:
+                await self._transport.nc.request(item.msg.reply, payload, timeout=5.0)
+            else:
+                await self._transport.nc.publish(item.msg.reply, payload)
         except BrokerClosedError:
             raise
         except Exception as exc:
@@ -516,4 +519,6 @@ class NatsLaneConsumer(LaneConsumer):
             raise
         except Exception as exc:
             raise map_error(exc, f"dead-lettering {delivery.message_id}") from exc
-        await self._settle(delivery, _TERM, "terminating")
+        # Confirmed (rare, so the round trip is cheap): once dead_letter returns, the original
+        # is settled on the server, not only in a buffer a crash would drop.
+        await self._settle(delivery, _TERM, "terminating", confirm=True)
