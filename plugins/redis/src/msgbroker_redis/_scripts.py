@@ -151,18 +151,22 @@ return added
 """
 
 READ = _PRELUDE + r"""
--- KEYS per lane: stream, lease, delay hash. ARGV: group, meta key, partition count, count,
--- then per lane: consumer (the partition), lease token ('' = unfenced), cursor (the last id
--- handed to the caller). The consumer's pending entries after the cursor come first (a new
--- owner's history, or entries whose reply was lost), then new ones.
--- Returns per lane {status, block id, packed entries}; status is 'ok', 'more' (history
--- left: poll again at once) or 'fenced' (the lease is gone).
-local group, meta, partitions, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+-- ARGV: group, the topic's key base ("<prefix>:{<topic>}"), partition count, count per lane,
+-- the lanes as "<partition> <lease token, - for none> <cursor>;..." (the last id handed to the
+-- caller). The lane keys are derived here rather than passed: a poll covers up to every lane
+-- of the topic, and encoding three keys per lane per poll cost the client more than the read.
+-- Per lane, the consumer's (= the partition's) pending entries after the cursor come first (a
+-- new owner's history, or entries whose reply was lost), then new ones.
+-- Returns one string; per lane: partition and status (0 ok, 1 more history left: poll again at
+-- once, 2 fenced: the lease is gone) as 4-byte big-endian, the length-prefixed id to block
+-- after when the lane had nothing, and the length-prefixed packed entries.
+local group, base, partitions, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local meta = base .. ':meta'
 
 local function readgroup(stream, consumer, n, from)
   local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', stream, from)
   if type(r) == 'table' and r.err then
-    if not string.find(r.err, 'NOGROUP', 1, true) then return redis.error_reply(r.err) end
+    if not string.find(r.err, 'NOGROUP', 1, true) then error(r) end
     -- The stream or the group is gone (server flushed or restarted without data): recreate.
     redis.call('XGROUP', 'CREATE', stream, group, '0', 'MKSTREAM')
     redis.call('HSETNX', meta, 'partitions', partitions)
@@ -173,19 +177,16 @@ local function readgroup(stream, consumer, n, from)
 end
 
 local out = {}
-local lanes = #KEYS / 3
-for l = 0, lanes - 1 do
-  local stream, lease, delay = KEYS[3 * l + 1], KEYS[3 * l + 2], KEYS[3 * l + 3]
-  local consumer, token, cursor = ARGV[3 * l + 5], ARGV[3 * l + 6], ARGV[3 * l + 7]
-  local lane = {}
-  if not holds(lease, token) then
-    lane[1] = 'fenced'
-    lane[2] = ''
+for consumer, token, cursor in string.gmatch(ARGV[5], '(%d+) (%S+) ([^;]+)') do
+  if token == '-' then token = '' end
+  local stream = base .. ':' .. consumer
+  local delay = base .. ':delay:' .. group .. ':' .. consumer
+  local status, wait = 0, ''
+  local packed = {}
+  if not holds(base .. ':lease:' .. group .. ':' .. consumer, token) then
+    status = 2
   else
-    lane[1] = 'ok'
-    lane[2] = ''
     local history = readgroup(stream, consumer, count, cursor)
-    if history.err then return history end
     local kept = {}
     for _, e in ipairs(history) do
       if e[2] then
@@ -196,7 +197,6 @@ for l = 0, lanes - 1 do
         redis.call('HDEL', delay, e[1])
       end
     end
-    local packed = {}
     if #kept > 0 then
       local counts = {}
       local pel = redis.call('XPENDING', stream, group, kept[1][1], kept[#kept][1], #history, consumer)
@@ -210,22 +210,23 @@ for l = 0, lanes - 1 do
       for i, e in ipairs(kept) do pack(packed, e[1], e[2], counts[e[1]] or 1, waits[i] or '') end
     end
     if #history >= count then
-      lane[1] = 'more'
+      status = 1
     else
       local fresh = readgroup(stream, consumer, count - #history, '>')
-      if fresh.err then return fresh end
       for _, e in ipairs(fresh) do pack(packed, e[1], e[2] or {}, 1, '') end
       if #history == 0 and #fresh == 0 then
         -- Nothing to hand: the caller blocks (XREAD) for entries after the last one.
         local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-        if #last > 0 then lane[2] = last[1][1] else lane[2] = '0-0' end
+        if #last > 0 then wait = last[1][1] else wait = '0-0' end
       end
     end
-    lane[3] = table.concat(packed)
   end
-  out[#out + 1] = lane
+  local entries = table.concat(packed)
+  out[#out + 1] = struct.pack('>I4I4I4', tonumber(consumer), status, #wait) .. wait
+  out[#out + 1] = struct.pack('>I4', #entries)
+  out[#out + 1] = entries
 end
-return out
+return table.concat(out)
 """
 
 ACK = _PRELUDE + r"""

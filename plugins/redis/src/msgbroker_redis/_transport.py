@@ -103,13 +103,13 @@ class topic_keys:
 
 
 _HEAD = struct.Struct(">II")
+_LANE = struct.Struct(">III")
 _LENGTH = struct.Struct(">I")
 
 
-def _unpack(packed: bytes, partition: int, into: list[Delivery]) -> bytes:
-    """Decode the READ script's packed entries of one lane into ``into``; the last entry id."""
+def _unpack(packed: bytes, pos: int, end: int, partition: int, into: list[Delivery]) -> bytes:
+    """Decode packed entries of one lane (``packed[pos:end]``) into ``into``; the last entry id."""
     head, length = _HEAD.unpack_from, _LENGTH.unpack_from
-    pos, end = 0, len(packed)
     entry_id = b""
     while pos < end:
         delivered, pairs = head(packed, pos)
@@ -413,7 +413,7 @@ class RedisTransport(Transport):
         out: list[Delivery] = []
         for partition, packed in enumerate(lanes):
             if packed:
-                _unpack(packed, partition, out)
+                _unpack(packed, 0, len(packed), partition, out)
         return out
 
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
@@ -495,7 +495,7 @@ class RedisLaneConsumer(LaneConsumer):
         self._member = member_id
         self._keys = transport.keys(topic)
         self._tokens: dict[int, str] = {}
-        self._cursors: dict[int, bytes] = {}
+        self._cursors: dict[int, str] = {}
         self._acks: dict[int, tuple[str, list[bytes]]] = {}
         self._ack_count = 0
         self._flush_lock = asyncio.Lock()
@@ -514,7 +514,7 @@ class RedisLaneConsumer(LaneConsumer):
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
         self._tokens[partition] = lease or ""
-        self._cursors[partition] = b"0-0"  # the lane's unsettled history first
+        self._cursors[partition] = "0-0"  # the lane's unsettled history first
 
     async def close_lane(self, partition: int) -> None:
         try:
@@ -552,29 +552,27 @@ class RedisLaneConsumer(LaneConsumer):
         reader = self._reader
         if reader is None:
             raise BrokerClosedError("the redis consumer is stopped")
-        keys: list[str] = []
-        args: list[Any] = [self._group, self._keys.meta, self._transport.partitions, count]
-        for p in lanes:
-            keys += self._lane_keys(p)
-            args += (str(p), self._tokens[p], self._cursors[p])
-        result = await self._transport.call("READ", keys, args, f"reading {self._topic} for {self._group}", reader)
+        spec = ";".join(f"{p} {self._tokens[p] or '-'} {self._cursors[p]}" for p in lanes)
+        args = [self._group, self._keys.base, self._transport.partitions, count, spec]
+        reply = await self._transport.call("READ", [], args, f"reading {self._topic} for {self._group}", reader)
         deliveries: list[Delivery] = []
         waits: dict[str, bytes] = {}
         more = False
-        for partition, lane in zip(lanes, result, strict=True):
-            status = lane[0]
-            if status == b"fenced":
-                continue
-            if status == b"more":
-                more = True
-            packed = lane[2]
-            if not packed:
-                if lane[1]:
-                    waits[self._keys.stream(partition)] = lane[1]
-                continue
-            if partition not in self._tokens:
-                continue  # closed meanwhile: what was read stays pending for the next owner
-            self._cursors[partition] = _unpack(packed, partition, deliveries)
+        pos, end = 0, len(reply)
+        while pos < end:
+            partition, status, size = _LANE.unpack_from(reply, pos)
+            wait = reply[pos + 12:pos + 12 + size]
+            pos += 12 + size
+            (size,) = _LENGTH.unpack_from(reply, pos)
+            start, pos = pos + 4, pos + 4 + size
+            if status == 2:
+                continue  # fenced: the lease coordinator will notice
+            more = more or status == 1
+            if start == pos:
+                if wait:
+                    waits[self._keys.stream(partition)] = wait
+            elif partition in self._tokens:  # else closed meanwhile: the entries stay pending
+                self._cursors[partition] = _unpack(reply, start, pos, partition, deliveries).decode()
         return deliveries, waits, more
 
     async def _wait_for_entries(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event) -> bool:
