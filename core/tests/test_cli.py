@@ -14,9 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker import Capabilities, CapabilityNotSupported, Transport, hookimpl, registry
 from msgbroker._memory import MemoryTransport
 from msgbroker.cli import main
@@ -71,8 +70,9 @@ def pending(run: Run, url: str, topic: str, group: str) -> dict[str, Any]:
 def test_session_publish_pending_tail_dead_letter_replay(run: Run, url: str) -> None:
     # publish: three messages with one key, so one partition, in order
     messages = [{"seat": f"R1-{n}", "n": n} for n in (1, 2, 3)]
-    code, out, _ = run("publish", "seat-locks", json.dumps(messages), "--key", "session-1:area-7", "--url", url,
-                       "--json")
+    code, out, _ = run(
+        "publish", "seat-locks", json.dumps(messages), "--key", "session-1:area-7", "--url", url, "--json"
+    )
     assert code == 0
     published = json.loads(out)
     assert published["topic"] == "seat-locks" and published["published"] == 3
@@ -82,7 +82,11 @@ def test_session_publish_pending_tail_dead_letter_replay(run: Run, url: str) -> 
 
     # pending shows them, in total and on their partition
     assert pending(run, url, "seat-locks", "workers") == {
-        "topic": "seat-locks", "group": "workers", "pending": 3, "partitions": {str(partition): 3}}
+        "topic": "seat-locks",
+        "group": "workers",
+        "pending": 3,
+        "partitions": {str(partition): 3},
+    }
 
     # peeking settles nothing and counts no delivery
     code, out, _ = run("tail", "seat-locks", "-g", "workers", "--no-ack", "--url", url, "--json")
@@ -102,8 +106,9 @@ def test_session_publish_pending_tail_dead_letter_replay(run: Run, url: str) -> 
     assert pending(run, url, "seat-locks", "workers")["pending"] == 2
 
     # a failing handler (nak every time) retries the second one until it lands in the dead letters
-    code, out, err = run("tail", "seat-locks", "-g", "workers", "-n", "3", "--settle", "nak", "--timeout", "20",
-                         "--url", url, "--json")
+    code, out, err = run(
+        "tail", "seat-locks", "-g", "workers", "-n", "3", "--settle", "nak", "--timeout", "20", "--url", url, "--json"
+    )
     assert code == 0, err
     failing = json_lines(out)
     assert [f["message_id"] for f in failing] == [ids[1]] * 3
@@ -135,7 +140,11 @@ def test_session_publish_pending_tail_dead_letter_replay(run: Run, url: str) -> 
     assert [h["message_id"] for h in json_lines(out)] == [ids[2], ids[1]]
     assert {h["outcome"] for h in json_lines(out)} == {"ack"}
     assert pending(run, url, "seat-locks", "workers") == {
-        "topic": "seat-locks", "group": "workers", "pending": 0, "partitions": {}}
+        "topic": "seat-locks",
+        "group": "workers",
+        "pending": 0,
+        "partitions": {},
+    }
 
 
 def test_human_output_of_pending_and_dead_letters(run: Run, url: str) -> None:
@@ -183,8 +192,10 @@ def test_tail_metrics_prints_this_runs_metrics(run: Run, url: str) -> None:
     run("publish", "measured", '[{"n": 1}, {"n": 2}]', "--url", url)
     code, _, err = run("tail", "measured", "-g", "g", "-n", "2", "--timeout", "20", "--metrics", "--url", url)
     assert code == 0
-    assert ('messaging_client_consumed_messages_total{messaging_consumer_group_name="g",'
-            'messaging_destination_name="measured",messaging_system="memory",outcome="ack"} 2.0') in err
+    assert (
+        'messaging_client_consumed_messages_total{messaging_consumer_group_name="g",'
+        'messaging_destination_name="measured",messaging_system="memory",outcome="ack"} 2.0'
+    ) in err
     assert not any(name.startswith("msgbroker.cli") for name, _ in registry.plugins.list_name_plugin())
 
 
@@ -192,8 +203,9 @@ def test_publish_from_a_file_with_key_field_and_headers(run: Run, url: str, tmp_
     lines = [{"session": f"s{n % 3}", "n": n} for n in range(1200)]
     file = tmp_path / "seat-locks.jsonl"
     file.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    code, out, err = run("publish", "bulk", "--file", str(file), "--key-field", "session", "-H", "origin=cli",
-                         "--url", url, "--json")
+    code, out, err = run(
+        "publish", "bulk", "--file", str(file), "--key-field", "session", "-H", "origin=cli", "--url", url, "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["published"] == 1200
@@ -213,8 +225,9 @@ def test_publish_json_lines_from_stdin(run: Run, url: str, monkeypatch: pytest.M
 def test_config_file_and_partition_count(run: Run, tmp_path: Path) -> None:
     name = f"cfg-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "appsettings.json"
-    config.write_text(json.dumps({"MessageBroker": {"Provider": "memory", "PartitionCount": 8,
-                                                    "Memory": {"Name": name}}}))
+    config.write_text(
+        json.dumps({"MessageBroker": {"Provider": "memory", "PartitionCount": 8, "Memory": {"Name": name}}})
+    )
     code, out, _ = run("publish", "t", '{"n": 1}', "-k", "k", "--config", str(config), "--json")
     assert code == 0
     assert json.loads(out)["messages"][0]["partition"] == msgbroker.partition_for("k", 8)
@@ -276,12 +289,17 @@ def test_metrics_command_prints_pending_as_prometheus_text(run: Run, url: str) -
     run("publish", "m", '[{"n": 1}, {"n": 2}]', "--url", url)
     code, out, _ = run("metrics", "m", "-g", "a", "-g", "b", "--url", url)
     assert code == 0
-    assert ('msgbroker_messages_pending{messaging_consumer_group_name="a",messaging_destination_name="m",'
-            'messaging_system="memory"} 2.0') in out
+    assert (
+        'msgbroker_messages_pending{messaging_consumer_group_name="a",messaging_destination_name="m",'
+        'messaging_system="memory"} 2.0'
+    ) in out
     assert 'msgbroker_up{messaging_system="memory"} 1.0' in out
     code, out, _ = run("metrics", "m", "-g", "a", "--url", url, "--json")
-    assert json.loads(out) == {"healthy": True, "provider": "memory",
-                               "pending": [{"topic": "m", "group": "a", "pending": 2}]}
+    assert json.loads(out) == {
+        "healthy": True,
+        "provider": "memory",
+        "pending": [{"topic": "m", "group": "a", "pending": 2}],
+    }
 
 
 class _NoPerPartition(MemoryTransport):
@@ -343,8 +361,9 @@ def test_no_ack_says_when_the_provider_cannot_peek(run: Run, lite_url: str) -> N
         (["bench"], "benchmark harness is not installed"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_1(run: Run, args: list[str], says: str,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_is_one_line_and_exit_1(
+    run: Run, args: list[str], says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "msgbroker_bench", None)  # as when bench/ is not installed
     code, _, err = run(*args)
     assert_one_line_error(code, err, exit_code=1)
@@ -387,8 +406,9 @@ def test_the_console_script_exit_codes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSGBROKER_")}
 
     def console(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(script), *args], input=stdin, capture_output=True, text=True, env=env,
-                              timeout=120, check=False)
+        return subprocess.run(
+            [str(script), *args], input=stdin, capture_output=True, text=True, env=env, timeout=120, check=False
+        )
 
     ok = console("publish", "t", '{"n": 1}', "--url", "memory://p", "--json")
     assert ok.returncode == 0, ok.stderr
@@ -396,8 +416,11 @@ def test_the_console_script_exit_codes(tmp_path: Path) -> None:
     piped = console("publish", "t", "--url", "memory://p", stdin='{"n": 1}\n{"n": 2}\n')
     assert piped.returncode == 0 and "published 2 messages" in piped.stdout
     assert console("health", "--url", "memory://p").returncode == 0
-    for args in (["publish", "t", "{", "--url", "memory://p"], ["publish", "bad topic", "{}", "--url", "memory://p"],
-                 ["publish", "t", "{}", "--url", "nope://x"]):
+    for args in (
+        ["publish", "t", "{", "--url", "memory://p"],
+        ["publish", "bad topic", "{}", "--url", "memory://p"],
+        ["publish", "t", "{}", "--url", "nope://x"],
+    ):
         bad = console(*args)
         assert bad.returncode == 1, bad
         assert bad.stderr.startswith("msgbroker: error: ") and bad.stderr.count("\n") == 1, bad.stderr

@@ -9,17 +9,16 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
+import msgbroker
+import msgbroker.metrics
 import pytest
+from msgbroker import HandleEvent, Message, MessageContext, PublishEvent, hookimpl, registry
+from msgbroker.resilience import CircuitBreaker
+from msgbroker.testing import eventually
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
-
-import msgbroker
-import msgbroker.metrics
-from msgbroker import HandleEvent, Message, MessageContext, PublishEvent, hookimpl, registry
-from msgbroker.resilience import CircuitBreaker
-from msgbroker.testing import eventually
 
 
 class Order(Message):
@@ -50,8 +49,11 @@ def scrape(target: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], 
         server.shutdown()
         server.server_close()
         thread.join(5)
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def labels(group: str | None = None, **extra: str) -> tuple[tuple[str, str], ...]:
@@ -81,8 +83,9 @@ async def test_publishes_and_handling_by_outcome_appear_in_a_prometheus_scrape(
         await subscription.close()
     samples = scrape(target)
     assert samples[("messaging_client_sent_messages_total", labels())] == 3
-    assert samples[("messaging_client_operation_duration_seconds_count",
-                    labels(messaging_operation_name="send"))] == 2  # one publish, one batch
+    assert (
+        samples[("messaging_client_operation_duration_seconds_count", labels(messaging_operation_name="send"))] == 2
+    )  # one publish, one batch
     consumed = "messaging_client_consumed_messages_total"
     assert samples[(consumed, labels("billing", outcome="ack"))] == 2
     assert samples[(consumed, labels("billing", outcome="dead_letter"))] == 1
@@ -105,8 +108,10 @@ async def test_pending_gauge_is_refreshed_by_the_watcher(
         assert scrape(target)[("msgbroker_messages_pending", labels("billing"))] == 5
         watcher = plugin.watch_pending(broker, [("orders", "billing")], interval=0.05)
         subscription = await broker.subscribe("orders", "billing", handle_by_outcome)
-        await eventually(lambda: target.get_sample_value(
-            "msgbroker_messages_pending", dict(labels("billing"))) == 0, what="pending gauge at 0")
+        await eventually(
+            lambda: target.get_sample_value("msgbroker_messages_pending", dict(labels("billing"))) == 0,
+            what="pending gauge at 0",
+        )
         await subscription.close()
         watcher.cancel()
 
@@ -116,13 +121,16 @@ async def test_circuit_breaker_state_and_transitions(
 ) -> None:
     target, plugin = prometheus
     now = [0.0]
-    breaker = CircuitBreaker(name="seat-service", minimum_throughput=2, failure_ratio=0.5, break_duration=10,
-                             clock=lambda: now[0])
+    breaker = CircuitBreaker(
+        name="seat-service", minimum_throughput=2, failure_ratio=0.5, break_duration=10, clock=lambda: now[0]
+    )
     plugin.watch_breaker(breaker)
 
     def state() -> dict[str, float | None]:
-        return {s: target.get_sample_value("msgbroker_circuit_breaker_state", {"breaker": "seat-service", "state": s})
-                for s in msgbroker.metrics.BREAKER_STATES}
+        return {
+            s: target.get_sample_value("msgbroker_circuit_breaker_state", {"breaker": "seat-service", "state": s})
+            for s in msgbroker.metrics.BREAKER_STATES
+        }
 
     assert state() == {"closed": 1, "open": 0, "half_open": 0}
     for _ in range(2):
@@ -131,9 +139,12 @@ async def test_circuit_breaker_state_and_transitions(
     now[0] = 11.0
     breaker.record_success(breaker.acquire())  # the half-open trial succeeds
     assert state() == {"closed": 1, "open": 0, "half_open": 0}
-    transitions = {s: target.get_sample_value("msgbroker_circuit_breaker_transitions_total",
-                                              {"breaker": "seat-service", "state": s}) for s in ("open", "half_open",
-                                                                                                 "closed")}
+    transitions = {
+        s: target.get_sample_value(
+            "msgbroker_circuit_breaker_transitions_total", {"breaker": "seat-service", "state": s}
+        )
+        for s in ("open", "half_open", "closed")
+    }
     assert transitions == {"open": 1, "half_open": 1, "closed": 1}
     plugin.close()
     assert breaker._listeners == []

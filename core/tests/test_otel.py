@@ -7,16 +7,15 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 
+import msgbroker
+import msgbroker.otel
 import pytest
+from msgbroker import Message, MessageContext
+from msgbroker.testing import eventually
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-
-import msgbroker
-import msgbroker.otel
-from msgbroker import Message, MessageContext
-from msgbroker.testing import eventually
 
 
 class SeatLock(Message):
@@ -116,8 +115,10 @@ async def test_correlation_id_comes_from_the_current_trace(
     assert message.correlation_id is not None and f"{trace_id:032x}" in message.correlation_id
     send = [s for s in by_kind(spans.get_finished_spans(), SpanKind.PRODUCER)]
     assert send[0].parent is not None and send[0].parent.span_id == request.get_span_context().span_id
-    conversations = [s.attributes["messaging.message.conversation_id"]  # type: ignore[index]
-                     for s in by_kind(spans.get_finished_spans(), SpanKind.CONSUMER)]
+    conversations = [
+        s.attributes["messaging.message.conversation_id"]  # type: ignore[index]
+        for s in by_kind(spans.get_finished_spans(), SpanKind.CONSUMER)
+    ]
     assert conversations == [message.correlation_id, "order-42"]
 
 

@@ -80,13 +80,21 @@ app.add_typer(dlq_app, name="dlq")
 
 UrlOption = Annotated[
     str | None,
-    typer.Option("--url", "-u", envvar="MSGBROKER_URL",
-                 help="Broker URL: memory://NAME, redis://, nats://, amqp://, kafka://host:port."),
+    typer.Option(
+        "--url",
+        "-u",
+        envvar="MSGBROKER_URL",
+        help="Broker URL: memory://NAME, redis://, nats://, amqp://, kafka://host:port.",
+    ),
 ]
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="MSGBROKER_CONFIG",
-                 help="Settings file (JSON, TOML, YAML, or the seed's appsettings.json)."),
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="MSGBROKER_CONFIG",
+        help="Settings file (JSON, TOML, YAML, or the seed's appsettings.json).",
+    ),
 ]
 PartitionsOption = Annotated[
     int | None,
@@ -123,8 +131,10 @@ class Target:
             return connect(self.url, **overrides)
         if "MSGBROKER_PROVIDER" in os.environ:
             return connect(None, **overrides)
-        raise CliError("no broker given: pass --url (or set MSGBROKER_URL), --config FILE, or MSGBROKER_PROVIDER "
-                       "with its MSGBROKER_<PROVIDER>__* settings")
+        raise CliError(
+            "no broker given: pass --url (or set MSGBROKER_URL), --config FILE, or MSGBROKER_PROVIDER "
+            "with its MSGBROKER_<PROVIDER>__* settings"
+        )
 
 
 def _merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -214,8 +224,13 @@ def emit_json(value: Any) -> None:
 def _progress(enabled: bool) -> Progress:
     console = _err()
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not (enabled and console.is_terminal), transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=False,
     )
 
 
@@ -323,10 +338,18 @@ def _parse_headers(pairs: Sequence[str]) -> dict[str, str]:
 def publish(
     topic: Annotated[str, typer.Argument(help="Topic to publish to.")],
     payload: Annotated[str | None, typer.Argument(help="The message as JSON (an object, or an array of them).")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="JSON lines or a JSON array; '-' for stdin.")] = None,
-    key: Annotated[str | None, typer.Option("--key", "-k", help="Partition key (same key, same partition, in order).")] = None,
-    key_field: Annotated[str | None, typer.Option("--key-field", help="Take each message's partition key from this field.")] = None,
-    header: Annotated[list[str] | None, typer.Option("--header", "-H", help="A header NAME=VALUE (repeatable).")] = None,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="JSON lines or a JSON array; '-' for stdin.")
+    ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", "-k", help="Partition key (same key, same partition, in order).")
+    ] = None,
+    key_field: Annotated[
+        str | None, typer.Option("--key-field", help="Take each message's partition key from this field.")
+    ] = None,
+    header: Annotated[
+        list[str] | None, typer.Option("--header", "-H", help="A header NAME=VALUE (repeatable).")
+    ] = None,
     url: UrlOption = None,
     config: ConfigOption = None,
     partition_count: PartitionsOption = None,
@@ -346,13 +369,15 @@ def publish(
         with _progress(show_progress) as progress:
             task = progress.add_task(f"publishing to {topic}", total=len(messages))
             for start in range(0, len(messages), PUBLISH_CHUNK):
-                chunk = messages[start: start + PUBLISH_CHUNK]
+                chunk = messages[start : start + PUBLISH_CHUNK]
                 if len(chunk) == 1:
                     ids = [await broker.publish(topic, chunk[0], headers=headers or None)]
                 else:
                     ids = await broker.publish_batch(topic, chunk, headers=headers or None)
-                rows.extend({"message_id": mid, "partition": partition_for(m.partition_key, count)}
-                            for mid, m in zip(ids, chunk, strict=True))
+                rows.extend(
+                    {"message_id": mid, "partition": partition_for(m.partition_key, count)}
+                    for mid, m in zip(ids, chunk, strict=True)
+                )
                 progress.advance(task, len(chunk))
         return rows
 
@@ -360,8 +385,10 @@ def publish(
     if json_output:
         emit_json({"topic": topic, "published": len(rows), "messages": rows})
     elif len(rows) == 1:
-        _out().print(f"published 1 message to {topic!r} (partition {rows[0]['partition']}): {rows[0]['message_id']}",
-                     markup=False)
+        _out().print(
+            f"published 1 message to {topic!r} (partition {rows[0]['partition']}): {rows[0]['message_id']}",
+            markup=False,
+        )
     else:
         _out().print(f"published {len(rows)} messages to {topic!r}", markup=False)
     return 0
@@ -393,21 +420,33 @@ def _peek(target: Target, topic: str, group: str, limit: int, json_output: bool)
         try:
             return await broker.transport.peek(topic, group, limit)
         except CapabilityNotSupported:
-            raise CliError(f"the {broker.provider} provider cannot read messages without settling them; "
-                           "run tail without --no-ack") from None
+            raise CliError(
+                f"the {broker.provider} provider cannot read messages without settling them; run tail without --no-ack"
+            ) from None
 
     deliveries = run_with_broker(target, work)
     console = _out()
     for d in deliveries:
         if json_output:
-            emit_json({"topic": topic, "group": group, "partition": d.partition, "message_id": d.message_id,
-                       "delivery_attempt": d.attempt, "headers": dict(d.headers), "message": _payload(d.body),
-                       "outcome": "unsettled"})
+            emit_json(
+                {
+                    "topic": topic,
+                    "group": group,
+                    "partition": d.partition,
+                    "message_id": d.message_id,
+                    "delivery_attempt": d.attempt,
+                    "headers": dict(d.headers),
+                    "message": _payload(d.body),
+                    "outcome": "unsettled",
+                }
+            )
         else:
             console.print(_delivery_line(topic, d.partition, d.message_id, d.attempt, _payload(d.body), "unsettled"))
     if not json_output:
-        _err().print(f"peeked at {len(deliveries)} unsettled message(s) of {topic!r} for {group!r}; nothing settled",
-                     markup=False)
+        _err().print(
+            f"peeked at {len(deliveries)} unsettled message(s) of {topic!r} for {group!r}; nothing settled",
+            markup=False,
+        )
     return 0
 
 
@@ -416,12 +455,22 @@ def tail(
     topic: Annotated[str, typer.Argument(help="Topic to read.")],
     group: GroupOption,
     count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Stop after this many messages.")] = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t", min=0, help="Stop after this many seconds.")] = None,
-    idle: Annotated[float | None, typer.Option("--idle", min=0, help="Stop after this many seconds without a message.")] = None,
-    settle: Annotated[Settle, typer.Option("--settle", case_sensitive=False,
-                                           help="ack; nak (retry later); reject (straight to the dead letters).")] = Settle.ACK,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", "-t", min=0, help="Stop after this many seconds.")
+    ] = None,
+    idle: Annotated[
+        float | None, typer.Option("--idle", min=0, help="Stop after this many seconds without a message.")
+    ] = None,
+    settle: Annotated[
+        Settle,
+        typer.Option(
+            "--settle", case_sensitive=False, help="ack; nak (retry later); reject (straight to the dead letters)."
+        ),
+    ] = Settle.ACK,
     no_ack: Annotated[bool, typer.Option("--no-ack", help="Peek: show unsettled messages, settle nothing.")] = False,
-    metrics: Annotated[bool, typer.Option("--metrics", help="Print this run's metrics (Prometheus text) at the end.")] = False,
+    metrics: Annotated[
+        bool, typer.Option("--metrics", help="Print this run's metrics (Prometheus text) at the end.")
+    ] = False,
     url: UrlOption = None,
     config: ConfigOption = None,
     partition_count: PartitionsOption = None,
@@ -461,12 +510,22 @@ def tail(
             last = time.monotonic()
             fields = ctx.message.model_dump(mode="json")
             if json_output:
-                emit_json({"topic": ctx.topic, "group": ctx.group, "partition": ctx.partition,
-                           "message_id": ctx.message_id, "delivery_attempt": ctx.delivery_attempt,
-                           "headers": dict(ctx.headers), "message": fields, "outcome": settle.value})
+                emit_json(
+                    {
+                        "topic": ctx.topic,
+                        "group": ctx.group,
+                        "partition": ctx.partition,
+                        "message_id": ctx.message_id,
+                        "delivery_attempt": ctx.delivery_attempt,
+                        "headers": dict(ctx.headers),
+                        "message": fields,
+                        "outcome": settle.value,
+                    }
+                )
             else:
-                console.print(_delivery_line(ctx.topic, ctx.partition, ctx.message_id, ctx.delivery_attempt, fields,
-                                             settle.value))
+                console.print(
+                    _delivery_line(ctx.topic, ctx.partition, ctx.message_id, ctx.delivery_attempt, fields, settle.value)
+                )
             if settle is Settle.NAK:
                 await ctx.nak(requeue=True, error="nak by msgbroker tail")
             elif settle is Settle.REJECT:
@@ -478,7 +537,7 @@ def tail(
                 # Keep the one handler slot until every lane is stopping, so that no lane starts
                 # a handler past --count; what the lanes read ahead goes back unread.
                 deadline = time.monotonic() + 30
-                while (not subscriptions or subscriptions[0].partitions) and time.monotonic() < deadline:
+                while (not subscriptions or subscriptions[0].partitions) and time.monotonic() < deadline:  # noqa: ASYNC110 - the engine offers no event for it
                     await asyncio.sleep(0.005)
 
         subscriptions: list[Subscription] = []
@@ -544,13 +603,21 @@ def pending(
 
     provider, total, per = run_with_broker(Target(url, config, partition_count), work)
     if json_output:
-        emit_json({"topic": topic, "group": group, "pending": total,
-                   "partitions": None if per is None else {str(p): n for p, n in sorted(per.items()) if n}})
+        emit_json(
+            {
+                "topic": topic,
+                "group": group,
+                "pending": total,
+                "partitions": None if per is None else {str(p): n for p, n in sorted(per.items()) if n},
+            }
+        )
         return 0
     console = _out()
     if per is None:
-        console.print(f"{total} pending in {topic!r} for {group!r} (the {provider} provider does not count "
-                      "per partition)", markup=False)
+        console.print(
+            f"{total} pending in {topic!r} for {group!r} (the {provider} provider does not count per partition)",
+            markup=False,
+        )
         return 0
     table = Table(title=f"pending: {topic} / {group}")
     table.add_column("partition", justify="right")
@@ -621,8 +688,13 @@ def dlq_list(
     for name in ("partition", "attempts", "dead-lettered at", "error"):
         table.add_column(name, justify="right" if name in ("partition", "attempts") else "left")
     for letter in letters:
-        table.add_row(letter.message_id, str(letter.partition), str(letter.attempts),
-                      letter.dead_lettered_at.strftime("%Y-%m-%d %H:%M:%S"), Text(_short(letter.error)))
+        table.add_row(
+            letter.message_id,
+            str(letter.partition),
+            str(letter.attempts),
+            letter.dead_lettered_at.strftime("%Y-%m-%d %H:%M:%S"),
+            Text(_short(letter.error)),
+        )
     _out().print(table)
     return 0
 
@@ -648,8 +720,7 @@ def dlq_show(
         return 0
     console = _out()
     table = Table.grid(padding=(0, 2))
-    for name in ("message_id", "topic", "group", "partition", "partition_key", "attempts", "dead_lettered_at",
-                 "error"):
+    for name in ("message_id", "topic", "group", "partition", "partition_key", "attempts", "dead_lettered_at", "error"):
         table.add_row(Text(name, style="bold"), Text(str(data[name])))
     console.print(table)
     console.print(Text("headers", style="bold"))
@@ -693,7 +764,7 @@ def dlq_replay(
         with _progress(not json_output and len(wanted) > REPLAY_CHUNK) as progress:
             task = progress.add_task(f"replaying to {topic}", total=len(wanted))
             for start in range(0, len(wanted), REPLAY_CHUNK):
-                chunk = wanted[start: start + REPLAY_CHUNK]
+                chunk = wanted[start : start + REPLAY_CHUNK]
                 replayed += await broker.replay_dead_letters(topic, group, chunk)
                 progress.advance(task, len(chunk))
         return replayed, missing
@@ -704,8 +775,11 @@ def dlq_replay(
     else:
         _out().print(f"replayed {replayed} dead letter(s) to {topic!r} for {group!r}", markup=False)
     if missing:
-        raise CliError(f"{len(missing)} id(s) are not dead letters of {topic!r} for {group!r}: "
-                       + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""))
+        raise CliError(
+            f"{len(missing)} id(s) are not dead letters of {topic!r} for {group!r}: "
+            + ", ".join(missing[:5])
+            + (" …" if len(missing) > 5 else "")
+        )
     return 0
 
 
@@ -752,8 +826,12 @@ def dlq_purge(
 def metrics_command(
     topic: Annotated[str | None, typer.Argument(help="Topic whose pending count to include.")] = None,
     groups: Annotated[list[str] | None, typer.Option("--group", "-g", help="Consumer group (repeatable).")] = None,
-    serve: Annotated[int | None, typer.Option("--serve", help="Serve /metrics on this port (127.0.0.1) until Ctrl-C.")] = None,
-    interval: Annotated[float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --serve.")] = 15.0,
+    serve: Annotated[
+        int | None, typer.Option("--serve", help="Serve /metrics on this port (127.0.0.1) until Ctrl-C.")
+    ] = None,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between refreshes with --serve.")
+    ] = 15.0,
     url: UrlOption = None,
     config: ConfigOption = None,
     partition_count: PartitionsOption = None,
@@ -778,8 +856,11 @@ def metrics_command(
         healthy = await broker.is_healthy()
         up.labels(broker.provider).set(1 if healthy else 0)
         counts = await recorder.refresh_pending(broker, lanes) if healthy else {}
-        return {"healthy": healthy, "provider": broker.provider,
-                "pending": [{"topic": t, "group": g, "pending": n} for (t, g), n in counts.items()]}
+        return {
+            "healthy": healthy,
+            "provider": broker.provider,
+            "pending": [{"topic": t, "group": g, "pending": n} for (t, g), n in counts.items()],
+        }
 
     async def work(broker: Broker) -> dict[str, Any]:
         if serve is None:
@@ -832,8 +913,10 @@ def bench(ctx: typer.Context) -> int:
     try:
         import msgbroker_bench  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        raise CliError("the benchmark harness is not installed: it is msgbroker-bench in the repository's bench/ "
-                       "folder (pip install -e bench, or run scripts/bench)") from None
+        raise CliError(
+            "the benchmark harness is not installed: it is msgbroker-bench in the repository's bench/ "
+            "folder (pip install -e bench, or run scripts/bench)"
+        ) from None
     return _argv_main(msgbroker_bench.run, list(ctx.args))
 
 
@@ -856,7 +939,7 @@ def _quiet_broken_pipe() -> Iterator[None]:
         yield
     except BrokenPipeError:  # `msgbroker tail ... | head`: the reader left, nothing to say
         with contextlib.suppress(Exception):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stops the interpreter's flush error
+            sys.stdout = open(os.devnull, "w")  # stops the interpreter's flush error at exit
         raise SystemExit(0) from None
 
 
@@ -872,7 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except typer.Abort:
         return _fail("aborted", 1)
     except typer.TyperException as exc:
-        message = getattr(exc, "format_message", lambda: str(exc))()
+        format_message = getattr(exc, "format_message", None)
+        message = format_message() if callable(format_message) else str(exc)
         code = getattr(exc, "exit_code", 2)
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.stdout.write(message + "\n")

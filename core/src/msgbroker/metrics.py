@@ -91,27 +91,47 @@ class _Prometheus:
 
         dest = ["messaging_system", "messaging_destination_name"]
         group = [*dest, "messaging_consumer_group_name"]
-        self.sent = Counter("messaging_client_sent_messages", "Messages published and confirmed by the broker.",
-                            dest, registry=target)
+        self.sent = Counter(
+            "messaging_client_sent_messages", "Messages published and confirmed by the broker.", dest, registry=target
+        )
         self.send_duration = Histogram(
-            "messaging_client_operation_duration", "Time to publish a message or batch until confirmed.",
-            [*dest, "messaging_operation_name"], unit="seconds", buckets=DURATION_BUCKETS, registry=target)
-        self.consumed = Counter("messaging_client_consumed_messages", "Messages handled, by outcome.",
-                                [*group, "outcome"], registry=target)
+            "messaging_client_operation_duration",
+            "Time to publish a message or batch until confirmed.",
+            [*dest, "messaging_operation_name"],
+            unit="seconds",
+            buckets=DURATION_BUCKETS,
+            registry=target,
+        )
+        self.consumed = Counter(
+            "messaging_client_consumed_messages", "Messages handled, by outcome.", [*group, "outcome"], registry=target
+        )
         self.process_duration = Histogram(
-            "messaging_process_duration", "Time to handle a message (decode, handler, settle), by outcome.",
-            [*group, "outcome"], unit="seconds", buckets=DURATION_BUCKETS, registry=target)
-        self.in_flight_gauge = Gauge("msgbroker_messages_in_flight", "Handlers running now.", group,
-                                     registry=target)
-        self.pending_gauge = Gauge("msgbroker_messages_pending",
-                                   "Messages of the topic the group has not settled (last refresh).", group,
-                                   registry=target)
-        self.breaker_state = Gauge("msgbroker_circuit_breaker_state",
-                                   "1 for the circuit breaker's current state, 0 for the others.",
-                                   ["breaker", "state"], registry=target)
-        self.breaker_transitions = Counter("msgbroker_circuit_breaker_transitions",
-                                           "Circuit breaker state changes, by the state entered.",
-                                           ["breaker", "state"], registry=target)
+            "messaging_process_duration",
+            "Time to handle a message (decode, handler, settle), by outcome.",
+            [*group, "outcome"],
+            unit="seconds",
+            buckets=DURATION_BUCKETS,
+            registry=target,
+        )
+        self.in_flight_gauge = Gauge("msgbroker_messages_in_flight", "Handlers running now.", group, registry=target)
+        self.pending_gauge = Gauge(
+            "msgbroker_messages_pending",
+            "Messages of the topic the group has not settled (last refresh).",
+            group,
+            registry=target,
+        )
+        self.breaker_state = Gauge(
+            "msgbroker_circuit_breaker_state",
+            "1 for the circuit breaker's current state, 0 for the others.",
+            ["breaker", "state"],
+            registry=target,
+        )
+        self.breaker_transitions = Counter(
+            "msgbroker_circuit_breaker_transitions",
+            "Circuit breaker state changes, by the state entered.",
+            ["breaker", "state"],
+            registry=target,
+        )
 
     def published(self, system: str, topic: str, count: int, seconds: float) -> None:
         if count:
@@ -157,36 +177,63 @@ class _OpenTelemetry:
 
         meter = otel_metrics.get_meter("msgbroker", __version__, meter_provider=meter_provider)
         self._observation = otel_metrics.Observation
-        self.sent = meter.create_counter("messaging.client.sent.messages", unit="{message}",
-                                         description="Messages published and confirmed by the broker.")
+        self.sent = meter.create_counter(
+            "messaging.client.sent.messages",
+            unit="{message}",
+            description="Messages published and confirmed by the broker.",
+        )
         self.send_duration = meter.create_histogram(
-            "messaging.client.operation.duration", unit="s",
-            description="Time to publish a message or batch until confirmed.")
-        self.consumed = meter.create_counter("messaging.client.consumed.messages", unit="{message}",
-                                             description="Messages handled, by outcome.")
+            "messaging.client.operation.duration",
+            unit="s",
+            description="Time to publish a message or batch until confirmed.",
+        )
+        self.consumed = meter.create_counter(
+            "messaging.client.consumed.messages", unit="{message}", description="Messages handled, by outcome."
+        )
         self.process_duration = meter.create_histogram(
-            "messaging.process.duration", unit="s",
-            description="Time to handle a message (decode, handler, settle), by outcome.")
-        self.in_flight_counter = meter.create_up_down_counter("msgbroker.messages.in_flight", unit="{message}",
-                                                              description="Handlers running now.")
+            "messaging.process.duration",
+            unit="s",
+            description="Time to handle a message (decode, handler, settle), by outcome.",
+        )
+        self.in_flight_counter = meter.create_up_down_counter(
+            "msgbroker.messages.in_flight", unit="{message}", description="Handlers running now."
+        )
         self._pending: dict[tuple[str, str, str], int] = {}
         self._breakers: dict[str, str] = {}
-        meter.create_observable_gauge("msgbroker.messages.pending", callbacks=[self._observe_pending],
-                                      unit="{message}",
-                                      description="Messages of the topic the group has not settled (last refresh).")
-        meter.create_observable_gauge("msgbroker.circuit_breaker.state", callbacks=[self._observe_breakers],
-                                      description="1 for the circuit breaker's current state, 0 for the others.")
-        self.transitions = meter.create_counter("msgbroker.circuit_breaker.transitions",
-                                                description="Circuit breaker state changes, by the state entered.")
+        meter.create_observable_gauge(
+            "msgbroker.messages.pending",
+            callbacks=[self._observe_pending],
+            unit="{message}",
+            description="Messages of the topic the group has not settled (last refresh).",
+        )
+        meter.create_observable_gauge(
+            "msgbroker.circuit_breaker.state",
+            callbacks=[self._observe_breakers],
+            description="1 for the circuit breaker's current state, 0 for the others.",
+        )
+        self.transitions = meter.create_counter(
+            "msgbroker.circuit_breaker.transitions", description="Circuit breaker state changes, by the state entered."
+        )
 
     def _observe_pending(self, options: Any) -> Iterable[Any]:
-        return [self._observation(count, {"messaging.system": system, "messaging.destination.name": topic,
-                                          "messaging.consumer.group.name": group})
-                for (system, topic, group), count in list(self._pending.items())]
+        return [
+            self._observation(
+                count,
+                {
+                    "messaging.system": system,
+                    "messaging.destination.name": topic,
+                    "messaging.consumer.group.name": group,
+                },
+            )
+            for (system, topic, group), count in list(self._pending.items())
+        ]
 
     def _observe_breakers(self, options: Any) -> Iterable[Any]:
-        return [self._observation(1 if each == state else 0, {"msgbroker.breaker": name, "msgbroker.state": each})
-                for name, state in list(self._breakers.items()) for each in BREAKER_STATES]
+        return [
+            self._observation(1 if each == state else 0, {"msgbroker.breaker": name, "msgbroker.state": each})
+            for name, state in list(self._breakers.items())
+            for each in BREAKER_STATES
+        ]
 
     def published(self, system: str, topic: str, count: int, seconds: float) -> None:
         attributes = {"messaging.system": system, "messaging.destination.name": topic}
@@ -195,14 +242,20 @@ class _OpenTelemetry:
         self.send_duration.record(seconds, {**attributes, "messaging.operation.name": "send"})
 
     def handled(self, system: str, topic: str, group: str, outcome: str, seconds: float) -> None:
-        attributes = {"messaging.system": system, "messaging.destination.name": topic,
-                      "messaging.consumer.group.name": group, "msgbroker.outcome": outcome}
+        attributes = {
+            "messaging.system": system,
+            "messaging.destination.name": topic,
+            "messaging.consumer.group.name": group,
+            "msgbroker.outcome": outcome,
+        }
         self.consumed.add(1, attributes)
         self.process_duration.record(seconds, attributes)
 
     def in_flight(self, system: str, topic: str, group: str, delta: int) -> None:
-        self.in_flight_counter.add(delta, {"messaging.system": system, "messaging.destination.name": topic,
-                                           "messaging.consumer.group.name": group})
+        self.in_flight_counter.add(
+            delta,
+            {"messaging.system": system, "messaging.destination.name": topic, "messaging.consumer.group.name": group},
+        )
 
     def pending(self, system: str, topic: str, group: str, count: int) -> None:
         self._pending[(system, topic, group)] = count
@@ -247,8 +300,9 @@ class MessagingMetrics:
             try:
                 from prometheus_client import REGISTRY
             except ImportError as exc:
-                raise ImportError("Prometheus metrics need prometheus-client: pip install 'msgbroker[prometheus]'"
-                                  ) from exc
+                raise ImportError(
+                    "Prometheus metrics need prometheus-client: pip install 'msgbroker[prometheus]'"
+                ) from exc
             self.registry = registry if registry is not None else REGISTRY
             self.backends.append(_prometheus_for(self.registry))
         else:
@@ -257,8 +311,9 @@ class MessagingMetrics:
             try:
                 self.backends.append(_OpenTelemetry(meter_provider))
             except ImportError as exc:
-                raise ImportError("OpenTelemetry metrics need opentelemetry-api: pip install 'msgbroker[otel]'"
-                                  ) from exc
+                raise ImportError(
+                    "OpenTelemetry metrics need opentelemetry-api: pip install 'msgbroker[otel]'"
+                ) from exc
         self._watchers: set[asyncio.Task[None]] = set()
         self._breakers: list[tuple[Any, Any]] = []
 

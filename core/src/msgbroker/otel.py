@@ -57,8 +57,20 @@ OUTCOME = "msgbroker.outcome"
 REPLAY = "msgbroker.replay"
 
 ATTRIBUTES = (
-    SYSTEM, DESTINATION, PARTITION, MESSAGE_ID, CONVERSATION_ID, BODY_SIZE, CONSUMER_GROUP, OPERATION_TYPE,
-    OPERATION_NAME, BATCH_COUNT, CLIENT_ID, DELIVERY_ATTEMPT, OUTCOME, REPLAY,
+    SYSTEM,
+    DESTINATION,
+    PARTITION,
+    MESSAGE_ID,
+    CONVERSATION_ID,
+    BODY_SIZE,
+    CONSUMER_GROUP,
+    OPERATION_TYPE,
+    OPERATION_NAME,
+    BATCH_COUNT,
+    CLIENT_ID,
+    DELIVERY_ATTEMPT,
+    OUTCOME,
+    REPLAY,
 )
 """Every span attribute this module sets."""
 
@@ -80,7 +92,9 @@ class TracingPlugin:
     carries a link to the producer span, as the semantic conventions ask.
     """
 
-    def __init__(self, tracer_provider: trace.TracerProvider | None = None, *, parent_from_message: bool = True) -> None:
+    def __init__(
+        self, tracer_provider: trace.TracerProvider | None = None, *, parent_from_message: bool = True
+    ) -> None:
         self.tracer = trace.get_tracer("msgbroker", _version(), tracer_provider=tracer_provider)
         self.parent_from_message = parent_from_message
 
@@ -94,7 +108,10 @@ class TracingPlugin:
     def _publishing(self, event: PublishEvent) -> Iterator[None]:
         records = event.records
         attributes: dict[str, Any] = {
-            SYSTEM: event.system, DESTINATION: event.topic, OPERATION_TYPE: "send", OPERATION_NAME: "send",
+            SYSTEM: event.system,
+            DESTINATION: event.topic,
+            OPERATION_TYPE: "send",
+            OPERATION_NAME: "send",
         }
         if event.replay:
             attributes[REPLAY] = True
@@ -102,8 +119,9 @@ class TracingPlugin:
         single = len(records) == 1
         if single:
             record = records[0]
-            attributes.update({PARTITION: str(record.partition), MESSAGE_ID: record.message_id,
-                               BODY_SIZE: len(record.body)})
+            attributes.update(
+                {PARTITION: str(record.partition), MESSAGE_ID: record.message_id, BODY_SIZE: len(record.body)}
+            )
         else:
             attributes[BATCH_COUNT] = len(records)
         # One message: its send span is the producer span. A batch: a client "send" span and one
@@ -117,9 +135,15 @@ class TracingPlugin:
                     create = self.tracer.start_span(
                         f"create {event.topic}",
                         kind=SpanKind.PRODUCER,
-                        attributes={SYSTEM: event.system, DESTINATION: event.topic, OPERATION_TYPE: "create",
-                                    OPERATION_NAME: "create", PARTITION: str(record.partition),
-                                    MESSAGE_ID: record.message_id, BODY_SIZE: len(record.body)},
+                        attributes={
+                            SYSTEM: event.system,
+                            DESTINATION: event.topic,
+                            OPERATION_TYPE: "create",
+                            OPERATION_NAME: "create",
+                            PARTITION: str(record.partition),
+                            MESSAGE_ID: record.message_id,
+                            BODY_SIZE: len(record.body),
+                        },
                     )
                     propagate.inject(record.headers, context=trace.set_span_in_context(create))
                     create.end()
@@ -149,8 +173,9 @@ class TracingPlugin:
             CLIENT_ID: event.member_id,
             DELIVERY_ATTEMPT: event.delivery_attempt,
         }
-        span = self.tracer.start_span(f"process {event.topic}", context=parent, kind=SpanKind.CONSUMER,
-                                      attributes=attributes, links=links)
+        span = self.tracer.start_span(
+            f"process {event.topic}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes, links=links
+        )
         with trace.use_span(span, end_on_exit=True, record_exception=True, set_status_on_exception=True):
             try:
                 yield
@@ -179,7 +204,9 @@ def _finish(span: trace.Span, event: HandleEvent) -> None:
         span.set_status(Status(StatusCode.ERROR, str(text)))
 
 
-def instrument(tracer_provider: trace.TracerProvider | None = None, *, parent_from_message: bool = True) -> TracingPlugin:
+def instrument(
+    tracer_provider: trace.TracerProvider | None = None, *, parent_from_message: bool = True
+) -> TracingPlugin:
     """Trace every publish and handling from now on (brokers and subscriptions opened after this
     call); returns the plugin. ``tracer_provider`` defaults to the global one. Calling it again
     replaces the earlier plugin."""
