@@ -67,8 +67,10 @@ ACK_BATCH = 512
 """Buffered acks of one consumer flushed at once without waiting for the linger."""
 ACK_LINGER = 0.002
 """Seconds an ack waits for company before it is flushed."""
-PUBLISH_CHUNK = 500
-"""Records per publish script call (bounds the script's argument list)."""
+PUBLISH_CHUNK = 1000
+"""Records per publish script call at most."""
+PUBLISH_BYTES = 4 * 1024 * 1024
+"""Bytes of bodies per publish script call at most (a larger single record goes alone)."""
 
 
 class topic_keys:
@@ -143,10 +145,12 @@ def _unpack(packed: bytes, pos: int, end: int, partition: int, into: list[Delive
 
 
 def _pack_records(records: Sequence[OutgoingRecord]) -> bytes:
-    """The PUBLISH script's records argument: id, key, headers, body, each length-prefixed."""
+    """The PUBLISH script's records argument: partition, then id, key, headers, body, each
+    length-prefixed."""
     pack = _LENGTH.pack
     parts: list[bytes] = []
     for record in records:
+        parts.append(pack(record.partition))
         for part in (record.message_id.encode(), record.key.encode(), _encode_headers(record.headers).encode(),
                      record.body):
             parts.append(pack(len(part)))
@@ -325,19 +329,22 @@ class RedisTransport(Transport):
         for topic in {r.topic for r in records}:
             await self.check_topic(topic)
         window = max(1, int(dedup_window * 1000)) if dedup_window is not None else 0
-        lanes: dict[tuple[str, int], list[OutgoingRecord]] = {}
+        by_topic: dict[str, list[OutgoingRecord]] = {}
         for record in records:
-            lanes.setdefault((record.topic, record.partition), []).append(record)
+            by_topic.setdefault(record.topic, []).append(record)
         calls: list[tuple[list[str], list[Any]]] = []
-        for (topic, partition), lane in lanes.items():
-            keys = self.keys(topic)
-            for start in range(0, len(lane), PUBLISH_CHUNK):
-                chunk = lane[start:start + PUBLISH_CHUNK]
-                args: list[Any] = [self.max_stream_length, self.trim_slack, window, _pack_records(chunk)]
-                script_keys = [keys.stream(partition)]
-                if window:
-                    script_keys += [keys.dedup(r.message_id) for r in chunk]
-                calls.append((script_keys, args))
+        for topic, batch in by_topic.items():
+            base = self.keys(topic).base
+            start = 0
+            while start < len(batch):
+                # Bound one script run (Redis serves nobody else meanwhile): records and bytes.
+                end, size = start, 0
+                while end < len(batch) and end - start < PUBLISH_CHUNK and (end == start or size < PUBLISH_BYTES):
+                    size += len(batch[end].body)
+                    end += 1
+                packed = _pack_records(batch[start:end])
+                calls.append(([], [base, self.max_stream_length, self.trim_slack, window, packed]))
+                start = end
         script = self.script("PUBLISH")
         if len(calls) == 1:
             try:
@@ -351,16 +358,15 @@ class RedisTransport(Transport):
             raise self._publish_error(exc, len(calls), len(records)) from exc
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
-            error = self._publish_error(failed[0], len(calls), len(records))
-            if len(failed) < len(results) and isinstance(error, PublishFailedError):
-                # Some lanes were written, others not: the batch as a whole is indeterminate.
-                raise PublishIndeterminateError(f"{len(failed)} of {len(results)} lanes failed: {error}") from failed[0]
-            raise error from failed[0]
+            raise self._publish_error(failed[0], len(calls), len(records)) from failed[0]
 
     @staticmethod
     def _publish_error(exc: BaseException, calls: int, count: int) -> MsgBrokerError:
+        if isinstance(exc, rex.ResponseError) and count == 1:
+            return PublishFailedError(f"redis refused the publish: {exc}")
         if isinstance(exc, rex.ResponseError):
-            return PublishFailedError(f"redis refused the publish of {count} message(s): {exc}")
+            # A script is not rolled back: the records before the failing one were appended.
+            return PublishIndeterminateError(f"redis failed part of a publish of {count} messages: {exc}")
         return PublishIndeterminateError(
             f"publishing {count} message(s) to redis may or may not have happened: {translate(exc, 'publish')}"
         )
