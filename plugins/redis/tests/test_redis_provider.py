@@ -18,7 +18,7 @@ import msgbroker
 import pytest
 import redis.asyncio as aioredis
 from msgbroker import BrokerSettings, ConfigurationError, DeadLetter, Lane, Message, MessageContext, partition_for
-from msgbroker_redis import RedisTransport, topic_keys
+from msgbroker_redis import RedisTransport, TopicKeys
 
 REPO = Path(__file__).resolve().parents[3]
 SEED_APPSETTINGS = REPO.parent / "shared" / "seed" / "appsettings.json"
@@ -95,7 +95,7 @@ async def _has_dead_letter(broker: msgbroker.Broker, topic: str) -> bool:
 async def test_trimming_never_deletes_what_a_group_has_not_settled(
     connect: Any, raw: aioredis.Redis, prefix: str, topic: str
 ) -> None:
-    stream = topic_keys(prefix, topic).stream(0)
+    stream = TopicKeys(prefix, topic).stream(0)
     gate = asyncio.Event()
     busy: list[int] = []
     late: list[int] = []
@@ -407,7 +407,7 @@ async def test_streams_and_groups_deleted_under_a_running_member_are_recreated(
         await raw.delete(*doomed)
         await broker.publish_batch(topic, [Item(key=f"k{n}", n=n) for n in range(10, 20)])
         await wait_until(lambda: set(range(10, 20)) <= set(handled), what="messages after the flush")
-        assert await raw.exists(topic_keys(prefix, topic).meta), "the topic's partition count was not recorded again"
+        assert await raw.exists(TopicKeys(prefix, topic).meta), "the topic's partition count was not recorded again"
 
 
 # -- settings --------------------------------------------------------------------------------------

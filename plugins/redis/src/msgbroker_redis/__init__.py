@@ -6,6 +6,6 @@ Installed, it is found through the ``msgbroker.providers`` entry point; use it w
 
 from __future__ import annotations
 
-from ._transport import RedisLaneConsumer, RedisTransport, topic_keys
+from ._transport import RedisLaneConsumer, RedisTransport, TopicKeys
 
-__all__ = ["RedisLaneConsumer", "RedisTransport", "topic_keys"]
+__all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from msgbroker._provider import AssignmentListener
     from redis.commands.core import AsyncScript
 
-__all__ = ["RedisTransport", "topic_keys"]
+__all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]
 
 log = logging.getLogger("msgbroker.redis")
 
@@ -73,7 +73,7 @@ PUBLISH_BYTES = 4 * 1024 * 1024
 """Bytes of bodies per publish script call at most (a larger single record goes alone)."""
 
 
-class topic_keys:
+class TopicKeys:
     """The keys of one topic under ``prefix`` (see the module docstring)."""
 
     __slots__ = ("base",)
@@ -291,8 +291,8 @@ class RedisTransport(Transport):
 
     # -- topics --------------------------------------------------------------------------------
 
-    def keys(self, topic: str) -> topic_keys:
-        return topic_keys(self.prefix, topic)
+    def keys(self, topic: str) -> TopicKeys:
+        return TopicKeys(self.prefix, topic)
 
     def _refuse(self, topic: str, recorded: Any) -> ConfigurationError:
         count = int(recorded) if recorded is not None else "?"
