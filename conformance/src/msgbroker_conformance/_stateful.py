@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, Phase, event, note, reject, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from msgbroker import Broker, MessageContext, Subscription, partition_for
+from msgbroker._engine import rendezvous_owner  # the engine's lease assignment, to know when it settled
 
 from ._support import ConformanceFailure, ConformanceMessage
 
@@ -326,6 +327,9 @@ class BrokerMachine(RuleBasedStateMachine):
         self.in_step = False
         self.coverage: Counter[str] = Counter()
         self.max_lag = 0.0
+        self.rebalancing = False
+        self.handed: list[Arrival] = []
+        """Every parked invocation, so that a close never waits on one the machine forgot."""
         self.stall_limit = float("inf")
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -381,6 +385,8 @@ class BrokerMachine(RuleBasedStateMachine):
             action: asyncio.Future[tuple[str, float]] | None = None if member.auto else loop.create_future()
             arrival = Arrival(member.name, ctx.message_id, message.key, message.seq, ctx.partition,
                               ctx.delivery_attempt, time.time(), action)
+            if action is not None:
+                self.handed.append(arrival)
             self.arrivals.put(arrival)
             try:
                 kind, arg = ("ack", 0.0) if action is None else await action
@@ -404,6 +410,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.joined += 1
         name = f"m{self.joined}"
         self.model.disturb()
+        self.rebalancing = True
         broker = self.run(self._connect())
         member = Member(name, broker)
         member.subscription = self.run(
@@ -500,9 +507,33 @@ class BrokerMachine(RuleBasedStateMachine):
         for _ in range(n):
             messages.append(ConformanceMessage(key=key, seq=self.seqs[key]))
             self.seqs[key] += 1
+        moving = self.rebalancing and not self._assignment_settled()
+        self.rebalancing = moving
         for message in messages:
             self.model.publish(str(message.message_id), message.key, message.seq)
+            if moving:  # an old owner may read it ahead, then hand its lane over unhandled
+                self.model.entries[str(message.message_id)].disturbed = True
         self.run(self.producer.publish_batch(self.topic, messages))
+
+    def _assignment_settled(self) -> bool:
+        """The joins' hand-overs are done: every partition is read by the live member that will
+        keep it (under engine leases: its rendezvous owner; otherwise every member holds some)."""
+        assert self.producer is not None
+        mode = self.producer.transport.ASSIGNMENT
+        if mode == "shared" or not self.members:
+            return True
+
+        async def held() -> dict[str, list[int]]:
+            return {m.subscription.member_id: list(m.subscription.partitions)
+                    for m in self.members.values() if m.subscription is not None}
+
+        holdings = self.run(held())
+        if sorted(p for ps in holdings.values() for p in ps) != list(range(PARTITIONS)):
+            return False
+        if mode == "leases":
+            owners = {p: rendezvous_owner(p, sorted(holdings)) for p in range(PARTITIONS)}
+            return all(owners[p] == member for member, ps in holdings.items() for p in ps)
+        return all(holdings.values())
 
     # One rule per settlement, so that Hypothesis's swarm testing (which switches whole rules
     # off per example) rarely leaves an example without any handling at all.
@@ -713,7 +744,7 @@ class BrokerMachine(RuleBasedStateMachine):
         if self.producer is not None:
             brokers.append(self.producer)
         closing = asyncio.run_coroutine_threadsafe(_close_all(brokers), self.bridge.loop)
-        parked = list(self.inbox)
+        parked = [*self.inbox, *self.handed]
         deadline = time.monotonic() + 60 * self.multiplier
         while not closing.done() and time.monotonic() < deadline:
             try:
