@@ -38,7 +38,7 @@ async def main(servers: str, topic: str, group: str, partitions: int) -> None:
         print(f"HANDLED {ctx.message.seq} {ctx.delivery_attempt}", flush=True)
 
     subscription = await broker.subscribe(topic, group, handle)
-    while not subscription.partitions:  # the join completes once the others rejoined
+    while not subscription.partitions:  # noqa: ASYNC110 - the join completes once the others rejoined
         await asyncio.sleep(0.05)
     print("READY " + " ".join(map(str, subscription.partitions)), flush=True)
     await asyncio.Event().wait()

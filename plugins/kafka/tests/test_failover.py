@@ -41,9 +41,12 @@ async def test_a_killed_member_process_fails_over_with_nothing_lost(
     count, topic, group = 2, names("failover"), names("g")
     survivor = await connect(partition_count=count)
     seen: list[tuple[int, int]] = []
+    all_seen = asyncio.Event()
 
     async def handle(ctx: MessageContext[Step]) -> None:
         seen.append((ctx.message.seq, ctx.delivery_attempt))
+        if len({seq for seq, _ in seen}) >= 5:
+            all_seen.set()
 
     subscription = await survivor.subscribe(topic, group, handle, message_type=Step)
     member = await asyncio.create_subprocess_exec(
@@ -66,9 +69,7 @@ async def test_a_killed_member_process_fails_over_with_nothing_lost(
         assert await _line(member, "BLOCKED") == "BLOCKED 1"
         member.send_signal(signal.SIGKILL)  # no leave, no commit: Kafka notices after the session timeout
         await member.wait()
-        async with asyncio.timeout(60):
-            while len({seq for seq, _ in seen}) < 5:
-                await asyncio.sleep(0.05)
+        await asyncio.wait_for(all_seen.wait(), 60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             member.kill()

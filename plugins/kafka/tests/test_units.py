@@ -35,10 +35,10 @@ def test_foreign_commit_metadata_is_ignored() -> None:
     assert parse_attempts("msgbroker:a=x") is None
 
 
-def test_next_attempt_counts_a_started_delivery_and_waits_out_a_recorded_delay() -> None:
+def test_next_attempt_counts_the_deliveries_that_began_and_keeps_a_pending_delay() -> None:
     assert next_attempt(1, None, now=100.0) == (2, None)  # delivered once, its owner died
-    assert next_attempt(3, 150.0, now=100.0) == (3, 150.0)  # nak'ed: attempt 3 is due at 150
-    assert next_attempt(3, 150.0, now=200.0) == (4, None)  # attempt 3 may have begun
+    assert next_attempt(2, 150.0, now=100.0) == (3, 150.0)  # nak'ed with a delay: attempt 3 at 150
+    assert next_attempt(2, 150.0, now=200.0) == (3, None)
 
 
 def test_assignor_spreads_and_keeps_pinned_partitions_exclusive() -> None:

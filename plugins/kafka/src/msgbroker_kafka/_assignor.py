@@ -8,9 +8,12 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-from aiokafka.cluster import ClusterMetadata
-from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from aiokafka.cluster import ClusterMetadata  # type: ignore[import-untyped]
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor  # type: ignore[import-untyped]
+from aiokafka.coordinator.protocol import (  # type: ignore[import-untyped]
+    ConsumerProtocolMemberAssignment,
+    ConsumerProtocolMemberMetadata,
+)
 
 __all__ = ["PROTOCOL_NAME", "PinningAssignor", "assign_members", "decode_pin", "encode_pin"]
 
@@ -75,7 +78,7 @@ def assign_members(
     return {m: {t: sorted(ps) for t, ps in topics.items()} for m, topics in out.items()}
 
 
-class PinningAssignor(AbstractPartitionAssignor):
+class PinningAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     """An aiokafka assignor instance for one member (``pinned`` is its exclusive partition)."""
 
     name = PROTOCOL_NAME
@@ -86,11 +89,11 @@ class PinningAssignor(AbstractPartitionAssignor):
         self.holding = False
         self.since = int(time.time() * 1000)
 
-    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:  # type: ignore[override]
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
         user_data = encode_pin(self.pinned, self.holding, self.since)
         return ConsumerProtocolMemberMetadata(self.version, sorted(topics), user_data)
 
-    def assign(  # type: ignore[override]
+    def assign(
         self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
         topics = {t for meta in members.values() for t in meta.subscription}
@@ -113,7 +116,7 @@ class PinningAssignor(AbstractPartitionAssignor):
             for member in members
         }
 
-    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:  # type: ignore[override]
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         """Remember whether this member got its pinned partition (it claims it next time)."""
         if self.pinned is not None:
             self.holding = any(self.pinned in partitions for _, partitions in assignment.assignment)

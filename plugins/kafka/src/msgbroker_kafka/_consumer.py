@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import DeadLetter, Delivery, LaneConsumer
 
 from ._assignor import PinningAssignor
@@ -45,11 +45,12 @@ log = logging.getLogger("msgbroker.kafka")
 _META_PREFIX = "msgbroker:"
 _MARKER_BOUND = 5.0
 _FINAL_BOUND = 10.0
+_LEAVE_BOUND = 2.0
 
 
 def format_attempts(started: int, not_before: float | None) -> str:
-    """Commit metadata: ``started`` deliveries of the message at the committed offset began
-    (or, after a nak, the next one is due at ``not_before``)."""
+    """Commit metadata: ``started`` deliveries of the message at the committed offset began;
+    the next one is due no earlier than ``not_before`` (epoch seconds)."""
     text = f"{_META_PREFIX}a={started}"
     return text if not_before is None else f"{text};nb={not_before:.3f}"
 
@@ -71,12 +72,9 @@ def parse_attempts(metadata: str | None) -> tuple[int, float | None] | None:
 
 
 def next_attempt(started: int, not_before: float | None, now: float) -> tuple[int, float | None]:
-    """The attempt number (and persisted delay) of the next delivery of a message that had
-    ``started`` deliveries: a nak recorded the coming attempt with its ``not_before``, which
-    has not begun while ``now`` is before it."""
-    if not_before is not None and now < not_before:
-        return started, not_before
-    return started + 1, None
+    """The attempt number (and the delay still to wait out) of the next delivery of a message
+    of which ``started`` deliveries began."""
+    return started + 1, (not_before if not_before is not None and now < not_before else None)
 
 
 @dataclass(slots=True, eq=False)
@@ -104,27 +102,63 @@ class _Track:
             return self.fetched_to
         return self.committed[0] if self.committed else None
 
-    def metadata(self, offset: int) -> str:
+    def metadata(self, offset: int, *, final: bool = False) -> str:
+        """The commit metadata for ``offset``: how many deliveries of it began (and the delay
+        still to wait out). ``final``: the engine drained the lane (revoke, close)."""
         delivery = self.pending.get(offset)
         if delivery is not None and offset in self.handed:
-            started, not_before = delivery.attempt, delivery.not_before
-            if offset in self.retried:
-                retried_attempt, not_before = self.retried[offset]
-                started = max(started, retried_attempt)
-            return format_attempts(started, not_before)
+            attempt, not_before = delivery.attempt, delivery.not_before
+            retried = self.retried.get(offset)
+            if retried is not None and retried[0] >= attempt:
+                attempt, not_before = retried
+            waiting = not_before is not None and time.time() < not_before
+            # A nak'ed message's next attempt begins at once (or after its delay) while the lane
+            # runs, but not once it was drained. A handed message never nak'ed that is still
+            # unsettled after a drain was cut short in its handler: that attempt counts.
+            begun = not waiting and not (final and retried is not None)
+            return format_attempts(attempt if begun else attempt - 1, not_before if waiting else None)
         if self.inherited is not None and self.inherited[0] == offset:
             return format_attempts(self.inherited[1], self.inherited[2])
         return ""
 
 
-class _RebalanceListener(ConsumerRebalanceListener):
+async def _leave(consumer: AIOKafkaConsumer, graceful: bool) -> None:
+    """Stop ``consumer``. Gracefully it leaves the group at once; but aiokafka first finishes
+    a join in progress, which waits for the other members to drain their in-flight handlers
+    (eager rebalance) — possibly handlers waiting for whoever closes this one. So after a short
+    wait, and at once for a crash (``graceful=False``), drop the connections instead: no
+    LeaveGroup, Kafka expires the member after ``session_timeout``, as for a killed process."""
+    stopping = asyncio.ensure_future(consumer.stop())
+    if graceful:
+        done, _ = await asyncio.wait({stopping}, timeout=_LEAVE_BOUND)
+        if done:
+            _report(stopping)
+            return
+    client = getattr(consumer, "_client", None)  # aiokafka 0.14: the connections of this consumer
+    if client is not None:
+        with contextlib.suppress(Exception):
+            await client.close()
+    done, _ = await asyncio.wait({stopping}, timeout=_FINAL_BOUND)
+    if done:
+        _report(stopping)
+    else:
+        log.warning("kafka: a consumer did not stop within %.0fs", _FINAL_BOUND)
+
+
+def _report(stopped: asyncio.Future[Any]) -> None:
+    # a stop cut short by the dropped connections may end cancelled: that is not ours to raise
+    if not stopped.cancelled() and stopped.exception() is not None:
+        log.debug("kafka: stopping a consumer: %r", stopped.exception())
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, owner: KafkaLaneConsumer) -> None:
         self.owner = owner
 
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:  # type: ignore[override]
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         await self.owner.on_revoked(sorted(tp.partition for tp in revoked if tp.topic == self.owner.topic))
 
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:  # type: ignore[override]
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await self.owner.on_assigned(sorted(tp.partition for tp in assigned if tp.topic == self.owner.topic))
 
 
@@ -183,11 +217,11 @@ class KafkaLaneConsumer(LaneConsumer):
         self._consumer = consumer
         self.transport.consumers.add(self)
         self._commit_task = asyncio.create_task(self._commit_loop(), name=f"msgbroker-kafka-commit-{self.topic}")
-        # Return once this member holds its share, so what follows subscribe() usually sees a
-        # steady group: the others notice the join within a heartbeat. Bounded well below the
-        # grace period: when they must first drain in-flight handlers, the join completes later
-        # (waiting longer would deadlock a caller whose own handlers wait for it).
-        bound = min(kafka.session_timeout.total_seconds(), 2 * kafka.heartbeat_interval.total_seconds() + 0.5)
+        # Return once this member holds its share when that is quick (the first member of a
+        # group: at once). Joining a busy group takes until every member drained its in-flight
+        # handlers (eager rebalance); waiting for that here would stall a caller whose own
+        # handlers wait for it, until the grace period cancels them. So: at most a second.
+        bound = min(1.0, kafka.heartbeat_interval.total_seconds())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._assigned_once.wait(), bound)
 
@@ -198,13 +232,12 @@ class KafkaLaneConsumer(LaneConsumer):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if flush:
-            await self._commit(None, bound=_FINAL_BOUND)
+            await self._commit(None, bound=_FINAL_BOUND, final=True)
         self._lanes.clear()
         self.transport.consumers.discard(self)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(consumer.stop(), _FINAL_BOUND)
+            await _leave(consumer, graceful=flush)
 
     # -- assignment (called by aiokafka's coordinator) ------------------------------------------
 
@@ -240,7 +273,7 @@ class KafkaLaneConsumer(LaneConsumer):
         except Exception:
             log.exception("kafka: giving up %s%s for %s failed", self.topic, partitions, self.group)
         # commit what was settled, then release; a failed commit only means redelivery
-        await self._commit(partitions, bound=_FINAL_BOUND)
+        await self._commit(partitions, bound=_FINAL_BOUND, final=True)
         for partition in partitions:
             self._lanes.pop(partition, None)
 
@@ -290,13 +323,16 @@ class KafkaLaneConsumer(LaneConsumer):
     async def _fetch(
         self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], timeout: float, wake: asyncio.Event
     ) -> dict[TopicPartition, list[Any]]:
-        fetch = asyncio.ensure_future(consumer.getmany(*tps, timeout_ms=int(timeout * 1000)))
+        fetch: asyncio.Future[dict[TopicPartition, list[Any]]] = asyncio.ensure_future(
+            consumer.getmany(*tps, timeout_ms=int(timeout * 1000))
+        )
         if timeout <= 0:
             return await fetch
-        waker = asyncio.ensure_future(wake.wait())
+        waker: asyncio.Future[Any] = asyncio.ensure_future(wake.wait())
+        racing: set[asyncio.Future[Any]] = {fetch, waker}
         try:
             # getmany ignores its timeout while a rebalance is in progress: bound it here
-            done, _ = await asyncio.wait({fetch, waker}, timeout=timeout + 0.05, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(racing, timeout=timeout + 0.05, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waker.cancel()
         if fetch in done:
@@ -411,7 +447,7 @@ class KafkaLaneConsumer(LaneConsumer):
             self._dirty.clear()
             await self._commit(None, bound=_FINAL_BOUND)
 
-    async def _commit(self, partitions: Iterable[int] | None, *, bound: float) -> None:
+    async def _commit(self, partitions: Iterable[int] | None, *, bound: float, final: bool = False) -> None:
         consumer = self._consumer
         if consumer is None:
             return
@@ -424,7 +460,7 @@ class KafkaLaneConsumer(LaneConsumer):
                 target = track.target()
                 if target is None or track.tp not in assigned:
                     continue
-                entry = (target, track.metadata(target))
+                entry = (target, track.metadata(target, final=final))
                 if track.committed != entry:
                     offsets[track.tp] = entry
                     tracks[track.tp] = track

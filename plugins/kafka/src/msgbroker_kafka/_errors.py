@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiokafka import errors as kafka_errors
+from aiokafka import errors as kafka_errors  # type: ignore[import-untyped]
 from msgbroker import (
     BrokerConnectionError,
     BrokerTimeoutError,

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.helpers import create_ssl_context
-from aiokafka.structs import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
+from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import (
     BrokerClosedError,
     BrokerConnectionError,
@@ -190,8 +190,9 @@ class KafkaTransport(Transport):
                         await fresh.stop()
                     return map_error(start_exc, "restarting the producer", publishing=True)
                 self._producer = fresh
+                stale: Any = broken
                 with contextlib.suppress(Exception):
-                    await broken.stop()
+                    await stale.stop()
         return PublishIndeterminateError(f"kafka: {doing} failed: {type(exc).__name__}: {exc}; retry")
 
     async def connect(self) -> None:
