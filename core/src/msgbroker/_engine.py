@@ -185,6 +185,8 @@ class SubscriptionRunner:
         """A crash, for tests: stop everything at once, settle and release nothing."""
         self._closing = True
         tasks = [*self._tasks, *self._spawned, *(lane.task for lane in self._lanes.values() if lane.task)]
+        if self._coordinator is not None:  # a hand-over in progress must not release its lease
+            tasks += self._coordinator._draining.values()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
