@@ -133,6 +133,10 @@ async def test_trimming_never_deletes_what_a_group_has_not_settled(
         assert await raw.xlen(stream) == 10, "settled history beyond max_stream_length was kept"
 
 
+async def _dropped(drop: Callable[[], Awaitable[int]]) -> bool:
+    return await drop() > 0
+
+
 async def _settled(broker: msgbroker.Broker, topic: str, group: str) -> bool:
     return await broker.pending_count(topic, group) == 0
 
@@ -384,6 +388,38 @@ async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, topic: st
         await wait_until(lambda: _settled(broker, topic, "workers"), what="everything settled")
     for key, numbers in first_seen_in_order(events).items():
         assert numbers == sorted(numbers), f"{key} out of order across the restart: {numbers}"
+
+
+async def test_dropped_connections_mid_stream_lose_nothing(
+    connect: Any, raw: aioredis.Redis, prefix: str, topic: str
+) -> None:
+    keys = [f"key-{i}" for i in range(6)]
+    total = 300
+    events: list[tuple[str, int]] = []
+
+    async def handle(ctx: MessageContext[Item]) -> None:
+        events.append((ctx.message.key, ctx.message.n))
+        await asyncio.sleep(0.001)
+
+    async def drop_connections() -> int:
+        killed = 0
+        for client in await raw.client_list():
+            if client.get("name") == f"msgbroker:{prefix}":
+                killed += int(await raw.execute_command("CLIENT", "KILL", "ID", client["id"]))
+        return killed
+
+    async with connect() as broker:
+        await broker.subscribe(topic, "workers", handle)
+        await broker.publish_batch(topic, [Item(key=keys[n % len(keys)], n=n) for n in range(total)])
+        for at in (50, 150, 250):
+            await wait_until(lambda at=at: len(events) >= at, what=f"{at} handled")
+            # (Reconnecting connections show no name until their CLIENT SETNAME: try again.)
+            await wait_until(lambda: _dropped(drop_connections), what="this broker's connections to drop")
+        await wait_until(lambda: {n for _, n in events} == set(range(total)), what="every message")
+        await wait_until(lambda: _settled(broker, topic, "workers"), what="everything settled")
+        assert await broker.is_healthy()
+    for key, numbers in first_seen_in_order(events).items():
+        assert numbers == sorted(numbers), f"{key} out of order across dropped connections: {numbers}"
 
 
 # -- recovery from a flushed server ---------------------------------------------------------------

@@ -223,7 +223,7 @@ class RedisTransport(Transport):
                 socket_timeout=15,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
                 single_connection_client=single,
-                client_name="msgbroker",
+                client_name=f"msgbroker:{self.prefix}",  # who is who in CLIENT LIST
             )
         except ValueError as exc:
             raise ConfigurationError(f"invalid redis url {redacted(self.url)!r}: {exc}") from exc
