@@ -227,14 +227,14 @@ def curve_table(results: Results, provider: str) -> list[str]:
     lines: list[str] = []
     cell = "partition curve"
     if (provider, cell) in results.cells:
-        variants = sorted(results.cells[(provider, cell)], key=lambda v: int(v.split("-p")[-1]))
+        variants = _curve_variants(results, provider, cell)
         head = " | ".join(v.split("-p")[-1] for v in variants)
         lines += [f"| partitions | {head} |", "|---|" + "---:|" * len(variants)]
         lines.append("| ours ordered, 1 worker, msg/s | " + " | ".join(
             _cell_text(results, provider, cell, v) for v in variants) + " |")
-    payload_cells = results.cells_of(provider, "payloads")
+    payload_cells = _payload_cells(results, provider)
     if payload_cells:
-        lines += ["", "| payload | " + " | ".join(c.replace("payload curve ", "") for c in payload_cells) + " |",
+        lines += ["", "| payload | " + " | ".join(_payload_label(c) for c in payload_cells) + " |",
                   "|---|" + "---:|" * len(payload_cells)]
         for variant, label in (("ours", "ours ordered, 1 worker"), ("raw", "raw, 1 worker")):
             lines.append(f"| {label}, msg/s | " + " | ".join(
@@ -360,7 +360,7 @@ def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[s
             cell = "partition curve"
             if (provider, cell) not in results.cells:
                 continue
-            variants = sorted(results.cells[(provider, cell)], key=lambda v: int(v.split("-p")[-1]))
+            variants = _curve_variants(results, provider, cell)
             xs, ys = [], []
             for v in variants:
                 s = results.spread_of(provider, cell, v)
@@ -385,7 +385,7 @@ def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[s
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = False
         for i, provider in enumerate(providers):
-            cells = results.cells_of(provider, "payloads")
+            cells = _payload_cells(results, provider)
             for variant, style in (("ours", "-"), ("raw", "--")):
                 xs, ys = [], []
                 for cell in cells:
@@ -438,6 +438,24 @@ def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[s
             made.append("latency.png")
         plt.close(fig)
     return made
+
+
+def _payload_cells(results: Results, provider: str) -> list[str]:
+    """The payload curve: the 1-worker consume cell (100 B) and the payload cells."""
+    cells = results.cells_of(provider, "payloads")
+    if cells and (provider, "consume 1 worker") in results.cells:
+        cells = ["consume 1 worker", *cells]
+    return cells
+
+
+def _payload_label(cell: str) -> str:
+    return "100 B" if cell == "consume 1 worker" else cell.replace("payload curve ", "")
+
+
+def _curve_variants(results: Results, provider: str, cell: str) -> list[str]:
+    """The partition curve's variants (``ours-p<N>``), by partition count."""
+    names = [v for v in results.cells[(provider, cell)] if v.startswith("ours-p")]
+    return sorted(names, key=lambda v: int(v.split("-p")[-1]))
 
 
 def _short_cell(cell: str) -> str:
