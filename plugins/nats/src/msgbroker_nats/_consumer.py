@@ -66,7 +66,7 @@ class _Held:
 
 class _Lane:
     __slots__ = ("deadline", "gen", "held", "next_subject", "open", "outstanding", "partition", "ready", "retried",
-                 "retry_at")
+                 "retry_at", "seen")
 
     def __init__(self, partition: int, next_subject: str) -> None:
         self.partition = partition
@@ -79,6 +79,7 @@ class _Lane:
         self.ready: deque[_Held] = deque()
         self.held: dict[int, _Held] = {}
         self.retried: Delivery | None = None
+        self.seen = 0  # the highest stream sequence of this lane delivered (as far as we know)
 
 
 class _LanePin:
@@ -143,6 +144,7 @@ class NatsLaneConsumer(LaneConsumer):
         self._pinner: asyncio.Task[None] | None = None
         self._next_sweep = 0.0
         self._stopped = False
+        self._delivered_at_start: dict[int, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -150,7 +152,8 @@ class NatsLaneConsumer(LaneConsumer):
         transport = self._transport
         await transport.ensure_stream(self._layout, None)
         wanted = [partition] if partition is not None else list(range(transport.partition_count))
-        await asyncio.gather(*(transport.ensure_consumer(self._layout, self._group, p) for p in wanted))
+        delivered = await asyncio.gather(*(transport.ensure_consumer(self._layout, self._group, p) for p in wanted))
+        self._delivered_at_start = dict(zip(wanted, delivered, strict=True))
         nc = transport.nc
         self._inbox = nc.new_inbox()
         try:
@@ -234,6 +237,7 @@ class NatsLaneConsumer(LaneConsumer):
         if lane is None:
             stream, consumer = self._layout.stream, self._layout.consumer(self._group, partition)
             lane = self._lanes[partition] = _Lane(partition, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
+            lane.seen = self._delivered_at_start.get(partition, 0)
         lane.open = True
         if not self._gated():
             await self._request(lane)
@@ -352,6 +356,9 @@ class NatsLaneConsumer(LaneConsumer):
             lane.outstanding = False  # a batch-1 request is used up by its message
             delivered, seq = _ack_fields(msg.reply)
             current = lane.held.get(seq) or next((h for h in lane.ready if h.seq == seq), None)
+            if current is None and delivered == 1 and seq <= lane.seen and await self._is_ghost(lane, seq, msg):
+                return
+            lane.seen = max(lane.seen, seq)
             if current is not None:
                 # Redelivered to us while we still hold it (ack_wait passed): settle the newest.
                 current.msg = msg
@@ -367,6 +374,25 @@ class NatsLaneConsumer(LaneConsumer):
             raise
         except Exception as exc:  # never let one bad answer stop the inbox
             log.warning("nats: handling a pull answer on %s failed: %r", msg.subject, exc)
+
+    async def _is_ghost(self, lane: _Lane, seq: int, msg: Msg) -> bool:
+        """A first delivery older than one already made cannot be: nats-server 2.9.10 sometimes
+        delivers a message again, with its count reset to 1, after it was terminated or acked
+        (seen after a nak with delay followed by an ack_wait expiry). If the consumer's ack floor
+        is past it, it was settled: ack it again (so it stops holding the lane) and drop it."""
+        try:
+            floor = await self._transport.ack_floor(self._layout, self._group, lane.partition)
+        except MsgBrokerError as exc:
+            log.warning("nats: cannot check a stale redelivery on %s[%d]: %s", self._topic, lane.partition, exc)
+            return False
+        if seq > floor:
+            return False  # the consumer really delivers it afresh (it was reset or recreated)
+        log.warning("nats: %s[%d] sequence %d came back after it was settled (ack floor %d); dropped",
+                    self._topic, lane.partition, seq, floor)
+        await self._transport.nc.publish(msg.reply, _ACK)
+        if not lane.outstanding and not self._gated():
+            await self._request(lane)
+        return True
 
     def _on_status(self, lane: _Lane | None, gen: int, msg: Msg) -> None:
         headers = msg.headers or {}

@@ -313,12 +313,14 @@ class NatsTransport(Transport):
             max_waiting=512,
         )
 
-    async def ensure_consumer(self, layout: TopicLayout, group: str, partition: int) -> None:
+    async def ensure_consumer(self, layout: TopicLayout, group: str, partition: int) -> int:
         """Create the lane's durable consumer, or bring an existing one to these settings
-        (nats-server updates ack_wait, max_deliver, max_ack_pending in place)."""
+        (nats-server updates ack_wait, max_deliver, max_ack_pending in place); returns the last
+        stream sequence it delivered."""
         config = self.consumer_config(layout, group, partition)
         try:
-            await self.jsm.add_consumer(layout.stream, config)
+            info = await self.jsm.add_consumer(layout.stream, config)
+            return int(info.delivered.stream_seq or 0) if info.delivered else 0
         except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
             # 2.9 answers 500 / err_code 10012 for "deliver policy can not be updated".
             raise ConfigurationError(
@@ -551,6 +553,16 @@ class NatsTransport(Transport):
         except Exception as exc:
             raise map_error(exc, f"reading the unsettled messages of {group!r} on {topic!r}") from exc
         return out
+
+    async def ack_floor(self, layout: TopicLayout, group: str, partition: int) -> int:
+        """The lane's ack floor: every stream sequence up to it is settled."""
+        try:
+            info = await self.jsm.consumer_info(layout.stream, layout.consumer(group, partition))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"reading the consumer of {layout.topic}[{partition}]") from exc
+        return int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
 
     async def _lane_pending(self, layout: TopicLayout, group: str, partition: int) -> int | None:
         try:
