@@ -257,7 +257,9 @@ def _size(size: int) -> str:
     return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
 
-CELL_KINDS = ("publish-single", "publish-batch", "consume", "latency", "partitions", "payloads")
+MAIN_CELLS = ("publish-single", "publish-batch", "consume", "latency")
+CURVE_CELLS = ("partitions", "payloads")
+CELL_KINDS = MAIN_CELLS + CURVE_CELLS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -307,31 +309,43 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
         cells_end = time.monotonic() + budget - (45.0 if args.profile else 10.0)
         self_deadline = time.monotonic() + budget
         weights = {"memory": 0.6, "redis": 1.0, "nats": 1.0, "rabbitmq": 1.0, "kafka": 1.4}
-        for index, target in enumerate(targets):
+        from ._cleanup import cleanup
+
+        for target in targets:
             if target.status != "up":
                 log(f"{target.provider}: skipped: {target.status}")
                 rows.append({"provider": target.provider, "workload": "provider", "cell": "provider",
                              "variant": "ours", "kind": "ours", "rep": "-", "status": f"n/a: {target.status}"})
-                continue
-            t0 = time.monotonic()
-            log(f"{target.provider}: {target.url}")
-            cpu = BrokerCpu(broker_pid(root, target.provider) if target.provider != "memory" else None)
-            ahead = [t.provider for t in targets[index:] if t.status == "up"]
-            share = weights[target.provider] / sum(weights[p] for p in ahead)
-            deadline = t0 + max(0.0, cells_end - t0) * share
-            for cell in build_cells(target, plan):
-                if time.monotonic() > deadline:
-                    log(f"  {target.provider} {cell.name}: skipped (time budget)")
-                    rows.append({"provider": cell.provider, "workload": cell.workload, "cell": cell.name,
-                                 **cell.params, "variant": "ours", "kind": "ours", "rep": "-",
-                                 "status": "n/a: skipped, the run's time budget was spent"})
+        up = [t for t in targets if t.status == "up"]
+        # Two passes, so that every provider has its main rows before any draws its cost curves:
+        # the main cells get three quarters of the time, the curves the rest.
+        phase_start = time.monotonic()
+        phases = [("main", MAIN_CELLS, 0.75), ("curves", CURVE_CELLS, 1.0)]
+        for phase, kinds, until in phases:
+            phase_end = phase_start + (cells_end - phase_start) * until if math.isfinite(cells_end) else math.inf
+            for index, target in enumerate(up):
+                cells = [c for c in build_cells(target, plan) if c.workload in kinds]
+                if not cells:
                     continue
-                rows.extend(await run_cell(cell, plan.reps, cpu, plan.rep_timeout, log, deadline))
-            from ._cleanup import cleanup
-
-            removed = await cleanup(target.provider, target.url)
-            log(f"{target.provider}: {time.monotonic() - t0:.0f}s (removed {removed} benchmark streams/keys/topics)")
-            _write_csv(csv_path, rows)
+                t0 = time.monotonic()
+                log(f"{target.provider} ({phase}): {target.url}")
+                cpu = BrokerCpu(broker_pid(root, target.provider) if target.provider != "memory" else None)
+                ahead = [t.provider for t in up[index:]]
+                share = weights[target.provider] / sum(weights[p] for p in ahead)
+                deadline = t0 + max(0.0, phase_end - t0) * share
+                for cell in cells:
+                    if time.monotonic() > deadline:
+                        log(f"  {target.provider} {cell.name}: skipped (time budget)")
+                        rows.append({"provider": cell.provider, "workload": cell.workload, "cell": cell.name,
+                                     **cell.params, "variant": "ours", "kind": "ours", "rep": "-",
+                                     "status": "n/a: skipped, the run's time budget was spent"})
+                        continue
+                    rows.extend(await run_cell(cell, plan.reps, cpu, plan.rep_timeout, log, deadline))
+                removed = await cleanup(target.provider, target.url)
+                log(f"{target.provider} ({phase}): {time.monotonic() - t0:.0f}s "
+                    f"(removed {removed} benchmark streams/keys/topics)")
+                _write_csv(csv_path, rows)
+            phase_start = time.monotonic()
         _write_csv(csv_path, rows)
         log(f"wrote {csv_path} ({len(rows)} rows) in {time.time() - started:.0f}s")
     if args.profile:
