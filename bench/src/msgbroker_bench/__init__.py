@@ -25,7 +25,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     the exit status. Writes docs/benchmarks/results.csv, docs/benchmarks.md and its plots."""
     from ._run import main_async
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.argv = argv
     # the clients' retry chatter (NotLeaderForPartition on fresh topics, rebalances) is not ours
     # to show; failures surface as cell statuses
     for name in ("aiokafka", "aio_pika", "aiormq", "nats", "msgbroker", "faststream"):

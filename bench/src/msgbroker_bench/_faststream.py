@@ -227,7 +227,7 @@ class FsRabbit(_FastStream):
 class FsKafka(_FastStream):
     max_batch = 512 * 1024
     config = ("KafkaBroker(acks='all', enable_idempotence=True, linger_ms=2); publish(topic, key=…) awaits the ack; "
-              "batch = publish_batch in 512 KiB record batches (max_batch_size), gathered; "
+              "batch = publish_batch (no per-message key: one partition) in 512 KiB record batches, gathered; "
               "subscriber(group_id, AckPolicy.ACK: commit after each handler)")
 
     def make(self) -> Any:

@@ -357,7 +357,7 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
     if args.doc:
         from ._report import write_report
 
-        command = args.command or "msgbroker-bench " + " ".join(sys.argv[1:])
+        command = args.command or " ".join(["msgbroker bench", *getattr(args, "argv", sys.argv[1:])])
         write_report(root, csv_path, root / args.doc, command, time.time() - started, log)
     return 0
 
