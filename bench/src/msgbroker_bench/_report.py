@@ -171,6 +171,8 @@ def _cell_text(results: Results, provider: str, cell: str, variant: str) -> str:
     status = results.status(provider, cell, variant)
     if status is None:
         return "—"
+    if "time budget" in status:
+        return "skipped"
     return "n/a" if status.startswith("n/a") else "failed"
 
 
@@ -226,7 +228,9 @@ def provider_table(results: Results, provider: str) -> list[str]:
 def curve_table(results: Results, provider: str) -> list[str]:
     lines: list[str] = []
     cell = "partition curve"
-    if (provider, cell) in results.cells:
+    if (provider, cell) in results.cells and not _curve_variants(results, provider, cell):
+        lines.append("Partition curve: skipped (the run's time budget was spent).")
+    elif (provider, cell) in results.cells:
         variants = _curve_variants(results, provider, cell)
         head = " | ".join(v.split("-p")[-1] for v in variants)
         lines += [f"| partitions | {head} |", "|---|" + "---:|" * len(variants)]
