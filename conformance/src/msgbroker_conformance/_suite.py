@@ -136,6 +136,51 @@ class ConformanceSuite:
         else:
             raise ConformanceFailure("publish on a closed broker must raise BrokerClosedError")
 
+    @case("core")
+    async def test_capability_declarations_match_the_calls(self, s: Scenario) -> None:
+        """Both directions of the declaration: a call behind a declared capability works; one
+        behind a capability declared missing raises CapabilityNotSupported naming it (never a
+        silent no-op)."""
+        caps = s.capabilities
+        broker = await s.connect(enable_deduplication=True, deduplication_window=s.harness.dedup_window)
+        topic, group = s.topic(), s.group()
+        if caps.deduplication == "none":
+            await _expect(broker.publish(topic, ConformanceMessage(key="cap")), msgbroker.CapabilityNotSupported,
+                          "deduplication")
+        else:
+            await broker.publish(topic, ConformanceMessage(key="cap"))
+
+        async def idle(ctx: MessageContext[ConformanceMessage]) -> None:
+            return None
+
+        if not caps.partition_exclusive:
+            await _expect(broker.subscribe_to_partition(topic, group, 0, idle, message_type=ConformanceMessage),
+                          msgbroker.CapabilityNotSupported, "partition_exclusive")
+        else:
+            pinned = await broker.subscribe_to_partition(topic, s.group("pinned"), 0, idle,
+                                                         message_type=ConformanceMessage)
+            await pinned.close()
+        refused: list[BaseException] = []
+
+        async def try_delay(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.attempt == 1:
+                try:
+                    await ctx.delay(0.01)
+                except msgbroker.CapabilityNotSupported as exc:
+                    refused.append(exc)
+
+        rec = Recorder()
+        plain = await s.connect()
+        delay_topic = s.topic("delay")
+        await plain.subscribe(delay_topic, group, rec.handler(decide=try_delay), message_type=ConformanceMessage)
+        await plain.publish(delay_topic, ConformanceMessage(key="cap"))
+        if caps.delay:
+            await s.eventually(lambda: [x.attempt for x in rec.seen] == [1, 2], lambda: f"attempts {rec.trace()}")
+            assert not refused, f"delay is declared but ctx.delay raised {refused[0]!r}"
+        else:
+            await s.eventually(lambda: bool(refused), "ctx.delay to raise CapabilityNotSupported")
+            assert "delay" in str(refused[0]), f"the refusal does not name the capability: {refused[0]}"
+
     # -- §3.4 consumer groups -------------------------------------------------------------------
 
     @case("core")
