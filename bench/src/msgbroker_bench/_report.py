@@ -490,6 +490,30 @@ def _configs(results: Results) -> list[str]:
     return lines
 
 
+def _parameters(results: Results) -> list[str]:
+    from ._run import BATCH, COUNTS, NATIVE_KAFKA_PAYLOADS, RATE
+
+    reps = max((int(r["rep"]) for r in results.rows if str(r.get("rep", "")).isdigit()), default=0)
+    lines = [
+        f"Repetitions per variant: {reps} (interleaved). Publish cells: batches of {BATCH}; end-to-end cells: "
+        "batches of 100 with at most 2,000 messages ahead of the handlers, 64 partitions, 10,000 keys; "
+        "16 KiB cells use a quarter of the messages; FastStream end-to-end repetitions a quarter; native tools "
+        "5× (redis-benchmark) or 2× (kafka-producer-perf-test, "
+        f"{', '.join(f'{p // 1024} KiB' for p in NATIVE_KAFKA_PAYLOADS)} only: a JVM start per repetition) "
+        "the publish count.",
+        "",
+        "| provider | publish single | publish batch | end to end | curves | latency cell (offered rate) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for provider in PROVIDER_ORDER:
+        c = COUNTS[provider]
+        lines.append(f"| {provider} | {c['single']:,} | {c['batch']:,} | {c['e2e']:,} | {c['curve']:,} "
+                     f"| {c['rate']:,} at {RATE[provider]:,.0f} msg/s |")
+    lines.append("")
+    lines.append("(messages per repetition of a full run; `--quick` uses a tenth)")
+    return lines
+
+
 def _checks(results: Results) -> list[str]:
     """Order and duplicate counts of the end-to-end cells, per provider and variant."""
     totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -583,6 +607,7 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         lines += [f"![{name}](benchmarks/{name})" for name in images]
         lines += [""]
     lines += ["## What each variant does", "", *_configs(results), ""]
+    lines += ["## Parameters", "", *_parameters(results), ""]
     checks = _checks(results)
     if checks:
         lines += ["## Order and duplicates (end-to-end cells, measured repetitions)", "",
