@@ -89,6 +89,18 @@ async def _has_dead_letter(broker: msgbroker.Broker, topic: str) -> bool:
     return len(await broker.dead_letters(topic, "workers")) == 1
 
 
+async def test_an_error_text_with_a_lone_surrogate_is_dead_lettered_as_is(connect: Any, topic: str) -> None:
+    async def fail(ctx: MessageContext[Item]) -> None:
+        raise RuntimeError("bad byte \udcff from a decoder")
+
+    async with connect(max_retry_attempts=1) as broker:
+        await broker.publish(topic, Item(key="k", n=1))
+        await broker.subscribe(topic, "workers", fail)
+        await wait_until(lambda: _has_dead_letter(broker, topic), what="the dead letter")
+        [letter] = await broker.dead_letters(topic, "workers")
+    assert letter.error == "RuntimeError: bad byte \udcff from a decoder"
+
+
 # -- trimming ------------------------------------------------------------------------------------
 
 

@@ -151,15 +151,24 @@ def _pack_records(records: Sequence[OutgoingRecord]) -> bytes:
     parts: list[bytes] = []
     for record in records:
         parts.append(pack(record.partition))
-        for part in (record.message_id.encode(), record.key.encode(), _encode_headers(record.headers).encode(),
-                     record.body):
+        for part in (_utf8(record.message_id), _utf8(record.key), _utf8(_encode_headers(record.headers)), record.body):
             parts.append(pack(len(part)))
             parts.append(part)
     return b"".join(parts)
 
 
+def _utf8(text: str) -> bytes:
+    # Keys and error texts are any str: surrogatepass round-trips even a lone surrogate exactly.
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _text(value: bytes | None) -> str:
-    return value.decode("utf-8", "replace") if value is not None else ""
+    if value is None:
+        return ""
+    try:
+        return value.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:  # written by someone else: keep what can be read
+        return value.decode("utf-8", "replace")
 
 
 def _headers(raw: bytes | None) -> dict[str, str]:
@@ -703,14 +712,15 @@ class RedisLaneConsumer(LaneConsumer):
         headers = dict(letter.headers)
         headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
         pairs: list[Any] = [
-            "i", letter.message_id, "p", letter.partition, "e", letter.error, "a", letter.attempts,
-            "h", _encode_headers(letter.headers) or "{}", "b", letter.payload, "k", letter.partition_key,
+            "i", _utf8(letter.message_id), "p", letter.partition, "e", _utf8(letter.error), "a", letter.attempts,
+            "h", _utf8(_encode_headers(letter.headers) or "{}"), "b", letter.payload, "k", _utf8(letter.partition_key),
             "t", letter.dead_lettered_at.isoformat(),
         ]
         keys = [*self._lane_keys(partition), self._keys.dead(self._group), dlq.stream(partition), dlq.meta]
         args: list[Any] = [self._group, token, delivery.position, transport.max_stream_length, transport.trim_slack,
                            transport.partitions, len(pairs) // 2, *pairs,
-                           delivery.message_id, delivery.key, _encode_headers(headers), delivery.body]
+                           _utf8(delivery.message_id), _utf8(delivery.key), _utf8(_encode_headers(headers)),
+                           delivery.body]
         result = await transport.call("DEAD_LETTER", keys, args, f"dead-lettering on {self._topic}[{partition}]")
         if int(result) < 0:
             log.warning("redis: dead letter of %s not written: this member no longer holds %s[%d] "
