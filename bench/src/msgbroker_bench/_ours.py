@@ -58,6 +58,16 @@ class OursDriver(Driver):
             topic, [BenchMessage(key=key_of(seq), seq=seq, run=run, sent_ns=stamp, data=data) for seq in seqs]
         )
 
+    def build_batches(self, seqs: range, run: int, data: str, size: int) -> list[list[BenchMessage]]:
+        """Messages built ahead (the ``prebuilt`` publish variant)."""
+        stamp = time.perf_counter_ns()
+        built = [BenchMessage(key=key_of(seq), seq=seq, run=run, sent_ns=stamp, data=data) for seq in seqs]
+        return [built[i:i + size] for i in range(0, len(built), size)]
+
+    async def publish_built(self, topic: str, messages: list[BenchMessage]) -> None:
+        assert self.broker is not None
+        await self.broker.publish_batch(topic, messages)
+
     async def start_consumers(
         self, topic: str, group: str, workers: int, partitions: int, sink: Sink, ordered: bool
     ) -> Consumers:

@@ -203,11 +203,13 @@ def provider_table(results: Results, provider: str) -> list[str]:
     ]
     for workload in ("publish-single", "publish-batch", "consume", "latency"):
         for cell in results.cells_of(provider, workload):
-            ours_variants = ["ours", "ours-unordered"] if workload == "consume" else ["ours"]
+            ours_variants = {"consume": ["ours", "ours-unordered"], "publish-batch": ["ours", "ours-prebuilt"]}.get(
+                workload, ["ours"])
             for ours in ours_variants:
                 if ours not in results.cells[(provider, cell)]:
                     continue
-                name = cell if ours == "ours" else f"{cell}, ordered=False"
+                name = {"ours-unordered": f"{cell}, ordered=False",
+                        "ours-prebuilt": f"{cell}, messages built beforehand"}.get(ours, cell)
                 if workload == "consume" and ours == "ours":
                     name = f"{cell}, ordered"
                 lat = ""
@@ -287,11 +289,12 @@ def targets(results: Results) -> list[str]:
         lines.append(f"| ≥ 2 × FastStream on equal work | {provider} | {text} | {met} |")
     if "memory" in results.providers():
         parts, ok = [], []
-        for cell, variant in (("publish batch 100 B", "ours"), ("consume 1 worker", "ours"),
-                              ("consume 1 worker", "ours-unordered")):
+        for cell, variant in (("publish batch 100 B", "ours"), ("publish batch 100 B", "ours-prebuilt"),
+                              ("consume 1 worker", "ours"), ("consume 1 worker", "ours-unordered")):
             s = results.spread_of("memory", cell, variant)
             if s.n:
-                label = cell + (", ordered=False" if variant == "ours-unordered" else "")
+                label = cell + {"ours-unordered": ", ordered=False",
+                                "ours-prebuilt": ", messages built beforehand"}.get(variant, "")
                 parts.append(f"{label}: {_fmt_rate(s)} msg/s")
                 ok.append(s.median >= 100_000)
         met = "—" if not ok else ("yes" if all(ok) else ("partly" if any(ok) else "no"))
@@ -314,8 +317,8 @@ def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[s
     out_dir.mkdir(parents=True, exist_ok=True)
     made: list[str] = []
     providers = [p for p in results.providers() if results.provider_status(p) == "ok"]
-    colors = {"ours": "#1f77b4", "ours-unordered": "#6baed6", "raw": "#ff7f0e", "faststream": "#2ca02c",
-              "native": "#7f7f7f"}
+    colors = {"ours": "#1f77b4", "ours-unordered": "#6baed6", "ours-prebuilt": "#9ecae1", "raw": "#ff7f0e",
+              "faststream": "#2ca02c", "native": "#7f7f7f"}
 
     def bars(workload: str, variants: list[str], filename: str, title: str, log_scale: bool = True) -> None:
         fig, axes = plt.subplots(1, len(providers), figsize=(3.2 * len(providers), 3.6), squeeze=False)

@@ -189,6 +189,8 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
                         {"payload": size, "partitions": 64, "workers": 0, "ordered": ""})
             cell.variants.append(PublishVariant("ours", ours(), mode, n, size, BATCH))
             cell.variants.append(PublishVariant("raw", raw(), mode, n, size, BATCH))
+            if provider == "memory" and mode == "batch":
+                cell.variants.append(PublishVariant("ours-prebuilt", ours(), "prebuilt", n, size, BATCH))
             if plan.faststream:
                 optional(cell, "faststream", "faststream", fast,
                          lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
