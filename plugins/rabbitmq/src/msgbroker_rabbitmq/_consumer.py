@@ -103,6 +103,9 @@ class _Lane:
     dead: bool = False
     closing: bool = False
     backlog_checked: bool = False
+    note: dict[str, Any] | None = None
+    note_declared: bool = False
+    counts: dict[int, int] = field(default_factory=dict)
 
 
 class RabbitMQLaneConsumer(LaneConsumer):
@@ -342,6 +345,17 @@ class RabbitMQLaneConsumer(LaneConsumer):
             self._lost.add(partition)
             return
         lane = _Lane(partition, lease, link.generation, channel, raw)
+        try:
+            lane.note = await self._read_note(partition)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("rabbitmq: reading the retry note of %s[%d] failed (%s); it is taken again later",
+                        self.topic, partition, exc)
+            with contextlib.suppress(Exception):
+                await channel.close()
+            self._lost.add(partition)
+            return
 
         def closed(_sender: Any, _exc: BaseException | None = None) -> None:
             if not lane.closing:
@@ -385,12 +399,42 @@ class RabbitMQLaneConsumer(LaneConsumer):
         for tag in tags:
             await lane.raw.basic_ack(tag, wait=False)
 
+    async def _read_note(self, partition: int) -> dict[str, Any] | None:
+        """The lane's retry note left by an earlier owner (read, and left in place)."""
+        channel, raw = await self.link.channel()
+        try:
+            try:
+                await raw.queue_declare(self._topology.note_queue(self.topic, self.group, partition), passive=True)
+            except amqp.ChannelNotFoundEntity:
+                return None  # nothing on this lane was ever retried
+            message = await raw.basic_get(self._topology.note_queue(self.topic, self.group, partition), no_ack=False)
+            if isinstance(message.delivery, spec.Basic.GetEmpty):
+                return None
+            with contextlib.suppress(ValueError, TypeError):
+                note = json.loads(message.body)
+                if isinstance(note, dict):
+                    return note
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()  # the note goes back in place
+
     def _to_delivery(self, lane: _Lane, message: DeliveredMessage) -> Delivery:
         properties = message.header.properties
         raw_headers = properties.headers or {}
         count = raw_headers.get("x-delivery-count")
-        attempt = (count if isinstance(count, int) else 0) + 1
+        returns = count if isinstance(count, int) else 0
+        attempt = returns + 1
+        not_before: float | None = None
+        note = lane.note
+        message_id = properties.message_id or ""
+        if note is not None and note.get("message_id") == message_id and returns > int(note.get("count", 0)):
+            # Retried by an owner that then died or handed the lane over: its attempt count and
+            # delay were noted; every return since counts one more delivery.
+            attempt = max(attempt, int(note.get("attempt", 0)) + returns - int(note.get("count", 0)))
+            not_before = note.get("not_before")
         tag = message.delivery_tag or 0
+        lane.counts[tag] = returns
         delivery = Delivery(
             partition=lane.partition,
             message_id=properties.message_id or "",
@@ -399,6 +443,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
             body=message.body,
             attempt=attempt,
             position=(lane, tag),
+            not_before=float(not_before) if isinstance(not_before, (int, float)) else None,
         )
         lane.outstanding[tag] = delivery
         return delivery
@@ -505,11 +550,39 @@ class RabbitMQLaneConsumer(LaneConsumer):
             return
         lane, tag = current
         lane.outstanding.pop(tag, None)
+        lane.counts.pop(tag, None)
         lane.acks.append(tag)  # sent before the next read of the lane, or when it closes
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
-        """Nothing to do at the broker: the message stays unacked on this member, which hands
-        it again itself (a nack would count a delivery and lose the delay)."""
+        """The message stays unacked on this member, which hands it again itself (a nack would
+        count a delivery and lose the delay). What a next owner needs after a crash — the attempt
+        and the delay — goes into the lane's note queue first (confirmed)."""
+        current = self._current(delivery)
+        if current is None:
+            return
+        lane, tag = current
+        raw = self._control
+        if raw is None or raw.is_closed:
+            _, raw = await self.link.channel(confirms=True)
+            self._control = raw
+        queue = self._topology.note_queue(self.topic, self.group, lane.partition)
+        note = {"message_id": delivery.message_id, "attempt": attempt, "not_before": not_before,
+                "count": lane.counts.get(tag, 0)}
+        try:
+            if not lane.note_declared:
+                await raw.queue_declare(queue, durable=True, arguments=self._topology.note_arguments())
+                lane.note_declared = True
+            stored = await raw.basic_publish(
+                json.dumps(note).encode(), exchange="", routing_key=queue, mandatory=True,
+                properties=spec.Basic.Properties(delivery_mode=PERSISTENT, content_type="application/json"),
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            where = f"{self.topic}[{lane.partition}]"
+            raise translate(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
+        if not isinstance(stored, spec.Basic.Ack):
+            raise PublishFailedError(f"rabbitmq: the retry note of {delivery.message_id} was not stored")
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         current = self._current(delivery)
@@ -547,6 +620,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         except Exception as exc:
             raise translate(exc, f"dead-lettering {delivery.message_id} of {self.topic}[{delivery.partition}]") from exc
         lane.outstanding.pop(tag, None)
+        lane.counts.pop(tag, None)
         lane.acks.append(tag)
 
     async def stop(self, flush: bool) -> None:

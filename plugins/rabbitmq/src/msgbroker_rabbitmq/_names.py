@@ -65,6 +65,14 @@ class Topology:
         """The group's dead letters (a classic queue read by ``dead_letters``)."""
         return _short(f"{self.prefix}:{topic}:{group}:@dlq")
 
+    def note_queue(self, topic: str, group: str, partition: int) -> str:
+        """The lane's retry note: attempt and not-before of the message being retried (last one wins)."""
+        return _short(f"{self.prefix}:{topic}:{group}:{partition}:@note")
+
+    def note_arguments(self) -> dict[str, Any]:
+        """A classic queue that keeps only the newest message."""
+        return self._expiring({"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"})
+
     def lease_queue(self, topic: str, group: str, partition: int) -> str:
         """The exclusive queue whose holder owns the lane."""
         return _short(f"{self.prefix}:{topic}:{group}:{partition}:@lease")
