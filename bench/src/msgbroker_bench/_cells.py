@@ -20,6 +20,7 @@ FIELDS = [
     "provider", "workload", "cell", "variant", "kind", "label", "rep", "payload", "partitions", "workers",
     "ordered", "messages", "seconds", "msgs_per_s", "mb_per_s", "cpu_us_per_msg", "broker_cpu_pct",
     "p50_ms", "p99_ms", "p999_ms", "max_ms", "offered_rate", "dups", "order_violations", "status", "config",
+    "run_at",
 ]
 
 

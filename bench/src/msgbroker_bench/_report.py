@@ -594,6 +594,14 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         *targets(results),
         "",
     ]
+    runs: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row.get("run_at"):
+            runs[row["run_at"]].add(row["provider"])
+    if len(runs) > 1:
+        lines += ["**Merged runs:** " + "; ".join(
+            f"{', '.join(p for p in PROVIDER_ORDER if p in provs)} measured in the run of {at}"
+            for at, provs in sorted(runs.items())) + " (every ratio still pairs repetitions of one run).", ""]
     lines += ["## Results by provider", ""]
     for provider in results.providers():
         status = results.provider_status(provider)

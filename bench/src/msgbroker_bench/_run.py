@@ -283,6 +283,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--doc", default="docs/benchmarks.md", help="the report to write ('' for none)")
     parser.add_argument("--profile", action="store_true", help="also profile the hot paths (cProfile)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the doc and plots from the CSV")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the CSV's rows of the providers not measured now (re-measure one provider "
+                             "after a server restart spoiled its cells; the doc says which were merged)")
     parser.add_argument("--command", default=None, help="the command line to print in the doc")
     return parser.parse_args(argv)
 
@@ -305,7 +308,15 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
         )
         wanted = [p.strip() for p in args.providers.split(",") if p.strip()]
         targets = find_targets(wanted)
+        run_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         rows: list[dict[str, Any]] = []
+        if args.merge and csv_path.exists():
+            with csv_path.open() as handle:
+                kept = [r for r in csv.DictReader(handle) if r["provider"] not in wanted]
+            for row in kept:
+                row["config"] = row.get("config", "")
+            rows.extend(kept)
+            log(f"kept {len(kept)} rows of {sorted({r['provider'] for r in kept})} from {csv_path}")
         budget = args.budget if args.budget is not None else (math.inf if args.quick else 480.0)
         # the profile and the report come after the cells: keep time for them
         cells_end = time.monotonic() + budget - (45.0 if args.profile else 10.0)
@@ -343,11 +354,13 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
                                      "status": "n/a: skipped, the run's time budget was spent"})
                         continue
                     rows.extend(await run_cell(cell, plan.reps, cpu, plan.rep_timeout, log, deadline))
+                _stamp(rows, run_at)
                 removed = await cleanup(target.provider, target.url)
                 log(f"{target.provider} ({phase}): {time.monotonic() - t0:.0f}s "
                     f"(removed {removed} benchmark streams/keys/topics)")
                 _write_csv(csv_path, rows)
             phase_start = time.monotonic()
+        _stamp(rows, run_at)
         _write_csv(csv_path, rows)
         log(f"wrote {csv_path} ({len(rows)} rows) in {time.time() - started:.0f}s")
     if args.profile:
@@ -362,6 +375,11 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
         command = args.command or " ".join(["msgbroker bench", *getattr(args, "argv", sys.argv[1:])])
         write_report(root, csv_path, root / args.doc, command, time.time() - started, log)
     return 0
+
+
+def _stamp(rows: list[dict[str, Any]], run_at: str) -> None:
+    for row in rows:
+        row.setdefault("run_at", run_at)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
