@@ -126,7 +126,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         return
     for name, suite in report.suites.items():
         not_applicable = [c for c in suite["cases"].values() if c["status"] == "not applicable"]
-        line = f"msgbroker conformance {name}: tier {suite['tier'] or 'none'}"
+        line = f"msgbroker conformance {name}: tier {suite['tier'] or 'none'}, seed {suite['seed']}"
         if not_applicable:
             line += "; not applicable: " + ", ".join(f"{c['case']} ({c['reason']})" for c in not_applicable)
         terminalreporter.write_line(line)
