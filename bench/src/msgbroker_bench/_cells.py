@@ -171,7 +171,7 @@ class E2EVariant(Variant):
     async def _drive(self, run: int, n: int, closed_loop: bool) -> dict[str, Any]:
         sink = self.sink
         assert sink is not None
-        sink.arm(run, n)
+        sink.arm(run, n, self.partitions)
         data = payload(self.size)
         publish = self.driver.publish_many
         deadline = time.monotonic() + self.timeout

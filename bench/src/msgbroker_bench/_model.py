@@ -59,8 +59,22 @@ def decode_raw(body: bytes | str) -> dict[str, Any]:
     return value
 
 
+_PARTITION_TABLES: dict[int, array[int]] = {}
+
+
+def partition_table(partitions: int) -> array[int]:
+    """The partition of each of the 10k keys under ``partitions`` (msgbroker's partitioner)."""
+    table = _PARTITION_TABLES.get(partitions)
+    if table is None:
+        from msgbroker import partition_for
+
+        table = _PARTITION_TABLES[partitions] = array("i", (partition_for(k, partitions) for k in _KEY_NAMES))
+    return table
+
+
 class Sink:
-    """Where every variant's handler reports: counts, duplicates, order violations per key, and
+    """Where every variant's handler reports: counts, duplicates, order violations per partition
+    (each partition's messages must be handled in publish order when ordered), and
     publish→handler latency (nanoseconds, ``time.perf_counter_ns`` of the same process)."""
 
     def __init__(self) -> None:
@@ -74,13 +88,15 @@ class Sink:
         self.order_violations = 0
         self.resume_at = 0
         self.seen = bytearray()
-        self.last = array("q", [-1]) * KEYS
+        self.parts = partition_table(64)
+        self.last = array("q", [-1]) * 64
         self.latencies = array("q")
         self.done = asyncio.Event()
         self.progress = asyncio.Event()
 
-    def arm(self, run: int, target: int) -> None:
-        """Start counting messages of ``run`` (others are counted as stray and ignored)."""
+    def arm(self, run: int, target: int, partitions: int = 64) -> None:
+        """Start counting messages of ``run`` (others are counted as stray and ignored), checking
+        order per partition of ``partitions``."""
         self.run = run
         self.target = target
         self.count = 0
@@ -89,7 +105,8 @@ class Sink:
         self.order_violations = 0
         self.resume_at = 0
         self.seen = bytearray(target)
-        self.last = array("q", [-1]) * KEYS
+        self.parts = partition_table(partitions)
+        self.last = array("q", [-1]) * partitions
         self.latencies = array("q")
         self.done.clear()
         self.progress.clear()
@@ -104,10 +121,10 @@ class Sink:
             self.dups += 1
             return
         self.seen[seq] = 1
-        key = seq % KEYS
-        if seq < self.last[key]:
+        part = self.parts[seq % KEYS]
+        if seq < self.last[part]:
             self.order_violations += 1
-        self.last[key] = seq
+        self.last[part] = seq
         self.count += 1
         self.latencies.append(now - sent_ns)
         if self.count >= self.resume_at:
