@@ -525,7 +525,18 @@ class RedisLaneConsumer(LaneConsumer):
 
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         await self._transport.create_groups(self._topic, self._group)
-        self._reader = self._transport.new_client(single=True)
+        reader = self._reader = self._transport.new_client(single=True)
+        try:
+            await reader.initialize()
+        except (rex.RedisError, OSError) as exc:
+            raise translate(exc, f"connecting the reader of {self._topic}") from exc
+        if reader.connection is not None:
+            # CLIENT UNBLOCK needs the connection's id, which a reconnect changes (and a
+            # restarted server hands out again to others): forget it on every reconnect.
+            reader.connection.register_connect_callback(self._reader_reconnected)  # type: ignore[no-untyped-call]
+
+    def _reader_reconnected(self, connection: object) -> None:
+        self._reader_id = None
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
         self._tokens[partition] = lease or ""
