@@ -190,16 +190,16 @@ def _latency(results: Results, provider: str, cell: str, variant: str) -> str:
     return " / ".join(parts)
 
 
-def _cpu(results: Results, provider: str, cell: str, variant: str) -> str:
-    s = results.spread_of(provider, cell, variant, "cpu_us_per_msg")
+def _cpu(results: Results, provider: str, cell: str, variant: str, column: str = "cpu_us_per_msg") -> str:
+    s = results.spread_of(provider, cell, variant, column)
     return f"{s.median:.0f}" if s.n else "—"
 
 
 def provider_table(results: Results, provider: str) -> list[str]:
     lines = [
         "| cell | ours msg/s | raw msg/s | FastStream msg/s | native msg/s | ours ÷ raw | ours ÷ FastStream "
-        "| client CPU µs/msg (ours; raw) | latency ms p50 / p99 / p99.9 (ours; raw) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| client CPU µs/msg (ours; raw) | broker CPU % (ours; raw) | latency ms p50 / p99 / p99.9 (ours; raw) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for workload in ("publish-single", "publish-batch", "consume", "latency"):
         for cell in results.cells_of(provider, workload):
@@ -222,7 +222,9 @@ def provider_table(results: Results, provider: str) -> list[str]:
                     f"| {_cell_text(results, provider, cell, 'native')} "
                     f"| {_fmt_ratio(_ratio(results, provider, cell, ours, 'raw'))} "
                     f"| {_fmt_ratio(_ratio(results, provider, cell, ours, 'faststream'))} "
-                    f"| {_cpu(results, provider, cell, ours)}; {_cpu(results, provider, cell, 'raw')} | {lat} |"
+                    f"| {_cpu(results, provider, cell, ours)}; {_cpu(results, provider, cell, 'raw')} "
+                    f"| {_cpu(results, provider, cell, ours, 'broker_cpu_pct')}; "
+                    f"{_cpu(results, provider, cell, 'raw', 'broker_cpu_pct')} | {lat} |"
                 )
     return lines
 

@@ -116,10 +116,20 @@ def find_targets(wanted: Sequence[str]) -> list[Target]:
 
 
 def broker_pid(root: Path, provider: str) -> int | None:
+    """The server's pid from scripts/brokers' pid file (JSON ``{"pid": …}`` or a bare number)."""
+    import json
+
     try:
-        return int((root / ".brokers" / provider / "pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        text = (root / ".brokers" / provider / "pid").read_text().strip()
+    except OSError:
         return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict):
+        value = value.get("pid")
+    return value if isinstance(value, int) else None
 
 
 def _ours_url(target: Target) -> str:
