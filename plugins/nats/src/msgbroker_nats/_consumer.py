@@ -66,7 +66,7 @@ class _Held:
 
 class _Lane:
     __slots__ = ("deadline", "gen", "held", "next_subject", "open", "outstanding", "partition", "ready", "retried",
-                 "retry_at", "seen")
+                 "retry_at", "seen", "settled")
 
     def __init__(self, partition: int, next_subject: str) -> None:
         self.partition = partition
@@ -80,6 +80,7 @@ class _Lane:
         self.held: dict[int, _Held] = {}
         self.retried: Delivery | None = None
         self.seen = 0  # the highest stream sequence of this lane delivered (as far as we know)
+        self.settled = 0  # the highest stream sequence this member acked or terminated
 
 
 class _LanePin:
@@ -357,7 +358,7 @@ class NatsLaneConsumer(LaneConsumer):
             delivered, seq = _ack_fields(msg.reply)
             current = lane.held.get(seq) or next((h for h in lane.ready if h.seq == seq), None)
             if current is None and delivered == 1 and seq <= lane.seen and await self._is_ghost(lane, seq, msg):
-                return
+                return  # a settled message sent again (see _is_ghost)
             lane.seen = max(lane.seen, seq)
             if current is not None:
                 # Redelivered to us while we still hold it (ack_wait passed): settle the newest.
@@ -380,11 +381,16 @@ class NatsLaneConsumer(LaneConsumer):
         delivers a message again, with its count reset to 1, after it was terminated or acked
         (seen after a nak with delay followed by an ack_wait expiry). If the consumer's ack floor
         is past it, it was settled: ack it again (so it stops holding the lane) and drop it."""
-        try:
-            floor = await self._transport.ack_floor(self._layout, self._group, lane.partition)
-        except MsgBrokerError as exc:
-            log.warning("nats: cannot check a stale redelivery on %s[%d]: %s", self._topic, lane.partition, exc)
-            return False
+        floor = lane.settled  # settled here: no need to ask
+        for pause in (0.0, 0.05, 0.2):
+            if seq <= floor:
+                break
+            await asyncio.sleep(pause)  # the server applies acks in the consumer's own time
+            try:
+                floor = max(floor, await self._transport.ack_floor(self._layout, self._group, lane.partition))
+            except MsgBrokerError as exc:
+                log.warning("nats: cannot check a stale redelivery on %s[%d]: %s", self._topic, lane.partition, exc)
+                return False
         if seq > floor:
             return False  # the consumer really delivers it afresh (it was reset or recreated)
         log.warning("nats: %s[%d] sequence %d came back after it was settled (ack floor %d); dropped",
@@ -506,6 +512,8 @@ class NatsLaneConsumer(LaneConsumer):
         lane = self._lanes.get(delivery.partition)
         if lane is not None:
             lane.held.pop(item.seq, None)  # whatever happens next, stop extending it
+            if payload is not _NAK and not payload.startswith(_NAK):
+                lane.settled = max(lane.settled, item.seq)
         try:
             if confirm:
                 await self._transport.nc.request(item.msg.reply, payload, timeout=5.0)
