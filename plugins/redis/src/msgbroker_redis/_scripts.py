@@ -361,13 +361,15 @@ return out
 """
 
 UNREAD = _PRELUDE + r"""
--- KEYS: stream, lease. ARGV: group, token, entry ids separated by spaces. These entries were
--- read ahead and never handed to a handler: take their read back from the delivery count.
+-- KEYS: stream, lease. ARGV: group, token, "<entry id>=<delivery count as read>" separated by
+-- spaces. These entries were read ahead and never handed to a handler: take that read back
+-- from the delivery count, only where it is still the count read (so a repeated call does not
+-- take it twice).
 if not holds(KEYS[2], ARGV[2]) then return -1 end
 local done = 0
-for id in string.gmatch(ARGV[3], '%S+') do
+for id, seen in string.gmatch(ARGV[3], '(%S+)=(%d+)') do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p > 0 and p[1][4] > 0 then
+  if #p > 0 and p[1][4] == tonumber(seen) and p[1][4] > 0 then
     redis.call('XCLAIM', KEYS[1], ARGV[1], p[1][2], 0, id, 'RETRYCOUNT', p[1][4] - 1, 'JUSTID')
     done = done + 1
   end

@@ -740,7 +740,7 @@ class RedisLaneConsumer(LaneConsumer):
     async def unread(self, deliveries: Sequence[Delivery]) -> None:
         by_lane: dict[int, list[bytes]] = {}
         for delivery in deliveries:
-            by_lane.setdefault(delivery.partition, []).append(delivery.position)
+            by_lane.setdefault(delivery.partition, []).append(b"%s=%d" % (delivery.position, delivery.attempt))
         for partition, ids in by_lane.items():
             token = self._tokens.get(partition)
             if token is not None:
