@@ -63,6 +63,7 @@ async def profile_hot_paths(
 
     load_env(root)
     wanted = set(providers or ("memory", "redis", "nats", "rabbitmq", "kafka"))
+    unreachable: list[str] = []
     targets = [("memory", "memory://")] if "memory" in wanted else []
     for provider in ("redis", "nats", "rabbitmq", "kafka"):
         if provider not in wanted:
@@ -70,6 +71,8 @@ async def profile_hot_paths(
         url = os.environ.get(ENV_VARS[provider], "")
         if url and _reachable(url, 0):
             targets.append((provider, f"kafka://{url}" if provider == "kafka" else url))
+        else:
+            unreachable.append(provider)
     out = [
         "## Profile of the hot paths",
         "",
@@ -113,6 +116,8 @@ async def profile_hot_paths(
         except Exception as exc:
             out += [f"### {provider}", "", f"Profiling failed: {type(exc).__name__}: {exc}", ""]
             log(f"profiling {provider} failed: {exc}")
+    if unreachable:
+        out += [f"Not profiled (server not reachable at the time): {', '.join(unreachable)}.", ""]
     path = (out_dir or root / "docs" / "benchmarks") / "profile.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out))
