@@ -6,7 +6,7 @@ import msgbroker
 from aiokafka import errors as kafka_errors
 from hypothesis import given
 from hypothesis import strategies as st
-from msgbroker_kafka import KafkaTransport, assign_members, format_attempts, parse_attempts
+from msgbroker_kafka import AttemptRecord, KafkaTransport, assign_members
 from msgbroker_kafka._assignor import decode_pin, encode_pin
 from msgbroker_kafka._consumer import next_attempt
 from msgbroker_kafka._errors import map_error
@@ -19,26 +19,48 @@ def test_url_names_the_bootstrap_servers() -> None:
     assert KafkaTransport.settings_from_url("kafka://") == {}
 
 
-@given(st.integers(1, 10_000), st.one_of(st.none(), st.floats(0, 4e9, allow_nan=False)))
-def test_attempt_metadata_round_trips(started: int, not_before: float | None) -> None:
-    parsed = parse_attempts(format_attempts(started, not_before))
-    assert parsed is not None
-    assert parsed[0] == started
-    assert (parsed[1] is None) == (not_before is None)
-    if not_before is not None and parsed[1] is not None:
-        assert abs(parsed[1] - not_before) < 0.001
+@given(
+    st.integers(0, 10_000),
+    st.one_of(st.none(), st.floats(0, 4e9, allow_nan=False)),
+    st.lists(st.tuples(st.integers(1, 50), st.integers(0, 9)), max_size=8),
+)
+def test_attempt_records_round_trip(started: int, not_before: float | None, steps: list[tuple[int, int]]) -> None:
+    runs, first = [], 100
+    for length, count in steps:
+        runs.append((first, count))
+        first += length
+    record = AttemptRecord(started, not_before, tuple(runs), first if runs else None, due=not_before is not None)
+    decoded = AttemptRecord.decode(record.encode())
+    assert decoded is not None
+    assert (decoded.started, decoded.runs, decoded.until, decoded.due) == (
+        record.started, record.runs, record.until, record.due
+    )
+    assert (decoded.not_before is None) == (not_before is None)
+    if not_before is not None and decoded.not_before is not None:
+        assert abs(decoded.not_before - not_before) < 0.001
+
+
+def test_an_attempt_record_counts_the_committed_offset_and_the_runs_after_it() -> None:
+    record = AttemptRecord(2, None, ((11, 1), (13, 3), (14, 0), (16, 1)), 17)
+    assert [record.began(10, o) for o in range(9, 19)] == [0, 2, 1, 1, 3, 0, 0, 1, 0, 0]
 
 
 def test_foreign_commit_metadata_is_ignored() -> None:
-    assert parse_attempts("") is None
-    assert parse_attempts("written by another tool") is None
-    assert parse_attempts("msgbroker:a=x") is None
+    assert AttemptRecord.decode("") is None
+    assert AttemptRecord.decode("written by another tool") is None
+    assert AttemptRecord.decode("msgbroker:a=x") is None
 
 
 def test_next_attempt_counts_the_deliveries_that_began_and_keeps_a_pending_delay() -> None:
-    assert next_attempt(1, None, now=100.0) == (2, None)  # delivered once, its owner died
-    assert next_attempt(2, 150.0, now=100.0) == (3, 150.0)  # nak'ed with a delay: attempt 3 at 150
-    assert next_attempt(2, 150.0, now=200.0) == (3, None)
+    plain = AttemptRecord(1)
+    assert next_attempt(plain, 1, True, now=100.0) == (2, None)  # delivered once, its owner died
+    delayed = AttemptRecord(2, 150.0)  # two began; the drained owner left a delay to wait out
+    assert next_attempt(delayed, 2, True, now=100.0) == (3, 150.0)
+    assert next_attempt(delayed, 2, True, now=200.0) == (3, None)
+    due = AttemptRecord(3, 150.0, due=True)  # attempt 3 was due at 150 on the owner that died
+    assert next_attempt(due, 3, True, now=100.0) == (3, 150.0)  # it died before: 3 never began
+    assert next_attempt(due, 3, True, now=200.0) == (4, None)  # it may have begun
+    assert next_attempt(due, 1, False, now=100.0) == (2, None)  # a later offset: no delay of its own
 
 
 def test_assignor_spreads_and_keeps_pinned_partitions_exclusive() -> None:

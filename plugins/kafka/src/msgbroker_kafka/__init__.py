@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from ._assignor import PROTOCOL_NAME, PinningAssignor, assign_members
-from ._consumer import KafkaLaneConsumer, format_attempts, parse_attempts
+from ._consumer import AttemptRecord, KafkaLaneConsumer
 from ._transport import DEAD_LETTER_TOPIC_SUFFIX, MESSAGE_ID_HEADER, KafkaTransport, dead_letter_topic
 
 __all__ = [
     "DEAD_LETTER_TOPIC_SUFFIX",
     "MESSAGE_ID_HEADER",
     "PROTOCOL_NAME",
+    "AttemptRecord",
     "KafkaLaneConsumer",
     "KafkaTransport",
     "PinningAssignor",
     "assign_members",
     "dead_letter_topic",
-    "format_attempts",
-    "parse_attempts",
 ]

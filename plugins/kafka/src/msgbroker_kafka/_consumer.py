@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import time
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 
     from ._transport import KafkaTransport
 
-__all__ = ["KafkaLaneConsumer", "format_attempts", "parse_attempts"]
+__all__ = ["AttemptRecord", "KafkaLaneConsumer", "next_attempt"]
 
 log = logging.getLogger("msgbroker.kafka")
 
@@ -46,35 +47,97 @@ _META_PREFIX = "msgbroker:"
 _MARKER_BOUND = 5.0
 _FINAL_BOUND = 10.0
 _LEAVE_BOUND = 2.0
+_RUNS_BUDGET = 3000
+"""Characters of attempt runs in a commit's metadata (brokers keep 4096 by default)."""
 
 
-def format_attempts(started: int, not_before: float | None) -> str:
-    """Commit metadata: ``started`` deliveries of the message at the committed offset began;
-    the next one is due no earlier than ``not_before`` (epoch seconds)."""
-    text = f"{_META_PREFIX}a={started}"
-    return text if not_before is None else f"{text};nb={not_before:.3f}"
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """What a commit's metadata says about delivery attempts: ``started`` deliveries of the
+    message at the committed offset began (the next is due no earlier than ``not_before``);
+    for the offsets after it up to ``until`` (exclusive), ``runs`` of (first offset, deliveries
+    begun) — messages handed out, maybe handled and acked, whose acks were not committed yet
+    when the member died. Encoded as ``msgbroker:a=2;nb=...;due=1;r=15:1,18:2;h=20``."""
+
+    started: int = 0
+    not_before: float | None = None
+    runs: tuple[tuple[int, int], ...] = ()
+    until: int | None = None
+    due: bool = False
+    """Attempt ``started`` itself is due at ``not_before`` (a delay): it began only if its owner
+    lived past that time."""
+
+    def began(self, committed: int, offset: int) -> int:
+        """Deliveries begun of the message at ``offset``, for a commit at ``committed``."""
+        if offset == committed:
+            return self.started
+        if not self.runs or self.until is None or not self.runs[0][0] <= offset < self.until:
+            return 0
+        index = bisect.bisect_right([first for first, _ in self.runs], offset) - 1
+        return self.runs[index][1]
+
+    def encode(self) -> str:
+        parts = [f"a={self.started}"]
+        if self.not_before is not None:
+            parts.append(f"nb={self.not_before:.3f}")
+            if self.due:
+                parts.append("due=1")
+        if self.runs and self.until is not None:
+            parts.append("r=" + ",".join(f"{first}:{count}" for first, count in self.runs))
+            parts.append(f"h={self.until}")
+        return _META_PREFIX + ";".join(parts)
+
+    @classmethod
+    def decode(cls, metadata: str | None) -> AttemptRecord | None:
+        """The record in ``metadata``, or None for foreign or malformed metadata."""
+        if not metadata or not metadata.startswith(_META_PREFIX):
+            return None
+        fields = dict(part.partition("=")[::2] for part in metadata[len(_META_PREFIX):].split(";"))
+        try:
+            runs = tuple(
+                (int(first), int(count))
+                for first, count in (run.split(":") for run in fields.get("r", "").split(",") if run)
+            )
+            return cls(
+                started=int(fields["a"]),
+                not_before=float(fields["nb"]) if fields.get("nb") else None,
+                runs=runs,
+                until=int(fields["h"]) if fields.get("h") else None,
+                due=fields.get("due") == "1",
+            )
+        except (KeyError, ValueError):
+            return None
 
 
-def parse_attempts(metadata: str | None) -> tuple[int, float | None] | None:
-    """The (started, not_before) of :func:`format_attempts`, or None for foreign metadata."""
-    if not metadata or not metadata.startswith(_META_PREFIX):
-        return None
-    fields: dict[str, str] = {}
-    for part in metadata[len(_META_PREFIX):].split(";"):
-        name, _, value = part.partition("=")
-        fields[name] = value
-    try:
-        started = int(fields["a"])
-        not_before = float(fields["nb"]) if fields.get("nb") else None
-    except (KeyError, ValueError):
-        return None
-    return started, not_before
-
-
-def next_attempt(started: int, not_before: float | None, now: float) -> tuple[int, float | None]:
+def next_attempt(record: AttemptRecord, began: int, at_commit: bool, now: float) -> tuple[int, float | None]:
     """The attempt number (and the delay still to wait out) of the next delivery of a message
-    of which ``started`` deliveries began."""
-    return started + 1, (not_before if not_before is not None and now < not_before else None)
+    of which ``began`` deliveries began; ``at_commit``: it is the message at the committed
+    offset (the one ``record.not_before`` and ``record.due`` speak of)."""
+    if not at_commit or record.not_before is None:
+        return began + 1, None
+    if now < record.not_before:
+        return (began if record.due else began + 1), record.not_before
+    return began + 1, None
+
+
+def _runs(counts: list[tuple[int, int]], budget: int) -> tuple[tuple[tuple[int, int], ...], int | None]:
+    """Run-length encode (offset, deliveries begun) pairs sorted by offset (a gap counts 0),
+    cut to ``budget`` characters: a count lost past the cut is counted low, never high."""
+    runs: list[tuple[int, int]] = []
+    until: int | None = None
+    used = 0
+    for offset, count in counts:
+        pieces = [(until, 0)] if until is not None and offset != until else []
+        pieces.append((offset, count))
+        for first, began in pieces:
+            if runs and runs[-1][1] == began:
+                continue
+            used += len(f"{first}:{began},")
+            if used > budget:
+                return tuple(runs), first
+            runs.append((first, began))
+        until = offset + 1
+    return tuple(runs), until
 
 
 @dataclass(slots=True, eq=False)
@@ -88,11 +151,16 @@ class _Track:
     """Offsets handed to the engine (the others wait in ``surplus``)."""
     surplus: deque[Delivery] = field(default_factory=deque)
     retried: dict[int, tuple[int, float | None]] = field(default_factory=dict)
+    settled: dict[int, int] = field(default_factory=dict)
+    """Attempts of settled offsets the group's commit has not passed yet."""
     fetched_to: int | None = None
-    inherited: tuple[int, int, float | None] | None = None
-    """(offset, started, not_before) read from the group's committed metadata."""
+    inherited: AttemptRecord | None = None
+    inherited_at: int = -1
+    """The previous owner's record and the offset it was committed at."""
     committed: tuple[int, str] | None = None
     closed: bool = False
+    ordered: bool = True
+    """Only the lowest unsettled message can be in a handler (the engine's ordered lanes)."""
 
     def target(self) -> int | None:
         """The offset to commit: the lowest unsettled one, or the next to fetch."""
@@ -102,24 +170,60 @@ class _Track:
             return self.fetched_to
         return self.committed[0] if self.committed else None
 
-    def metadata(self, offset: int, *, final: bool = False) -> str:
-        """The commit metadata for ``offset``: how many deliveries of it began (and the delay
-        still to wait out). ``final``: the engine drained the lane (revoke, close)."""
+    def inherited_began(self, offset: int) -> int:
+        return self.inherited.began(self.inherited_at, offset) if self.inherited is not None else 0
+
+    def _began(self, offset: int, delivery: Delivery, final: bool) -> tuple[int, float | None, bool]:
+        """(deliveries begun, delay still to wait out, whether that attempt is the one due
+        then) of a handed, unsettled message."""
+        attempt, not_before = delivery.attempt, delivery.not_before
+        retried = self.retried.get(offset)
+        if retried is not None and retried[0] >= attempt:
+            attempt, not_before = retried
+        waiting = not_before is not None and time.time() < not_before
+        is_head = offset == self.target()
+        if not final:
+            if waiting:
+                return attempt, not_before, True  # begins at not_before, locally
+            # the head is in its handler (a nak'ed one is handed again at once); what follows
+            # it in an ordered lane has not begun
+            return (attempt if is_head or not self.ordered else attempt - 1), None, False
+        # The engine drained the lane: a nak'ed or delayed head's next attempt never began; a
+        # head never nak'ed and still unsettled was cut short in its handler: that counts.
+        if retried is not None or waiting or not is_head:
+            return attempt - 1, (not_before if waiting else None), False
+        return attempt, None, False
+
+    def record(self, offset: int, *, final: bool = False) -> str:
+        """The commit metadata for a commit at ``offset``. ``final``: the engine drained the
+        lane (revoke, close), so nothing is in a handler."""
         delivery = self.pending.get(offset)
+        due = False
         if delivery is not None and offset in self.handed:
-            attempt, not_before = delivery.attempt, delivery.not_before
-            retried = self.retried.get(offset)
-            if retried is not None and retried[0] >= attempt:
-                attempt, not_before = retried
-            waiting = not_before is not None and time.time() < not_before
-            # A nak'ed message's next attempt begins at once (or after its delay) while the lane
-            # runs, but not once it was drained. A handed message never nak'ed that is still
-            # unsettled after a drain was cut short in its handler: that attempt counts.
-            begun = not waiting and not (final and retried is not None)
-            return format_attempts(attempt if begun else attempt - 1, not_before if waiting else None)
-        if self.inherited is not None and self.inherited[0] == offset:
-            return format_attempts(self.inherited[1], self.inherited[2])
-        return ""
+            started, not_before, due = self._began(offset, delivery, final)
+        else:
+            started = self.inherited_began(offset)
+            not_before, due = None, False
+            if self.inherited is not None and offset == self.inherited_at:
+                not_before, due = self.inherited.not_before, self.inherited.due
+        counts: list[tuple[int, int]] = []
+        after = sorted(o for o in (*self.handed, *self.settled) if o > offset)
+        for later in after:
+            if later in self.settled:
+                counts.append((later, self.settled[later]))
+            else:
+                counts.append((later, self._began(later, self.pending[later], final)[0]))
+        inherited_until = self.inherited.until if self.inherited is not None else None
+        if inherited_until is not None:  # what the previous owner handed and this one has not yet
+            known = {o for o, _ in counts}
+            counts.extend((o, n) for o in range(offset + 1, inherited_until)
+                          if o not in known and (n := self.inherited_began(o)))
+            counts.sort()
+        counts = [(o, n) for o, n in counts if n > 0]
+        runs, until = _runs(counts, _RUNS_BUDGET)
+        if not started and not runs and not_before is None:
+            return ""
+        return AttemptRecord(started, not_before, runs, until, due).encode()
 
 
 async def _leave(consumer: AIOKafkaConsumer, graceful: bool) -> None:
@@ -175,6 +279,9 @@ class KafkaLaneConsumer(LaneConsumer):
         self._lanes: dict[int, _Track] = {}
         self._committed: dict[int, tuple[int, str]] = {}
         self._commit_lock = asyncio.Lock()
+        self._changes = 0
+        self._flushed = 0
+        self._ordered = True
         self._dirty = asyncio.Event()
         self._assigned_once = asyncio.Event()
         self._commit_task: asyncio.Task[None] | None = None
@@ -207,6 +314,7 @@ class KafkaLaneConsumer(LaneConsumer):
             fetch_max_wait_ms=250,
         )
         self._listener = listener
+        self._ordered = bool(getattr(listener, "ordered", True))
         try:
             await consumer.start()
             consumer.subscribe([self.topic], listener=_RebalanceListener(self))
@@ -279,14 +387,13 @@ class KafkaLaneConsumer(LaneConsumer):
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
         tp = TopicPartition(self.topic, partition)
-        track = _Track(tp)
+        track = _Track(tp, ordered=self._ordered)
         committed = self._committed.get(partition)
         if committed is not None:
             offset, metadata = committed
             track.committed = committed
-            recorded = parse_attempts(metadata)
-            if recorded is not None:
-                track.inherited = (offset, *recorded)
+            track.inherited = AttemptRecord.decode(metadata)
+            track.inherited_at = offset
             if self._consumer is not None:
                 try:
                     # records fetched before a rebalance and never settled are read again
@@ -307,8 +414,11 @@ class KafkaLaneConsumer(LaneConsumer):
         headers = decode_headers(record.headers)
         message_id = headers.pop(MESSAGE_ID_HEADER, "")
         attempt, not_before = 1, None
-        if track.inherited is not None and track.inherited[0] == record.offset:
-            attempt, not_before = next_attempt(track.inherited[1], track.inherited[2], time.time())
+        if track.inherited is not None:
+            began = track.inherited.began(track.inherited_at, record.offset)
+            attempt, not_before = next_attempt(
+                track.inherited, began, record.offset == track.inherited_at, time.time()
+            )
         return Delivery(
             partition=record.partition,
             message_id=message_id,
@@ -377,13 +487,13 @@ class KafkaLaneConsumer(LaneConsumer):
                     track.surplus.append(delivery)
                     track.fetched_to = record.offset + 1
                 self._hand_out(track, max_per_lane, out)
-        # A lane whose head was just handed out: record that its delivery began, before the
+        # A lane whose head was just handed out: record that its delivery began before its
         # handler runs, so a crash during it counts as an attempt for the next owner.
         handed_now = {(d.partition, d.position) for d in out}
         started = [
             p for p, t in self._lanes.items()
             if not t.closed and (head := t.target()) is not None and (p, head) in handed_now
-            and t.committed != (head, t.metadata(head))
+            and t.committed != (head, t.record(head))
         ]
         if started and not self._commits_failing:
             await self._commit(started, bound=_MARKER_BOUND)
@@ -413,9 +523,14 @@ class KafkaLaneConsumer(LaneConsumer):
         del track.pending[delivery.position]
         track.handed.discard(delivery.position)
         track.retried.pop(delivery.position, None)
-        # batched: a synchronous commit per ack (to record that the next message began) costs
-        # ten times the throughput; the next commit, within commit_interval, records it
-        self._dirty.set()
+        track.settled[delivery.position] = delivery.attempt  # until the commit passes it
+        if track.closed or self._commits_failing:
+            self._dirty.set()  # committed in the next batch (or on revoke / close)
+            return
+        # Committed before the engine starts the next message: so a crash loses no ack (no
+        # redelivery of what was handled, attempt counts exact) and a crash in the next
+        # handler counts as its attempt. Acks of all lanes share one commit request.
+        await self._group_commit()
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
         track = self._owned(delivery)
@@ -447,40 +562,58 @@ class KafkaLaneConsumer(LaneConsumer):
             self._dirty.clear()
             await self._commit(None, bound=_FINAL_BOUND)
 
+    async def _group_commit(self) -> None:
+        """Wait for a commit that began after this call (one request serves every caller that
+        arrived while the previous one was in flight)."""
+        self._changes += 1
+        ticket = self._changes
+        async with self._commit_lock:
+            if self._flushed >= ticket:
+                return
+            upto = self._changes
+            await self._commit_locked(None, bound=_MARKER_BOUND, final=False)
+            self._flushed = upto
+
     async def _commit(self, partitions: Iterable[int] | None, *, bound: float, final: bool = False) -> None:
+        async with self._commit_lock:
+            await self._commit_locked(partitions, bound=bound, final=final)
+
+    async def _commit_locked(self, partitions: Iterable[int] | None, *, bound: float, final: bool) -> None:
         consumer = self._consumer
         if consumer is None:
             return
-        async with self._commit_lock:
-            assigned = consumer.assignment()
-            wanted = self._lanes if partitions is None else {p: self._lanes[p] for p in partitions if p in self._lanes}
-            offsets: dict[TopicPartition, tuple[int, str]] = {}
-            tracks: dict[TopicPartition, _Track] = {}
-            for track in wanted.values():
-                target = track.target()
-                if target is None or track.tp not in assigned:
-                    continue
-                entry = (target, track.metadata(target, final=final))
-                if track.committed != entry:
-                    offsets[track.tp] = entry
-                    tracks[track.tp] = track
-            if not offsets:
-                return
-            try:
-                await asyncio.wait_for(consumer.commit(offsets), bound)
-            except asyncio.CancelledError:
-                raise
-            except (kafka_errors.CommitFailedError, kafka_errors.IllegalStateError) as exc:
-                # the group rebalanced meanwhile: the partitions' next owner starts from the
-                # previous commit and redelivers (at least once), nothing is lost
-                log.info("kafka: commit of %s for %s skipped (group rebalancing): %s", self.topic, self.group, exc)
-            except Exception as exc:
-                # until a commit succeeds again, progress is committed in batches only (settles
-                # do not wait for an unreachable broker)
-                log.warning("kafka: commit of %s for %s failed: %r; it is retried", self.topic, self.group, exc)
-                self._commits_failing = True
-                self._dirty.set()
-            else:
-                self._commits_failing = False
-                for tp, entry in offsets.items():
-                    tracks[tp].committed = entry
+        assigned = consumer.assignment()
+        wanted = self._lanes if partitions is None else {p: self._lanes[p] for p in partitions if p in self._lanes}
+        offsets: dict[TopicPartition, tuple[int, str]] = {}
+        tracks: dict[TopicPartition, _Track] = {}
+        for track in wanted.values():
+            target = track.target()
+            if target is None or track.tp not in assigned:
+                continue
+            entry = (target, track.record(target, final=final))
+            if track.committed != entry:
+                offsets[track.tp] = entry
+                tracks[track.tp] = track
+        if not offsets:
+            return
+        try:
+            await asyncio.wait_for(consumer.commit(offsets), bound)
+        except asyncio.CancelledError:
+            raise
+        except (kafka_errors.CommitFailedError, kafka_errors.IllegalStateError) as exc:
+            # the group rebalanced meanwhile: the partitions' next owner starts from the
+            # previous commit and redelivers (at least once), nothing is lost
+            log.info("kafka: commit of %s for %s skipped (group rebalancing): %s", self.topic, self.group, exc)
+        except Exception as exc:
+            # until a commit succeeds again, progress is committed in batches only (settles
+            # do not wait for an unreachable broker)
+            log.warning("kafka: commit of %s for %s failed: %r; it is retried", self.topic, self.group, exc)
+            self._commits_failing = True
+            self._dirty.set()
+        else:
+            self._commits_failing = False
+            for tp, entry in offsets.items():
+                track = tracks[tp]
+                track.committed = entry
+                for offset in [o for o in track.settled if o < entry[0]]:
+                    del track.settled[offset]
