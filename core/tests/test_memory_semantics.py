@@ -573,3 +573,15 @@ def test_property_order_per_key_and_nothing_lost_with_failures(keys: list[str], 
                 await b.close()
 
     asyncio.run(scenario())
+
+
+class BadKey(Message):
+    @property
+    def partition_key(self) -> str:
+        return "seat-\udc80"
+
+
+async def test_a_partition_key_that_is_not_utf8_is_refused_naming_it() -> None:
+    async with connect() as broker:
+        with pytest.raises(msgbroker.SerializationError, match=r"partition_key 'seat-\\udc80'"):
+            await broker.publish("t", BadKey())

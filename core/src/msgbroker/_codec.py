@@ -69,9 +69,13 @@ def encode(
     key = message.partition_key
     if not isinstance(key, str):
         raise SerializationError(f"partition_key of {type(message).__name__} must be str, got {key!r}")
+    try:
+        partition = partition_for(key, partition_count)
+    except UnicodeEncodeError as exc:
+        raise SerializationError(f"partition_key {key!r} of {type(message).__name__} is not encodable as UTF-8") from exc
     return OutgoingRecord(
         topic=topic,
-        partition=partition_for(key, partition_count),
+        partition=partition,
         key=key,
         message_id=str(message.message_id),
         headers=_check_headers(headers) if headers else {},
