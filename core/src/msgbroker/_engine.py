@@ -512,7 +512,9 @@ class _LeaseCoordinator:
         return Lane(self.runner.topic, self.runner.group, partition)
 
     async def run(self) -> None:
-        while True:
+        # Checks _closing too: a provider call that swallows the cancellation must not keep
+        # close() waiting for this loop forever.
+        while not self.runner._closing:
             await asyncio.sleep(self.interval)
             try:
                 await self.beat()

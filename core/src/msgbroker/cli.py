@@ -635,10 +635,11 @@ def pending(
 def health(
     url: UrlOption = None,
     config: ConfigOption = None,
+    partition_count: PartitionsOption = None,
     json_output: JsonOption = False,
 ) -> int:
     """Exit 0 when the broker answers, 1 when it does not (for probes)."""
-    target = Target(url, config)
+    target = Target(url, config, partition_count)
     broker = target.broker()  # a bad URL or settings file is an error, not an unhealthy broker
     where = describe(broker)
 
