@@ -486,11 +486,11 @@ class NatsLaneConsumer(LaneConsumer):
 
     def _delivery(self, lane: _Lane, item: _Held) -> Delivery:
         retried, lane.retried = lane.retried, None
-        if retried is not None and retried.position.seq == item.seq:
-            # The message this member nak'ed, back from the server: the same Delivery object, so
-            # the engine still knows how many of its attempts failed (a delay is not a failure).
+        if retried is not None and retried.position.seq == item.seq and retried.attempt == item.delivered:
+            # The message this member nak'ed, straight back from the server (no delivery to
+            # anyone else in between: the engine counted this attempt already): the same Delivery
+            # object, so the engine still knows which attempts failed (a delay is not a failure).
             retried.position = item
-            retried.attempt = item.delivered
             return retried
         msg = item.msg
         raw = msg.headers.get(ENVELOPE_HEADER) if msg.headers else None
