@@ -188,6 +188,17 @@ async def open_broker(target: Target) -> Broker:
     return broker
 
 
+async def close_bounded(broker: Broker) -> None:
+    """Close gracefully, but give up (and drop the connection) when a sick server makes it hang."""
+    grace = broker.settings.shutdown_timeout.total_seconds() + 10
+    try:
+        await asyncio.wait_for(broker.close(), grace)
+    except TimeoutError:
+        _err().print(f"closing the {broker.provider} connection took over {grace:g}s; dropped it", markup=False)
+        with contextlib.suppress(Exception):
+            await broker.abort()
+
+
 def run_with_broker(target: Target, work: Callable[[Broker], Awaitable[T]]) -> T:
     """Open the broker, run ``work`` on one event loop, close the broker."""
 
@@ -196,7 +207,7 @@ def run_with_broker(target: Target, work: Callable[[Broker], Awaitable[T]]) -> T
         try:
             return await work(broker)
         finally:
-            await broker.close()
+            await close_bounded(broker)
 
     return asyncio.run(session())
 
@@ -560,7 +571,9 @@ def tail(
         finally:
             for task in parked:
                 task.cancel()
-            await subscription.close()
+            # bounded like the broker's close; what it does not settle comes back to the group
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(subscription.close(), broker.settings.shutdown_timeout.total_seconds() + 10)
         return handled
 
     try:
