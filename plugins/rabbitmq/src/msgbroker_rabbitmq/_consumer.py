@@ -126,6 +126,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         self._tokens: dict[int, str] = {}
         self._lost: set[int] = set()
         self._control: aiormq.abc.AbstractChannel | None = None
+        self._membership: aiormq.abc.AbstractChannel | None = None
         self._lease_channel: aiormq.abc.AbstractChannel | None = None
         self._admin_channel: aiormq.abc.AbstractChannel | None = None
         self._stopped = False
@@ -148,23 +149,29 @@ class RabbitMQLaneConsumer(LaneConsumer):
             on_up=self._restore,
             on_down=self._down,
         )
-        await self._link.open()
-        await declare_topic(self._link, self._topology, self.topic, self._partitions)
-        await declare_group(self._link, self._topology, self.topic, self.group, self._partitions)
-        await self._join()
+        try:
+            await self._link.open()
+            await declare_topic(self._link, self._topology, self.topic, self._partitions)
+            await declare_group(self._link, self._topology, self.topic, self.group, self._partitions)
+            await self._join()
+        except BaseException:
+            self._stopped = True
+            await self._link.close()
+            self._transport.unregister_member(self)
+            raise
 
     async def _restore(self) -> None:
         """After a reconnect: the group's queues again (a restarted server keeps durable ones;
         declaring is idempotent) and a fresh membership queue."""
         link = self.link
-        self._control = self._lease_channel = self._admin_channel = None
+        self._control = self._membership = self._lease_channel = self._admin_channel = None
         await declare_topic(link, self._topology, self.topic, self._partitions)
         await declare_group(link, self._topology, self.topic, self.group, self._partitions)
         await self._join()
 
     def _down(self) -> None:
         """The connection is gone: every lease, consumer and unacked delivery went with it."""
-        self._control = self._lease_channel = self._admin_channel = None
+        self._control = self._membership = self._lease_channel = self._admin_channel = None
         for lane in self._lanes.values():
             lane.dead = True
             lane.incoming.clear()
@@ -172,8 +179,9 @@ class RabbitMQLaneConsumer(LaneConsumer):
         self._arrived.set()
 
     async def _join(self) -> None:
+        """Bind a fresh exclusive auto-delete queue to the members exchange, consume it, beat."""
         _, raw = await self.link.channel(confirms=True)
-        self._control = raw
+        self._membership = raw
         exchange = self._topology.members_exchange(self.topic, self.group)
         await raw.exchange_declare(exchange, exchange_type="fanout", durable=True)
         declared = await raw.queue_declare("", exclusive=True, auto_delete=True)
@@ -182,8 +190,16 @@ class RabbitMQLaneConsumer(LaneConsumer):
         await raw.basic_consume(queue, self._on_member_message, no_ack=True)
         await self._announce("beat", None)
 
-    async def _announce(self, kind: str, ttl: float | None) -> None:
+    async def _control_raw(self) -> aiormq.abc.AbstractChannel:
+        """The confirm channel letters and retry notes are published on (reopened when closed)."""
         raw = self._control
+        if raw is None or raw.is_closed:
+            _, raw = await self.link.channel(confirms=True)
+            self._control = raw
+        return raw
+
+    async def _announce(self, kind: str, ttl: float | None) -> None:
+        raw = self._membership
         if raw is None or raw.is_closed:
             return
         body = json.dumps({"kind": kind, "member": self.member_id}).encode()
@@ -230,7 +246,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         return sorted({*self._seen, self.member_id})
 
     async def _answer_census(self, reply_to: str) -> None:
-        raw = self._control
+        raw = self._membership
         if raw is None or raw.is_closed:
             return
         ttl = self._transport.lease_ttl()
@@ -242,6 +258,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
         """Announce this member; the live members as heard within ``ttl``."""
         if self.link.is_up:
             try:
+                if self._membership is None or self._membership.is_closed:
+                    await self._join()  # its channel died: the membership queue went with it
                 await self._announce("beat", ttl)
             except asyncio.CancelledError:
                 raise
@@ -561,14 +579,11 @@ class RabbitMQLaneConsumer(LaneConsumer):
         if current is None:
             return
         lane, tag = current
-        raw = self._control
-        if raw is None or raw.is_closed:
-            _, raw = await self.link.channel(confirms=True)
-            self._control = raw
         queue = self._topology.note_queue(self.topic, self.group, lane.partition)
         note = {"message_id": delivery.message_id, "attempt": attempt, "not_before": not_before,
                 "count": lane.counts.get(tag, 0)}
         try:
+            raw = await self._control_raw()
             if not lane.note_declared:
                 await raw.queue_declare(queue, durable=True, arguments=self._topology.note_arguments())
                 lane.note_declared = True
@@ -590,10 +605,6 @@ class RabbitMQLaneConsumer(LaneConsumer):
             return  # not ours any more: it comes back and is decided again
         lane, tag = current
         link = self.link
-        raw = self._control
-        if raw is None or raw.is_closed:
-            _, raw = await link.channel(confirms=True)
-            self._control = raw
         headers = letter_headers(letter, delivery.key)
         properties = spec.Basic.Properties(
             delivery_mode=PERSISTENT,
@@ -606,6 +617,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         on_topic = OutgoingRecord(dlq_topic, delivery.partition, delivery.key, delivery.message_id,
                                   {k: v for k, v in headers.items() if k != KEY_HEADER}, delivery.body)
         try:
+            raw = await self._control_raw()
             stored = await raw.basic_publish(
                 delivery.body, exchange="", routing_key=self._topology.letters_queue(self.topic, self.group),
                 properties=properties, mandatory=True,
