@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import types
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -428,3 +430,21 @@ def test_the_console_script_exit_codes(tmp_path: Path) -> None:
     usage = console("tail", "t", "--url", "memory://p")
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
     assert console("--help").returncode == 0
+
+
+def test_metrics_serve_is_a_scrapeable_exporter_until_interrupted() -> None:
+    script = Path(sys.executable).with_name("msgbroker")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGBROKER_")}
+    argv = [str(script), "metrics", "--serve", "0", "--interval", "0.2", "--url", "memory://served"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            assert process.stderr is not None
+            line = process.stderr.readline()  # "serving http://127.0.0.1:PORT/metrics ..."
+            assert line.startswith("serving http://127.0.0.1:"), line
+            with urllib.request.urlopen(line.split()[1], timeout=10) as response:
+                assert 'msgbroker_up{messaging_system="memory"} 1.0' in response.read().decode()
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=30) == 130
+        finally:
+            if process.poll() is None:
+                process.kill()

@@ -493,6 +493,7 @@ def tail(
         return _peek(target, topic, group, count or 20, json_output)
     plugin, plugin_name = None, f"msgbroker.cli.metrics.{os.getpid()}.{time.monotonic_ns()}"
     if metrics:
+        _require_prometheus()
         from prometheus_client import CollectorRegistry
 
         from .metrics import MessagingMetrics
@@ -855,6 +856,7 @@ def metrics_command(
 
     Grafana-free: pipe it to a file for node_exporter's textfile collector, or curl --serve.
     """
+    _require_prometheus()
     from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
     from .metrics import MessagingMetrics, exposition
@@ -898,6 +900,13 @@ def metrics_command(
     else:
         sys.stdout.write(exposition(target_registry))
     return 0 if state["healthy"] else 1
+
+
+def _require_prometheus() -> None:
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise CliError("metrics need prometheus-client: pip install 'msgbroker[prometheus]'") from None
 
 
 # -- demo and bench ------------------------------------------------------------------------------
