@@ -133,17 +133,36 @@ class _Prometheus:
             registry=target,
         )
 
+        # labels() validates and locks on every call: the hot path keeps the labelled children
+        self._sent: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._handled: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._in_flight: dict[tuple[str, str, str], Any] = {}
+
     def published(self, system: str, topic: str, count: int, seconds: float) -> None:
+        children = self._sent.get((system, topic))
+        if children is None:
+            children = self._sent[(system, topic)] = (
+                self.sent.labels(system, topic),
+                self.send_duration.labels(system, topic, "send"),
+            )
         if count:
-            self.sent.labels(system, topic).inc(count)
-        self.send_duration.labels(system, topic, "send").observe(seconds)
+            children[0].inc(count)
+        children[1].observe(seconds)
 
     def handled(self, system: str, topic: str, group: str, outcome: str, seconds: float) -> None:
-        self.consumed.labels(system, topic, group, outcome).inc()
-        self.process_duration.labels(system, topic, group, outcome).observe(seconds)
+        key = (system, topic, group, outcome)
+        children = self._handled.get(key)
+        if children is None:
+            children = self._handled[key] = (self.consumed.labels(*key), self.process_duration.labels(*key))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def in_flight(self, system: str, topic: str, group: str, delta: int) -> None:
-        self.in_flight_gauge.labels(system, topic, group).inc(delta)
+        key = (system, topic, group)
+        child = self._in_flight.get(key)
+        if child is None:
+            child = self._in_flight[key] = self.in_flight_gauge.labels(*key)
+        child.inc(delta)
 
     def pending(self, system: str, topic: str, group: str, count: int) -> None:
         self.pending_gauge.labels(system, topic, group).set(count)
