@@ -4,6 +4,7 @@ failover after SIGKILL, a server restart mid-stream, routing and confirms, the t
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -345,3 +346,36 @@ async def test_pending_count_includes_what_another_process_holds(
         worker.kill()  # not a 30 s graceful close
         await worker.process.wait()
         assert await observer.pending_count(topic, group) == 3  # the killed member's message is ready again
+
+
+async def test_a_retry_note_keeps_attempt_and_delay_across_a_crash(
+    amqp_url: str, prefix: str, wait_for: Any
+) -> None:
+    """Nak and delay stay on the member (local redelivery); the lane's retry note tells the next
+    owner the attempt and the not-before when the member dies waiting."""
+    topic, group = f"note-{uuid.uuid4().hex[:6]}", "g"
+    delayed_until: list[float] = []
+
+    async def first_owner(ctx: MessageContext[Numbered]) -> None:
+        if ctx.delivery_attempt == 1:
+            await ctx.nak(requeue=True)
+        else:
+            delayed_until.append(time.time() + 2.0)
+            await ctx.delay(2.0)
+
+    seen: list[tuple[int, int, float]] = []
+
+    async def next_owner(ctx: MessageContext[Numbered]) -> None:
+        seen.append((ctx.message.seq, ctx.delivery_attempt, time.time()))
+
+    async with connect(amqp_url, prefix, 1) as first, connect(amqp_url, prefix, 1) as second:
+        await first.subscribe(topic, group, first_owner)
+        await first.publish_batch(topic, [Numbered(key="a", seq=0), Numbered(key="a", seq=1)])
+        await wait_for(lambda: bool(delayed_until), 20, "the message to be naked, then delayed")
+        await first.abort()  # dies while waiting out the delay: nothing settled, nothing released
+        await second.subscribe(topic, group, next_owner)
+        await wait_for(lambda: len(seen) >= 2, 30, lambda: f"the next owner to handle both: {seen}")
+    (seq, attempt, at), after = seen[0], seen[1]
+    assert seq == 0 and after[0] == 1, f"order lost across the crash: {seen}"
+    assert attempt >= 3, f"the noted attempt was lost: the next owner saw attempt {attempt} after 2 deliveries"
+    assert at >= delayed_until[0] - 0.01, f"redelivered {delayed_until[0] - at:.2f}s before the delay ended"

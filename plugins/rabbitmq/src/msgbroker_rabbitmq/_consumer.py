@@ -447,10 +447,13 @@ class RabbitMQLaneConsumer(LaneConsumer):
         note = lane.note
         message_id = properties.message_id or ""
         if note is not None and note.get("message_id") == message_id and returns > int(note.get("count", 0)):
-            # Retried by an owner that then died or handed the lane over: its attempt count and
-            # delay were noted; every return since counts one more delivery.
-            attempt = max(attempt, int(note.get("attempt", 0)) + returns - int(note.get("count", 0)))
+            # Retried by an owner that then died or handed the lane over: the noted attempt was
+            # handed out unless the owner was still waiting out the noted delay; every further
+            # return counts one more delivery.
             not_before = note.get("not_before")
+            waiting = isinstance(not_before, (int, float)) and time.time() < not_before
+            noted = int(note.get("attempt", 0)) + (0 if waiting else 1)
+            attempt = max(attempt, noted + returns - int(note.get("count", 0)) - 1)
         tag = message.delivery_tag or 0
         lane.counts[tag] = returns
         delivery = Delivery(
