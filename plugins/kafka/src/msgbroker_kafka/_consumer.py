@@ -6,11 +6,11 @@
   handlers in lane tasks, so a slow handler cannot starve heartbeats (aiokafka#848).
 * Redelivery is local (the engine holds the lane), so there is no seek loop and no pause
   to lose on a rebalance; a lane that waits is simply not polled.
-* Commits: the lowest unsettled offset of each partition (everything below it settled), in
-  batches every ``commit_interval``, synchronously on revoke and on a graceful stop, never on
-  a crash. The commit metadata carries the attempt count of the message at that offset
-  (``msgbroker:a=<deliveries started>[;nb=<not before>]``), so a new owner after a
-  rebalance or crash knows how often it was tried.
+* Commits: the lowest unsettled offset of each partition, each ack committed before the
+  engine starts the lane's next message (acks of all lanes share one request), synchronously
+  on revoke and on a graceful stop, never on a crash. The commit metadata carries the attempt
+  counts (:class:`AttemptRecord`), so a new owner after a rebalance or crash knows how often
+  each message was tried.
 """
 
 from __future__ import annotations
@@ -230,18 +230,25 @@ async def _leave(consumer: AIOKafkaConsumer, graceful: bool) -> None:
     """Stop ``consumer``. Gracefully it leaves the group at once; but aiokafka first finishes
     a join in progress, which waits for the other members to drain their in-flight handlers
     (eager rebalance) — possibly handlers waiting for whoever closes this one. So after a short
-    wait, and at once for a crash (``graceful=False``), drop the connections instead: no
-    LeaveGroup, Kafka expires the member after ``session_timeout``, as for a killed process."""
-    stopping = asyncio.ensure_future(consumer.stop())
+    wait, and at once for a crash (``graceful=False``), the member vanishes instead: its group
+    protocol stops where it stands, no LeaveGroup is sent, and Kafka expires it after
+    ``session_timeout``, as it does a killed process."""
     if graceful:
+        stopping = asyncio.ensure_future(consumer.stop())
         done, _ = await asyncio.wait({stopping}, timeout=_LEAVE_BOUND)
         if done:
             _report(stopping)
             return
-    client = getattr(consumer, "_client", None)  # aiokafka 0.14: the connections of this consumer
-    if client is not None:
-        with contextlib.suppress(Exception):
-            await client.close()
+    # aiokafka 0.14 internals: the task running joins (and our rebalance callbacks), and the
+    # generation whose LeaveGroup close() would send
+    coordinator = getattr(consumer, "_coordinator", None)
+    routine = getattr(coordinator, "_coordination_task", None)
+    if routine is not None and not routine.done():
+        routine.cancel()
+        await asyncio.wait({routine}, timeout=_FINAL_BOUND)
+    if coordinator is not None and hasattr(coordinator, "reset_generation"):
+        coordinator.reset_generation()
+    stopping = asyncio.ensure_future(consumer.stop())
     done, _ = await asyncio.wait({stopping}, timeout=_FINAL_BOUND)
     if done:
         _report(stopping)
@@ -284,6 +291,7 @@ class KafkaLaneConsumer(LaneConsumer):
         self._ordered = True
         self._dirty = asyncio.Event()
         self._assigned_once = asyncio.Event()
+        self._gone = asyncio.Event()
         self._commit_task: asyncio.Task[None] | None = None
         self._stopped = False
         self._commits_failing = False
@@ -344,8 +352,11 @@ class KafkaLaneConsumer(LaneConsumer):
         self._lanes.clear()
         self.transport.consumers.discard(self)
         consumer, self._consumer = self._consumer, None
+        if flush:
+            self._gone.set()  # a revoke waiting in the group protocol may go on to leave
         if consumer is not None:
             await _leave(consumer, graceful=flush)
+        self._gone.set()
 
     # -- assignment (called by aiokafka's coordinator) ------------------------------------------
 
@@ -380,6 +391,12 @@ class KafkaLaneConsumer(LaneConsumer):
             await self._listener.revoked(partitions)  # stops the lanes, in-flight handlers finish (bounded)
         except Exception:
             log.exception("kafka: giving up %s%s for %s failed", self.topic, partitions, self.group)
+        if self._stopped or getattr(self._listener, "_closing", False):
+            # The subscription is closing or crashing (the engine cut the handlers short): no
+            # commit here (close commits itself, a crash commits nothing) and no rejoin — the
+            # member must not hand its partitions on before it has gone (stop() ends this wait).
+            await self._gone.wait()
+            return
         # commit what was settled, then release; a failed commit only means redelivery
         await self._commit(partitions, bound=_FINAL_BOUND, final=True)
         for partition in partitions:
