@@ -172,7 +172,7 @@ class KafkaSettings(_Section):
     heartbeat_interval: Duration = timedelta(seconds=3)
     """How often a member tells the group coordinator it is alive (under ``session_timeout``)."""
     commit_interval: Duration = timedelta(milliseconds=200)
-    """How long settled offsets may wait before they are committed in one batch."""
+    """How often settled offsets are committed in the background when a commit failed."""
 
 
 # Keys of the seed's appsettings.json that are not the snake_case of our field names.
