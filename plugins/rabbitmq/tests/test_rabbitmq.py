@@ -379,3 +379,31 @@ async def test_a_retry_note_keeps_attempt_and_delay_across_a_crash(
     assert seq == 0 and after[0] == 1, f"order lost across the crash: {seen}"
     assert attempt >= 3, f"the noted attempt was lost: the next owner saw attempt {attempt} after 2 deliveries"
     assert at >= delayed_until[0] - 0.01, f"redelivered {delayed_until[0] - at:.2f}s before the delay ended"
+
+
+async def test_delete_topic_removes_its_queues(amqp_url: str, prefix: str, wait_for: Any) -> None:
+    topic, group = f"retire-{uuid.uuid4().hex[:6]}", "g"
+    got: list[int] = []
+
+    async def handle(ctx: MessageContext[Numbered]) -> None:
+        got.append(ctx.message.seq)
+
+    async with connect(amqp_url, prefix, 2) as broker:
+        sub = await broker.subscribe(topic, group, handle)
+        await broker.publish(topic, Numbered(key="a", seq=0))
+        await wait_for(lambda: got == [0], 20, "the message before retiring the topic")
+        await sub.close()
+        transport = broker.transport
+        assert isinstance(transport, RabbitMQTransport)
+        assert await transport.delete_topic(topic, [group]) == 2 + 1 + 1  # 2 lane queues, letters, marker
+        topology = Topology(prefix)
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            for queue in (topology.lane_queue(topic, group, 0), topology.meta_queue(topic)):
+                channel = await connection.channel()
+                with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                    await channel.declare_queue(queue, passive=True)
+        finally:
+            await connection.close()
+        await broker.publish(topic, Numbered(key="a", seq=1))  # declared again; kept in the backlog
+        assert await broker.pending_count(topic, group) == 1

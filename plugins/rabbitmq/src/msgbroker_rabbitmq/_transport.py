@@ -414,6 +414,38 @@ class RabbitMQTransport(Transport):
             dead_lettered_at=when,
         )
 
+    async def delete_topic(self, topic: str, groups: Sequence[str]) -> int:
+        """Retire ``topic``: delete its exchanges, backlog and marker queues and, for each of
+        ``groups``, its lane, note and letters queues (RabbitMQ cannot list queues without the
+        management plugin, so the groups are named). Messages in them are gone. Returns how many
+        queues existed and were deleted."""
+        link = await self._up()
+        count = self.settings.partition_count
+        queues = [self.topology.backlog_queue(topic, p) for p in range(count)] + [self.topology.meta_queue(topic)]
+        for group in groups:
+            queues += [self.topology.lane_queue(topic, group, p) for p in range(count)]
+            queues += [self.topology.note_queue(topic, group, p) for p in range(count)]
+            queues.append(self.topology.letters_queue(topic, group))
+        existing = [q for q, c in zip(queues, await self._passive_counts(link, queues), strict=True) if c is not None]
+        channel, raw = await link.channel()
+        try:
+            for queue in existing:
+                await raw.queue_delete(queue)
+            for group in groups:
+                await raw.exchange_delete(self.topology.members_exchange(topic, group))
+            await raw.exchange_delete(self.topology.exchange(topic))
+            await raw.exchange_delete(self.topology.backlog_exchange(topic))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"deleting topic {topic!r}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        for key in [k for k in self._declared if k[2] == topic]:
+            del self._declared[key]
+        return len(existing)
+
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
         letters, _ = await self._read_letters(topic, group, None)
         return letters
