@@ -351,13 +351,15 @@ class NatsLaneConsumer(LaneConsumer):
             # A message keeps its stream subject (<prefix>.<topic>.<partition>).
             lane = self._lanes.get(self._layout.partition_of(msg.subject))
             if lane is None or not lane.open or self._stopped or self._gated():
-                # Arrived for a lane this member does not read (now): hand it back at once.
-                await self._transport.nc.publish(msg.reply, _NAK)
+                # Arrived for a lane this member does not read (now): hand it back at once
+                # (or, a message this member settled already sent again, settle it again).
+                settled = lane is not None and _ack_fields(msg.reply)[1] <= lane.settled
+                await self._transport.nc.publish(msg.reply, _ACK if settled else _NAK)
                 return
             lane.outstanding = False  # a batch-1 request is used up by its message
             delivered, seq = _ack_fields(msg.reply)
             current = lane.held.get(seq) or next((h for h in lane.ready if h.seq == seq), None)
-            if current is None and delivered == 1 and seq <= lane.seen and await self._is_ghost(lane, seq, msg):
+            if current is None and seq <= lane.seen and await self._is_ghost(lane, seq, msg):
                 return  # a settled message sent again (see _is_ghost)
             lane.seen = max(lane.seen, seq)
             if current is not None:
@@ -377,10 +379,11 @@ class NatsLaneConsumer(LaneConsumer):
             log.warning("nats: handling a pull answer on %s failed: %r", msg.subject, exc)
 
     async def _is_ghost(self, lane: _Lane, seq: int, msg: Msg) -> bool:
-        """A first delivery older than one already made cannot be: nats-server 2.9.10 sometimes
-        delivers a message again, with its count reset to 1, after it was terminated or acked
-        (seen after a nak with delay followed by an ack_wait expiry). If the consumer's ack floor
-        is past it, it was settled: ack it again (so it stops holding the lane) and drop it."""
+        """A redelivery (a sequence this lane delivered before) of a message already settled:
+        nats-server 2.9.10 sometimes delivers a message again after it was acked or terminated,
+        its count restarted or not (seen around naks, delays and crashes, and right after an ack
+        with a pull request waiting). If this member settled it, or the consumer's ack floor is
+        past it, ack it again (so it stops holding the lane) and drop it."""
         floor = lane.settled  # settled here: no need to ask
         for pause in (0.0, 0.05, 0.2):
             if seq <= floor:

@@ -569,7 +569,13 @@ class NatsTransport(Transport):
             info = await self.jsm.consumer_info(layout.stream, layout.consumer(group, partition))
         except nats.js.errors.NotFoundError:
             return None
-        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+        # With max_ack_pending = 1 a lane has at most one message legitimately in flight, and it
+        # lies after the ack floor: anything more is a settled message that nats-server 2.9.10
+        # put back (see _consumer._is_ghost), which the next reader drops.
+        floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+        in_flight = min(int(info.num_ack_pending or 0), 1 if delivered > floor else 0)
+        return int(info.num_pending or 0) + in_flight
 
     # -- dead letters ----------------------------------------------------------------------------
 
