@@ -384,7 +384,9 @@ class SubscriptionRunner:
     ) -> str | None:
         failures = lane.failures.get(delivery)
         if failures is None:
-            failures = lane.failures[delivery] = max(0, delivery.attempt - 1)  # unknown past: count crashes
+            known = delivery.failures
+            # Unknown past: count every earlier delivery (crashes included) as failed.
+            failures = lane.failures[delivery] = max(0, delivery.attempt - 1) if known is None else known
         try:
             replay_for = delivery.headers.get(REPLAY_GROUP_HEADER)
             if replay_for is not None and replay_for != self.group:
@@ -472,6 +474,7 @@ class SubscriptionRunner:
             self.transport.CAPABILITIES.require("delay")
         wait = self._retry_delay if delay is None else delay
         not_before = time.time() + wait if wait > 0 else None
+        delivery.failures = failures  # for providers that carry the count to the next owner
         await self.consumer.retry(delivery, delivery.attempt + 1, not_before)
         lane.failures[delivery] = failures
         delivery.attempt += 1

@@ -105,6 +105,10 @@ class Delivery:
     attempt: int
     position: Any = None
     not_before: float | None = None
+    failures: int | None = None
+    """How many earlier attempts failed (a handler error or a nak; a delay is not a failure),
+    when the provider knows it across members; None: the engine counts every earlier delivery as
+    failed. The engine sets it before :meth:`LaneConsumer.retry`, so a provider can persist it."""
 
 
 class AssignmentListener(Protocol):

@@ -56,12 +56,13 @@ class _Held:
     """One message this member holds (received, not settled). ``msg`` is replaced when the
     server redelivers the same message to us, so settling uses the newest delivery."""
 
-    __slots__ = ("delivered", "msg", "seq")
+    __slots__ = ("delivered", "failures", "msg", "seq")
 
-    def __init__(self, msg: Msg, seq: int, delivered: int) -> None:
+    def __init__(self, msg: Msg, seq: int, delivered: int, failures: int | None = None) -> None:
         self.msg = msg
         self.seq = seq
         self.delivered = delivered
+        self.failures = failures
 
 
 class _Lane:
@@ -367,7 +368,12 @@ class NatsLaneConsumer(LaneConsumer):
                 current.msg = msg
                 current.delivered = delivered
             else:
-                lane.ready.append(_Held(msg, seq, delivered))
+                failures = None
+                retried = lane.retried
+                if delivered > 1 and not (retried is not None and retried.position.seq == seq
+                                          and retried.attempt == delivered):
+                    failures = await self._failures_of(lane, seq, delivered)
+                lane.ready.append(_Held(msg, seq, delivered, failures))
                 self._ready_lanes.add(lane.partition)
             if not lane.outstanding and not self._gated():
                 # Ask for the next one now: the server answers when this one is acked.
@@ -377,6 +383,28 @@ class NatsLaneConsumer(LaneConsumer):
             raise
         except Exception as exc:  # never let one bad answer stop the inbox
             log.warning("nats: handling a pull answer on %s failed: %r", msg.subject, exc)
+
+    def _attempts_key(self, partition: int, seq: int) -> str:
+        return f"{self._topic}/{self._group}/{partition}/{seq}"  # '/' is in neither name
+
+    async def _failures_of(self, lane: _Lane, seq: int, delivered: int) -> int | None:
+        """How many of a redelivered message's earlier attempts failed, from the record its last
+        nak left: the failures then, plus every delivery since that ended without a nak (a
+        crashed member). None when there is no record (the engine then counts them all)."""
+        try:
+            kv = await self._transport.failure_counts()
+            entry = await kv.get(self._attempts_key(lane.partition, seq))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except Exception as exc:
+            log.debug("nats: reading the failed attempts of %s[%d] #%d failed: %r", self._topic, lane.partition,
+                      seq, exc)
+            return None
+        try:
+            failures, at = (int(x) for x in (entry.value or b"").decode().split(":"))
+        except ValueError:
+            return None
+        return failures + max(0, delivered - 1 - at)
 
     async def _is_ghost(self, lane: _Lane, seq: int, msg: Msg) -> bool:
         """A redelivery (a sequence this lane delivered before) of a message already settled:
@@ -506,6 +534,7 @@ class NatsLaneConsumer(LaneConsumer):
             body=msg.data,
             attempt=item.delivered,
             position=item,
+            **({"failures": item.failures} if item.failures is not None else {}),
         )
 
     # -- settling --------------------------------------------------------------------------
@@ -535,6 +564,17 @@ class NatsLaneConsumer(LaneConsumer):
         # message is redelivered (max_ack_pending=1), after the delay when there is one.
         delay = (not_before - time.time()) if not_before is not None else 0.0
         payload = _NAK if delay <= 0.001 else b'-NAK {"delay":%d}' % int(delay * 1e9)
+        failures = getattr(delivery, "failures", None)  # set by the engine (msgbroker >= 0.1 with it)
+        if failures is not None:
+            # Recorded before the nak, so whoever gets the message next knows which attempts
+            # failed; without the record the next member counts every delivery as failed.
+            item: _Held = delivery.position
+            try:
+                kv = await self._transport.failure_counts()
+                record = f"{failures}:{delivery.attempt}".encode()
+                await kv.put(self._attempts_key(delivery.partition, item.seq), record)
+            except Exception as exc:
+                log.debug("nats: recording the failed attempts of %s failed: %r", delivery.message_id, exc)
         await self._settle(delivery, payload, "naking")
         lane = self._lanes.get(delivery.partition)
         if lane is not None:

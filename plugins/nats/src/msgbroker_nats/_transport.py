@@ -118,6 +118,7 @@ class NatsTransport(Transport):
         self._streams: dict[str, asyncio.Task[float]] = {}
         self._consumers: weakref.WeakSet[NatsLaneConsumer] = weakref.WeakSet()
         self._pins: asyncio.Future[KeyValue] | None = None
+        self._attempts: asyncio.Future[KeyValue] | None = None
         self._closing = False
 
     # -- connection ----------------------------------------------------------------------------
@@ -350,6 +351,30 @@ class NatsTransport(Transport):
                 try:
                     return await self.js.create_key_value(bucket=bucket, history=1, ttl=max(1.0, self.ack_wait),
                                                           description="msgbroker subscribe_to_partition pins")
+                except nats.js.errors.BadRequestError:
+                    return await self.js.key_value(bucket)  # another member created it just now
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"opening the KV bucket {bucket!r}") from exc
+
+    async def failure_counts(self) -> KeyValue:
+        """The KV bucket ``<stream_prefix>_attempts``: per nak'ed message, how many of its
+        attempts failed and at which delivery, so the next member to get it knows (JetStream
+        only counts deliveries, and a delay is not a failure). Entries age out after a day."""
+        task = self._attempts
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._attempts = asyncio.ensure_future(self._open_bucket(f"{self.prefix}_attempts", 86400.0,
+                                                                            "msgbroker failed attempts"))
+        return await asyncio.shield(task)
+
+    async def _open_bucket(self, bucket: str, ttl: float, description: str) -> KeyValue:
+        try:
+            try:
+                return await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                try:
+                    return await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl, description=description)
                 except nats.js.errors.BadRequestError:
                     return await self.js.key_value(bucket)  # another member created it just now
         except asyncio.CancelledError:
