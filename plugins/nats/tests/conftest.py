@@ -53,7 +53,7 @@ async def _delete_streams(nc: Client, prefix: str) -> None:
     jsm = nc.jsm()
     with contextlib.suppress(Exception):
         for name in await _stream_names(nc):
-            if name.startswith(f"{prefix}_") or name == f"KV_{prefix}_pins":
+            if name.startswith(f"{prefix}_") or name in (f"KV_{prefix}_pins", f"KV_{prefix}_attempts"):
                 with contextlib.suppress(Exception):
                     await jsm.delete_stream(name)
 

@@ -62,7 +62,7 @@ async def _delete_streams(url: str, prefixes: list[str]) -> None:
     try:
         jsm = nc.jsm()
         for name in await _stream_names(nc):
-            if any(name.startswith(f"{p}_") or name == f"KV_{p}_pins" for p in prefixes):
+            if any(name.startswith(f"{p}_") or name in (f"KV_{p}_pins", f"KV_{p}_attempts") for p in prefixes):
                 with contextlib.suppress(Exception):
                     await jsm.delete_stream(name)
     finally:
