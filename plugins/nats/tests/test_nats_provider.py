@@ -434,3 +434,32 @@ async def test_subscribe_members_leave_a_pinned_partition_to_its_holder(connect:
         await eventually(lambda: partition in everywhere.partitions, "the shared member to take the lane back")
         await shared.publish(topic, Item(key=next(k for k in keys if partition_for(k, count) == partition), n=1))
         await eventually(lambda: any(n == 1 and m == "shared" for m, _, n, _ in record.seen), "the lane on the shared member")
+
+
+async def test_a_delay_is_not_counted_as_a_failure_by_the_next_member(connect: Any, raw: Client, topic: str) -> None:
+    """The failed-attempt record travels with the message (KV bucket ``<prefix>_attempts``):
+    delayed on one member, failed once on the next, it is retried, not dead-lettered."""
+    first, second = connect(partition_count=1, max_retry_attempts=2), connect(partition_count=1, max_retry_attempts=2)
+    delayed = asyncio.Event()
+
+    async def delay_it(ctx: MessageContext[Item]) -> None:
+        await ctx.delay(0.3)
+        delayed.set()
+
+    attempts: list[int] = []
+
+    async def fail_once(ctx: MessageContext[Item]) -> None:
+        attempts.append(ctx.delivery_attempt)
+        if len(attempts) == 1:
+            raise RuntimeError("the one real failure")
+
+    async with first, second:
+        sub = await first.subscribe(topic, "g", delay_it)
+        await first.publish(topic, Item(key="k", n=0))
+        await asyncio.wait_for(delayed.wait(), 10)
+        await sub.close()
+        await second.subscribe(topic, "g", fail_once)
+        await eventually(lambda: len(attempts) == 2, "a failure, then a successful attempt")
+        assert attempts == [2, 3]
+        assert await second.dead_letters(topic, "g") == []
+        assert await second.pending_count(topic, "g") == 0
