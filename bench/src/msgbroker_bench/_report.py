@@ -129,6 +129,9 @@ def machine_info(root: Path) -> list[str]:
     if with_stamp.exists():
         kafka = with_stamp.read_text().strip()
     redis_v = re.search(r"v=(\S+)", _cmd("redis-server", "--version"))
+    head = _cmd("git", "-C", str(root), "rev-parse", "--short", "HEAD")
+    status = _cmd("git", "-C", str(root), "status", "--short", "--untracked-files=no", "--", "core", "plugins")
+    dirty = [line.split(maxsplit=1)[1] for line in status.splitlines() if len(line.split(maxsplit=1)) == 2]
     nats_v = _cmd("nats-server", "--version")
     lines = [
         f"- CPU: {fields.get('Model name', '?')}; {fields.get('CPU(s)', '?')} logical CPUs "
@@ -142,6 +145,9 @@ def machine_info(root: Path) -> list[str]:
             f"{d} {_version(d)}" for d in ("redis", "nats-py", "aio-pika", "aiormq", "aiokafka", "faststream",
                                             "pydantic", "pydantic-core")
         ),
+        f"- Code measured: commit {head or '?'}"
+        + (f" plus uncommitted changes (of other work in progress) in {', '.join(dirty)}" if dirty else "")
+        + " — the harness runs the working tree (editable installs)",
         "- msgbroker: " + ", ".join(
             f"{d} {_version(d)}" for d in ("msgbroker", "msgbroker-redis", "msgbroker-nats", "msgbroker-rabbitmq",
                                             "msgbroker-kafka")
