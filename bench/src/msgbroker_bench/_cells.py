@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import time
 import uuid
@@ -287,6 +288,7 @@ async def run_cell(
     # set-ups only wait for the servers (joins, assignment, topic creation): run them together
     await asyncio.gather(*(set_up(v) for v in cell.variants))
     live.sort(key=cell.variants.index)
+    gc.collect()  # every cell starts from the same collector state, outside the timed sections
     for rep in range(1, reps + 1):
         if time.monotonic() > deadline and rep > 1:
             log(f"  {cell.provider} {cell.name}: time budget spent, {rep - 1} repetition(s) only")

@@ -44,6 +44,13 @@ class OursDriver(Driver):
     async def close(self) -> None:
         if self.broker is not None:
             await self.broker.close()
+        if self.provider == "memory":
+            # a named in-memory broker lives as long as the process (msgbroker keeps it in a
+            # registry and never drops it): drop ours, or every later cell pays the garbage
+            # collector for all the messages the earlier cells left behind
+            from msgbroker import _memory
+
+            _memory._SERVERS.pop(self.url.removeprefix("memory://"), None)
 
     async def publish_single(self, topic: str, seqs: range, run: int, data: str) -> None:
         assert self.broker is not None
