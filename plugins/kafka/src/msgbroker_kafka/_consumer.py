@@ -226,29 +226,37 @@ class _Track:
         return AttemptRecord(started, not_before, runs, until, due).encode()
 
 
-async def _leave(consumer: AIOKafkaConsumer, graceful: bool) -> None:
+async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> None:
     """Stop ``consumer``. Gracefully it leaves the group at once; but aiokafka first finishes
     a join in progress, which waits for the other members to drain their in-flight handlers
     (eager rebalance) — possibly handlers waiting for whoever closes this one. So after a short
     wait, and at once for a crash (``graceful=False``), the member vanishes instead: its group
     protocol stops where it stands, no LeaveGroup is sent, and Kafka expires it after
-    ``session_timeout``, as it does a killed process."""
+    ``session_timeout``, as it does a killed process. ``parked``: the group protocol waits in
+    our revoke callback (safe to cancel there)."""
+    stopping: asyncio.Future[Any] | None = None
     if graceful:
         stopping = asyncio.ensure_future(consumer.stop())
         done, _ = await asyncio.wait({stopping}, timeout=_LEAVE_BOUND)
         if done:
             _report(stopping)
             return
-    # aiokafka 0.14 internals: the task running joins (and our rebalance callbacks), and the
-    # generation whose LeaveGroup close() would send
+    # aiokafka 0.14 internals: the coordinator's generation (close() sends a LeaveGroup for a
+    # positive one), the task running joins and rebalance callbacks, and the connections
     coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is not None and hasattr(coordinator, "generation"):
+        coordinator.generation = -1
     routine = getattr(coordinator, "_coordination_task", None)
-    if routine is not None and not routine.done():
-        routine.cancel()
+    if parked and routine is not None and not routine.done():
+        routine.cancel()  # it waits in our callback: no request or connection is half made
         await asyncio.wait({routine}, timeout=_FINAL_BOUND)
-    if coordinator is not None and hasattr(coordinator, "reset_generation"):
-        coordinator.reset_generation()
-    stopping = asyncio.ensure_future(consumer.stop())
+    if stopping is None:
+        stopping = asyncio.ensure_future(consumer.stop())
+        await asyncio.sleep(0)  # stop() marks the coordinator closing first
+    client = getattr(consumer, "_client", None)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            await client.close()  # a join waiting on the broker fails at once and sees the close
     done, _ = await asyncio.wait({stopping}, timeout=_FINAL_BOUND)
     if done:
         _report(stopping)
@@ -292,6 +300,7 @@ class KafkaLaneConsumer(LaneConsumer):
         self._dirty = asyncio.Event()
         self._assigned_once = asyncio.Event()
         self._gone = asyncio.Event()
+        self._parked = False
         self._commit_task: asyncio.Task[None] | None = None
         self._stopped = False
         self._commits_failing = False
@@ -355,7 +364,7 @@ class KafkaLaneConsumer(LaneConsumer):
         if flush:
             self._gone.set()  # a revoke waiting in the group protocol may go on to leave
         if consumer is not None:
-            await _leave(consumer, graceful=flush)
+            await _leave(consumer, graceful=flush, parked=self._parked)
         self._gone.set()
 
     # -- assignment (called by aiokafka's coordinator) ------------------------------------------
@@ -395,7 +404,11 @@ class KafkaLaneConsumer(LaneConsumer):
             # The subscription is closing or crashing (the engine cut the handlers short): no
             # commit here (close commits itself, a crash commits nothing) and no rejoin — the
             # member must not hand its partitions on before it has gone (stop() ends this wait).
-            await self._gone.wait()
+            self._parked = True
+            try:
+                await self._gone.wait()
+            finally:
+                self._parked = False
             return
         # commit what was settled, then release; a failed commit only means redelivery
         await self._commit(partitions, bound=_FINAL_BOUND, final=True)
