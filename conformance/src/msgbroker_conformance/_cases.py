@@ -158,7 +158,8 @@ def run_case(suite: Any, test: Any, fn: CaseFunction) -> None:
         pytest.skip(f"capability {name!r} {verdict} by the {harness.provider_name()} provider: {reason}")
     for hook in info.hooks:
         if not callable(getattr(harness, hook, None)):
-            pytest.skip(f"fault hook {type(harness).__name__}.{hook}() is not supplied by the harness")
+            pytest.skip(f"case requires the fault hook {type(harness).__name__}.{hook}(), "
+                        "which the harness does not supply")
     seed = session_seed()
     asyncio.run(_run(suite, harness, fn, seed, info))
 
