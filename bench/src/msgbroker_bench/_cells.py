@@ -338,7 +338,7 @@ async def run_cell(
 
 async def _quiet_teardown(variant: Variant) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(variant.teardown(), 30)
+        await asyncio.wait_for(variant.teardown(), 120)  # RabbitMQ: deleting a topic's queues takes a while
 
 
 def _short(exc: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -34,6 +35,8 @@ class OursDriver(Driver):
             + ", ".join(f"{k}={v}" for k, v in self.overrides.items())
         ).rstrip(", ")
         self.broker: msgbroker.Broker | None = None
+        self.used: dict[str, set[str]] = {}
+        """Topics this driver published to, with the groups that read them (for the clean-up)."""
 
     def _connect(self) -> msgbroker.Broker:
         return msgbroker.connect(self.url, partition_count=self.partitions, **self.overrides)
@@ -43,6 +46,8 @@ class OursDriver(Driver):
 
     async def close(self) -> None:
         if self.broker is not None:
+            if self.provider == "rabbitmq":
+                await self._retire_rabbitmq_topics()
             await self.broker.close()
         if self.provider == "memory":
             # a named in-memory broker lives as long as the process (msgbroker keeps it in a
@@ -52,8 +57,22 @@ class OursDriver(Driver):
 
             _memory._SERVERS.pop(self.url.removeprefix("memory://"), None)
 
+    async def _retire_rabbitmq_topics(self) -> None:
+        """Delete the quorum queues of every topic this driver used: RabbitMQ keeps durable
+        queues until deleted, and thousands of idle quorum queues (each a Raft group) bring a
+        2-core server to a halt. The provider can name them, but not list them."""
+        assert self.broker is not None
+        delete = getattr(self.broker.transport, "delete_topic", None)
+        if delete is None:
+            return
+        for topic, groups in self.used.items():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(delete(topic, sorted(groups)), 30)
+        self.used.clear()
+
     async def publish_single(self, topic: str, seqs: range, run: int, data: str) -> None:
         assert self.broker is not None
+        self.used.setdefault(topic, set())
         publish = self.broker.publish
         clock = time.perf_counter_ns
         for seq in seqs:
@@ -61,6 +80,7 @@ class OursDriver(Driver):
 
     async def publish_batch(self, topic: str, seqs: range, run: int, data: str, stamp: int) -> None:
         assert self.broker is not None
+        self.used.setdefault(topic, set())
         await self.broker.publish_batch(
             topic, [BenchMessage(key=key_of(seq), seq=seq, run=run, sent_ns=stamp, data=data) for seq in seqs]
         )
@@ -73,12 +93,14 @@ class OursDriver(Driver):
 
     async def publish_built(self, topic: str, messages: list[BenchMessage]) -> None:
         assert self.broker is not None
+        self.used.setdefault(topic, set())
         await self.broker.publish_batch(topic, messages)
 
     async def start_consumers(
         self, topic: str, group: str, workers: int, partitions: int, sink: Sink, ordered: bool
     ) -> Consumers:
         record = sink.record
+        self.used.setdefault(topic, set()).add(group)
 
         async def handle(ctx: MessageContext[BenchMessage]) -> None:
             message = ctx.message
