@@ -18,6 +18,7 @@ import base64
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -25,12 +26,13 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / ".brokers"
@@ -45,6 +47,16 @@ RABBITMQ_NODENAME = "msgbroker@localhost"
 HOST = "127.0.0.1"
 
 ALL = ("redis", "nats", "rabbitmq", "kafka")
+
+# A throw-away test CA and one server certificate (127.0.0.1, localhost) for the TLS listeners.
+TLS_DIR = RUN_DIR / "tls"
+TLS_CA = TLS_DIR / "ca.pem"
+TLS_CERT = TLS_DIR / "server.pem"
+TLS_KEY = TLS_DIR / "server.key"
+TLS_VALID_UNTIL = TLS_DIR / "valid_until"
+TLS_CA_ENV = "MSGBROKER_TEST_TLS_CA_FILE"
+TLS_DAYS = 3650
+TLS_RENEW_BEFORE = 30 * 86400  # seconds of validity left below which the files are made again
 
 
 class Failure(Exception):
@@ -267,13 +279,13 @@ def apt_install(packages: list[str]) -> None:
         t0 = time.monotonic()
         if not _apt_updated:
             say("apt-get update")
-            subprocess.run(sudo + ["apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"],
+            subprocess.run([*sudo, "apt-get", "update", "-q", "-o", "DPkg::Lock::Timeout=300"],
                            env=env, check=True, stdout=sys.stderr)
             _apt_updated = True
         say(f"apt-get install {' '.join(packages)}")
         subprocess.run(
-            sudo + ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-                    "-o", "DPkg::Lock::Timeout=300", *packages],
+            [*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends",
+             "-o", "DPkg::Lock::Timeout=300", *packages],
             env=env,
             check=True,
             stdout=sys.stderr,
@@ -313,14 +325,99 @@ def stop_system_services(packages: list[str], sudo: list[str]) -> None:
             active = subprocess.run(["systemctl", "is-active", "--quiet", svc], check=False).returncode == 0
             if active:
                 say(f"stopping the system service {svc} that the package started")
-                subprocess.run(sudo + ["systemctl", "stop", svc], check=False)
+                subprocess.run([*sudo, "systemctl", "stop", svc], check=False)
         elif Path(f"/etc/init.d/{svc}").exists():
             running = subprocess.run(
-                sudo + [f"/etc/init.d/{svc}", "status"], check=False, capture_output=True
+                [*sudo, f"/etc/init.d/{svc}", "status"], check=False, capture_output=True
             ).returncode == 0
             if running:
                 say(f"stopping the system service {svc} that the package started")
-                subprocess.run(sudo + [f"/etc/init.d/{svc}", "stop"], check=False, capture_output=True)
+                subprocess.run([*sudo, f"/etc/init.d/{svc}", "stop"], check=False, capture_output=True)
+
+
+# --------------------------------------------------------------------------- TLS test material
+
+_OPENSSL_CONF = """\
+# written by scripts/brokers: a throw-away test CA and a server certificate for loopback only
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = msgbroker throw-away test CA
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+def tls_material_ready() -> bool:
+    try:
+        valid_until = float(TLS_VALID_UNTIL.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    files = all(f.is_file() for f in (TLS_CA, TLS_CERT, TLS_KEY))
+    return files and valid_until - time.time() > TLS_RENEW_BEFORE
+
+
+def ensure_tls_material() -> None:
+    """Make the test CA and the server certificate with openssl, unless they are there and
+    valid for another month. Written to a temporary folder first, so a half-made set is never used."""
+    if tls_material_ready():
+        return
+    openssl = shutil.which("openssl")
+    if not openssl:
+        raise Failure("tls: openssl is missing (apt-get install openssl)")
+    t0 = time.monotonic()
+    tmp = TLS_DIR.with_name("tls.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, mode=0o700)
+    conf = tmp / "openssl.cnf"
+    conf.write_text(_OPENSSL_CONF)
+    ec_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    serial = str(secrets.randbits(63) | 1)
+    steps = [
+        [openssl, "req", "-x509", "-config", str(conf), "-extensions", "ca", *ec_key,
+         "-keyout", "ca.key", "-out", "ca.pem", "-days", str(TLS_DAYS)],
+        [openssl, "req", "-new", "-config", str(conf), *ec_key, "-subj", "/CN=localhost",
+         "-keyout", "server.key", "-out", "server.csr"],
+        [openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", serial,
+         "-days", str(TLS_DAYS), "-extfile", str(conf), "-extensions", "server", "-out", "server.pem"],
+    ]
+    for argv in steps:
+        res = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise Failure(f"tls: `openssl {argv[1]}` failed (exit {res.returncode}): {res.stderr.strip()[-400:]}")
+    (tmp / "server.csr").unlink()
+    (tmp / "valid_until").write_text(f"{time.time() + TLS_DAYS * 86400:.0f}\n")
+    shutil.rmtree(TLS_DIR, ignore_errors=True)
+    tmp.rename(TLS_DIR)
+    say(f"tls: made a throw-away test CA and a server certificate for {HOST} and localhost in {rel(TLS_DIR)} "
+        f"({time.monotonic() - t0:.1f}s)")
+
+
+def ca_fingerprint() -> str:
+    """Names the test CA in use, so that a server started with another one is noticed."""
+    try:
+        return hashlib.sha256(TLS_CA.read_bytes()).hexdigest()[:16]
+    except FileNotFoundError:
+        return ""
+
+
+def tls_client_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(TLS_CA))
+
+
+def pem_property(path: Path) -> str:
+    """A PEM file as one Java properties value (its line breaks written as \\n)."""
+    return path.read_text().strip().replace("\n", "\\n")
 
 
 # --------------------------------------------------------------------------- health checks
@@ -331,10 +428,11 @@ def quiet_client_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-async def check_redis(url: str) -> None:
+async def check_redis(url: str, tls: bool = False) -> None:
     import redis.asyncio as aioredis
 
-    client = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=3)
+    options: dict[str, object] = {"ssl_ca_certs": str(TLS_CA)} if tls else {}
+    client = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=3, **options)
     try:
         if not await client.ping():
             raise Failure("PING did not answer PONG")
@@ -342,7 +440,7 @@ async def check_redis(url: str) -> None:
         await client.aclose()
 
 
-async def check_nats(url: str) -> None:
+async def check_nats(url: str, tls: bool = False) -> None:
     import nats
 
     async def ignore(*_a: object) -> None:
@@ -350,6 +448,7 @@ async def check_nats(url: str) -> None:
 
     nc = await nats.connect(
         url,
+        tls=tls_client_context() if tls else None,
         connect_timeout=2,
         allow_reconnect=False,
         max_reconnect_attempts=0,
@@ -363,10 +462,10 @@ async def check_nats(url: str) -> None:
         await nc.close()
 
 
-async def check_rabbitmq(url: str) -> None:
+async def check_rabbitmq(url: str, tls: bool = False) -> None:
     import aio_pika
 
-    conn = await aio_pika.connect(url, timeout=3)
+    conn = await aio_pika.connect(url, timeout=3, ssl_context=tls_client_context() if tls else None)
     try:
         channel = await conn.channel()
         await channel.close()
@@ -374,14 +473,17 @@ async def check_rabbitmq(url: str) -> None:
         await conn.close()
 
 
-async def check_kafka(bootstrap: str) -> None:
+async def check_kafka(bootstrap: str, tls: bool = False) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=4000)
+    options: dict[str, object] = {"security_protocol": "SSL", "ssl_context": tls_client_context()} if tls else {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=4000, **options)
     await admin.start()
     try:
         await admin.list_topics()  # a metadata request
+        if tls:
+            return  # the plain check below has shown the controller works
         try:
             resp = await admin.create_topics([NewTopic(KAFKA_READY_TOPIC, 1, 1)])
         except TopicAlreadyExistsError:
@@ -394,6 +496,19 @@ async def check_kafka(bootstrap: str) -> None:
         await admin.close()
 
 
+async def answers(check: Awaitable[None], timeout: float) -> tuple[bool, str]:
+    """(True, "") when the check passes within timeout, else (False, why)."""
+    try:
+        await asyncio.wait_for(check, timeout)
+        return True, ""
+    except TimeoutError:
+        return False, f"no answer within {timeout:.0f}s"
+    except Exception as e:
+        text = str(e).strip()
+        kind = type(e).__name__
+        return False, (text if text.startswith(kind) else f"{kind}: {text}".rstrip(": "))[:200]
+
+
 # --------------------------------------------------------------------------- brokers
 
 
@@ -401,6 +516,8 @@ class Broker:
     name: str
     default_port: int
     env_var: str
+    tls_default_port: int
+    tls_env_var: str
     start_timeout: float = 30.0
     stop_timeout: float = 20.0
 
@@ -408,10 +525,16 @@ class Broker:
         self.dir = RUN_DIR / self.name
         self.log = self.dir / f"{self.name}.log"
         self.port_file = self.dir / "port"
+        self.tls_port_file = self.dir / "tls_port"
+        self.tls_stamp_file = self.dir / "tls_ca"  # the test CA the running server was started with
+        self.tls_log = self.log
         self.proc = Tracked(self.dir / "pid")
 
     # -- to be provided by each server
     def url(self, port: int) -> str:
+        raise NotImplementedError
+
+    def tls_url(self, port: int) -> str:
         raise NotImplementedError
 
     def missing_packages(self) -> list[str]:
@@ -423,18 +546,64 @@ class Broker:
     def choose_ports(self) -> int:
         return choose_port(self.name, self.port_file, self.default_port)
 
-    def launch(self, port: int) -> int:
+    def choose_tls_port(self, restarting: bool) -> int:
+        # On restart the old process may take a moment to let go of the port it had.
+        return choose_port(f"{self.name} (TLS)", self.tls_port_file, self.tls_default_port,
+                           patience=10.0 if restarting else 1.0)
+
+    def launch(self, port: int, tls_port: int) -> int:
         raise NotImplementedError
 
     async def check(self, url: str) -> None:
         raise NotImplementedError
 
+    async def check_tls(self, url: str) -> None:
+        raise NotImplementedError
+
     def after_stop(self) -> None:
         """Stop helper processes (RabbitMQ's epmd) once the server itself is gone."""
+
+    def tls_alive(self) -> bool:
+        """False when a separate TLS process (NATS) has exited."""
+        return True
+
+    def tls_stale(self) -> str | None:
+        """Why our running server's TLS listener is not the one wanted; None when it is."""
+        if self.tls_port() is None:
+            return "it has no TLS listener (started by an older scripts/brokers)"
+        with contextlib.suppress(FileNotFoundError):
+            if self.tls_stamp_file.read_text().strip() == ca_fingerprint():
+                return None
+        return "its TLS certificate is not from the current test CA"
+
+    def renew_tls(self) -> None:
+        """Give the running server its TLS listener with the current certificate: a restart,
+        on the same ports, keeping the data."""
+        port = self.port()
+        self.stop()
+        self.start(port)
 
     # -- shared logic
     def port(self) -> int | None:
         return read_port(self.port_file)
+
+    def tls_port(self) -> int | None:
+        return read_port(self.tls_port_file)
+
+    def own_tls_url(self) -> str | None:
+        port = self.tls_port()
+        return self.tls_url(port) if port else None
+
+    def external_tls_url(self) -> str | None:
+        """A TLS server of the user's own, when the test variable names one that is not ours."""
+        value = os.environ.get(self.tls_env_var, "").strip()
+        if not value or value == self.own_tls_url():
+            return None
+        return value
+
+    def tls_served(self) -> bool:
+        """Our server is running with a TLS listener made from the current test CA."""
+        return not self.external_url() and self.proc.pid() is not None and self.tls_stale() is None
 
     def own_url(self) -> str | None:
         port = self.port()
@@ -470,15 +639,22 @@ class Broker:
         url = url or self.current_url()
         if not url:
             return False, "no port chosen yet"
-        try:
-            await asyncio.wait_for(self.check(url), timeout)
-            return True, ""
-        except asyncio.TimeoutError:
-            return False, f"no answer within {timeout:.0f}s"
-        except Exception as e:  # noqa: BLE001 - any failure means "not healthy"
-            text = str(e).strip()
-            kind = type(e).__name__
-            return False, (text if text.startswith(kind) else f"{kind}: {text}".rstrip(": "))[:200]
+        return await answers(self.check(url), timeout)
+
+    async def tls_healthy(self, timeout: float = 5.0) -> tuple[bool, str]:
+        """Whether our TLS listener answers a client that trusts the test CA."""
+        url = self.own_tls_url()
+        if not url:
+            return False, "no TLS port chosen yet"
+        ok, why = await answers(self.check_tls(url), timeout)
+        return ok, ("" if ok else f"TLS port {self.tls_port()}: {why}")
+
+    async def all_healthy(self, timeout: float = 5.0) -> tuple[bool, str]:
+        """Our server answers on its plain port and on its TLS port."""
+        ok, why = await self.healthy(timeout=timeout)
+        if ok:
+            ok, why = await self.tls_healthy(timeout)
+        return ok, why
 
     async def wait_healthy(self, timeout: float, url: str | None = None, watch_process: bool = True) -> None:
         url = url or self.current_url()
@@ -492,6 +668,11 @@ class Broker:
                     raise Failure(f"{self.name} is paused (SIGSTOP); run: scripts/brokers resume {self.name}")
             remaining = deadline - time.monotonic()
             ok, last = await self.healthy(url, timeout=max(1.0, min(5.0, remaining)))
+            if ok and not self.external_url():
+                if watch_process and not self.tls_alive():
+                    raise Failure(f"{self.name}: its TLS server exited while starting; see its log "
+                                  f"{rel(self.tls_log)}")
+                ok, last = await self.tls_healthy(timeout=max(1.0, min(5.0, remaining)))
             if ok:
                 return
             if time.monotonic() >= deadline:
@@ -504,8 +685,11 @@ class Broker:
             await asyncio.sleep(0.25)
 
     def start(self, port: int | None = None) -> None:
-        """Start our server (not waiting for it): on the given port, else a chosen one."""
+        """Start our server (not waiting for it): on the given port, else a chosen one; its TLS
+        listener on the port it had, else a chosen one."""
+        ensure_tls_material()
         self.dir.mkdir(parents=True, exist_ok=True)
+        restarting = port is not None
         if port is None:
             port = self.choose_ports()
         else:
@@ -514,9 +698,11 @@ class Broker:
                 if time.monotonic() > deadline:
                     raise Failure(f"{self.name}: port {port} is still taken; cannot restart on it")
                 time.sleep(0.2)
-        say(f"starting {self.name} on {HOST}:{port} (log {rel(self.log)})")
-        pid = self.launch(port)
+        tls_port = self.choose_tls_port(restarting)
+        say(f"starting {self.name} on {HOST}:{port}, TLS on {tls_port} (log {rel(self.log)})")
+        pid = self.launch(port, tls_port)
         self.proc.record(pid)
+        self.tls_stamp_file.write_text(ca_fingerprint() + "\n")
 
     def stop(self) -> bool:
         if self.proc.pid() is None:
@@ -533,15 +719,20 @@ class Redis(Broker):
     name = "redis"
     default_port = 6379
     env_var = "MSGBROKER_REDIS__URL"
+    tls_default_port = 6390
+    tls_env_var = "MSGBROKER_TEST_REDIS_TLS_URL"
     start_timeout = 20.0
 
     def url(self, port: int) -> str:
         return f"redis://{HOST}:{port}"
 
+    def tls_url(self, port: int) -> str:
+        return f"rediss://{HOST}:{port}"
+
     def missing_packages(self) -> list[str]:
         return [] if shutil.which("redis-server") else ["redis-server"]
 
-    def launch(self, port: int) -> int:
+    def launch(self, port: int, tls_port: int) -> int:
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         conf = self.dir / "redis.conf"
@@ -556,26 +747,56 @@ class Redis(Broker):
             "appendonly yes\n"
             "appendfsync everysec\n"
             "save 60 1\n"
+            # the same server also speaks TLS on its own port; clients need no certificate
+            f"tls-port {tls_port}\n"
+            f"tls-cert-file {TLS_CERT}\n"
+            f"tls-key-file {TLS_KEY}\n"
+            f"tls-ca-cert-file {TLS_CA}\n"
+            "tls-auth-clients no\n"
         )
         return spawn([shutil.which("redis-server") or "redis-server", str(conf)], self.log)
 
     async def check(self, url: str) -> None:
         await check_redis(url)
 
+    async def check_tls(self, url: str) -> None:
+        await check_redis(url, tls=True)
+
 
 class Nats(Broker):
     name = "nats"
     default_port = 4222
     env_var = "MSGBROKER_NATS__URL"
+    tls_default_port = 4232
+    tls_env_var = "MSGBROKER_TEST_NATS_TLS_URL"
     start_timeout = 20.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        # nats-server 2.9 either requires TLS of every client on a port or (allow_non_tls) lets
+        # nats-py stay in plaintext even for tls:// URLs; so TLS gets a second, small server.
+        self.tls_proc = Tracked(self.dir / "tls.pid")
+        self.tls_log = self.dir / "nats-tls.log"
 
     def url(self, port: int) -> str:
         return f"nats://{HOST}:{port}"
 
+    def tls_url(self, port: int) -> str:
+        return f"tls://{HOST}:{port}"
+
     def missing_packages(self) -> list[str]:
         return [] if shutil.which("nats-server") else ["nats-server"]
 
-    def launch(self, port: int) -> int:
+    def choose_tls_port(self, restarting: bool) -> int:
+        port = self.tls_port()
+        if port and self.tls_proc.pid() is not None:
+            if self.tls_stale() is None:
+                return port  # the TLS server outlived the main one (kill nats): keep it
+            self.stop_tls_server()  # made with another test CA: its port is free again below
+            restarting = True
+        return super().choose_tls_port(restarting)
+
+    def launch(self, port: int, tls_port: int) -> int:
         store = self.dir / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         argv = [
@@ -583,16 +804,60 @@ class Nats(Broker):
             "-a", HOST, "-p", str(port), "-n", "msgbroker-nats",
             "-js", "-sd", str(store),
         ]
-        return spawn(argv, self.log)
+        pid = spawn(argv, self.log)
+        if self.tls_proc.pid() is None:
+            self.start_tls_server(tls_port)
+        return pid
+
+    def start_tls_server(self, tls_port: int) -> None:
+        self.stop_tls_server()
+        store = self.dir / "jetstream-tls"
+        store.mkdir(parents=True, exist_ok=True)
+        conf = self.dir / "nats-tls.conf"
+        conf.write_text(
+            "# written by scripts/brokers; rewritten at every start: JetStream for the TLS tests\n"
+            "server_name: msgbroker-nats-tls\n"
+            f"listen: {HOST}:{tls_port}\n"
+            f'jetstream {{\n  store_dir: "{store}"\n  max_memory_store: 256MB\n  max_file_store: 1GB\n}}\n'
+            f'tls {{\n  cert_file: "{TLS_CERT}"\n  key_file: "{TLS_KEY}"\n  timeout: 2\n}}\n'
+        )
+        say(f"starting nats's TLS server on {HOST}:{tls_port} (log {rel(self.tls_log)})")
+        self.tls_proc.record(spawn([shutil.which("nats-server") or "nats-server", "-c", str(conf)], self.tls_log))
+        self.tls_stamp_file.write_text(ca_fingerprint() + "\n")
+
+    def tls_alive(self) -> bool:
+        return self.tls_proc.pid() is not None
+
+    def tls_stale(self) -> str | None:
+        stale = super().tls_stale()
+        if stale is None and self.tls_proc.pid() is None:
+            return "its TLS server is not running"
+        return stale
+
+    def renew_tls(self) -> None:
+        self.start_tls_server(self.choose_tls_port(restarting=True))
+
+    def stop_tls_server(self) -> None:
+        if self.tls_proc.pid() is not None:
+            say(f"stopping nats's TLS server (pid {self.tls_proc.pid()})")
+        self.tls_proc.stop(10, "nats's TLS server")
+
+    def after_stop(self) -> None:
+        self.stop_tls_server()
 
     async def check(self, url: str) -> None:
         await check_nats(url)
+
+    async def check_tls(self, url: str) -> None:
+        await check_nats(url, tls=True)
 
 
 class RabbitMQ(Broker):
     name = "rabbitmq"
     default_port = 5672
     env_var = "MSGBROKER_RABBITMQ__URL"
+    tls_default_port = 5671  # the registered amqps port
+    tls_env_var = "MSGBROKER_TEST_RABBITMQ_TLS_URL"
     start_timeout = 90.0
     stop_timeout = 30.0
 
@@ -604,6 +869,9 @@ class RabbitMQ(Broker):
 
     def url(self, port: int) -> str:
         return f"amqp://guest:guest@{HOST}:{port}/"
+
+    def tls_url(self, port: int) -> str:
+        return f"amqps://guest:guest@{HOST}:{port}/"
 
     @staticmethod
     def server_script() -> str | None:
@@ -633,7 +901,7 @@ class RabbitMQ(Broker):
             time.sleep(0.05)
         return port
 
-    def launch(self, port: int) -> int:
+    def launch(self, port: int, tls_port: int) -> int:
         epmd_port = self.start_epmd()
         dist_port = choose_port(self.name, self.dist_port_file, 25672)
         home = self.dir / "home"
@@ -655,6 +923,12 @@ class RabbitMQ(Broker):
             f"distribution.listener.interface = {HOST}\n"
             f"distribution.listener.port_range.min = {dist_port}\n"
             f"distribution.listener.port_range.max = {dist_port}\n"
+            f"listeners.ssl.default = {HOST}:{tls_port}\n"
+            f"ssl_options.cacertfile = {TLS_CA}\n"
+            f"ssl_options.certfile = {TLS_CERT}\n"
+            f"ssl_options.keyfile = {TLS_KEY}\n"
+            "ssl_options.verify = verify_none\n"  # clients present no certificate
+            "ssl_options.fail_if_no_peer_cert = false\n"
         )
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq-env.conf").write_text("# intentionally empty: settings come from scripts/brokers\n")
@@ -691,11 +965,16 @@ class RabbitMQ(Broker):
     async def check(self, url: str) -> None:
         await check_rabbitmq(url)
 
+    async def check_tls(self, url: str) -> None:
+        await check_rabbitmq(url, tls=True)
+
 
 class Kafka(Broker):
     name = "kafka"
     default_port = 9092
     env_var = "MSGBROKER_KAFKA__BOOTSTRAP_SERVERS"
+    tls_default_port = 9192
+    tls_env_var = "MSGBROKER_TEST_KAFKA_TLS_BOOTSTRAP_SERVERS"
     start_timeout = 90.0
     stop_timeout = 30.0
 
@@ -706,6 +985,9 @@ class Kafka(Broker):
         self.stamp = CACHE_DIR / "lib.version"
 
     def url(self, port: int) -> str:
+        return f"{HOST}:{port}"
+
+    def tls_url(self, port: int) -> str:
         return f"{HOST}:{port}"
 
     def java(self) -> str | None:
@@ -807,7 +1089,7 @@ class Kafka(Broker):
             "-cp", f"{self.lib}/*",
         ]
 
-    def launch(self, port: int) -> int:
+    def launch(self, port: int, tls_port: int) -> int:
         cport = choose_port(self.name, self.controller_port_file, 9093)
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
@@ -832,11 +1114,18 @@ class Kafka(Broker):
             "process.roles=broker,controller\n"
             "node.id=1\n"
             f"controller.quorum.voters=1@{HOST}:{cport}\n"
-            f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport}\n"
-            f"advertised.listeners=PLAINTEXT://{HOST}:{port}\n"
+            f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport},SSL://{HOST}:{tls_port}\n"
+            f"advertised.listeners=PLAINTEXT://{HOST}:{port},SSL://{HOST}:{tls_port}\n"
             "controller.listener.names=CONTROLLER\n"
             "inter.broker.listener.name=PLAINTEXT\n"
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL\n"
+            # the SSL listener's certificate, inline PEM (a PEM file would need an encrypted key)
+            "ssl.keystore.type=PEM\n"
+            f"ssl.keystore.certificate.chain={pem_property(TLS_CERT)}\n"
+            f"ssl.keystore.key={pem_property(TLS_KEY)}\n"
+            "ssl.truststore.type=PEM\n"
+            f"ssl.truststore.certificates={pem_property(TLS_CA)}\n"
+            "ssl.client.auth=none\n"
             f"log.dirs={data}\n"
             "num.partitions=1\n"
             "auto.create.topics.enable=true\n"
@@ -857,15 +1146,18 @@ class Kafka(Broker):
             say(f"kafka: formatting KRaft storage (cluster id {cluster_id})")
             with open(self.log, "ab") as out:
                 res = subprocess.run(
-                    self.jvm() + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                    [*self.jvm(), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
                 )
             if res.returncode != 0:
                 raise Failure(f"kafka: formatting the storage failed; {self.log_hint()}")
-        return spawn(self.jvm() + ["kafka.Kafka", str(props)], self.log, cwd=self.dir)
+        return spawn([*self.jvm(), "kafka.Kafka", str(props)], self.log, cwd=self.dir)
 
     async def check(self, url: str) -> None:
         await check_kafka(url)
+
+    async def check_tls(self, url: str) -> None:
+        await check_kafka(url, tls=True)
 
 
 BROKERS: dict[str, Broker] = {b.name: b for b in (Redis(), Nats(), RabbitMQ(), Kafka())}
@@ -890,12 +1182,29 @@ def locked() -> Iterator[None]:
         yield
 
 
-def write_env_file() -> None:
-    lines = []
-    for b in BROKERS.values():
+def env_lines(brokers: list[Broker]) -> list[str]:
+    """MSGBROKER_* lines of the servers that are up (ours or the user's): the plain address,
+    the TLS one, and the test CA when a TLS listener of ours is among them."""
+    lines: list[str] = []
+    ours_tls = False
+    for b in brokers:
         url = b.external_url() or (b.own_url() if b.proc.pid() is not None else None)
         if url:
             lines.append(b.env_line(url))
+        tls_url = b.external_tls_url()
+        if not tls_url and b.tls_served():
+            tls_url = b.own_tls_url()
+            ours_tls = True
+        if tls_url:
+            lines.append(f"{b.tls_env_var}={tls_url}")
+    ca = os.environ.get(TLS_CA_ENV, "").strip() or (str(TLS_CA) if ours_tls else "")
+    if ca:
+        lines.append(f"{TLS_CA_ENV}={ca}")
+    return lines
+
+
+def write_env_file() -> None:
+    lines = env_lines(list(BROKERS.values()))
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     tmp = ENV_FILE.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
@@ -903,7 +1212,7 @@ def write_env_file() -> None:
 
 
 def ensure_installed(brokers: list[Broker]) -> None:
-    packages: list[str] = []
+    packages: list[str] = [] if not brokers or shutil.which("openssl") else ["openssl"]  # the TLS test CA
     for b in brokers:
         for p in b.missing_packages():
             if p not in packages:
@@ -920,9 +1229,14 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
     """Start what is not running, wait for everything to answer; return {name: failure}."""
     waits: list[tuple[Broker, float, bool]] = []
     failures: dict[str, str] = {}
+    if any(not b.external_url() for b in brokers):
+        try:
+            ensure_tls_material()
+        except Failure as e:
+            return {b.name: str(e) for b in brokers}
     running = [b for b in brokers if not b.external_url() and b.proc.state() not in (None, "T", "t")]
-    answers = await asyncio.gather(*(b.healthy(timeout=5.0) for b in running))
-    healthy = {b.name for b, (ok, _) in zip(running, answers) if ok}
+    checks = await asyncio.gather(*(b.all_healthy(timeout=5.0) for b in running))
+    healthy = {b.name for b, (ok, _) in zip(running, checks, strict=True) if ok}
     for b in brokers:
         ext = b.external_url()
         if ext:
@@ -933,8 +1247,18 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
             if b.proc.state() in ("T", "t"):
                 failures[b.name] = f"{b.name} is paused (SIGSTOP); run: scripts/brokers resume {b.name}"
                 continue
+            stale = b.tls_stale()
+            if stale:
+                say(f"{b.name}: running, but {stale}; restarting it with its TLS listener")
+                try:
+                    b.renew_tls()
+                except Failure as e:
+                    failures[b.name] = str(e)
+                    continue
+                waits.append((b, b.start_timeout, True))
+                continue
             if b.name in healthy:
-                say(f"{b.name}: already running and healthy on port {b.port()}")
+                say(f"{b.name}: already running and healthy on port {b.port()}, TLS on {b.tls_port()}")
                 continue
             say(f"{b.name}: running (pid {b.proc.pid()}) but not answering yet; waiting")
             waits.append((b, b.start_timeout, True))
@@ -959,11 +1283,12 @@ async def await_ready(waits: list[tuple[Broker, float, bool]]) -> dict[str, str]
             await b.wait_healthy(timeout, watch_process=watch)
         except Failure as e:
             return str(e)
-        say(f"{b.name}: ready on {b.current_url()} after {time.monotonic() - t0:.1f}s")
+        tls = "" if b.external_url() else f", TLS on {b.own_tls_url()}"
+        say(f"{b.name}: ready on {b.current_url()}{tls} after {time.monotonic() - t0:.1f}s")
         return None
 
     results = await asyncio.gather(*(one(*w) for w in waits))
-    return {b.name: r for (b, _, _), r in zip(waits, results) if r}
+    return {b.name: r for (b, _, _), r in zip(waits, results, strict=True) if r}
 
 
 def names_arg(names: list[str]) -> list[Broker]:
@@ -971,10 +1296,8 @@ def names_arg(names: list[str]) -> list[Broker]:
 
 
 def print_env(brokers: list[Broker]) -> None:
-    for b in brokers:
-        url = b.current_url()
-        if url and (b.external_url() or b.proc.pid() is not None):
-            print(b.env_line(url), flush=True)
+    for line in env_lines(brokers):
+        print(line, flush=True)
 
 
 def cmd_up(names: list[str]) -> int:
@@ -1017,26 +1340,32 @@ async def gather_status() -> list[tuple[str, ...]]:
         pid = b.proc.pid()
         if ext and pid is None:
             ok, why = await b.healthy(ext, timeout=3.0)
-            return (b.name, "external", "-", ext, "yes" if ok else f"no ({why[:60]})", "-")
+            return (b.name, "external", "-", ext, b.external_tls_url() or "-",
+                    "yes" if ok else f"no ({why[:60]})", "-")
         port = b.port()
+        tls = str(b.tls_port() or "-")
         if pid is None:
-            return (b.name, "stopped", "-", str(port or "-"), "-", rel(b.log))
+            return (b.name, "stopped", "-", str(port or "-"), tls, "-", rel(b.log))
         state = {"T": "paused", "t": "paused"}.get(b.proc.state() or "", "running")
+        stale = b.tls_stale()
         if state == "paused":
             healthy = "no (paused)"
+        elif stale:
+            tls = "-"
+            healthy = f"no ({stale}; run: scripts/brokers up {b.name})"
         else:
-            ok, why = await b.healthy(b.own_url(), timeout=3.0)
+            ok, why = await b.all_healthy(timeout=3.0)
             healthy = "yes" if ok else f"no ({why[:60]})"
-        return (b.name, state, str(pid), str(port or "-"), healthy, rel(b.log))
+        return (b.name, state, str(pid), str(port or "-"), tls, healthy, rel(b.log))
 
     return list(await asyncio.gather(*(row(b) for b in BROKERS.values())))
 
 
 def cmd_status() -> int:
-    rows = [("NAME", "STATE", "PID", "PORT", "HEALTHY", "LOG")] + asyncio.run(gather_status())
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    rows = [("NAME", "STATE", "PID", "PORT", "TLS PORT", "HEALTHY", "LOG"), *asyncio.run(gather_status())]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+        print("  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=False)) + "  " + r[6])
     return 0
 
 
@@ -1075,7 +1404,7 @@ def cmd_restart(names: list[str]) -> int:
         failures.update(asyncio.run(await_ready(waits)))
         write_env_file()
     print_env([b for b in brokers if b.name not in failures])
-    for name, f in failures.items():
+    for _name, f in failures.items():
         if f != "not ours":
             say(f"ERROR: {f}")
     return 1 if failures else 0
