@@ -576,12 +576,13 @@ class Broker:
                 return None
         return "its TLS certificate is not from the current test CA"
 
+    def tls_renewal_is_cheap(self) -> bool:
+        """Whether renew_tls leaves the server itself alone (so `up` may do it)."""
+        return False
+
     def renew_tls(self) -> None:
-        """Give the running server its TLS listener with the current certificate: a restart,
-        on the same ports, keeping the data."""
-        port = self.port()
-        self.stop()
-        self.start(port)
+        """Give the running server its TLS listener with the current certificate."""
+        raise NotImplementedError
 
     # -- shared logic
     def port(self) -> int | None:
@@ -672,7 +673,8 @@ class Broker:
                 if watch_process and not self.tls_alive():
                     raise Failure(f"{self.name}: its TLS server exited while starting; see its log "
                                   f"{rel(self.tls_log)}")
-                ok, last = await self.tls_healthy(timeout=max(1.0, min(5.0, remaining)))
+                if self.tls_stale() is None:  # else up has said why it has no TLS listener
+                    ok, last = await self.tls_healthy(timeout=max(1.0, min(5.0, remaining)))
             if ok:
                 return
             if time.monotonic() >= deadline:
@@ -833,6 +835,9 @@ class Nats(Broker):
         if stale is None and self.tls_proc.pid() is None:
             return "its TLS server is not running"
         return stale
+
+    def tls_renewal_is_cheap(self) -> bool:
+        return True  # a separate process: the plain server keeps running
 
     def renew_tls(self) -> None:
         self.start_tls_server(self.choose_tls_port(restarting=True))
@@ -1235,7 +1240,8 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
         except Failure as e:
             return {b.name: str(e) for b in brokers}
     running = [b for b in brokers if not b.external_url() and b.proc.state() not in (None, "T", "t")]
-    checks = await asyncio.gather(*(b.all_healthy(timeout=5.0) for b in running))
+    checks = await asyncio.gather(*(b.healthy(timeout=5.0) if b.tls_stale() else b.all_healthy(timeout=5.0)
+                                    for b in running))
     healthy = {b.name for b, (ok, _) in zip(running, checks, strict=True) if ok}
     for b in brokers:
         ext = b.external_url()
@@ -1248,8 +1254,8 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
                 failures[b.name] = f"{b.name} is paused (SIGSTOP); run: scripts/brokers resume {b.name}"
                 continue
             stale = b.tls_stale()
-            if stale:
-                say(f"{b.name}: running, but {stale}; restarting it with its TLS listener")
+            if stale and b.tls_renewal_is_cheap():
+                say(f"{b.name}: running, but {stale}; starting it")
                 try:
                     b.renew_tls()
                 except Failure as e:
@@ -1257,8 +1263,13 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
                     continue
                 waits.append((b, b.start_timeout, True))
                 continue
+            if stale:
+                # Never restart a running server behind the back of tests that use it.
+                say(f"{b.name}: WARNING: running, but {stale}, so {b.tls_env_var} is left out; "
+                    f"`scripts/brokers restart {b.name}` restarts it with one (keeping its data)")
             if b.name in healthy:
-                say(f"{b.name}: already running and healthy on port {b.port()}, TLS on {b.tls_port()}")
+                tls = "" if stale else f", TLS on {b.tls_port()}"
+                say(f"{b.name}: already running and healthy on port {b.port()}{tls}")
                 continue
             say(f"{b.name}: running (pid {b.proc.pid()}) but not answering yet; waiting")
             waits.append((b, b.start_timeout, True))
@@ -1283,7 +1294,7 @@ async def await_ready(waits: list[tuple[Broker, float, bool]]) -> dict[str, str]
             await b.wait_healthy(timeout, watch_process=watch)
         except Failure as e:
             return str(e)
-        tls = "" if b.external_url() else f", TLS on {b.own_tls_url()}"
+        tls = "" if b.external_url() or b.tls_stale() else f", TLS on {b.own_tls_url()}"
         say(f"{b.name}: ready on {b.current_url()}{tls} after {time.monotonic() - t0:.1f}s")
         return None
 
@@ -1352,7 +1363,8 @@ async def gather_status() -> list[tuple[str, ...]]:
             healthy = "no (paused)"
         elif stale:
             tls = "-"
-            healthy = f"no ({stale}; run: scripts/brokers up {b.name})"
+            ok, why = await b.healthy(timeout=3.0)
+            healthy = f"{'yes' if ok else f'no ({why[:60]})'}; but {stale}: scripts/brokers restart {b.name}"
         else:
             ok, why = await b.all_healthy(timeout=3.0)
             healthy = "yes" if ok else f"no ({why[:60]})"
