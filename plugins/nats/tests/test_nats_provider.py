@@ -294,6 +294,27 @@ async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, raw: Clie
         assert await broker.pending_count(topic, "g") == 0
 
 
+async def test_a_round_trip_cut_short_leaves_the_connection_reading(connect: Any, topic: str) -> None:
+    """A flush (PING) whose waiter is cancelled before its PONG is read — what ``is_healthy()``
+    or ``pending_count()`` leave behind while the server is paused — must not end nats-py's read
+    loop: nats-py 2.16 sets the result of the cancelled future, and the connection then wrote
+    but read nothing until a stale-connection reconnect (publishes unconfirmed, so retried and
+    stored again). Deterministic: the flush task sends its PING and is cancelled before the
+    event loop can read the PONG."""
+    async with connect(partition_count=1) as broker:
+        nc = broker.transport.nc
+        flush = asyncio.ensure_future(nc.flush(timeout=5))
+        await asyncio.sleep(0)  # the PING is written and its future queued; the PONG is not read yet
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        await broker.publish(topic, Item(key="k", n=1))  # confirmed: the read loop still runs
+        record = Record()
+        await broker.subscribe(topic, "g", record.handler("a"))
+        await eventually(lambda: record.ns("k") == [1], "the message to be handled")
+        assert await broker.is_healthy()
+
+
 async def test_the_seeds_appsettings_nats_section_drives_the_provider(
     nats_url: str, raw: Client, tmp_path: Path, topic: str, delete_streams: Any
 ) -> None:

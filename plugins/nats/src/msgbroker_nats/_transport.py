@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from msgbroker import (
@@ -69,6 +70,31 @@ _HEADER_ROOM = 4096
 """Bytes of a message's budget left for msgbroker's envelope and the user's headers."""
 _SERVER_MAX_PAYLOAD = 1024 * 1024
 """nats-server's default ``max_payload``; the connection's real limit is checked at publish."""
+
+
+class _Client(nats.aio.client.Client):
+    """nats-py's client, with one bug fixed: a PONG that answers a PING whose waiter is already
+    done is consumed quietly.
+
+    ``flush(timeout)`` queues a future per PING and cancels it when it times out or the caller
+    is cancelled (``is_healthy()`` while the server is paused, a ``pending_count`` with a
+    deadline); nats-py (checked on 2.16.0) still calls ``set_result`` on it when the late PONG
+    comes, and the ``InvalidStateError`` ends its read loop. The connection then keeps writing
+    (publishes are stored, acks and pull requests are sent) but reads nothing — no publish
+    confirmation, no API answer, no message — until the stale-connection check reconnects
+    (``ping_interval`` x ``max_outstanding_pings``, 30 s here). Every publish in between is
+    indeterminate, and a caller that retries it stores it again (the fault suite's paused
+    server: 300 messages stored 5 times).
+    """
+
+    async def _process_pong(self) -> None:
+        pongs = getattr(self, "_pongs", None)
+        if pongs and pongs[0].done():
+            pongs.pop(0)  # this PONG answers the abandoned PING: keep the queue in step
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+            return
+        await super()._process_pong()
 
 
 class NatsTransport(Transport):
@@ -144,7 +170,8 @@ class NatsTransport(Transport):
     async def connect(self) -> None:
         url = self.settings.nats.url
         try:
-            self._nc = await nats.connect(
+            nc = _Client()
+            await nc.connect(
                 servers=[url],
                 name=f"msgbroker-{uuid.uuid4().hex[:8]}",
                 connect_timeout=5,
@@ -161,6 +188,7 @@ class NatsTransport(Transport):
             )
         except Exception as exc:
             raise BrokerConnectionError(f"cannot connect to nats at {url}: {type(exc).__name__} {exc}") from exc
+        self._nc = nc
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=_API_TIMEOUT)
         self._jsm = self._nc.jsm(timeout=_API_TIMEOUT)
