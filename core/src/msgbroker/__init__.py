@@ -37,6 +37,7 @@ from ._settings import (
     RabbitMQSettings,
     RedisSettings,
 )
+from ._tls import tls_client_context, tls_verification_error
 
 __version__ = "0.1.0"
 
@@ -86,4 +87,6 @@ __all__ = [
     "partition_for",
     "redact",
     "registry",
+    "tls_client_context",
+    "tls_verification_error",
 ]

@@ -123,6 +123,9 @@ class RedisSettings(_Section):
     key_prefix: str = "msgbroker"
     max_stream_length: int = Field(100_000, ge=1)
     claim_timeout: Annotated[Duration, BeforeValidator(parse_duration)] = timedelta(minutes=5)
+    ssl_cafile: str | None = None
+    """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a
+    ``rediss://`` url (set with a ``redis://`` url it is an error); None trusts the system's CAs."""
 
     @field_validator("url", mode="before")
     @classmethod
@@ -138,6 +141,9 @@ class NatsSettings(_Section):
     max_age: Duration = timedelta(days=7)
     ack_wait: Duration = timedelta(seconds=30)
     max_deliver: int = Field(5, ge=-1)
+    ssl_cafile: str | None = None
+    """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a ``tls://``
+    url (and a ``nats://`` one to a server that requires TLS); None trusts the system's CAs."""
 
 
 class RabbitMQSettings(_Section):
@@ -152,6 +158,9 @@ class RabbitMQSettings(_Section):
     queue_expires: Duration | None = None
     """Let the server delete a topic's and group's queues once unused this long (``x-expires``;
     for tests and short-lived topics). None (the default) keeps them until deleted by hand."""
+    ssl_cafile: str | None = None
+    """The CA certificate bundle (PEM) that signed the server's TLS certificate, for an
+    ``amqps://`` url (set with an ``amqp://`` url it is an error); None trusts the system's CAs."""
 
 
 class KafkaSettings(_Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,7 +22,6 @@ from urllib.parse import unquote, urlsplit
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import (
     BrokerClosedError,
@@ -34,6 +34,8 @@ from msgbroker import (
     OutgoingRecord,
     PublishIndeterminateError,
     Transport,
+    tls_client_context,
+    tls_verification_error,
 )
 
 from ._errors import map_error
@@ -71,6 +73,7 @@ _PRODUCER_STATE_LOST = (
 """The broker lost the idempotent producer's sequence state (seen after a broker restart); the
 producer is useless from then on (aiokafka#1017) and is replaced by a new one."""
 _ADMIN_TIMEOUT = 15.0
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -143,9 +146,14 @@ class KafkaTransport(Transport):
             "client_id": kafka.client_id,
             "security_protocol": kafka.security_protocol,
         }
-        if kafka.security_protocol in ("SSL", "SASL_SSL"):
-            options["ssl_context"] = create_ssl_context(
-                cafile=kafka.ssl_cafile, certfile=kafka.ssl_certfile, keyfile=kafka.ssl_keyfile
+        if kafka.security_protocol in _TLS_PROTOCOLS:
+            options["ssl_context"] = tls_client_context(
+                "kafka", kafka.ssl_cafile, kafka.ssl_certfile, kafka.ssl_keyfile
+            )
+        elif kafka.ssl_cafile or kafka.ssl_certfile:
+            raise ConfigurationError(
+                f"kafka.ssl_cafile / ssl_certfile are set, but kafka.security_protocol={kafka.security_protocol!r} "
+                "does not use TLS (use 'SSL' or 'SASL_SSL')"
             )
         if kafka.sasl_mechanism:
             options["sasl_mechanism"] = kafka.sasl_mechanism
@@ -207,10 +215,31 @@ class KafkaTransport(Transport):
                 await producer.stop()
             with contextlib.suppress(Exception):
                 await admin.close()
+            if "ssl_context" in options:
+                untrusted = await self._tls_refusal(options["ssl_context"])
+                if untrusted is not None:
+                    raise untrusted from exc
             raise BrokerConnectionError(
                 f"cannot connect to kafka at {self.settings.kafka.bootstrap_servers}: {exc}"
             ) from exc
         self._producer, self._admin = producer, admin
+
+    async def _tls_refusal(self, context: ssl.SSLContext) -> ConfigurationError | None:
+        """Why the first bootstrap server's TLS handshake fails, when it is its certificate:
+        aiokafka only logs that and reports "Unable to bootstrap", so one handshake finds out."""
+        first = self.settings.kafka.bootstrap_servers.split(",")[0].strip()
+        host, _, port = first.rpartition(":")
+        if not host or not port.isdigit():
+            return None
+        try:
+            async with asyncio.timeout(5):
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=context)
+        except Exception as exc:
+            return tls_verification_error(exc, "kafka", first)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        return None
 
     async def close(self) -> None:
         producer, admin, offsets = self._producer, self._admin, self._offsets

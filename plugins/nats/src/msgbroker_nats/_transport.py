@@ -38,6 +38,9 @@ from msgbroker import (
     PublishFailedError,
     PublishIndeterminateError,
     Transport,
+    redact,
+    tls_client_context,
+    tls_verification_error,
 )
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, StorageType, StreamConfig
 
@@ -169,13 +172,19 @@ class NatsTransport(Transport):
 
     async def connect(self) -> None:
         url = self.settings.nats.url
+        cafile = self.settings.nats.ssl_cafile
+        tls = tls_client_context("nats", cafile) if cafile else None  # tls:// without one: the system's CAs
+        # nats-py hangs closing a connection whose TLS handshake failed when it may retry: over
+        # TLS the first connect fails at once instead (reconnecting is switched on just below).
+        first_retry = tls is None and not url.startswith("tls://")
         try:
             nc = _Client()
             await nc.connect(
                 servers=[url],
+                tls=tls,
                 name=f"msgbroker-{uuid.uuid4().hex[:8]}",
                 connect_timeout=5,
-                allow_reconnect=True,
+                allow_reconnect=first_retry,
                 # nats-py applies this to the first connect too: "forever" would hang on a
                 # server that is not there; once connected, it reconnects forever (below).
                 max_reconnect_attempts=1,
@@ -187,8 +196,12 @@ class NatsTransport(Transport):
                 reconnected_cb=self._on_reconnected,
             )
         except Exception as exc:
+            untrusted = tls_verification_error(exc, "nats", redact(url))
+            if untrusted is not None:
+                raise untrusted from exc
             raise BrokerConnectionError(f"cannot connect to nats at {url}: {type(exc).__name__} {exc}") from exc
         self._nc = nc
+        self._nc.options["allow_reconnect"] = True
         self._nc.options["max_reconnect_attempts"] = -1
         self._js = self._nc.jetstream(timeout=_API_TIMEOUT)
         self._jsm = self._nc.jsm(timeout=_API_TIMEOUT)

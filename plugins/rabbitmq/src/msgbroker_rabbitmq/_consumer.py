@@ -148,6 +148,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
             heartbeat=self._transport.amqp_heartbeat,
             on_up=self._restore,
             on_down=self._down,
+            ssl_context=self._transport.ssl_context,
         )
         try:
             await self._link.open()

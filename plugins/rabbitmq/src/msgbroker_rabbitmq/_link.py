@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from msgbroker import BrokerConnectionError
+from msgbroker import BrokerConnectionError, tls_verification_error
 from yarl import URL
 
 from ._errors import redacted, translate
@@ -41,12 +42,14 @@ class Link:
         heartbeat: int,
         on_up: Callable[[], Awaitable[None]] | None = None,
         on_down: Callable[[], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parsed = URL(url)
         if "heartbeat" not in parsed.query:
             parsed = parsed.update_query(heartbeat=heartbeat)
         self._url = str(parsed)
         self._shown = redacted(url)
+        self._ssl_context = ssl_context
         self._name = name
         self._on_up = on_up
         self._on_down = on_down
@@ -64,12 +67,14 @@ class Link:
     async def _connect(self, timeout: float) -> AbstractConnection:
         try:
             conn = await aio_pika.connect(
-                self._url, timeout=timeout, client_properties={"connection_name": self._name}
+                self._url, timeout=timeout, client_properties={"connection_name": self._name},
+                ssl_context=self._ssl_context,
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise translate(exc, f"connecting to {self._shown}") from exc
+            raise (tls_verification_error(exc, "rabbitmq", self._shown)
+                   or translate(exc, f"connecting to {self._shown}")) from exc
 
         def closed(_sender: Any, _exc: BaseException | None = None) -> None:
             self._lost(conn)

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import re
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -27,8 +28,10 @@ from msgbroker import (
     LaneConsumer,
     OutgoingRecord,
     Transport,
+    tls_client_context,
 )
 from pamqp import commands as spec
+from yarl import URL
 
 from ._consumer import (
     DEAD_LETTER_AT,
@@ -40,7 +43,7 @@ from ._consumer import (
     delivery_headers,
 )
 from ._declare import declare_topic
-from ._errors import translate
+from ._errors import redacted, translate
 from ._link import Link
 from ._names import DELIVERY_LIMIT, Topology
 from ._publish import KEY_HEADER, publish_confirmed
@@ -113,6 +116,8 @@ class RabbitMQTransport(Transport):
         claim = section.claim_timeout.total_seconds()
         self.amqp_heartbeat = max(5, math.ceil(claim))
         self._link: Link | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        """Made from ``rabbitmq.ssl_cafile`` at connect; every connection of this transport uses it."""
         self._members: dict[str, RabbitMQLaneConsumer] = {}
         self._declared: dict[tuple[int, int, str], asyncio.Future[None]] = {}
         self._publisher: aiormq.abc.AbstractChannel | None = None
@@ -129,8 +134,20 @@ class RabbitMQTransport(Transport):
             raise BrokerClosedError("the rabbitmq transport is not connected")
         return self._link
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        cafile = self.settings.rabbitmq.ssl_cafile
+        if not cafile:
+            return None  # amqps:// trusts the system's CAs (or the url's ?cafile=)
+        if URL(self.url).scheme != "amqps":
+            raise ConfigurationError(
+                f"rabbitmq.ssl_cafile is set, but rabbitmq.url={redacted(self.url)!r} is not an amqps:// url (TLS)"
+            )
+        return tls_client_context("rabbitmq", cafile)
+
     async def connect(self) -> None:
-        link = Link(self.url, "msgbroker-publisher", heartbeat=self.amqp_heartbeat, on_down=self._down)
+        self.ssl_context = self._tls_context()
+        link = Link(self.url, "msgbroker-publisher", heartbeat=self.amqp_heartbeat, on_down=self._down,
+                    ssl_context=self.ssl_context)
         await link.open()
         self._link = link
 

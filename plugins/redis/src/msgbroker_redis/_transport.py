@@ -29,6 +29,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from msgbroker import (
@@ -45,6 +46,8 @@ from msgbroker import (
     PublishFailedError,
     PublishIndeterminateError,
     Transport,
+    tls_client_context,
+    tls_verification_error,
 )
 from redis import exceptions as rex
 from redis.asyncio.retry import Retry
@@ -213,6 +216,7 @@ class RedisTransport(Transport):
         # Trim in steps rather than at every entry; 0 keeps small limits exact.
         self.trim_slack: int = min(100, config.max_stream_length // 10)
         self.partitions: int = settings.partition_count
+        self.tls_options: dict[str, Any] = {}
 
     @classmethod
     def settings_from_url(cls, url: str) -> dict[str, Any]:
@@ -233,6 +237,7 @@ class RedisTransport(Transport):
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
                 single_connection_client=single,
                 client_name=f"msgbroker:{self.prefix}",  # who is who in CLIENT LIST
+                **self.tls_options,
             )
         except ValueError as exc:
             raise ConfigurationError(f"invalid redis url {redacted(self.url)!r}: {exc}") from exc
@@ -246,13 +251,29 @@ class RedisTransport(Transport):
     def script(self, name: str) -> AsyncScript:
         return self._scripts[name]
 
+    def _tls_options(self) -> dict[str, Any]:
+        """redis-py's options for ``redis.ssl_cafile``, its file checked once, here."""
+        cafile = self.settings.redis.ssl_cafile
+        if not cafile:
+            return {}
+        if urlsplit(self.url).scheme != "rediss":
+            raise ConfigurationError(
+                f"redis.ssl_cafile is set, but redis.url={redacted(self.url)!r} is not a rediss:// url (TLS)"
+            )
+        tls_client_context("redis", cafile)  # names an unreadable or non-PEM file now, not at each connection
+        return {"ssl_ca_certs": cafile}
+
     async def connect(self) -> None:
+        self.tls_options = self._tls_options()
         client = self.new_client()
         try:
             await client.ping()
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await client.aclose()
+            untrusted = tls_verification_error(exc, "redis", redacted(self.url))
+            if untrusted is not None:
+                raise untrusted from exc
             error = translate(exc, f"connecting to {redacted(self.url)}")
             if isinstance(error, ConfigurationError):
                 raise error from exc
