@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker import ConfigurationError, Message, MessageContext, MsgBrokerError
 from msgbroker.testing import eventually
 
