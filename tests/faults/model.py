@@ -52,6 +52,33 @@ def read_records(*paths: Path) -> list[dict[str, object]]:
     return out
 
 
+class RecordTail:
+    """The ids handled so far, read incrementally (a 1M-message soak must not re-parse the file
+    on every poll). A torn last line is left for the next read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.ids: set[str] = set()
+        self.lines = 0
+
+    def read(self) -> set[str]:
+        if not self.path.exists():
+            return self.ids
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1
+        for line in chunk[:end].splitlines():
+            try:
+                self.ids.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError):
+                continue  # a killed worker's torn line, followed by a newline from the next writer
+            self.lines += 1
+        self.offset += end
+        return self.ids
+
+
 def check(published: list[FaultMessage], records: list[dict[str, object]]) -> Verdict:
     """Jepsen-style total-queue and per-key order check.
 

@@ -407,3 +407,29 @@ async def test_delete_topic_removes_its_queues(amqp_url: str, prefix: str, wait_
             await connection.close()
         await broker.publish(topic, Numbered(key="a", seq=1))  # declared again; kept in the backlog
         assert await broker.pending_count(topic, group) == 1
+
+
+async def test_a_header_amqp_cannot_carry_is_refused_naming_it(amqp_url: str, prefix: str) -> None:
+    # Found by tests/faults/test_headers.py: pamqp truncated a field name past 128 bytes, so the
+    # header arrived under another name. Now the publish is refused and names the header.
+    async with connect(amqp_url, prefix, 4) as broker:
+        long_name = "h" * 129
+        with pytest.raises(msgbroker.InvalidNameError, match=r"'hhhh.*129 bytes.*at most 128"):
+            await broker.publish("hdr", Numbered(key="k", seq=1), headers={long_name: "v"})
+        with pytest.raises(msgbroker.InvalidNameError, match="'x-death' .* reserved"):
+            await broker.publish("hdr", Numbered(key="k", seq=1), headers={"x-death": "v"})
+        seen: list[dict[str, str]] = []
+
+        async def handle(ctx: MessageContext[Numbered]) -> None:
+            seen.append(dict(ctx.headers))
+
+        subscription = await broker.subscribe("hdr", "g", handle, message_type=Numbered)
+        await broker.publish("hdr", Numbered(key="k", seq=2), headers={"h" * 128: "fits", "x-trace": "t"})
+        for _ in range(200):
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        assert seen and seen[0].get("h" * 128) == "fits" and seen[0].get("x-trace") == "t"
+        await subscription.close()
+        transport: Any = broker.transport
+        await transport.delete_topic("hdr", ["g"])

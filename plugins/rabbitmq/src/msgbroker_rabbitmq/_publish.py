@@ -9,7 +9,7 @@ from typing import Any
 import aiormq
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
-from msgbroker import MsgBrokerError, OutgoingRecord, PublishFailedError, PublishIndeterminateError
+from msgbroker import InvalidNameError, MsgBrokerError, OutgoingRecord, PublishFailedError, PublishIndeterminateError
 from pamqp import commands as spec
 
 from ._declare import declare_backlog
@@ -26,6 +26,29 @@ PUBLISH_TIMEOUT = 30.0
 """How long a publish waits for the server's confirm before it is indeterminate."""
 
 
+MAX_HEADER_NAME_BYTES = 128
+"""AMQP 0-9-1 limits a field-table name to 128 bytes (pamqp truncates longer ones, silently to the receiver)."""
+
+
+_DEATH_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
+
+
+def _check_headers(record: OutgoingRecord) -> None:
+    """Refuse, naming it, a header AMQP cannot carry faithfully (found by the fuzzed-headers fault
+    test: a name past 128 bytes vanished in transit) or one that names the broker's own."""
+    for name in record.headers:
+        if len(name.encode("utf-8")) > MAX_HEADER_NAME_BYTES:
+            raise InvalidNameError(
+                f"rabbitmq: header name {name[:40]!r}... of message {record.message_id} is "
+                f"{len(name.encode('utf-8'))} bytes of UTF-8; AMQP allows at most {MAX_HEADER_NAME_BYTES}"
+            )
+        if name == KEY_HEADER or name == "x-delivery-count" or name.startswith(_DEATH_PREFIXES):
+            raise InvalidNameError(
+                f"rabbitmq: header name {name!r} of message {record.message_id} is reserved: msgbroker or "
+                "RabbitMQ sets it, so it would not arrive as sent"
+            )
+
+
 async def publish_confirmed(
     link: Link, topology: Topology, channel: aiormq.abc.AbstractChannel, records: Sequence[OutgoingRecord]
 ) -> None:
@@ -33,6 +56,8 @@ async def publish_confirmed(
     the server confirmed each. A message no queue took — no group is bound and its partition has
     no backlog queue yet — comes back (``mandatory``): its backlog queue is declared and it is
     published again. Anything else the server did not store raises; nothing vanishes silently."""
+    for record in records:
+        _check_headers(record)
     # aiormq matches a returned message to its publish by message id: one id per round.
     rounds: list[list[OutgoingRecord]] = [[]]
     ids: set[str] = set()
