@@ -19,9 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker.testing import eventually
 
 from .model import FaultMessage, RecordTail, Verdict, check, read_records
@@ -139,14 +138,14 @@ def messages(count: int, keys: int = 40, start: int = 0, pad: int = 0) -> list[F
 
 async def publish(broker: msgbroker.Broker, topic: str, batch: list[FaultMessage], sent: list[FaultMessage]) -> None:
     """Publish, retrying a batch whose outcome was indeterminate (a duplicate, never a loss)."""
-    for attempt in range(60):
+    for _attempt in range(60):
         try:
             await broker.publish_batch(topic, batch)
             sent.extend(batch)
             return
         except msgbroker.TransientError:
             await asyncio.sleep(0.5)
-    raise AssertionError(f"could not publish after {attempt + 1} attempts")
+    raise AssertionError(f"could not publish after {_attempt + 1} attempts")
 
 
 async def settle_and_check(broker: msgbroker.Broker, pool: Pool, sent: list[FaultMessage], scenario: str,
@@ -184,7 +183,7 @@ async def settle_and_check(broker: msgbroker.Broker, pool: Pool, sent: list[Faul
               "duplicates": verdict.duplicates, "redelivered": verdict.redelivered,
               "order_violations": len(verdict.order_violations), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ")}
     (ROOT / ".brokers").mkdir(exist_ok=True)
-    with open(ROOT / ".brokers" / "fault-results.jsonl", "a", encoding="utf-8") as out:
+    with (ROOT / ".brokers" / "fault-results.jsonl").open("a", encoding="utf-8") as out:
         out.write(json.dumps(result) + "\n")
     print(f"{pool.provider} {scenario}: {verdict.summary()}")
     assert not verdict.lost, f"lost {len(verdict.lost)}: {verdict.lost[:5]}"
@@ -292,7 +291,8 @@ async def test_poison_messages_are_dead_lettered_and_the_worker_goes_on(provider
     partition = msgbroker.partition_for("key-0", PARTITIONS)
     poison = [
         msgbroker.OutgoingRecord(pool.topic, partition, "key-0", "poison-bytes", {}, b"\xff\xfe\x00garbage"),
-        msgbroker.OutgoingRecord(pool.topic, partition, "key-0", "poison-schema", {"x": "y"}, b'{"key": 1, "seq": "a"}'),
+        msgbroker.OutgoingRecord(pool.topic, partition, "key-0", "poison-schema", {"x": "y"},
+                                 b'{"key": 1, "seq": "a"}'),
         msgbroker.OutgoingRecord(pool.topic, partition, "key-0", "poison-big", {}, b"[" + b"1," * 200_000 + b"1]"),
     ]
     await producer.transport.publish(poison, None)

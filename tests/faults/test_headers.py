@@ -13,11 +13,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import msgbroker
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import msgbroker
 from msgbroker import MessageContext
 from msgbroker.testing import eventually
 
@@ -35,7 +34,8 @@ _headers = st.dictionaries(_name, _value, min_size=1, max_size=4)
 
 
 @pytest.mark.parametrize("provider", _providers())
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 async def test_fuzzed_headers_arrive_intact_or_are_refused_and_poison_is_dead_lettered(provider: str,
                                                                                       data: st.DataObject) -> None:

@@ -24,7 +24,7 @@ async def run(args: argparse.Namespace) -> None:
     overrides = json.loads(args.settings) if args.settings else {}
     # One file shared by all workers, opened O_APPEND: each line is one write(), so the file
     # order is the global order of handlings across processes.
-    record = open(args.record, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed at exit
+    record = open(args.record, "a", buffering=1, encoding="utf-8")  # noqa: ASYNC230 - once at start; closed at exit
     pid = os.getpid()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -416,7 +416,7 @@ async def test_a_header_amqp_cannot_carry_is_refused_naming_it(amqp_url: str, pr
         long_name = "h" * 129
         with pytest.raises(msgbroker.InvalidNameError, match=r"'hhhh.*129 bytes.*at most 128"):
             await broker.publish("hdr", Numbered(key="k", seq=1), headers={long_name: "v"})
-        with pytest.raises(msgbroker.InvalidNameError, match="'x-death' .* reserved"):
+        with pytest.raises(msgbroker.InvalidNameError, match=r"'x-death' .* reserved"):
             await broker.publish("hdr", Numbered(key="k", seq=1), headers={"x-death": "v"})
         seen: list[dict[str, str]] = []
 
