@@ -75,12 +75,13 @@ def ca_file() -> str:
 
 def settings_for(provider: str, token: str, cafile: str | None) -> dict[str, Any]:
     """Settings with names of this test only; ``ssl_cafile`` when ``cafile`` is given."""
-    section: dict[str, Any] = {
+    sections: dict[str, dict[str, Any]] = {
         "redis": {"key_prefix": f"tls-{token}"},
         "nats": {"stream_prefix": f"TLS{token}"},
         "rabbitmq": {"exchange_prefix": f"tls-{token}", "queue_expires": 60},
         "kafka": {"security_protocol": "SSL"},
-    }[provider]
+    }
+    section = sections[provider]
     if cafile is not None:
         section["ssl_cafile"] = cafile
     return {"partition_count": 4, "retry_delay": 0.05, provider: section}
