@@ -1208,6 +1208,32 @@ def env_lines(brokers: list[Broker]) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def addresses_as_up_left_them() -> Iterator[None]:
+    """Take the MSGBROKER_* addresses from .brokers/env instead of the caller's environment.
+
+    `restart`, `kill`, `pause`, `resume` and `down` act on our own servers only. A test run whose
+    shell names other servers (another checkout's) calls them too, and the file must not end up
+    naming those servers for everybody who loads it next."""
+    names = {TLS_CA_ENV} | {v for b in BROKERS.values() for v in (b.env_var, b.tls_env_var)}
+    recorded: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for line in ENV_FILE.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            if sep and key in names:
+                recorded[key] = value
+    caller = {k: os.environ[k] for k in names if k in os.environ}
+    for k in names:
+        os.environ.pop(k, None)
+    os.environ.update(recorded)
+    try:
+        yield
+    finally:
+        for k in names:
+            os.environ.pop(k, None)
+        os.environ.update(caller)
+
+
 def write_env_file() -> None:
     lines = env_lines(list(BROKERS.values()))
     RUN_DIR.mkdir(parents=True, exist_ok=True)
@@ -1523,20 +1549,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "up":
             return cmd_up(args.names)
-        if args.cmd == "down":
-            return cmd_down(args.names)
         if args.cmd == "status":
             return cmd_status()
         if args.cmd == "logs":
             return cmd_logs(args.name, args.lines, args.follow)
-        if args.cmd == "restart":
-            return cmd_restart(args.names)
-        if args.cmd == "kill":
-            return cmd_signal(args.names, signal.SIGKILL, "kill")
-        if args.cmd == "pause":
-            return cmd_signal(args.names, signal.SIGSTOP, "pause")
-        if args.cmd == "resume":
-            return cmd_signal(args.names, signal.SIGCONT, "resume")
+        with addresses_as_up_left_them():  # these act on our servers only
+            if args.cmd == "down":
+                return cmd_down(args.names)
+            if args.cmd == "restart":
+                return cmd_restart(args.names)
+            if args.cmd == "kill":
+                return cmd_signal(args.names, signal.SIGKILL, "kill")
+            if args.cmd == "pause":
+                return cmd_signal(args.names, signal.SIGSTOP, "pause")
+            if args.cmd == "resume":
+                return cmd_signal(args.names, signal.SIGCONT, "resume")
         if args.cmd == "wait":
             return cmd_wait(args.names, args.timeout)
     except Failure as e:
