@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._codec import REPLAY_GROUP_HEADER, decode
@@ -67,9 +67,10 @@ class Settler:
         self.result: str | None = None
         self.delayed = False
 
-    async def ack(self) -> None:
+    def ack(self) -> Awaitable[None]:
+        # not a coroutine itself: the caller awaits the provider's ack directly (one frame less)
         self.result = Outcome.ACK
-        await self._runner.consumer.ack(self._delivery)
+        return self._runner.consumer.ack(self._delivery)
 
     async def retry(self, delay: float | None, error: BaseException | str | None) -> None:
         self.delayed = delay is not None
@@ -81,18 +82,35 @@ class Settler:
 
 
 class _LaneState:
-    __slots__ = ("buffer", "data", "failures", "held_until", "in_flight", "lease", "partition", "stopping", "task")
+    __slots__ = ("buffer", "data", "drained", "failures", "handed", "held_until", "in_flight", "lease", "partition",
+                 "queued", "stopping", "task")
 
     def __init__(self, partition: int, lease: str | None) -> None:
         self.partition = partition
         self.lease = lease
         self.buffer: deque[Delivery] = deque()
         self.data = asyncio.Event()
+        # Failed attempts of the deliveries that were retried here (an entry only once one is).
         self.failures: dict[Delivery, int] = {}
+        # Ordered: the delivery last handed to the handler (the head, while it is in the buffer).
+        self.handed: Delivery | None = None
         self.held_until = 0.0
         self.in_flight = 0
+        self.queued = False  # unordered: in the runner's queue of lanes with work
+        self.drained: asyncio.Future[None] | None = None  # unordered: resolved at in_flight 0
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
+
+
+def _failures(lane: _LaneState, delivery: Delivery) -> int:
+    """How many of the delivery's earlier attempts failed: counted here once it was retried
+    here, else what the provider knows, else (unknown past) every earlier delivery, crashes
+    included."""
+    failures = lane.failures.get(delivery)
+    if failures is None:
+        known = delivery.failures
+        failures = max(0, delivery.attempt - 1) if known is None else known
+    return failures
 
 
 def _error_text(error: BaseException | str | None) -> str:
@@ -130,7 +148,14 @@ class SubscriptionRunner:
         self.member_id = f"{uuid.uuid4().hex[:12]}"
         self.consumer: LaneConsumer = transport.consumer(topic, group, self.member_id)
         limit = max_concurrency or settings.max_concurrency or (None if ordered else 100)
-        self._semaphore = asyncio.Semaphore(limit) if limit else None
+        # Ordered: lanes take turns at the semaphore. Unordered: at most ``limit`` worker
+        # coroutines (started as work arrives) take deliveries from the lanes with work.
+        self._semaphore = asyncio.Semaphore(limit) if limit and ordered else None
+        self._limit = limit or 0
+        self._ready: deque[_LaneState] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._workers = 0
+        self._handling: dict[asyncio.Task[None], _LaneState | None] = {}
         self._lanes: dict[int, _LaneState] = {}
         self._wake = asyncio.Event()
         self._closing = False
@@ -175,6 +200,10 @@ class SubscriptionRunner:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.revoked(list(self._lanes))
+        workers = list(self._spawned)  # unordered: idle now (their lanes are stopped)
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         if self._coordinator is not None:
             await self._coordinator.release_all()
             with contextlib.suppress(Exception):
@@ -204,8 +233,9 @@ class SubscriptionRunner:
             await self.consumer.open_lane(partition, lease)
             lane = _LaneState(partition, lease)
             self._lanes[partition] = lane
-            run = self._run_ordered_lane if self.ordered else self._run_unordered_lane
-            lane.task = asyncio.create_task(run(lane), name=f"msgbroker-lane-{self.topic}-{partition}")
+            if self.ordered:
+                lane.task = asyncio.create_task(self._run_ordered_lane(lane),
+                                                name=f"msgbroker-lane-{self.topic}-{partition}")
         self._wake.set()
 
     async def revoked(self, partitions: Sequence[int]) -> None:
@@ -235,15 +265,19 @@ class SubscriptionRunner:
                             "its message will be redelivered", self.topic, lane.partition)
                 lane.task.cancel()
                 await asyncio.gather(lane.task, return_exceptions=True)
-        if lane.in_flight:
-            pending = [t for t in self._spawned if t.get_name().endswith(f"-{lane.partition}")]
-            if pending:
-                _, late = await asyncio.wait(pending, timeout=self._grace)
+        if lane.in_flight:  # unordered: wait for this lane's handlers, then cut them off
+            drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            lane.drained = drained
+            try:
+                await asyncio.wait_for(asyncio.shield(drained), self._grace)
+            except TimeoutError:
+                late = [task for task, handled in self._handling.items() if handled is lane]
                 for task in late:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
         self._lanes.pop(lane.partition, None)
-        unhandled = [d for d in lane.buffer if d not in lane.failures]
+        # Handed to a handler already: the head of an ordered lane and what was retried here.
+        unhandled = [d for d in lane.buffer if d is not lane.handed and d not in lane.failures]
         with contextlib.suppress(Exception):
             if unhandled:
                 await self.consumer.unread(unhandled)
@@ -251,13 +285,12 @@ class SubscriptionRunner:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _wants_data(self, lane: _LaneState) -> bool:
-        return not lane.stopping and len(lane.buffer) < self._low_water and lane.held_until <= time.monotonic()
-
     async def _read_loop(self) -> None:
         failures = 0
         while not self._closing:
-            idle = [p for p, lane in self._lanes.items() if self._wants_data(lane)]
+            now, low_water = time.monotonic(), self._low_water
+            idle = [p for p, lane in self._lanes.items()
+                    if not lane.stopping and len(lane.buffer) < low_water and lane.held_until <= now]
             if not idle:
                 self._wake.clear()
                 held = [lane.held_until for lane in self._lanes.values() if lane.held_until > time.monotonic()]
@@ -278,12 +311,28 @@ class SubscriptionRunner:
                             redact(str(exc)), pause)
                 await asyncio.sleep(pause)
                 continue
-            for delivery in deliveries:
-                lane = self._lanes.get(delivery.partition)
-                if lane is None or lane.stopping:
-                    continue  # still unsettled at the broker: the lane's next owner gets it
-                lane.buffer.append(delivery)
-                lane.data.set()
+            lanes = self._lanes
+            if self.ordered:
+                last = None
+                for delivery in deliveries:
+                    lane = lanes.get(delivery.partition)
+                    if lane is None or lane.stopping:
+                        continue  # still unsettled at the broker: the lane's next owner gets it
+                    lane.buffer.append(delivery)
+                    if lane is not last:  # a lane's deliveries come together: wake it once
+                        last = lane
+                        lane.data.set()
+            elif deliveries:
+                ready = self._ready
+                for delivery in deliveries:
+                    lane = lanes.get(delivery.partition)
+                    if lane is None or lane.stopping:
+                        continue
+                    lane.buffer.append(delivery)
+                    if not lane.queued:
+                        lane.queued = True
+                        ready.append(lane)
+                self._dispatch(len(deliveries))
 
     # -- handling ---------------------------------------------------------------------------
 
@@ -301,67 +350,125 @@ class SubscriptionRunner:
         return not lane.stopping
 
     async def _run_ordered_lane(self, lane: _LaneState) -> None:
+        buffer = lane.buffer
+        semaphore = self._semaphore
+        local = self.transport.REDELIVERY == "local"
+        low_water = self._low_water
+        observed = self._observed
         while not lane.stopping:
-            if not lane.buffer:
+            if not buffer:
                 lane.data.clear()
                 self._wake.set()
                 await lane.data.wait()
                 continue
-            delivery = lane.buffer[0]
-            if not await self._wait_not_before(lane, delivery):
+            delivery = buffer[0]
+            # (stopping is False here: no await since the loop's check unless there is a delay)
+            if delivery.not_before is not None and not await self._wait_not_before(lane, delivery):
                 break
-            if self._semaphore is not None:
-                async with self._semaphore:
+            if semaphore is not None:
+                async with semaphore:
                     if lane.stopping:
                         break  # shutdown began while this lane waited its turn: the message stays unread
+                    lane.handed = delivery
                     result = await self._handle(lane, delivery, limited=False)
             else:
-                result = await self._handle(lane, delivery)
-            if result == Outcome.RETRY and self.transport.REDELIVERY == "local":
-                continue  # the head stays: it is handed again before anything after it
+                lane.handed = delivery
+                if observed:
+                    result = await self._handle(lane, delivery)
+                else:
+                    result = await self._handle_delivery(lane, delivery, False, None)
             if result == Outcome.RETRY:
-                lane.buffer.clear()  # the broker delivers it (and what follows) again
+                if local:
+                    continue  # the head stays: it is handed again before anything after it
+                buffer.clear()  # the broker delivers it (and what follows) again
                 lane.held_until = time.monotonic() + max(0.0, (delivery.not_before or 0) - time.time())
-            elif lane.buffer and lane.buffer[0] is delivery:
-                lane.buffer.popleft()
-                lane.failures.pop(delivery, None)
-            if len(lane.buffer) < self._low_water:
+            elif buffer and buffer[0] is delivery:
+                buffer.popleft()
+                if lane.failures:
+                    lane.failures.pop(delivery, None)
+            if len(buffer) < low_water:
                 self._wake.set()
 
-    async def _run_unordered_lane(self, lane: _LaneState) -> None:
-        assert self._semaphore is not None
-        while not lane.stopping:
-            if not lane.buffer:
-                lane.data.clear()
-                self._wake.set()
-                await lane.data.wait()
-                continue
-            await self._semaphore.acquire()
-            if lane.stopping:
-                self._semaphore.release()
-                break
-            delivery = lane.buffer.popleft()
-            lane.in_flight += 1
-            task = asyncio.create_task(self._handle_detached(lane, delivery), name=f"msgbroker-h-{lane.partition}")
+    # -- unordered: a bounded pool of workers ------------------------------------------------
+
+    def _dispatch(self, count: int) -> None:
+        """Work for up to ``count`` more handlers arrived: wake idle workers, then start new
+        ones while fewer than the concurrency limit exist."""
+        idle = self._idle
+        while count > 0 and idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+        while count > 0 and self._workers < self._limit and not self._closing:
+            self._workers += 1
+            task = asyncio.create_task(self._worker(), name=f"msgbroker-worker-{self.topic}")
             self._spawned.add(task)
             task.add_done_callback(self._spawned.discard)
-            if len(lane.buffer) < self._low_water:
-                self._wake.set()
+            count -= 1
 
-    async def _handle_detached(self, lane: _LaneState, delivery: Delivery) -> None:
-        assert self._semaphore is not None
+    async def _worker(self) -> None:
+        """Take the next delivery of the lanes with work in turn, handle it, repeat."""
+        ready, idle, handling = self._ready, self._idle, self._handling
+        me = asyncio.current_task()
+        assert me is not None
+        loop = asyncio.get_running_loop()
+        low_water = self._low_water
+        handling[me] = None
         try:
             while True:
+                if not ready:
+                    waiter = loop.create_future()
+                    idle.append(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        waiter.cancel()  # a no-op once woken; leaves _dispatch a done waiter to skip
+                    continue
+                lane = ready[0]
+                buffer = lane.buffer
+                if lane.stopping or not buffer:
+                    ready.popleft()
+                    lane.queued = False
+                    continue
+                delivery = buffer.popleft()
+                if buffer:
+                    ready.rotate(-1)  # the lanes with work take turns
+                else:
+                    ready.popleft()
+                    lane.queued = False
+                lane.in_flight += 1
+                handling[me] = lane
+                try:
+                    await self._handle_unordered(lane, delivery)
+                finally:
+                    handling[me] = None
+                    lane.in_flight -= 1
+                    if not lane.in_flight and lane.drained is not None and not lane.drained.done():
+                        lane.drained.set_result(None)
+                if len(buffer) < low_water:
+                    self._wake.set()
+        finally:
+            self._workers -= 1
+            handling.pop(me, None)
+            if ready and not self._closing:
+                self._dispatch(1)  # cut off mid-handler (grace period over): others take over
+
+    async def _handle_unordered(self, lane: _LaneState, delivery: Delivery) -> None:
+        while True:
+            if delivery.not_before is not None:
                 if not await self._wait_not_before(lane, delivery):
                     return
+            elif lane.stopping:
+                return
+            if self._observed:
                 result = await self._handle(lane, delivery, limited=False)
-                if result != Outcome.RETRY or self.transport.REDELIVERY != "local":
+            else:
+                result = await self._handle_delivery(lane, delivery, False, None)
+            if result != Outcome.RETRY or self.transport.REDELIVERY != "local":
+                if lane.failures:
                     lane.failures.pop(delivery, None)
-                    return
-        finally:
-            lane.in_flight -= 1
-            self._semaphore.release()
-            self._wake.set()
+                return
 
     async def _handle(self, lane: _LaneState, delivery: Delivery, limited: bool = True) -> str | None:
         if not self._observed:
@@ -382,17 +489,14 @@ class SubscriptionRunner:
     async def _handle_delivery(
         self, lane: _LaneState, delivery: Delivery, limited: bool, event: HandleEvent | None
     ) -> str | None:
-        failures = lane.failures.get(delivery)
-        if failures is None:
-            known = delivery.failures
-            # Unknown past: count every earlier delivery (crashes included) as failed.
-            failures = lane.failures[delivery] = max(0, delivery.attempt - 1) if known is None else known
         try:
-            replay_for = delivery.headers.get(REPLAY_GROUP_HEADER)
-            if replay_for is not None and replay_for != self.group:
-                await self.consumer.ack(delivery)  # a dead letter replayed for another group
-                return Outcome.ACK
-            if delivery.attempt > self._max_attempts and failures >= self._max_attempts:
+            headers = delivery.headers
+            if headers:
+                replay_for = headers.get(REPLAY_GROUP_HEADER)
+                if replay_for is not None and replay_for != self.group:
+                    await self.consumer.ack(delivery)  # a dead letter replayed for another group
+                    return Outcome.ACK
+            if delivery.attempt > self._max_attempts and _failures(lane, delivery) >= self._max_attempts:
                 died = f"delivered {delivery.attempt} times without being settled (the worker died)"
                 if event is not None:
                     event.error = died
@@ -465,7 +569,10 @@ class SubscriptionRunner:
         delay: float | None,
         error: BaseException | str | None,
     ) -> None:
-        failures = lane.failures.get(delivery, 0) + (1 if delay is None else 0)
+        failures = lane.failures.get(delivery)
+        if failures is None:
+            failures = lane.failures[delivery] = _failures(lane, delivery)
+        failures += 1 if delay is None else 0
         if delay is None and failures >= self._max_attempts:
             settler.result = Outcome.DEAD
             await self._dead_letter(lane, delivery, error)
@@ -496,7 +603,8 @@ class SubscriptionRunner:
         log.warning("msgbroker: dead-lettering %s from %s[%d] for %s after %d attempt(s): %s",
                     delivery.message_id, self.topic, delivery.partition, self.group, delivery.attempt, letter.error)
         await self.consumer.dead_letter(delivery, letter)
-        lane.failures.pop(delivery, None)
+        if lane.failures:
+            lane.failures.pop(delivery, None)
 
 
 class _LeaseCoordinator:

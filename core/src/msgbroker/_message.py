@@ -119,7 +119,9 @@ class MessageContext(Generic[M]):
 
     async def ack(self) -> None:
         """The message was handled: it is not delivered to this group again."""
-        self._claim(Outcome.ACK)
+        if self.settled is not None:
+            self._claim(Outcome.ACK)  # raises
+        self.settled = Outcome.ACK
         await self._settler.ack()
 
     async def nak(self, requeue: bool = True, *, error: BaseException | str | None = None) -> None:
