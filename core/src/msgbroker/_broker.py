@@ -9,7 +9,7 @@ from collections.abc import Generator, Mapping, Sequence
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from ._codec import REPLAY_GROUP_HEADER, encode, message_type_of, validate_name
+from ._codec import REPLAY_GROUP_HEADER, check_headers, encode, message_type_of, validate_name
 from ._engine import SubscriptionRunner
 from ._errors import BrokerClosedError, BrokerConnectionError, ConfigurationError, redact
 from ._hookspecs import PublishEvent, has_implementations
@@ -104,7 +104,11 @@ class Producer:
     ) -> list[str]:
         """Publish many messages in one round trip where the broker allows; returns their ids."""
         validate_name("topic", topic)
-        records = [self._record(topic, m, headers) for m in messages]
+        settings = self._broker.settings
+        limit = min(settings.max_message_bytes, self._broker.capabilities.max_message_bytes)
+        count = settings.partition_count
+        checked = check_headers(headers) if headers else None
+        records = [encode(topic, m, count, limit, checked_headers=checked) for m in messages]
         if records:
             if self._broker._observe_publish:
                 await self._broker._publish_observed(topic, records, self._dedup_window())

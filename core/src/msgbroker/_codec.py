@@ -16,7 +16,7 @@ from ._message import GenericMessage, Message, MessageContext
 from ._partitioner import partition_for
 from ._provider import Delivery, OutgoingRecord
 
-__all__ = ["REPLAY_GROUP_HEADER", "decode", "encode", "message_type_of", "validate_name"]
+__all__ = ["REPLAY_GROUP_HEADER", "check_headers", "decode", "encode", "message_type_of", "validate_name"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
 REPLAY_GROUP_HEADER = "msgbroker-replay-group"
@@ -26,15 +26,24 @@ REPLAY_GROUP_HEADER = "msgbroker-replay-group"
 def validate_name(kind: str, value: object) -> str:
     """Topic and group names: 1-200 of ``A-Z a-z 0-9 _ . -``, not starting with ``.`` or ``-``,
     no ``..`` — safe as a Redis key part, a NATS subject token group, an AMQP or Kafka name."""
+    if type(value) is str and value in _VALID_NAMES:  # every publish checks its topic: remember
+        return value
     if not isinstance(value, str) or not _NAME.match(value) or ".." in value or value.endswith("."):
         raise InvalidNameError(
             f"invalid {kind} name {value!r}: use 1-200 characters of A-Z a-z 0-9 _ . - "
             "(not starting with '.' or '-', no '..', not ending with '.')"
         )
+    if type(value) is str:
+        if len(_VALID_NAMES) >= 4096:
+            _VALID_NAMES.clear()
+        _VALID_NAMES.add(value)
     return value
 
 
-def _check_headers(headers: Mapping[str, str]) -> dict[str, str]:
+_VALID_NAMES: set[str] = set()
+
+
+def check_headers(headers: Mapping[str, str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in headers.items():
         if not isinstance(name, str) or not name or not isinstance(value, str):
@@ -54,8 +63,12 @@ def encode(
     partition_count: int,
     max_bytes: int,
     headers: Mapping[str, str] | None = None,
+    *,
+    checked_headers: dict[str, str] | None = None,
 ) -> OutgoingRecord:
-    """Serialise ``message`` (pydantic's JSON serialiser) and pick its partition."""
+    """Serialise ``message`` (pydantic's JSON serialiser) and pick its partition.
+
+    ``checked_headers``: ``headers`` already checked (a batch checks them once); copied."""
     if not isinstance(message, Message):
         raise SerializationError(f"publish takes a msgbroker.Message, got {type(message).__name__}")
     try:
@@ -66,27 +79,33 @@ def encode(
         raise MessageTooLargeError(
             f"message {message.message_id} on {topic!r} is {len(body)} bytes; the limit is {max_bytes}"
         )
-    key = message.partition_key
+    message_id = str(message.message_id)
+    # The default key is the message id: no second str() of the UUID.
+    key = message_id if type(message).partition_key is _DEFAULT_KEY else message.partition_key
     if not isinstance(key, str):
         raise SerializationError(f"partition_key of {type(message).__name__} must be str, got {key!r}")
     try:
         partition = partition_for(key, partition_count)
     except UnicodeEncodeError as exc:
-        raise SerializationError(f"partition_key {key!r} of {type(message).__name__} is not encodable as UTF-8") from exc
-    return OutgoingRecord(
-        topic=topic,
-        partition=partition,
-        key=key,
-        message_id=str(message.message_id),
-        headers=_check_headers(headers) if headers else {},
-        body=body,
-    )
+        raise SerializationError(
+            f"partition_key {key!r} of {type(message).__name__} is not encodable as UTF-8"
+        ) from exc
+    if checked_headers is not None:
+        record_headers = dict(checked_headers)
+    else:
+        record_headers = check_headers(headers) if headers else {}
+    return OutgoingRecord(topic, partition, key, message_id, record_headers, body)
+
+
+_DEFAULT_KEY = Message.partition_key
 
 
 def decode(delivery: Delivery, message_type: type[Message]) -> Message:
     """Parse a delivery's body; a :class:`SerializationError` marks a poison message."""
     try:
-        return message_type.model_validate_json(delivery.body)
+        # what model_validate_json does, less a call; the attribute is read each time so that
+        # a model completed later (forward references) is rebuilt as pydantic does
+        return message_type.__pydantic_validator__.validate_json(delivery.body)  # type: ignore[no-any-return]
     except ValidationError as exc:
         raise SerializationError(f"cannot decode as {message_type.__name__}: {exc}") from exc
 
