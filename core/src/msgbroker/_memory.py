@@ -67,6 +67,9 @@ class _MemoryServer:
         self.leases: dict[Lane, _Lease] = {}
         self.dedup: dict[str, float] = {}
         self.dead: dict[tuple[str, str], list[DeadLetter]] = {}
+        self.lease_epoch = 0
+        """Bumped whenever a lease is taken or released: consumers cache their fencing checks
+        until it moves (renewing only extends a lease and moves nothing)."""
         self._changed: asyncio.Event | None = None
         self._changed_loop: asyncio.AbstractEventLoop | None = None
 
@@ -107,8 +110,29 @@ class _MemoryServer:
         return token is None or (lease is not None and lease.token == token)
 
     def append(self, record: OutgoingRecord, partitions: int) -> None:
-        part = self.log_of(record.topic, partitions)[record.partition]
-        part.append(_Entry(len(part), record.message_id, record.key, dict(record.headers), record.body))
+        self.append_all([record], partitions, None)
+
+    def append_all(self, records: Sequence[OutgoingRecord], partitions: int, dedup_window: float | None) -> None:
+        """Append in order; with ``dedup_window`` (seconds) drop ids published within it."""
+        dedup = self.dedup
+        now = time.monotonic()
+        if dedup_window is not None and dedup:
+            for mid in [m for m, exp in dedup.items() if exp <= now]:
+                del dedup[mid]
+        topic: str | None = None
+        log_: list[list[_Entry]] = []
+        for record in records:
+            if dedup_window is not None:
+                if record.message_id in dedup:
+                    continue
+                dedup[record.message_id] = now + dedup_window
+            if record.topic != topic:
+                topic = record.topic
+                log_ = self.log_of(topic, partitions)
+            part = log_[record.partition]
+            headers = record.headers
+            part.append(_Entry(len(part), record.message_id, record.key, dict(headers) if headers else {},
+                               record.body))
 
 
 _SERVERS: dict[str, _MemoryServer] = {}
@@ -163,16 +187,7 @@ class MemoryTransport(Transport):
 
     async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
         server = self.server
-        now = time.monotonic()
-        if dedup_window is not None and server.dedup:
-            for mid in [m for m, exp in server.dedup.items() if exp <= now]:
-                del server.dedup[mid]
-        for record in records:
-            if dedup_window is not None:
-                if record.message_id in server.dedup:
-                    continue
-                server.dedup[record.message_id] = now + dedup_window
-            server.append(record, self._partitions)
+        server.append_all(records, self._partitions, dedup_window)
         server.notify()
         await asyncio.sleep(0)  # like a network round trip, let consumers run
 
@@ -250,6 +265,7 @@ class MemoryTransport(Transport):
             return None
         token = uuid.uuid4().hex
         self.server.leases[lane] = _Lease(member_id, token, now + ttl)
+        self.server.lease_epoch += 1
         return token
 
     async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
@@ -266,6 +282,7 @@ class MemoryTransport(Transport):
         lease = self.server.leases.get(lane)
         if lease is not None and lease.token == token:
             del self.server.leases[lane]
+            self.server.lease_epoch += 1
 
 
 class _MemoryConsumer(LaneConsumer):
@@ -279,6 +296,9 @@ class _MemoryConsumer(LaneConsumer):
         self._stopped = False
         self._group_lanes: list[_GroupLane] | None = None
         self._lane_ids = [Lane(topic, group, p) for p in range(transport._partitions)]
+        # _fenced's answers, valid while the server, its lease epoch and our tokens stay put
+        self._fence: dict[int, bool] = {}
+        self._fence_key: tuple[_MemoryServer, int] | None = None
 
     def _lanes(self) -> list[_GroupLane]:
         if self._group_lanes is None:
@@ -291,19 +311,31 @@ class _MemoryConsumer(LaneConsumer):
     async def open_lane(self, partition: int, lease: str | None) -> None:
         lane = self._lanes()[partition]
         self._tokens[partition] = lease
+        self._fence.clear()
         self._history[partition] = deque(sorted(lane.pending))
 
     async def close_lane(self, partition: int) -> None:
         self._tokens.pop(partition, None)
         self._history.pop(partition, None)
+        self._fence.clear()
 
     def _fenced(self, partition: int) -> bool:
+        server = self._transport.server
+        if self._fence_key is None or self._fence_key[0] is not server or self._fence_key[1] != server.lease_epoch:
+            self._fence.clear()
+            self._fence_key = (server, server.lease_epoch)
+        fenced = self._fence.get(partition)
+        if fenced is None:
+            fenced = self._fence[partition] = self._check_fenced(server, partition)
+        return fenced
+
+    def _check_fenced(self, server: _MemoryServer, partition: int) -> bool:
         if partition not in self._tokens:
             return True
         token = self._tokens[partition]
         if token is None:
             return False
-        lease = self._transport.server.leases.get(self._lane_ids[partition])
+        lease = server.leases.get(self._lane_ids[partition])
         return lease is None or lease.token != token
 
     def _delivery(self, entry: _Entry, partition: int, pending: _Pending) -> Delivery:
@@ -335,12 +367,16 @@ class _MemoryConsumer(LaneConsumer):
                     pending.count += 1
                     out.append(self._delivery(entries[offset], partition, pending))
                     taken += 1
-                while lane.next_offset < len(entries) and taken < max_per_lane and not history:
-                    entry = entries[lane.next_offset]
-                    pending = lane.pending[entry.offset] = _Pending(1)
-                    lane.next_offset += 1
-                    out.append(self._delivery(entry, partition, pending))
-                    taken += 1
+                if not history and taken < max_per_lane:
+                    start = lane.next_offset
+                    stop = min(len(entries), start + max_per_lane - taken)
+                    if start < stop:
+                        pending_of = lane.pending
+                        for entry in entries[start:stop]:
+                            pending_of[entry.offset] = _Pending(1)
+                            out.append(Delivery(partition, entry.message_id, entry.key, entry.headers, entry.body,
+                                                1, entry.offset, None))
+                        lane.next_offset = stop
             remaining = deadline - time.monotonic()
             if out or remaining <= 0 or wake.is_set():
                 return out
@@ -356,7 +392,7 @@ class _MemoryConsumer(LaneConsumer):
             log.warning("memory: ack of %s dropped: this member no longer holds %s[%d]",
                         delivery.message_id, self._topic, delivery.partition)
             return
-        self._lanes()[delivery.partition].pending.pop(delivery.position, None)
+        (self._group_lanes or self._lanes())[delivery.partition].pending.pop(delivery.position, None)
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
         if self._fenced(delivery.partition):
@@ -393,6 +429,7 @@ class _MemoryConsumer(LaneConsumer):
     async def stop(self, flush: bool) -> None:
         self._stopped = True
         self._tokens.clear()
+        self._fence.clear()
 
 
 @hookimpl
