@@ -190,6 +190,64 @@ async def test_a_dead_members_pull_requests_take_nothing(connect: Any, raw: Clie
         await live.close()
 
 
+async def test_a_consumer_rewound_by_a_redelivery_to_a_dead_request_hands_nothing_twice(
+    connect: Any, raw: Client, topic: str
+) -> None:
+    """nats-server 2.9.10: a message the server takes to redeliver while the lane's only pull
+    request is dead moves the consumer's stream pointer back onto that message, so once it is
+    acked the consumer delivers it again as new (delivery count 1), to the next member that
+    asks. Here a raw client plays the member that nak'ed with a delay and then died (its pull
+    request stays queued without interest); two members join. The message is handled once, the
+    next one after it, and pending_count never counts the rewound message twice."""
+    other, lane_key = "d", "k"  # partitions 1 and 0 of 2
+    producer, first, second = connect(partition_count=2), connect(partition_count=2), connect(partition_count=2)
+    async with producer, first, second:
+        transport = producer.transport
+        layout = transport.layout(topic)
+        await producer.publish(topic, Item(key=other, n=0))  # sequence 1, the other lane
+        await producer.publish(topic, Item(key=lane_key, n=0))  # sequence 2, lane 0
+        await transport.ensure_consumer(layout, "g", 0)
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{layout.stream}.{layout.consumer('g', 0)}"
+
+        inbox = raw.new_inbox()
+        sub = await raw.subscribe(inbox)
+        await raw.publish(next_subject, b'{"batch":1,"expires":5000000000}', reply=inbox)
+        msg = await sub.next_msg(timeout=5)
+        assert msg.metadata.sequence.stream == 2
+        await raw.publish(msg.reply, b'-NAK {"delay":100000000}')  # back in 0.1 s
+        dead = raw.new_inbox()
+        dead_sub = await raw.subscribe(dead)
+        await raw.publish(next_subject, b'{"batch":1,"expires":60000000000}', reply=dead)
+        await raw.flush()
+        await dead_sub.unsubscribe()  # the request stays queued, its interest gone
+        await raw.flush()
+        # No consumer-info request until the server tried the redelivery: it would drop the dead
+        # request first. Then the pointer is behind the message in flight.
+        await asyncio.sleep(1.0)
+        jsm = raw.jsm()
+
+        async def rewound() -> bool:
+            info = await jsm.consumer_info(layout.stream, layout.consumer("g", 0))
+            return info.num_ack_pending == 1 and info.delivered.stream_seq == 1
+
+        await eventually(rewound, "the consumer to be rewound onto the message in flight")
+        assert await producer.pending_count(topic, "g") == 2  # lane 0: 1 in flight; lane 1: 1 new
+
+        record = Record()
+        await first.subscribe(topic, "g", record.handler("first"))
+        await second.subscribe(topic, "g", record.handler("second"))
+        await eventually(lambda: record.ns(lane_key), "the message back after ack_wait")
+        await producer.publish(topic, Item(key=lane_key, n=1))
+        await eventually(lambda: record.ns(lane_key)[-1:] == [1], "the next message of the lane")
+        assert record.ns(lane_key) == [0, 1]
+        assert record.ns(other) == [0]
+        await eventually(lambda: _pending_is(producer, topic, 0), "nothing pending at the end")
+
+
+async def _pending_is(broker: msgbroker.Broker, topic: str, count: int) -> bool:
+    return await broker.pending_count(topic, "g") == count
+
+
 async def test_a_long_handler_on_a_live_member_is_not_redelivered(connect: Any, raw: Client, topic: str) -> None:
     """+WPI keeps a message that runs past ack_wait with its live member."""
     ack_wait = 1.0

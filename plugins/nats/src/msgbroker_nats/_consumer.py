@@ -41,6 +41,10 @@ PULL_EXPIRES = 15.0
 it at once when our inbox goes away, so a dead member leaves no request behind)."""
 _PULL_REQUEST = b'{"batch":1,"expires":%d}' % int(PULL_EXPIRES * 1e9)
 _ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
+_REWOUND = "_MSGBROKER_NATS.rewound"
+"""``<_REWOUND>.<stream>.<consumer group>.<partition>``, payload a stream sequence: a member tells
+the group that this settled message will be delivered once more as new (see _settle)."""
+_REMEMBERED = 64
 
 
 def _ack_fields(reply: str) -> tuple[int, int]:
@@ -67,7 +71,7 @@ class _Held:
 
 class _Lane:
     __slots__ = ("deadline", "gen", "held", "next_subject", "open", "outstanding", "partition", "ready", "retried",
-                 "retry_at", "seen", "settled")
+                 "retry_at", "rewound", "seen", "settled")
 
     def __init__(self, partition: int, next_subject: str) -> None:
         self.partition = partition
@@ -82,6 +86,7 @@ class _Lane:
         self.retried: Delivery | None = None
         self.seen = 0  # the highest stream sequence of this lane delivered (as far as we know)
         self.settled = 0  # the highest stream sequence this member acked or terminated
+        self.rewound: set[int] = set()  # settled elsewhere, announced to come back as new (see _settle)
 
 
 class _LanePin:
@@ -140,6 +145,7 @@ class NatsLaneConsumer(LaneConsumer):
         self._arrival: asyncio.Future[None] | None = None
         self._inbox = ""
         self._sub: Subscription | None = None
+        self._rewound_sub: Subscription | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._pin: _LanePin | None = None
         self._listener: AssignmentListener | None = None
@@ -161,6 +167,7 @@ class NatsLaneConsumer(LaneConsumer):
         try:
             self._sub = await nc.subscribe(f"{self._inbox}.>", cb=self._on_message, pending_msgs_limit=-1,
                                            pending_bytes_limit=-1)
+            self._rewound_sub = await nc.subscribe(f"{self._rewound_subject()}.*", cb=self._on_rewound)
         except Exception as exc:
             raise map_error(exc, "subscribing to the pull inbox") from exc
         self._keeper = asyncio.create_task(self._keep_in_progress(), name=f"msgbroker-nats-wpi-{self._topic}")
@@ -272,6 +279,10 @@ class NatsLaneConsumer(LaneConsumer):
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         sub, self._sub = self._sub, None
+        rewound, self._rewound_sub = self._rewound_sub, None
+        if rewound is not None:
+            with contextlib.suppress(Exception):
+                await rewound.unsubscribe()
         if not flush:
             # A crash: stop receiving (the server forgets our pull requests), settle nothing;
             # what we hold comes back to the others after ack_wait.
@@ -354,12 +365,22 @@ class NatsLaneConsumer(LaneConsumer):
             if lane is None or not lane.open or self._stopped or self._gated():
                 # Arrived for a lane this member does not read (now): hand it back at once
                 # (or, a message this member settled already sent again, settle it again).
-                settled = lane is not None and _ack_fields(msg.reply)[1] <= lane.settled
+                sseq = _ack_fields(msg.reply)[1]
+                settled = lane is not None and (sseq <= lane.settled or sseq in lane.rewound)
                 await self._transport.nc.publish(msg.reply, _ACK if settled else _NAK)
                 return
             lane.outstanding = False  # a batch-1 request is used up by its message
             delivered, seq = _ack_fields(msg.reply)
             current = lane.held.get(seq) or next((h for h in lane.ready if h.seq == seq), None)
+            if current is None and seq in lane.rewound:
+                # Settled by another member, which saw the consumer's pointer rewound onto it.
+                lane.rewound.discard(seq)
+                log.warning("nats: %s[%d] sequence %d came back as new after it was settled elsewhere; dropped",
+                            self._topic, lane.partition, seq)
+                await self._transport.nc.publish(msg.reply, _ACK)
+                if not lane.outstanding and not self._gated():
+                    await self._request(lane)
+                return
             if current is None and seq <= lane.seen and await self._is_ghost(lane, seq, msg):
                 return  # a settled message sent again (see _is_ghost)
             lane.seen = max(lane.seen, seq)
@@ -383,6 +404,53 @@ class NatsLaneConsumer(LaneConsumer):
             raise
         except Exception as exc:  # never let one bad answer stop the inbox
             log.warning("nats: handling a pull answer on %s failed: %r", msg.subject, exc)
+
+    def _rewound_subject(self) -> str:
+        return f"{_REWOUND}.{self._layout.stream}.{self._layout.consumer(self._group, 0).rpartition('_')[0]}"
+
+    async def _on_rewound(self, msg: Msg) -> None:
+        """Another member of the group settled a message the consumer will deliver once more as
+        new: whoever gets that copy acks it and drops it. Nothing here awaits, so this runs before
+        the inbox handles the copy (the announcement precedes it on the connection)."""
+        try:
+            partition, seq = int(msg.subject.rpartition(".")[2]), int(msg.data)
+        except ValueError:
+            return
+        lane = self._lanes.get(partition)
+        if lane is not None and seq > lane.settled:
+            lane.rewound.add(seq)
+            while len(lane.rewound) > _REMEMBERED:
+                lane.rewound.discard(min(lane.rewound))
+
+    async def _announce_if_rewound(self, lane: _Lane, item: _Held) -> None:
+        """nats-server 2.9.10 moves a consumer's stream pointer back by one when it takes a
+        message to redeliver while every waiting pull request is dead (its member crashed or left)
+        or expired (``o.sseq--`` for "redo this one", meant for a new message). With
+        ``max_ack_pending = 1`` that lands on the very message being redelivered: once it is
+        settled the consumer delivers it again as a *new* message (delivery count 1, ack floor
+        left below it), to whichever member asks first. The member settling a redelivered message
+        sees it (the consumer's delivered stream sequence is below the message) and, before its
+        ack, tells the group's members, which drop that copy. One consumer-info request per
+        settled redelivery; nothing for first deliveries."""
+        try:
+            info = await self._transport.jsm.consumer_info(self._layout.stream,
+                                                           self._layout.consumer(self._group, lane.partition))
+            delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("nats: checking the pointer of %s[%d] failed: %r", self._topic, lane.partition, exc)
+            return
+        if delivered >= item.seq:
+            return
+        log.warning("nats: the consumer of %s[%d] for %s was rewound onto sequence %d (delivered %d); "
+                    "its copy will be dropped", self._topic, lane.partition, self._group, item.seq, delivered)
+        try:
+            nc = self._transport.nc
+            await nc.publish(f"{self._rewound_subject()}.{lane.partition}", str(item.seq).encode())
+            await nc.flush(timeout=2)  # the announcement reaches the server before the ack
+        except Exception as exc:
+            log.debug("nats: announcing the rewound pointer of %s[%d] failed: %r", self._topic, lane.partition, exc)
 
     def _attempts_key(self, partition: int, seq: int) -> str:
         return f"{self._topic}/{self._group}/{partition}/{seq}"  # '/' is in neither name
@@ -546,6 +614,8 @@ class NatsLaneConsumer(LaneConsumer):
             lane.held.pop(item.seq, None)  # whatever happens next, stop extending it
             if payload is not _NAK and not payload.startswith(_NAK):
                 lane.settled = max(lane.settled, item.seq)
+                if item.delivered > 1:
+                    await self._announce_if_rewound(lane, item)
         try:
             if confirm:
                 await self._transport.nc.request(item.msg.reply, payload, timeout=5.0)

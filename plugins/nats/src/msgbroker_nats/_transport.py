@@ -641,7 +641,20 @@ class NatsTransport(Transport):
         floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
         delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
         in_flight = min(int(info.num_ack_pending or 0), 1 if delivered > floor else 0)
+        if in_flight and await self._rewound(layout, partition, delivered):
+            in_flight = 0  # the message in flight is after `delivered`: num_pending counts it already
         return int(info.num_pending or 0) + in_flight
+
+    async def _rewound(self, layout: TopicLayout, partition: int, delivered: int) -> bool:
+        """Whether the lane's consumer was rewound (nats-server 2.9.10, see
+        ``_consumer._announce_if_rewound``): its delivered stream sequence is then one before the
+        message in flight and, unless that is the lane's previous message (then at or below the
+        ack floor), not a message of the lane at all. Otherwise it is the message in flight."""
+        try:
+            raw = await self.jsm.get_msg(layout.stream, seq=delivered)
+        except nats.js.errors.NotFoundError:
+            return False
+        return raw.subject != layout.subject(partition)
 
     # -- dead letters ----------------------------------------------------------------------------
 
