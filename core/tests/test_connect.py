@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker import BrokerClosedError, ConfigurationError, ProviderNotFoundError
 from msgbroker._registry import ProviderRegistry
 

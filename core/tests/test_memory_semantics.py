@@ -8,12 +8,10 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+import msgbroker
 import pytest
-from msgbroker.testing import eventually
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import msgbroker
 from msgbroker import (
     AlreadySettledError,
     InvalidNameError,
@@ -23,6 +21,7 @@ from msgbroker import (
     OutgoingRecord,
     partition_for,
 )
+from msgbroker.testing import eventually
 
 
 class Order(Message):
@@ -503,7 +502,7 @@ async def test_invalid_topic_and_group_names_are_refused_naming_the_value(name: 
 
 async def test_an_oversize_message_is_refused_at_publish() -> None:
     async with connect(max_message_bytes=1000) as broker:
-        with pytest.raises(MessageTooLargeError, match="is 2[0-9]{3} bytes; the limit is 1000"):
+        with pytest.raises(MessageTooLargeError, match=r"is 2[0-9]{3} bytes; the limit is 1000"):
             await broker.publish("t", Order(key="k", seq=0, note="x" * 2000))
 
 

@@ -10,7 +10,6 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from msgbroker import murmur2, partition_for
 
 # Test vectors from Apache Kafka's own test suite: clients/src/test/java/org/apache/kafka/

@@ -7,7 +7,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from msgbroker import BrokerSettings, ConfigurationError
 from msgbroker._settings import parse_duration, stackexchange_to_url
 
