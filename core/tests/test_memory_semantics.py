@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections import defaultdict
@@ -490,11 +491,11 @@ async def test_settling_twice_is_an_error() -> None:
         assert "already settled (ack)" in str(errors[0])
 
 
-@pytest.mark.parametrize("name", ["", "a b", "a*", "a>", "x:y", ".hidden", "-x", "a..b", "end.", "ü", "a" * 201, "{t}"])
+@pytest.mark.parametrize("name", ["", "a b", "a*", "a>", "x:y", ".hidden", "-x", "a..b", "end.", "ü", "a" * 201, "{t}",
+                                  "orders\n", "g\r\n"])  # a trailing newline passed a "$"-anchored pattern
 async def test_invalid_topic_and_group_names_are_refused_naming_the_value(name: str) -> None:
     async with connect() as broker:
-        with pytest.raises(InvalidNameError, match=repr(name)[:20].replace("*", r"\*").replace(".", r"\.")
-                           .replace("{", r"\{").replace("}", r"\}")):
+        with pytest.raises(InvalidNameError, match=re.escape(repr(name)[:20])):
             await broker.publish(name, Order(key="k", seq=0))
         with pytest.raises(InvalidNameError):
             await broker.subscribe("t", name, Recorder().handler("m"))

@@ -18,7 +18,7 @@ from ._provider import Delivery, OutgoingRecord
 
 __all__ = ["REPLAY_GROUP_HEADER", "check_headers", "decode", "encode", "message_type_of", "validate_name"]
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")  # fullmatch: "$" would let "orders\n" pass
 REPLAY_GROUP_HEADER = "msgbroker-replay-group"
 """Set on a replayed dead letter: only that group handles it again, the others skip it."""
 
@@ -28,7 +28,7 @@ def validate_name(kind: str, value: object) -> str:
     no ``..`` — safe as a Redis key part, a NATS subject token group, an AMQP or Kafka name."""
     if type(value) is str and value in _VALID_NAMES:  # every publish checks its topic: remember
         return value
-    if not isinstance(value, str) or not _NAME.match(value) or ".." in value or value.endswith("."):
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or ".." in value or value.endswith("."):
         raise InvalidNameError(
             f"invalid {kind} name {value!r}: use 1-200 characters of A-Z a-z 0-9 _ . - "
             "(not starting with '.' or '-', no '..', not ending with '.')"
