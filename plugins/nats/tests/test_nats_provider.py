@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import os
 import signal
 import sys
@@ -86,6 +87,8 @@ def test_names_escape_dots_one_to_one() -> None:
 def test_a_bad_stream_prefix_is_refused_naming_it() -> None:
     with pytest.raises(ConfigurationError, match=r"stream_prefix='A\.B'"):
         msgbroker.connect("nats://127.0.0.1:1", nats={"stream_prefix": "A.B"})
+    with pytest.raises(ConfigurationError, match=r"stream_prefix='AB\\n'"):  # "$" matched before a final newline
+        msgbroker.connect("nats://127.0.0.1:1", nats={"stream_prefix": "AB\n"})
 
 
 # -- on the server -------------------------------------------------------------------------------
@@ -347,7 +350,7 @@ async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, raw: Clie
         for key in keys:
             seen = record.ns(key)
             assert sorted(set(seen)) == list(range(total)), f"{key}: lost {set(range(total)) - set(seen)}"
-            assert all(a <= b for a, b in zip(seen, seen[1:], strict=False)), f"{key} out of order: {seen}"
+            assert all(a <= b for a, b in itertools.pairwise(seen)), f"{key} out of order: {seen}"
         await eventually(lambda: broker.is_healthy(), "the broker to be healthy again")
         assert await broker.pending_count(topic, "g") == 0
 
@@ -512,7 +515,8 @@ async def test_subscribe_members_leave_a_pinned_partition_to_its_holder(connect:
         await holder.close()
         await eventually(lambda: partition in everywhere.partitions, "the shared member to take the lane back")
         await shared.publish(topic, Item(key=next(k for k in keys if partition_for(k, count) == partition), n=1))
-        await eventually(lambda: any(n == 1 and m == "shared" for m, _, n, _ in record.seen), "the lane on the shared member")
+        await eventually(lambda: any(n == 1 and m == "shared" for m, _, n, _ in record.seen),
+                         "the lane on the shared member")
 
 
 async def test_a_delay_is_not_counted_as_a_failure_by_the_next_member(connect: Any, raw: Client, topic: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
@@ -524,3 +525,11 @@ def test_the_url_picks_the_redis_provider() -> None:
         broker = msgbroker.connect(url, redis={"key_prefix": f"x-{uuid.uuid4().hex[:6]}"})
         assert broker.provider == "redis"
         assert broker.settings.redis.url == url
+
+
+@pytest.mark.parametrize("bad", ["x{y}", "a b", "p\n", "", "k" * 65])
+def test_a_key_prefix_that_could_inject_into_a_key_is_refused_naming_it(bad: str) -> None:
+    # a brace would move the Cluster hash tag off the topic; whitespace and newlines do not
+    # belong in a key or a connection name
+    with pytest.raises(ConfigurationError, match=re.escape(f"redis.key_prefix={bad!r}")):
+        msgbroker.connect("redis://127.0.0.1:6379", redis={"key_prefix": bad})

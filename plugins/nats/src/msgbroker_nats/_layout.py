@@ -33,13 +33,13 @@ survive a round trip."""
 MSG_ID_HEADER = "Nats-Msg-Id"
 """JetStream's native dedup key, set only when deduplication is asked for."""
 
-_PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would let a trailing newline in
 _PARTITION_COUNT = re.compile(r"partition_count=(\d+)")
 
 
 def validate_stream_prefix(prefix: str) -> str:
     """``stream_prefix`` is both a subject token and the head of stream names."""
-    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
         raise ConfigurationError(
             f"nats.stream_prefix={prefix!r} is invalid: use 1-64 characters of A-Z a-z 0-9 _ -"
         )

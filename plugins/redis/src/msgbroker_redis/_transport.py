@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import struct
 import uuid
 import weakref
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]
 
 log = logging.getLogger("msgbroker.redis")
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
 ACK_BATCH = 512
@@ -211,6 +213,12 @@ class RedisTransport(Transport):
         self._consumers: weakref.WeakSet[RedisLaneConsumer] = weakref.WeakSet()
         config = settings.redis
         self.url: str = config.url
+        if not isinstance(config.key_prefix, str) or not _KEY_PREFIX.fullmatch(config.key_prefix):
+            # a brace would move the Cluster hash tag off the topic, a space or newline would
+            # not survive CLIENT SETNAME: refuse, naming it
+            raise ConfigurationError(
+                f"redis.key_prefix={config.key_prefix!r} is invalid: use 1-64 characters of A-Z a-z 0-9 _ . : -"
+            )
         self.prefix: str = config.key_prefix
         self.max_stream_length: int = config.max_stream_length
         # Trim in steps rather than at every entry; 0 keeps small limits exact.
