@@ -153,6 +153,7 @@ class NatsLaneConsumer(LaneConsumer):
         self._next_sweep = 0.0
         self._stopped = False
         self._delivered_at_start: dict[int, int] = {}
+        self._recreating: set[asyncio.Task[None]] = set()  # referenced until done (not collected)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -323,7 +324,8 @@ class NatsLaneConsumer(LaneConsumer):
         lane.deadline = time.monotonic() + PULL_EXPIRES + 2.0
         self._needs_request.discard(lane.partition)
         try:
-            await self._transport.nc.publish(lane.next_subject, _PULL_REQUEST, reply=f"{self._inbox}.{lane.partition}.{lane.gen}")
+            await self._transport.nc.publish(lane.next_subject, _PULL_REQUEST,
+                                             reply=f"{self._inbox}.{lane.partition}.{lane.gen}")
         except Exception as exc:
             lane.outstanding = False
             self._needs_request.add(lane.partition)
@@ -511,7 +513,9 @@ class NatsLaneConsumer(LaneConsumer):
             lane.retry_at = now  # expired (or nothing right now): ask again
         elif status == "409" and "Consumer Deleted" in description:
             lane.retry_at = now + 0.5
-            asyncio.ensure_future(self._recreate(lane.partition))
+            task = asyncio.ensure_future(self._recreate(lane.partition))
+            self._recreating.add(task)
+            task.add_done_callback(self._recreating.discard)
         else:
             # 409 Server Shutdown / Exceeded MaxWaiting, 503: ask again soon, not in a loop.
             log.debug("nats: pull request on %s[%d] ended: %s %s", self._topic, lane.partition, status, description)
