@@ -47,39 +47,44 @@ async def test_fuzzed_headers_arrive_intact_or_are_refused_and_poison_is_dead_le
         seen[ctx.message_id] = dict(ctx.headers)
 
     async with msgbroker.connect(provider_url(provider), **settings_for(provider)) as broker:
-        subscription = await broker.subscribe(topic, group, handle, message_type=FaultMessage)
-        good: dict[str, dict[str, str]] = {}
-        poison: dict[str, dict[str, str]] = {}
-        for index, headers in enumerate(drawn):
-            message = FaultMessage(key=f"k{index % 2}", seq=index)
-            try:
-                message_id = await broker.publish(topic, message, headers=headers)
-            except msgbroker.InvalidNameError as exc:
-                assert any(repr(n)[:30] in str(exc) or n[:30] in str(exc) for n in headers), str(exc)
-                continue
-            good[message_id] = headers
-            bad = msgbroker.OutgoingRecord(topic, msgbroker.partition_for(message.key, PARTITIONS), message.key,
-                                           f"poison-{index}", headers, b"\xff not json")
-            await broker.transport.publish([bad], None)
-            poison[bad.message_id] = headers
-        last = FaultMessage(key="k0", seq=99)  # after every poison message of its partition
-        good[await broker.publish(topic, last)] = {}
+        subscription = None
+        try:
+            subscription = await broker.subscribe(topic, group, handle, message_type=FaultMessage)
+            good: dict[str, dict[str, str]] = {}
+            poison: dict[str, dict[str, str]] = {}
+            for index, headers in enumerate(drawn):
+                message = FaultMessage(key=f"k{index % 2}", seq=index)
+                try:
+                    message_id = await broker.publish(topic, message, headers=headers)
+                except msgbroker.InvalidNameError as exc:
+                    assert any(repr(n)[:30] in str(exc) or n[:30] in str(exc) for n in headers), str(exc)
+                    continue
+                good[message_id] = headers
+                bad = msgbroker.OutgoingRecord(topic, msgbroker.partition_for(message.key, PARTITIONS), message.key,
+                                               f"poison-{index}", headers, b"\xff not json")
+                await broker.transport.publish([bad], None)
+                poison[bad.message_id] = headers
+            last = FaultMessage(key="k0", seq=99)  # after every poison message of its partition
+            good[await broker.publish(topic, last)] = {}
 
-        await eventually(lambda: set(good) <= set(seen), timeout=60, interval=0.05, what="every good message handled")
-        for message_id, headers in good.items():
-            got = {k: v for k, v in seen[message_id].items() if k in headers}
-            assert got == headers, f"{provider}: headers of {message_id} changed in transit"
+            await eventually(lambda: set(good) <= set(seen), timeout=60, interval=0.05,
+                             what="every good message handled")
+            for message_id, headers in good.items():
+                got = {k: v for k, v in seen[message_id].items() if k in headers}
+                assert got == headers, f"{provider}: headers of {message_id} changed in transit"
 
-        async def all_dead() -> bool:
-            return len(await broker.dead_letters(topic, group)) == len(poison)
+            async def all_dead() -> bool:
+                return len(await broker.dead_letters(topic, group)) == len(poison)
 
-        await eventually(all_dead, timeout=60, interval=0.1, what="every poison message dead-lettered")
-        for letter in await broker.dead_letters(topic, group):
-            assert "cannot decode" in letter.error
-            got = {k: v for k, v in letter.headers.items() if k in poison[letter.message_id]}
-            assert got == poison[letter.message_id], f"{provider}: dead letter {letter.message_id} lost headers"
-        await subscription.close()
-        await _drop(broker, topic, group)
+            await eventually(all_dead, timeout=60, interval=0.1, what="every poison message dead-lettered")
+            for letter in await broker.dead_letters(topic, group):
+                assert "cannot decode" in letter.error
+                got = {k: v for k, v in letter.headers.items() if k in poison[letter.message_id]}
+                assert got == poison[letter.message_id], f"{provider}: dead letter {letter.message_id} lost headers"
+        finally:  # thousands of idle queues would stall RabbitMQ: every example removes its own
+            if subscription is not None:
+                await subscription.close()
+            await _drop(broker, topic, group)
 
 
 async def _drop(broker: Any, topic: str, group: str) -> None:

@@ -4,6 +4,7 @@ failover after SIGKILL, a server restart mid-stream, routing and confirms, the t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import defaultdict
@@ -433,3 +434,45 @@ async def test_a_header_amqp_cannot_carry_is_refused_naming_it(amqp_url: str, pr
         await subscription.close()
         transport: Any = broker.transport
         await transport.delete_topic("hdr", ["g"])
+
+
+async def test_delete_topic_also_retires_its_dead_letter_topic(amqp_url: str, prefix: str, wait_for: Any) -> None:
+    # found by the fuzzed-headers fault test: <topic>.dlq's backlog and marker queues were left
+    topic, group = f"retire-{uuid.uuid4().hex[:6]}", "g"
+
+    async def handle(ctx: MessageContext[Numbered]) -> None:
+        await ctx.nak(requeue=False)
+
+    async with connect(amqp_url, prefix, 2) as broker:
+        sub = await broker.subscribe(topic, group, handle)
+        await broker.publish(topic, Numbered(key="a", seq=0))
+
+        async def one_letter() -> bool:
+            return len(await broker.dead_letters(topic, group)) == 1
+
+        for _ in range(200):
+            if await one_letter():
+                break
+            await asyncio.sleep(0.05)
+        assert await one_letter()
+        await sub.close()
+        transport = broker.transport
+        assert isinstance(transport, RabbitMQTransport)
+        topology = Topology(prefix)
+        dlq_queues = [topology.meta_queue(f"{topic}.dlq"), *(topology.backlog_queue(f"{topic}.dlq", p) for p in (0, 1))]
+        connection = await aio_pika.connect(amqp_url)
+        try:
+            existed = 0
+            for queue in dlq_queues:
+                channel = await connection.channel()
+                with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):
+                    await channel.declare_queue(queue, passive=True)
+                    existed += 1
+            assert existed >= 2, "the dead letter went to <topic>.dlq, which declares its marker and a backlog"
+            await transport.delete_topic(topic, [group])
+            for queue in dlq_queues:
+                channel = await connection.channel()
+                with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                    await channel.declare_queue(queue, passive=True)
+        finally:
+            await connection.close()

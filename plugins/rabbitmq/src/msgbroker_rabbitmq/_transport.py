@@ -432,8 +432,8 @@ class RabbitMQTransport(Transport):
         )
 
     async def delete_topic(self, topic: str, groups: Sequence[str]) -> int:
-        """Retire ``topic``: delete its exchanges, backlog and marker queues and, for each of
-        ``groups``, its lane, note and letters queues (RabbitMQ cannot list queues without the
+        """Retire ``topic`` and its ``<topic>.dlq``: delete their exchanges, backlog and marker
+        queues and, for each of ``groups``, the lane, note and letters queues (RabbitMQ cannot list queues without the
         management plugin, so the groups are named). Messages in them are gone. Returns how many
         queues existed and were deleted."""
         link = await self._up()
@@ -461,6 +461,8 @@ class RabbitMQTransport(Transport):
                 await channel.close()
         for key in [k for k in self._declared if k[2] == topic]:
             del self._declared[key]
+        if not topic.endswith(".dlq"):  # dead letters are also published to <topic>.dlq: retire it too
+            return len(existing) + await self.delete_topic(f"{topic}.dlq", groups)
         return len(existing)
 
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
