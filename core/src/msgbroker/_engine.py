@@ -174,6 +174,12 @@ class SubscriptionRunner:
     # -- lifecycle -------------------------------------------------------------------------
 
     @property
+    def closing(self) -> bool:
+        """True once :meth:`close` or :meth:`abort` began (the provider interface's
+        ``AssignmentListener.closing``)."""
+        return self._closing
+
+    @property
     def partitions(self) -> list[int]:
         """The partitions this member currently reads."""
         return sorted(p for p, lane in self._lanes.items() if not lane.stopping)

@@ -112,7 +112,18 @@ class Delivery:
 
 
 class AssignmentListener(Protocol):
-    """The engine's side of a provider-driven assignment (``Transport.ASSIGNMENT == "native"``)."""
+    """The engine's side of one subscription, as its :class:`LaneConsumer` sees it: the
+    provider-driven assignment calls (``Transport.ASSIGNMENT == "native"``) and two facts a
+    consumer may need to decide how to read."""
+
+    @property
+    def ordered(self) -> bool:
+        """True for an ordered subscription (one message at a time per lane)."""
+
+    @property
+    def closing(self) -> bool:
+        """True once the subscription began to close or abort: a rebalance callback that comes
+        now must not wait for lanes to drain (they are being stopped by the engine itself)."""
 
     async def assigned(self, partitions: Sequence[int]) -> None:
         """The member now owns these partitions: the engine opens their lanes."""

@@ -35,7 +35,7 @@ from ._errors import map_error
 from ._transport import MESSAGE_ID_HEADER, decode_headers
 
 if TYPE_CHECKING:
-    from msgbroker._provider import AssignmentListener
+    from msgbroker.spi import AssignmentListener
 
     from ._transport import KafkaTransport
 
@@ -331,7 +331,7 @@ class KafkaLaneConsumer(LaneConsumer):
             fetch_max_wait_ms=250,
         )
         self._listener = listener
-        self._ordered = bool(getattr(listener, "ordered", True))
+        self._ordered = bool(listener.ordered)
         try:
             await consumer.start()
             consumer.subscribe([self.topic], listener=_RebalanceListener(self))
@@ -400,7 +400,7 @@ class KafkaLaneConsumer(LaneConsumer):
             await self._listener.revoked(partitions)  # stops the lanes, in-flight handlers finish (bounded)
         except Exception:
             log.exception("kafka: giving up %s%s for %s failed", self.topic, partitions, self.group)
-        if self._stopped or getattr(self._listener, "_closing", False):
+        if self._stopped or self._listener.closing:
             # The subscription is closing or crashing (the engine cut the handlers short): no
             # commit here (close commits itself, a crash commits nothing) and no rejoin — the
             # member must not hand its partitions on before it has gone (stop() ends this wait).

@@ -26,7 +26,7 @@ from ._layout import ENVELOPE_HEADER, decode_envelope
 from ._transport import DEAD_LETTER_HEADERS
 
 if TYPE_CHECKING:
-    from msgbroker._provider import AssignmentListener
+    from msgbroker.spi import AssignmentListener
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 

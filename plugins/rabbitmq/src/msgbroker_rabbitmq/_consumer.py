@@ -33,7 +33,7 @@ from ._link import Link
 from ._publish import KEY_HEADER, PERSISTENT, publish_confirmed
 
 if TYPE_CHECKING:
-    from msgbroker._provider import AssignmentListener
+    from msgbroker.spi import AssignmentListener
 
     from ._transport import RabbitMQTransport
 

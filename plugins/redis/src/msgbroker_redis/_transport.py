@@ -59,7 +59,7 @@ from ._errors import redacted, translate
 
 if TYPE_CHECKING:
     from msgbroker import BrokerSettings
-    from msgbroker._provider import AssignmentListener
+    from msgbroker.spi import AssignmentListener
     from redis.commands.core import AsyncScript
 
 __all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]
