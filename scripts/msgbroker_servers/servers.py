@@ -1,0 +1,17 @@
+"""The four single servers, by name."""
+
+from __future__ import annotations
+
+from .broker import Broker
+from .kafka_server import Kafka
+from .nats_server import Nats
+from .rabbitmq_server import RabbitMQ
+from .redis_server import Redis
+
+ALL = ("redis", "nats", "rabbitmq", "kafka")
+
+BROKERS: dict[str, Broker] = {b.name: b for b in (Redis(), Nats(), RabbitMQ(), Kafka())}
+
+
+def names_arg(names: list[str]) -> list[Broker]:
+    return [BROKERS[n] for n in (names or ALL)]
