@@ -83,7 +83,7 @@ class Settler:
 
 class _LaneState:
     __slots__ = ("buffer", "data", "drained", "failures", "handed", "held_until", "in_flight", "lease", "partition",
-                 "queued", "stopping", "task")
+                 "queued", "stopping", "task", "waiting")
 
     def __init__(self, partition: int, lease: str | None) -> None:
         self.partition = partition
@@ -92,8 +92,11 @@ class _LaneState:
         self.data = asyncio.Event()
         # Failed attempts of the deliveries that were retried here (an entry only once one is).
         self.failures: dict[Delivery, int] = {}
-        # Ordered: the delivery last handed to the handler (the head, while it is in the buffer).
+        # Ordered: the head of the buffer when its current attempt was handed to the handler
+        # (None again once a retry announced the next attempt and until that is handed).
         self.handed: Delivery | None = None
+        # Unordered: deliveries retried here whose next attempt was not handed yet.
+        self.waiting: set[Delivery] = set()
         self.held_until = 0.0
         self.in_flight = 0
         self.queued = False  # unordered: in the runner's queue of lanes with work
@@ -111,6 +114,23 @@ def _failures(lane: _LaneState, delivery: Delivery) -> int:
         known = delivery.failures
         failures = max(0, delivery.attempt - 1) if known is None else known
     return failures
+
+
+async def _wait_event(event: asyncio.Event, timeout: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout`` passed; True when it was set.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it returns normally when the waiting task is
+    cancelled in the loop iteration in which the event is set, swallowing the cancellation (a
+    lane then went on waiting out a delay and ``abort()`` hung). ``asyncio.timeout`` keeps an
+    outside cancellation apart from its own."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
 
 
 def _error_text(error: BaseException | str | None) -> str:
@@ -219,6 +239,8 @@ class SubscriptionRunner:
     async def abort(self) -> None:
         """A crash, for tests: stop everything at once, settle and release nothing."""
         self._closing = True
+        for lane in self._lanes.values():
+            lane.stopping = True  # a lane that outlived its cancellation still stops at its next check
         tasks = [*self._tasks, *self._spawned, *(lane.task for lane in self._lanes.values() if lane.task)]
         if self._coordinator is not None:  # a hand-over in progress must not release its lease
             tasks += self._coordinator._draining.values()
@@ -274,16 +296,17 @@ class SubscriptionRunner:
         if lane.in_flight:  # unordered: wait for this lane's handlers, then cut them off
             drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             lane.drained = drained
-            try:
-                await asyncio.wait_for(asyncio.shield(drained), self._grace)
-            except TimeoutError:
+            done, _ = await asyncio.wait({drained}, timeout=self._grace)
+            if not done:
                 late = [task for task, handled in self._handling.items() if handled is lane]
                 for task in late:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
         self._lanes.pop(lane.partition, None)
-        # Handed to a handler already: the head of an ordered lane and what was retried here.
-        unhandled = [d for d in lane.buffer if d is not lane.handed and d not in lane.failures]
+        # The broker counted these deliveries (a read, or a retry that announced the next attempt)
+        # but no handler saw that attempt: handed back, the next owner's attempt counts handlings.
+        unhandled = [d for d in lane.buffer if d is not lane.handed]
+        unhandled += lane.waiting
         with contextlib.suppress(Exception):
             if unhandled:
                 await self.consumer.unread(unhandled)
@@ -301,8 +324,7 @@ class SubscriptionRunner:
                 self._wake.clear()
                 held = [lane.held_until for lane in self._lanes.values() if lane.held_until > time.monotonic()]
                 timeout = max(0.0, min(held) - time.monotonic()) if held else None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await _wait_event(self._wake, timeout)
                 continue
             self._wake.clear()
             try:
@@ -349,8 +371,7 @@ class SubscriptionRunner:
         wait = delivery.not_before - time.time()
         if wait > 0:
             lane.data.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lane.data.wait(), wait)
+            await _wait_event(lane.data, wait)
             if delivery.not_before - time.time() > 0.001:
                 return False if lane.stopping else await self._wait_not_before(lane, delivery)
         return not lane.stopping
@@ -464,9 +485,11 @@ class SubscriptionRunner:
         while True:
             if delivery.not_before is not None:
                 if not await self._wait_not_before(lane, delivery):
-                    return
+                    return  # stays in lane.waiting: handed back when the lane stops
             elif lane.stopping:
                 return
+            if lane.waiting:
+                lane.waiting.discard(delivery)
             if self._observed:
                 result = await self._handle(lane, delivery, limited=False)
             else:
@@ -475,6 +498,7 @@ class SubscriptionRunner:
                 if lane.failures:
                     lane.failures.pop(delivery, None)
                 return
+            lane.waiting.add(delivery)  # the next attempt is announced, not handed yet
 
     async def _handle(self, lane: _LaneState, delivery: Delivery, limited: bool = True) -> str | None:
         if not self._observed:
@@ -589,6 +613,8 @@ class SubscriptionRunner:
         not_before = time.time() + wait if wait > 0 else None
         delivery.failures = failures  # for providers that carry the count to the next owner
         await self.consumer.retry(delivery, delivery.attempt + 1, not_before)
+        if lane.handed is delivery:
+            lane.handed = None  # the announced attempt has not been handed yet
         lane.failures[delivery] = failures
         delivery.attempt += 1
         delivery.not_before = not_before

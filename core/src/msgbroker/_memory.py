@@ -41,7 +41,19 @@ class _Entry:
 @dataclass(slots=True)
 class _Pending:
     count: int
+    """Deliveries so far (a retry records the announced next attempt as delivered)."""
     not_before: float | None = None
+    failures: int | None = None
+    """Failed attempts at the last retry (None: never retried)."""
+    retried_at: int = 0
+    """The attempt that retry announced: a delivery counted after it is one no handler settled."""
+
+    def failures_now(self) -> int | None:
+        """Failed attempts before the current delivery: those recorded at the last retry plus
+        every delivery since that ended unsettled (its member died holding it)."""
+        if self.failures is None:
+            return None
+        return self.failures + max(0, self.count - self.retried_at)
 
 
 @dataclass(slots=True)
@@ -365,7 +377,9 @@ class _MemoryConsumer(LaneConsumer):
                     if pending is None:
                         continue
                     pending.count += 1
-                    out.append(self._delivery(entries[offset], partition, pending))
+                    delivery = self._delivery(entries[offset], partition, pending)
+                    delivery.failures = pending.failures_now()
+                    out.append(delivery)
                     taken += 1
                 if not history and taken < max_per_lane:
                     start = lane.next_offset
@@ -401,6 +415,8 @@ class _MemoryConsumer(LaneConsumer):
         if pending is not None:
             pending.count = attempt
             pending.not_before = not_before
+            pending.failures = delivery.failures
+            pending.retried_at = attempt
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         if self._fenced(delivery.partition):

@@ -1,0 +1,70 @@
+"""Delivery attempts and dead letters across a lane hand-over.
+
+A retry (a nak or a delay) records the next attempt at the broker before the engine hands it
+out, so that a new owner after a crash knows it. When the lane moved before that attempt was
+handed — a graceful close or a rebalance while a delay was waited out — the record counted a
+delivery no handler saw: the next owner was handed attempt N+1, counted every earlier
+delivery as a failure, and dead-lettered the message as "delivered N times without being
+settled (the worker died)" when the handler had failed it once. Found by the conformance state
+machine (seeds 2 and 12345 of the long profile)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+import msgbroker
+from msgbroker import Message, MessageContext
+
+
+class Job(Message):
+    key: str
+
+    @property
+    def partition_key(self) -> str:
+        return self.key
+
+
+async def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_a_delay_waited_out_during_a_hand_over_is_no_failed_attempt(ordered: bool) -> None:
+    url = f"memory://{uuid.uuid4().hex}"
+    settings: dict[str, Any] = {"partition_count": 1, "max_retry_attempts": 3, "retry_delay": 0}
+    first = await msgbroker.connect(url, **settings)
+    second = await msgbroker.connect(url, **settings)
+    seen: list[tuple[str, int]] = []
+
+    async def nak_then_delay(ctx: MessageContext[Job]) -> None:
+        seen.append(("first", ctx.delivery_attempt))
+        if ctx.delivery_attempt == 1:
+            raise RuntimeError("a failed attempt")
+        await ctx.delay(0.5)  # the lane is handed over while this delay is waited out
+
+    async def fail(ctx: MessageContext[Job]) -> None:
+        seen.append(("second", ctx.delivery_attempt))
+        raise RuntimeError("another failed attempt")
+
+    subscription = await first.subscribe("jobs", "workers", nak_then_delay, ordered=ordered)
+    await first.publish("jobs", Job(key="k"))
+    await _until(lambda: seen == [("first", 1), ("first", 2)])
+    await asyncio.sleep(0.05)  # the delay is recorded and being waited out
+    await subscription.close()
+    await second.subscribe("jobs", "workers", fail, ordered=ordered)
+    await _until(lambda: len(second.transport.server.dead.get(("jobs", "workers"), [])) == 1)
+    letters = await second.dead_letters("jobs", "workers")
+    await first.close()
+    await second.close()
+    # one failure on the first member (a delay is none), two on the second: the third failed
+    # attempt is the last, and it is attempt 4
+    assert seen == [("first", 1), ("first", 2), ("second", 3), ("second", 4)]
+    assert letters[0].attempts == 4
+    assert "another failed attempt" in letters[0].error
