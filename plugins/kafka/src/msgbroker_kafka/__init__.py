@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# First: with an untested aiokafka installed, importing the package fails here, naming it.
+from ._compat import UntestedClientVersion
+
+# isort: split
 from ._assignor import PROTOCOL_NAME, PinningAssignor, assign_members
 from ._consumer import AttemptRecord, KafkaLaneConsumer
 from ._transport import DEAD_LETTER_TOPIC_SUFFIX, MESSAGE_ID_HEADER, KafkaTransport, dead_letter_topic
@@ -14,6 +18,7 @@ __all__ = [
     "KafkaLaneConsumer",
     "KafkaTransport",
     "PinningAssignor",
+    "UntestedClientVersion",
     "assign_members",
     "dead_letter_topic",
 ]

@@ -28,16 +28,16 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-from msgbroker import DeadLetter, Delivery, LaneConsumer
+from msgbroker.spi import DeadLetter, Delivery, LaneConsumer
 
+from . import _compat
 from ._assignor import PinningAssignor
 from ._errors import map_error
-from ._transport import MESSAGE_ID_HEADER, decode_headers
+from ._host import ConsumerHost
+from ._records import MESSAGE_ID_HEADER, decode_headers
 
 if TYPE_CHECKING:
     from msgbroker.spi import AssignmentListener
-
-    from ._transport import KafkaTransport
 
 __all__ = ["AttemptRecord", "KafkaLaneConsumer", "next_attempt"]
 
@@ -241,22 +241,18 @@ async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> No
         if done:
             _report(stopping)
             return
-    # aiokafka 0.14 internals: the coordinator's generation (close() sends a LeaveGroup for a
-    # positive one), the task running joins and rebalance callbacks, and the connections
-    coordinator = getattr(consumer, "_coordinator", None)
-    if coordinator is not None and hasattr(coordinator, "generation"):
-        coordinator.generation = -1
-    routine = getattr(coordinator, "_coordination_task", None)
+    # aiokafka internals (_compat): no LeaveGroup on close, the task running joins and
+    # rebalance callbacks, and the connections
+    _compat.skip_leave_group(consumer)
+    routine = _compat.coordination_task(consumer)
     if parked and routine is not None and not routine.done():
         routine.cancel()  # it waits in our callback: no request or connection is half made
         await asyncio.wait({routine}, timeout=_FINAL_BOUND)
     if stopping is None:
         stopping = asyncio.ensure_future(consumer.stop())
         await asyncio.sleep(0)  # stop() marks the coordinator closing first
-    client = getattr(consumer, "_client", None)
-    if client is not None:
-        with contextlib.suppress(Exception):
-            await client.close()  # a join waiting on the broker fails at once and sees the close
+    with contextlib.suppress(Exception):
+        await _compat.drop_connections(consumer)  # a join waiting on the broker fails at once and sees the close
     done, _ = await asyncio.wait({stopping}, timeout=_FINAL_BOUND)
     if done:
         _report(stopping)
@@ -284,7 +280,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaLaneConsumer(LaneConsumer):
     """One member of a Kafka consumer group for one topic."""
 
-    def __init__(self, transport: KafkaTransport, topic: str, group: str, member_id: str) -> None:
+    def __init__(self, transport: ConsumerHost, topic: str, group: str, member_id: str) -> None:
         self.transport = transport
         self.topic = topic
         self.group = group

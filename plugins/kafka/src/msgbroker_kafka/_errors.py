@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from aiokafka import errors as kafka_errors  # type: ignore[import-untyped]
-from msgbroker import (
+from msgbroker.spi import (
     BrokerConnectionError,
     BrokerTimeoutError,
     BrokerUnavailableError,

@@ -16,16 +16,17 @@ import ssl
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-from msgbroker import (
+from msgbroker.spi import (
     BrokerClosedError,
     BrokerConnectionError,
+    BrokerSettings,
     Capabilities,
     ConfigurationError,
     DeadLetter,
@@ -38,12 +39,10 @@ from msgbroker import (
     tls_verification_error,
 )
 
+from ._consumer import KafkaLaneConsumer
 from ._errors import map_error
-
-if TYPE_CHECKING:
-    from msgbroker import BrokerSettings
-
-    from ._consumer import KafkaLaneConsumer
+from ._host import Flushable
+from ._records import MESSAGE_ID_HEADER, decode_headers, encode_headers
 
 __all__ = [
     "DEAD_LETTER_TOPIC_SUFFIX",
@@ -54,8 +53,6 @@ __all__ = [
 
 log = logging.getLogger("msgbroker.kafka")
 
-MESSAGE_ID_HEADER = "msgbroker-message-id"
-"""The record header carrying the msgbroker message id (Kafka records have no id of their own)."""
 DEAD_LETTER_TOPIC_SUFFIX = ".dlq"
 _DL = "msgbroker-dead-letter-"
 _DL_GROUP, _DL_ERROR, _DL_ATTEMPTS = f"{_DL}group", f"{_DL}error", f"{_DL}attempts"
@@ -79,16 +76,6 @@ _TLS_PROTOCOLS = ("SSL", "SASL_SSL")
 def dead_letter_topic(topic: str) -> str:
     """The Kafka topic holding the dead letters of ``topic``."""
     return f"{topic}{DEAD_LETTER_TOPIC_SUFFIX}"
-
-
-def encode_headers(headers: dict[str, str]) -> list[tuple[str, bytes]]:
-    """msgbroker headers as Kafka record headers."""
-    return [(name, value.encode("utf-8")) for name, value in headers.items()]
-
-
-def decode_headers(raw: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
-    """Kafka record headers as msgbroker headers (bytes that are not UTF-8 are replaced)."""
-    return {name: (value or b"").decode("utf-8", errors="replace") for name, value in (raw or ())}
 
 
 class KafkaTransport(Transport):
@@ -134,7 +121,8 @@ class KafkaTransport(Transport):
         self._topics: dict[str, int] = {}
         self._topic_lock = asyncio.Lock()
         self._producer_lock = asyncio.Lock()
-        self.consumers: set[KafkaLaneConsumer] = set()
+        self.consumers: set[Flushable] = set()
+        """The running consumers of this transport (each adds itself at start)."""
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -366,8 +354,6 @@ class KafkaTransport(Transport):
     # -- consuming ------------------------------------------------------------------------------
 
     def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
-        from ._consumer import KafkaLaneConsumer
-
         return KafkaLaneConsumer(self, topic, group, member_id)
 
     async def committed_offsets(self, group: str, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Any]:

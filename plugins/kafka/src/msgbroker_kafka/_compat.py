@@ -1,0 +1,89 @@
+"""Every use of aiokafka's internals, in one place, behind a version guard.
+
+aiokafka has no public way for a consumer to leave its group *without* a LeaveGroup request (to
+vanish like a killed process, which the crash path and a close stuck in a join need, see
+``_consumer._leave``), nor to cut short a join that waits on the broker. The functions below do
+that through aiokafka's private attributes. They are written against, and tested with, the
+aiokafka series in :data:`TESTED` (the pinned version is in the repository's constraints.txt):
+importing this package with another series installed raises :class:`UntestedClientVersion`,
+naming both, instead of misbehaving in a rebalance later. Nothing outside this module touches an
+aiokafka attribute whose name starts with ``_``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from importlib import metadata
+from typing import Any
+
+from msgbroker.spi import ConfigurationError
+
+__all__ = [
+    "DISTRIBUTION",
+    "TESTED",
+    "UntestedClientVersion",
+    "check_client_version",
+    "coordination_task",
+    "drop_connections",
+    "installed_version",
+    "skip_leave_group",
+]
+
+DISTRIBUTION = "aiokafka"
+TESTED = (0, 14)
+"""The (major, minor) series of aiokafka whose internals this module was tested with."""
+_SERIES = re.compile(r"(\d+)\.(\d+)")
+
+
+class UntestedClientVersion(ConfigurationError, ImportError):
+    """The installed client library is outside the versions this provider was tested with."""
+
+
+def installed_version() -> str:
+    """The installed aiokafka version (what the guard checks)."""
+    return metadata.version(DISTRIBUTION)
+
+
+def check_client_version() -> str:
+    """The installed aiokafka version; :class:`UntestedClientVersion` when it is not of the
+    tested series."""
+    found = installed_version()
+    match = _SERIES.match(found)
+    if match is None or (int(match[1]), int(match[2])) != TESTED:
+        tested = "{}.{}".format(*TESTED)
+        raise UntestedClientVersion(
+            f"msgbroker-kafka uses internals of {DISTRIBUTION} and is tested with {DISTRIBUTION} {tested}.x "
+            f"(>={tested},<{TESTED[0]}.{TESTED[1] + 1}); {DISTRIBUTION} {found} is installed: "
+            f"pip install '{DISTRIBUTION}>={tested},<{TESTED[0]}.{TESTED[1] + 1}'"
+        )
+    return found
+
+
+check_client_version()
+
+
+# The consumer is typed Any: aiokafka ships no type information.
+
+
+def skip_leave_group(consumer: Any) -> None:
+    """Make ``consumer.stop()`` send no LeaveGroup: aiokafka sends one only while the group
+    coordinator has a positive generation, so the generation is forgotten."""
+    coordinator = consumer._coordinator
+    if coordinator is not None and hasattr(coordinator, "generation"):
+        coordinator.generation = -1
+
+
+def coordination_task(consumer: Any) -> asyncio.Future[Any] | None:
+    """The task that runs the consumer's group joins and rebalance callbacks (None without a
+    group coordinator)."""
+    task = getattr(consumer._coordinator, "_coordination_task", None)
+    return task if isinstance(task, asyncio.Future) else None
+
+
+async def drop_connections(consumer: Any) -> None:
+    """Close the consumer's connections to the brokers now: a join waiting for an answer fails at
+    once and sees the consumer closing."""
+    client = consumer._client
+    if client is not None:
+        await client.close()
