@@ -6,8 +6,19 @@ Installed, it is found through the ``msgbroker.providers`` entry point:
 
 from __future__ import annotations
 
+# First: with an untested nats-py installed, importing the package fails here, naming it.
+from ._compat import UntestedClientVersion
+
+# isort: split
 from ._consumer import PULL_EXPIRES, NatsLaneConsumer
 from ._layout import TopicLayout
 from ._transport import DEAD_LETTER_HEADERS, NatsTransport
 
-__all__ = ["DEAD_LETTER_HEADERS", "PULL_EXPIRES", "NatsLaneConsumer", "NatsTransport", "TopicLayout"]
+__all__ = [
+    "DEAD_LETTER_HEADERS",
+    "PULL_EXPIRES",
+    "NatsLaneConsumer",
+    "NatsTransport",
+    "TopicLayout",
+    "UntestedClientVersion",
+]

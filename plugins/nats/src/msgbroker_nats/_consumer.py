@@ -19,18 +19,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
-from msgbroker import BrokerClosedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, OutgoingRecord
+from msgbroker.spi import BrokerClosedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, OutgoingRecord
 
 from ._errors import map_error
-from ._layout import ENVELOPE_HEADER, decode_envelope
-from ._transport import DEAD_LETTER_HEADERS
+from ._host import ConsumerHost
+from ._layout import DEAD_LETTER_HEADERS, ENVELOPE_HEADER, decode_envelope
 
 if TYPE_CHECKING:
     from msgbroker.spi import AssignmentListener
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
-
-    from ._transport import NatsTransport
 
 __all__ = ["NatsLaneConsumer"]
 
@@ -94,7 +92,7 @@ class _LanePin:
     created only if absent, renewed (revision-checked) every ttl/4, deleted on close; a crashed
     holder's key ages out after the bucket's TTL. Only the holder pulls the lane."""
 
-    def __init__(self, transport: NatsTransport, topic: str, group: str, partition: int, member: str) -> None:
+    def __init__(self, transport: ConsumerHost, topic: str, group: str, partition: int, member: str) -> None:
         self._transport = transport
         # '/' is in neither name, so the key is one per lane; the partition is the subject's last
         # token, so members of the group can list the pins with one wildcard.
@@ -133,7 +131,7 @@ class _LanePin:
 class NatsLaneConsumer(LaneConsumer):
     """Reads the lanes of one (topic, group) for one member."""
 
-    def __init__(self, transport: NatsTransport, topic: str, group: str, member_id: str) -> None:
+    def __init__(self, transport: ConsumerHost, topic: str, group: str, member_id: str) -> None:
         self._transport = transport
         self._layout = transport.layout(topic)
         self._topic = topic
@@ -154,6 +152,8 @@ class NatsLaneConsumer(LaneConsumer):
         self._stopped = False
         self._delivered_at_start: dict[int, int] = {}
         self._recreating: set[asyncio.Task[None]] = set()  # referenced until done (not collected)
+        self._lane_opened = asyncio.Event()
+        """Set when the engine opens a lane (``_keep_pin`` waits for its partition's)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -224,7 +224,8 @@ class NatsLaneConsumer(LaneConsumer):
         interval = max(0.05, self._transport.ack_wait / 4)
         if not pin.held:
             while not (partition in self._lanes and self._lanes[partition].open):
-                await asyncio.sleep(0.01)  # the engine is still opening it
+                self._lane_opened.clear()
+                await self._lane_opened.wait()  # the engine is still opening it
             await listener.revoked([partition])
         while True:
             await asyncio.sleep(interval)
@@ -249,6 +250,7 @@ class NatsLaneConsumer(LaneConsumer):
             lane = self._lanes[partition] = _Lane(partition, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
             lane.seen = self._delivered_at_start.get(partition, 0)
         lane.open = True
+        self._lane_opened.set()
         if not self._gated():
             await self._request(lane)
 
@@ -274,7 +276,7 @@ class NatsLaneConsumer(LaneConsumer):
         if self._stopped:
             return
         self._stopped = True
-        self._transport._consumers.discard(self)
+        self._transport.forget(self)
         background = [t for t in (self._keeper, self._pinner) if t is not None]
         for task in background:
             task.cancel()
@@ -299,7 +301,7 @@ class NatsLaneConsumer(LaneConsumer):
             with contextlib.suppress(Exception):
                 # Unsubscribe and wait until the server sent all it had for us: those messages
                 # reach _on_message, which hands them back, instead of waiting out ack_wait.
-                await asyncio.wait_for(sub.drain(), 5.0)
+                await asyncio.wait_for(sub.drain(), 5.0)  # type: ignore[no-untyped-call]  # nats-py: unannotated
         with contextlib.suppress(Exception):
             await self._transport.nc.flush(timeout=2)
         if self._pin is not None:
@@ -343,11 +345,11 @@ class NatsLaneConsumer(LaneConsumer):
                     lane.outstanding = False  # no answer at all: the request is gone
                     self._needs_request.add(lane.partition)
         for partition in list(self._needs_request):
-            lane = self._lanes.get(partition)
-            if lane is None or not lane.open or lane.outstanding:
+            wanting = self._lanes.get(partition)
+            if wanting is None or not wanting.open or wanting.outstanding:
                 self._needs_request.discard(partition)
-            elif now >= lane.retry_at:
-                await self._request(lane)
+            elif now >= wanting.retry_at:
+                await self._request(wanting)
 
     def _wake_poll(self) -> None:
         arrival = self._arrival

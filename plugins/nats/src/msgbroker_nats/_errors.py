@@ -6,7 +6,7 @@ import asyncio
 
 import nats.errors
 import nats.js.errors
-from msgbroker import (
+from msgbroker.spi import (
     BrokerConnectionError,
     BrokerTimeoutError,
     BrokerUnavailableError,

@@ -14,9 +14,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from msgbroker import ConfigurationError
+from msgbroker.spi import ConfigurationError
 
 __all__ = [
+    "DEAD_LETTER_HEADERS",
     "ENVELOPE_HEADER",
     "MSG_ID_HEADER",
     "Envelope",
@@ -32,6 +33,7 @@ NATS headers are line-based and nats-py strips and folds values, so arbitrary te
 survive a round trip."""
 MSG_ID_HEADER = "Nats-Msg-Id"
 """JetStream's native dedup key, set only when deduplication is asked for."""
+DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would let a trailing newline in
 _PARTITION_COUNT = re.compile(r"partition_count=(\d+)")

@@ -19,11 +19,9 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import nats
-import nats.aio.client
 import nats.errors
 import nats.js.errors
-from msgbroker import (
+from msgbroker.spi import (
     BrokerClosedError,
     BrokerConnectionError,
     BrokerTimeoutError,
@@ -44,8 +42,11 @@ from msgbroker import (
 )
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, StorageType, StreamConfig
 
+from . import _compat
+from ._consumer import NatsLaneConsumer
 from ._errors import map_error
 from ._layout import (
+    DEAD_LETTER_HEADERS,
     ENVELOPE_HEADER,
     MSG_ID_HEADER,
     TopicLayout,
@@ -59,13 +60,10 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext, JetStreamManager
     from nats.js.kv import KeyValue
 
-    from ._consumer import NatsLaneConsumer
-
 __all__ = ["DEAD_LETTER_HEADERS", "NatsTransport"]
 
 log = logging.getLogger("msgbroker.nats")
 
-DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
 _STREAM_NAME_IN_USE = 10058
 _PUBLISH_TIMEOUT = 10.0
 _API_TIMEOUT = 5.0
@@ -73,31 +71,6 @@ _HEADER_ROOM = 4096
 """Bytes of a message's budget left for msgbroker's envelope and the user's headers."""
 _SERVER_MAX_PAYLOAD = 1024 * 1024
 """nats-server's default ``max_payload``; the connection's real limit is checked at publish."""
-
-
-class _Client(nats.aio.client.Client):
-    """nats-py's client, with one bug fixed: a PONG that answers a PING whose waiter is already
-    done is consumed quietly.
-
-    ``flush(timeout)`` queues a future per PING and cancels it when it times out or the caller
-    is cancelled (``is_healthy()`` while the server is paused, a ``pending_count`` with a
-    deadline); nats-py (checked on 2.16.0) still calls ``set_result`` on it when the late PONG
-    comes, and the ``InvalidStateError`` ends its read loop. The connection then keeps writing
-    (publishes are stored, acks and pull requests are sent) but reads nothing — no publish
-    confirmation, no API answer, no message — until the stale-connection check reconnects
-    (``ping_interval`` x ``max_outstanding_pings``, 30 s here). Every publish in between is
-    indeterminate, and a caller that retries it stores it again (the fault suite's paused
-    server: 300 messages stored 5 times).
-    """
-
-    async def _process_pong(self) -> None:
-        pongs = getattr(self, "_pongs", None)
-        if pongs and pongs[0].done():
-            pongs.pop(0)  # this PONG answers the abandoned PING: keep the queue in step
-            self._pongs_received += 1
-            self._pings_outstanding = 0
-            return
-        await super()._process_pong()
 
 
 class NatsTransport(Transport):
@@ -178,7 +151,7 @@ class NatsTransport(Transport):
         # TLS the first connect fails at once instead (reconnecting is switched on just below).
         first_retry = tls is None and not url.startswith("tls://")
         try:
-            nc = _Client()
+            nc = _compat.Client()
             await nc.connect(
                 servers=[url],
                 tls=tls,
@@ -188,7 +161,7 @@ class NatsTransport(Transport):
                 # nats-py applies this to the first connect too: "forever" would hang on a
                 # server that is not there; once connected, it reconnects forever (below).
                 max_reconnect_attempts=1,
-                reconnect_time_wait=0.25,
+                reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; nats-py sleeps it, annotated int
                 ping_interval=10,
                 max_outstanding_pings=3,
                 error_cb=self._on_error,
@@ -239,8 +212,7 @@ class NatsTransport(Transport):
         if nc is None or nc.is_closed:
             return
         # A crash: whatever is still buffered (acks, naks) never reaches the server.
-        nc._pending = []
-        nc._pending_data_size = 0
+        _compat.drop_pending(nc)
         with contextlib.suppress(Exception):
             await nc.close()
 
@@ -295,7 +267,7 @@ class NatsTransport(Transport):
                     subjects=[layout.subjects],
                     storage=StorageType.FILE,
                     max_age=self.max_age or None,
-                    duplicate_window=self._window(dedup_window),
+                    duplicate_window=self._window(dedup_window) or 0,  # 0: the server's default (as None is sent)
                 )
                 try:
                     info = await jsm.add_stream(config)
@@ -550,11 +522,14 @@ class NatsTransport(Transport):
     # -- consuming -------------------------------------------------------------------------------
 
     def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
-        from ._consumer import NatsLaneConsumer
-
         consumer = NatsLaneConsumer(self, topic, group, member_id)
         self._consumers.add(consumer)
         return consumer
+
+    def forget(self, consumer: LaneConsumer) -> None:
+        """``consumer`` stopped: it is no longer told about reconnects."""
+        if isinstance(consumer, NatsLaneConsumer):
+            self._consumers.discard(consumer)
 
     async def pending_count(self, topic: str, group: str) -> int:
         return sum((await self.pending_by_partition(topic, group)).values())
@@ -701,7 +676,7 @@ class NatsTransport(Transport):
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
                 with contextlib.suppress(Exception):
-                    await self.jsm.delete_consumer(layout.stream, sub._consumer)
+                    await self.jsm.delete_consumer(layout.stream, _compat.pull_consumer_name(sub))
             return out
         except asyncio.CancelledError:
             raise
