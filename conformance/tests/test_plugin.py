@@ -14,11 +14,10 @@ from typing import Any, ClassVar
 
 import msgbroker
 from msgbroker import Capabilities, Transport, hookimpl
-from msgbroker._memory import MemoryTransport
 from msgbroker_conformance import ConformanceHarness, ConformanceSuite
 
 
-class NoTimersTransport(MemoryTransport):
+class NoTimersTransport(msgbroker.registry.by_name("memory")):  # type: ignore[misc]
     NAME: ClassVar[str] = "no-timers"
     SCHEMES: ClassVar[tuple[str, ...]] = ("no-timers",)
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(

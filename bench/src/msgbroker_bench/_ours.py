@@ -53,9 +53,9 @@ class OursDriver(Driver):
             # a named in-memory broker lives as long as the process (msgbroker keeps it in a
             # registry and never drops it): drop ours, or every later cell pays the garbage
             # collector for all the messages the earlier cells left behind
-            from msgbroker import _memory
+            from msgbroker.testing import forget_memory_broker
 
-            _memory._SERVERS.pop(self.url.removeprefix("memory://"), None)
+            forget_memory_broker(self.url.removeprefix("memory://"))
 
     async def _retire_rabbitmq_topics(self) -> None:
         """Delete the quorum queues of every topic this driver used: RabbitMQ keeps durable

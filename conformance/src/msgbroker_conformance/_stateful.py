@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, Phase, event, note, reject, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from msgbroker import Broker, MessageContext, Subscription, partition_for
-from msgbroker._engine import rendezvous_owner  # the engine's lease assignment, to know when it settled
+from msgbroker.spi import assign_partitions  # the engine's lease assignment, to know when it settled
 
 from ._support import ConformanceFailure, ConformanceMessage
 
@@ -332,19 +332,44 @@ class BrokerMachine(RuleBasedStateMachine):
         self.handed: list[Arrival] = []
         """Every parked invocation, so that a close never waits on one the machine forgot."""
         self.stall_limit = float("inf")
+        self.failure: AssertionError | None = None
+        """The first violation: the rest of the example runs as no-ops, and teardown raises it."""
+        self.dropped = False
+        """A violation seen after the loop stalled: teardown drops the example."""
+        self.plan: Counter[str] = Counter()
+        """What the rules did so far as Hypothesis chose them, whatever the provider did: the
+        preconditions read only this, so the rules a replay may draw never depend on timing."""
 
     # -- plumbing ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _step(self, name: str = "") -> Iterator[None]:
-        """Marks a step in progress: when it raises, teardown does not drain (which would
-        bury the real failure under a second one)."""
+    def _step(self, name: str = "") -> Iterator[bool]:
+        """One step; yields False (do nothing) once an earlier step failed.
+
+        A violation is not raised here but kept and raised by teardown, and the steps after
+        it do nothing: so an example draws the same data from Hypothesis whether it fails at
+        its 5th step or, on a replay under other timing, at its 10th or not at all (Hypothesis
+        would otherwise stop with ``FlakyStrategyDefinition`` instead of the failure)."""
+        if self.failure is not None or self.dropped:
+            yield False
+            return
         self.in_step = True
         if name:
             self.coverage[f"step:{name}"] += 1
-        with self._judging():
-            yield
+        try:
+            yield True
+        except AssertionError as exc:  # a ConformanceFailure, or an assertion of the machine itself
+            if self.max_lag >= self.stall_limit:
+                self._drop(exc)
+            else:
+                self.failure = exc
+            return
         self.in_step = False
+
+    def _drop(self, exc: BaseException) -> None:
+        event("example dropped: the event loop stalled past half a claim timeout")
+        note(f"dropped: the loop stalled {self.max_lag:.2f}s (limit {self.stall_limit:.2f}s): {exc}")
+        self.dropped = True
 
     @contextlib.contextmanager
     def _judging(self) -> Iterator[None]:
@@ -355,8 +380,7 @@ class BrokerMachine(RuleBasedStateMachine):
             yield
         except ConformanceFailure as exc:
             if self.max_lag >= self.stall_limit:
-                event("example dropped: the event loop stalled past half a claim timeout")
-                note(f"dropped: the loop stalled {self.max_lag:.2f}s (limit {self.stall_limit:.2f}s): {exc}")
+                self._drop(exc)
                 reject()
             raise
 
@@ -492,15 +516,21 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @initialize()
     def start(self) -> None:
-        self.producer = self.run(self._connect())
-        self.stall_limit = self.producer.transport.lease_ttl() / 2
-        asyncio.run_coroutine_threadsafe(self._watch_loop(), self.bridge.loop)
-        self._join()
+        self.plan["members"] += 1
+        self.plan["joined"] += 1
+        with self._step("start") as live:
+            if live:
+                self.producer = self.run(self._connect())
+                self.stall_limit = self.producer.transport.lease_ttl() / 2
+                asyncio.run_coroutine_threadsafe(self._watch_loop(), self.bridge.loop)
+                self._join()
 
     @rule(key=st.sampled_from(KEYS), n=st.integers(1, 3))
     def publish(self, key: str, n: int) -> None:
-        with self._step("publish"):
-            self._publish(key, n)
+        self.plan["published"] += n
+        with self._step("publish") as live:
+            if live:
+                self._publish(key, n)
 
     def _publish(self, key: str, n: int) -> None:
         assert self.producer is not None
@@ -532,7 +562,7 @@ class BrokerMachine(RuleBasedStateMachine):
         if sorted(p for ps in holdings.values() for p in ps) != list(range(PARTITIONS)):
             return False
         if mode == "leases":
-            owners = {p: rendezvous_owner(p, sorted(holdings)) for p in range(PARTITIONS)}
+            owners = assign_partitions(PARTITIONS, sorted(holdings))
             return all(owners[p] == member for member, ps in holdings.items() for p in ps)
         return all(holdings.values())
 
@@ -544,39 +574,44 @@ class BrokerMachine(RuleBasedStateMachine):
         # examples and needs the same rules enabled each time.
         # (Not "something is unsettled": a leaving member acks what it is handed meanwhile, and
         # which messages those are depends on timing.)
-        return bool(self.members) and bool(self.model.entries)
+        return self.plan["members"] > 0 and self.plan["published"] > 0
 
     @precondition(_can_handle)
     @rule(pick=st.integers(0, 7))
     def ack(self, pick: int) -> None:
-        with self._step("ack"):
-            self._handle(pick, "ack", 0.0)
+        with self._step("ack") as live:
+            if live:
+                self._handle(pick, "ack", 0.0)
 
     @precondition(_can_handle)
     @rule(pick=st.integers(0, 7))
     def ack_everything(self, pick: int) -> None:
-        with self._step("ack_everything"):
-            self._handle(pick, "ack", 0.0)
-            while self.inbox:
-                self._handle(0, "ack", 0.0)
+        with self._step("ack_everything") as live:
+            if live:
+                self._handle(pick, "ack", 0.0)
+                while self.inbox:
+                    self._handle(0, "ack", 0.0)
 
     @precondition(_can_handle)
     @rule(pick=st.integers(0, 7))
     def nak(self, pick: int) -> None:
-        with self._step("nak"):
-            self._handle(pick, "nak", 0.0)
+        with self._step("nak") as live:
+            if live:
+                self._handle(pick, "nak", 0.0)
 
     @precondition(_can_handle)
     @rule(pick=st.integers(0, 7))
     def reject(self, pick: int) -> None:
-        with self._step("reject"):
-            self._handle(pick, "reject", 0.0)
+        with self._step("reject") as live:
+            if live:
+                self._handle(pick, "reject", 0.0)
 
     @precondition(_can_handle)
     @rule(pick=st.integers(0, 7), seconds=st.floats(0.01, 0.1))
     def delay(self, pick: int, seconds: float) -> None:
-        with self._step("delay"):
-            self._handle(pick, "delay", seconds)
+        with self._step("delay") as live:
+            if live:
+                self._handle(pick, "delay", seconds)
 
     def _handle(self, pick: int, action: str, delay: float) -> None:
         self._collect(wait=True)
@@ -594,13 +629,16 @@ class BrokerMachine(RuleBasedStateMachine):
         self.coverage[f"{action}{'-dead' if dead else ''}"] += 1
         event(f"settle: {action}{' (dead-lettered)' if dead else ''}")
 
-    @precondition(lambda self: self.crashes < 2 and bool(self.members))
+    @precondition(lambda self: self.plan["crashes"] < 2 and self.plan["members"] > 0)
     @rule(pick=st.integers(0, 7))
     def crash_member(self, pick: int) -> None:
         if not (self.capabilities.kill_member and self.capabilities.redelivery_on_crash):
             return
-        with self._step("crash"):
-            self._crash(pick)
+        self.plan["crashes"] += 1
+        self.plan["members"] -= 1
+        with self._step("crash") as live:
+            if live:
+                self._crash(pick)
 
     def _crash(self, pick: int) -> None:
         self._collect(wait=False)
@@ -618,20 +656,26 @@ class BrokerMachine(RuleBasedStateMachine):
         self.inbox = [a for a in self.inbox if a.member != member.name]
         self.model.forget_holder(member.name)
 
-    @precondition(lambda self: len(self.members) < 3 and self.joined < 5)
+    @precondition(lambda self: self.plan["members"] < 3 and self.plan["joined"] < 5)
     @rule()
     def join_member(self) -> None:
         if not self.capabilities.competing_consumers:
             return
-        with self._step("join"):
-            self._collect(wait=False)
-            self._join()
-            event("member joined")
+        self.plan["members"] += 1
+        self.plan["joined"] += 1
+        with self._step("join") as live:
+            if live:
+                self._collect(wait=False)
+                self._join()
+                event("member joined")
 
-    @precondition(lambda self: len(self.members) >= 2)
+    @precondition(lambda self: self.plan["members"] >= 2)
     @rule(pick=st.integers(0, 7))
     def leave_member(self, pick: int) -> None:
-        with self._step("leave"):
+        self.plan["members"] -= 1
+        with self._step("leave") as live:
+            if not live:
+                return
             self._collect(wait=False)
             member = self._live()[pick % len(self.members)]
             note(f"{member.name} leaves")
@@ -660,11 +704,12 @@ class BrokerMachine(RuleBasedStateMachine):
                 raise ConformanceFailure(f"closing member {member.name} did not finish")
             time.sleep(0.01)
 
-    @precondition(lambda self: self.capabilities.pending_count_exact and self.producer is not None)
+    @precondition(lambda self: self.capabilities.pending_count_exact)
     @rule()
     def check_pending(self) -> None:
-        with self._step("check_pending"):
-            self._check_pending()
+        with self._step("check_pending") as live:
+            if live:
+                self._check_pending()
 
     def _check_pending(self) -> None:
         self._collect(wait=False)
@@ -684,8 +729,9 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @invariant()
     def deliveries_keep_the_contract(self) -> None:
-        with self._step():
-            self._collect(wait=False)
+        with self._step() as live:
+            if live:
+                self._collect(wait=False)
 
     # -- the end ------------------------------------------------------------------------------------
 
@@ -726,7 +772,7 @@ class BrokerMachine(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
-            if not self.in_step:  # a failed step already reported; don't mask it
+            if self.failure is None and not self.dropped:  # a failed step is the report: no drain to bury it
                 with self._judging():
                     self.drain()
                 _COVERAGE.update(self.coverage)
@@ -735,6 +781,10 @@ class BrokerMachine(RuleBasedStateMachine):
                 self._close_everything()
             finally:
                 self.bridge.close()
+        if self.failure is not None:
+            raise self.failure
+        if self.dropped:
+            reject()
 
     def _close_everything(self) -> None:
         """Close every broker, acking whatever is still parked or arrives meanwhile (a graceful

@@ -150,6 +150,11 @@ class _MemoryServer:
 _SERVERS: dict[str, _MemoryServer] = {}
 
 
+def forget(name: str) -> bool:
+    """Drop the named broker (``msgbroker.testing.forget_memory_broker``)."""
+    return _SERVERS.pop(name, None) is not None
+
+
 class MemoryTransport(Transport):
     """``memory://`` — the embedded default."""
 

@@ -7,7 +7,7 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 
-__all__ = ["eventually"]
+__all__ = ["eventually", "forget_memory_broker"]
 
 
 async def eventually(
@@ -27,3 +27,12 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
         await asyncio.sleep(interval)
+
+
+def forget_memory_broker(name: str) -> bool:
+    """Drop the named in-memory broker (``memory://NAME``) and everything it holds; a later
+    connection to that name starts empty. Named brokers otherwise live as long as the process.
+    True when there was one."""
+    from ._memory import forget
+
+    return forget(name)
