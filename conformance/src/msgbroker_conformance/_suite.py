@@ -406,6 +406,47 @@ class ConformanceSuite:
         )
         assert [x.seq for x in rec.by_member("survivor")][:3] == [0, 1, 2], "order lost on failover"
 
+    @requires("delay", "competing_consumers")
+    @case("semantics")
+    async def test_a_hand_over_during_a_delay_costs_no_attempt(self, s: Scenario) -> None:
+        """A member fails a message once, delays it, and closes while the delay is waited out:
+        the next owner is handed attempt 3 (a delay is no failed attempt, and the attempt the
+        delay announced was never handed), and the message is dead-lettered only after
+        max_retry_attempts failures that handlers saw (attempts 1, 3 and 4)."""
+        first = await s.connect(partition_count=1)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+
+        async def fail_then_delay(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.attempt == 1:
+                raise RuntimeError("conformance failure on attempt 1")
+            await ctx.delay(1.0)  # the member closes while this delay is waited out
+
+        async def fail(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            raise RuntimeError(f"conformance failure on attempt {seen.attempt}")
+
+        subscription = await first.subscribe(topic, group, rec.handler("first", fail_then_delay),
+                                             message_type=ConformanceMessage)
+        message = ConformanceMessage(key="k", seq=0)
+        await first.publish(topic, message)
+        await s.eventually(lambda: [x.outcome for x in rec.by_member("first")] == ["raised", "retry"],
+                           lambda: f"the first member's handlings: {rec.trace()}")
+        await subscription.close()
+        second = await s.connect(partition_count=1)
+        await second.subscribe(topic, group, rec.handler("second", fail), message_type=ConformanceMessage)
+
+        async def dead() -> bool:
+            return any(x.message_id == str(message.message_id) for x in await second.dead_letters(topic, group))
+
+        await s.eventually(dead, lambda: f"no dead letter; handlings {rec.trace()}", timeout=s.failover_timeout())
+        attempts = [(x.member, x.attempt) for x in rec.seen]
+        assert attempts == [("first", 1), ("first", 2), ("second", 3), ("second", 4)], (
+            f"handlings (member, delivery_attempt) {attempts}: expected the delay to cost no attempt and the "
+            f"dead letter only after the third failure a handler saw"
+        )
+        letters = [x for x in await second.dead_letters(topic, group) if x.message_id == str(message.message_id)]
+        assert letters[0].attempts == 4, f"the dead letter says {letters[0].attempts} attempts, expected 4"
+
     @case("core")
     async def test_max_attempts_dead_letters_with_error_attempts_and_headers(self, s: Scenario) -> None:
         """A message that always fails is handled max_retry_attempts times, then goes to

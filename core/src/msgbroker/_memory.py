@@ -20,7 +20,16 @@ from urllib.parse import urlsplit
 from ._errors import BrokerClosedError, ConfigurationError
 from ._hookspecs import hookimpl
 from ._message import DeadLetter
-from ._provider import AssignmentListener, Capabilities, Delivery, Lane, LaneConsumer, OutgoingRecord, Transport
+from ._provider import (
+    AssignmentListener,
+    Capabilities,
+    Delivery,
+    Lane,
+    LaneConsumer,
+    OutgoingRecord,
+    Transport,
+    failures_since,
+)
 
 __all__ = ["MemoryTransport"]
 
@@ -48,12 +57,6 @@ class _Pending:
     retried_at: int = 0
     """The attempt that retry announced: a delivery counted after it is one no handler settled."""
 
-    def failures_now(self) -> int | None:
-        """Failed attempts before the current delivery: those recorded at the last retry plus
-        every delivery since that ended unsettled (its member died holding it)."""
-        if self.failures is None:
-            return None
-        return self.failures + max(0, self.count - self.retried_at)
 
 
 @dataclass(slots=True)
@@ -383,7 +386,7 @@ class _MemoryConsumer(LaneConsumer):
                         continue
                     pending.count += 1
                     delivery = self._delivery(entries[offset], partition, pending)
-                    delivery.failures = pending.failures_now()
+                    delivery.failures = failures_since(pending.failures, pending.retried_at, pending.count)
                     out.append(delivery)
                     taken += 1
                 if not history and taken < max_per_lane:

@@ -28,7 +28,19 @@ __all__ = [
     "LaneConsumer",
     "OutgoingRecord",
     "Transport",
+    "failures_since",
 ]
+
+
+def failures_since(recorded: int | None, retried_at: int, attempt: int) -> int | None:
+    """A delivery's failed attempts from the attempt record a provider keeps: ``recorded`` is
+    :attr:`Delivery.failures` as the engine set it at the last :meth:`LaneConsumer.retry`, which
+    announced attempt ``retried_at``; every delivery counted after that one ended unsettled (its
+    member died holding it), so each is one more failure. None (never retried): unknown, and
+    the engine counts every earlier delivery as failed."""
+    if recorded is None:
+        return None
+    return recorded + max(0, attempt - retried_at)
 
 
 @dataclass(frozen=True, slots=True)

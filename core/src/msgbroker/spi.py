@@ -36,6 +36,7 @@ from ._provider import (
     LaneConsumer,
     OutgoingRecord,
     Transport,
+    failures_since,
 )
 from ._settings import BrokerSettings
 from ._tls import tls_client_context, tls_verification_error
@@ -62,9 +63,10 @@ __all__ = [
     "PublishFailedError",
     "PublishIndeterminateError",
     "SerializationError",
-    "Transport",
     "TransientError",
+    "Transport",
     "assign_partitions",
+    "failures_since",
     "hookimpl",
     "redact",
     "tls_client_context",

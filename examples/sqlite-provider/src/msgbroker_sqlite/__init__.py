@@ -11,7 +11,7 @@ See docs/writing-a-provider.md for how it was built, step by step.
 
 from __future__ import annotations
 
-from msgbroker import Transport, hookimpl
+from msgbroker.spi import Transport, hookimpl
 
 from ._transport import SqliteTransport
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from msgbroker import (
+from msgbroker.spi import (
     BrokerClosedError,
     BrokerConnectionError,
     Capabilities,
@@ -37,6 +37,7 @@ from msgbroker import (
     LaneConsumer,
     OutgoingRecord,
     Transport,
+    failures_since,
 )
 
 __all__ = ["SqliteTransport"]
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS cursors (
     PRIMARY KEY (topic, grp, partition));
 CREATE TABLE IF NOT EXISTS pending (
     topic TEXT, grp TEXT, partition INTEGER, offset INTEGER, attempts INTEGER NOT NULL, not_before REAL,
+    failures INTEGER, retried_at INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (topic, grp, partition, offset));
 CREATE TABLE IF NOT EXISTS members (
     topic TEXT, grp TEXT, member TEXT, expires REAL, PRIMARY KEY (topic, grp, member));
@@ -85,6 +87,10 @@ class _Database:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash, fast enough
         connection.executescript(SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(pending)")}
+        if "failures" not in columns:  # a file from before the attempt record: add its columns
+            connection.execute("ALTER TABLE pending ADD COLUMN failures INTEGER")
+            connection.execute("ALTER TABLE pending ADD COLUMN retried_at INTEGER NOT NULL DEFAULT 0")
         self._connection = connection
 
     async def open(self) -> None:
@@ -376,15 +382,17 @@ class _SqliteConsumer(LaneConsumer):
             taken = 0
             while history and taken < max_per_lane:
                 offset = history.popleft()
-                row = c.execute("SELECT attempts, not_before FROM pending WHERE topic = ? AND grp = ? AND "
-                                "partition = ? AND offset = ?", (*key, partition, offset)).fetchone()
+                row = c.execute("SELECT attempts, not_before, failures, retried_at FROM pending WHERE topic = ? "
+                                "AND grp = ? AND partition = ? AND offset = ?", (*key, partition, offset)).fetchone()
                 if row is None:
                     continue  # settled meanwhile
                 attempt = row[0] + 1
                 c.execute("UPDATE pending SET attempts = ? "
                           "WHERE topic = ? AND grp = ? AND partition = ? AND offset = ?",
                           (attempt, *key, partition, offset))
-                out.append(self._delivery(c, partition, offset, attempt, row[1]))
+                delivery = self._delivery(c, partition, offset, attempt, row[1])
+                delivery.failures = failures_since(row[2], row[3], attempt)
+                out.append(delivery)
                 taken += 1
             if history:
                 continue
@@ -394,7 +402,8 @@ class _SqliteConsumer(LaneConsumer):
                              "ORDER BY offset LIMIT ?", (self._topic, partition, next_offset,
                                                          max_per_lane - taken)).fetchall()
             for (offset,) in rows:
-                c.execute("INSERT INTO pending VALUES (?, ?, ?, ?, 1, NULL)", (*key, partition, offset))
+                c.execute("INSERT INTO pending (topic, grp, partition, offset, attempts) VALUES (?, ?, ?, ?, 1)",
+                          (*key, partition, offset))
                 out.append(self._delivery(c, partition, offset, 1, None))
             if rows:
                 c.execute("UPDATE cursors SET next_offset = ? WHERE topic = ? AND grp = ? AND partition = ?",
@@ -418,7 +427,8 @@ class _SqliteConsumer(LaneConsumer):
             if out or remaining <= 0 or wake.is_set():
                 return out
             try:  # nothing new: look again shortly, or return at once when the engine wakes us
-                await asyncio.wait_for(wake.wait(), min(POLL_INTERVAL, remaining))
+                async with asyncio.timeout(min(POLL_INTERVAL, remaining)):
+                    await wake.wait()
             except TimeoutError:
                 continue
             return []
@@ -438,11 +448,24 @@ class _SqliteConsumer(LaneConsumer):
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
         def record(c: sqlite3.Connection) -> None:
             if self._holds(c, delivery.partition):
-                c.execute("UPDATE pending SET attempts = ?, not_before = ? WHERE topic = ? AND grp = ? AND "
-                          "partition = ? AND offset = ?",
-                          (attempt, not_before, self._topic, self._group, delivery.partition, delivery.position))
+                c.execute("UPDATE pending SET attempts = ?, not_before = ?, failures = ?, retried_at = ? "
+                          "WHERE topic = ? AND grp = ? AND partition = ? AND offset = ?",
+                          (attempt, not_before, delivery.failures, attempt, self._topic, self._group,
+                           delivery.partition, delivery.position))
 
         await self._transport.db.run(record)
+
+    async def unread(self, deliveries: Sequence[Delivery]) -> None:
+        """Read ahead (or announced by a retry) and never handed to a handler: take the count
+        back, so that the next owner's attempt counts handlings."""
+        def take_back(c: sqlite3.Connection) -> None:
+            for delivery in deliveries:
+                if self._holds(c, delivery.partition):
+                    c.execute("UPDATE pending SET attempts = attempts - 1 WHERE topic = ? AND grp = ? AND "
+                              "partition = ? AND offset = ? AND attempts = ? AND attempts > 0",
+                              (self._topic, self._group, delivery.partition, delivery.position, delivery.attempt))
+
+        await self._transport.db.run(take_back)
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         def store(c: sqlite3.Connection) -> None:
