@@ -23,17 +23,22 @@ def test_url_names_the_bootstrap_servers() -> None:
     st.integers(0, 10_000),
     st.one_of(st.none(), st.floats(0, 4e9, allow_nan=False)),
     st.lists(st.tuples(st.integers(1, 50), st.integers(0, 9)), max_size=8),
+    st.one_of(st.none(), st.tuples(st.integers(0, 100), st.integers(1, 100))),
 )
-def test_attempt_records_round_trip(started: int, not_before: float | None, steps: list[tuple[int, int]]) -> None:
+def test_attempt_records_round_trip(
+    started: int, not_before: float | None, steps: list[tuple[int, int]], failed: tuple[int, int] | None
+) -> None:
     runs, first = [], 100
     for length, count in steps:
         runs.append((first, count))
         first += length
-    record = AttemptRecord(started, not_before, tuple(runs), first if runs else None, due=not_before is not None)
+    failures, retried_at = failed if failed else (None, 0)
+    record = AttemptRecord(started, not_before, tuple(runs), first if runs else None, due=not_before is not None,
+                           failures=failures, retried_at=retried_at)
     decoded = AttemptRecord.decode(record.encode())
     assert decoded is not None
-    assert (decoded.started, decoded.runs, decoded.until, decoded.due) == (
-        record.started, record.runs, record.until, record.due
+    assert (decoded.started, decoded.runs, decoded.until, decoded.due, decoded.failures, decoded.retried_at) == (
+        record.started, record.runs, record.until, record.due, record.failures, record.retried_at
     )
     assert (decoded.not_before is None) == (not_before is None)
     if not_before is not None and decoded.not_before is not None:

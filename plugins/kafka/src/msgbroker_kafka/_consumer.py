@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-from msgbroker.spi import DeadLetter, Delivery, LaneConsumer
+from msgbroker.spi import DeadLetter, Delivery, LaneConsumer, failures_since
 
 from . import _compat
 from ._assignor import PinningAssignor
@@ -66,6 +66,10 @@ class AttemptRecord:
     due: bool = False
     """Attempt ``started`` itself is due at ``not_before`` (a delay): it began only if its owner
     lived past that time."""
+    failures: int | None = None
+    """Failed attempts of the message at the committed offset as of its last retry, which
+    announced attempt ``retried_at`` (``msgbroker.spi.failures_since``); None: never retried."""
+    retried_at: int = 0
 
     def began(self, committed: int, offset: int) -> int:
         """Deliveries begun of the message at ``offset``, for a commit at ``committed``."""
@@ -82,6 +86,8 @@ class AttemptRecord:
             parts.append(f"nb={self.not_before:.3f}")
             if self.due:
                 parts.append("due=1")
+        if self.failures is not None:
+            parts.append(f"f={self.failures}:{self.retried_at}")
         if self.runs and self.until is not None:
             parts.append("r=" + ",".join(f"{first}:{count}" for first, count in self.runs))
             parts.append(f"h={self.until}")
@@ -98,7 +104,10 @@ class AttemptRecord:
                 (int(first), int(count))
                 for first, count in (run.split(":") for run in fields.get("r", "").split(",") if run)
             )
+            failures, _, retried_at = fields.get("f", "").partition(":")
             return cls(
+                failures=int(failures) if failures else None,
+                retried_at=int(retried_at) if failures else 0,
                 started=int(fields["a"]),
                 not_before=float(fields["nb"]) if fields.get("nb") else None,
                 runs=runs,
@@ -150,7 +159,8 @@ class _Track:
     handed: set[int] = field(default_factory=set)
     """Offsets handed to the engine (the others wait in ``surplus``)."""
     surplus: deque[Delivery] = field(default_factory=deque)
-    retried: dict[int, tuple[int, float | None]] = field(default_factory=dict)
+    retried: dict[int, tuple[int, float | None, int | None]] = field(default_factory=dict)
+    """Offset: (the attempt a retry announced, its not_before, failures as of that retry)."""
     settled: dict[int, int] = field(default_factory=dict)
     """Attempts of settled offsets the group's commit has not passed yet."""
     fetched_to: int | None = None
@@ -179,7 +189,7 @@ class _Track:
         attempt, not_before = delivery.attempt, delivery.not_before
         retried = self.retried.get(offset)
         if retried is not None and retried[0] >= attempt:
-            attempt, not_before = retried
+            attempt, not_before = retried[0], retried[1]
         waiting = not_before is not None and time.time() < not_before
         is_head = offset == self.target()
         if not final:
@@ -199,13 +209,21 @@ class _Track:
         lane (revoke, close), so nothing is in a handler."""
         delivery = self.pending.get(offset)
         due = False
+        failures: int | None = None
+        retried_at = 0
         if delivery is not None and offset in self.handed:
             started, not_before, due = self._began(offset, delivery, final)
+            retried = self.retried.get(offset)
+            if retried is not None:
+                retried_at, failures = retried[0], retried[2]
+            elif delivery.failures is not None:  # inherited and not retried here
+                failures, retried_at = delivery.failures, delivery.attempt
         else:
             started = self.inherited_began(offset)
             not_before, due = None, False
             if self.inherited is not None and offset == self.inherited_at:
                 not_before, due = self.inherited.not_before, self.inherited.due
+                failures, retried_at = self.inherited.failures, self.inherited.retried_at
         counts: list[tuple[int, int]] = []
         after = sorted(o for o in (*self.handed, *self.settled) if o > offset)
         for later in after:
@@ -223,7 +241,7 @@ class _Track:
         runs, until = _runs(counts, _RUNS_BUDGET)
         if not started and not runs and not_before is None:
             return ""
-        return AttemptRecord(started, not_before, runs, until, due).encode()
+        return AttemptRecord(started, not_before, runs, until, due, failures, retried_at).encode()
 
 
 async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> None:
@@ -439,12 +457,14 @@ class KafkaLaneConsumer(LaneConsumer):
     def _delivery(self, track: _Track, record: Any) -> Delivery:
         headers = decode_headers(record.headers)
         message_id = headers.pop(MESSAGE_ID_HEADER, "")
-        attempt, not_before = 1, None
+        attempt, not_before, failures = 1, None, None
         if track.inherited is not None:
             began = track.inherited.began(track.inherited_at, record.offset)
             attempt, not_before = next_attempt(
                 track.inherited, began, record.offset == track.inherited_at, time.time()
             )
+            if record.offset == track.inherited_at:
+                failures = failures_since(track.inherited.failures, track.inherited.retried_at, attempt)
         return Delivery(
             partition=record.partition,
             message_id=message_id,
@@ -454,6 +474,7 @@ class KafkaLaneConsumer(LaneConsumer):
             attempt=attempt,
             position=record.offset,
             not_before=not_before,
+            failures=failures,
         )
 
     async def _fetch(
@@ -562,7 +583,7 @@ class KafkaLaneConsumer(LaneConsumer):
         track = self._owned(delivery)
         if track is None:
             return
-        track.retried[delivery.position] = (attempt, not_before)
+        track.retried[delivery.position] = (attempt, not_before, delivery.failures)
         if track.target() == delivery.position:
             # persisted at once, so the attempt and the delay survive a crash; a message behind
             # the lowest unsettled offset (unordered lanes) cannot carry metadata in Kafka
