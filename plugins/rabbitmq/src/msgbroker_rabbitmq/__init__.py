@@ -6,7 +6,11 @@ Installed, it is found through the ``msgbroker.providers`` entry point; use it w
 
 from __future__ import annotations
 
+# First: with an untested aio-pika or aiormq installed, importing the package fails here, naming it.
+from ._compat import UntestedClientVersion
+
+# isort: split
 from ._names import Topology
 from ._transport import RabbitMQLaneConsumer, RabbitMQTransport
 
-__all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport", "Topology"]
+__all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport", "Topology", "UntestedClientVersion"]

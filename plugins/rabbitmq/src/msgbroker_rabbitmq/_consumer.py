@@ -24,18 +24,18 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
-from msgbroker import DeadLetter, Delivery, LaneConsumer, OutgoingRecord, PublishFailedError
+from msgbroker.spi import DeadLetter, Delivery, LaneConsumer, OutgoingRecord, PublishFailedError
 from pamqp import commands as spec
 
+from ._compat import is_consuming
 from ._declare import backlog_exists, declare_group, declare_topic
 from ._errors import translate
+from ._host import MemberHost
 from ._link import Link
 from ._publish import KEY_HEADER, PERSISTENT, publish_confirmed
 
 if TYPE_CHECKING:
     from msgbroker.spi import AssignmentListener
-
-    from ._transport import RabbitMQTransport
 
 __all__ = ["RabbitMQLaneConsumer", "delivery_headers", "letter_headers"]
 
@@ -111,7 +111,7 @@ class _Lane:
 class RabbitMQLaneConsumer(LaneConsumer):
     """A member of ``group`` on ``topic`` (see the module docstring)."""
 
-    def __init__(self, transport: RabbitMQTransport, topic: str, group: str, member_id: str) -> None:
+    def __init__(self, transport: MemberHost, topic: str, group: str, member_id: str) -> None:
         self._transport = transport
         self._topology = transport.topology
         self._partitions = transport.settings.partition_count
@@ -538,7 +538,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
             for lane in lanes:
                 if lane.dead or lane.closing:
                     continue
-                if lane.consumer_tag is not None and lane.consumer_tag not in getattr(lane.raw, "consumers", {}):
+                if lane.consumer_tag is not None and not is_consuming(lane.raw, lane.consumer_tag):
                     log.warning("rabbitmq: the server cancelled the consumer of %s[%d]", self.topic, lane.partition)
                     lane.dead = True
                     self._lost.add(lane.partition)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 
 from aiormq import exceptions as amqp
-from msgbroker import ConfigurationError
+from msgbroker.spi import ConfigurationError
 
 from ._errors import translate
 from ._link import Link

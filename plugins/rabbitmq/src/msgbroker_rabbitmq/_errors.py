@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from aiormq import exceptions as amqp
-from msgbroker import (
+from msgbroker.spi import (
     BrokerConnectionError,
     BrokerTimeoutError,
     BrokerUnavailableError,

@@ -19,9 +19,10 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from msgbroker import BrokerConnectionError, tls_verification_error
+from msgbroker.spi import BrokerConnectionError, tls_verification_error
 from yarl import URL
 
+from ._compat import channel_numbers
 from ._errors import redacted, translate
 
 __all__ = ["Link"]
@@ -155,13 +156,10 @@ class Link:
         """Channel numbers in rising order, wrapping at the negotiated maximum: aiormq on its own
         reuses the number of a channel the server has just closed before our close-ok reached
         the server, which then closes the whole connection ("second 'channel.open' seen")."""
-        transport = getattr(conn, "transport", None)
-        underlay = getattr(transport, "connection", None)
-        in_use = getattr(underlay, "channels", None)
-        if in_use is None:
+        numbers = channel_numbers(conn)
+        if numbers is None:
             return None
-        tune = getattr(underlay, "connection_tune", None)
-        limit = min(getattr(tune, "channel_max", 0) or 2047, 65535)
+        in_use, limit = numbers
         for _ in range(limit):
             self._channel_number = self._channel_number % limit + 1
             if self._channel_number not in in_use:

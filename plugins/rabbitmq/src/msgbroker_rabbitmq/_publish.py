@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
 
 import aiormq
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
-from msgbroker import InvalidNameError, MsgBrokerError, OutgoingRecord, PublishFailedError, PublishIndeterminateError
+from msgbroker.spi import (
+    InvalidNameError,
+    MsgBrokerError,
+    OutgoingRecord,
+    PublishFailedError,
+    PublishIndeterminateError,
+)
 from pamqp import commands as spec
 
+from ._compat import publish_unlocked
 from ._declare import declare_backlog
 from ._errors import translate
 from ._link import Link
@@ -92,10 +98,10 @@ async def _publish_round(
 ) -> list[OutgoingRecord]:
     """One burst in order (aiormq sends frames under a FIFO lock); the confirms come back
     together. Returns the records the server returned unroutable."""
-    raw: Any = channel  # aiormq's Channel takes ``wait``; its abstract base does not declare it
     results = await asyncio.gather(
         *(
-            raw.basic_publish(
+            publish_unlocked(  # do not hold aiormq's channel lock until each frame is on the socket
+                channel,
                 record.body,
                 exchange=topology.exchange(record.topic),
                 routing_key=str(record.partition),
@@ -107,7 +113,6 @@ async def _publish_round(
                 ),
                 mandatory=True,
                 timeout=PUBLISH_TIMEOUT,
-                wait=False,  # do not hold aiormq's channel lock until each frame is on the socket
             )
             for record in records
         ),

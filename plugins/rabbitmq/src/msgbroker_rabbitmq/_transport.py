@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import aiormq
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
-from msgbroker import (
+from msgbroker.spi import (
     BrokerClosedError,
     BrokerConnectionError,
     Capabilities,
@@ -44,6 +44,7 @@ from ._consumer import (
 )
 from ._declare import declare_topic
 from ._errors import redacted, translate
+from ._host import Member
 from ._link import Link
 from ._names import DELIVERY_LIMIT, Topology
 from ._publish import KEY_HEADER, publish_confirmed
@@ -118,7 +119,7 @@ class RabbitMQTransport(Transport):
         self._link: Link | None = None
         self.ssl_context: ssl.SSLContext | None = None
         """Made from ``rabbitmq.ssl_cafile`` at connect; every connection of this transport uses it."""
-        self._members: dict[str, RabbitMQLaneConsumer] = {}
+        self._members: dict[str, Member] = {}
         self._declared: dict[tuple[int, int, str], asyncio.Future[None]] = {}
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._publisher_lock = asyncio.Lock()
@@ -188,10 +189,10 @@ class RabbitMQTransport(Transport):
             return False
         return True
 
-    def register_member(self, member: RabbitMQLaneConsumer) -> None:
+    def register_member(self, member: Member) -> None:
         self._members[member.member_id] = member
 
-    def unregister_member(self, member: RabbitMQLaneConsumer) -> None:
+    def unregister_member(self, member: Member) -> None:
         if self._members.get(member.member_id) is member:
             del self._members[member.member_id]
 
@@ -237,7 +238,7 @@ class RabbitMQTransport(Transport):
 
     # -- membership and leases (delegated to the member's own connection) ------------------------
 
-    def _member(self, member_id: str) -> RabbitMQLaneConsumer:
+    def _member(self, member_id: str) -> Member:
         member = self._members.get(member_id)
         if member is None:
             raise BrokerClosedError(f"rabbitmq: member {member_id} is not running on this connection")
