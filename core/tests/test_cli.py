@@ -3,6 +3,8 @@ own event loop, and ``memory://NAME`` keeps the broker's state between them."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import io
 import json
 import os
@@ -448,3 +450,21 @@ def test_metrics_serve_is_a_scrapeable_exporter_until_interrupted() -> None:
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+def test_the_cli_modules_import_the_shared_ones_never_the_other_way_round() -> None:
+    package = Path(msgbroker.cli.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                found |= {node.module} if node.module else {alias.name for alias in node.names}
+        imports[path.stem] = found
+    commands = {"publish", "tail", "pending", "health", "dlq", "metrics", "demo", "bench"}
+    shared = {"_errors", "_options", "_render", "_target", "_argv"}
+    assert set(imports) == commands | shared | {"__init__", "__main__", "_app", "_main"}
+    for module in commands | shared:
+        assert imports[module] <= shared, f"{module} imports {imports[module] - shared}"
+    assert imports["_app"] <= commands
+    list(graphlib.TopologicalSorter(imports).static_order())  # raises CycleError on an import circle

@@ -1,0 +1,36 @@
+"""The ``msgbroker`` command and its commands."""
+
+from __future__ import annotations
+
+import typer
+
+from . import bench, demo, dlq, health, metrics, pending, publish, tail
+
+BUILT_IN = (
+    publish.register,
+    tail.register,
+    pending.register,
+    health.register,
+    metrics.register,
+    demo.register,
+    bench.register,
+    dlq.register,
+)
+"""Each adds its commands to the app it is given."""
+
+
+def built_in_app() -> typer.Typer:
+    """A new ``msgbroker`` app with its commands."""
+    app = typer.Typer(
+        name="msgbroker",
+        help="Operate msgbroker: publish, tail, pending counts, health, dead letters, metrics.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    for register in BUILT_IN:
+        register(app)
+    return app
+
+
+app = built_in_app()
