@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import importlib.metadata
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tomllib
 import types
 import urllib.request
 import uuid
@@ -22,7 +24,7 @@ import msgbroker
 import pytest
 from msgbroker import Capabilities, CapabilityNotSupported, Transport, hookimpl, registry
 from msgbroker._memory import MemoryTransport
-from msgbroker.cli import main
+from msgbroker.cli import ENTRY_POINT_GROUP, main
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -396,6 +398,7 @@ def test_demo_runs_the_seat_lock_demo(run: Run) -> None:
 
 
 def test_bench_hands_its_arguments_to_the_harness(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed(monkeypatch, *bench_entry_points(monkeypatch))  # as when bench/ is installed
     seen: list[list[str]] = []
     harness = types.ModuleType("msgbroker_bench")
     harness.run = lambda argv: seen.append(list(argv)) or 0  # type: ignore[attr-defined]
@@ -452,17 +455,186 @@ def test_metrics_serve_is_a_scrapeable_exporter_until_interrupted() -> None:
                 process.kill()
 
 
+# -- commands of other distributions: entry points of the group msgbroker.cli ---------------------
+
+REPO = Path(__file__).resolve().parents[2]
+EntryPoint = importlib.metadata.EntryPoint
+
+
+def installed(monkeypatch: pytest.MonkeyPatch, *entry_points: EntryPoint) -> None:
+    """As if the installed distributions declared exactly these entry points of msgbroker.cli."""
+    real = importlib.metadata.entry_points
+
+    def only_these(**params: Any) -> Any:
+        if params.get("group") == ENTRY_POINT_GROUP:
+            return importlib.metadata.EntryPoints(entry_points)
+        return real(**params)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", only_these)
+
+
+def bench_entry_points(monkeypatch: pytest.MonkeyPatch) -> list[EntryPoint]:
+    """The entry points bench/pyproject.toml declares, their module importable from bench/src."""
+    project = tomllib.loads((REPO / "bench" / "pyproject.toml").read_text(encoding="utf-8"))
+    declared: dict[str, str] = project["project"]["entry-points"][ENTRY_POINT_GROUP]
+    monkeypatch.syspath_prepend(str(REPO / "bench" / "src"))
+    return [EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in declared.items()]
+
+
+PLUGIN_SOURCE = """
+import typer
+from msgbroker.cli import CliError
+
+hello = typer.Typer()
+
+
+@hello.command()
+def say(name: str = typer.Argument("world"), code: int = typer.Option(0, "--exit")) -> int:
+    \"\"\"Say hello.\"\"\"
+    print(f"hello {name}")
+    return code
+
+
+tools = typer.Typer(help="Two tools.")
+
+
+@tools.command()
+def one() -> None:
+    print("tool one")
+
+
+@tools.command()
+def two() -> None:
+    raise CliError("tool two failed")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def greet(name: str) -> None:
+        \"\"\"Greet NAME.\"\"\"
+        print(f"greetings, {name}")
+
+    @app.command("publish")
+    def not_the_publish() -> None:
+        print("a plugin's publish")
+
+
+not_a_plugin = 42
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The name of a module of commands, importable for this test only."""
+    name = f"fake_cli_plugin_{uuid.uuid4().hex[:10]}"
+    (tmp_path / f"{name}.py").write_text(PLUGIN_SOURCE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_plugins_add_commands_next_to_the_built_in_ones(
+    run: Run, url: str, plugin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed(
+        monkeypatch,
+        EntryPoint("hello", f"{plugin}:hello", ENTRY_POINT_GROUP),  # a one-command typer app
+        EntryPoint("tools", f"{plugin}:tools", ENTRY_POINT_GROUP),  # a typer app of two commands
+        EntryPoint("extras", f"{plugin}:register", ENTRY_POINT_GROUP),  # a function that adds commands
+    )
+    code, out, _ = run("--help")
+    assert code == 0
+    for command in ("hello", "tools", "greet", "publish", "dlq"):
+        assert f" {command} " in out, out
+    assert "extras" not in out and "bench" not in out
+
+    assert run("hello") == (0, "hello world\n", "")
+    assert run("hello", "you", "--exit", "3") == (3, "hello you\n", "")
+    assert run("tools", "one") == (0, "tool one\n", "")
+    code, _, err = run("tools", "two")
+    assert_one_line_error(code, err, exit_code=1)
+    assert "tool two failed" in err
+    assert run("greet", "ann") == (0, "greetings, ann\n", "")
+    code, _, err = run("greet")
+    assert_one_line_error(code, err, exit_code=2)
+
+    # a name that is taken stays with the built-in command
+    code, out, _ = run("publish", "t", '{"n": 1}', "--url", url, "--json")
+    assert code == 0 and json.loads(out)["published"] == 1
+
+
+def test_a_plugin_is_found_through_its_distributions_entry_points(run: Run, plugin: str, tmp_path: Path) -> None:
+    # a distribution as pip leaves it: only its metadata says that it adds a command
+    info = tmp_path / f"{plugin}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {plugin}\nVersion: 1.0\n", encoding="utf-8")
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nhello = {plugin}:hello\n", encoding="utf-8")
+    code, out, _ = run("--help")
+    assert code == 0 and " hello " in out
+    assert run("hello", "there") == (0, "hello there\n", "")
+
+
+def test_without_plugins_there_is_no_bench_command(run: Run, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed(monkeypatch)
+    code, out, _ = run("--help")
+    assert code == 0 and " publish " in out and "bench" not in out
+    code, _, err = run("bench", "--quick")
+    assert_one_line_error(code, err, exit_code=1)
+    assert "benchmark harness is not installed" in err and "msgbroker-bench" in err
+    code, out, err = run("publish", "t", '{"n": 1}', "--url", url)
+    assert code == 0 and "published 1 message" in out, err
+
+
+def test_bench_is_listed_without_importing_the_harness(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed(monkeypatch, *bench_entry_points(monkeypatch))
+    for name in [m for m in sys.modules if m == "msgbroker_bench" or m.startswith("msgbroker_bench.")]:
+        monkeypatch.delitem(sys.modules, name)
+    code, out, _ = run("--help")
+    assert code == 0 and " bench " in out
+    assert "msgbroker_bench" not in sys.modules
+
+    monkeypatch.setitem(sys.modules, "msgbroker_bench", None)  # the hook without its harness
+    code, _, err = run("bench")
+    assert_one_line_error(code, err, exit_code=1)
+    assert "benchmark harness is not installed" in err
+
+
+def test_a_plugin_that_cannot_be_loaded_says_so_when_asked_for(
+    run: Run, url: str, plugin: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed(
+        monkeypatch,
+        EntryPoint("broken", "no_such_module_for_msgbroker:app", ENTRY_POINT_GROUP),
+        EntryPoint("odd", f"{plugin}:not_a_plugin", ENTRY_POINT_GROUP),
+        EntryPoint("hello", f"{plugin}:hello", ENTRY_POINT_GROUP),
+    )
+    assert run("health", "--url", url) == (0, f"healthy: memory at {url}\n", "")  # the others stay quiet
+    code, out, _ = run("--help")
+    assert code == 0 and " broken " in out and "Cannot be loaded" in out
+    code, _, err = run("broken", "--some-option")
+    assert_one_line_error(code, err, exit_code=1)
+    assert "the command 'broken' of no_such_module_for_msgbroker:app cannot be loaded: ModuleNotFoundError" in err
+    code, _, err = run("odd")
+    assert_one_line_error(code, err, exit_code=1)
+    assert "neither a typer.Typer nor a function" in err
+    assert run("hello") == (0, "hello world\n", "")
+
+
 def test_the_cli_modules_import_the_shared_ones_never_the_other_way_round() -> None:
     package = Path(msgbroker.cli.__file__).parent
     imports: dict[str, set[str]] = {}
     for path in package.glob("*.py"):
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                found |= {node.module} if node.module else {alias.name for alias in node.names}
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("msgbroker_bench") for a in node.names), path.name
+            elif isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("msgbroker_bench"), path.name
+                if node.level == 1:
+                    found |= {node.module} if node.module else {alias.name for alias in node.names}
         imports[path.stem] = found
-    commands = {"publish", "tail", "pending", "health", "dlq", "metrics", "demo", "bench"}
-    shared = {"_errors", "_options", "_render", "_target", "_argv"}
+    commands = {"publish", "tail", "pending", "health", "dlq", "metrics", "demo"}
+    shared = {"_errors", "_options", "_render", "_target", "_argv", "_plugins"}
     assert set(imports) == commands | shared | {"__init__", "__main__", "_app", "_main"}
     for module in commands | shared:
         assert imports[module] <= shared, f"{module} imports {imports[module] - shared}"

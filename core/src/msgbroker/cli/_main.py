@@ -14,11 +14,14 @@ from typer.core import TyperGroup
 from .._errors import MsgBrokerError
 from ._app import app
 from ._errors import CliError
+from ._plugins import add_plugins, check_installed
 
 
 def command() -> TyperGroup:
-    """The ``msgbroker`` command."""
-    return typer.main.get_group(app)
+    """The ``msgbroker`` command: the built-in commands and the installed plugins'."""
+    root = typer.main.get_group(app)
+    add_plugins(root)
+    return root
 
 
 def _one_line(text: str) -> str:
@@ -46,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         root = command()
+        check_installed(args, root)
         with _quiet_broken_pipe():
             result = root.main(args=args, prog_name="msgbroker", standalone_mode=False)
     except CliError as exc:
