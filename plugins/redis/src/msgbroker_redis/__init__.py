@@ -6,6 +6,10 @@ Installed, it is found through the ``msgbroker.providers`` entry point; use it w
 
 from __future__ import annotations
 
+# First: with an untested redis-py installed, importing the package fails here, naming it.
+from ._compat import UntestedClientVersion
+
+# isort: split
 from ._transport import RedisLaneConsumer, RedisTransport, TopicKeys
 
-__all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]
+__all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys", "UntestedClientVersion"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from msgbroker import (
+from msgbroker.spi import (
     BrokerConnectionError,
     BrokerTimeoutError,
     BrokerUnavailableError,

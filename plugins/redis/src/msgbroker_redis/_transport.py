@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from msgbroker import (
+from msgbroker.spi import (
     BrokerClosedError,
     BrokerConnectionError,
     Capabilities,
@@ -55,11 +55,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from . import _scripts
+from ._compat import on_reconnect
 from ._errors import redacted, translate
 
 if TYPE_CHECKING:
-    from msgbroker import BrokerSettings
-    from msgbroker.spi import AssignmentListener
+    from msgbroker.spi import AssignmentListener, BrokerSettings
     from redis.commands.core import AsyncScript
 
 __all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]
@@ -559,10 +559,9 @@ class RedisLaneConsumer(LaneConsumer):
             await reader.initialize()
         except (rex.RedisError, OSError) as exc:
             raise translate(exc, f"connecting the reader of {self._topic}") from exc
-        if reader.connection is not None:
-            # CLIENT UNBLOCK needs the connection's id, which a reconnect changes (and a
-            # restarted server hands out again to others): forget it on every reconnect.
-            reader.connection.register_connect_callback(self._reader_reconnected)  # type: ignore[no-untyped-call]
+        # CLIENT UNBLOCK needs the connection's id, which a reconnect changes (and a restarted
+        # server hands out again to others): forget it on every reconnect.
+        on_reconnect(reader, self._reader_reconnected)
 
     def _reader_reconnected(self, connection: object) -> None:
         self._reader_id = None
