@@ -6,6 +6,8 @@ import argparse
 import signal
 
 from .broker import quiet_client_logs
+from .cluster.clusters import CLUSTER_NAMES, CLUSTERS
+from .cluster.commands import cmd_cluster_down, cmd_cluster_logs, cmd_cluster_node, cmd_cluster_status, cmd_cluster_up
 from .commands import cmd_down, cmd_logs, cmd_restart, cmd_signal, cmd_status, cmd_up, cmd_wait
 from .common import Failure, say
 from .envfile import addresses_as_up_left_them
@@ -42,7 +44,50 @@ def parser_for() -> argparse.ArgumentParser:
     add_names(sub.add_parser("pause", help="SIGSTOP: the server hangs without closing connections"))
     add_names(sub.add_parser("resume", help="SIGCONT after pause"))
     add_timeout(add_names(sub.add_parser("wait", help="wait until healthy (after resume or restart)")))
+    add_cluster_commands(sub.add_parser("cluster", help="3-node clusters of each server: cluster up|down|status ..."))
     return parser
+
+
+def add_cluster_commands(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="cluster_cmd", required=True)
+    names_help = f"any of {', '.join(CLUSTER_NAMES)}; default all, started one after the other"
+    wait_help = "seconds to wait for each cluster (default: 60 for redis/nats, 180 for rabbitmq/kafka)"
+    p = sub.add_parser("up", help="start what is not running, wait until each cluster is formed")
+    p.add_argument("names", nargs="*", metavar="NAME", help=names_help)
+    add_timeout(p, wait_help)
+    sub.add_parser("down", help="stop the cluster nodes").add_argument(
+        "names", nargs="*", metavar="NAME", help=names_help)
+    sub.add_parser("status", help="each node: state, pid, port, memory; each cluster: formed").add_argument(
+        "names", nargs="*", metavar="NAME", help=names_help)
+    for action, what in (("kill", "kill -9 one node (start it again with cluster up NAME)"),
+                         ("pause", "SIGSTOP one node"), ("resume", "SIGCONT one node"),
+                         ("restart", "stop one node, start it, wait until it is back in the cluster"),
+                         ("logs", "show the end of one node's log")):
+        p = sub.add_parser(action, help=what)
+        p.add_argument("name", choices=CLUSTER_NAMES, metavar="NAME", help=f"one of {', '.join(CLUSTER_NAMES)}")
+        p.add_argument("node", type=int, metavar="NODE", help="1 to 3 (redis: 1 to 6)")
+        if action == "restart":
+            add_timeout(p, wait_help)
+        if action == "logs":
+            p.add_argument("-n", "--lines", type=int, default=200)
+            p.add_argument("-f", "--follow", action="store_true")
+
+
+def run_cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    for n in getattr(args, "names", []):
+        if n not in CLUSTER_NAMES:
+            parser.error(f"unknown cluster {n!r}: choose from {', '.join(CLUSTER_NAMES)}")
+    cmd = args.cluster_cmd
+    if cmd == "up":
+        return cmd_cluster_up(args.names, args.timeout)
+    if cmd == "down":
+        return cmd_cluster_down(args.names)
+    if cmd == "status":
+        return cmd_cluster_status(args.names)
+    CLUSTERS[args.name].node(args.node)  # NODE in range, else a Failure naming the range
+    if cmd == "logs":
+        return cmd_cluster_logs(args.name, args.node, args.lines, args.follow)
+    return cmd_cluster_node(cmd, args.name, args.node, getattr(args, "timeout", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd in ("up", "restart") and args.timeout is not None:
         for b in BROKERS.values():
             b.start_timeout = args.timeout
-    for n in getattr(args, "names", []):
+    for n in getattr(args, "names", []) if args.cmd != "cluster" else []:
         if n not in ALL:
             parser.error(f"unknown server {n!r}: choose from {', '.join(ALL)}")
     try:
+        if args.cmd == "cluster":
+            return run_cluster(args, parser)
         if args.cmd == "up":
             return cmd_up(args.names)
         if args.cmd == "status":

@@ -25,6 +25,56 @@ DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 KAFKA_READY_TOPIC = "msgbroker-brokers-ready"
 
 
+LOG4J2_PROPERTIES = (
+    "# written by scripts/brokers\n"
+    "status = warn\n"
+    "appender.out.type = Console\n"
+    "appender.out.name = OUT\n"
+    "appender.out.layout.type = PatternLayout\n"
+    "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+    "rootLogger.level = INFO\n"
+    "rootLogger.appenderRef.out.ref = OUT\n"
+    "logger.state.name = state.change.logger\n"
+    "logger.state.level = WARN\n"
+    "logger.clients.name = org.apache.kafka.clients\n"
+    "logger.clients.level = WARN\n"
+)
+
+
+def java() -> str | None:
+    home = os.environ.get("JAVA_HOME")
+    if home and os.access(Path(home) / "bin" / "java", os.X_OK):
+        return str(Path(home) / "bin" / "java")
+    return shutil.which("java")
+
+
+def jvm_command(heap: str, node_dir: Path) -> list[str]:
+    """The java command line of a Kafka node whose logs and log4j2.properties are in node_dir."""
+    return [
+        java() or "java",
+        f"-Xmx{heap}", "-Xms128m",
+        "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+        "-Djava.awt.headless=true",
+        f"-Dkafka.logs.dir={node_dir / 'logs'}",
+        f"-Dlog4j2.configurationFile={node_dir / 'log4j2.properties'}",
+        "-cp", f"{CACHE_DIR / 'lib'}/*",
+    ]
+
+
+def new_cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def format_storage(jvm: list[str], cluster_id: str, props: Path, log: Path) -> bool:
+    """Format a node's KRaft storage once (kafka.tools.StorageTool); False when that failed."""
+    with open(log, "ab") as out:
+        res = subprocess.run(
+            [*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
+        )
+    return res.returncode == 0
+
+
 async def check_kafka(bootstrap: str, tls: bool = False) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
     from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
@@ -70,10 +120,7 @@ class Kafka(Broker):
         return f"{HOST}:{port}"
 
     def java(self) -> str | None:
-        home = os.environ.get("JAVA_HOME")
-        if home and os.access(Path(home) / "bin" / "java", os.X_OK):
-            return str(Path(home) / "bin" / "java")
-        return shutil.which("java")
+        return java()
 
     def missing_packages(self) -> list[str]:
         if self.installed():
@@ -158,35 +205,14 @@ class Kafka(Broker):
         say(f"fetched Kafka {KAFKA_VERSION} in {time.monotonic() - t0:.0f}s")
 
     def jvm(self) -> list[str]:
-        return [
-            self.java() or "java",
-            "-Xmx512m", "-Xms128m",
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-            "-Djava.awt.headless=true",
-            f"-Dkafka.logs.dir={self.dir / 'logs'}",
-            f"-Dlog4j2.configurationFile={self.dir / 'log4j2.properties'}",
-            "-cp", f"{self.lib}/*",
-        ]
+        return jvm_command("512m", self.dir)
 
     def launch(self, port: int, tls_port: int) -> int:
         cport = choose_port(self.name, self.controller_port_file, 9093)
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
-        (self.dir / "log4j2.properties").write_text(
-            "# written by scripts/brokers\n"
-            "status = warn\n"
-            "appender.out.type = Console\n"
-            "appender.out.name = OUT\n"
-            "appender.out.layout.type = PatternLayout\n"
-            "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
-            "rootLogger.level = INFO\n"
-            "rootLogger.appenderRef.out.ref = OUT\n"
-            "logger.state.name = state.change.logger\n"
-            "logger.state.level = WARN\n"
-            "logger.clients.name = org.apache.kafka.clients\n"
-            "logger.clients.level = WARN\n"
-        )
+        (self.dir / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
         props = self.dir / "server.properties"
         props.write_text(
             "# written by scripts/brokers; rewritten at every start\n"
@@ -221,14 +247,9 @@ class Kafka(Broker):
             "log.flush.interval.ms=1000\n"
         )
         if not (data / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            cluster_id = new_cluster_id()
             say(f"kafka: formatting KRaft storage (cluster id {cluster_id})")
-            with open(self.log, "ab") as out:
-                res = subprocess.run(
-                    [*self.jvm(), "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False,
-                )
-            if res.returncode != 0:
+            if not format_storage(self.jvm(), cluster_id, props, self.log):
                 raise Failure(f"kafka: formatting the storage failed; {self.log_hint()}")
         return spawn([*self.jvm(), "kafka.Kafka", str(props)], self.log, cwd=self.dir)
 

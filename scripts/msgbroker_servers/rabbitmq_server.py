@@ -6,6 +6,7 @@ import os
 import secrets
 import shutil
 import time
+from pathlib import Path
 
 from .broker import Broker
 from .common import HOST, Failure, rel
@@ -14,6 +15,66 @@ from .processes import Tracked, spawn
 from .tls import TLS_CA, TLS_CERT, TLS_KEY, tls_client_context
 
 RABBITMQ_NODENAME = "msgbroker@localhost"
+
+
+def server_script() -> str | None:
+    for cand in ("/usr/lib/rabbitmq/bin/rabbitmq-server",):
+        if os.access(cand, os.X_OK):
+            return cand
+    return shutil.which("rabbitmq-server")
+
+
+def ctl_script() -> str | None:
+    """rabbitmqctl itself, not Debian's /usr/sbin wrapper that switches to the rabbitmq user."""
+    for cand in ("/usr/lib/rabbitmq/bin/rabbitmqctl",):
+        if os.access(cand, os.X_OK):
+            return cand
+    return shutil.which("rabbitmqctl")
+
+
+def node_env(node_dir: Path, home: Path, nodename: str, port: int, dist_port: int, epmd_port: int,
+             erl_args: str = "") -> dict[str, str]:
+    """The environment of a RabbitMQ node whose config, plugins file, mnesia and logs are all in
+    node_dir, with the Erlang cookie in home and our own epmd at epmd_port (rabbitmqctl too)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_", "NOTIFY_SOCKET"))
+    }
+    env.update(
+        HOME=str(home),
+        RUNNING_UNDER_SYSTEMD="true",  # makes rabbitmq-server exec the Erlang VM (one process)
+        RABBITMQ_NODENAME=nodename,
+        RABBITMQ_USE_LONGNAME="false",
+        RABBITMQ_NODE_IP_ADDRESS=HOST,
+        RABBITMQ_NODE_PORT=str(port),
+        RABBITMQ_DIST_PORT=str(dist_port),
+        RABBITMQ_CONF_ENV_FILE=str(node_dir / "rabbitmq-env.conf"),
+        RABBITMQ_CONFIG_FILE=str(node_dir / "rabbitmq.conf"),
+        RABBITMQ_ADVANCED_CONFIG_FILE=str(node_dir / "advanced.config"),
+        RABBITMQ_ENABLED_PLUGINS_FILE=str(node_dir / "enabled_plugins"),
+        RABBITMQ_MNESIA_BASE=str(node_dir / "mnesia"),
+        RABBITMQ_LOG_BASE=str(node_dir / "logs"),
+        RABBITMQ_LOGS="-",
+        RABBITMQ_PID_FILE=str(node_dir / "rabbitmq.pid"),
+        ERL_EPMD_ADDRESS=HOST,
+        ERL_EPMD_PORT=str(epmd_port),
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=f"-start_epmd false {erl_args}".strip(),
+    )
+    return env
+
+
+def start_epmd(tracked: Tracked, port_file: Path, owner: str, log: Path, default: int = 4369) -> int:
+    """An epmd (Erlang's port mapper) of our own on 127.0.0.1, tracked so that `down` stops it too."""
+    port = read_port(port_file)
+    if tracked.pid() is not None and port:
+        return port
+    port = choose_port(owner, port_file, default)
+    tracked.record(spawn([shutil.which("epmd") or "epmd", "-address", HOST, "-port", str(port)], log))
+    deadline = time.monotonic() + 10
+    while port_free(port):
+        if tracked.pid() is None or time.monotonic() > deadline:
+            raise Failure(f"{owner}: epmd did not start; see {rel(log)}")
+        time.sleep(0.05)
+    return port
 
 
 async def check_rabbitmq(url: str, tls: bool = False) -> None:
@@ -50,31 +111,14 @@ class RabbitMQ(Broker):
 
     @staticmethod
     def server_script() -> str | None:
-        for cand in ("/usr/lib/rabbitmq/bin/rabbitmq-server",):
-            if os.access(cand, os.X_OK):
-                return cand
-        return shutil.which("rabbitmq-server")
+        return server_script()
 
     def missing_packages(self) -> list[str]:
         return [] if self.server_script() and shutil.which("epmd") else ["rabbitmq-server"]
 
     def start_epmd(self) -> int:
         """Our own epmd (Erlang's port mapper), tracked so that `down` can stop it too."""
-        port = read_port(self.epmd_port_file)
-        if self.epmd.pid() is not None and port:
-            return port
-        port = choose_port(self.name, self.epmd_port_file, 4369)
-        pid = spawn(
-            [shutil.which("epmd") or "epmd", "-address", HOST, "-port", str(port)],
-            self.dir / "epmd.log",
-        )
-        self.epmd.record(pid)
-        deadline = time.monotonic() + 10
-        while port_free(port):
-            if self.epmd.pid() is None or time.monotonic() > deadline:
-                raise Failure(f"rabbitmq: epmd did not start; see {rel(self.dir / 'epmd.log')}")
-            time.sleep(0.05)
-        return port
+        return start_epmd(self.epmd, self.epmd_port_file, self.name, self.dir / "epmd.log")
 
     def launch(self, port: int, tls_port: int) -> int:
         epmd_port = self.start_epmd()
@@ -107,29 +151,7 @@ class RabbitMQ(Broker):
         )
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq-env.conf").write_text("# intentionally empty: settings come from scripts/brokers\n")
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_", "NOTIFY_SOCKET"))
-        }
-        env.update(
-            HOME=str(home),
-            RUNNING_UNDER_SYSTEMD="true",  # makes rabbitmq-server exec the Erlang VM (one process)
-            RABBITMQ_NODENAME=RABBITMQ_NODENAME,
-            RABBITMQ_USE_LONGNAME="false",
-            RABBITMQ_NODE_IP_ADDRESS=HOST,
-            RABBITMQ_NODE_PORT=str(port),
-            RABBITMQ_DIST_PORT=str(dist_port),
-            RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
-            RABBITMQ_CONFIG_FILE=str(conf),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.dir / "advanced.config"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
-            RABBITMQ_MNESIA_BASE=str(self.dir / "mnesia"),
-            RABBITMQ_LOG_BASE=str(self.dir / "logs"),
-            RABBITMQ_LOGS="-",
-            RABBITMQ_PID_FILE=str(self.dir / "rabbitmq.pid"),
-            ERL_EPMD_ADDRESS=HOST,
-            ERL_EPMD_PORT=str(epmd_port),
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-start_epmd false",
-        )
+        env = node_env(self.dir, home, RABBITMQ_NODENAME, port, dist_port, epmd_port)
         return spawn([self.server_script() or "rabbitmq-server"], self.log, env=env, cwd=self.dir)
 
     def after_stop(self) -> None:
