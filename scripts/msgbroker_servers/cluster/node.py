@@ -155,6 +155,24 @@ class Cluster:
         self.after_stop()
         return stopped
 
+    def stop_all_at_once(self) -> bool:
+        """SIGTERM to every node together, then wait (SIGKILL after stop_timeout): for servers
+        whose last node cannot finish a clean shutdown once the others are gone (Kafka's
+        brokers wait for a controller quorum)."""
+        running = [(n, pid) for n in self.nodes if (pid := n.proc.pid()) is not None]
+        for node, pid in running:
+            say(f"stopping {node.label} (pid {pid})")
+            node.proc.signal(signal.SIGTERM)
+            node.proc.signal(signal.SIGCONT)  # a paused node must wake up to see the SIGTERM
+        deadline = time.monotonic() + self.stop_timeout
+        for node, _pid in running:
+            node.proc.stop(max(1.0, deadline - time.monotonic()), node.label)
+        for node in self.nodes:
+            if node.proc.pid() is None:
+                node.proc.forget()
+        self.after_stop()
+        return bool(running)
+
     async def wait_nodes_answer(self, nodes: list[Node], deadline: float) -> None:
         async def one(node: Node) -> None:
             last = ""
