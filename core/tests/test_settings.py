@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from msgbroker import BrokerSettings, ConfigurationError
-from msgbroker._settings import parse_duration, stackexchange_to_url
+from msgbroker._settings import parse_duration
 
 SEED = Path(__file__).resolve().parents[2].parent / "shared" / "seed" / "appsettings.json"
 SEED_TEXT = {
@@ -127,20 +127,6 @@ def test_an_unreadable_or_malformed_file_is_a_clear_error(tmp_path: Path) -> Non
     bad.write_text("{not json")
     with pytest.raises(ConfigurationError, match="not valid"):
         BrokerSettings.from_file(bad)
-
-
-@pytest.mark.parametrize(
-    ("conn", "url"),
-    [
-        ("localhost:6379", "redis://localhost:6379"),
-        ("cache.local", "redis://cache.local:6379"),
-        ("h:6380,password=s3cr:t,ssl=true,abortConnect=false", "rediss://:s3cr%3At@h:6380"),
-        ("h:6379,defaultDatabase=2", "redis://h:6379/2"),
-        ("redis://already:1/0", "redis://already:1/0"),
-    ],
-)
-def test_stackexchange_connection_strings_become_urls(conn: str, url: str) -> None:
-    assert stackexchange_to_url(conn) == url
 
 
 def test_secrets_are_not_in_the_settings_repr() -> None:

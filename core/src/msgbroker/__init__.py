@@ -29,14 +29,7 @@ from ._message import DeadLetter, Message, MessageContext
 from ._partitioner import murmur2, partition_for
 from ._provider import Capabilities, Delivery, Lane, LaneConsumer, OutgoingRecord, Transport
 from ._registry import registry
-from ._settings import (
-    BrokerSettings,
-    KafkaSettings,
-    MemorySettings,
-    NatsSettings,
-    RabbitMQSettings,
-    RedisSettings,
-)
+from ._settings import BrokerSettings, MemorySettings, ProviderSettings
 from ._tls import tls_client_context, tls_verification_error
 
 __version__ = "0.1.0"
@@ -57,7 +50,6 @@ __all__ = [
     "Delivery",
     "HandleEvent",
     "InvalidNameError",
-    "KafkaSettings",
     "Lane",
     "LaneConsumer",
     "MemorySettings",
@@ -65,16 +57,14 @@ __all__ = [
     "MessageContext",
     "MessageTooLargeError",
     "MsgBrokerError",
-    "NatsSettings",
     "OutgoingRecord",
     "PermanentError",
     "Producer",
     "ProviderNotFoundError",
+    "ProviderSettings",
     "PublishEvent",
     "PublishFailedError",
     "PublishIndeterminateError",
-    "RabbitMQSettings",
-    "RedisSettings",
     "SerializationError",
     "Subscription",
     "TransientError",
@@ -90,3 +80,19 @@ __all__ = [
     "tls_client_context",
     "tls_verification_error",
 ]
+
+
+_MOVED = {"RedisSettings": "redis", "NatsSettings": "nats", "RabbitMQSettings": "rabbitmq", "KafkaSettings": "kafka"}
+
+
+def __getattr__(name: str) -> object:
+    """Each provider declares its settings section itself (``msgbroker_redis.RedisSettings``);
+    the old names here find it in the installed provider."""
+    provider = _MOVED.get(name)
+    if provider is None:
+        raise AttributeError(f"module 'msgbroker' has no attribute {name!r}")
+    model = registry.section_model(provider)
+    if model is None:
+        raise ProviderNotFoundError(f"{name} belongs to the {provider!r} provider, which is not installed: "
+                                    f"pip install 'msgbroker[{provider}]'")
+    return model

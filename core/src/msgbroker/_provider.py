@@ -18,7 +18,7 @@ from ._errors import CapabilityNotSupported
 
 if TYPE_CHECKING:
     from ._message import DeadLetter
-    from ._settings import BrokerSettings
+    from ._settings import BrokerSettings, ProviderSettings
 
 __all__ = [
     "AssignmentListener",
@@ -201,6 +201,10 @@ class Transport(ABC):
     SCHEMES: ClassVar[tuple[str, ...]]
     """The URL schemes that select this provider."""
     CAPABILITIES: ClassVar[Capabilities]
+    SETTINGS: ClassVar[type[ProviderSettings] | None] = None
+    """The provider's own settings section (a :class:`ProviderSettings` model): ``BrokerSettings``
+    validates its section named :attr:`NAME` against it; read it with
+    ``settings.section(MySettings)``."""
     ASSIGNMENT: ClassVar[Literal["leases", "shared", "native"]] = "leases"
     """Who decides which member reads which lane: the engine over this provider's membership
     and lease primitives (``leases``), nobody because the broker serialises each lane itself

@@ -12,6 +12,7 @@ import pluggy
 from . import _hookspecs, _memory
 from ._errors import ConfigurationError, ProviderNotFoundError
 from ._provider import Transport
+from ._settings import ProviderSettings, use_section_resolver
 
 __all__ = ["KNOWN_PROVIDERS", "ProviderRegistry", "registry"]
 
@@ -86,6 +87,25 @@ class ProviderRegistry:
             return ""
         return "; plugins that failed to load: " + ", ".join(f"{n} ({e})" for n, e in sorted(self._broken.items()))
 
+    def section_model(self, name: str) -> type[ProviderSettings] | None:
+        """The settings model of the provider ``name`` (its ``Transport.SETTINGS``), loading
+        only that provider's entry point when it is not registered yet; None when no installed
+        provider of that name declares one."""
+        cls = self._by_name.get(name)
+        if cls is None and not self._entry_points_loaded:
+            for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
+                if self.plugins.has_plugin(ep.name) or self.plugins.is_blocked(ep.name):
+                    continue
+                try:
+                    self.plugins.register(ep.load(), name=ep.name)
+                except Exception as exc:  # said again, with the reason, when the provider is asked for
+                    self._broken[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+                    continue
+                self.plugins.check_pending()
+                self._collect()
+            cls = self._by_name.get(name)
+        return cls.SETTINGS if cls is not None else None
+
     def names(self) -> list[str]:
         self.load_entry_points()
         return sorted(self._by_name)
@@ -130,3 +150,4 @@ class ProviderRegistry:
 
 
 registry = ProviderRegistry()
+use_section_resolver(registry.section_model)

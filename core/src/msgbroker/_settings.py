@@ -7,17 +7,17 @@ a config file (JSON, TOML or YAML; the seed system's ``appsettings.json`` loads 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Self
-from urllib.parse import quote
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ._errors import ConfigurationError, redact
@@ -25,13 +25,11 @@ from ._errors import ConfigurationError, redact
 __all__ = [
     "BrokerSettings",
     "Duration",
-    "KafkaSettings",
     "MemorySettings",
-    "NatsSettings",
-    "RabbitMQSettings",
-    "RedisSettings",
+    "ProviderSettings",
     "load_settings_file",
     "parse_duration",
+    "use_section_resolver",
 ]
 
 _TIMESPAN = re.compile(
@@ -81,8 +79,29 @@ Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 """A ``timedelta`` that also accepts seconds and .NET TimeSpan strings."""
 
 
-class _Section(BaseModel):
+class ProviderSettings(BaseModel):
+    """The base of a provider's own settings section (``Transport.SETTINGS``): frozen, unknown
+    keys refused. ``BrokerSettings`` validates the section named like the provider against it,
+    wherever it comes from (arguments, ``MSGBROKER_<NAME>__<KEY>`` variables, a settings file)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+_Section = ProviderSettings
+S = TypeVar("S", bound=ProviderSettings)
+
+SectionResolver = Callable[[str], "type[ProviderSettings] | None"]
+_resolver: list[SectionResolver] = []
+
+
+def use_section_resolver(resolver: SectionResolver) -> None:
+    """Where ``BrokerSettings`` finds the settings model of a section it does not declare
+    itself: the provider registry installs its lookup here (by provider name)."""
+    _resolver[:] = [resolver]
+
+
+def _section_model(name: str) -> type[ProviderSettings] | None:
+    return _resolver[0](name) if _resolver else None
 
 
 class MemorySettings(_Section):
@@ -92,96 +111,6 @@ class MemorySettings(_Section):
     """Brokers connected with the same name in one process share one in-memory broker."""
     claim_timeout: Duration = timedelta(seconds=10)
     """How long a member may stay silent before its partitions move to the others."""
-
-
-def stackexchange_to_url(value: str) -> str:
-    """Turn a StackExchange.Redis connection string (``"host:6379,password=x,ssl=true"``)
-    into a redis URL; URLs pass through unchanged."""
-    if "://" in value:
-        return value
-    parts = [p.strip() for p in value.split(",") if p.strip()]
-    hosts = [p for p in parts if "=" not in p]
-    options = {k.strip().lower(): v.strip() for k, v in (p.split("=", 1) for p in parts if "=" in p)}
-    if not hosts:
-        raise ValueError(f"no host in connection string {value!r}")
-    host = hosts[0]
-    if ":" not in host:
-        host += ":6379"
-    scheme = "rediss" if options.get("ssl", "false").lower() == "true" else "redis"
-    auth = ""
-    if "password" in options:
-        user = quote(options.get("user", ""), safe="")
-        auth = f"{user}:{quote(options['password'], safe='')}@"
-    db = options.get("defaultdatabase")
-    return f"{scheme}://{auth}{host}" + (f"/{db}" if db else "")
-
-
-class RedisSettings(_Section):
-    """Redis Streams provider."""
-
-    url: str = "redis://localhost:6379"
-    key_prefix: str = "msgbroker"
-    max_stream_length: int = Field(100_000, ge=1)
-    claim_timeout: Annotated[Duration, BeforeValidator(parse_duration)] = timedelta(minutes=5)
-    ssl_cafile: str | None = None
-    """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a
-    ``rediss://`` url (set with a ``redis://`` url it is an error); None trusts the system's CAs."""
-
-    @field_validator("url", mode="before")
-    @classmethod
-    def _connection_string(cls, value: Any) -> Any:
-        return stackexchange_to_url(value) if isinstance(value, str) else value
-
-
-class NatsSettings(_Section):
-    """NATS JetStream provider."""
-
-    url: str = "nats://localhost:4222"
-    stream_prefix: str = "MSGBROKER"
-    max_age: Duration = timedelta(days=7)
-    ack_wait: Duration = timedelta(seconds=30)
-    max_deliver: int = Field(5, ge=-1)
-    ssl_cafile: str | None = None
-    """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a ``tls://``
-    url (and a ``nats://`` one to a server that requires TLS); None trusts the system's CAs."""
-
-
-class RabbitMQSettings(_Section):
-    """RabbitMQ provider."""
-
-    url: str = "amqp://guest:guest@localhost:5672/"
-    exchange_prefix: str = "msgbroker"
-    prefetch: int = Field(1, ge=1)
-    queue_type: str = "quorum"
-    claim_timeout: Duration = timedelta(seconds=10)
-    """How long a member may stay silent before its partitions move to the others."""
-    queue_expires: Duration | None = None
-    """Let the server delete a topic's and group's queues once unused this long (``x-expires``;
-    for tests and short-lived topics). None (the default) keeps them until deleted by hand."""
-    ssl_cafile: str | None = None
-    """The CA certificate bundle (PEM) that signed the server's TLS certificate, for an
-    ``amqps://`` url (set with an ``amqp://`` url it is an error); None trusts the system's CAs."""
-
-
-class KafkaSettings(_Section):
-    """Apache Kafka provider."""
-
-    bootstrap_servers: str = "localhost:9092"
-    client_id: str = "msgbroker"
-    replication_factor: int = Field(1, ge=1)
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
-    sasl_username: str | None = None
-    sasl_password: str | None = Field(None, repr=False)
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    session_timeout: Duration = timedelta(seconds=10)
-    """How long a silent group member keeps its partitions (the broker allows 6 s to 5 min)."""
-    heartbeat_interval: Duration = timedelta(seconds=3)
-    """How often a member tells the group coordinator it is alive (under ``session_timeout``)."""
-    commit_interval: Duration = timedelta(milliseconds=200)
-    """How often settled offsets are committed in the background when a commit failed."""
 
 
 # Keys of the seed's appsettings.json that are not the snake_case of our field names.
@@ -254,10 +183,10 @@ class _FileSource(PydanticBaseSettingsSource):
         return dict(data)
 
 
-def _validation_message(cls: type[BaseModel], exc: ValidationError) -> str:
+def _validation_message(cls: type[BaseModel], exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or cls.__name__
+        loc = ".".join(str(p) for p in (*((prefix,) if prefix else ()), *err["loc"])) or cls.__name__
         value = err.get("input")
         if isinstance(value, dict):
             value = "{...}"  # a whole section: its other keys may hold secrets
@@ -305,13 +234,117 @@ def _reading(data: Mapping[str, Any]) -> Iterator[None]:
         _file_data.reset(token)
 
 
+class _SectionEnvSource(PydanticBaseSettingsSource):
+    """``MSGBROKER_<NAME>__<KEY>`` variables of sections ``BrokerSettings`` does not declare
+    (each provider's own), nested at every further ``__``."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover - __call__ is used instead
+
+    def __call__(self) -> dict[str, Any]:
+        declared = set(self.settings_cls.model_fields)
+        out: dict[str, Any] = {}
+        for key, value in os.environ.items():
+            upper = key.upper()
+            if not upper.startswith("MSGBROKER_") or "__" not in upper:
+                continue
+            path = [part.lower() for part in key[len("MSGBROKER_"):].split("__")]
+            if path[0] in declared or not all(path):
+                continue
+            node = out
+            for part in path[:-1]:
+                child = node.setdefault(part, {})
+                if not isinstance(child, dict):
+                    break
+                node = child
+            else:
+                text = value.strip()
+                if text[:1] in "[{":
+                    try:
+                        node[path[-1]] = json.loads(text)
+                        continue
+                    except ValueError:
+                        pass
+                node[path[-1]] = value
+        return out
+
+
 class BrokerSettings(_FileSettings):
-    """Everything :func:`msgbroker.connect` needs; SPEC §5."""
+    """Everything :func:`msgbroker.connect` needs (docs/semantics.md, *Settings*).
+
+    Besides the fields below, one section per installed provider, named like the provider
+    (``redis``, ``nats``, ...), validated against the model the provider declares
+    (``Transport.SETTINGS``) and read as ``settings.redis`` or, typed,
+    ``settings.section(RedisSettings)``. A section of a provider that is not installed is kept
+    as given and says what to install when it is read."""
 
     model_config = SettingsConfigDict(
-        env_prefix="MSGBROKER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="MSGBROKER_", env_nested_delimiter="__", extra="allow", validate_default=True
     )
     _section: ClassVar[str | None] = "MessageBroker"
+    _unclaimed: set[str] = PrivateAttr(default_factory=set)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _SectionEnvSource(settings_cls), _FileSource(settings_cls, cls._section))
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**values)
+        extra = self.__pydantic_extra__
+        if extra is None:
+            return
+        for name, value in list(extra.items()):
+            model = _section_model(name)
+            if model is not None:
+                if not isinstance(value, model):
+                    try:
+                        extra[name] = model.model_validate(value if value is not None else {})
+                    except ValidationError as exc:
+                        raise ConfigurationError(_validation_message(type(self), exc, name)) from exc
+            elif isinstance(value, Mapping):
+                self._unclaimed.add(name)  # a provider that is not installed here
+            else:
+                raise ConfigurationError(f"invalid BrokerSettings: unknown setting {name}={redact(repr(value))}")
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("_"):
+            extra = self.__pydantic_extra__
+            if extra is not None and name in extra and name not in self._unclaimed:
+                return extra[name]
+            if name in self._unclaimed:
+                raise ConfigurationError(
+                    f"the settings section {name!r} belongs to a provider that is not installed "
+                    f"(pip install msgbroker-{name}, or the distribution that provides {name!r})"
+                )
+            model = _section_model(name)
+            if model is not None:
+                section = model()
+                if extra is not None:
+                    extra[name] = section
+                return section
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    def section(self, model: type[S]) -> S:
+        """This provider's section, typed: ``settings.section(RedisSettings)``."""
+        extra = self.__pydantic_extra__ or {}
+        for value in extra.values():
+            if type(value) is model:
+                return value
+        for name, field in type(self).model_fields.items():
+            if field.annotation is model:
+                return getattr(self, name)  # type: ignore[no-any-return]
+        return model()
+
+    def sections(self) -> dict[str, Any]:
+        """Every provider section given or read so far, by name (unclaimed ones as given)."""
+        return dict(self.__pydantic_extra__ or {})
 
     provider: str = "memory"
     partition_count: int = Field(64, ge=1, le=4096)
@@ -326,13 +359,6 @@ class BrokerSettings(_FileSettings):
     shutdown_timeout: Duration = timedelta(seconds=30)
 
     memory: MemorySettings = MemorySettings()
-    redis: RedisSettings = RedisSettings()
-    nats: NatsSettings = NatsSettings()
-    rabbitmq: RabbitMQSettings = RabbitMQSettings()
-    kafka: KafkaSettings = KafkaSettings()
-    provider_options: dict[str, dict[str, Any]] = {}
-    """Settings of providers that have no section above (third-party plugins), keyed by the
-    provider's name: ``provider_options={"sqlite": {"path": "broker.db"}}`` (docs/writing-a-provider.md)."""
 
     @field_validator("poll_timeout", "retry_delay", "deduplication_window", "shutdown_timeout")
     @classmethod

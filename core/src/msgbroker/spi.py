@@ -38,7 +38,7 @@ from ._provider import (
     Transport,
     failures_since,
 )
-from ._settings import BrokerSettings
+from ._settings import BrokerSettings, Duration, ProviderSettings
 from ._tls import tls_client_context, tls_verification_error
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "ConfigurationError",
     "DeadLetter",
     "Delivery",
+    "Duration",
     "InvalidNameError",
     "Lane",
     "LaneConsumer",
@@ -60,6 +61,7 @@ __all__ = [
     "MsgBrokerError",
     "OutgoingRecord",
     "PermanentError",
+    "ProviderSettings",
     "PublishFailedError",
     "PublishIndeterminateError",
     "SerializationError",

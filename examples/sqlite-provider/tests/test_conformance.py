@@ -20,7 +20,7 @@ class SqliteHarness(ConformanceHarness):
 
     def overrides(self, namespace: str) -> dict[str, Any]:
         path = _DIRECTORY / f"{namespace}.db"  # a database per test: nothing to clean between tests
-        return {"provider_options": {"sqlite": {"path": str(path), "claim_timeout": 1}}}
+        return {"sqlite": {"path": str(path), "claim_timeout": 1}}
 
 
 class TestSqliteConformance(ConformanceSuite):

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from msgbroker.spi import Transport, hookimpl
 
-from ._transport import SqliteTransport
+from ._transport import SqliteSettings, SqliteTransport
 
 __version__ = "0.1.0"
 
-__all__ = ["SqliteTransport", "__version__", "msgbroker_providers"]
+__all__ = ["SqliteSettings", "SqliteTransport", "__version__", "msgbroker_providers"]
 
 
 @hookimpl

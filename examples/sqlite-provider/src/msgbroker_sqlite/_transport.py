@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -29,18 +29,21 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from msgbroker.spi import (
     BrokerClosedError,
     BrokerConnectionError,
+    BrokerSettings,
     Capabilities,
     ConfigurationError,
     DeadLetter,
     Delivery,
+    Duration,
     Lane,
     LaneConsumer,
     OutgoingRecord,
+    ProviderSettings,
     Transport,
     failures_since,
 )
 
-__all__ = ["SqliteTransport"]
+__all__ = ["SqliteSettings", "SqliteTransport"]
 
 log = logging.getLogger("msgbroker.sqlite")
 
@@ -135,9 +138,18 @@ class _Database:
             self._executor.shutdown(wait=False)
 
 
+class SqliteSettings(ProviderSettings):
+    """The ``sqlite`` settings section: ``BrokerSettings(sqlite={"path": "broker.db"})``,
+    ``MSGBROKER_SQLITE__PATH=broker.db``, or ``sqlite:///broker.db?claim_timeout=2``."""
+
+    path: str = ""
+    """The broker file (created when missing)."""
+    claim_timeout: Duration = timedelta(seconds=10)
+    """How long a member may stay silent before its partitions move to the others."""
+
+
 class SqliteTransport(Transport):
-    """``sqlite:///path/to/broker.db`` (options also in ``provider_options={"sqlite": {...}}``:
-    ``path``, ``claim_timeout`` seconds)."""
+    """``sqlite:///path/to/broker.db`` (settings: :class:`SqliteSettings`)."""
 
     NAME: ClassVar[str] = "sqlite"
     SCHEMES: ClassVar[tuple[str, ...]] = ("sqlite",)
@@ -146,6 +158,7 @@ class SqliteTransport(Transport):
         deduplication="store",
         reasons={"server_restart": "there is no server process: the broker is a file"},
     )
+    SETTINGS = SqliteSettings
     ASSIGNMENT = "leases"  # the engine assigns lanes over our members/leases tables
     REDELIVERY = "local"  # after retry() the engine hands the message again itself
     MAX_POLL_BLOCK: ClassVar[float] = 0.25
@@ -157,22 +170,15 @@ class SqliteTransport(Transport):
         path = unquote(parts.netloc + parts.path)
         if path:
             options["path"] = path
-        return {"provider_options": {"sqlite": options}} if options else {}
+        return {"sqlite": options} if options else {}
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: BrokerSettings) -> None:
         super().__init__(settings)
-        options = dict(settings.provider_options.get("sqlite", {}))
-        unknown = set(options) - {"path", "claim_timeout"}
-        if unknown:
-            raise ConfigurationError(f"unknown sqlite provider options {sorted(unknown)}; known: path, claim_timeout")
-        path = options.get("path")
-        if not path:
+        options = settings.section(SqliteSettings)
+        if not options.path:
             raise ConfigurationError("the sqlite provider needs a file: sqlite:///path/to/broker.db")
-        try:
-            self._claim_timeout = float(options.get("claim_timeout", 10))
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(f"sqlite claim_timeout={options['claim_timeout']!r} is not a number") from exc
-        self.path = str(Path(path))
+        self._claim_timeout = options.claim_timeout.total_seconds()
+        self.path = str(Path(options.path))
         self.partitions = settings.partition_count
         self._db: _Database | None = None
 

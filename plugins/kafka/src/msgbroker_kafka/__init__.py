@@ -8,6 +8,7 @@ from ._compat import UntestedClientVersion
 # isort: split
 from ._assignor import PROTOCOL_NAME, PinningAssignor, assign_members
 from ._consumer import AttemptRecord, KafkaLaneConsumer
+from ._settings import KafkaSettings
 from ._transport import DEAD_LETTER_TOPIC_SUFFIX, MESSAGE_ID_HEADER, KafkaTransport, dead_letter_topic
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "PROTOCOL_NAME",
     "AttemptRecord",
     "KafkaLaneConsumer",
+    "KafkaSettings",
     "KafkaTransport",
     "PinningAssignor",
     "UntestedClientVersion",

@@ -43,6 +43,7 @@ from ._consumer import KafkaLaneConsumer
 from ._errors import map_error
 from ._host import Flushable
 from ._records import MESSAGE_ID_HEADER, decode_headers, encode_headers
+from ._settings import KafkaSettings
 
 __all__ = [
     "DEAD_LETTER_TOPIC_SUFFIX",
@@ -83,6 +84,7 @@ class KafkaTransport(Transport):
 
     NAME: ClassVar[str] = "kafka"
     SCHEMES: ClassVar[tuple[str, ...]] = ("kafka",)
+    SETTINGS = KafkaSettings
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         persistent=True,
         retains_before_group=True,

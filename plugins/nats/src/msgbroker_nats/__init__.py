@@ -12,12 +12,14 @@ from ._compat import UntestedClientVersion
 # isort: split
 from ._consumer import PULL_EXPIRES, NatsLaneConsumer
 from ._layout import TopicLayout
+from ._settings import NatsSettings
 from ._transport import DEAD_LETTER_HEADERS, NatsTransport
 
 __all__ = [
     "DEAD_LETTER_HEADERS",
     "PULL_EXPIRES",
     "NatsLaneConsumer",
+    "NatsSettings",
     "NatsTransport",
     "TopicLayout",
     "UntestedClientVersion",

@@ -54,6 +54,7 @@ from ._layout import (
     encode_envelope,
     validate_stream_prefix,
 )
+from ._settings import NatsSettings
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -78,6 +79,7 @@ class NatsTransport(Transport):
 
     NAME: ClassVar[str] = "nats"
     SCHEMES: ClassVar[tuple[str, ...]] = ("nats", "tls")
+    SETTINGS = NatsSettings
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         persistent=True,
         retains_before_group=True,

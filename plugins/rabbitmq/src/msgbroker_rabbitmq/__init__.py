@@ -11,6 +11,7 @@ from ._compat import UntestedClientVersion
 
 # isort: split
 from ._names import Topology
+from ._settings import RabbitMQSettings
 from ._transport import RabbitMQLaneConsumer, RabbitMQTransport
 
-__all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport", "Topology", "UntestedClientVersion"]
+__all__ = ["RabbitMQLaneConsumer", "RabbitMQSettings", "RabbitMQTransport", "Topology", "UntestedClientVersion"]

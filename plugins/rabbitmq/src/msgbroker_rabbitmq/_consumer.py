@@ -24,7 +24,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
-from msgbroker.spi import DeadLetter, Delivery, LaneConsumer, OutgoingRecord, PublishFailedError
+from msgbroker.spi import DeadLetter, Delivery, LaneConsumer, OutgoingRecord, PublishFailedError, failures_since
 from pamqp import commands as spec
 
 from ._compat import is_consuming
@@ -445,6 +445,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         returns = count if isinstance(count, int) else 0
         attempt = returns + 1
         not_before: float | None = None
+        failures: int | None = None
         note = lane.note
         message_id = properties.message_id or ""
         if note is not None and note.get("message_id") == message_id and returns > int(note.get("count", 0)):
@@ -455,6 +456,9 @@ class RabbitMQLaneConsumer(LaneConsumer):
             waiting = isinstance(not_before, (int, float)) and time.time() < not_before
             noted = int(note.get("attempt", 0)) + (0 if waiting else 1)
             attempt = max(attempt, noted + returns - int(note.get("count", 0)) - 1)
+            recorded = note.get("failures")
+            if isinstance(recorded, int):
+                failures = failures_since(recorded, int(note.get("attempt", 0)), attempt)
         tag = message.delivery_tag or 0
         lane.counts[tag] = returns
         delivery = Delivery(
@@ -466,6 +470,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
             attempt=attempt,
             position=(lane, tag),
             not_before=float(not_before) if isinstance(not_before, (int, float)) else None,
+            failures=failures,
         )
         lane.outstanding[tag] = delivery
         return delivery
@@ -585,6 +590,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         lane, tag = current
         queue = self._topology.note_queue(self.topic, self.group, lane.partition)
         note = {"message_id": delivery.message_id, "attempt": attempt, "not_before": not_before,
+                "failures": delivery.failures,
                 "count": lane.counts.get(tag, 0)}
         try:
             raw = await self._control_raw()

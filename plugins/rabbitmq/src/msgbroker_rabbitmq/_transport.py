@@ -48,6 +48,7 @@ from ._host import Member
 from ._link import Link
 from ._names import DELIVERY_LIMIT, Topology
 from ._publish import KEY_HEADER, publish_confirmed
+from ._settings import RabbitMQSettings
 
 __all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport"]
 
@@ -64,6 +65,7 @@ class RabbitMQTransport(Transport):
 
     NAME: ClassVar[str] = "rabbitmq"
     SCHEMES: ClassVar[tuple[str, ...]] = ("amqp", "amqps")
+    SETTINGS = RabbitMQSettings
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         persistent=True,
         retains_before_group=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._compat import UntestedClientVersion
 
 # isort: split
+from ._settings import RedisSettings
 from ._transport import RedisLaneConsumer, RedisTransport, TopicKeys
 
-__all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys", "UntestedClientVersion"]
+__all__ = ["RedisLaneConsumer", "RedisSettings", "RedisTransport", "TopicKeys", "UntestedClientVersion"]

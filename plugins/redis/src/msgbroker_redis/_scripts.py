@@ -259,15 +259,19 @@ return fenced
 """
 
 RETRY = _PRELUDE + r"""
--- KEYS: stream, lease, delay hash. ARGV: group, consumer, token, id, attempt, not_before ('' none).
+-- KEYS: stream, lease, delay hash. ARGV: group, consumer, token, id, attempt, not_before ('' none),
+-- failures ('' unknown).
 -- Persists the attempt as the entry's delivery count (XCLAIM RETRYCOUNT to the same consumer)
--- and the delay in the lane's delay hash, so a new owner after a crash knows both.
+-- and, in the lane's delay hash, "<not_before>;<failures>:<attempt>" (the attempt record), so a
+-- new owner after a crash knows the delay and how many attempts failed.
 if not holds(KEYS[2], ARGV[3]) then return -1 end
 local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'RETRYCOUNT', ARGV[5], 'JUSTID')
-if ARGV[6] == '' then
+local value = ARGV[6]
+if ARGV[7] ~= '' then value = value .. ';' .. ARGV[7] .. ':' .. ARGV[5] end
+if value == '' then
   redis.call('HDEL', KEYS[3], ARGV[4])
 else
-  redis.call('HSET', KEYS[3], ARGV[4], ARGV[6])
+  redis.call('HSET', KEYS[3], ARGV[4], value)
 end
 return #claimed
 """

@@ -47,6 +47,7 @@ from msgbroker.spi import (
     PublishFailedError,
     PublishIndeterminateError,
     Transport,
+    failures_since,
     tls_client_context,
     tls_verification_error,
 )
@@ -57,6 +58,7 @@ from redis.backoff import ExponentialBackoff
 from . import _scripts
 from ._compat import on_reconnect
 from ._errors import redacted, translate
+from ._settings import RedisSettings
 
 if TYPE_CHECKING:
     from msgbroker.spi import AssignmentListener, BrokerSettings
@@ -136,6 +138,11 @@ def _unpack(packed: bytes, pos: int, end: int, partition: int, into: list[Delive
             (size,) = length(packed, pos)
             fields[name] = packed[pos + 4:pos + 4 + size]
             pos += 4 + size
+        failures = None
+        if b";" in not_before:  # the attempt record a retry left: "<not_before>;<failures>:<attempt>"
+            not_before, _, record = not_before.partition(b";")
+            recorded, _, retried_at = record.partition(b":")
+            failures = failures_since(int(recorded), int(retried_at), delivered)
         into.append(Delivery(
             partition=partition,
             message_id=_text(fields.get(b"i")),
@@ -145,6 +152,7 @@ def _unpack(packed: bytes, pos: int, end: int, partition: int, into: list[Delive
             attempt=delivered,
             position=entry_id,
             not_before=float(not_before) if not_before else None,
+            failures=failures,
         ))
     return entry_id
 
@@ -195,6 +203,7 @@ class RedisTransport(Transport):
 
     NAME: ClassVar[str] = "redis"
     SCHEMES: ClassVar[tuple[str, ...]] = ("redis", "rediss")
+    SETTINGS = RedisSettings
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         persistent=True,
         deduplication="store",
@@ -734,7 +743,8 @@ class RedisLaneConsumer(LaneConsumer):
             return
         result = await self._transport.call(
             "RETRY", self._lane_keys(partition),
-            [self._group, str(partition), token, delivery.position, attempt, repr(not_before) if not_before else ""],
+            [self._group, str(partition), token, delivery.position, attempt, repr(not_before) if not_before else "",
+             "" if delivery.failures is None else delivery.failures],
             f"recording a retry on {self._topic}[{partition}]",
         )
         if int(result) < 0:

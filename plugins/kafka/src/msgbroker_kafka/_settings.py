@@ -1,0 +1,32 @@
+"""The Apache Kafka provider's settings section, ``kafka`` (``BrokerSettings().kafka``,
+``MSGBROKER_KAFKA__<KEY>``, a settings file's ``Kafka`` section). See docs/providers/kafka.md."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from msgbroker.spi import Duration, ProviderSettings
+from pydantic import Field
+
+__all__ = ["KafkaSettings"]
+
+
+class KafkaSettings(ProviderSettings):
+    """Apache Kafka provider."""
+
+    bootstrap_servers: str = "localhost:9092"
+    client_id: str = "msgbroker"
+    replication_factor: int = Field(1, ge=1)
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = Field(None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    session_timeout: Duration = timedelta(seconds=10)
+    """How long a silent group member keeps its partitions (the broker allows 6 s to 5 min)."""
+    heartbeat_interval: Duration = timedelta(seconds=3)
+    """How often a member tells the group coordinator it is alive (under ``session_timeout``)."""
+    commit_interval: Duration = timedelta(milliseconds=200)
+    """How often settled offsets are committed in the background when a commit failed."""

@@ -1,0 +1,28 @@
+"""The RabbitMQ provider's settings section, ``rabbitmq`` (``BrokerSettings().rabbitmq``,
+``MSGBROKER_RABBITMQ__<KEY>``, a settings file's ``RabbitMQ`` section). See docs/providers/rabbitmq.md."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from msgbroker.spi import Duration, ProviderSettings
+from pydantic import Field
+
+__all__ = ["RabbitMQSettings"]
+
+
+class RabbitMQSettings(ProviderSettings):
+    """RabbitMQ provider."""
+
+    url: str = "amqp://guest:guest@localhost:5672/"
+    exchange_prefix: str = "msgbroker"
+    prefetch: int = Field(1, ge=1)
+    queue_type: str = "quorum"
+    claim_timeout: Duration = timedelta(seconds=10)
+    """How long a member may stay silent before its partitions move to the others."""
+    queue_expires: Duration | None = None
+    """Let the server delete a topic's and group's queues once unused this long (``x-expires``;
+    for tests and short-lived topics). None (the default) keeps them until deleted by hand."""
+    ssl_cafile: str | None = None
+    """The CA certificate bundle (PEM) that signed the server's TLS certificate, for an
+    ``amqps://`` url (set with an ``amqp://`` url it is an error); None trusts the system's CAs."""
