@@ -14,9 +14,8 @@ import asyncio
 import uuid
 from typing import Any
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker import Message, MessageContext
 
 

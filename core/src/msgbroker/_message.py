@@ -7,16 +7,23 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ._errors import AlreadySettledError
 
-if TYPE_CHECKING:
-    from ._engine import Settler
+__all__ = ["DeadLetter", "Message", "MessageContext", "Outcome", "Settler"]
 
-__all__ = ["DeadLetter", "Message", "MessageContext", "Outcome"]
+
+class Settler(Protocol):
+    """What carries out a handler's settle calls for one delivery (the engine supplies it)."""
+
+    def ack(self) -> Awaitable[None]: ...
+
+    async def retry(self, delay: float | None, error: BaseException | str | None) -> None: ...
+
+    async def dead_letter(self, error: BaseException | str) -> None: ...
 
 
 try:

@@ -1,0 +1,139 @@
+"""Which member reads which lane: balanced rendezvous assignment over the live members, and
+the lease coordinator that keeps a member's exclusive leases (``Transport.ASSIGNMENT ==
+"leases"``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from ._partitioner import murmur2
+from ._provider import Lane, Transport
+
+if TYPE_CHECKING:
+    from ._settings import BrokerSettings
+
+__all__ = ["LaneOwner", "LeaseCoordinator", "assign_partitions"]
+
+log = logging.getLogger("msgbroker")
+
+
+def assign_partitions(partition_count: int, members: Sequence[str]) -> dict[int, str]:
+    """Balanced rendezvous hashing: each partition goes to its highest-ranked member that has
+    fewer than ``ceil(partitions / members)`` partitions. Every member computes the same map,
+    loads differ by at most one, and a member joining or leaving moves few partitions."""
+    ordered = sorted(set(members))
+    if not ordered:
+        return {}
+    cap = -(-partition_count // len(ordered))
+    load = dict.fromkeys(ordered, 0)
+    owners: dict[int, str] = {}
+    for partition in range(partition_count):
+        ranked = sorted(ordered, key=lambda m: (murmur2(f"{m}/{partition}".encode()), m), reverse=True)
+        owner = next(m for m in ranked if load[m] < cap)
+        load[owner] += 1
+        owners[partition] = owner
+    return owners
+
+
+class LaneOwner(Protocol):
+    """The subscription side the coordinator drives: who it is, and the lane calls."""
+
+    transport: Transport
+    settings: BrokerSettings
+    topic: str
+    group: str
+    member_id: str
+    only_partition: int | None
+
+    @property
+    def closing(self) -> bool: ...
+
+    async def assigned(self, partitions: Sequence[int], leases: dict[int, str] | None = None) -> None: ...
+
+    async def revoked(self, partitions: Sequence[int]) -> None: ...
+
+    async def lost(self, partitions: Sequence[int]) -> None: ...
+
+
+class LeaseCoordinator:
+    """Membership heartbeats, rendezvous assignment and exclusive leases over the provider's
+    primitives (``Transport.ASSIGNMENT == "leases"``)."""
+
+    def __init__(self, runner: LaneOwner) -> None:
+        self.runner = runner
+        self.transport = runner.transport
+        self.ttl = self.transport.lease_ttl()
+        self.interval = max(0.05, min(1.0, self.ttl / 4))
+        self.held: dict[int, str] = {}
+        self._draining: dict[int, asyncio.Task[None]] = {}
+
+    @property
+    def draining(self) -> list[asyncio.Task[None]]:
+        """Hand-overs in progress (a crash cancels them: they must not release a lease)."""
+        return list(self._draining.values())
+
+    def _lane(self, partition: int) -> Lane:
+        return Lane(self.runner.topic, self.runner.group, partition)
+
+    async def run(self) -> None:
+        # Checks _closing too: a provider call that swallows the cancellation must not keep
+        # close() waiting for this loop forever.
+        while not self.runner.closing:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("msgbroker: membership of %s/%s failed: %s", self.runner.topic, self.runner.group, exc)
+
+    async def beat(self) -> None:
+        runner = self.runner
+        count = runner.settings.partition_count
+        if runner.only_partition is not None:
+            desired = {runner.only_partition}
+        else:
+            members = await self.transport.heartbeat(runner.topic, runner.group, runner.member_id, self.ttl)
+            if runner.member_id not in members:
+                members = [*members, runner.member_id]
+            owners = assign_partitions(count, members)
+            desired = {p for p, owner in owners.items() if owner == runner.member_id}
+        if self.held:
+            kept = await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
+            lost = [p for p in self.held if self._lane(p) not in kept]
+            for partition in lost:
+                log.warning("msgbroker: lease of %s[%d] for %s was lost", runner.topic, partition, runner.group)
+                self.held.pop(partition, None)
+                task = self._draining.pop(partition, None)
+                if task:
+                    task.cancel()
+            if lost:
+                await runner.lost(lost)
+        for partition in list(self.held):
+            if partition not in desired and partition not in self._draining:
+                self._draining[partition] = asyncio.create_task(self._hand_over(partition))
+        for partition in sorted(desired - set(self.held)):
+            token = await self.transport.acquire_lease(self._lane(partition), runner.member_id, self.ttl)
+            if token is not None:
+                self.held[partition] = token
+                await runner.assigned([partition], {partition: token})
+
+    async def _hand_over(self, partition: int) -> None:
+        """Rebalance: finish the in-flight message, then release the lane."""
+        try:
+            await self.runner.revoked([partition])
+            token = self.held.pop(partition, None)
+            if token is not None:
+                await self.transport.release_lease(self._lane(partition), token)
+        finally:
+            self._draining.pop(partition, None)
+
+    async def release_all(self) -> None:
+        for partition, token in list(self.held.items()):
+            with contextlib.suppress(Exception):
+                await self.transport.release_lease(self._lane(partition), token)
+        self.held.clear()
