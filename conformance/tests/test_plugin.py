@@ -88,7 +88,8 @@ def test_a_harness_without_a_url_fails_every_case_naming_the_variable(tmp_path: 
 
 
 def test_a_capability_declared_missing_skips_its_cases_naming_it(tmp_path: Path) -> None:
-    result = _pytest(tmp_path, "test_provider.py::TestNoTimers", "-k", "(delay or round_trip or declarations) and not hand_over")
+    result = _pytest(tmp_path, "test_provider.py::TestNoTimers", "-k",
+                     "(delay or round_trip or declarations) and not hand_over")
     summary = result.stdout.strip().splitlines()[-1]
     assert "3 passed, 1 skipped" in summary, result.stdout[-3000:]
     assert "capability 'delay' not supported by the no-timers provider: this broker has no timers" in result.stdout

@@ -19,7 +19,8 @@ import uuid
 
 import pytest
 
-HOW = "run `scripts/brokers up` and load its settings (`set -a; . .brokers/env; set +a`), or point it at your own server"
+HOW = ("run `scripts/brokers up` and load its settings (`set -a; . .brokers/env; set +a`), "
+       "or point it at your own server")
 
 
 def setting(name: str) -> str:

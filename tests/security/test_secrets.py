@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 
-import pytest
-
 import msgbroker
+import pytest
 from msgbroker import ConfigurationError, MsgBrokerError
 
 SECRET = "s3cr3t-Pa55"
