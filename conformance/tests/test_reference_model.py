@@ -1,4 +1,4 @@
-"""The state machine's reference model on its own: it must flag exactly what SPEC §3 forbids."""
+"""The state machine's reference model on its own: it must flag exactly what docs/semantics.md forbids."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §3 on the in-memory provider: every rule, through the public API."""
+"""docs/semantics.md on the in-memory provider: every rule, through the public API."""
 
 from __future__ import annotations
 

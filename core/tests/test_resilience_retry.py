@@ -48,7 +48,7 @@ class Flaky:
 
 
 class NetworkGlitch(Exception):
-    """Transient by its name alone (SPEC §4)."""
+    """Transient by its name alone (docs/resilience.md)."""
 
 
 durations = st.floats(min_value=0.0, max_value=120.0, allow_nan=False, allow_infinity=False)

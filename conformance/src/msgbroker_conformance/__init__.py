@@ -1,4 +1,4 @@
-"""msgbroker-conformance: the contract suite every msgbroker provider runs (SPEC §3).
+"""msgbroker-conformance: the contract suite every msgbroker provider runs (the contract of docs/semantics.md).
 
 A provider's ``tests/test_conformance.py``::
 

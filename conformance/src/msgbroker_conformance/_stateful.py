@@ -109,7 +109,7 @@ class Entry:
 @dataclass
 class ReferenceModel:
     """What a correct broker may do with one topic, one group and ``partitions`` partitions
-    (SPEC §3.1, 3.3-3.5, 3.8): a pure function of the history of publishes and settlements."""
+    (docs/semantics.md): a pure function of the history of publishes and settlements."""
 
     partitions: int = PARTITIONS
     max_attempts: int = MAX_ATTEMPTS
@@ -375,7 +375,7 @@ class BrokerMachine(RuleBasedStateMachine):
     def _judging(self) -> Iterator[None]:
         """A violation seen after the event loop stalled for half a claim timeout or more is not
         judged: a member may legitimately have lost its lease meanwhile (a paused member's
-        partitions move, SPEC §3.4), which this model cannot see. Hypothesis drops the example."""
+        partitions move, docs/semantics.md), which this model cannot see. Hypothesis drops the example."""
         try:
             yield
         except ConformanceFailure as exc:

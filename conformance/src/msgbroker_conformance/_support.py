@@ -79,7 +79,7 @@ async def eventually(
 
 
 def keys_in_partition(partition: int, partition_count: int, n: int, prefix: str = "k") -> list[str]:
-    """``n`` partition keys that SPEC §3.2's partitioner puts in ``partition``."""
+    """``n`` partition keys that the partitioner of docs/semantics.md puts in ``partition``."""
     keys: list[str] = []
     i = 0
     while len(keys) < n:
@@ -114,7 +114,7 @@ Decide = Callable[[MessageContext[ConformanceMessage], Seen], Awaitable[None]]
 @dataclass(eq=False)
 class Recorder:
     """Records every delivery of a (topic, group) across members and checks, as it goes, that
-    no two handler invocations of one partition overlap (SPEC §3.3, §3.4)."""
+    no two handler invocations of one partition overlap (docs/semantics.md: order, groups)."""
 
     seen: list[Seen] = field(default_factory=list)
     overlaps: list[tuple[Seen, Seen]] = field(default_factory=list)

@@ -99,7 +99,7 @@ _TRANSIENT_NAME_PARTS = ("Transient", "Connection", "Network", "Unavailable")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying may help: SPEC §4's classification, in one place.
+    """Whether retrying may help: the classification of docs/resilience.md, in one place.
 
     Transient: ``TimeoutError``, ``ConnectionError``, :class:`TransientError`, and any exception
     whose type name (or a base's) contains ``Transient``, ``Connection``, ``Network`` or

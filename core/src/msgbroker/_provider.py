@@ -1,4 +1,4 @@
-"""The provider interface: what a broker must supply so the core engine can keep SPEC §3.
+"""The provider interface: what a broker must supply so the core engine can keep the contract of docs/semantics.md.
 
 The engine (``_engine.py``) owns ordering, settling, attempts, dead-letter decisions and
 assignment; a provider supplies transport primitives: append, read a lane, settle, and — where

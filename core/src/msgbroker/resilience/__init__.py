@@ -1,5 +1,5 @@
 """Resilience for message handlers and calls: retry with backoff and jitter, a circuit breaker
-with Polly v8 semantics, and timeouts (SPEC §4; the seed's Resilience module).
+with Polly v8 semantics, and timeouts (docs/resilience.md; the seed's Resilience module).
 
 ::
 

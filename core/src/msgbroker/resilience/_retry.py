@@ -35,7 +35,7 @@ def _seconds(value: float | timedelta) -> float:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether a failed attempt is retried: transient per SPEC §4 (:func:`msgbroker.is_transient`),
+    """Whether a failed attempt is retried: transient (docs/resilience.md, :func:`msgbroker.is_transient`),
     and never cancellation or an open circuit."""
     if isinstance(exc, (asyncio.CancelledError, BrokenCircuitError)) or not isinstance(exc, Exception):
         return False

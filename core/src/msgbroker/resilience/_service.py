@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 
 class ResilienceService:
-    """Runs async calls under the seed's resilience pipeline (SPEC §4).
+    """Runs async calls under the seed's resilience pipeline (docs/resilience.md).
 
     The strategies nest as Polly recommends, outermost first::
 

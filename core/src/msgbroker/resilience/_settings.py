@@ -1,4 +1,4 @@
-"""``ResilienceSettings``: the seed's ``Resilience`` section (SPEC §4)."""
+"""``ResilienceSettings``: the seed's ``Resilience`` section (docs/resilience.md)."""
 
 from __future__ import annotations
 
