@@ -146,7 +146,8 @@ def test_the_graph_sees_relative_type_checking_and_local_imports(tmp_path: Path)
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "__init__.py").write_text("from ._a import A\n")
-    (package / "_a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ._b import B\nA = 1\n")
+    (package / "_a.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from ._b import B\nA = 1\n")
     (package / "_b.py").write_text("def f():\n    from pkg import _a\nB = 2\n")
     graph = import_graph(package)
     assert graph == {"pkg": {"pkg._a"}, "pkg._a": {"pkg._b"}, "pkg._b": {"pkg._a"}}
