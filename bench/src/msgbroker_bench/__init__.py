@@ -11,7 +11,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ._run import PROVIDERS, parse_args
+from ._common import PROVIDERS
+from ._run import parse_args
 
 __all__ = ["PROVIDERS", "main", "run"]
 

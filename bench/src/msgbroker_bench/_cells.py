@@ -32,7 +32,7 @@ class BrokerCpu:
         self.process: Any = None
         if pid:
             with contextlib.suppress(Exception):
-                import psutil
+                import psutil  # type: ignore[import-untyped]
 
                 self.process = psutil.Process(pid)
                 self.process.cpu_times()

@@ -68,7 +68,7 @@ async def _nats(url: str) -> int:
 
 
 async def _kafka(bootstrap: str) -> int:
-    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()

@@ -28,7 +28,7 @@ def _doc(seq: int, run: int, stamp: int, data: str) -> dict[str, Any]:
 
 def _version() -> str:
     try:
-        from faststream.__about__ import __version__
+        from faststream.__about__ import __version__  # type: ignore[import-not-found]
 
         return str(__version__)
     except Exception:
@@ -102,7 +102,7 @@ class FsRedis(_FastStream):
               f"StreamSub(group, consumer, max_records={FETCH}), XACK per message after the handler")
 
     def make(self) -> Any:
-        from faststream.redis import RedisBroker
+        from faststream.redis import RedisBroker  # type: ignore[import-not-found]
 
         return RedisBroker(self.url, logger=None)
 
@@ -136,7 +136,7 @@ class FsNats(_FastStream):
               f"publisher gathers a batch's publishes); durable pull subscriber, PullSub(batch_size={FETCH})")
 
     def make(self) -> Any:
-        from faststream.nats import NatsBroker
+        from faststream.nats import NatsBroker  # type: ignore[import-not-found]
 
         return NatsBroker(self.url, logger=None)
 
@@ -189,7 +189,7 @@ class FsRabbit(_FastStream):
               "ack after handler")
 
     def make(self) -> Any:
-        from faststream.rabbit import RabbitBroker
+        from faststream.rabbit import RabbitBroker  # type: ignore[import-not-found]
 
         return RabbitBroker(self.url, logger=None)
 
@@ -231,7 +231,7 @@ class FsKafka(_FastStream):
               "subscriber(group_id, AckPolicy.ACK: commit after each handler)")
 
     def make(self) -> Any:
-        from faststream.kafka import KafkaBroker
+        from faststream.kafka import KafkaBroker  # type: ignore[import-not-found]
 
         return KafkaBroker(self.url, acks="all", enable_idempotence=True, linger_ms=2, logger=None,
                            max_batch_size=self.max_batch)
@@ -266,7 +266,7 @@ class FsKafka(_FastStream):
         ))
 
     def subscribe(self, broker: Any, topic: str, group: str, index: int, handle: Any) -> None:
-        from faststream import AckPolicy
+        from faststream import AckPolicy  # type: ignore[import-not-found]
 
         broker.subscriber(self._topic(topic), group_id=group, auto_offset_reset="earliest",
                           ack_policy=AckPolicy.ACK)(handle)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._cells import E2EVariant, PublishVariant
+from ._common import ENV_VARS, PROVIDERS, load_env, ours_overrides, reachable
 from ._ours import OursDriver
 
 __all__ = ["profile_hot_paths"]
@@ -59,17 +60,15 @@ async def profile_hot_paths(
     providers: Sequence[str] | None = None,
     out_dir: Path | None = None,
 ) -> None:
-    from ._run import ENV_VARS, _ours_overrides, _reachable, load_env
-
     load_env(root)
-    wanted = set(providers or ("memory", "redis", "nats", "rabbitmq", "kafka"))
+    wanted = set(providers or PROVIDERS)
     unreachable: list[str] = []
     targets = [("memory", "memory://")] if "memory" in wanted else []
     for provider in ("redis", "nats", "rabbitmq", "kafka"):
         if provider not in wanted:
             continue
         url = os.environ.get(ENV_VARS[provider], "")
-        if url and _reachable(url, 0):
+        if url and reachable(url, 0):
             targets.append((provider, f"kafka://{url}" if provider == "kafka" else url))
         else:
             unreachable.append(provider)
@@ -89,7 +88,7 @@ async def profile_hot_paths(
             continue
         try:
             n_pub, n_e2e = counts.get(provider, (2_000, 1_000))
-            pub = PublishVariant("ours", OursDriver(provider, url, 64, _ours_overrides(provider)), "batch",
+            pub = PublishVariant("ours", OursDriver(provider, url, 64, ours_overrides(provider)), "batch",
                                  n_pub, 100, 500)
             await pub.setup()
             profile = cProfile.Profile()
@@ -97,7 +96,7 @@ async def profile_hot_paths(
             await pub.rep(1)
             profile.disable()
             await pub.teardown()
-            e2e = E2EVariant("ours", OursDriver(provider, url, 64, _ours_overrides(provider)), messages=n_e2e,
+            e2e = E2EVariant("ours", OursDriver(provider, url, 64, ours_overrides(provider)), messages=n_e2e,
                              size=100, workers=1, partitions=64, ordered=True, timeout=30)
             await e2e.setup()
             profile2 = cProfile.Profile()

@@ -328,7 +328,7 @@ class RawKafka(Driver):
         self.prefix = f"bench-raw-{uuid.uuid4().hex[:8]}"
 
     async def open(self) -> None:
-        from aiokafka import AIOKafkaProducer
+        from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
                                          linger_ms=2)
@@ -342,7 +342,7 @@ class RawKafka(Driver):
         return f"{self.prefix}.{topic}"
 
     async def prepare(self, topic: str, partitions: int) -> None:
-        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 
         name = self._topic(topic)
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
+from ._common import BATCH, COUNTS, NATIVE_KAFKA_PAYLOADS, RATE
 from ._stats import Spread, ratio_spread, spread
 
 __all__ = ["write_report"]
@@ -315,10 +316,10 @@ def targets(results: Results) -> list[str]:
 
 def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[str]:
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found]
     except ImportError:
         log("matplotlib is not installed: no plots (scripts/bench installs it)")
         return []
@@ -402,15 +403,16 @@ def plots(results: Results, out_dir: Path, log: Callable[[str], None]) -> list[s
         for i, provider in enumerate(providers):
             cells = _payload_cells(results, provider)
             for variant, style in (("ours", "-"), ("raw", "--")):
-                xs, ys = [], []
+                sizes: list[float] = []
+                rates: list[float] = []
                 for cell in cells:
                     s = results.spread_of(provider, cell, variant)
                     size = _num(results.first(provider, cell, variant, "payload"))
                     if s.n and size:
-                        xs.append(size)
-                        ys.append(s.median)
-                if xs:
-                    ax.plot(xs, ys, style, marker="o", color=f"C{i}", label=f"{provider} {variant}")
+                        sizes.append(size)
+                        rates.append(s.median)
+                if sizes:
+                    ax.plot(sizes, rates, style, marker="o", color=f"C{i}", label=f"{provider} {variant}")
                     drawn = True
         if drawn:
             ax.set_xscale("log", base=2)
@@ -502,8 +504,6 @@ def _configs(results: Results) -> list[str]:
 
 
 def _parameters(results: Results) -> list[str]:
-    from ._run import BATCH, COUNTS, NATIVE_KAFKA_PAYLOADS, RATE
-
     reps = max((int(r["rep"]) for r in results.rows if str(r.get("rep", "")).isdigit()), default=0)
     lines = [
         f"Repetitions per variant: {reps} (interleaved). Publish cells: batches of {BATCH}; end-to-end cells: "

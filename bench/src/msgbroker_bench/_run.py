@@ -4,52 +4,37 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, NotRequired, TypedDict
 
 from ._cells import FIELDS, BrokerCpu, Cell, E2EVariant, PublishVariant, run_cell
+from ._common import (
+    BATCH,
+    COUNTS,
+    ENV_VARS,
+    NATIVE_KAFKA_PAYLOADS,
+    PARTITION_CURVE,
+    PAYLOAD_CURVE,
+    PAYLOADS,
+    PROVIDERS,
+    RATE,
+    WORKERS,
+    load_env,
+    ours_overrides,
+    reachable,
+)
 from ._driver import Driver, Unsupported
 from ._ours import OursDriver
 from ._raw import raw_driver
 
-__all__ = ["PROVIDERS", "Plan", "main_async", "parse_args"]
-
-PROVIDERS = ("memory", "redis", "nats", "rabbitmq", "kafka")
-ENV_VARS = {
-    "redis": "MSGBROKER_REDIS__URL",
-    "nats": "MSGBROKER_NATS__URL",
-    "rabbitmq": "MSGBROKER_RABBITMQ__URL",
-    "kafka": "MSGBROKER_KAFKA__BOOTSTRAP_SERVERS",
-}
-PAYLOADS = (100, 1024, 16384)
-BATCH = 500
-"""Messages per publish_batch in the publish cells."""
-WORKERS = (1, 2, 4)
-PARTITION_CURVE = (1, 4, 16, 64, 256)
-PAYLOAD_CURVE = (1024, 16384)
-"""Payloads of the payload curve beyond 100 B (its 100 B point is the "consume 1 worker" cell)."""
-
-# Messages per repetition (full run). Chosen so one repetition takes roughly 0.2–1.5 s on
-# this machine for the slowest variant of the cell; 16 KiB cells use a quarter.
-COUNTS: dict[str, dict[str, int]] = {
-    "memory": {"single": 5_000, "batch": 20_000, "e2e": 5_000, "curve": 3_000, "rate": 2_000},
-    "redis": {"single": 600, "batch": 4_000, "e2e": 2_000, "curve": 1_200, "rate": 1_000},
-    "nats": {"single": 500, "batch": 3_000, "e2e": 1_500, "curve": 1_000, "rate": 1_000},
-    "rabbitmq": {"single": 200, "batch": 1_000, "e2e": 800, "curve": 500, "rate": 500},
-    "kafka": {"single": 100, "batch": 4_000, "e2e": 2_000, "curve": 1_200, "rate": 1_000},
-}
-RATE = {"memory": 2000.0, "redis": 1000.0, "nats": 1000.0, "rabbitmq": 500.0, "kafka": 1000.0}
-NATIVE_KAFKA_PAYLOADS = (1024,)
-"""kafka-producer-perf-test starts a JVM per repetition (seconds): only the 1 KiB batch cell has it."""
-"""Offered rate (msg/s) of the open-loop latency cell."""
+__all__ = ["Plan", "main_async", "parse_args"]
 
 
 def repo_root() -> Path:
@@ -60,27 +45,6 @@ def repo_root() -> Path:
         if (folder / "scripts" / "brokers").exists() or (folder / ".brokers").is_dir():
             return folder
     return here
-
-
-def load_env(root: Path) -> None:
-    """Read ``.brokers/env`` (written by ``scripts/brokers up``) under the environment's own values."""
-    env_file = root / ".brokers" / "env"
-    if not env_file.exists():
-        return
-    for line in env_file.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            key, value = line.split("=", 1)
-            os.environ.setdefault(key.strip(), value.strip())
-
-
-def _reachable(url: str, default_port: int) -> bool:
-    target = url if "://" in url else f"tcp://{url.split(',')[0]}"
-    parts = urlsplit(target)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -108,7 +72,7 @@ def find_targets(wanted: Sequence[str]) -> list[Target]:
             out.append(Target(provider, url, f"provider not installed (plugins/{provider} has not landed)"))
         elif not url:
             out.append(Target(provider, url, f"{ENV_VARS[provider]} is not set: run scripts/brokers up {provider}"))
-        elif not _reachable(url, ports[provider]):
+        elif not reachable(url, ports[provider]):
             out.append(Target(provider, url, f"server at {url} does not answer: run scripts/brokers up {provider}"))
         else:
             out.append(Target(provider, url, "up"))
@@ -136,20 +100,6 @@ def _ours_url(target: Target) -> str:
     return f"kafka://{target.url}" if target.provider == "kafka" else target.url
 
 
-def _ours_overrides(provider: str) -> dict[str, Any]:
-    """Settings that put ours on the same footing as the raw baseline (documented in the doc)."""
-    if provider == "redis":
-        return {"redis": {"key_prefix": "msgbroker-bench"}}
-    if provider == "nats":
-        return {"nats": {"stream_prefix": "MSGBENCH"}}
-    if provider == "rabbitmq":
-        # prefetch 100 like the raw baseline (the provider's default is 1: see its handover notes)
-        return {"rabbitmq": {"exchange_prefix": "msgbroker-bench", "prefetch": 100}}
-    if provider == "kafka":
-        return {"kafka": {"client_id": "msgbroker-bench"}}
-    return {}
-
-
 @dataclass
 class Plan:
     quick: bool
@@ -164,6 +114,17 @@ def _scale(plan: Plan, n: int) -> int:
     return max(50, n // 10) if plan.quick else n
 
 
+class _E2EArgs(TypedDict):
+    """The keyword arguments an end-to-end cell gives each of its variants."""
+
+    messages: int
+    size: int
+    workers: int
+    partitions: int
+    timeout: float
+    rate: NotRequired[float]
+
+
 def build_cells(target: Target, plan: Plan) -> list[Cell]:
     """The cells of one provider, each with its variants in interleaving order."""
     from ._faststream import faststream_driver
@@ -172,7 +133,7 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
     provider = target.provider
     counts = {k: _scale(plan, v) for k, v in COUNTS[provider].items()}
     ours_url = _ours_url(target)
-    overrides = _ours_overrides(provider)
+    overrides = ours_overrides(provider)
     cells: list[Cell] = []
 
     def ours(partitions: int = 64) -> Driver:
@@ -184,11 +145,13 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
     def fast() -> Driver:
         return faststream_driver(provider, target.url)
 
-    def optional(cell: Cell, name: str, kind: str, make: Callable[[], Driver], add: Callable[[Driver], None]) -> None:
+    def optional(cell: Cell, name: str, kind: str, make: Callable[[], Driver]) -> Driver | None:
+        """The driver ``make`` builds, or None when it is Unsupported (the cell then says why)."""
         try:
-            add(make())
+            return make()
         except Unsupported as exc:
             cell.skipped.append((name, kind, "", str(exc)))
+            return None
 
     for mode in ("single", "batch"):
         if f"publish-{mode}" not in plan.cells:
@@ -201,14 +164,13 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
             cell.variants.append(PublishVariant("raw", raw(), mode, n, size, BATCH))
             if provider == "memory" and mode == "batch":
                 cell.variants.append(PublishVariant("ours-prebuilt", ours(), "prebuilt", n, size, BATCH))
-            if plan.faststream:
-                optional(cell, "faststream", "faststream", fast,
-                         lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
-                             PublishVariant("faststream", d, m, n, s, BATCH)))
+            if plan.faststream and (driver := optional(cell, "faststream", "faststream", fast)) is not None:
+                cell.variants.append(PublishVariant("faststream", driver, mode, n, size, BATCH))
             if plan.native and (provider != "kafka" or size in NATIVE_KAFKA_PAYLOADS):
-                optional(cell, "native", "native", lambda m=mode: native_driver(provider, target.url, m, repo_root()),
-                         lambda d, c=cell, m=mode, n=n, s=size: c.variants.append(
-                             NativeVariant("native", d, m, n * (2 if provider == "kafka" else 5), s, BATCH)))
+                native = functools.partial(native_driver, provider, target.url, mode, repo_root())
+                if (driver := optional(cell, "native", "native", native)) is not None:
+                    cell.variants.append(
+                        NativeVariant("native", driver, mode, n * (2 if provider == "kafka" else 5), size, BATCH))
             cells.append(cell)
 
     timeout = plan.rep_timeout
@@ -217,17 +179,16 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
             n = counts["e2e"]
             cell = Cell(provider, "consume", f"consume {workers} worker{'s' if workers > 1 else ''}",
                         {"payload": 100, "partitions": 64, "workers": workers, "ordered": "both"})
-            common = {"messages": n, "size": 100, "workers": workers, "partitions": 64, "timeout": timeout}
+            common: _E2EArgs = {"messages": n, "size": 100, "workers": workers, "partitions": 64, "timeout": timeout}
             cell.variants.append(E2EVariant("ours", ours(), ordered=True, **common))
             cell.variants.append(E2EVariant("ours-unordered", ours(), ordered=False, **common))
             cell.variants.append(E2EVariant("raw", raw(), ordered=False, **common))
             if plan.faststream:
                 # FastStream handles a quarter of the messages per repetition: it is several times
                 # slower per message, and a rate needs no equal count (the doc says so)
-                fs_common = {**common, "messages": max(200, n // 4)}
-                optional(cell, "faststream", "faststream", fast,
-                         lambda d, c=cell, kw=fs_common: c.variants.append(
-                             E2EVariant("faststream", d, ordered=False, **kw)))
+                fs_common: _E2EArgs = {**common, "messages": max(200, n // 4)}
+                if (driver := optional(cell, "faststream", "faststream", fast)) is not None:
+                    cell.variants.append(E2EVariant("faststream", driver, ordered=False, **fs_common))
             cells.append(cell)
 
     if "latency" in plan.cells:
@@ -235,12 +196,11 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
         n = counts["rate"]
         cell = Cell(provider, "latency", f"latency at {rate:,.0f} msg/s",
                     {"payload": 100, "partitions": 64, "workers": 1, "ordered": "both", "offered_rate": rate})
-        common = {"messages": n, "size": 100, "workers": 1, "partitions": 64, "timeout": timeout, "rate": rate}
+        common = _E2EArgs(messages=n, size=100, workers=1, partitions=64, timeout=timeout, rate=rate)
         cell.variants.append(E2EVariant("ours", ours(), ordered=True, **common))
         cell.variants.append(E2EVariant("raw", raw(), ordered=False, **common))
-        if plan.faststream:
-            optional(cell, "faststream", "faststream", fast,
-                     lambda d, c=cell, kw=common: c.variants.append(E2EVariant("faststream", d, ordered=False, **kw)))
+        if plan.faststream and (driver := optional(cell, "faststream", "faststream", fast)) is not None:
+            cell.variants.append(E2EVariant("faststream", driver, ordered=False, **common))
         cells.append(cell)
 
     if "partitions" in plan.cells:
@@ -258,7 +218,7 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
             n = counts["curve"] // (4 if size >= 16384 else 1)
             cell = Cell(provider, "payloads", f"payload curve {_size(size)}",
                         {"payload": size, "partitions": 64, "workers": 1, "ordered": True})
-            common = {"messages": n, "size": size, "workers": 1, "partitions": 64, "timeout": timeout}
+            common = _E2EArgs(messages=n, size=size, workers=1, partitions=64, timeout=timeout)
             cell.variants.append(E2EVariant("ours", ours(), ordered=True, **common))
             cell.variants.append(E2EVariant("raw", raw(), ordered=False, **common))
             cells.append(cell)
