@@ -27,9 +27,11 @@ class Settler(Protocol):
 
 
 try:
+    from opentelemetry import context as _otel_context
     from opentelemetry import trace as _trace
 except ImportError:  # the otel extra is optional
     _trace = None  # type: ignore[assignment]
+    _otel_context = None  # type: ignore[assignment]
 
 
 _UUID = uuid.UUID
@@ -51,14 +53,26 @@ def _uuid4() -> uuid.UUID:
     return value
 
 
+_last_traceparent: list[Any] = [None, None]  # (the OpenTelemetry context, its traceparent)
+
+
 def _current_correlation_id() -> str | None:
-    """The current W3C trace context (traceparent), when opentelemetry is installed and a span is active."""
-    if _trace is None:
+    """The current W3C trace context (traceparent), when opentelemetry is installed and a span is active.
+
+    One message is built per publish: the answer is kept for as long as the current context is
+    the same object (contexts are immutable; attaching a span makes a new one)."""
+    if _otel_context is None:
         return None
-    span_context = _trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
-        return None
-    return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    context = _otel_context.get_current()
+    last = _last_traceparent
+    if context is last[0]:
+        return last[1]  # type: ignore[no-any-return]
+    span_context = _trace.get_current_span(context).get_span_context()
+    value = None
+    if span_context.is_valid:
+        value = f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{span_context.trace_flags:02x}"
+    last[0], last[1] = context, value
+    return value
 
 
 class Message(BaseModel):
