@@ -17,6 +17,7 @@ from ._message import DeadLetter, Handler, Message
 from ._provider import Capabilities, OutgoingRecord, Transport
 from ._registry import registry
 from ._settings import BrokerSettings
+from .wire import user_headers
 
 __all__ = ["Broker", "Consumer", "Producer", "Subscription", "connect"]
 
@@ -351,7 +352,7 @@ class Broker:
             return 0
         records = []
         for letter in letters:
-            headers = {k: v for k, v in letter.headers.items() if not k.startswith("msgbroker-dead-letter-")}
+            headers = user_headers(letter.headers)
             headers[REPLAY_GROUP_HEADER] = group
             records.append(OutgoingRecord(topic, letter.partition, letter.partition_key, letter.message_id,
                                           headers, letter.payload))

@@ -15,12 +15,11 @@ from ._errors import InvalidNameError, MessageTooLargeError, SerializationError
 from ._message import GenericMessage, Message, MessageContext
 from ._partitioner import partition_for
 from ._provider import Delivery, OutgoingRecord
+from .wire import REPLAY_GROUP_HEADER, RESERVED_PREFIX, is_reserved
 
 __all__ = ["REPLAY_GROUP_HEADER", "check_headers", "decode", "encode", "message_type_of", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")  # fullmatch: "$" would let "orders\n" pass
-REPLAY_GROUP_HEADER = "msgbroker-replay-group"
-"""Set on a replayed dead letter: only that group handles it again, the others skip it."""
 
 
 def validate_name(kind: str, value: object) -> str:
@@ -48,6 +47,10 @@ def check_headers(headers: Mapping[str, str]) -> dict[str, str]:
     for name, value in headers.items():
         if not isinstance(name, str) or not name or not isinstance(value, str):
             raise InvalidNameError(f"invalid header {name!r}={value!r}: names and values must be str, names non-empty")
+        if is_reserved(name):
+            raise InvalidNameError(f"invalid header {name!r}: names starting with {RESERVED_PREFIX!r} are reserved "
+                                   "for msgbroker's own (docs/wire-format.md); forward a delivery's headers with "
+                                   "msgbroker.wire.user_headers(ctx.headers)")
         try:
             name.encode("utf-8")
             value.encode("utf-8")

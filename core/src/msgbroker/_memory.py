@@ -30,12 +30,11 @@ from ._provider import (
     Transport,
     failures_since,
 )
+from .wire import dead_letter_from_record, dead_letter_record
 
 __all__ = ["MemoryTransport"]
 
 log = logging.getLogger("msgbroker.memory")
-
-DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
 
 
 @dataclass(slots=True)
@@ -430,14 +429,11 @@ class _MemoryConsumer(LaneConsumer):
         if self._fenced(delivery.partition):
             return
         server = self._transport.server
-        server.dead.setdefault((self._topic, self._group), []).append(letter)
-        headers = dict(letter.headers)
-        headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
-        server.append(
-            OutgoingRecord(f"{self._topic}.dlq", delivery.partition, delivery.key, delivery.message_id, headers,
-                           delivery.body),
-            self._transport._partitions,
-        )
+        record = dead_letter_record(letter)  # the group's list keeps what <topic>.dlq carries, read back
+        stored = dead_letter_from_record(self._topic, record.partition, record.message_id, record.key,
+                                         record.headers, record.body)
+        server.dead.setdefault((self._topic, self._group), []).append(stored)
+        server.append(record, self._transport._partitions)
         self._lanes()[delivery.partition].pending.pop(delivery.position, None)
         server.notify()
 
