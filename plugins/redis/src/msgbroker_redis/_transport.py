@@ -28,12 +28,16 @@ import struct
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from msgbroker.spi import (
+    DEAD_LETTER_AT,
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_ERROR,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_PARTITION,
     BrokerClosedError,
     BrokerConnectionError,
     Capabilities,
@@ -47,6 +51,8 @@ from msgbroker.spi import (
     PublishFailedError,
     PublishIndeterminateError,
     Transport,
+    dead_letter_from_record,
+    dead_letter_record,
     failures_since,
     tls_client_context,
     tls_verification_error,
@@ -69,7 +75,6 @@ __all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]
 log = logging.getLogger("msgbroker.redis")
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
-DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
 ACK_BATCH = 512
 """Buffered acks of one consumer flushed at once without waiting for the linger."""
 ACK_LINGER = 0.002
@@ -196,6 +201,25 @@ def _headers(raw: bytes | None) -> dict[str, str]:
 
 def _encode_headers(headers: Mapping[str, str]) -> str:
     return json.dumps(dict(headers), ensure_ascii=False, separators=(",", ":")) if headers else ""
+
+
+_LEGACY_FIELDS = {
+    DEAD_LETTER_ERROR: b"e", DEAD_LETTER_ATTEMPTS: b"a", DEAD_LETTER_PARTITION: b"p", DEAD_LETTER_AT: b"t",
+}
+"""Fields of a dead-letter stream entry written before msgbroker.wire, and the headers they are."""
+
+
+def _dead_letter(topic: str, group: str, fields: Mapping[bytes, bytes]) -> DeadLetter:
+    """An entry of a group's dead-letter stream: the letter's ``<topic>.dlq`` record (``i``, ``k``,
+    ``h``, ``b``). Entries written before msgbroker.wire kept the original's headers in ``h`` and
+    the letter's own fields apart (``e`` error, ``a`` attempts, ``p`` partition, ``t`` time):
+    those become the record's headers they stand for."""
+    headers = _headers(fields.get(b"h"))
+    if DEAD_LETTER_GROUP not in headers:
+        headers.update({name: _text(fields[field]) for name, field in _LEGACY_FIELDS.items() if field in fields})
+        headers[DEAD_LETTER_GROUP] = group
+    return dead_letter_from_record(topic, 0, _text(fields.get(b"i")), _text(fields.get(b"k")), headers,
+                                   fields.get(b"b", b""))
 
 
 class RedisTransport(Transport):
@@ -471,22 +495,7 @@ class RedisTransport(Transport):
 
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
         entries = await self._entries(self.keys(topic).dead(group), f"reading dead letters of {group!r} on {topic!r}")
-        letters = []
-        for _entry_id, fields in entries:
-            at = _text(fields.get(b"t"))
-            letters.append(DeadLetter(
-                message_id=_text(fields.get(b"i")),
-                topic=topic,
-                group=group,
-                partition=int(fields.get(b"p", b"0")),
-                error=_text(fields.get(b"e")),
-                attempts=int(fields.get(b"a", b"0")),
-                headers=_headers(fields.get(b"h")),
-                payload=fields.get(b"b", b""),
-                partition_key=_text(fields.get(b"k")),
-                dead_lettered_at=datetime.fromisoformat(at) if at else datetime.now(UTC),
-            ))
-        return letters
+        return [_dead_letter(topic, group, fields) for _entry_id, fields in entries]
 
     async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
         wanted = {m.encode() for m in message_ids}
@@ -757,19 +766,15 @@ class RedisLaneConsumer(LaneConsumer):
         if token is None:
             return
         transport = self._transport
-        dlq = transport.keys(f"{self._topic}.dlq")
-        headers = dict(letter.headers)
-        headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
-        pairs: list[Any] = [
-            "i", _utf8(letter.message_id), "p", letter.partition, "e", _utf8(letter.error), "a", letter.attempts,
-            "h", _utf8(_encode_headers(letter.headers) or "{}"), "b", letter.payload, "k", _utf8(letter.partition_key),
-            "t", letter.dead_lettered_at.isoformat(),
-        ]
-        keys = [*self._lane_keys(partition), self._keys.dead(self._group), dlq.stream(partition), dlq.meta]
+        record = dead_letter_record(letter)
+        dlq = transport.keys(record.topic)
+        # The group's dead-letter stream holds each letter as its <topic>.dlq record (the fields of a
+        # lane entry); the script writes it there and to the dlq lane.
+        entry = [_utf8(record.message_id), _utf8(record.key), _utf8(_encode_headers(record.headers)), record.body]
+        pairs: list[Any] = ["i", entry[0], "k", entry[1], "h", entry[2], "b", entry[3]]
+        keys = [*self._lane_keys(partition), self._keys.dead(self._group), dlq.stream(record.partition), dlq.meta]
         args: list[Any] = [self._group, token, delivery.position, transport.max_stream_length, transport.trim_slack,
-                           transport.partitions, len(pairs) // 2, *pairs,
-                           _utf8(delivery.message_id), _utf8(delivery.key), _utf8(_encode_headers(headers)),
-                           delivery.body]
+                           transport.partitions, len(pairs) // 2, *pairs, *entry]
         result = await transport.call("DEAD_LETTER", keys, args, f"dead-lettering on {self._topic}[{partition}]")
         if int(result) < 0:
             log.warning("redis: dead letter of %s not written: this member no longer holds %s[%d] "
