@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
-from msgbroker.spi import BrokerClosedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, OutgoingRecord
+from msgbroker.spi import BrokerClosedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, dead_letter_record
 
 from ._errors import map_error
 from ._host import ConsumerHost
-from ._layout import DEAD_LETTER_HEADERS, ENVELOPE_HEADER, decode_envelope
+from ._layout import ENVELOPE_HEADER, decode_envelope
 
 if TYPE_CHECKING:
     from msgbroker.spi import AssignmentListener
@@ -658,10 +658,7 @@ class NatsLaneConsumer(LaneConsumer):
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         item: _Held = delivery.position
-        headers = dict(letter.headers)
-        headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
-        record = OutgoingRecord(f"{self._topic}.dlq", delivery.partition, delivery.key, delivery.message_id,
-                                headers, delivery.body)
+        record = dead_letter_record(letter)
         dead = self._layout.dead_letters
         try:
             await self._transport.ensure_stream(dead, None)

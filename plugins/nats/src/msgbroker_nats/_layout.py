@@ -14,10 +14,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from msgbroker.spi import ConfigurationError
+from msgbroker.spi import NATS_ENVELOPE_HEADER, ConfigurationError
 
 __all__ = [
-    "DEAD_LETTER_HEADERS",
     "ENVELOPE_HEADER",
     "MSG_ID_HEADER",
     "Envelope",
@@ -27,13 +26,12 @@ __all__ = [
     "validate_stream_prefix",
 ]
 
-ENVELOPE_HEADER = "Msgbroker"
+ENVELOPE_HEADER = NATS_ENVELOPE_HEADER
 """One NATS header carries message id, partition key and the user's headers as JSON (ASCII):
 NATS headers are line-based and nats-py strips and folds values, so arbitrary text would not
-survive a round trip."""
+survive a round trip (docs/wire-format.md)."""
 MSG_ID_HEADER = "Nats-Msg-Id"
 """JetStream's native dedup key, set only when deduplication is asked for."""
-DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
 
 _PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" would let a trailing newline in
 _PARTITION_COUNT = re.compile(r"partition_count=(\d+)")

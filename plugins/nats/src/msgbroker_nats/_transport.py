@@ -16,12 +16,12 @@ import time
 import uuid
 import weakref
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import nats.errors
 import nats.js.errors
 from msgbroker.spi import (
+    DEAD_LETTER_HEADERS,
     BrokerClosedError,
     BrokerConnectionError,
     BrokerTimeoutError,
@@ -36,6 +36,8 @@ from msgbroker.spi import (
     PublishFailedError,
     PublishIndeterminateError,
     Transport,
+    dead_letter_from_record,
+    dead_letter_group,
     redact,
     tls_client_context,
     tls_verification_error,
@@ -46,7 +48,6 @@ from . import _compat
 from ._consumer import NatsLaneConsumer
 from ._errors import map_error
 from ._layout import (
-    DEAD_LETTER_HEADERS,
     ENVELOPE_HEADER,
     MSG_ID_HEADER,
     TopicLayout,
@@ -690,24 +691,8 @@ class NatsTransport(Transport):
         meta = msg.metadata
         raw = msg.headers.get(ENVELOPE_HEADER) if msg.headers else None
         envelope = decode_envelope(raw, f"nats-{meta.stream}-{meta.sequence.stream}")
-        headers = envelope.headers
-        group = headers.get(DEAD_LETTER_HEADERS[2])
-        if group is None:
+        if dead_letter_group(envelope.headers) is None:
             return None
-        try:
-            attempts = int(headers.get(DEAD_LETTER_HEADERS[1], "0"))
-        except ValueError:
-            attempts = 0
-        return DeadLetter(
-            message_id=envelope.message_id,
-            topic=topic,
-            group=group,
-            partition=layout.partition_of(msg.subject),
-            error=headers.get(DEAD_LETTER_HEADERS[0], ""),
-            attempts=attempts,
-            headers={k: v for k, v in headers.items() if not k.startswith("msgbroker-dead-letter-")},
-            payload=msg.data,
-            partition_key=envelope.key,
-            dead_lettered_at=meta.timestamp or datetime.now(UTC),
-        )
+        return dead_letter_from_record(topic, layout.partition_of(msg.subject), envelope.message_id, envelope.key,
+                                       envelope.headers, msg.data, dead_lettered_at=meta.timestamp)
 
