@@ -24,7 +24,16 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
-from msgbroker.spi import DeadLetter, Delivery, LaneConsumer, OutgoingRecord, PublishFailedError, failures_since
+from msgbroker.spi import (
+    CONTENT_TYPE,
+    DeadLetter,
+    Delivery,
+    LaneConsumer,
+    PublishFailedError,
+    dead_letter_headers,
+    dead_letter_record,
+    failures_since,
+)
 from pamqp import commands as spec
 
 from ._compat import is_consuming
@@ -41,11 +50,6 @@ __all__ = ["RabbitMQLaneConsumer", "delivery_headers", "letter_headers"]
 
 log = logging.getLogger("msgbroker.rabbitmq")
 
-DEAD_LETTER_ERROR = "msgbroker-dead-letter-error"
-DEAD_LETTER_ATTEMPTS = "msgbroker-dead-letter-attempts"
-DEAD_LETTER_GROUP = "msgbroker-dead-letter-group"
-DEAD_LETTER_PARTITION = "msgbroker-dead-letter-partition"
-DEAD_LETTER_AT = "msgbroker-dead-letter-at"
 _BROKER_HEADERS = frozenset({
     KEY_HEADER, "x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
     "x-first-death-reason", "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
@@ -72,18 +76,10 @@ def delivery_headers(raw: dict[str, Any] | None) -> dict[str, str]:
     return out
 
 
-def letter_headers(letter: DeadLetter, key: str) -> dict[str, str]:
-    """What a dead letter carries on the wire: its original headers and why it died."""
-    headers = dict(letter.headers)
-    headers.update({
-        DEAD_LETTER_ERROR: letter.error,
-        DEAD_LETTER_ATTEMPTS: str(letter.attempts),
-        DEAD_LETTER_GROUP: letter.group,
-        DEAD_LETTER_PARTITION: str(letter.partition),
-        DEAD_LETTER_AT: letter.dead_lettered_at.isoformat(),
-        KEY_HEADER: key,
-    })
-    return headers
+def letter_headers(letter: DeadLetter) -> dict[str, str]:
+    """The AMQP headers of a letter in the group's letters queue: its ``<topic>.dlq`` record's
+    headers (msgbroker.wire) and, as on every message, the partition key."""
+    return {**dead_letter_headers(letter), KEY_HEADER: letter.partition_key}
 
 
 @dataclass(eq=False)
@@ -615,21 +611,20 @@ class RabbitMQLaneConsumer(LaneConsumer):
             return  # not ours any more: it comes back and is decided again
         lane, tag = current
         link = self.link
-        headers = letter_headers(letter, delivery.key)
+        on_topic = dead_letter_record(letter)
         properties = spec.Basic.Properties(
             delivery_mode=PERSISTENT,
-            message_id=delivery.message_id,
-            headers=dict(headers),
+            message_id=on_topic.message_id,
+            content_type=CONTENT_TYPE,
+            headers=dict(letter_headers(letter)),
             timestamp=letter.dead_lettered_at.astimezone(UTC).replace(tzinfo=None)
             if letter.dead_lettered_at.tzinfo else datetime.now(UTC).replace(tzinfo=None),
         )
-        dlq_topic = f"{self.topic}.dlq"
-        on_topic = OutgoingRecord(dlq_topic, delivery.partition, delivery.key, delivery.message_id,
-                                  {k: v for k, v in headers.items() if k != KEY_HEADER}, delivery.body)
+        dlq_topic = on_topic.topic
         try:
             raw = await self._control_raw()
             stored = await raw.basic_publish(
-                delivery.body, exchange="", routing_key=self._topology.letters_queue(self.topic, self.group),
+                on_topic.body, exchange="", routing_key=self._topology.letters_queue(self.topic, self.group),
                 properties=properties, mandatory=True,
             )
             if not isinstance(stored, spec.Basic.Ack):

@@ -9,6 +9,8 @@ import aiormq
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
 from msgbroker.spi import (
+    CONTENT_TYPE,
+    KEY_HEADER,
     InvalidNameError,
     MsgBrokerError,
     OutgoingRecord,
@@ -25,8 +27,6 @@ from ._names import Topology
 
 __all__ = ["KEY_HEADER", "PERSISTENT", "PUBLISH_TIMEOUT", "publish_confirmed"]
 
-KEY_HEADER = "msgbroker-key"
-"""The partition key travels as a header (the routing key is the partition number)."""
 PERSISTENT = 2
 PUBLISH_TIMEOUT = 30.0
 """How long a publish waits for the server's confirm before it is indeterminate."""
@@ -108,7 +108,7 @@ async def _publish_round(
                 properties=spec.Basic.Properties(
                     delivery_mode=PERSISTENT,
                     message_id=record.message_id,
-                    content_type="application/json",
+                    content_type=CONTENT_TYPE,
                     headers={**record.headers, KEY_HEADER: record.key},
                 ),
                 mandatory=True,

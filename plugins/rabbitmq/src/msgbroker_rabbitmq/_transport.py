@@ -19,6 +19,11 @@ import aiormq
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
 from msgbroker.spi import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_ERROR,
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_PARTITION,
+    KEY_HEADER,
     BrokerClosedError,
     BrokerConnectionError,
     Capabilities,
@@ -28,26 +33,20 @@ from msgbroker.spi import (
     LaneConsumer,
     OutgoingRecord,
     Transport,
+    dead_letter_from_record,
+    dead_letter_group,
     tls_client_context,
 )
 from pamqp import commands as spec
 from yarl import URL
 
-from ._consumer import (
-    DEAD_LETTER_AT,
-    DEAD_LETTER_ATTEMPTS,
-    DEAD_LETTER_ERROR,
-    DEAD_LETTER_GROUP,
-    DEAD_LETTER_PARTITION,
-    RabbitMQLaneConsumer,
-    delivery_headers,
-)
+from ._consumer import RabbitMQLaneConsumer, delivery_headers
 from ._declare import declare_topic
 from ._errors import redacted, translate
 from ._host import Member
 from ._link import Link
 from ._names import DELIVERY_LIMIT, Topology
-from ._publish import KEY_HEADER, publish_confirmed
+from ._publish import publish_confirmed
 from ._settings import RabbitMQSettings
 
 __all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport"]
@@ -399,39 +398,29 @@ class RabbitMQTransport(Transport):
         return letters, len(removed)
 
     def _letter(self, topic: str, group: str, message: DeliveredMessage) -> DeadLetter:
+        """A message of the letters queue: a letter's ``<topic>.dlq`` record (msgbroker.wire) with
+        the partition key in its AMQP headers, or one the broker dead-lettered itself past the
+        delivery limit (the safety net: no letter headers, its ``x-death`` says why)."""
         properties = message.header.properties
         raw = properties.headers or {}
-        error = raw.get(DEAD_LETTER_ERROR)
-        attempts = raw.get(DEAD_LETTER_ATTEMPTS)
-        partition = raw.get(DEAD_LETTER_PARTITION)
-        at = raw.get(DEAD_LETTER_AT)
-        if error is None:  # the broker's own dead-lettering past the delivery limit (the safety net)
+        headers = delivery_headers(raw)
+        if dead_letter_group(headers) is None:
             deaths = raw.get("x-death")
             death: dict[str, Any] = {}
             if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
                 death = deaths[0]
             keys = death.get("routing-keys") or ["0"]
-            error = (f"the broker dead-lettered it past its delivery limit of {DELIVERY_LIMIT} "
-                     f"(reason: {_as_text(death.get('reason')) or 'unknown'})")
-            attempts = raw.get("x-delivery-count", DELIVERY_LIMIT)
-            partition = keys[0]
-        headers = {k: v for k, v in delivery_headers(raw).items() if not k.startswith("msgbroker-dead-letter-")}
-        when = datetime.now(UTC)
-        if isinstance(at, str):
-            with contextlib.suppress(ValueError):
-                when = datetime.fromisoformat(at)
-        key = raw.get(KEY_HEADER)
-        return DeadLetter(
-            message_id=properties.message_id or "",
-            topic=topic,
-            group=str(raw.get(DEAD_LETTER_GROUP) or group),
-            partition=int(_as_text(partition) or 0),
-            error=_as_text(error) or "",
-            attempts=int(_as_text(attempts) or 0),
-            headers=headers,
-            payload=message.body,
-            partition_key=_as_text(key) or "",
-            dead_lettered_at=when,
+            headers.update({
+                DEAD_LETTER_ERROR: f"the broker dead-lettered it past its delivery limit of {DELIVERY_LIMIT} "
+                                   f"(reason: {_as_text(death.get('reason')) or 'unknown'})",
+                DEAD_LETTER_ATTEMPTS: str(raw.get("x-delivery-count", DELIVERY_LIMIT)),
+                DEAD_LETTER_GROUP: group,
+                DEAD_LETTER_PARTITION: _as_text(keys[0]) or "0",
+            })
+        at = properties.timestamp
+        return dead_letter_from_record(
+            topic, 0, properties.message_id or "", _as_text(raw.get(KEY_HEADER)) or "", headers, message.body,
+            dead_lettered_at=at.replace(tzinfo=UTC) if isinstance(at, datetime) and at.tzinfo is None else at,
         )
 
     async def delete_topic(self, topic: str, groups: Sequence[str]) -> int:
