@@ -20,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 from msgbroker import BrokerSettings, ConfigurationError, DeadLetter, Lane, Message, MessageContext, partition_for
 from msgbroker_redis import RedisTransport, TopicKeys
+from redis.crc import key_slot
 
 REPO = Path(__file__).resolve().parents[3]
 SEED_APPSETTINGS = REPO.parent / "shared" / "seed" / "appsettings.json"
@@ -81,9 +82,12 @@ async def test_every_key_lives_under_the_key_prefix(connect: Any, raw: aioredis.
         await wait_until(lambda: len(handled) == 19, what="19 messages handled")
         await wait_until(lambda: _has_dead_letter(broker, topic), what="the dead letter")
         keys = sorted([key.decode() async for key in raw.scan_iter(match=f"*{topic}*", count=1000)])
-    assert all(key.startswith(f"{prefix}:") for key in keys), keys
-    kinds = {key.split("}:", 1)[1].split(":", 1)[0] for key in keys}
-    assert {"0", "meta", "dedup", "members", "lease", "dead"} <= kinds, kinds
+    assert all(key.startswith(f"{prefix}:{{{topic}}}") for key in keys), keys
+    kinds = {key.split("}", 1)[1].lstrip(":").split(":", 1)[0] for key in keys}
+    assert {"0", "meta", "dedup", "members", "lease", "dead", ".dlq"} <= kinds, kinds
+    # One hash tag, so one Redis Cluster slot: the topic's lanes, its group's state and its
+    # <topic>.dlq lanes, which the dead-letter script writes together with the original's ack.
+    assert len({key_slot(key.encode()) for key in keys}) == 1, keys
 
 
 async def _has_dead_letter(broker: msgbroker.Broker, topic: str) -> bool:
@@ -533,3 +537,47 @@ def test_a_key_prefix_that_could_inject_into_a_key_is_refused_naming_it(bad: str
     # belong in a key or a connection name
     with pytest.raises(ConfigurationError, match=re.escape(f"redis.key_prefix={bad!r}")):
         msgbroker.connect("redis://127.0.0.1:6379", redis={"key_prefix": bad})
+
+
+# -- Redis Cluster and WAIT settings, against the single server -----------------------------------
+
+
+async def test_several_urls_of_a_server_that_is_not_a_cluster_node_are_refused(redis_url: str, prefix: str) -> None:
+    broker = msgbroker.connect(f"{redis_url},{redis_url}", redis={"key_prefix": prefix})
+    with pytest.raises(ConfigurationError, match="not a cluster node"):
+        await broker.open()
+
+
+async def test_cluster_true_against_a_single_server_is_refused_naming_the_setting(redis_url: str,
+                                                                                   prefix: str) -> None:
+    broker = msgbroker.connect(redis_url, redis={"key_prefix": prefix, "cluster": True})
+    with pytest.raises(ConfigurationError, match=r"redis\.cluster is true"):
+        await broker.open()
+
+
+async def test_a_single_server_is_found_not_to_be_a_cluster(connect: Any) -> None:
+    async with connect() as broker:
+        assert isinstance(broker.transport, RedisTransport)
+        assert broker.transport.cluster is False
+
+
+async def test_a_publish_no_replica_confirms_is_indeterminate_but_written(connect: Any, topic: str) -> None:
+    """The test server has no replica: WAIT 1 runs out, on the publish's own connection, and the
+    publish says so; the message is on the primary all the same (what a failover could lose)."""
+    got: list[int] = []
+
+    async def handle(ctx: MessageContext[Item]) -> None:
+        got.append(ctx.message.n)
+
+    async with connect(redis={"wait_replicas": 1, "wait_timeout": 0.2}) as broker:
+        for batch in ([Item(key="k", n=1)], [Item(key=f"k{i}", n=i) for i in range(2, 1200)]):  # 1 call, 2 calls
+            with pytest.raises(msgbroker.PublishIndeterminateError, match=r"0 of 1 replica\(s\)"):
+                await broker.publish_batch(topic, batch)
+        await broker.subscribe(topic, "workers", handle)  # group creation and acks wait too, and go on
+        await wait_until(lambda: len(got) == 1199, what="every message handled")
+        await wait_until(lambda: _pending_is(broker, topic, 0), what="every ack written")
+    assert sorted(got) == list(range(1, 1200))
+
+
+async def _pending_is(broker: msgbroker.Broker, topic: str, count: int) -> bool:
+    return await broker.pending_count(topic, "workers") == count

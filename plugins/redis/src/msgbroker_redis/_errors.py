@@ -14,10 +14,16 @@ from msgbroker.spi import (
 )
 from redis import exceptions as rex
 
-__all__ = ["redacted", "translate"]
+__all__ = ["REDIS_ERRORS", "redacted", "translate"]
 
 # Error replies that say "not now" rather than "never": retrying may help.
-_UNAVAILABLE = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "OOM")
+# MOVED and ASK reach the provider only from its own per-node connections (the cluster client
+# follows them itself): the slot moved, the command did not run there.
+_UNAVAILABLE = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS", "OOM",
+                "MOVED", "ASK")
+REDIS_ERRORS = (rex.RedisError, rex.RedisClusterException, OSError, TimeoutError)
+"""What a redis-py call raises when the server or the network fails (the cluster client's own
+errors are not RedisErrors)."""
 
 
 def redacted(url: str) -> str:

@@ -15,7 +15,8 @@ __all__ = ["RedisSettings", "stackexchange_to_url"]
 
 def stackexchange_to_url(value: str) -> str:
     """Turn a StackExchange.Redis connection string (``"host:6379,password=x,ssl=true"``)
-    into a redis URL; URLs pass through unchanged."""
+    into a redis URL (several hosts: the URLs comma-separated, as for a Redis Cluster's start
+    nodes); URLs pass through unchanged."""
     if "://" in value:
         return value
     parts = [p.strip() for p in value.split(",") if p.strip()]
@@ -23,30 +24,47 @@ def stackexchange_to_url(value: str) -> str:
     options = {k.strip().lower(): v.strip() for k, v in (p.split("=", 1) for p in parts if "=" in p)}
     if not hosts:
         raise ValueError(f"no host in connection string {value!r}")
-    host = hosts[0]
-    if ":" not in host:
-        host += ":6379"
     scheme = "rediss" if options.get("ssl", "false").lower() == "true" else "redis"
     auth = ""
     if "password" in options:
         user = quote(options.get("user", ""), safe="")
         auth = f"{user}:{quote(options['password'], safe='')}@"
     db = options.get("defaultdatabase")
-    return f"{scheme}://{auth}{host}" + (f"/{db}" if db else "")
+    return ",".join(f"{scheme}://{auth}{host if ':' in host else host + ':6379'}" + (f"/{db}" if db else "")
+                    for host in hosts)
 
 
 class RedisSettings(ProviderSettings):
     """Redis Streams provider."""
 
     url: str = "redis://localhost:6379"
+    """A redis URL; for a Redis Cluster one or more of its nodes, comma-separated (or a list)."""
     key_prefix: str = "msgbroker"
     max_stream_length: int = Field(100_000, ge=1)
     claim_timeout: Duration = timedelta(minutes=5)
     ssl_cafile: str | None = None
     """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a
     ``rediss://`` url (set with a ``redis://`` url it is an error); None trusts the system's CAs."""
+    cluster: bool | None = None
+    """True: the url names Redis Cluster nodes (redis-py's cluster client); False: a single
+    server (or a primary behind Sentinel); None: asked of the server (``INFO cluster``)."""
+    wait_replicas: int = Field(0, ge=0)
+    """After each publish, ack flush and group creation, ``WAIT`` until this many replicas have
+    the write (0: do not wait). A publish that fewer replicas confirm within ``wait_timeout``
+    fails with ``PublishIndeterminateError``."""
+    wait_timeout: Duration = timedelta(seconds=1)
+    """How long one ``WAIT`` waits for ``wait_replicas``."""
 
     @field_validator("url", mode="before")
     @classmethod
     def _connection_string(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v).strip() for v in value)
         return stackexchange_to_url(value) if isinstance(value, str) else value
+
+    @field_validator("wait_timeout")
+    @classmethod
+    def _positive(cls, value: timedelta) -> timedelta:
+        if value.total_seconds() <= 0:
+            raise ValueError("must be positive")
+        return value

@@ -11,6 +11,7 @@ share a cluster slot)::
     P:{T}:lease:<group>:<n>    the lane's lease, "<member>/<token>", PX claim_timeout
     P:{T}:delay:<group>:<n>    hash: entry id -> not-before (epoch seconds) of a delayed retry
     P:{T}:dead:<group>         stream of the group's dead letters
+    P:{T}.dlq:...              the keys of the topic ``T.dlq`` (its dead-letter topic), in T's slot
 
 The Redis consumer name of a lane is its partition number, so the consumer's pending list
 *is* the lane's in-flight list: a new owner resumes by reading it (which also counts the
@@ -31,7 +32,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
 from msgbroker.spi import (
     DEAD_LETTER_AT,
     DEAD_LETTER_ATTEMPTS,
@@ -39,7 +39,6 @@ from msgbroker.spi import (
     DEAD_LETTER_GROUP,
     DEAD_LETTER_PARTITION,
     BrokerClosedError,
-    BrokerConnectionError,
     Capabilities,
     ConfigurationError,
     DeadLetter,
@@ -55,15 +54,12 @@ from msgbroker.spi import (
     dead_letter_record,
     failures_since,
     tls_client_context,
-    tls_verification_error,
 )
 from redis import exceptions as rex
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from . import _scripts
-from ._compat import on_reconnect
-from ._errors import redacted, translate
+from ._clients import Client, Connections, Reader
+from ._errors import REDIS_ERRORS, redacted, translate
 from ._settings import RedisSettings
 
 if TYPE_CHECKING:
@@ -91,7 +87,13 @@ class TopicKeys:
     __slots__ = ("base",)
 
     def __init__(self, prefix: str, topic: str) -> None:
-        self.base = f"{prefix}:{{{topic}}}"
+        # A dead-letter topic (``T.dlq``, ``T.dlq.dlq``...) keeps T's hash tag, so a dead letter
+        # and the ack of its original are one script on one Redis Cluster slot. Names hold no
+        # braces, so the tag is exact; ``P:{T}.dlq:`` never meets T's own ``P:{T}:``.
+        root, suffix = topic, ""
+        while root.endswith(".dlq") and len(root) > 4:
+            root, suffix = root[:-4], ".dlq" + suffix
+        self.base = f"{prefix}:{{{root}}}{suffix}"
 
     def stream(self, partition: int) -> str:
         return f"{self.base}:{partition}"
@@ -240,7 +242,7 @@ class RedisTransport(Transport):
 
     def __init__(self, settings: BrokerSettings) -> None:
         super().__init__(settings)
-        self._redis: aioredis.Redis | None = None
+        self._connections: Connections | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._checked_topics: set[str] = set()
         self._consumers: weakref.WeakSet[RedisLaneConsumer] = weakref.WeakSet()
@@ -257,7 +259,8 @@ class RedisTransport(Transport):
         # Trim in steps rather than at every entry; 0 keeps small limits exact.
         self.trim_slack: int = min(100, config.max_stream_length // 10)
         self.partitions: int = settings.partition_count
-        self.tls_options: dict[str, Any] = {}
+        self.wait_replicas: int = config.wait_replicas
+        self.wait_timeout: float = config.wait_timeout.total_seconds()
 
     @classmethod
     def settings_from_url(cls, url: str) -> dict[str, Any]:
@@ -268,26 +271,21 @@ class RedisTransport(Transport):
 
     # -- connection ---------------------------------------------------------------------------
 
-    def new_client(self, *, single: bool = False) -> aioredis.Redis:
-        """A client for this server: the shared pool, or one connection of its own (``single``)."""
-        try:
-            return aioredis.Redis.from_url(
-                self.url,
-                socket_connect_timeout=5,
-                socket_timeout=15,
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.02), 2),
-                single_connection_client=single,
-                client_name=f"msgbroker:{self.prefix}",  # who is who in CLIENT LIST
-                **self.tls_options,
-            )
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid redis url {redacted(self.url)!r}: {exc}") from exc
+    @property
+    def connections(self) -> Connections:
+        if self._connections is None:
+            raise BrokerClosedError("the redis broker connection is closed")
+        return self._connections
 
     @property
-    def redis(self) -> aioredis.Redis:
-        if self._redis is None:
-            raise BrokerClosedError("the redis broker connection is closed")
-        return self._redis
+    def redis(self) -> Client:
+        """The client commands go through: the server's, or the cluster client."""
+        return self.connections.main
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the broker talks to a Redis Cluster (known once open)."""
+        return bool(self._connections is not None and self._connections.cluster)
 
     def script(self, name: str) -> AsyncScript:
         return self._scripts[name]
@@ -297,7 +295,7 @@ class RedisTransport(Transport):
         cafile = self.settings.redis.ssl_cafile
         if not cafile:
             return {}
-        if urlsplit(self.url).scheme != "rediss":
+        if any(urlsplit(u.strip()).scheme != "rediss" for u in self.url.split(",") if "://" in u):
             raise ConfigurationError(
                 f"redis.ssl_cafile is set, but redis.url={redacted(self.url)!r} is not a rediss:// url (TLS)"
             )
@@ -305,21 +303,9 @@ class RedisTransport(Transport):
         return {"ssl_ca_certs": cafile}
 
     async def connect(self) -> None:
-        self.tls_options = self._tls_options()
-        client = self.new_client()
-        try:
-            await client.ping()
-        except Exception as exc:
-            with contextlib.suppress(Exception):
-                await client.aclose()
-            untrusted = tls_verification_error(exc, "redis", redacted(self.url))
-            if untrusted is not None:
-                raise untrusted from exc
-            error = translate(exc, f"connecting to {redacted(self.url)}")
-            if isinstance(error, ConfigurationError):
-                raise error from exc
-            raise BrokerConnectionError(f"cannot connect to redis at {redacted(self.url)}: {exc}") from exc
-        self._redis = client
+        connections = Connections(self.url, self.prefix, self.settings.redis.cluster, self._tls_options())
+        client = await connections.open()
+        self._connections = connections
         self._scripts = {
             name: client.register_script(getattr(_scripts, name))
             for name in _scripts.__all__
@@ -328,23 +314,22 @@ class RedisTransport(Transport):
     async def close(self) -> None:
         consumers = list(self._consumers)
         await asyncio.gather(*(c.stop(flush=True) for c in consumers), return_exceptions=True)
-        client, self._redis = self._redis, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        connections, self._connections = self._connections, None
+        if connections is not None:
+            await connections.close()
 
     async def abort(self) -> None:
         consumers = list(self._consumers)
         await asyncio.gather(*(c.stop(flush=False) for c in consumers), return_exceptions=True)
-        client, self._redis = self._redis, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        connections, self._connections = self._connections, None
+        if connections is not None:
+            await connections.close()
 
     async def ping(self) -> bool:
-        client = self._redis
-        if client is None:
+        connections = self._connections
+        if connections is None:
             return False
+        client = connections.main
         try:
             return bool(await asyncio.wait_for(client.ping(), 2.0))
         except asyncio.CancelledError:
@@ -353,11 +338,21 @@ class RedisTransport(Transport):
             return False
 
     async def call(self, name: str, keys: Sequence[Any], args: Sequence[Any], doing: str,
-                   client: aioredis.Redis | None = None) -> Any:
-        """Run one script, mapping errors into msgbroker's tree."""
+                   client: Client | None = None) -> Any:
+        """Run one script, mapping errors into msgbroker's tree. ``keys`` is never empty: on a
+        Redis Cluster its first key picks the node (every key of a script shares the topic's slot)."""
         try:
             return await self.script(name)(keys=list(keys), args=list(args), client=client or self.redis)
-        except (rex.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
+            raise translate(exc, doing) from exc
+
+    async def call_replicated(self, name: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
+                              doing: str) -> tuple[list[Any], int]:
+        """Run ``name`` once per (keys, args), then ``WAIT`` for ``redis.wait_replicas`` on the same
+        connection(s): each call's reply or exception, and how many replicas have the writes."""
+        try:
+            return await self.connections.replicated(self.script(name), calls, self.wait_replicas, self.wait_timeout)
+        except REDIS_ERRORS as exc:
             raise translate(exc, doing) from exc
 
     # -- topics --------------------------------------------------------------------------------
@@ -385,10 +380,19 @@ class RedisTransport(Transport):
     async def create_groups(self, topic: str, group: str) -> None:
         """Create ``group`` on every lane of ``topic`` at 0 and check the partition count."""
         keys = self.keys(topic)
-        recorded = await self.call(
-            "CREATE_GROUPS", [keys.meta, *(keys.stream(p) for p in range(self.partitions))],
-            [group, self.partitions], f"creating group {group!r} on {topic!r}",
-        )
+        call = ([keys.meta, *(keys.stream(p) for p in range(self.partitions))], [group, self.partitions])
+        doing = f"creating group {group!r} on {topic!r}"
+        if self.wait_replicas:
+            # A group lost in a failover is created again at 0 by the next read: every message
+            # of the lanes would be handled again.
+            [recorded], confirmed = await self.call_replicated("CREATE_GROUPS", [call], doing)
+            if isinstance(recorded, Exception):
+                raise translate(recorded, doing) from recorded
+            if confirmed < self.wait_replicas:
+                log.warning("redis: group %r on %r is on %d of %d replica(s) after %.1fs (redis.wait_replicas)",
+                            group, topic, confirmed, self.wait_replicas, self.wait_timeout)
+        else:
+            recorded = await self.call("CREATE_GROUPS", *call, doing)
         if recorded is None or int(recorded) != self.partitions:
             raise self._refuse(topic, recorded)
         self._checked_topics.add(topic)
@@ -405,7 +409,8 @@ class RedisTransport(Transport):
             by_topic.setdefault(record.topic, []).append(record)
         calls: list[tuple[list[str], list[Any]]] = []
         for topic, batch in by_topic.items():
-            base = self.keys(topic).base
+            keys = self.keys(topic)
+            base = keys.base
             start = 0
             while start < len(batch):
                 # Bound one script run (Redis serves nobody else meanwhile): records and bytes.
@@ -414,25 +419,52 @@ class RedisTransport(Transport):
                     size += len(batch[end].body)
                     end += 1
                 packed = _pack_records(batch[start:end])
-                calls.append(([], [base, self.max_stream_length, self.trim_slack, window, packed]))
+                # The script derives the lane and dedup keys from the base; the meta key, in the
+                # same slot, routes the call on a Redis Cluster.
+                calls.append(([keys.meta], [base, self.max_stream_length, self.trim_slack, window, packed]))
                 start = end
         script = self.script("PUBLISH")
+        if self.wait_replicas:
+            await self._publish_replicated(calls, len(records))
+            return
         if len(calls) == 1:
             try:
                 await script(keys=calls[0][0], args=calls[0][1], client=client)
-            except (rex.RedisError, OSError, TimeoutError) as exc:
+            except REDIS_ERRORS as exc:
                 raise self._publish_error(exc, 1, len(records)) from exc
             return
         try:
             results = await self._pipelined(script, calls)
-        except (rex.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             raise self._publish_error(exc, len(calls), len(records)) from exc
         failed = [r for r in results if isinstance(r, Exception)]
         if failed:
             raise self._publish_error(failed[0], len(calls), len(records)) from failed[0]
 
+    async def _publish_replicated(self, calls: list[tuple[list[str], list[Any]]], count: int) -> None:
+        """Publish, then WAIT until ``redis.wait_replicas`` replicas have it: a publish they did not
+        confirm within ``redis.wait_timeout`` is indeterminate (written on the primary, which may
+        fail before a replica has it)."""
+        try:
+            results, confirmed = await self.connections.replicated(self.script("PUBLISH"), calls, self.wait_replicas,
+                                                                   self.wait_timeout)
+        except REDIS_ERRORS as exc:
+            raise self._publish_error(exc, len(calls), count) from exc
+        failed = [r for r in results if isinstance(r, Exception)]
+        if failed:
+            raise self._publish_error(failed[0], len(calls), count) from failed[0]
+        if confirmed < self.wait_replicas:
+            raise PublishIndeterminateError(
+                f"redis: {count} message(s) written on the primary, but {confirmed} of {self.wait_replicas} "
+                f"replica(s) confirmed them within {self.wait_timeout:g}s (redis.wait_replicas, redis.wait_timeout): "
+                "they are lost if that primary fails before a replica has them"
+            )
+
     @staticmethod
     def _publish_error(exc: BaseException, calls: int, count: int) -> MsgBrokerError:
+        if calls == 1 and isinstance(exc, (rex.AskError, rex.TryAgainError, rex.ClusterDownError)):
+            # A cluster node refused to run it (the slot moved, the cluster is failing over): not written.
+            return translate(exc, f"publishing {count} message(s)")
         if isinstance(exc, rex.ResponseError) and count == 1:
             return PublishFailedError(f"redis refused the publish: {exc}")
         if isinstance(exc, rex.ResponseError):
@@ -505,13 +537,13 @@ class RedisTransport(Transport):
         doomed = [entry_id for entry_id, fields in entries if fields.get(b"i") in wanted]
         try:
             return int(await self.redis.xdel(key, *doomed)) if doomed else 0
-        except (rex.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise translate(exc, doing) from exc
 
     async def _entries(self, key: str, doing: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         try:
             entries = await self.redis.xrange(key, "-", "+")
-        except (rex.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise translate(exc, doing) from exc
         return cast("list[tuple[bytes, dict[bytes, bytes]]]", entries or [])
 
@@ -525,7 +557,7 @@ class RedisTransport(Transport):
     async def leave(self, topic: str, group: str, member_id: str) -> None:
         try:
             await self.redis.zrem(self.keys(topic).members(group), member_id)
-        except (rex.RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise translate(exc, f"leaving {group!r} on {topic!r}") from exc
 
     async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
@@ -562,8 +594,7 @@ class RedisLaneConsumer(LaneConsumer):
         self._ack_count = 0
         self._flush_lock = asyncio.Lock()
         self._flusher: asyncio.Task[None] | None = None
-        self._reader: aioredis.Redis | None = None
-        self._reader_id: int | None = None
+        self._reader: Reader | None = None
         self._stopped = False
 
     def _lane_keys(self, partition: int) -> list[str]:
@@ -572,17 +603,8 @@ class RedisLaneConsumer(LaneConsumer):
 
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         await self._transport.create_groups(self._topic, self._group)
-        reader = self._reader = self._transport.new_client(single=True)
-        try:
-            await reader.initialize()
-        except (rex.RedisError, OSError) as exc:
-            raise translate(exc, f"connecting the reader of {self._topic}") from exc
-        # CLIENT UNBLOCK needs the connection's id, which a reconnect changes (and a restarted
-        # server hands out again to others): forget it on every reconnect.
-        on_reconnect(reader, self._reader_reconnected)
-
-    def _reader_reconnected(self, connection: object) -> None:
-        self._reader_id = None
+        reader = self._reader = Reader(self._transport.connections, self._keys.meta)
+        await reader.open()
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
         self._tokens[partition] = lease or ""
@@ -626,7 +648,10 @@ class RedisLaneConsumer(LaneConsumer):
             raise BrokerClosedError("the redis consumer is stopped")
         spec = ";".join(f"{p} {self._tokens[p] or '-'} {self._cursors[p]}" for p in lanes)
         args = [self._group, self._keys.base, self._transport.partitions, count, spec]
-        reply = await self._transport.call("READ", [], args, f"reading {self._topic} for {self._group}", reader)
+        # The script derives the lanes' keys from the base; the meta key, in the same slot,
+        # routes the call on a Redis Cluster.
+        reply = await self._transport.call("READ", [self._keys.meta], args, f"reading {self._topic} for {self._group}",
+                                           await reader.script_client())
         deliveries: list[Delivery] = []
         waits: dict[str, bytes] = {}
         more = False
@@ -654,33 +679,7 @@ class RedisLaneConsumer(LaneConsumer):
         reader = self._reader
         if reader is None:
             return False
-        transport = self._transport
-        try:
-            if self._reader_id is None:
-                self._reader_id = int(await reader.client_id())
-            streams: dict[Any, Any] = dict(waits)
-            read = asyncio.ensure_future(reader.xread(streams, count=1, block=max(1, int(timeout * 1000))))
-        except (rex.RedisError, OSError) as exc:
-            self._reader_id = None
-            raise translate(exc, f"waiting for {self._topic}") from exc
-        waker = asyncio.ensure_future(wake.wait())
-        try:
-            await asyncio.wait({read, waker}, return_when=asyncio.FIRST_COMPLETED)
-            if not read.done() and self._reader_id is not None:
-                try:
-                    if not await transport.redis.client_unblock(self._reader_id):
-                        self._reader_id = None  # reconnected since: learn the new id next time
-                except (rex.RedisError, OSError):
-                    pass
-            return bool(await read)
-        except (rex.RedisError, OSError) as exc:
-            self._reader_id = None
-            raise translate(exc, f"waiting for {self._topic}") from exc
-        finally:
-            waker.cancel()
-            if not read.done():
-                read.cancel()
-                await asyncio.gather(read, return_exceptions=True)
+        return await reader.wait(waits, timeout, wake, f"waiting for {self._topic}")
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -730,7 +729,7 @@ class RedisLaneConsumer(LaneConsumer):
                 keys += self._lane_keys(p)
                 args += (token, b" ".join(ids))
             try:
-                fenced = await self._transport.call("ACK", keys, args, f"acking on {self._topic}")
+                fenced = await self._write_acks(keys, args)
             except MsgBrokerError:
                 for p, (token, ids) in batch.items():  # keep them, oldest first, for the next try
                     current = self._acks.get(p)
@@ -744,6 +743,19 @@ class RedisLaneConsumer(LaneConsumer):
                 p = partitions[int(index)]
                 log.warning("redis: %d ack(s) on %s[%d] dropped: this member no longer holds the lane "
                             "(they will be redelivered to its owner)", len(batch[p][1]), self._topic, p)
+
+    async def _write_acks(self, keys: list[str], args: list[Any]) -> Any:
+        """The ACK script; with ``redis.wait_replicas``, then a WAIT for the replicas (an ack they do
+        not have when the primary fails comes back as a redelivery, not a loss)."""
+        transport, doing = self._transport, f"acking on {self._topic}"
+        if not transport.wait_replicas:
+            return await transport.call("ACK", keys, args, doing)
+        [fenced], confirmed = await transport.call_replicated("ACK", [(keys, args)], doing)
+        if isinstance(fenced, Exception):
+            raise translate(fenced, doing) from fenced
+        if confirmed < transport.wait_replicas:
+            log.debug("redis: acks on %s are on %d of %d replica(s)", self._topic, confirmed, transport.wait_replicas)
+        return fenced
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
         partition = delivery.partition
@@ -809,6 +821,5 @@ class RedisLaneConsumer(LaneConsumer):
             await asyncio.gather(flusher, return_exceptions=True)
         reader, self._reader = self._reader, None
         if reader is not None:
-            with contextlib.suppress(Exception):
-                await reader.aclose()
+            await reader.drop()
 
