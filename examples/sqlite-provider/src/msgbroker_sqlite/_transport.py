@@ -27,6 +27,9 @@ from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from msgbroker.spi import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_ERROR,
+    DEAD_LETTER_GROUP,
     BrokerClosedError,
     BrokerConnectionError,
     BrokerSettings,
@@ -40,6 +43,8 @@ from msgbroker.spi import (
     OutgoingRecord,
     ProviderSettings,
     Transport,
+    dead_letter_from_record,
+    dead_letter_record,
     failures_since,
 )
 
@@ -72,7 +77,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     key TEXT, error TEXT, attempts INTEGER, headers TEXT, payload BLOB, at REAL);
 """
 
-DEAD_LETTER_HEADERS = ("msgbroker-dead-letter-error", "msgbroker-dead-letter-attempts", "msgbroker-dead-letter-group")
 POLL_INTERVAL = 0.01
 """How often an idle poll looks at the file again (there is no cross-connection notification)."""
 
@@ -271,10 +275,15 @@ class SqliteTransport(Transport):
         rows = await self.db.run(lambda c: c.execute(
             "SELECT message_id, partition, key, error, attempts, headers, payload, at FROM dead_letters "
             "WHERE topic = ? AND grp = ? ORDER BY id", (topic, group)).fetchall(), write=False)
+        # ``headers`` holds the letter's <topic>.dlq record headers (msgbroker.wire); a row written
+        # before held only the original's, with the letter's fields in their own columns.
         return [
-            DeadLetter(message_id=mid, topic=topic, group=group, partition=partition, error=error, attempts=attempts,
-                       headers=json.loads(headers), payload=bytes(payload), partition_key=key,
-                       dead_lettered_at=datetime.fromtimestamp(at, UTC))
+            dead_letter_from_record(
+                topic, partition, mid, key,
+                {DEAD_LETTER_ERROR: error, DEAD_LETTER_ATTEMPTS: str(attempts), DEAD_LETTER_GROUP: group,
+                 **json.loads(headers)},
+                bytes(payload), dead_lettered_at=datetime.fromtimestamp(at, UTC),
+            )
             for mid, partition, key, error, attempts, headers, payload, at in rows
         ]
 
@@ -477,15 +486,13 @@ class _SqliteConsumer(LaneConsumer):
         def store(c: sqlite3.Connection) -> None:
             if not self._holds(c, delivery.partition):
                 return
+            # The letter's <topic>.dlq record, defined by msgbroker.wire: kept in the group's table
+            # (its headers whole, its fields also in columns for SQL) and appended to <topic>.dlq.
+            dlq = dead_letter_record(letter)
             c.execute("INSERT INTO dead_letters (topic, grp, message_id, partition, key, error, attempts, headers, "
                       "payload, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (self._topic, self._group, letter.message_id, letter.partition, letter.partition_key,
-                       letter.error, letter.attempts, json.dumps(dict(letter.headers)), letter.payload,
-                       letter.dead_lettered_at.timestamp()))
-            headers = dict(letter.headers)
-            headers.update(zip(DEAD_LETTER_HEADERS, (letter.error, str(letter.attempts), letter.group), strict=True))
-            dlq = OutgoingRecord(f"{self._topic}.dlq", delivery.partition, delivery.key, delivery.message_id,
-                                 headers, delivery.body)
+                      (self._topic, self._group, dlq.message_id, dlq.partition, dlq.key, letter.error,
+                       letter.attempts, json.dumps(dlq.headers), dlq.body, letter.dead_lettered_at.timestamp()))
             self._transport._check_topic(c, dlq.topic)
             self._transport._append(c, dlq)
             c.execute("DELETE FROM pending WHERE topic = ? AND grp = ? AND partition = ? AND offset = ?",
