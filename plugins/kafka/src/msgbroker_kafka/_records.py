@@ -1,4 +1,5 @@
-"""How a msgbroker record travels as a Kafka record: its message id header and its headers.
+"""How a msgbroker record travels as a Kafka record: its message id header and its headers
+(record key = partition key, value = body; docs/wire-format.md).
 
 Shared by the transport (publishing, reading dead letters) and the consumer (deliveries), so
 that neither imports the other for it.
@@ -8,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["MESSAGE_ID_HEADER", "decode_headers", "encode_headers"]
+from msgbroker.spi import MESSAGE_ID_HEADER
 
-MESSAGE_ID_HEADER = "msgbroker-message-id"
-"""The record header carrying the msgbroker message id (Kafka records have no id of their own)."""
+__all__ = ["MESSAGE_ID_HEADER", "decode_headers", "encode_headers"]
 
 
 def encode_headers(headers: dict[str, str]) -> list[tuple[str, bytes]]:

@@ -24,6 +24,9 @@ from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker.spi import (
+    DEAD_LETTER_GROUP,
+    DEAD_LETTER_TOPIC_SUFFIX,
+    DEAD_LETTERS_REMOVED_HEADER,
     BrokerClosedError,
     BrokerConnectionError,
     BrokerSettings,
@@ -35,6 +38,10 @@ from msgbroker.spi import (
     OutgoingRecord,
     PublishIndeterminateError,
     Transport,
+    dead_letter_from_record,
+    dead_letter_group,
+    dead_letter_record,
+    dead_letter_topic,
     tls_client_context,
     tls_verification_error,
 )
@@ -54,13 +61,9 @@ __all__ = [
 
 log = logging.getLogger("msgbroker.kafka")
 
-DEAD_LETTER_TOPIC_SUFFIX = ".dlq"
-_DL = "msgbroker-dead-letter-"
-_DL_GROUP, _DL_ERROR, _DL_ATTEMPTS = f"{_DL}group", f"{_DL}error", f"{_DL}attempts"
-_DL_PARTITION, _DL_AT = f"{_DL}partition", f"{_DL}at"
-_DL_REMOVED = "msgbroker-dead-letters-removed"
-"""Header of a marker in ``<topic>.dlq.removed``: ``partition:offset`` of each removed letter."""
 REMOVED_TOPIC_SUFFIX = ".removed"
+"""``<topic>.dlq.removed`` holds the markers of removed letters (headers: the group and
+``msgbroker-dead-letters-removed``, the ``partition:offset`` of each)."""
 _TOPIC_EXISTS = 36
 _PRODUCER_STATE_LOST = (
     kafka_errors.OutOfOrderSequenceNumber,
@@ -72,11 +75,6 @@ _PRODUCER_STATE_LOST = (
 producer is useless from then on (aiokafka#1017) and is replaced by a new one."""
 _ADMIN_TIMEOUT = 15.0
 _TLS_PROTOCOLS = ("SSL", "SASL_SSL")
-
-
-def dead_letter_topic(topic: str) -> str:
-    """The Kafka topic holding the dead letters of ``topic``."""
-    return f"{topic}{DEAD_LETTER_TOPIC_SUFFIX}"
 
 
 class KafkaTransport(Transport):
@@ -391,30 +389,23 @@ class KafkaTransport(Transport):
     # -- dead letters ---------------------------------------------------------------------------
 
     async def write_dead_letter(self, letter: DeadLetter, key: str, message_id: str) -> None:
-        """Append ``letter`` to ``<topic>.dlq`` and wait until Kafka confirmed it (acks=all)."""
-        dlq = dead_letter_topic(letter.topic)
-        await self.ensure_topic(dlq)
-        headers = {
-            **letter.headers,
-            _DL_GROUP: letter.group,
-            _DL_ERROR: letter.error,
-            _DL_ATTEMPTS: str(letter.attempts),
-            _DL_PARTITION: str(letter.partition),
-            _DL_AT: letter.dead_lettered_at.isoformat(),
-        }
+        """Append ``letter``'s ``<topic>.dlq`` record (msgbroker.wire; ``key`` and ``message_id``
+        are the original's, the letter's own) and wait until Kafka confirmed it (acks=all)."""
+        record = dead_letter_record(letter)
+        await self.ensure_topic(record.topic)
         producer = self.producer
         try:
             await producer.send_and_wait(
-                dlq,
-                letter.payload,
+                record.topic,
+                record.body,
                 key=key.encode("utf-8"),
-                partition=letter.partition,
-                headers=[(MESSAGE_ID_HEADER, message_id.encode()), *encode_headers(headers)],
+                partition=record.partition,
+                headers=[(MESSAGE_ID_HEADER, message_id.encode()), *encode_headers(record.headers)],
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise await self._produce_failed(exc, f"writing a dead letter to {dlq!r}", producer) from exc
+            raise await self._produce_failed(exc, f"writing a dead letter to {record.topic!r}", producer) from exc
 
     async def _read_topic(self, dlq: str) -> list[tuple[int, int, Any]]:
         """Every record of ``dlq`` as (partition, offset, record), oldest first."""
@@ -458,33 +449,20 @@ class KafkaTransport(Transport):
         removed: set[str] = set()
         for _, _, record in markers:
             headers = decode_headers(record.headers)
-            if headers.get(_DL_GROUP) == group:
-                removed.update(p for p in headers.get(_DL_REMOVED, "").split(",") if p)
+            if dead_letter_group(headers) == group:
+                removed.update(p for p in headers.get(DEAD_LETTERS_REMOVED_HEADER, "").split(",") if p)
         letters: list[tuple[str, DeadLetter]] = []
         for partition, offset, record in records:
             headers = decode_headers(record.headers)
-            if headers.get(_DL_GROUP) != group:
+            if dead_letter_group(headers) != group or f"{partition}:{offset}" in removed:
                 continue
-            position = f"{partition}:{offset}"
-            original = {k: v for k, v in headers.items() if not k.startswith(_DL) and k != MESSAGE_ID_HEADER}
-            try:
-                at = datetime.fromisoformat(headers[_DL_AT])
-            except (KeyError, ValueError):
-                at = datetime.fromtimestamp(record.timestamp / 1000, UTC)
-            letter = DeadLetter(
-                message_id=headers.get(MESSAGE_ID_HEADER, ""),
-                topic=topic,
-                group=group,
-                partition=int(headers.get(_DL_PARTITION, "0") or 0),
-                error=headers.get(_DL_ERROR, ""),
-                attempts=int(headers.get(_DL_ATTEMPTS, "0") or 0),
-                headers=original,
-                payload=record.value or b"",
-                partition_key=(record.key or b"").decode("utf-8", errors="replace"),
-                dead_lettered_at=at,
+            message_id = headers.pop(MESSAGE_ID_HEADER, "")
+            letter = dead_letter_from_record(
+                topic, partition, message_id, (record.key or b"").decode("utf-8", errors="replace"), headers,
+                record.value or b"", dead_lettered_at=datetime.fromtimestamp(record.timestamp / 1000, UTC),
             )
-            letters.append((position, letter))
-        return [(pos, letter) for pos, letter in letters if pos not in removed]
+            letters.append((f"{partition}:{offset}", letter))
+        return letters
 
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
         return [letter for _, letter in await self._letters(topic, group)]
@@ -494,7 +472,7 @@ class KafkaTransport(Transport):
         gone = [pos for pos, letter in await self._letters(topic, group) if letter.message_id in wanted]
         if not gone:
             return 0
-        marker = {_DL_GROUP: group, _DL_REMOVED: ",".join(gone)}
+        marker = {DEAD_LETTER_GROUP: group, DEAD_LETTERS_REMOVED_HEADER: ",".join(gone)}
         removed_topic = dead_letter_topic(topic) + REMOVED_TOPIC_SUFFIX
         await self.ensure_topic(removed_topic, 1)
         try:
