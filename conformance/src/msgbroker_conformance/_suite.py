@@ -6,13 +6,14 @@ Subclass :class:`ConformanceSuite` with a ``harness`` to run them all against a 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from datetime import timedelta
 from typing import Any, ClassVar
 
 import msgbroker
-from msgbroker import Message, MessageContext, OutgoingRecord, partition_for
+from msgbroker import Message, MessageContext, OutgoingRecord, partition_for, wire
 
 from ._cases import case, requires, requires_hook
 from ._harness import ConformanceHarness
@@ -521,6 +522,76 @@ class ConformanceSuite:
         await s.eventually(lambda: bystander.acked_ids() >= set(_ids(sentinels)), "the bystander group's sentinels")
         again = [mid for mid in _ids(messages) if len(bystander.of(mid)) > 1]
         assert not again, f"replays for {group} were handed to the group {other}: {again}"
+
+    @case("core")
+    async def test_records_and_dead_letters_keep_the_wire_format(self, s: Scenario) -> None:
+        """The wire format's test vectors (``msgbroker.wire.vectors()``, docs/wire-format.md) on
+        the real broker: each vector message, published as its record, reaches the handler with its
+        id, partition, fields and exactly its headers (no carrier header leaks in); dead-lettered,
+        the record a plain subscriber of ``<topic>.dlq`` receives carries exactly the vector's
+        headers (with this run's group, attempt count and time; never the original's replay group,
+        or other groups would skip it), and ``dead_letters`` returns the letter's fields, the
+        payload byte for byte."""
+        vectors = wire.vectors()
+        broker = await s.connect(partition_count=vectors["partition_count"])
+        topic, group, reader = s.topic(), s.group(), s.group("dlq-reader")
+        letters: dict[str, dict[str, Any]] = {v["letter"]["message_id"]: v for v in vectors["dead_letters"]
+                                              if "letter" in v}
+        records: dict[str, OutgoingRecord] = {}
+        fields: dict[str, dict[str, Any]] = {}
+        for vector in vectors["messages"]:
+            r = vector["record"]
+            records[r["message_id"]] = OutgoingRecord(topic, r["partition"], r["key"], r["message_id"],
+                                                      dict(r["headers"]), r["body"].encode("utf-8"))
+            fields[r["message_id"]] = vector["decoded"]
+        for message_id, vector in letters.items():
+            if message_id not in records:  # a letter of no vector message: publish its original
+                original = vector["letter"]
+                headers = {k: group if k == wire.REPLAY_GROUP_HEADER else v for k, v in original["headers"].items()}
+                records[message_id] = OutgoingRecord(topic, original["partition"], original["partition_key"],
+                                                     message_id, headers, original["payload"].encode("utf-8"))
+                fields[message_id] = json.loads(original["payload"])
+        seen: dict[str, list[tuple[int, dict[str, str], dict[str, Any]]]] = {}
+        on_dlq: dict[str, list[tuple[int, dict[str, str], dict[str, Any]]]] = {}
+
+        async def handle(ctx: MessageContext[Message]) -> None:
+            seen.setdefault(ctx.message_id, []).append(
+                (ctx.partition, dict(ctx.headers), ctx.message.model_dump(mode="json")))
+            if ctx.message_id in letters:
+                await ctx.nak(requeue=False, error=letters[ctx.message_id]["letter"]["error"])
+
+        async def read(ctx: MessageContext[Message]) -> None:
+            on_dlq.setdefault(ctx.message_id, []).append(
+                (ctx.partition, dict(ctx.headers), ctx.message.model_dump(mode="json")))
+
+        await broker.subscribe(topic, group, handle, message_type=Message)
+        await broker.subscribe(wire.dead_letter_topic(topic), reader, read, message_type=Message)
+        await broker.transport.publish(list(records.values()), None)
+        await s.eventually(lambda: set(seen) >= set(records),
+                           lambda: f"vector messages not handled: {sorted(set(records) - set(seen))}")
+        await s.eventually(lambda: set(on_dlq) >= set(letters),
+                           lambda: f"dead letters not received from {topic}.dlq by another group: "
+                                   f"{sorted(set(letters) - set(on_dlq))}")
+        for message_id, record in records.items():
+            got = seen[message_id][0]
+            assert got == (record.partition, record.headers, fields[message_id]), (
+                f"vector message {message_id} arrived as (partition, headers, fields) {got}, published "
+                f"{(record.partition, record.headers, fields[message_id])}")
+        listed = {x.message_id: x for x in await _eventually_letters(s, broker, topic, group, len(letters))}
+        for message_id, vector in letters.items():
+            letter, record = listed[message_id], records[message_id]
+            partition, headers, dlq_fields = on_dlq[message_id][0]
+            expected = {**vector["record"]["headers"], wire.DEAD_LETTER_GROUP: group,
+                        wire.DEAD_LETTER_ATTEMPTS: "1", wire.DEAD_LETTER_AT: wire.format_time(letter.dead_lettered_at)}
+            assert headers == expected, (
+                f"the {topic}.dlq record of {message_id} carries headers {headers}; the wire format says {expected}")
+            assert (partition, dlq_fields) == (record.partition, fields[message_id]), (
+                f"the {topic}.dlq record of {message_id} is on partition {partition} with fields {dlq_fields}")
+            decoded = vector["decoded"]
+            assert (letter.topic, letter.group, letter.partition, letter.error, letter.attempts, dict(letter.headers),
+                    letter.payload, letter.partition_key) == (
+                topic, group, record.partition, decoded["error"], 1, decoded["headers"], record.body, record.key), (
+                f"dead_letters returned {letter!r} for vector {vector['name']!r}")
 
     # -- §3.7 deduplication ---------------------------------------------------------------------
 
