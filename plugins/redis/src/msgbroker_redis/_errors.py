@@ -51,6 +51,8 @@ def translate(exc: BaseException, doing: str) -> MsgBrokerError:
         return BrokerTimeoutError(text)
     if isinstance(exc, (rex.ConnectionError, ConnectionError, OSError)):
         return BrokerConnectionError(text)
+    if isinstance(exc, (rex.ClusterError, rex.AskError, rex.TryAgainError, rex.ReadOnlyError, rex.OutOfMemoryError)):
+        return BrokerUnavailableError(text)  # redis-py drops the code (CLUSTERDOWN, MOVED...) from the text
     if isinstance(exc, rex.ResponseError):
         code = str(exc).split(" ", 1)[0].upper()
         if code in _UNAVAILABLE:
