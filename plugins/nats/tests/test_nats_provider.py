@@ -21,6 +21,7 @@ import nats.js.errors
 import pytest
 from msgbroker import BrokerSettings, ConfigurationError, Message, MessageContext, partition_for
 from msgbroker_nats import NatsTransport, TopicLayout
+from msgbroker_nats._settings import server_urls
 from nats.aio.client import Client
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -546,3 +547,31 @@ async def test_a_delay_is_not_counted_as_a_failure_by_the_next_member(connect: A
         assert attempts == [2, 3]
         assert await second.dead_letters(topic, "g") == []
         assert await second.pending_count(topic, "g") == 0
+
+
+# -- clusters: several servers, replicas (against the single server) -------------------------------
+
+
+def test_several_servers_and_replicas_are_settings() -> None:
+    settings = BrokerSettings(nats={"url": ["nats://n1:4222", "nats://n2:4222"], "replicas": 3})
+    assert settings.nats.url == "nats://n1:4222,nats://n2:4222"
+    assert server_urls(settings.nats.url) == ["nats://n1:4222", "nats://n2:4222"]
+    assert server_urls("nats://a:1, nats://b:2,") == ["nats://a:1", "nats://b:2"]
+    assert BrokerSettings().nats.replicas == 1
+    for bad in (0, 6):
+        with pytest.raises(ConfigurationError, match=r"nats\.replicas"):
+            BrokerSettings(nats={"replicas": bad})
+
+
+async def test_a_list_of_servers_connects_to_one_that_answers(nats_url: str, prefix: str, topic: str) -> None:
+    """The first server is not there: nats-py goes on to the next one of its ``servers``."""
+    async with msgbroker.connect(f"nats://127.0.0.1:1,{nats_url}", nats={"stream_prefix": prefix}) as broker:
+        await broker.publish(topic, Item(key="k", n=1))
+        assert await broker.pending_count(topic, "g") == 1
+
+
+async def test_more_replicas_than_a_single_server_keeps_are_refused_naming_the_setting(connect: Any,
+                                                                                        topic: str) -> None:
+    async with connect(nats={"replicas": 3}) as broker:
+        with pytest.raises(ConfigurationError, match=r"nats\.replicas=3"):
+            await broker.publish(topic, Item(key="k", n=1))

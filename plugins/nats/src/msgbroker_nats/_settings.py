@@ -4,17 +4,25 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from msgbroker.spi import Duration, ProviderSettings
-from pydantic import Field
+from pydantic import Field, field_validator
 
-__all__ = ["NatsSettings"]
+__all__ = ["NatsSettings", "server_urls"]
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of ``nats.url``: one URL, or several comma-separated (a cluster's nodes; nats-py
+    takes them as its ``servers`` and learns the others from the cluster)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
 
 
 class NatsSettings(ProviderSettings):
     """NATS JetStream provider."""
 
     url: str = "nats://localhost:4222"
+    """A server URL, or several comma-separated (or a list): the nodes of a NATS cluster."""
     stream_prefix: str = "MSGBROKER"
     max_age: Duration = timedelta(days=7)
     ack_wait: Duration = timedelta(seconds=30)
@@ -22,3 +30,14 @@ class NatsSettings(ProviderSettings):
     ssl_cafile: str | None = None
     """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a ``tls://``
     url (and a ``nats://`` one to a server that requires TLS); None trusts the system's CAs."""
+    replicas: int = Field(1, ge=1, le=5)
+    """How many servers of a JetStream cluster keep each stream the provider creates (the topics',
+    their ``<topic>.dlq`` and the KV buckets'), and so its consumers: 1 on a single server; 3
+    survives the loss of one node of three."""
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _servers(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v).strip() for v in value)
+        return value

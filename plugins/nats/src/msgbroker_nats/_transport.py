@@ -55,7 +55,7 @@ from ._layout import (
     encode_envelope,
     validate_stream_prefix,
 )
-from ._settings import NatsSettings
+from ._settings import NatsSettings, server_urls
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -67,6 +67,8 @@ __all__ = ["DEAD_LETTER_HEADERS", "NatsTransport"]
 log = logging.getLogger("msgbroker.nats")
 
 _STREAM_NAME_IN_USE = 10058
+_REPLICAS_REFUSED = (10074, 10023)
+"""JetStream's "replicas > 1 not supported in non-clustered mode" and "insufficient resources"."""
 _PUBLISH_TIMEOUT = 10.0
 _API_TIMEOUT = 5.0
 _HEADER_ROOM = 4096
@@ -111,6 +113,7 @@ class NatsTransport(Transport):
         if self.ack_wait <= 0:
             raise ConfigurationError(f"nats.ack_wait={section.ack_wait!r} must be positive")
         self.max_age = section.max_age.total_seconds()
+        self.replicas: int = section.replicas
         if section.max_deliver != -1 and section.max_deliver <= settings.max_retry_attempts:
             # The engine dead-letters after max_retry_attempts; the server limit is never used
             # (a message at the server's max_deliver is dropped silently), see docs/providers/nats.md.
@@ -148,15 +151,18 @@ class NatsTransport(Transport):
 
     async def connect(self) -> None:
         url = self.settings.nats.url
+        servers = server_urls(url)
+        if not servers:
+            raise ConfigurationError("nats.url is empty: give a server URL (nats://host:4222), or several")
         cafile = self.settings.nats.ssl_cafile
         tls = tls_client_context("nats", cafile) if cafile else None  # tls:// without one: the system's CAs
         # nats-py hangs closing a connection whose TLS handshake failed when it may retry: over
         # TLS the first connect fails at once instead (reconnecting is switched on just below).
-        first_retry = tls is None and not url.startswith("tls://")
+        first_retry = tls is None and not any(s.startswith("tls://") for s in servers)
         try:
             nc = _compat.Client()
             await nc.connect(
-                servers=[url],
+                servers=servers,
                 tls=tls,
                 name=f"msgbroker-{uuid.uuid4().hex[:8]}",
                 connect_timeout=5,
@@ -195,7 +201,9 @@ class NatsTransport(Transport):
             log.warning("nats: disconnected from %s; reconnecting", self.settings.nats.url)
 
     async def _on_reconnected(self) -> None:
-        log.warning("nats: reconnected to %s", self.settings.nats.url)
+        nc = self._nc
+        where = nc.connected_url if nc is not None else None
+        log.warning("nats: reconnected to %s", f"{where.hostname}:{where.port}" if where else self.settings.nats.url)
         for consumer in list(self._consumers):
             consumer.reconnected()  # the server dropped every pull request with the old connection
 
@@ -271,12 +279,14 @@ class NatsTransport(Transport):
                     storage=StorageType.FILE,
                     max_age=self.max_age or None,
                     duplicate_window=self._window(dedup_window) or 0,  # 0: the server's default (as None is sent)
+                    num_replicas=self.replicas,
                 )
                 try:
                     info = await jsm.add_stream(config)
                     return float(info.config.duplicate_window or 0)
-                except nats.js.errors.BadRequestError as exc:
+                except nats.js.errors.APIError as exc:
                     if exc.err_code != _STREAM_NAME_IN_USE:
+                        self._refuse_replicas(exc, f"stream {layout.stream!r}")
                         raise
                     info = await jsm.stream_info(layout.stream)  # another member created it just now
             config = info.config
@@ -302,15 +312,32 @@ class NatsTransport(Transport):
                 # The native window is the stream's: the deduplication_window of the last
                 # connection that published with deduplication on.
                 changes["duplicate_window"] = wanted
+            if (config.num_replicas or 1) < self.replicas:
+                # Scaled up, never down: one member with a smaller setting must not take copies away.
+                changes["num_replicas"] = self.replicas
             if changes:
                 log.info("nats: updating stream %s: %s", layout.stream, changes)
-                info = await jsm.update_stream(config.evolve(**changes))
+                try:
+                    info = await jsm.update_stream(config.evolve(**changes))
+                except nats.js.errors.APIError as exc:
+                    self._refuse_replicas(exc, f"stream {layout.stream!r}")
+                    raise
                 window = float(info.config.duplicate_window or 0)
             return window
         except (ConfigurationError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise map_error(exc, f"opening stream {layout.stream!r}") from exc
+
+    def _refuse_replicas(self, exc: nats.js.errors.APIError, what: str) -> None:
+        """Raise a ConfigurationError naming ``nats.replicas`` when the server refused that many
+        copies (a single server, or a cluster with fewer nodes)."""
+        text = str(exc.description or "")
+        if self.replicas > 1 and (exc.err_code in _REPLICAS_REFUSED or "replica" in text or "insufficient" in text):
+            raise ConfigurationError(
+                f"nats: the server refused {what} with nats.replicas={self.replicas}: {text} (err_code "
+                f"{exc.err_code}); a single server keeps 1 copy, a cluster at most as many as it has nodes"
+            ) from exc
 
     def consumer_config(self, layout: TopicLayout, group: str, partition: int) -> ConsumerConfig:
         """The durable pull consumer of one lane: one message in flight (``max_ack_pending=1``)
@@ -366,8 +393,12 @@ class NatsTransport(Transport):
             except nats.js.errors.BucketNotFoundError:
                 try:
                     return await self.js.create_key_value(bucket=bucket, history=1, ttl=max(1.0, self.ack_wait),
-                                                          description="msgbroker subscribe_to_partition pins")
-                except nats.js.errors.BadRequestError:
+                                                          description="msgbroker subscribe_to_partition pins",
+                                                          replicas=self.replicas)
+                except nats.js.errors.APIError as exc:
+                    self._refuse_replicas(exc, f"KV bucket {bucket!r}")
+                    if not isinstance(exc, nats.js.errors.BadRequestError):
+                        raise
                     return await self.js.key_value(bucket)  # another member created it just now
         except asyncio.CancelledError:
             raise
@@ -390,8 +421,12 @@ class NatsTransport(Transport):
                 return await self.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
                 try:
-                    return await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl, description=description)
-                except nats.js.errors.BadRequestError:
+                    return await self.js.create_key_value(bucket=bucket, history=1, ttl=ttl, description=description,
+                                                          replicas=self.replicas)
+                except nats.js.errors.APIError as exc:
+                    self._refuse_replicas(exc, f"KV bucket {bucket!r}")
+                    if not isinstance(exc, nats.js.errors.BadRequestError):
+                        raise
                     return await self.js.key_value(bucket)  # another member created it just now
         except asyncio.CancelledError:
             raise
