@@ -223,7 +223,7 @@ async def test_a_third_party_plugin_sees_publishes_and_handling_and_may_add_head
 
 async def test_no_plugin_no_hook_calls() -> None:
     async with msgbroker.connect(url()) as broker:
-        assert broker._observe_publish is False
+        assert broker.producer.observed is False
         subscription = await broker.subscribe("orders", "billing", handle_by_outcome)
         assert subscription._runner._observed is False
         await subscription.close()

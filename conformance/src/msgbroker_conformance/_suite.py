@@ -1,4 +1,4 @@
-"""The contract cases: one per rule of SPEC §3 (and its parts), each small and bounded.
+"""The contract cases: one per rule of docs/semantics.md (and its parts), each small and bounded.
 
 Subclass :class:`ConformanceSuite` with a ``harness`` to run them all against a provider.
 """
@@ -51,7 +51,7 @@ def _missing(expected: set[str], got: set[str]) -> str:
 
 
 class ConformanceSuite:
-    """The msgbroker contract (SPEC §3) as pytest tests.
+    """The msgbroker contract (docs/semantics.md) as pytest tests.
 
     Activate it in your provider's tests by subclassing with a harness::
 
@@ -276,7 +276,7 @@ class ConformanceSuite:
 
     @case("core")
     async def test_an_unordered_subscription_still_handles_everything(self, s: Scenario) -> None:
-        """ordered=False (SPEC §3.3's opt-out) gives up order, never delivery: with retries and
+        """ordered=False (the opt-out of docs/semantics.md's order) gives up order, never delivery: with retries and
         concurrent handlers, every message is handled to an ack, none more than needed."""
         broker = await s.connect(partition_count=2, max_retry_attempts=5)
         topic, group = s.topic(), s.group()

@@ -56,13 +56,13 @@ class Subscription:
         if self.closed:
             return
         self.closed = True
-        self._owner._subscriptions.discard(self)
+        self._owner.forget(self)
         await self._runner.close()
 
     async def abort(self) -> None:
         """Simulate a crash (for tests): stop at once, settle and release nothing."""
         self.closed = True
-        self._owner._subscriptions.discard(self)
+        self._owner.forget(self)
         await self._runner.abort()
 
     async def __aenter__(self) -> Self:
@@ -77,6 +77,8 @@ class Producer:
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
+        self.observed = False
+        """A plugin observes publishes (``msgbroker_publish``): looked up when the broker opens."""
 
     def _record(self, topic: str, message: Message, headers: Mapping[str, str] | None) -> OutgoingRecord:
         """Encode for a topic whose name was validated already."""
@@ -94,10 +96,10 @@ class Producer:
     async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
         """Publish one message; returns its message id once the broker confirmed it."""
         record = self._record(validate_name("topic", topic), message, headers)
-        if self._broker._observe_publish:
-            await self._broker._publish_observed(topic, [record], self._dedup_window())
+        if self.observed:
+            await self.send(topic, [record], self._dedup_window())
         else:
-            await self._broker._transport_open().publish([record], self._dedup_window())
+            await self._broker.live_transport().publish([record], self._dedup_window())
         return record.message_id
 
     async def publish_batch(
@@ -111,11 +113,26 @@ class Producer:
         checked = check_headers(headers) if headers else None
         records = [encode(topic, m, count, limit, checked_headers=checked) for m in messages]
         if records:
-            if self._broker._observe_publish:
-                await self._broker._publish_observed(topic, records, self._dedup_window())
+            if self.observed:
+                await self.send(topic, records, self._dedup_window())
             else:
-                await self._broker._transport_open().publish(records, self._dedup_window())
+                await self._broker.live_transport().publish(records, self._dedup_window())
         return [r.message_id for r in records]
+
+    async def send(
+        self, topic: str, records: list[OutgoingRecord], dedup_window: float | None, *, replay: bool = False
+    ) -> None:
+        """Publish records already encoded, inside the context managers of the
+        ``msgbroker_publish`` hook implementations (when there are any)."""
+        transport = self._broker.live_transport()
+        if not self.observed:
+            await transport.publish(records, dedup_window)
+            return
+        event = PublishEvent(self._broker.provider, topic, records, replay)
+        with contextlib.ExitStack() as observers:
+            for observer in registry.plugins.hook.msgbroker_publish(event=event):
+                observers.enter_context(observer)
+            await transport.publish(records, dedup_window)
 
 
 class Consumer:
@@ -173,7 +190,7 @@ class Consumer:
         if max_concurrency is not None and max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
         runner = SubscriptionRunner(
-            self._broker._transport_open(),
+            self._broker.live_transport(),
             self._broker.settings,
             topic,
             group,
@@ -188,8 +205,17 @@ class Consumer:
         self._subscriptions.add(subscription)
         return subscription
 
+    def forget(self, subscription: Subscription) -> None:
+        """``subscription`` closed or aborted: it is no longer this consumer's."""
+        self._subscriptions.discard(subscription)
+
     async def close(self) -> None:
+        """Close every subscription gracefully."""
         await asyncio.gather(*(s.close() for s in list(self._subscriptions)))
+
+    async def abort(self) -> None:
+        """Stop every subscription as a crash would (nothing settled, released or flushed)."""
+        await asyncio.gather(*(s.abort() for s in list(self._subscriptions)))
 
 
 class Broker:
@@ -205,13 +231,13 @@ class Broker:
         self.producer = Producer(self)
         self.consumer = Consumer(self)
         self._state = "new"
-        self._observe_publish = False
 
     @property
     def provider(self) -> str:
         return self.transport.NAME
 
-    def _transport_open(self) -> Transport:
+    def live_transport(self) -> Transport:
+        """The provider's transport, or :class:`BrokerClosedError` when the broker is not open."""
         if self._state != "open":
             raise BrokerClosedError(f"the {self.provider} broker is {self._state}, not open")
         return self.transport
@@ -231,19 +257,8 @@ class Broker:
             raise
         self._state = "open"
         # Looked up once: with no plugin observing publishes, publish skips the hook.
-        self._observe_publish = has_implementations("msgbroker_publish", registry.plugins)
+        self.producer.observed = has_implementations("msgbroker_publish", registry.plugins)
         return self
-
-    async def _publish_observed(
-        self, topic: str, records: list[OutgoingRecord], dedup_window: float | None, *, replay: bool = False
-    ) -> None:
-        """Publish inside the context managers of the ``msgbroker_publish`` hook implementations."""
-        transport = self._transport_open()
-        event = PublishEvent(self.provider, topic, records, replay)
-        with contextlib.ExitStack() as observers:
-            for observer in registry.plugins.hook.msgbroker_publish(event=event):
-                observers.enter_context(observer)
-            await transport.publish(records, dedup_window)
 
     def __await__(self) -> Generator[Any, None, Self]:
         return self.open().__await__()
@@ -271,11 +286,11 @@ class Broker:
         if self._state != "open":
             return
         self._state = "closed"
-        await asyncio.gather(*(s.abort() for s in list(self.consumer._subscriptions)))
+        await self.consumer.abort()
         with contextlib.suppress(Exception):
             await self.transport.abort()
 
-    # -- the API of SPEC §2 --------------------------------------------------------------------
+    # -- the API (README.md, docs/semantics.md) ---------------------------------------------------
 
     async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
         """Publish one message; returns its message id once the broker confirmed it."""
@@ -335,15 +350,15 @@ class Broker:
 
     async def pending_count(self, topic: str, group: str) -> int:
         """Messages of ``topic`` that ``group`` has not settled (ready, in flight, waiting)."""
-        return await self._transport_open().pending_count(validate_name("topic", topic), validate_name("group", group))
+        return await self.live_transport().pending_count(validate_name("topic", topic), validate_name("group", group))
 
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
         """The dead letters of ``group`` on ``topic``, oldest first."""
-        return await self._transport_open().dead_letters(validate_name("topic", topic), validate_name("group", group))
+        return await self.live_transport().dead_letters(validate_name("topic", topic), validate_name("group", group))
 
     async def replay_dead_letters(self, topic: str, group: str, ids: Sequence[str] | None = None) -> int:
         """Publish dead letters back to ``topic`` (for ``group`` only) and remove them; returns how many."""
-        transport = self._transport_open()
+        transport = self.live_transport()
         letters = await self.dead_letters(topic, group)
         if ids is not None:
             wanted = {str(i) for i in ids}
@@ -356,10 +371,7 @@ class Broker:
             headers[REPLAY_GROUP_HEADER] = group
             records.append(OutgoingRecord(topic, letter.partition, letter.partition_key, letter.message_id,
                                           headers, letter.payload))
-        if self._observe_publish:
-            await self._publish_observed(topic, records, None, replay=True)
-        else:
-            await transport.publish(records, None)
+        await self.producer.send(topic, records, None, replay=True)
         await transport.remove_dead_letters(topic, group, [letter.message_id for letter in letters])
         return len(letters)
 

@@ -1,4 +1,4 @@
-"""The in-memory provider: a real broker inside the process, and the reference for SPEC §3.
+"""The in-memory provider: a real broker inside the process, and the reference for docs/semantics.md.
 
 Logs per (topic, partition), consumer groups with a read cursor and a pending list per lane,
 membership with heartbeats, exclusive leases with fencing tokens, dedup, dead letters.
