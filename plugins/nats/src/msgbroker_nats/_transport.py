@@ -698,12 +698,20 @@ class NatsTransport(Transport):
                                     inactive_threshold=30.0, mem_storage=True)
             sub = await self.js.pull_subscribe(layout.subjects, stream=layout.stream, config=config)
             out: list[tuple[int, DeadLetter]] = []
+            unavailable = 0
             try:
                 while True:
                     try:
                         msgs = await sub.fetch(256, timeout=1.0)
                     except nats.errors.TimeoutError:
                         break
+                    except nats.js.errors.ServiceUnavailableError:
+                        # In a JetStream cluster the new consumer may not answer its first pull yet (503).
+                        unavailable += 1
+                        if unavailable > 30:
+                            raise
+                        await asyncio.sleep(0.1)
+                        continue
                     for msg in msgs:
                         letter = self._dead_letter_of(layout, topic, msg)
                         if letter is not None and letter.group == group:
