@@ -115,3 +115,48 @@ def test_names_are_still_checked_once_valid_ones_are_remembered() -> None:
         pass
 
     assert validate_name("topic", Sneaky("t-1")) == "t-1"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_reuse_the_parents_pending_message_ids() -> None:
+    import os
+
+    _uuid4()  # the pool now holds ids made in this process
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the ids it makes, exit without running the parent's cleanup
+        os.close(read)
+        os.write(write, "".join(str(_uuid4()) for _ in range(20)).encode())
+        os._exit(0)
+    os.close(write)
+    child = b""
+    while chunk := os.read(read, 4096):
+        child += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    mine = "".join(str(_uuid4()) for _ in range(20))
+    child_ids = {child[i:i + 36].decode() for i in range(0, len(child), 36)}
+    assert len(child_ids) == 20
+    assert not child_ids & {mine[i:i + 36] for i in range(0, len(mine), 36)}
+
+
+def test_the_record_id_is_str_of_the_message_id_however_the_body_writes_it() -> None:
+    from pydantic import ConfigDict, field_serializer
+    from pydantic.alias_generators import to_camel
+
+    class Custom(Message):
+        @field_serializer("message_id")
+        def _id(self, value: uuid.UUID) -> str:
+            return "X" * 36
+
+    class Camel(Message):
+        model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True)
+
+    assigned = Plain()
+    assigned.message_id = "0" * 36  # type: ignore[assignment]  # no validation on assignment
+    for message in (Plain(), Keyed(key="k"), Custom(), Camel()):
+        record = encode("t", message, 16, 1 << 20)
+        assert record.message_id == str(message.message_id)
+    with pytest.warns(UserWarning, match="serializ"):  # pydantic's: a str where a UUID belongs
+        assert encode("t", assigned, 16, 1 << 20).message_id == "0" * 36
+    assert encode("t", Custom(), 16, 1 << 20).body.startswith(b'{"message_id":"' + b"X" * 36)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -82,9 +83,18 @@ def encode(
         raise MessageTooLargeError(
             f"message {message.message_id} on {topic!r} is {len(body)} bytes; the limit is {max_bytes}"
         )
-    message_id = str(message.message_id)
+    cls = type(message)
+    plain = _PLAIN_ID.get(cls)
+    if plain is None:
+        plain = _PLAIN_ID[cls] = _serialises_id_plainly(cls)
+    # The body starts with the id as str() writes it (a UUID, no custom serialiser, first
+    # field): take it from there rather than formatting the UUID a second time.
+    if plain and body[51:52] == b'"' and body.startswith(b'{"message_id":"') and type(message.message_id) is _UUID:
+        message_id = body[15:51].decode("ascii")
+    else:
+        message_id = str(message.message_id)
     # The default key is the message id: no second str() of the UUID.
-    key = message_id if type(message).partition_key is _DEFAULT_KEY else message.partition_key
+    key = message_id if cls.partition_key is _DEFAULT_KEY else message.partition_key
     if not isinstance(key, str):
         raise SerializationError(f"partition_key of {type(message).__name__} must be str, got {key!r}")
     try:
@@ -101,6 +111,24 @@ def encode(
 
 
 _DEFAULT_KEY = Message.partition_key
+_UUID = uuid.UUID
+_PLAIN_ID: dict[type[Message], bool] = {}
+
+
+def _serialises_id_plainly(cls: type[Message]) -> bool:
+    """True when pydantic writes ``message_id`` as a plain UUID: no alias, no serialiser of
+    the class's own (then the JSON string is ``str(message_id)``)."""
+    field = cls.model_fields.get("message_id")
+    decorators = cls.__pydantic_decorators__
+    return (
+        field is not None
+        and field.annotation is _UUID
+        and not field.metadata
+        and field.alias is None
+        and field.serialization_alias is None
+        and not decorators.field_serializers
+        and not decorators.model_serializers
+    )
 
 
 def decode(delivery: Delivery, message_type: type[Message]) -> Message:
