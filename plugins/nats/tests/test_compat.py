@@ -65,3 +65,62 @@ def test_connecting_with_an_untested_nats_py_says_why_the_provider_is_missing() 
     )
     assert out.startswith("ProviderNotFoundError "), out
     assert "nats-py 2.17.0 is installed" in out
+
+
+async def test_a_reconnect_to_a_server_that_drops_the_connection_closes_its_socket(nats_url: str) -> None:
+    """A restarting cluster node accepts a connection and drops it before its INFO: nats-py (2.16)
+    then opens the next attempt's socket over the dropped one without closing it (an unclosed
+    socket for the garbage collector; a ResourceWarning, an error under this test suite).
+    The client connects through a proxy to the real server; the proxy cuts the connection, then
+    drops three connections at once, then lets the next one through."""
+    import asyncio
+    import gc
+    from urllib.parse import urlsplit
+
+    target = urlsplit(nats_url)
+    drops = {"left": 0}
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    links: list[asyncio.Task[None]] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if drops["left"] > 0:
+            drops["left"] -= 1
+            writer.close()  # a node that is restarting
+            return
+        up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port)
+        links.extend([asyncio.ensure_future(pipe(reader, up_writer)), asyncio.ensure_future(pipe(up_reader, writer))])
+
+    proxy = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    nc = _compat.Client()
+    try:
+        await nc.connect(servers=[f"nats://127.0.0.1:{port}"], reconnect_time_wait=0.05, max_reconnect_attempts=-1,
+                         reconnected_cb=on_reconnect, connect_timeout=2)
+        drops["left"] = 3
+        for link in links:
+            link.cancel()  # the node goes away
+        await asyncio.wait_for(reconnected.wait(), 20)
+        assert drops["left"] == 0
+        await nc.flush(timeout=5)
+        gc.collect()  # an unclosed socket of a dropped attempt warns here
+    finally:
+        await nc.close()
+        proxy.close()
+        for link in links:
+            link.cancel()
+        await asyncio.gather(*links, return_exceptions=True)

@@ -1,9 +1,11 @@
 """Every use of nats-py's internals, in one place, behind a version guard.
 
-Three things this provider needs have no public API in nats-py:
+Four things this provider needs have no public API in nats-py:
 
 * a PONG that answers a PING whose waiter is already done must be consumed quietly
   (:class:`Client`, which overrides nats-py's private ``_process_pong``; see its docstring);
+* a reconnect attempt that a server accepted and dropped must close its socket
+  (:class:`Client`, which overrides ``_connect_to_server``);
 * a crash (``Transport.abort``) must drop what the client buffered and has not written yet
   (:func:`drop_pending`);
 * the name of the ephemeral consumer behind a pull subscription, to delete it
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import re
 from importlib import metadata
+from typing import Any
 
 from msgbroker.spi import ConfigurationError
 
@@ -93,6 +96,17 @@ class Client(nats.aio.client.Client):
             self._pings_outstanding = 0
             return
         await super()._process_pong()
+
+    async def _connect_to_server(self, s: Any) -> None:
+        """Close the previous attempt's socket before opening the next one. A cluster node that
+        is restarting accepts the connection and drops it before its INFO; nats-py (checked on
+        2.16.0) then connects to the next server over the same transport object without closing
+        the dropped socket, which is left to the garbage collector (a ResourceWarning per
+        attempt)."""
+        transport = getattr(self, "_transport", None)
+        if transport is not None:
+            transport.close()  # closing twice is harmless; a transport never connected has nothing to close
+        await super()._connect_to_server(s)
 
 
 def drop_pending(nc: nats.aio.client.Client) -> None:
