@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgbroker
-import nats
 import pytest
+from msgbroker_nats import _compat
 from nats.aio.client import Client
 
 HOW = "run `scripts/brokers up nats` and load its settings (`set -a; . .brokers/env; set +a`)"
@@ -60,8 +60,10 @@ async def _delete_streams(nc: Client, prefix: str) -> None:
 
 @pytest.fixture
 async def raw(nats_url: str, prefix: str) -> AsyncIterator[Client]:
-    """A plain nats-py client; the test's streams are deleted afterwards."""
-    nc = await nats.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25)
+    """A nats-py client (with the provider's fixes of ``_compat.Client``: a server restart must not
+    leave it an unclosed socket); the test's streams are deleted afterwards."""
+    nc = _compat.Client()
+    await nc.connect(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.25)
     yield nc
     await _delete_streams(nc, prefix)
     await nc.close()
