@@ -41,7 +41,7 @@ from ._declare import backlog_exists, declare_group, declare_topic
 from ._errors import translate
 from ._host import MemberHost
 from ._link import Link
-from ._publish import KEY_HEADER, PERSISTENT, publish_confirmed
+from ._publish import KEY_HEADER, PERSISTENT, PUBLISH_TIMEOUT, REFUSED_BACKOFF, publish_confirmed
 
 if TYPE_CHECKING:
     from msgbroker.spi import AssignmentListener
@@ -139,7 +139,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         self._transport.register_member(self)
         self._link = Link(
-            self._transport.url,
+            self._transport.urls,
             f"msgbroker-member {self.topic}/{self.group}/{self.member_id}",
             heartbeat=self._transport.amqp_heartbeat,
             on_up=self._restore,
@@ -588,22 +588,49 @@ class RabbitMQLaneConsumer(LaneConsumer):
         note = {"message_id": delivery.message_id, "attempt": attempt, "not_before": not_before,
                 "failures": delivery.failures,
                 "count": lane.counts.get(tag, 0)}
-        try:
-            raw = await self._control_raw()
-            if not lane.note_declared:
-                await raw.queue_declare(queue, durable=True, arguments=self._topology.note_arguments())
-                lane.note_declared = True
-            stored = await raw.basic_publish(
-                json.dumps(note).encode(), exchange="", routing_key=queue, mandatory=True,
-                properties=spec.Basic.Properties(delivery_mode=PERSISTENT, content_type="application/json"),
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            where = f"{self.topic}[{lane.partition}]"
-            raise translate(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
+        where = f"{self.topic}[{lane.partition}]"
+        deadline = time.monotonic() + PUBLISH_TIMEOUT
+        refusals = 0
+        while True:
+            raw = None
+            try:
+                if not lane.note_declared:
+                    await self._declare_note(queue)
+                    lane.note_declared = True
+                raw = await self._control_raw()
+                stored = await raw.basic_publish(
+                    json.dumps(note).encode(), exchange="", routing_key=queue, mandatory=True,
+                    properties=spec.Basic.Properties(delivery_mode=PERSISTENT, content_type="application/json"),
+                )
+            except asyncio.CancelledError:
+                raise
+            except amqp.DeliveryError as exc:  # basic.nack: the channel would go on nacking (see _publish)
+                refusals += 1
+                pause = REFUSED_BACKOFF.delay(refusals)
+                if raw is not None:
+                    with contextlib.suppress(Exception):
+                        await raw.close()
+                if time.monotonic() + pause > deadline:
+                    raise translate(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
+                await asyncio.sleep(pause)
+                continue
+            except Exception as exc:
+                raise translate(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
+            break
         if not isinstance(stored, spec.Basic.Ack):
             raise PublishFailedError(f"rabbitmq: the retry note of {delivery.message_id} was not stored")
+
+    async def _declare_note(self, queue: str) -> None:
+        """The lane's note queue, a quorum queue; a classic one an earlier version declared is kept."""
+        raw = await self._control_raw()
+        try:
+            await raw.queue_declare(queue, durable=True, arguments=self._topology.note_arguments())
+            return
+        except amqp.ChannelPreconditionFailed as exc:
+            if "'x-queue-type'" not in str(exc):
+                raise
+        raw = await self._control_raw()  # the refusal closed the channel
+        await raw.queue_declare(queue, durable=True, arguments=self._topology.legacy_note_arguments())
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         current = self._current(delivery)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from typing import Any
 
+import aiormq
+from aio_pika.abc import AbstractChannel
 from aiormq import exceptions as amqp
 from msgbroker.spi import ConfigurationError
 
@@ -12,7 +16,35 @@ from ._errors import translate
 from ._link import Link
 from ._names import Topology
 
-__all__ = ["backlog_exists", "declare_backlog", "declare_group", "declare_topic"]
+__all__ = ["backlog_exists", "declare_backlog", "declare_group", "declare_replicated", "declare_topic"]
+
+log = logging.getLogger("msgbroker.rabbitmq")
+
+
+async def declare_replicated(
+    link: Link,
+    channel: AbstractChannel,
+    raw: aiormq.abc.AbstractChannel,
+    queue: str,
+    arguments: dict[str, Any],
+    legacy: dict[str, Any],
+) -> tuple[AbstractChannel, aiormq.abc.AbstractChannel]:
+    """Declare ``queue`` (durable) with ``arguments``, a quorum queue. Where an earlier version of
+    the provider declared it as a classic queue, that one is kept: declared again with its old
+    ``legacy`` arguments on a fresh channel (the refusal closed this one), which is returned."""
+    try:
+        await raw.queue_declare(queue, durable=True, arguments=arguments)
+        return channel, raw
+    except amqp.ChannelPreconditionFailed as exc:
+        if "'x-queue-type'" not in str(exc):
+            raise
+    log.info("rabbitmq: %s exists as a classic queue (declared by an earlier version); it is kept, on one node "
+             "only: delete it to have it declared as a replicated quorum queue", queue)
+    with contextlib.suppress(Exception):
+        await channel.close()
+    channel, raw = await link.channel()
+    await raw.queue_declare(queue, durable=True, arguments=legacy)
+    return channel, raw
 
 
 async def declare_topic(link: Link, topology: Topology, topic: str, partitions: int) -> None:
@@ -22,10 +54,13 @@ async def declare_topic(link: Link, topology: Topology, topic: str, partitions: 
     channel, raw = await link.channel()
     try:
         try:
-            await raw.queue_declare(
-                topology.meta_queue(topic), durable=True, arguments=topology.meta_arguments(partitions)
+            channel, raw = await declare_replicated(
+                link, channel, raw, topology.meta_queue(topic), topology.meta_arguments(partitions),
+                topology.legacy_meta_arguments(partitions),
             )
         except amqp.ChannelPreconditionFailed as exc:
+            if "'x-max-length'" not in str(exc):
+                raise
             raise ConfigurationError(
                 f"topic {topic!r} exists on the RabbitMQ server with another partition count; this connection "
                 f"has partition_count={partitions} ({exc.args[0] if exc.args else exc})"
@@ -90,8 +125,20 @@ async def declare_group(link: Link, topology: Topology, topic: str, group: str, 
         dlx = topology.dead_letter_exchange()
         letters = topology.letters_queue(topic, group)
         await raw.exchange_declare(dlx, exchange_type="direct", durable=True)
-        await raw.queue_declare(letters, durable=True, arguments=topology.letters_arguments())
-        await raw.queue_bind(letters, dlx, routing_key=letters)
+        try:
+            await raw.queue_declare(letters, durable=True, arguments=topology.letters_arguments())
+        except amqp.ChannelNotFoundEntity as exc:
+            if "home node" not in str(exc):
+                raise
+            # A classic queue lives on one node: while that node is down the group goes on (its
+            # dead-lettering waits for the node); the queue exists, so binding it again is not needed.
+            log.warning("rabbitmq: the letters queue %s is on a node that is down; dead letters of %r wait for it",
+                        letters, group)
+            with contextlib.suppress(Exception):
+                await channel.close()
+            channel, raw = await link.channel()
+        else:
+            await raw.queue_bind(letters, dlx, routing_key=letters)
         exchange = topology.exchange(topic)
         arguments = topology.lane_arguments(topic, group)
         for partition in range(partitions):

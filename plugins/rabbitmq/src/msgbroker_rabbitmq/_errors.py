@@ -15,7 +15,15 @@ from msgbroker.spi import (
 )
 from yarl import URL
 
-__all__ = ["redacted", "translate"]
+__all__ = ["cancelled", "redacted", "translate"]
+
+
+def cancelled() -> bool:
+    """Whether the running task is being cancelled. aiormq also raises CancelledError out of a
+    call on a connection it found dead (it cancels its reader), which is a lost connection,
+    not a cancellation of the caller."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def redacted(url: str) -> str:
@@ -37,7 +45,10 @@ def translate(exc: BaseException, doing: str) -> MsgBrokerError:
     if isinstance(exc, amqp.ChannelAccessRefused):
         return ConfigurationError(f"rabbitmq: {doing} failed: access refused (check the user's permissions): {exc}")
     if isinstance(exc, amqp.ChannelPreconditionFailed):
-        return ConfigurationError(f"rabbitmq: {doing} failed: the server has it with other settings: {exc}")
+        hint = ""
+        if "'x-quorum-initial-group-size'" in str(exc):
+            hint = " (rabbitmq.quorum_initial_group_size applies only to queues declared after it was set)"
+        return ConfigurationError(f"rabbitmq: {doing} failed: the server has it with other settings: {exc}{hint}")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return BrokerTimeoutError(text)
     if isinstance(exc, (amqp.AMQPConnectionError, amqp.ChannelInvalidStateError, ConnectionError, OSError)):

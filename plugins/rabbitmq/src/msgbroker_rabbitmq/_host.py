@@ -43,7 +43,7 @@ class MemberHost(Protocol):
     """The transport as its members see it."""
 
     settings: BrokerSettings
-    url: str
+    urls: list[str]
     topology: Topology
     amqp_heartbeat: int
     ssl_context: ssl.SSLContext | None

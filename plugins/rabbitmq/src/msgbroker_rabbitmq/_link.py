@@ -1,10 +1,11 @@
-"""One AMQP connection that reconnects by itself, in generations.
+"""One AMQP connection that reconnects by itself, in generations, to any node of a cluster.
 
 aio-pika's ``RobustConnection`` restores channels, consumers and exclusive queues on its own
 before it tells the application, so a member would consume lanes whose lease (an exclusive
-queue of the old connection) it no longer holds. This link uses aio-pika's plain connection
-and reconnects itself: everything bound to a connection (leases, consumers, unacked
-deliveries) belongs to one *generation*, and the owner re-runs its assignment in ``on_up``.
+queue of the old connection) it no longer holds; it also knows one URL only. This link uses
+aio-pika's plain connection and reconnects itself, to the node addresses in turn: everything
+bound to a connection (leases, consumers, unacked deliveries) belongs to one *generation*, and
+the owner re-runs its assignment in ``on_up``.
 """
 
 from __future__ import annotations
@@ -13,31 +14,65 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
-from msgbroker.spi import BrokerConnectionError, tls_verification_error
+from msgbroker.resilience import JitteredBackoff
+from msgbroker.spi import BrokerConnectionError, ConfigurationError, MsgBrokerError, tls_verification_error
 from yarl import URL
 
 from ._compat import channel_numbers
-from ._errors import redacted, translate
+from ._errors import cancelled, redacted, translate
 
-__all__ = ["Link"]
+__all__ = ["Link", "split_urls"]
 
 log = logging.getLogger("msgbroker.rabbitmq")
 
 CONNECT_TIMEOUT = 10.0
+"""How long connecting to one node may take (a paused node accepts TCP and never answers)."""
+CLUSTER_CONNECT_TIMEOUT = 5.0
+"""The same when there are other nodes to try."""
+RECONNECT_BACKOFF = JitteredBackoff(0.1, 2.0, jitter_factor=0.2)
+"""The pause before each round over the nodes (the resilience module's backoff: 0.1 s doubling
+to 2 s, ±20 %)."""
+
+
+def split_urls(url: str) -> list[str]:
+    """The node addresses of ``rabbitmq.url``: one AMQP URL, or several separated by commas
+    (the nodes of a cluster, in the order they are tried). ConfigurationError names a bad one."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ConfigurationError("rabbitmq.url is empty: give an amqp:// or amqps:// url (several: comma-separated)")
+    schemes = set()
+    for one in urls:
+        try:
+            parsed = URL(one)
+            parsed.port  # noqa: B018 - a port that is not a number raises here
+        except ValueError as exc:
+            raise ConfigurationError(f"rabbitmq.url: {redacted(one)!r} is not a url: {exc}") from exc
+        if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+            raise ConfigurationError(
+                f"rabbitmq.url: {redacted(one)!r} is not an amqp:// or amqps:// url with a host "
+                "(several nodes: comma-separated urls, e.g. amqp://u:p@node1:5672/,amqp://u:p@node2:5672/)"
+            )
+        schemes.add(parsed.scheme)
+    if len(schemes) > 1:
+        raise ConfigurationError("rabbitmq.url mixes amqp:// and amqps:// urls: use one scheme for every node")
+    return urls
 
 
 class Link:
-    """A reconnecting connection; ``generation`` grows by one at every (re)connect."""
+    """A reconnecting connection; ``generation`` grows by one at every (re)connect.
+
+    The first connect tries ``urls`` in order; a reconnect starts with the node after the one
+    whose connection was lost and goes round them all, pausing between rounds."""
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         name: str,
         *,
         heartbeat: int,
@@ -45,11 +80,15 @@ class Link:
         on_down: Callable[[], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        parsed = URL(url)
-        if "heartbeat" not in parsed.query:
-            parsed = parsed.update_query(heartbeat=heartbeat)
-        self._url = str(parsed)
-        self._shown = redacted(url)
+        self._urls: list[str] = []
+        for url in urls:
+            parsed = URL(url)
+            if "heartbeat" not in parsed.query:
+                parsed = parsed.update_query(heartbeat=heartbeat)
+            self._urls.append(str(parsed))
+        self._shown = [redacted(url) for url in urls]
+        self._node = 0
+        """Index of the node connected to (or tried first)."""
         self._ssl_context = ssl_context
         self._name = name
         self._on_up = on_up
@@ -65,17 +104,23 @@ class Link:
     def is_up(self) -> bool:
         return self._up.is_set() and self._conn is not None and not self._closing
 
-    async def _connect(self, timeout: float) -> AbstractConnection:
+    @property
+    def node(self) -> str:
+        """The address connected to (or tried next), password hidden."""
+        return self._shown[self._node]
+
+    async def _connect_to(self, index: int, timeout: float) -> AbstractConnection:
+        shown = self._shown[index]
         try:
             conn = await aio_pika.connect(
-                self._url, timeout=timeout, client_properties={"connection_name": self._name},
+                self._urls[index], timeout=timeout, client_properties={"connection_name": self._name},
                 ssl_context=self._ssl_context,
             )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise (tls_verification_error(exc, "rabbitmq", self._shown)
-                   or translate(exc, f"connecting to {self._shown}")) from exc
+            raise (tls_verification_error(exc, "rabbitmq", shown)
+                   or translate(exc, f"connecting to {shown}")) from exc
 
         def closed(_sender: Any, _exc: BaseException | None = None) -> None:
             self._lost(conn)
@@ -83,16 +128,39 @@ class Link:
         conn.close_callbacks.add(closed)
         return conn
 
+    async def _connect(self, first: int) -> AbstractConnection:
+        """A connection to the first node that answers, trying them in order from ``first``;
+        a ConfigurationError (credentials, TLS) at once, else the last node's error."""
+        count = len(self._urls)
+        timeout = CONNECT_TIMEOUT if count == 1 else CLUSTER_CONNECT_TIMEOUT
+        failures: list[MsgBrokerError] = []
+        for step in range(count):
+            index = (first + step) % count
+            try:
+                conn = await self._connect_to(index, timeout)
+            except ConfigurationError:
+                raise
+            except MsgBrokerError as exc:
+                failures.append(exc)
+                continue
+            self._node = index
+            return conn
+        if count == 1:
+            raise failures[0]
+        raise BrokerConnectionError(
+            f"rabbitmq: none of the {count} nodes answered ({', '.join(self._shown)}); last: {failures[-1]}"
+        ) from failures[-1]
+
     async def open(self) -> None:
-        """Connect for the first time (raises :class:`BrokerConnectionError` when unreachable)."""
-        self._conn = await self._connect(CONNECT_TIMEOUT)
+        """Connect for the first time (raises :class:`BrokerConnectionError` when no node answers)."""
+        self._conn = await self._connect(0)
         self.generation += 1
         self._up.set()
 
     def _lost(self, conn: AbstractConnection) -> None:
         if self._closing or conn is not self._conn:
             return
-        log.warning("rabbitmq: connection %s to %s lost; reconnecting", self._name, self._shown)
+        log.warning("rabbitmq: connection %s to %s lost; reconnecting", self._name, self.node)
         self._up.clear()
         self._conn = None
         if self._on_down is not None:
@@ -103,12 +171,13 @@ class Link:
             )
 
     async def _reconnect(self) -> None:
-        pause = 0.1
+        rounds = 0
+        first = (self._node + 1) % len(self._urls)  # the node we lost is likely down: the others first
         while not self._closing:
-            await asyncio.sleep(pause)
-            pause = min(2.0, pause * 2)
+            rounds += 1
+            await asyncio.sleep(RECONNECT_BACKOFF.delay(rounds))
             try:
-                conn = await self._connect(CONNECT_TIMEOUT)
+                conn = await self._connect(first)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -122,16 +191,18 @@ class Link:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("rabbitmq: restoring %s after reconnect failed (%s); again", self._name, exc)
+                log.warning("rabbitmq: restoring %s on %s after reconnect failed (%s); again",
+                            self._name, self.node, exc)
                 self._conn = None
                 with contextlib.suppress(Exception):
                     await conn.close()
+                first = (self._node + 1) % len(self._urls)
                 continue
             if self._closing:
                 with contextlib.suppress(Exception):
                     await conn.close()
                 return
-            log.info("rabbitmq: connection %s restored (generation %d)", self._name, self.generation)
+            log.info("rabbitmq: connection %s restored to %s (generation %d)", self._name, self.node, self.generation)
             self._up.set()
             return
 
@@ -149,7 +220,7 @@ class Link:
     def connection(self) -> AbstractConnection:
         conn = self._conn
         if conn is None or self._closing:
-            raise BrokerConnectionError(f"rabbitmq: connection {self._name} to {self._shown} is down")
+            raise BrokerConnectionError(f"rabbitmq: connection {self._name} to {self.node} is down")
         return conn
 
     def _next_channel_number(self, conn: AbstractConnection) -> int | None:
@@ -175,7 +246,11 @@ class Link:
             )
             return channel, await channel.get_underlay_channel()
         except asyncio.CancelledError:
-            raise
+            if cancelled():
+                raise
+            raise BrokerConnectionError(
+                f"rabbitmq: opening a channel on {self._name}: the connection was lost"
+            ) from None
         except Exception as exc:
             raise translate(exc, f"opening a channel on {self._name}") from exc
 

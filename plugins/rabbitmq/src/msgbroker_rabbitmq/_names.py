@@ -36,10 +36,12 @@ def _short(name: str, limit: int = MAX_NAME_BYTES) -> str:
 class Topology:
     """The exchanges and queues of one ``exchange_prefix`` (see docs/providers/rabbitmq.md)."""
 
-    def __init__(self, prefix: str, expires_ms: int | None = None) -> None:
+    def __init__(self, prefix: str, expires_ms: int | None = None, group_size: int | None = None) -> None:
         self.prefix = prefix
         self.expires_ms = expires_ms
         """``x-expires`` of every durable queue (``rabbitmq.queue_expires``), or None."""
+        self.group_size = group_size
+        """``x-quorum-initial-group-size`` of every quorum queue (``rabbitmq.quorum_initial_group_size``), or None."""
 
     def exchange(self, topic: str) -> str:
         """The direct exchange of ``topic``; the routing key is the partition number."""
@@ -70,7 +72,11 @@ class Topology:
         return _short(f"{self.prefix}:{topic}:{group}:{partition}:@note")
 
     def note_arguments(self) -> dict[str, Any]:
-        """A classic queue that keeps only the newest message."""
+        """A quorum queue that keeps only the newest message."""
+        return self._quorum({"x-max-length": 1, "x-overflow": "drop-head"})
+
+    def legacy_note_arguments(self) -> dict[str, Any]:
+        """The classic note queue an earlier version declared (kept where it exists)."""
         return self._expiring({"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"})
 
     def lease_queue(self, topic: str, group: str, partition: int) -> str:
@@ -92,19 +98,31 @@ class Topology:
             arguments["x-expires"] = self.expires_ms
         return arguments
 
+    def _quorum(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """A quorum queue: replicated over the cluster's nodes, so it outlives any one of them."""
+        arguments = {"x-queue-type": "quorum", **arguments}
+        if self.group_size is not None:
+            arguments["x-quorum-initial-group-size"] = self.group_size
+        return self._expiring(arguments)
+
     def meta_arguments(self, partitions: int) -> dict[str, Any]:
-        """The partition-count marker: its ``x-max-length`` cannot be redeclared differently."""
+        """The partition-count marker, a quorum queue: its ``x-max-length`` cannot be redeclared
+        differently."""
+        return self._quorum({"x-max-length": partitions})
+
+    def legacy_meta_arguments(self, partitions: int) -> dict[str, Any]:
+        """The classic marker an earlier version declared (kept where it exists)."""
         return self._expiring({"x-max-length": partitions})
 
     def letters_arguments(self) -> dict[str, Any]:
-        """A classic queue: a listing puts letters back in their place, uncounted."""
+        """A classic queue: a listing puts letters back in their place, uncounted. It lives on
+        one node of a cluster (the letters are also in the replicated ``<topic>.dlq``)."""
         return self._expiring({"x-queue-type": "classic"})
 
     def lane_arguments(self, topic: str, group: str) -> dict[str, Any]:
         """A quorum queue with single active consumer and a delivery limit (keeps requeue
         positions), dead-lettering at least once into the group's letters queue."""
-        return self._expiring({
-            "x-queue-type": "quorum",
+        return self._quorum({
             "x-single-active-consumer": True,
             "x-delivery-limit": DELIVERY_LIMIT,
             "x-dead-letter-exchange": self.dead_letter_exchange(),
@@ -115,4 +133,4 @@ class Topology:
 
     def backlog_arguments(self) -> dict[str, Any]:
         """A quorum queue with a delivery limit, so attempts are counted and positions kept."""
-        return self._expiring({"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT})
+        return self._quorum({"x-delivery-limit": DELIVERY_LIMIT})

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Sequence
 
 import aiormq
+from aio_pika.abc import AbstractChannel
 from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
+from msgbroker.resilience import JitteredBackoff
 from msgbroker.spi import (
     CONTENT_TYPE,
     KEY_HEADER,
@@ -21,15 +25,26 @@ from pamqp import commands as spec
 
 from ._compat import publish_unlocked
 from ._declare import declare_backlog
-from ._errors import translate
+from ._errors import cancelled, translate
 from ._link import Link
 from ._names import Topology
 
 __all__ = ["KEY_HEADER", "PERSISTENT", "PUBLISH_TIMEOUT", "publish_confirmed"]
 
+log = logging.getLogger("msgbroker.rabbitmq")
+
 PERSISTENT = 2
 PUBLISH_TIMEOUT = 30.0
-"""How long a publish waits for the server's confirm before it is indeterminate."""
+"""How long a publish waits for the server's confirms before it is indeterminate."""
+CONFIRM_PATIENCE = 10.0
+"""How long a publish waits for a confirm before sending the message again on a new channel.
+Confirms come within milliseconds; on a cluster, a publish to a quorum queue whose leader has
+just gone can go unanswered (seen for 30 s after a node restart), or be refused
+(``basic.nack``), and the channel that got such a nack goes on nacking every later publish even
+once a new leader is elected (RabbitMQ 3.10), while a new channel publishes at once. So what is
+not confirmed goes out again on a new channel, until :data:`PUBLISH_TIMEOUT`."""
+REFUSED_BACKOFF = JitteredBackoff(0.05, 1.0)
+"""The pause before each such retry (the resilience module's backoff)."""
 
 
 MAX_HEADER_NAME_BYTES = 128
@@ -73,31 +88,109 @@ async def publish_confirmed(
             ids.clear()
         ids.add(record.message_id)
         rounds[-1].append(record)
-    for chunk in rounds:
-        returned = await _publish_round(topology, channel, chunk)
-        if not returned:
-            continue
-        try:
-            for topic in dict.fromkeys(r.topic for r in returned):
-                await declare_backlog(link, topology, topic, {r.partition for r in returned if r.topic == topic})
-        except MsgBrokerError as exc:
+    channels = _Channels(link, channel)
+    try:
+        for chunk in rounds:
+            returned = await _publish_stored(channels, topology, chunk)
+            if not returned:
+                continue
+            try:
+                for topic in dict.fromkeys(r.topic for r in returned):
+                    await declare_backlog(link, topology, topic, {r.partition for r in returned if r.topic == topic})
+            except MsgBrokerError as exc:
+                raise PublishFailedError(
+                    f"rabbitmq: {len(returned)} message(s) to {returned[0].topic!r} were returned unroutable (first "
+                    f"{returned[0].message_id}) and no backlog queue could be declared for them: {exc}"
+                ) from exc
+            again = await _publish_stored(channels, topology, returned)
+            if again:
+                raise PublishFailedError(
+                    f"rabbitmq: {len(again)} message(s) to {again[0].topic!r} were returned unroutable twice "
+                    f"(first {again[0].message_id}): is the topic's backlog exchange missing?"
+                )
+    finally:
+        await channels.close()
+
+
+class _Channels:
+    """The caller's confirm channel, replaced after a refusal by new ones of our own (closed
+    when the publish is done). The caller's channel is closed then: it would go on nacking, and
+    its owner opens a new one when it finds it closed."""
+
+    def __init__(self, link: Link, channel: aiormq.abc.AbstractChannel) -> None:
+        self.link = link
+        self.current = channel
+        self.own: list[AbstractChannel] = []
+
+    async def renew(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.current.close()
+        channel, self.current = await self.link.channel(confirms=True)
+        self.own.append(channel)
+
+    async def close(self) -> None:
+        for channel in self.own:
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+
+async def _publish_stored(
+    channels: _Channels, topology: Topology, records: list[OutgoingRecord]
+) -> list[OutgoingRecord]:
+    """:func:`_publish_round` until the server confirmed every record (or returned it
+    unroutable): what it refused, or did not confirm within :data:`CONFIRM_PATIENCE`, goes out
+    again on a new channel, with every record after it of the same partition (so that the
+    partition's order holds; those already stored become duplicates). Returns the records
+    returned unroutable. Past :data:`PUBLISH_TIMEOUT`: PublishIndeterminateError when a confirm
+    is missing, else PublishFailedError."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PUBLISH_TIMEOUT
+    returned: dict[int, OutgoingRecord] = {}
+    pending = list(enumerate(records))
+    retry = 0
+    while True:
+        patience = max(0.1, min(CONFIRM_PATIENCE, deadline - loop.time()))
+        came_back, refused, unconfirmed = await _publish_round(
+            topology, channels.current, [r for _, r in pending], patience
+        )
+        returned.update((pending[i][0], pending[i][1]) for i in came_back)
+        again = sorted(refused + unconfirmed)
+        if not again:
+            return [returned[i] for i in sorted(returned)]
+        first: dict[tuple[str, int], int] = {}
+        for i in again:
+            record = pending[i][1]
+            first.setdefault((record.topic, record.partition), i)
+        sample = pending[again[0]][1]
+        pending = [(n, r) for i, (n, r) in enumerate(pending) if i >= first.get((r.topic, r.partition), len(pending))]
+        for n, _ in pending:
+            returned.pop(n, None)
+        retry += 1
+        pause = REFUSED_BACKOFF.delay(retry)
+        if loop.time() + pause >= deadline:
+            if unconfirmed:
+                raise PublishIndeterminateError(
+                    f"rabbitmq: {len(unconfirmed)} publish(es) to {sample.topic!r} (first {sample.message_id}) were "
+                    f"not confirmed within {PUBLISH_TIMEOUT:.0f}s: they may or may not have been stored"
+                )
             raise PublishFailedError(
-                f"rabbitmq: {len(returned)} message(s) to {returned[0].topic!r} were returned unroutable (first "
-                f"{returned[0].message_id}) and no backlog queue could be declared for them: {exc}"
-            ) from exc
-        again = await _publish_round(topology, channel, returned)
-        if again:
-            raise PublishFailedError(
-                f"rabbitmq: {len(again)} message(s) to {again[0].topic!r} were returned unroutable twice "
-                f"(first {again[0].message_id}): is the topic's backlog exchange missing?"
+                f"rabbitmq: the server refused {len(refused)} message(s) to {sample.topic!r} (first "
+                f"{sample.message_id}; basic.nack) for {PUBLISH_TIMEOUT:.0f}s: does the partition's queue "
+                "have a leader (a majority of its nodes up)?"
             )
+        log.info("rabbitmq: %d publish(es) to %r refused (basic.nack) and %d not confirmed in %.0fs (first %s); "
+                 "sending them and the %d after them again on a new channel", len(refused), sample.topic,
+                 len(unconfirmed), patience, sample.message_id, len(pending) - len(again))
+        await asyncio.sleep(pause)
+        await channels.renew()
 
 
 async def _publish_round(
-    topology: Topology, channel: aiormq.abc.AbstractChannel, records: list[OutgoingRecord]
-) -> list[OutgoingRecord]:
+    topology: Topology, channel: aiormq.abc.AbstractChannel, records: list[OutgoingRecord], patience: float
+) -> tuple[list[int], list[int], list[int]]:
     """One burst in order (aiormq sends frames under a FIFO lock); the confirms come back
-    together. Returns the records the server returned unroutable."""
+    together. Returns the positions of the records the server returned unroutable, of those it
+    refused (``basic.nack``) and of those not confirmed within ``patience`` seconds."""
     results = await asyncio.gather(
         *(
             publish_unlocked(  # do not hold aiormq's channel lock until each frame is on the socket
@@ -112,7 +205,7 @@ async def _publish_round(
                     headers={**record.headers, KEY_HEADER: record.key},
                 ),
                 mandatory=True,
-                timeout=PUBLISH_TIMEOUT,
+                timeout=patience,
             )
             for record in records
         ),
@@ -120,19 +213,18 @@ async def _publish_round(
     )
     pairs = list(zip(records, results, strict=True))
     for _, result in pairs:
-        if isinstance(result, asyncio.CancelledError):
+        if isinstance(result, asyncio.CancelledError) and cancelled():
             raise result
-    unknown = [(r, x) for r, x in pairs if isinstance(x, BaseException) and not isinstance(x, amqp.DeliveryError)]
+    # A publish cancelled by aiormq itself (a connection found stuck, its reader cancelled) is
+    # indeterminate like any other lost connection.
+    unknown = [(r, x) for r, x in pairs
+               if isinstance(x, BaseException) and not isinstance(x, (amqp.DeliveryError, TimeoutError))]
     if unknown:
         record, first = unknown[0]
         raise PublishIndeterminateError(
             f"rabbitmq: {len(unknown)} of {len(records)} publish(es) to {record.topic!r} may or may not have been "
             f"stored: {translate(first, 'publishing')}"
         ) from first
-    refused = [r for r, x in pairs if isinstance(x, amqp.DeliveryError)]
-    if refused:
-        raise PublishFailedError(
-            f"rabbitmq: the server refused {len(refused)} message(s) to {refused[0].topic!r} "
-            f"(first {refused[0].message_id}; basic.nack)"
-        )
-    return [r for r, x in pairs if isinstance(x, DeliveredMessage)]
+    refused = [i for i, x in enumerate(results) if isinstance(x, amqp.DeliveryError)]
+    unconfirmed = [i for i, x in enumerate(results) if isinstance(x, TimeoutError)]
+    return [i for i, x in enumerate(results) if isinstance(x, DeliveredMessage)], refused, unconfirmed

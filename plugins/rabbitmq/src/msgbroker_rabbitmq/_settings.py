@@ -15,9 +15,15 @@ class RabbitMQSettings(ProviderSettings):
     """RabbitMQ provider."""
 
     url: str = "amqp://guest:guest@localhost:5672/"
+    """The server, or the nodes of a cluster as a comma-separated list of URLs: each connection
+    tries them in this order and, when it is lost, reconnects to the next one that answers."""
     exchange_prefix: str = "msgbroker"
     prefetch: int = Field(1, ge=1)
     queue_type: str = "quorum"
+    quorum_initial_group_size: int | None = Field(None, ge=1)
+    """How many nodes replicate each quorum queue the provider declares
+    (``x-quorum-initial-group-size``); None leaves it to the server (its ``quorum_cluster_size``).
+    Only queues declared from then on get it: redeclaring an existing one with another size is refused."""
     claim_timeout: Duration = timedelta(seconds=10)
     """How long a member may stay silent before its partitions move to the others."""
     queue_expires: Duration | None = None

@@ -44,7 +44,7 @@ from ._consumer import RabbitMQLaneConsumer, delivery_headers
 from ._declare import declare_topic
 from ._errors import redacted, translate
 from ._host import Member
-from ._link import Link
+from ._link import Link, split_urls
 from ._names import DELIVERY_LIMIT, Topology
 from ._publish import publish_confirmed
 from ._settings import RabbitMQSettings
@@ -108,12 +108,14 @@ class RabbitMQTransport(Transport):
             raise ConfigurationError(
                 f"rabbitmq.exchange_prefix={section.exchange_prefix!r} must be 1-50 characters of A-Z a-z 0-9 _ . -"
             )
-        self.url: str = section.url
+        self.urls: list[str] = split_urls(section.url)
+        """The node addresses: one, or a cluster's (tried in order)."""
         expires = section.queue_expires
         if expires is not None and expires.total_seconds() < 1:
             raise ConfigurationError(f"rabbitmq.queue_expires={expires} must be at least 1 second (or None)")
         self.topology = Topology(
-            section.exchange_prefix, None if expires is None else int(expires.total_seconds() * 1000)
+            section.exchange_prefix, None if expires is None else int(expires.total_seconds() * 1000),
+            section.quorum_initial_group_size,
         )
         claim = section.claim_timeout.total_seconds()
         self.amqp_heartbeat = max(5, math.ceil(claim))
@@ -140,15 +142,15 @@ class RabbitMQTransport(Transport):
         cafile = self.settings.rabbitmq.ssl_cafile
         if not cafile:
             return None  # amqps:// trusts the system's CAs (or the url's ?cafile=)
-        if URL(self.url).scheme != "amqps":
+        if URL(self.urls[0]).scheme != "amqps":
             raise ConfigurationError(
-                f"rabbitmq.ssl_cafile is set, but rabbitmq.url={redacted(self.url)!r} is not an amqps:// url (TLS)"
+                f"rabbitmq.ssl_cafile is set, but rabbitmq.url={redacted(self.urls[0])!r} is not an amqps:// url (TLS)"
             )
         return tls_client_context("rabbitmq", cafile)
 
     async def connect(self) -> None:
         self.ssl_context = self._tls_context()
-        link = Link(self.url, "msgbroker-publisher", heartbeat=self.amqp_heartbeat, on_down=self._down,
+        link = Link(self.urls, "msgbroker-publisher", heartbeat=self.amqp_heartbeat, on_down=self._down,
                     ssl_context=self.ssl_context)
         await link.open()
         self._link = link
