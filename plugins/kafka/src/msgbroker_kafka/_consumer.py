@@ -6,11 +6,16 @@
   handlers in lane tasks, so a slow handler cannot starve heartbeats (aiokafka#848).
 * Redelivery is local (the engine holds the lane), so there is no seek loop and no pause
   to lose on a rebalance; a lane that waits is simply not polled.
-* Commits: the lowest unsettled offset of each partition, each ack committed before the
-  engine starts the lane's next message (acks of all lanes share one request), synchronously
-  on revoke and on a graceful stop, never on a crash. The commit metadata carries the attempt
-  counts (:class:`AttemptRecord`), so a new owner after a rebalance or crash knows how often
-  each message was tried.
+* Commits: the lowest unsettled offset of each partition, coalesced — a background loop commits
+  every ``commit_interval`` or after ``commit_batch`` acks, and a poll commits before it hands
+  out what it read; synchronously on revoke and on a graceful stop, never on a crash. A first
+  delivery's ack waits for nothing. The commit metadata carries the attempt counts
+  (:class:`AttemptRecord`): what a new owner needs to count each message's attempts after a
+  rebalance or a crash. A message handed out since the last commit is *in doubt* there (one
+  more delivery may have begun, and ended in an ack or a crash): after a crash it comes back
+  with one attempt more, not counted as a failure, and is then handled *carefully* — its start
+  and its ack are committed (awaited) before the lane goes on, like every redelivered or
+  retried message, so that a second crash in it counts.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ _MARKER_BOUND = 5.0
 _FINAL_BOUND = 10.0
 _LEAVE_BOUND = 2.0
 _RUNS_BUDGET = 3000
-"""Characters of attempt runs in a commit's metadata (brokers keep 4096 by default)."""
+"""Characters of attempt runs and doubt ranges in a commit's metadata (brokers keep 4096 by default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +62,10 @@ class AttemptRecord:
     message at the committed offset began (the next is due no earlier than ``not_before``);
     for the offsets after it up to ``until`` (exclusive), ``runs`` of (first offset, deliveries
     begun) — messages handed out, maybe handled and acked, whose acks were not committed yet
-    when the member died. Encoded as ``msgbroker:a=2;nb=...;due=1;r=15:1,18:2;h=20``."""
+    when the member died. ``doubt``: ranges [first, until) of offsets (the committed one may be
+    among them) of which one more delivery may have begun than counted — handed out since the
+    last commit, maybe acked, maybe in a handler when the member died; such a delivery counts as
+    an attempt but not as a failure. Encoded as ``msgbroker:a=2;nb=...;due=1;r=15:1,18:2;h=20;d=20-40``."""
 
     started: int = 0
     not_before: float | None = None
@@ -70,6 +78,7 @@ class AttemptRecord:
     """Failed attempts of the message at the committed offset as of its last retry, which
     announced attempt ``retried_at`` (``msgbroker.spi.failures_since``); None: never retried."""
     retried_at: int = 0
+    doubt: tuple[tuple[int, int], ...] = ()
 
     def began(self, committed: int, offset: int) -> int:
         """Deliveries begun of the message at ``offset``, for a commit at ``committed``."""
@@ -79,6 +88,23 @@ class AttemptRecord:
             return 0
         index = bisect.bisect_right([first for first, _ in self.runs], offset) - 1
         return self.runs[index][1]
+
+    def doubtful(self, offset: int) -> bool:
+        """One more delivery of the message at ``offset`` may have begun than :meth:`began` says."""
+        doubt = self.doubt
+        if not doubt or not doubt[0][0] <= offset < doubt[-1][1]:
+            return False
+        index = bisect.bisect_right([first for first, _ in doubt], offset) - 1
+        return offset < doubt[index][1]
+
+    def end(self, committed: int) -> int:
+        """The first offset after ``committed`` that this record says nothing about."""
+        end = committed + 1
+        if self.runs and self.until is not None:
+            end = max(end, self.until)
+        if self.doubt:
+            end = max(end, self.doubt[-1][1])
+        return end
 
     def encode(self) -> str:
         parts = [f"a={self.started}"]
@@ -91,6 +117,8 @@ class AttemptRecord:
         if self.runs and self.until is not None:
             parts.append("r=" + ",".join(f"{first}:{count}" for first, count in self.runs))
             parts.append(f"h={self.until}")
+        if self.doubt:
+            parts.append("d=" + ",".join(f"{first}-{until}" for first, until in self.doubt))
         return _META_PREFIX + ";".join(parts)
 
     @classmethod
@@ -104,6 +132,10 @@ class AttemptRecord:
                 (int(first), int(count))
                 for first, count in (run.split(":") for run in fields.get("r", "").split(",") if run)
             )
+            doubt = tuple(
+                (int(first), int(until))
+                for first, until in (span.split("-") for span in fields.get("d", "").split(",") if span)
+            )
             failures, _, retried_at = fields.get("f", "").partition(":")
             return cls(
                 failures=int(failures) if failures else None,
@@ -113,15 +145,19 @@ class AttemptRecord:
                 runs=runs,
                 until=int(fields["h"]) if fields.get("h") else None,
                 due=fields.get("due") == "1",
+                doubt=tuple(sorted(span for span in doubt if span[0] < span[1])),
             )
         except (KeyError, ValueError):
             return None
 
 
-def next_attempt(record: AttemptRecord, began: int, at_commit: bool, now: float) -> tuple[int, float | None]:
+def next_attempt(
+    record: AttemptRecord, began: int, at_commit: bool, now: float, doubt: bool = False
+) -> tuple[int, float | None]:
     """The attempt number (and the delay still to wait out) of the next delivery of a message
-    of which ``began`` deliveries began; ``at_commit``: it is the message at the committed
-    offset (the one ``record.not_before`` and ``record.due`` speak of)."""
+    of which ``began`` deliveries began, and one more if ``doubt``; ``at_commit``: it is the
+    message at the committed offset (the one ``record.not_before`` and ``record.due`` speak of)."""
+    began += 1 if doubt else 0
     if not at_commit or record.not_before is None:
         return began + 1, None
     if now < record.not_before:
@@ -149,24 +185,48 @@ def _runs(counts: list[tuple[int, int]], budget: int) -> tuple[tuple[tuple[int, 
     return tuple(runs), until
 
 
+def _spans(offsets: list[int], budget: int) -> tuple[tuple[int, int], ...]:
+    """Sorted offsets as ranges [first, until), cut to ``budget`` characters (past the cut an
+    offset is not in doubt: counted low, never high)."""
+    spans: list[tuple[int, int]] = []
+    used = 0
+    for offset in offsets:
+        if spans and spans[-1][1] == offset:
+            spans[-1] = (spans[-1][0], offset + 1)
+            continue
+        used += len(f"{offset}-{offset + 1},") + 4
+        if used > budget:
+            break
+        spans.append((offset, offset + 1))
+    return tuple(spans)
+
+
 @dataclass(slots=True, eq=False)
 class _Track:
     """What this member knows about one owned partition."""
 
     tp: TopicPartition
     pending: dict[int, Delivery] = field(default_factory=dict)
-    """Fetched and not settled, by offset (insertion order is offset order)."""
-    handed: set[int] = field(default_factory=set)
-    """Offsets handed to the engine (the others wait in ``surplus``)."""
-    surplus: deque[Delivery] = field(default_factory=deque)
+    """Handed to the engine and not settled, by offset."""
+    queue: deque[int] = field(default_factory=deque)
+    """The offsets handed to the engine, in order; settled ones leave it lazily from the left."""
+    handed_to: int = 0
+    """The offsets below it were handed to the engine."""
+    surplus: deque[Any] = field(default_factory=deque)
+    """Records fetched and not handed to the engine yet (made deliveries when they are)."""
+    careful: set[int] = field(default_factory=set)
+    """Pending offsets delivered before (attempt > 1) or retried here: their start is committed
+    before their handler runs and their ack before the lane goes on."""
     retried: dict[int, tuple[int, float | None, int | None]] = field(default_factory=dict)
     """Offset: (the attempt a retry announced, its not_before, failures as of that retry)."""
     settled: dict[int, int] = field(default_factory=dict)
-    """Attempts of settled offsets the group's commit has not passed yet."""
+    """Attempts of settled offsets above a lower unsettled one (unordered lanes), until a commit passes them."""
     fetched_to: int | None = None
     inherited: AttemptRecord | None = None
     inherited_at: int = -1
     """The previous owner's record and the offset it was committed at."""
+    inherited_end: int = -1
+    """The first offset after ``inherited_at`` the previous owner's record says nothing about."""
     committed: tuple[int, str] | None = None
     closed: bool = False
     ordered: bool = True
@@ -174,14 +234,60 @@ class _Track:
 
     def target(self) -> int | None:
         """The offset to commit: the lowest unsettled one, or the next to fetch."""
-        if self.pending:
-            return next(iter(self.pending))
+        pending, queue = self.pending, self.queue
+        while queue:
+            first: int = queue[0]
+            if first in pending:
+                return first
+            queue.popleft()
+        if self.surplus:
+            offset: int = self.surplus[0].offset
+            return offset
         if self.fetched_to is not None:
             return self.fetched_to
         return self.committed[0] if self.committed else None
 
-    def inherited_began(self, offset: int) -> int:
-        return self.inherited.began(self.inherited_at, offset) if self.inherited is not None else 0
+    def inherited_state(self, offset: int) -> tuple[int, bool]:
+        """(deliveries begun, one more in doubt) of ``offset`` as the previous owner recorded it."""
+        inherited = self.inherited
+        if inherited is None or not self.inherited_at <= offset < self.inherited_end:
+            return 0, False
+        return inherited.began(self.inherited_at, offset), inherited.doubtful(offset)
+
+    def deliver(self, record: Any) -> Delivery:
+        """The delivery of a fetched record, its attempt counted from the previous owner's record;
+        handed to the engine from now on."""
+        headers = decode_headers(record.headers)
+        message_id = headers.pop(MESSAGE_ID_HEADER, "")
+        offset: int = record.offset
+        attempt, not_before, failures = 1, None, None
+        inherited = self.inherited
+        if inherited is not None and self.inherited_at <= offset < self.inherited_end:
+            at_commit = offset == self.inherited_at
+            began, doubt = self.inherited_state(offset)
+            attempt, not_before = next_attempt(inherited, began, at_commit, time.time(), doubt)
+            if at_commit and inherited.failures is not None:
+                # a delivery in doubt counts as an attempt, not as a failure
+                failures = failures_since(inherited.failures, inherited.retried_at, attempt - doubt)
+            elif doubt:
+                failures = began
+            if attempt > 1:
+                self.careful.add(offset)
+        delivery = Delivery(
+            partition=record.partition,
+            message_id=message_id,
+            key=(record.key or b"").decode("utf-8", errors="replace"),
+            headers=headers,
+            body=record.value or b"",
+            attempt=attempt,
+            position=offset,
+            not_before=not_before,
+            failures=failures,
+        )
+        self.pending[offset] = delivery
+        self.queue.append(offset)
+        self.handed_to = offset + 1
+        return delivery
 
     def _began(self, offset: int, delivery: Delivery, final: bool) -> tuple[int, float | None, bool]:
         """(deliveries begun, delay still to wait out, whether that attempt is the one due
@@ -204,44 +310,70 @@ class _Track:
             return attempt - 1, (not_before if waiting else None), False
         return attempt, None, False
 
+    def _state(self, offset: int, final: bool) -> tuple[int, bool, float | None, bool]:
+        """(deliveries begun, one more in doubt, delay still to wait out, due) of ``offset``
+        for a record written now; ``final``: the engine drained the lane, nothing is in a handler."""
+        delivery = self.pending.get(offset)
+        if delivery is not None:
+            if offset not in self.careful:
+                # a first delivery: may begin (or began, and was acked) before the next commit
+                if final:
+                    return self._began(offset, delivery, True)[0], False, None, False
+                return 0, True, None, False
+            began, not_before, due = self._began(offset, delivery, final)
+            if offset not in self.retried and began < delivery.attempt and not due:
+                known, doubt = self.inherited_state(offset)
+                if doubt:  # not begun here: the previous owner's delivery in doubt stays in doubt
+                    return known, True, not_before, False
+            return began, False, not_before, due
+        attempt = self.settled.get(offset)
+        if attempt is not None:  # acked, the ack not yet committed: began, and was no failure
+            return attempt - 1, True, None, False
+        known, doubt = self.inherited_state(offset)
+        return known, doubt, None, False
+
+    def fast(self, offset: int) -> bool:
+        """Every handed message from ``offset`` on is a first delivery, nothing settled lies beyond it and
+        the previous owner's record is passed: the record is one range in doubt."""
+        return not self.careful and not self.retried and not self.settled and offset >= self.inherited_end
+
     def record(self, offset: int, *, final: bool = False) -> str:
         """The commit metadata for a commit at ``offset``. ``final``: the engine drained the
         lane (revoke, close), so nothing is in a handler."""
-        delivery = self.pending.get(offset)
-        due = False
+        if not final and self.fast(offset):
+            if offset in self.pending:
+                return f"{_META_PREFIX}a=0;d={offset}-{self.handed_to}"
+            return ""
+        started, head_doubt, not_before, due = self._state(offset, final)
         failures: int | None = None
         retried_at = 0
-        if delivery is not None and offset in self.handed:
-            started, not_before, due = self._began(offset, delivery, final)
-            retried = self.retried.get(offset)
-            if retried is not None:
-                retried_at, failures = retried[0], retried[2]
-            elif delivery.failures is not None:  # inherited and not retried here
-                failures, retried_at = delivery.failures, delivery.attempt
-        else:
-            started = self.inherited_began(offset)
-            not_before, due = None, False
-            if self.inherited is not None and offset == self.inherited_at:
+        delivery = self.pending.get(offset)
+        retried = self.retried.get(offset)
+        if retried is not None:
+            retried_at, failures = retried[0], retried[2]
+        elif delivery is not None and delivery.failures is not None:
+            failures, retried_at = delivery.failures, delivery.attempt  # inherited, not retried here
+        elif self.inherited is not None and offset == self.inherited_at and delivery is None:
+            failures, retried_at = self.inherited.failures, self.inherited.retried_at
+            if not_before is None and self.inherited.not_before is not None:
                 not_before, due = self.inherited.not_before, self.inherited.due
-                failures, retried_at = self.inherited.failures, self.inherited.retried_at
+        later: set[int] = {o for o in self.settled if o > offset}
+        later.update(other for other in self.pending if other > offset)
+        if self.inherited is not None and offset + 1 < self.inherited_end:
+            later.update(range(max(offset + 1, self.inherited_at), self.inherited_end))
         counts: list[tuple[int, int]] = []
-        after = sorted(o for o in (*self.handed, *self.settled) if o > offset)
-        for later in after:
-            if later in self.settled:
-                counts.append((later, self.settled[later]))
-            else:
-                counts.append((later, self._began(later, self.pending[later], final)[0]))
-        inherited_until = self.inherited.until if self.inherited is not None else None
-        if inherited_until is not None:  # what the previous owner handed and this one has not yet
-            known = {o for o, _ in counts}
-            counts.extend((o, n) for o in range(offset + 1, inherited_until)
-                          if o not in known and (n := self.inherited_began(o)))
-            counts.sort()
-        counts = [(o, n) for o, n in counts if n > 0]
-        runs, until = _runs(counts, _RUNS_BUDGET)
-        if not started and not runs and not_before is None:
+        doubtful: list[int] = [offset] if head_doubt else []
+        for other in sorted(later):
+            began, doubt = self._state(other, final)[:2]
+            if began:
+                counts.append((other, began))
+            if doubt:
+                doubtful.append(other)
+        doubt_spans = _spans(doubtful, _RUNS_BUDGET // 2)
+        runs, until = _runs(counts, _RUNS_BUDGET - sum(len(f"{a}-{b},") for a, b in doubt_spans))
+        if not started and not runs and not doubt_spans and not_before is None:
             return ""
-        return AttemptRecord(started, not_before, runs, until, due, failures, retried_at).encode()
+        return AttemptRecord(started, not_before, runs, until, due, failures, retried_at, doubt_spans).encode()
 
 
 async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> None:
@@ -276,6 +408,21 @@ async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> No
         _report(stopping)
     else:
         log.warning("kafka: a consumer did not stop within %.0fs", _FINAL_BOUND)
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set or ``timeout`` passed."""
+    if event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    """Mark the outcome of a request whose caller may be gone as seen."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _report(stopped: asyncio.Future[Any]) -> None:
@@ -320,6 +467,13 @@ class KafkaLaneConsumer(LaneConsumer):
         self._commits_failing = False
         kafka = transport.settings.kafka
         self._commit_interval = kafka.commit_interval.total_seconds()
+        self._commit_batch = kafka.commit_batch
+        self._acks = 0
+        """First deliveries acked since the last commit of every lane."""
+        self._inflight: asyncio.Future[Any] | None = None
+        """The last commit request (it may outlive a cancelled caller)."""
+        self._full = asyncio.Event()
+        """``commit_batch`` acks are waiting: the loop commits before ``commit_interval`` ends."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -372,6 +526,9 @@ class KafkaLaneConsumer(LaneConsumer):
             await asyncio.gather(task, return_exceptions=True)
         if flush:
             await self._commit(None, bound=_FINAL_BOUND, final=True)
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            await asyncio.wait({inflight}, timeout=_LEAVE_BOUND)  # a crash cannot take back what is sent
         self._lanes.clear()
         self.transport.consumers.discard(self)
         consumer, self._consumer = self._consumer, None
@@ -438,6 +595,8 @@ class KafkaLaneConsumer(LaneConsumer):
             track.committed = committed
             track.inherited = AttemptRecord.decode(metadata)
             track.inherited_at = offset
+            if track.inherited is not None:
+                track.inherited_end = track.inherited.end(offset)
             if self._consumer is not None:
                 try:
                     # records fetched before a rebalance and never settled are read again
@@ -449,33 +608,9 @@ class KafkaLaneConsumer(LaneConsumer):
     async def close_lane(self, partition: int) -> None:
         track = self._lanes.get(partition)
         if track is not None:
-            track.closed = True
-            track.surplus.clear()
+            track.closed = True  # what it read and did not hand out stays unsettled (its offsets too)
 
     # -- reading --------------------------------------------------------------------------------
-
-    def _delivery(self, track: _Track, record: Any) -> Delivery:
-        headers = decode_headers(record.headers)
-        message_id = headers.pop(MESSAGE_ID_HEADER, "")
-        attempt, not_before, failures = 1, None, None
-        if track.inherited is not None:
-            began = track.inherited.began(track.inherited_at, record.offset)
-            attempt, not_before = next_attempt(
-                track.inherited, began, record.offset == track.inherited_at, time.time()
-            )
-            if record.offset == track.inherited_at:
-                failures = failures_since(track.inherited.failures, track.inherited.retried_at, attempt)
-        return Delivery(
-            partition=record.partition,
-            message_id=message_id,
-            key=(record.key or b"").decode("utf-8", errors="replace"),
-            headers=headers,
-            body=record.value or b"",
-            attempt=attempt,
-            position=record.offset,
-            not_before=not_before,
-            failures=failures,
-        )
 
     async def _fetch(
         self, consumer: AIOKafkaConsumer, tps: list[TopicPartition], timeout: float, wake: asyncio.Event
@@ -509,8 +644,9 @@ class KafkaLaneConsumer(LaneConsumer):
             return []
         out: list[Delivery] = []
         to_fetch: list[TopicPartition] = []
+        lanes = self._lanes
         for partition in partitions:
-            track = self._lanes.get(partition)
+            track = lanes.get(partition)
             if track is None or track.closed:
                 continue
             if track.surplus:
@@ -525,33 +661,24 @@ class KafkaLaneConsumer(LaneConsumer):
             except Exception as exc:
                 raise map_error(exc, f"polling {self.topic!r} for {self.group!r}") from exc
             for tp, records in batch.items():
-                track = self._lanes.get(tp.partition)
-                if track is None or track.closed:
+                track = lanes.get(tp.partition)
+                if track is None or track.closed or not records:
                     continue  # not ours now: the next owner (or our reopened lane) seeks back
-                for record in records:
-                    delivery = self._delivery(track, record)
-                    track.pending[record.offset] = delivery
-                    track.surplus.append(delivery)
-                    track.fetched_to = record.offset + 1
+                track.surplus.extend(records)
+                track.fetched_to = records[-1].offset + 1
                 self._hand_out(track, max_per_lane, out)
-        # A lane whose head was just handed out: record that its delivery began before its
-        # handler runs, so a crash during it counts as an attempt for the next owner.
-        handed_now = {(d.partition, d.position) for d in out}
-        started = [
-            p for p, t in self._lanes.items()
-            if not t.closed and (head := t.target()) is not None and (p, head) in handed_now
-            and t.committed != (head, t.record(head))
-        ]
-        if started and not self._commits_failing:
-            await self._commit(started, bound=_MARKER_BOUND)
+        # What is handed out now may begin before the next commit: the commit metadata must say
+        # so first (a range in doubt, or the start of a careful message), so that a crash in its
+        # handler counts. One commit for every lane, carrying the acks since the last one too.
+        if out and not self._commits_failing:
+            await self._group_commit()
         return out
 
     @staticmethod
     def _hand_out(track: _Track, limit: int, out: list[Delivery]) -> None:
-        for _ in range(min(limit, len(track.surplus))):
-            delivery = track.surplus.popleft()
-            track.handed.add(delivery.position)
-            out.append(delivery)
+        """Hand up to ``limit`` fetched records to the engine, in order."""
+        surplus, deliver = track.surplus, track.deliver
+        out.extend(deliver(surplus.popleft()) for _ in range(min(limit, len(surplus))))
 
     # -- settling -------------------------------------------------------------------------------
 
@@ -564,36 +691,51 @@ class KafkaLaneConsumer(LaneConsumer):
         return track
 
     async def ack(self, delivery: Delivery) -> None:
+        await self._settle(delivery, durable=False)
+
+    async def _settle(self, delivery: Delivery, *, durable: bool) -> None:
         track = self._owned(delivery)
         if track is None:
             return
-        del track.pending[delivery.position]
-        track.handed.discard(delivery.position)
-        track.retried.pop(delivery.position, None)
-        track.settled[delivery.position] = delivery.attempt  # until the commit passes it
+        offset = delivery.position
+        del track.pending[offset]
+        careful = track.careful
+        if careful and offset in careful:
+            careful.discard(offset)
+            track.retried.pop(offset, None)
+            durable = True  # its attempts are recorded exactly: so must its ack be
+        head = track.target()
+        if head is not None and head < offset:
+            track.settled[offset] = delivery.attempt  # until the commit passes it
+        elif track.ordered and head is not None and head in careful:
+            durable = True  # the lane's next message is careful: its start is committed before it runs
         if track.closed or self._commits_failing:
             self._dirty.set()  # committed in the next batch (or on revoke / close)
             return
-        # Committed before the engine starts the next message: so a crash loses no ack (no
-        # redelivery of what was handled, attempt counts exact) and a crash in the next
-        # handler counts as its attempt. Acks of all lanes share one commit request.
-        await self._group_commit()
+        if durable:
+            await self._group_commit()
+            return
+        # A first delivery's ack waits for nothing: it is committed with the next batch. Until
+        # then the commit metadata has it in doubt (see the module docstring).
+        self._acks += 1
+        if self._acks >= self._commit_batch:
+            self._full.set()
+        self._dirty.set()
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
         track = self._owned(delivery)
         if track is None:
             return
         track.retried[delivery.position] = (attempt, not_before, delivery.failures)
-        if track.target() == delivery.position:
-            # persisted at once, so the attempt and the delay survive a crash; a message behind
-            # the lowest unsettled offset (unordered lanes) cannot carry metadata in Kafka
-            await self._commit([delivery.partition], bound=_MARKER_BOUND)
+        track.careful.add(delivery.position)
+        # persisted at once, so the attempt, the failures and the delay survive a crash
+        await self._group_commit()
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         if self._owned(delivery) is None:
             return
         await self.transport.write_dead_letter(letter, delivery.key, delivery.message_id)
-        await self.ack(delivery)
+        await self._settle(delivery, durable=True)
 
     # -- committing -----------------------------------------------------------------------------
 
@@ -605,20 +747,22 @@ class KafkaLaneConsumer(LaneConsumer):
     async def _commit_loop(self) -> None:
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(self._commit_interval)  # batch the acks of this interval
+            # batch the acks of this interval, or of commit_batch acks
+            await _wait_event(self._full, self._commit_interval)
             self._dirty.clear()
-            await self._commit(None, bound=_FINAL_BOUND)
+            self._full.clear()
+            await self._group_commit(bound=_FINAL_BOUND)
 
-    async def _group_commit(self) -> None:
-        """Wait for a commit that began after this call (one request serves every caller that
-        arrived while the previous one was in flight)."""
+    async def _group_commit(self, bound: float = _MARKER_BOUND) -> None:
+        """Wait for a commit of every lane that began after this call (one request serves every
+        caller that arrived while the previous one was in flight)."""
         self._changes += 1
         ticket = self._changes
         async with self._commit_lock:
             if self._flushed >= ticket:
                 return
             upto = self._changes
-            await self._commit_locked(None, bound=_MARKER_BOUND, final=False)
+            await self._commit_locked(None, bound=bound, final=False)
             self._flushed = upto
 
     async def _commit(self, partitions: Iterable[int] | None, *, bound: float, final: bool = False) -> None:
@@ -633,6 +777,8 @@ class KafkaLaneConsumer(LaneConsumer):
         wanted = self._lanes if partitions is None else {p: self._lanes[p] for p in partitions if p in self._lanes}
         offsets: dict[TopicPartition, tuple[int, str]] = {}
         tracks: dict[TopicPartition, _Track] = {}
+        if partitions is None:
+            self._acks = 0
         for track in wanted.values():
             target = track.target()
             if target is None or track.tp not in assigned:
@@ -643,8 +789,18 @@ class KafkaLaneConsumer(LaneConsumer):
                 tracks[track.tp] = track
         if not offsets:
             return
+        # A caller cancelled meanwhile (a lane or the reader stopped) leaves the request to
+        # finish: aiokafka goes on sending it anyway, and stop() waits for it before it closes
+        # the connections (else the request may open a new one, left unclosed).
+        commit: asyncio.Future[Any] = asyncio.ensure_future(consumer.commit(offsets))
+        commit.add_done_callback(_retrieve)
+        self._inflight = commit
         try:
-            await asyncio.wait_for(consumer.commit(offsets), bound)
+            done, _ = await asyncio.wait({commit}, timeout=bound)
+            if not done:
+                commit.cancel()
+                raise TimeoutError(f"no answer within {bound:.0f}s")
+            commit.result()
         except asyncio.CancelledError:
             raise
         except (kafka_errors.CommitFailedError, kafka_errors.IllegalStateError) as exc:
@@ -662,5 +818,6 @@ class KafkaLaneConsumer(LaneConsumer):
             for tp, entry in offsets.items():
                 track = tracks[tp]
                 track.committed = entry
-                for offset in [o for o in track.settled if o < entry[0]]:
-                    del track.settled[offset]
+                if track.settled:
+                    for offset in [o for o in track.settled if o < entry[0]]:
+                        del track.settled[offset]

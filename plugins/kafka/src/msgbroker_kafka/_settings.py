@@ -29,4 +29,7 @@ class KafkaSettings(ProviderSettings):
     heartbeat_interval: Duration = timedelta(seconds=3)
     """How often a member tells the group coordinator it is alive (under ``session_timeout``)."""
     commit_interval: Duration = timedelta(milliseconds=200)
-    """How often settled offsets are committed in the background when a commit failed."""
+    """How long acks of first deliveries wait to be committed together (and how often commits are
+    retried while they fail)."""
+    commit_batch: int = Field(1000, ge=1)
+    """Acks that make the background commit go before ``commit_interval`` has passed."""
