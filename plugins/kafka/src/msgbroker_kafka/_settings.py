@@ -16,7 +16,12 @@ class KafkaSettings(ProviderSettings):
 
     bootstrap_servers: str = "localhost:9092"
     client_id: str = "msgbroker"
-    replication_factor: int = Field(1, ge=1)
+    replication_factor: int | None = Field(None, ge=1)
+    """Replicas of each topic the provider creates (``<topic>``, ``<topic>.dlq`` and
+    ``<topic>.dlq.removed``); None takes the brokers' ``default.replication.factor``."""
+    min_insync_replicas: int | None = Field(None, ge=1)
+    """``min.insync.replicas`` of each topic the provider creates: how many replicas must have a
+    record before an ``acks=all`` produce is confirmed; None takes the brokers' default."""
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
     sasl_username: str | None = None

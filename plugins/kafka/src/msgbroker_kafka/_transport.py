@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker.spi import (
     DEAD_LETTER_GROUP,
@@ -120,6 +121,14 @@ class KafkaTransport(Transport):
         self._offsets: AIOKafkaConsumer | None = None
         self._topics: dict[str, int] = {}
         self._topic_lock = asyncio.Lock()
+        self._replication: int | None = settings.kafka.replication_factor
+        """Replicas of the topics this transport creates: the setting, or the brokers' default once read."""
+        insync = settings.kafka.min_insync_replicas
+        if insync is not None and self._replication is not None and insync > self._replication:
+            raise ConfigurationError(
+                f"kafka.min_insync_replicas={insync} is more than kafka.replication_factor={self._replication}: "
+                "no acks=all produce could ever be confirmed"
+            )
         self._producer_lock = asyncio.Lock()
         self.consumers: set[Flushable] = set()
         """The running consumers of this transport (each adds itself at start)."""
@@ -274,16 +283,66 @@ class KafkaTransport(Transport):
             )
         return known
 
+    async def _broker_default(self, name: str) -> str | None:
+        """A broker configuration value (``default.replication.factor``), asked of the first
+        broker of the cluster that answers."""
+        admin = self.admin
+        cluster = await asyncio.wait_for(admin.describe_cluster(), _ADMIN_TIMEOUT)
+        failure: Exception | None = None
+        for broker in cluster.get("brokers", []):
+            try:
+                responses = await asyncio.wait_for(
+                    admin.describe_configs([ConfigResource(ConfigResourceType.BROKER, str(broker["node_id"]),
+                                                           {name: None})]),
+                    _ADMIN_TIMEOUT,
+                )
+            except Exception as exc:
+                failure = exc
+                continue
+            for response in responses:
+                for resource in response.resources:
+                    for entry in resource[4]:
+                        if entry[0] == name:
+                            return str(entry[1])
+            return None
+        raise failure or BrokerConnectionError("kafka: the cluster lists no broker")
+
+    async def _replication_factor(self) -> int:
+        """``kafka.replication_factor``, or the brokers' ``default.replication.factor`` (read
+        once): CreateTopics before v4, the newest aiokafka speaks, cannot ask for the default."""
+        if self._replication is None:
+            found = await self._broker_default("default.replication.factor")
+            replication = int(found) if found and found.isdigit() else 1
+            insync = self.settings.kafka.min_insync_replicas
+            if insync is not None and insync > replication:
+                raise ConfigurationError(
+                    f"kafka.min_insync_replicas={insync} is more than the brokers' default.replication.factor="
+                    f"{replication}: set kafka.replication_factor"
+                )
+            self._replication = replication
+        return self._replication
+
+    def _topic_configs(self) -> dict[str, str]:
+        """Configuration of each topic this transport creates."""
+        insync = self.settings.kafka.min_insync_replicas
+        return {} if insync is None else {"min.insync.replicas": str(insync)}
+
     async def _create_or_describe(self, topic: str, partitions: int) -> int:
         admin = self.admin
         try:
+            replication = await self._replication_factor()
             response = await asyncio.wait_for(
-                admin.create_topics([NewTopic(topic, partitions, self.settings.kafka.replication_factor)]),
+                admin.create_topics([NewTopic(topic, partitions, replication, topic_configs=self._topic_configs())]),
                 _ADMIN_TIMEOUT,
             )
             for name, code, message in response.topic_errors:
-                if name == topic and code not in (0, _TOPIC_EXISTS):
-                    raise ConfigurationError(f"kafka refused to create topic {topic!r}: error {code}: {message}")
+                if name != topic or code in (0, _TOPIC_EXISTS):
+                    continue
+                error = kafka_errors.for_code(code)
+                if getattr(error, "retriable", False):  # e.g. a controller moving to another node
+                    raise error(message)
+                hint = " (see kafka.replication_factor)" if "eplication" in str(message) else ""
+                raise ConfigurationError(f"kafka refused to create topic {topic!r}: error {code}: {message}{hint}")
             deadline = time.monotonic() + _ADMIN_TIMEOUT
             while True:
                 [described] = await asyncio.wait_for(admin.describe_topics([topic]), _ADMIN_TIMEOUT)
