@@ -38,6 +38,23 @@ class ClusterPool(Pool):
         self.settings = json.dumps(settings)
         self.procs: list[Any] = []
         self.kills = 0
+        self.slow_stops = 0
+
+    def stop_all(self) -> None:
+        """The fault suite's stop (SIGTERM, SIGKILL after 30 s), then every process reaped (a
+        killed one too, so no process outlives its Popen object)."""
+        procs = list(self.procs)
+        started = time.monotonic()
+        super().stop_all()
+        for proc in procs:
+            if proc.poll() is None:
+                self.slow_stops += 1
+                proc.wait(10)
+        if self.slow_stops:
+            log = self.record.with_suffix(".log")
+            print(f"{self.provider}: {self.slow_stops} worker(s) did not stop within 30 s of SIGTERM "
+                  f"({time.monotonic() - started:.1f}s); their log ends:\n"
+                  + (log.read_text()[-3000:] if log.exists() else "(no log)"))
 
 
 class Load:
