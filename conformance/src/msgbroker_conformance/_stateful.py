@@ -220,6 +220,14 @@ class ReferenceModel:
                 entry.uncertain = True
         self.disturb()
 
+    def release(self, message_id: str) -> None:
+        """The handler of ``message_id`` was cut off (the shutdown grace period of a lane that
+        moved ran out): unsettled again, for whichever member owns the lane next."""
+        entry = self.entries.get(message_id)
+        if entry is not None and entry.state == INFLIGHT:
+            entry.state, entry.holder = READY, None
+        self.disturb()
+
     def disturb(self) -> None:
         """Membership changed: prefetched-but-unhandled deliveries may be counted."""
         for entry in self.entries.values():
@@ -358,11 +366,17 @@ class BrokerMachine(RuleBasedStateMachine):
             self.coverage[f"step:{name}"] += 1
         try:
             yield True
-        except AssertionError as exc:  # a ConformanceFailure, or an assertion of the machine itself
+        except (AssertionError, Exception, asyncio.CancelledError) as exc:
+            # a ConformanceFailure, an assertion of the machine itself, or an error a provider
+            # call raised: kept for teardown like any violation (raising it here would change
+            # what Hypothesis draws after it)
+            failure = exc if isinstance(exc, AssertionError) else ConformanceFailure(
+                f"a step raised {type(exc).__name__}: {exc}")
+            failure.__cause__ = None if failure is exc else exc
             if self.max_lag >= self.stall_limit:
-                self._drop(exc)
+                self._drop(failure)
             else:
-                self.failure = exc
+                self.failure = failure
             return
         self.in_step = False
 
@@ -622,7 +636,15 @@ class BrokerMachine(RuleBasedStateMachine):
             action = "nak"
         not_before = time.time() + delay if action == "delay" else None
         note(f"{arrival.member} settles {arrival.key}#{arrival.seq} attempt {arrival.attempt}: {action}")
-        outcome = self._resolve(arrival, action, delay)
+        try:
+            outcome = self._resolve(arrival, action, delay)
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            # the engine cut the handler off: its lane moved and the grace period ran out while
+            # the machine held the message (docs/semantics.md, shutdown); it comes back unsettled
+            note(f"{arrival.member}'s handler of {arrival.key}#{arrival.seq} was cut off; unsettled again")
+            event("handler cut off after the grace period")
+            self.model.release(arrival.message_id)
+            return
         assert outcome == action
         dead = arrival.message_id in self._dead_ids() if action in ("nak", "reject", "delay") else False
         self.model.settle(arrival.message_id, action, dead, not_before)
