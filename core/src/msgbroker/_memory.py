@@ -402,9 +402,11 @@ class _MemoryConsumer(LaneConsumer):
             if out or remaining <= 0 or wake.is_set():
                 return out
             waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(wake.wait())]
-            done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
+            try:
+                done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the poll itself is cancelled (a closing consumer)
+                for waiter in waiters:
+                    waiter.cancel()
             if not done or wake.is_set():
                 return []
 
