@@ -5,12 +5,14 @@
 It handles ``Item`` messages, appending ``"<key>:<n>:<attempt>:<time>"`` to the Redis list
 ``<PREFIX>:record`` after each one, and, on the first delivery of a message whose ``n`` is
 HOLD_AT, pushes ``"holding:<key>:<n>"`` to ``<PREFIX>:holding`` and holds it HOLD_SECONDS
-(forever by default) before finishing it.
+(forever by default) before finishing it. Its ``claim_timeout`` is 2 s, or the provider's
+default when the environment variable ``MEMBER_DEFAULT_CLAIM_TIMEOUT`` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
@@ -41,8 +43,10 @@ async def main(url: str, prefix: str, topic: str, group: str, partitions: int, h
             await asyncio.sleep(hold_seconds)
         await raw.rpush(f"{prefix}:record", f"{item.key}:{item.n}:{ctx.delivery_attempt}:{time.time()!r}")
 
-    broker = msgbroker.connect(url, partition_count=partitions, retry_delay=0,
-                               redis={"key_prefix": prefix, "claim_timeout": 2})
+    redis: dict[str, object] = {"key_prefix": prefix}
+    if not os.environ.get("MEMBER_DEFAULT_CLAIM_TIMEOUT"):
+        redis["claim_timeout"] = 2
+    broker = msgbroker.connect(url, partition_count=partitions, retry_delay=0, redis=redis)
     async with broker:
         await broker.subscribe(topic, group, handle)
         await asyncio.Event().wait()

@@ -19,7 +19,7 @@ import msgbroker
 import pytest
 import redis.asyncio as aioredis
 from msgbroker import BrokerSettings, ConfigurationError, DeadLetter, Lane, Message, MessageContext, partition_for
-from msgbroker_redis import RedisTransport, TopicKeys
+from msgbroker_redis import RedisSettings, RedisTransport, TopicKeys
 from redis.crc import key_slot
 
 REPO = Path(__file__).resolve().parents[3]
@@ -251,23 +251,31 @@ async def test_peek_and_pending_by_partition_show_without_delivering(connect: An
 # -- a member process killed ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("claim_timeout", [2.0, None], ids=["claim-2s", "default-settings"])
 async def test_a_killed_member_process_hands_its_lanes_and_in_flight_message_over(
-    connect: Any, raw: aioredis.Redis, redis_url: str, prefix: str, topic: str
+    connect: Any, raw: aioredis.Redis, redis_url: str, prefix: str, topic: str, claim_timeout: float | None
 ) -> None:
+    """Also with the provider's default settings (issue: a dead member stalled its partitions
+    for the seed's 5 minutes): the lanes and the held message move within claim_timeout (10 s)."""
     keys = [f"key-{i}" for i in range(8)]
     count = 40
     await_all = {(k, n) for k in keys for n in range(count)}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    if claim_timeout is None:
+        env["MEMBER_DEFAULT_CLAIM_TIMEOUT"] = "1"
+    ttl = claim_timeout or RedisSettings().claim_timeout.total_seconds()
+    assert ttl <= 10, f"the default claim_timeout is {ttl}s: a dead member stalls its partitions that long"
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(MEMBER), redis_url, prefix, topic, "workers", "4", "7", env=env
     )
     try:
-        async with connect(partition_count=4) as broker:
+        async with connect(partition_count=4, redis={"claim_timeout": ttl}) as broker:
             await broker.publish_batch(topic, [Item(key=k, n=n) for n in range(count) for k in keys])
             # The worker owns every lane; it holds one message of each lane in flight at n=7.
             await wait_until(lambda: _count(raw, f"{prefix}:holding", 1), timeout=30, what="the member to hold")
             process.send_signal(signal.SIGKILL)
             await process.wait()
+            killed_at = time.monotonic()
             by_worker = [_parse(e) for e in await raw.lrange(f"{prefix}:record", 0, -1)]
             holding = [e.decode().split(":")[1] for e in await raw.lrange(f"{prefix}:holding", 0, -1)]
 
@@ -277,6 +285,10 @@ async def test_a_killed_member_process_hands_its_lanes_and_in_flight_message_ove
                 events.append((ctx.message.key, ctx.message.n, ctx.delivery_attempt))
 
             await broker.subscribe(topic, "workers", handle)
+            held_keys = [e.decode().split(":")[1] for e in await raw.lrange(f"{prefix}:holding", 0, -1)]
+            await wait_until(lambda: any((k, 7) in {(e[0], e[1]) for e in events} for k in held_keys),
+                             timeout=ttl + 30, what="the held message handed over")
+            took = time.monotonic() - killed_at
             handled = lambda: {(k, n) for k, n, _ in by_worker + events}  # noqa: E731
             await wait_until(lambda: handled() >= await_all, timeout=30, what="every message handled")
     finally:
@@ -298,6 +310,10 @@ async def test_a_killed_member_process_hands_its_lanes_and_in_flight_message_ove
         before = [(k, n) for k, n, _ in on_lane[:position]]
         assert set(before) <= done_by_worker, f"lane {lane} handed {before} before the held ({key}, 7)"
         assert on_lane[position][2] >= 2, f"the held message lost its delivery count: {on_lane[position]}"
+    # The lease of the dead member runs out after claim_timeout: the held message cannot move
+    # before (fencing), and must not wait for much longer (a renewal period and a poll).
+    print(f"failover (claim_timeout {ttl:g}s): the held message was handled again {took:.1f}s after the kill")
+    assert took >= ttl * 0.5, f"the held message moved {took:.1f}s after the kill, before its lease ({ttl}s) ran out"
 
 
 async def _count(raw: aioredis.Redis, key: str, at_least: int) -> bool:
@@ -467,7 +483,7 @@ async def test_streams_and_groups_deleted_under_a_running_member_are_recreated(
 
 
 async def test_the_seed_appsettings_redis_section_drives_the_provider(
-    redis_url: str, raw: aioredis.Redis, topic: str
+    redis_url: str, raw: aioredis.Redis, topic: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert SEED_APPSETTINGS.is_file(), f"the seed's settings are not at {SEED_APPSETTINGS}"
     settings = BrokerSettings.from_file(SEED_APPSETTINGS, provider="redis", redis={"url": redis_url})
@@ -483,6 +499,9 @@ async def test_the_seed_appsettings_redis_section_drives_the_provider(
         async with msgbroker.connect(settings) as broker:
             assert isinstance(broker.transport, RedisTransport)
             assert broker.transport.lease_ttl() == 300
+            # The seed's 5 minutes stall a dead member's partitions that long: said once, at open.
+            warned = [r.getMessage() for r in caplog.records if "claim_timeout is 0:05:00" in r.getMessage()]
+            assert len(warned) == 1 and "default is 10s" in warned[0], caplog.text
             assert broker.transport.max_stream_length == 100_000
             await broker.publish(topic, Item(key="k", n=1))
             await broker.subscribe(topic, "workers", handle)

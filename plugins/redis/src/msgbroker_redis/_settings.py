@@ -41,7 +41,10 @@ class RedisSettings(ProviderSettings):
     """A redis URL; for a Redis Cluster one or more of its nodes, comma-separated (or a list)."""
     key_prefix: str = "msgbroker"
     max_stream_length: int = Field(100_000, ge=1)
-    claim_timeout: Duration = timedelta(minutes=5)
+    claim_timeout: Duration = timedelta(seconds=10)
+    """How long a silent member keeps its membership and its lanes' leases: a member process
+    that dies hands its partitions (and the message it held) to the others after this long.
+    (The seed's ``ClaimTimeout``; a live member's slow handler is never claimed by idle time.)"""
     ssl_cafile: str | None = None
     """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a
     ``rediss://`` url (set with a ``redis://`` url it is an error); None trusts the system's CAs."""

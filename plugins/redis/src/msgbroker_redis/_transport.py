@@ -69,6 +69,10 @@ if TYPE_CHECKING:
 __all__ = ["RedisLaneConsumer", "RedisTransport", "TopicKeys"]
 
 log = logging.getLogger("msgbroker.redis")
+
+LONG_CLAIM_TIMEOUT = 60.0
+"""A claim_timeout above this (seconds) is said in a warning when the broker opens: the seed's
+``ClaimTimeout`` of 5 minutes stalls a dead member's partitions for 5 minutes."""
 _KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 ACK_BATCH = 512
@@ -310,6 +314,12 @@ class RedisTransport(Transport):
             name: client.register_script(getattr(_scripts, name))
             for name in _scripts.__all__
         }
+        claim = self.settings.redis.claim_timeout.total_seconds()
+        if claim > LONG_CLAIM_TIMEOUT:
+            log.warning(
+                "redis: claim_timeout is %s: a member process that dies keeps its partitions, and the message it "
+                "held, that long before another member takes them (the default is 10s; see "
+                "docs/providers/redis.md, Failover)", self.settings.redis.claim_timeout)
 
     async def close(self) -> None:
         consumers = list(self._consumers)
