@@ -29,6 +29,7 @@ from ._message import DeadLetter, Message, MessageContext
 from ._partitioner import murmur2, partition_for
 from ._provider import Capabilities, Delivery, Lane, LaneConsumer, OutgoingRecord, Transport
 from ._registry import registry
+from ._service import Publisher, Service, Subscriber
 from ._settings import BrokerSettings, MemorySettings, ProviderSettings
 from ._tls import tls_client_context, tls_verification_error
 
@@ -65,7 +66,10 @@ __all__ = [
     "PublishEvent",
     "PublishFailedError",
     "PublishIndeterminateError",
+    "Publisher",
     "SerializationError",
+    "Service",
+    "Subscriber",
     "Subscription",
     "TransientError",
     "Transport",

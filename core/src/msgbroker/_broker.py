@@ -9,9 +9,10 @@ from collections.abc import Generator, Mapping, Sequence
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from ._codec import REPLAY_GROUP_HEADER, check_headers, encode, message_type_of, validate_name
+from ._codec import REPLAY_GROUP_HEADER, check_headers, encode, validate_name
 from ._engine import SubscriptionRunner
 from ._errors import BrokerClosedError, BrokerConnectionError, ConfigurationError, redact
+from ._handlers import shape_of
 from ._hookspecs import PublishEvent, has_implementations
 from ._message import DeadLetter, Handler, Message
 from ._provider import Capabilities, OutgoingRecord, Transport
@@ -185,8 +186,7 @@ class Consumer:
     ) -> Subscription:
         validate_name("topic", topic)
         validate_name("group", group)
-        if not callable(handler):
-            raise TypeError(f"handler must be an async callable, got {handler!r}")
+        shape = shape_of(handler, message_type)  # a TypeError naming a handler of neither shape
         if max_concurrency is not None and max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
         runner = SubscriptionRunner(
@@ -194,8 +194,8 @@ class Consumer:
             self._broker.settings,
             topic,
             group,
-            handler,
-            message_type_of(handler, message_type),
+            shape.handler,
+            shape.message_type,
             ordered=ordered,
             max_concurrency=max_concurrency,
             partition=partition,

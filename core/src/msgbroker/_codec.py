@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
 import re
-import typing
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ._errors import InvalidNameError, MessageTooLargeError, SerializationError
-from ._message import GenericMessage, Message, MessageContext
+from ._message import Message
 from ._partitioner import partition_for
 from ._provider import Delivery, OutgoingRecord
 from .wire import REPLAY_GROUP_HEADER, RESERVED_PREFIX, is_reserved
 
-__all__ = ["REPLAY_GROUP_HEADER", "check_headers", "decode", "encode", "message_type_of", "validate_name"]
+__all__ = ["REPLAY_GROUP_HEADER", "check_headers", "decode", "encode", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")  # fullmatch: "$" would let "orders\n" pass
 
@@ -140,26 +137,3 @@ def decode(delivery: Delivery, message_type: type[Message]) -> Message:
     except ValidationError as exc:
         raise SerializationError(f"cannot decode as {message_type.__name__}: {exc}") from exc
 
-
-def message_type_of(handler: Callable[..., Any], explicit: type[Message] | None) -> type[Message]:
-    """The message type a handler takes: ``message_type=`` or its ``MessageContext[T]`` annotation."""
-    if explicit is not None:
-        if not (isinstance(explicit, type) and issubclass(explicit, Message)):
-            raise TypeError(f"message_type must be a Message subclass, got {explicit!r}")
-        return GenericMessage if explicit is Message else explicit
-    target = handler
-    if not inspect.isfunction(target) and not inspect.ismethod(target) and callable(target):
-        target = type(target).__call__
-    try:
-        hints = typing.get_type_hints(target)
-        params = list(inspect.signature(handler).parameters)
-    except (NameError, TypeError, ValueError):
-        return GenericMessage
-    if not params:
-        return GenericMessage
-    hint = hints.get(params[0])
-    if typing.get_origin(hint) is MessageContext:
-        (arg,) = typing.get_args(hint)
-        if isinstance(arg, type) and issubclass(arg, Message) and arg is not Message:
-            return arg
-    return GenericMessage

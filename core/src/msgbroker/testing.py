@@ -7,7 +7,9 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 
-__all__ = ["eventually", "forget_memory_broker"]
+from ._harness import ServiceRun, Settle, run_in_memory
+
+__all__ = ["ServiceRun", "Settle", "eventually", "forget_memory_broker", "run_in_memory"]
 
 
 async def eventually(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import demo, dlq, health, metrics, pending, publish, tail
+from . import asyncapi, demo, dlq, health, metrics, pending, publish, run, tail
 
 BUILT_IN = (
     publish.register,
@@ -14,6 +14,8 @@ BUILT_IN = (
     metrics.register,
     demo.register,
     dlq.register,
+    run.register,
+    asyncapi.register,
 )
 """Each adds its commands to the app it is given, as a plugin's register function does."""
 
