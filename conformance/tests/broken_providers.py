@@ -5,14 +5,26 @@ The suite must fail every one of them (test_broken_providers.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import sys
+import time
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import msgbroker
-from msgbroker.spi import AssignmentListener, DeadLetter, Delivery, LaneConsumer, Transport, hookimpl
+from msgbroker.spi import (
+    AssignmentListener,
+    DeadLetter,
+    Delivery,
+    Lane,
+    LaneConsumer,
+    OutgoingRecord,
+    Transport,
+    hookimpl,
+)
 
-__all__ = ["DuplicatingTransport", "LosingTransport", "LyingPendingTransport", "ReorderingTransport", "register"]
+__all__ = ["BROKEN_TRANSPORTS", "BrokerRedeliveryTransport", "register", "set_seed"]
 
 Memory = msgbroker.registry.by_name("memory")
 
@@ -139,9 +151,346 @@ class LyingPendingTransport(Memory):  # type: ignore[valid-type,misc]
         return len(never_delivered)  # the bug: only what no member was handed yet
 
 
+# -- one bug per rule (docs/semantics.md) and per item of issue #21 ------------------------------
+#
+# Each class below is the memory provider with exactly one contract violation, reached through
+# its public interface (a wrapper around its consumer, an overridden Transport method) or, where
+# no public call can express the bug, the memory server's plain state (``transport.server``).
+
+_rare = random.Random(0)
+
+
+def set_seed(seed: int) -> None:
+    """Seed the low-rate bugs (the 1-in-50 reordering, the 1-in-1,000 loss)."""
+    _rare.seed(seed)
+
+
+class _DelayForgettingConsumer(_Wrapped):
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        await self.inner.retry(delivery, attempt, None)  # the bug: the delay is not stored with the message
+
+
+class DelayLostOnHandOverTransport(Memory):  # type: ignore[valid-type,misc]
+    """Keeps a delay only in the member that asked for it: the next owner hands the message at once."""
+
+    NAME: ClassVar[str] = "broken-delay-handover"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-delay-handover",)
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _DelayForgettingConsumer(super().consumer(topic, group, member_id))
+
+
+class _BrokerRedeliveryConsumer(_Wrapped):
+    """REDELIVERY = "broker" on top of the memory consumer: a retried message and what was read
+    after it in its lane come back through ``poll``."""
+
+    forget_delay = False
+
+    def __init__(self, inner: LaneConsumer) -> None:
+        super().__init__(inner)
+        self.out: dict[int, list[Delivery]] = {}
+        """Per lane, what poll handed out and nobody settled, in lane order."""
+        self.again: dict[int, list[Delivery]] = {}
+
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        replay = [p for p in partitions if self.again.get(p)]
+        if replay:
+            out: list[Delivery] = []
+            for partition in replay:
+                queued = self.again[partition]
+                queue, self.again[partition] = queued[:max_per_lane], queued[max_per_lane:]
+                out += queue
+                self.out.setdefault(partition, []).extend(queue)
+            return out
+        deliveries = await self.inner.poll(partitions, max_per_lane, timeout, wake)
+        for delivery in deliveries:
+            self.out.setdefault(delivery.partition, []).append(delivery)
+        return deliveries
+
+    def _settled(self, delivery: Delivery) -> None:
+        lane = self.out.get(delivery.partition, [])
+        self.out[delivery.partition] = [d for d in lane if d.position != delivery.position]
+
+    async def ack(self, delivery: Delivery) -> None:
+        self._settled(delivery)
+        await self.inner.ack(delivery)
+
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        self._settled(delivery)
+        await self.inner.dead_letter(delivery, letter)
+
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        if self.forget_delay:
+            not_before = None  # the bug (in the broken subclass): the broker redelivers at once
+        await self.inner.retry(delivery, attempt, not_before)
+        lane = self.out.pop(delivery.partition, [])
+        again = dataclasses.replace(delivery, attempt=attempt, not_before=not_before)
+        self.again[delivery.partition] = [again, *(d for d in lane if d.position != delivery.position)]
+
+    async def _hand_back(self, partitions: Sequence[int]) -> None:
+        for partition in partitions:
+            queued = self.again.pop(partition, [])
+            self.out.pop(partition, None)
+            if queued:
+                await self.inner.unread(queued)
+
+    async def close_lane(self, partition: int) -> None:
+        await self._hand_back([partition])
+        await self.inner.close_lane(partition)
+
+    async def stop(self, flush: bool) -> None:
+        if flush:
+            await self._hand_back(list(self.again))
+        await self.inner.stop(flush)
+
+
+class BrokerRedeliveryTransport(Memory):  # type: ignore[valid-type,misc]
+    """Not broken: the memory provider with the broker doing redelivery (the control of
+    :class:`DelayIgnoredByBrokerTransport`)."""
+
+    NAME: ClassVar[str] = "memory-broker-redelivery"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("memory-broker-redelivery",)
+    REDELIVERY = "broker"
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _BrokerRedeliveryConsumer(super().consumer(topic, group, member_id))
+
+
+class _DelayIgnoringConsumer(_BrokerRedeliveryConsumer):
+    forget_delay = True
+
+
+class DelayIgnoredByBrokerTransport(Memory):  # type: ignore[valid-type,misc]
+    """REDELIVERY = "broker" whose broker redelivers a delayed message at once."""
+
+    NAME: ClassVar[str] = "broken-delay-broker"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-delay-broker",)
+    REDELIVERY = "broker"
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _DelayIgnoringConsumer(super().consumer(topic, group, member_id))
+
+
+class _AttemptForgettingConsumer(_Wrapped):
+    async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
+        delivery.failures = None
+        await self.inner.retry(delivery, 1, not_before)  # the bug: the broker's count starts again
+
+
+class AttemptNotPersistedTransport(Memory):  # type: ignore[valid-type,misc]
+    """Does not store the attempt a retry announced: the next owner counts from 1 again."""
+
+    NAME: ClassVar[str] = "broken-attempt-reset"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-attempt-reset",)
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _AttemptForgettingConsumer(super().consumer(topic, group, member_id))
+
+
+class _KeyLosingConsumer(_Wrapped):
+    async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
+        await self.inner.dead_letter(delivery, dataclasses.replace(letter, partition_key=letter.message_id))
+
+
+class LetterLosesKeyTransport(Memory):  # type: ignore[valid-type,misc]
+    """Stores a dead letter without its partition key (the message id in its place)."""
+
+    NAME: ClassVar[str] = "broken-letter-key"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-letter-key",)
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _KeyLosingConsumer(super().consumer(topic, group, member_id))
+
+
+class LettersNewestFirstTransport(Memory):  # type: ignore[valid-type,misc]
+    """Lists dead letters newest first."""
+
+    NAME: ClassVar[str] = "broken-letters-order"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-letters-order",)
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        return list(reversed(await super().dead_letters(topic, group)))  # the bug
+
+
+class _HeaderDroppingConsumer(_Wrapped):
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        deliveries = await super().poll(partitions, max_per_lane, timeout, wake)
+        return [dataclasses.replace(d, headers={}) if d.attempt > 1 else d for d in deliveries]  # the bug
+
+
+class RedeliveryDropsHeadersTransport(Memory):  # type: ignore[valid-type,misc]
+    """A redelivered message (attempt > 1) comes without its headers."""
+
+    NAME: ClassVar[str] = "broken-redelivery-headers"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-redelivery-headers",)
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _HeaderDroppingConsumer(super().consumer(topic, group, member_id))
+
+
+class LongHeadersCutTransport(Memory):  # type: ignore[valid-type,misc]
+    """Cuts header values to 255 characters (an AMQP short string)."""
+
+    NAME: ClassVar[str] = "broken-long-headers"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-long-headers",)
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        for record in records:
+            record.headers = {k: v[:255] for k, v in record.headers.items()}  # the bug
+        await super().publish(records, dedup_window)
+
+
+class RecordKeyDroppedTransport(Memory):  # type: ignore[valid-type,misc]
+    """Stores records without their partition key."""
+
+    NAME: ClassVar[str] = "broken-record-key"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-record-key",)
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        for record in records:
+            record.key = ""  # the bug
+        await super().publish(records, dedup_window)
+
+
+class LargeMessageDroppedTransport(Memory):  # type: ignore[valid-type,misc]
+    """Confirms, then drops, records over 256 KiB (the declared limit is 1 MiB)."""
+
+    NAME: ClassVar[str] = "broken-large-drop"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-large-drop",)
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        await super().publish([r for r in records if len(r.body) <= 256 * 1024], dedup_window)  # the bug
+
+
+class PendingOfNewGroupTransport(Memory):  # type: ignore[valid-type,misc]
+    """pending_count is 0 for a group that never subscribed (it will get the whole backlog)."""
+
+    NAME: ClassVar[str] = "broken-pending-new-group"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-pending-new-group",)
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        if (topic, group) not in self.server.groups:
+            return 0  # the bug
+        return int(await super().pending_count(topic, group))
+
+
+class PendingAcrossGroupsTransport(Memory):  # type: ignore[valid-type,misc]
+    """pending_count answers for the topic's first group, whichever group is asked about."""
+
+    NAME: ClassVar[str] = "broken-pending-groups"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-pending-groups",)
+
+    async def pending_count(self, topic: str, group: str) -> int:
+        first = next((g for t, g in self.server.groups if t == topic), group)  # the bug
+        return int(await super().pending_count(topic, first))
+
+
+class DedupMissesBatchTwinsTransport(Memory):  # type: ignore[valid-type,misc]
+    """Deduplicates against what earlier calls published, not within one publish_batch."""
+
+    NAME: ClassVar[str] = "broken-dedup-batch"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-dedup-batch",)
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        if dedup_window is None:
+            await super().publish(records, None)
+            return
+        server = self.server
+        now = time.monotonic()
+        fresh = [r for r in records if server.dedup.get(r.message_id, 0.0) <= now]
+        await super().publish(fresh, None)  # the bug: twins inside the batch both go out
+        for record in fresh:
+            server.dedup[record.message_id] = now + dedup_window
+
+
+class DedupShortWindowTransport(Memory):  # type: ignore[valid-type,misc]
+    """Keeps a quarter of the configured deduplication window."""
+
+    NAME: ClassVar[str] = "broken-dedup-window"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-dedup-window",)
+
+    async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
+        await super().publish(records, None if dedup_window is None else dedup_window / 4)  # the bug
+
+
+class LateHandOverTransport(Memory):  # type: ignore[valid-type,misc]
+    """Hands a silent member's lanes over ten claim timeouts late."""
+
+    NAME: ClassVar[str] = "broken-late-handover"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-late-handover",)
+
+    async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
+        lease = self.server.leases.get(lane)
+        if lease is not None and lease.member != member_id and time.monotonic() < lease.expires + 9 * ttl:
+            return None  # the bug: an expired lease is honoured nine claim timeouts longer
+        return cast("str | None", await super().acquire_lease(lane, member_id, ttl))
+
+
+class _RarelyReorderingConsumer(_Wrapped):
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        deliveries = await super().poll(partitions, max_per_lane, timeout, wake)
+        by_lane: dict[int, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_lane.setdefault(delivery.partition, []).append(delivery)
+        for lane in by_lane.values():
+            if len(lane) > 1 and _rare.random() < 1 / 50:
+                lane[0], lane[1] = lane[1], lane[0]  # the bug, once in 50 batches
+        return [d for lane in by_lane.values() for d in lane]
+
+
+class RareReorderTransport(Memory):  # type: ignore[valid-type,misc]
+    """Swaps the first two messages of one polled batch of a lane in 50."""
+
+    NAME: ClassVar[str] = "broken-reorder-rare"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-reorder-rare",)
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _RarelyReorderingConsumer(super().consumer(topic, group, member_id))
+
+
+class _RarelyLosingConsumer(_Wrapped):
+    async def poll(
+        self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
+    ) -> list[Delivery]:
+        kept = []
+        for delivery in await super().poll(partitions, max_per_lane, timeout, wake):
+            if delivery.attempt == 1 and _rare.random() < 1 / 1000:
+                await self.inner.ack(delivery)  # the bug: settled without a handler, once in 1,000
+            else:
+                kept.append(delivery)
+        return kept
+
+
+class RareLossTransport(Memory):  # type: ignore[valid-type,misc]
+    """Loses one message in 1,000 (acked as it is read)."""
+
+    NAME: ClassVar[str] = "broken-lose-rare"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-lose-rare",)
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _RarelyLosingConsumer(super().consumer(topic, group, member_id))
+
+
+BROKEN_TRANSPORTS: list[type[Transport]] = [
+    ReorderingTransport, LosingTransport, DuplicatingTransport, LyingPendingTransport,
+    DelayLostOnHandOverTransport, DelayIgnoredByBrokerTransport, AttemptNotPersistedTransport,
+    LetterLosesKeyTransport, LettersNewestFirstTransport, RedeliveryDropsHeadersTransport,
+    LongHeadersCutTransport, RecordKeyDroppedTransport, LargeMessageDroppedTransport,
+    PendingOfNewGroupTransport, PendingAcrossGroupsTransport, DedupMissesBatchTwinsTransport,
+    DedupShortWindowTransport, LateHandOverTransport, RareReorderTransport,
+    RareLossTransport,
+]
+
+
 @hookimpl
 def msgbroker_providers() -> list[type[Transport]]:
-    return [ReorderingTransport, LosingTransport, DuplicatingTransport, LyingPendingTransport]
+    return [*BROKEN_TRANSPORTS, BrokerRedeliveryTransport]
 
 
 def register() -> None:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENVIRONMENT_CAPABILITIES",
+    "RULES",
     "TIERS",
     "CaseInfo",
     "case",
@@ -36,6 +37,31 @@ TIERS: tuple[str, ...] = ("core", "semantics", "resilience", "model")
 ENVIRONMENT_CAPABILITIES: frozenset[str] = frozenset({"server_restart"})
 """Capabilities about the test setup rather than the provider's semantics: a case needing one
 that is declared missing is *not applicable* (deselected and reported), not skipped."""
+
+RULES: dict[str, str] = {
+    "shape": "The shape: the partitioner, one lane per (topic, group, partition), who owns which lane",
+    "1": "Rule 1, settling: return acks, raise naks with requeue, settling twice raises, nak(requeue=False) "
+         "dead-letters",
+    "2": "Rule 2, order: a lane's message only after every earlier one settled; a nak or delay keeps it at the "
+         "head, redelivered after its delay; ordered=False bounded by max_concurrency",
+    "3": "Rule 3, attempts: delivery_attempt counts deliveries, recorded by the broker (a crash counts, a delay "
+         "and a hand-over do not); dead-lettered after max_retry_attempts failures",
+    "4": "Rule 4, dead letters: id, topic, group, partition, partition key, last error, attempts, headers and "
+         "payload kept; stored before the original is settled",
+    "5": "Rule 5, replay: published back and removed; other groups ack a replay without handling it",
+    "6": "Rule 6, poison messages: undecodable bytes dead-lettered at once, the lane goes on",
+    "7": "Rule 7, pending count: not delivered + in flight + waiting for redelivery, per group; before a "
+         "group's first subscribe, every retained message",
+    "8": "Rule 8, deduplication: a repeated message id inside deduplication_window is dropped; missing "
+         "capability raises CapabilityNotSupported",
+    "9": "Rule 9, shutdown: close lets in-flight handlers finish; unhandled messages stay for the next owner",
+    "10": "Rule 10, crash simulation: abort() settles, flushes and releases nothing; others recover",
+    "11": "Rule 11, fencing: a member that lost its lease cannot settle",
+    "12": "Rule 12, buffered acks: flushed on close; after a crash at most duplicates",
+    "names": "Names: topic, group and header rules, invalid ones raise naming the value",
+    "api": "The API of README and docs/semantics.md (publish returns ids, health, capabilities, the envelope)",
+}
+"""The parts of docs/semantics.md a case can name in ``@case(rules=...)``."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 CaseFunction = Callable[[Any, Scenario], Awaitable[None]]
@@ -67,6 +93,8 @@ class CaseInfo:
     requires: tuple[str, ...]
     hooks: tuple[str, ...]
     timeout: float
+    rules: tuple[str, ...] = ()
+    """The parts of docs/semantics.md the case checks (``RULES`` keys)."""
 
 
 def _extend(fn: Any, attr: str, values: tuple[str, ...]) -> None:
@@ -101,7 +129,8 @@ def case_info(fn: Any) -> CaseInfo | None:
     if tier is None:
         return None
     return CaseInfo(fn.__name__, tier, tuple(getattr(fn, "_msgbroker_requires", ())),
-                    tuple(getattr(fn, "_msgbroker_hooks", ())), float(getattr(fn, "_msgbroker_timeout", 60.0)))
+                    tuple(getattr(fn, "_msgbroker_hooks", ())), float(getattr(fn, "_msgbroker_timeout", 60.0)),
+                    tuple(getattr(fn, "_msgbroker_rules", ())))
 
 
 def missing_capability(harness: ConformanceHarness, names: tuple[str, ...]) -> tuple[str, str] | None:
@@ -114,8 +143,13 @@ def missing_capability(harness: ConformanceHarness, names: tuple[str, ...]) -> t
     return None
 
 
-def case(tier: str = "core", timeout: float = 60.0) -> Callable[[CaseFunction], Callable[[Any], None]]:
+def case(
+    tier: str = "core", timeout: float = 60.0, rules: tuple[str, ...] = ()
+) -> Callable[[CaseFunction], Callable[[Any], None]]:
     """Turn ``async def test_x(self, s: Scenario)`` into a pytest test of a ConformanceSuite.
+
+    ``rules`` names the parts of docs/semantics.md the case checks (keys of :data:`RULES`);
+    the report and docs/conformance.md list them per case.
 
     The test connects nothing itself: it checks the harness and the gates, then runs the case
     in a fresh event loop with a fresh :class:`Scenario`, bounded by ``timeout`` seconds times
@@ -123,6 +157,9 @@ def case(tier: str = "core", timeout: float = 60.0) -> Callable[[CaseFunction], 
     """
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; one of {TIERS}")
+    unknown = [r for r in rules if r not in RULES]
+    if unknown:
+        raise ValueError(f"unknown rule(s) {unknown}; one of {sorted(RULES)}")
 
     def wrap(fn: CaseFunction) -> Callable[[Any], None]:
         def test(self: Any) -> None:
@@ -134,6 +171,7 @@ def case(tier: str = "core", timeout: float = 60.0) -> Callable[[CaseFunction], 
         test.__module__ = fn.__module__
         test._msgbroker_tier = tier  # type: ignore[attr-defined]
         test._msgbroker_timeout = timeout  # type: ignore[attr-defined]
+        test._msgbroker_rules = rules  # type: ignore[attr-defined]
         _extend(test, "_msgbroker_requires", tuple(getattr(fn, "_msgbroker_requires", ())))
         _extend(test, "_msgbroker_hooks", tuple(getattr(fn, "_msgbroker_hooks", ())))
         return pytest.mark.msgbroker_case(tier=tier)(test)  # type: ignore[no-any-return]

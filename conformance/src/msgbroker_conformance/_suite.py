@@ -21,6 +21,9 @@ from ._support import ConformanceFailure, ConformanceMessage, Recorder, Scenario
 
 __all__ = ["ConformanceSuite"]
 
+EPSILON = 0.005
+"""Clock slack (seconds) for the "not before its delay" checks."""
+
 WEIRD_HEADERS: dict[str, str] = {
     "x-conformance-slashes": "a/b\\c//d",
     "x-conformance-quotes": "'single' \"double\" `back`",
@@ -66,7 +69,7 @@ class ConformanceSuite:
 
     # -- §2/§3 basics ---------------------------------------------------------------------------
 
-    @case("core")
+    @case("core", rules=("api", "shape"))
     async def test_round_trip_keeps_every_field(self, s: Scenario) -> None:
         """Payload, ids, correlation id, timestamps, headers, key, partition and attempt arrive
         exactly as published (single and batch publish)."""
@@ -98,7 +101,7 @@ class ConformanceSuite:
                 )
         assert len(rec.seen) == len(expected), f"{len(rec.seen)} deliveries for {len(expected)} messages"
 
-    @case("core")
+    @case("core", rules=("1", "3"))
     async def test_handler_return_acks_and_raise_retries(self, s: Scenario) -> None:
         """Returning without settling acks; raising naks with requeue; settling twice raises."""
         broker = await s.connect(max_retry_attempts=5)
@@ -123,7 +126,7 @@ class ConformanceSuite:
         )
         assert len(rec.errors) == 1, "acking twice must raise AlreadySettledError"
 
-    @case("core")
+    @case("core", rules=("api",))
     async def test_health_reports_the_connection(self, s: Scenario) -> None:
         """``is_healthy`` is True while connected, False after close, and never raises."""
         broker = await s.connect()
@@ -137,7 +140,7 @@ class ConformanceSuite:
         else:
             raise ConformanceFailure("publish on a closed broker must raise BrokerClosedError")
 
-    @case("core")
+    @case("core", rules=("api", "8"))
     async def test_capability_declarations_match_the_calls(self, s: Scenario) -> None:
         """Both directions of the declaration: a call behind a declared capability works; one
         behind a capability declared missing raises CapabilityNotSupported naming it (never a
@@ -184,7 +187,7 @@ class ConformanceSuite:
 
     # -- §3.4 consumer groups -------------------------------------------------------------------
 
-    @case("core")
+    @case("core", rules=("shape",))
     async def test_every_group_gets_every_message(self, s: Scenario) -> None:
         """Three groups on one topic each handle every message published after they subscribed."""
         broker = await s.connect(partition_count=4)
@@ -201,7 +204,7 @@ class ConformanceSuite:
             assert len(rec.seen) == len(wanted), f"group {group} handled {len(rec.seen)} deliveries for 20 messages"
 
     @requires("retains_before_group")
-    @case("semantics")
+    @case("semantics", rules=("7", "shape"))
     async def test_a_new_group_gets_the_retained_backlog(self, s: Scenario) -> None:
         """A group that subscribes after the producer published still gets those messages."""
         broker = await s.connect(partition_count=4)
@@ -213,7 +216,7 @@ class ConformanceSuite:
         wanted = set(_ids(messages))
         await s.eventually(lambda: rec.acked_ids() >= wanted, lambda: _missing(wanted, rec.acked_ids()))
 
-    @case("core")
+    @case("core", rules=("shape",))
     async def test_each_message_goes_to_one_member_of_a_group(self, s: Scenario) -> None:
         """With three members in a group and no faults, every message is handled exactly once,
         by one member, and (with competing consumers) every member gets a share."""
@@ -238,7 +241,7 @@ class ConformanceSuite:
 
     # -- §3.3 order -----------------------------------------------------------------------------
 
-    @case("core")
+    @case("core", rules=("2", "shape"))
     async def test_order_per_partition_under_concurrency(self, s: Scenario) -> None:
         """Many keys published concurrently to two members: each key's messages are handled in
         publish order, and no two handlers of one partition ever overlap."""
@@ -274,17 +277,23 @@ class ConformanceSuite:
             assert parts == {partition_for(key, count)}, f"key {key!r} arrived on partitions {parts}"
         rec.assert_no_overlap()
 
-    @case("core")
+    @case("core", rules=("2", "3"))
     async def test_an_unordered_subscription_still_handles_everything(self, s: Scenario) -> None:
         """ordered=False (the opt-out of docs/semantics.md's order) gives up order, never delivery: with retries and
         concurrent handlers, every message is handled to an ack, none more than needed."""
         broker = await s.connect(partition_count=2, max_retry_attempts=5)
         topic, group = s.topic(), s.group()
 
+        delayed = s.capabilities.delay
+        asked: dict[str, float] = {}
+
         async def decide(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
             await asyncio.sleep(0.002)
             if seen.seq % 5 == 0 and seen.attempt == 1:
                 await ctx.nak(requeue=True)
+            elif delayed and seen.seq % 5 == 2 and seen.attempt == 1:
+                asked[seen.message_id] = time.time()
+                await ctx.delay(0.2)
 
         rec = Recorder()
         await broker.subscribe(topic, group, rec.handler(decide=decide), message_type=ConformanceMessage,
@@ -295,10 +304,17 @@ class ConformanceSuite:
         await _eventually_all(s, rec, wanted, "the unordered subscription")
         for message in messages:
             attempts = [x.attempt for x in rec.of(str(message.message_id))]
-            expected = [1, 2] if message.seq % 5 == 0 else [1]
+            again = message.seq % 5 == 0 or (delayed and message.seq % 5 == 2)
+            expected = [1, 2] if again else [1]
             assert attempts == expected, f"message {message.seq} was handled with attempts {attempts}, not {expected}"
+        for message_id, at in asked.items():
+            second = rec.of(message_id)[1]
+            assert second.at >= at + 0.2 - EPSILON, (
+                f"an unordered subscription redelivered message {second.seq} {at + 0.2 - second.at:.3f}s before "
+                f"its 0.2s delay"
+            )
 
-    @case("core")
+    @case("core", rules=("2", "3"))
     async def test_nak_requeue_holds_the_partition_and_redelivers_first(self, s: Scenario) -> None:
         """A nak(requeue=True) message comes back (attempt + 1) before anything after it in its
         partition."""
@@ -318,7 +334,7 @@ class ConformanceSuite:
             f"got {rec.trace('held')}"
         )
 
-    @case("core")
+    @case("core", rules=("1", "4", "7"))
     async def test_nak_without_requeue_dead_letters(self, s: Scenario) -> None:
         """nak(requeue=False) dead-letters at once with the error; it is never redelivered and
         the partition goes on."""
@@ -345,7 +361,7 @@ class ConformanceSuite:
             await s.eventually(lambda: _pending_is(broker, topic, group, 0), "pending_count to reach 0")
 
     @requires("delay")
-    @case("semantics")
+    @case("semantics", rules=("2",))
     async def test_delay_redelivers_no_earlier_and_holds_the_partition(self, s: Scenario) -> None:
         """ctx.delay(d) redelivers not before d has passed (attempt + 1) and nothing after it in
         its partition is handled meanwhile."""
@@ -373,12 +389,12 @@ class ConformanceSuite:
         for seen in rec.seen:
             if seen.attempt == 2:
                 early = asked[seen.message_id] + delay - seen.at
-                assert early <= 0.005, f"message {seen.seq} was redelivered {early:.3f}s before its delay of {delay}s"
+                assert early <= EPSILON, f"message {seen.seq} was redelivered {early:.3f}s before its delay of {delay}s"
 
     # -- §3.5 attempts and dead letters ---------------------------------------------------------
 
     @requires("redelivery_on_crash", "kill_member")
-    @case("semantics")
+    @case("semantics", rules=("3", "10"))
     async def test_delivery_attempt_counts_a_delivery_to_a_member_that_died(self, s: Scenario) -> None:
         """A member dies (abort) mid-message: another member gets it with delivery_attempt 2,
         and what followed it in the partition after it."""
@@ -408,7 +424,7 @@ class ConformanceSuite:
         assert [x.seq for x in rec.by_member("survivor")][:3] == [0, 1, 2], "order lost on failover"
 
     @requires("delay", "competing_consumers")
-    @case("semantics")
+    @case("semantics", rules=("2", "3", "9"))
     async def test_a_hand_over_during_a_delay_costs_no_attempt(self, s: Scenario) -> None:
         """A member fails a message once, delays it, and closes while the delay is waited out:
         the next owner is handed attempt 3 (a delay is no failed attempt, and the attempt the
@@ -418,10 +434,14 @@ class ConformanceSuite:
         topic, group = s.topic(), s.group()
         rec = Recorder()
 
+        asked: list[float] = []
+        delay = 1.0
+
         async def fail_then_delay(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
             if seen.attempt == 1:
                 raise RuntimeError("conformance failure on attempt 1")
-            await ctx.delay(1.0)  # the member closes while this delay is waited out
+            asked.append(time.time())
+            await ctx.delay(delay)  # the member closes while this delay is waited out
 
         async def fail(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
             raise RuntimeError(f"conformance failure on attempt {seen.attempt}")
@@ -447,8 +467,13 @@ class ConformanceSuite:
         )
         letters = [x for x in await second.dead_letters(topic, group) if x.message_id == str(message.message_id)]
         assert letters[0].attempts == 4, f"the dead letter says {letters[0].attempts} attempts, expected 4"
+        early = asked[0] + delay - rec.by_member("second")[0].at
+        assert early <= EPSILON, (
+            f"the next owner was handed the message {early:.3f}s before its {delay}s delay ended: a delay must "
+            f"be kept with the message when its lane moves (docs/semantics.md, rule 2)"
+        )
 
-    @case("core")
+    @case("core", rules=("3", "4"))
     async def test_max_attempts_dead_letters_with_error_attempts_and_headers(self, s: Scenario) -> None:
         """A message that always fails is handled max_retry_attempts times, then goes to
         ``<topic>.dlq`` and ``dead_letters`` with the last error, the attempt count and its
@@ -485,7 +510,7 @@ class ConformanceSuite:
             f"{topic}.dlq carries {on_dlq.message!r} with headers {on_dlq.headers}"
         )
 
-    @case("core")
+    @case("core", rules=("4", "5"))
     async def test_dead_letters_can_be_listed_and_replayed(self, s: Scenario) -> None:
         """Dead letters are listed per group; replaying some (by id) or all publishes them back
         for that group only and removes them from the list."""
@@ -523,7 +548,122 @@ class ConformanceSuite:
         again = [mid for mid in _ids(messages) if len(bystander.of(mid)) > 1]
         assert not again, f"replays for {group} were handed to the group {other}: {again}"
 
-    @case("core")
+    @requires("delay", "competing_consumers")
+    @case("semantics", rules=("api", "4", "9"))
+    async def test_the_envelope_survives_retries_and_a_hand_over(self, s: Scenario) -> None:
+        """Headers with long values and a message just under the size limit arrive whole on every
+        delivery: the first, a local retry, the next owner's after a hand-over, and in the dead
+        letter (payload byte for byte, the record key as the letter's partition key)."""
+        first = await s.connect(partition_count=1)
+        limit = min(s.capabilities.max_message_bytes, first.settings.max_message_bytes)
+        long_headers = {"x-conformance-long": "".join(chr(33 + i % 94) for i in range(4000)),
+                        "x-conformance-unicode-long": "ß🎫" * 600, "x-conformance": "envelope"}
+        small = ConformanceMessage(key="envelope-key", seq=0, text="headers")
+        big = ConformanceMessage(key="envelope-key", seq=1, text="")
+        big.text = "y" * (limit - 1024 - len(big.model_dump_json()))
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+
+        async def fail_then_delay(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.attempt == 1:
+                raise RuntimeError("conformance failure on attempt 1")
+            await ctx.delay(0.5)  # the member closes while this delay is waited out
+
+        async def fail_then_reject(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            if seen.seq == 1 and seen.attempt == 1:
+                raise RuntimeError("conformance failure on attempt 1")
+            if seen.seq == 1:
+                await ctx.nak(requeue=False, error="envelope: rejected")
+
+        subscription = await first.subscribe(topic, group, rec.handler("first", fail_then_delay),
+                                             message_type=ConformanceMessage)
+        await first.publish(topic, small, headers=long_headers)
+        await first.publish(topic, big, headers={"x-conformance": "big"})
+        await s.eventually(lambda: [x.outcome for x in rec.by_member("first")] == ["raised", "retry"],
+                           lambda: f"the first member's handlings: {rec.trace()}")
+        await subscription.close()
+        second = await s.connect(partition_count=1)
+        await second.subscribe(topic, group, rec.handler("second", fail_then_reject), message_type=ConformanceMessage)
+
+        async def dead() -> bool:
+            return any(x.message_id == str(big.message_id) for x in await second.dead_letters(topic, group))
+
+        await s.eventually(dead, lambda: f"the big message's dead letter; handlings {rec.trace()}",
+                           timeout=s.failover_timeout())
+        expected = {str(small.message_id): (small, long_headers), str(big.message_id): (big, {"x-conformance": "big"})}
+        for seen in rec.seen:
+            original, headers = expected[seen.message_id]
+            where = f"{seen.member}'s delivery attempt {seen.attempt} of message {seen.seq}"
+            assert seen.message == original, f"{where} changed the payload ({len(seen.message.text)} text characters)"
+            for name, value in headers.items():
+                got = seen.headers.get(name)
+                assert got == value, (
+                    f"{where} carries header {name!r} as {got[:40] + '...' if got else got!r} "
+                    f"({len(got or '')} characters; published {len(value)})"
+                )
+        handled = [(x.member, x.seq, x.attempt) for x in rec.seen]
+        assert handled == [("first", 0, 1), ("first", 0, 2), ("second", 0, 3), ("second", 1, 1), ("second", 1, 2)], (
+            f"handlings (member, seq, attempt) {handled}"
+        )
+        letter = next(x for x in await second.dead_letters(topic, group) if x.message_id == str(big.message_id))
+        assert letter.payload == big.model_dump_json().encode() or letter.message(ConformanceMessage) == big, (
+            f"the dead letter's payload is not the original ({len(letter.payload)} bytes)"
+        )
+        assert letter.partition_key == big.key, (
+            f"the dead letter's partition key is {letter.partition_key!r}, the record's key is {big.key!r}"
+        )
+        assert letter.headers.get("x-conformance") == "big", f"the dead letter's headers {dict(letter.headers)}"
+
+    @case("core", rules=("4", "5"))
+    async def test_dead_letters_are_listed_oldest_first_with_their_keys(self, s: Scenario) -> None:
+        """Three messages of one partition, each rejected in turn: ``dead_letters`` lists them in
+        the order they were dead-lettered, each with its partition and partition key; replayed,
+        they come back on that partition in that order, and rejected again keep their keys."""
+        count, partition = 4, 3
+        broker = await s.connect(partition_count=count)
+        topic, group = s.topic(), s.group()
+        keys = keys_in_partition(partition, count, 3, prefix="dl")
+        messages = [ConformanceMessage(key=k, seq=i) for i, k in enumerate(keys)]
+        rejections: dict[str, int] = {}
+        replayed = asyncio.Event()
+
+        async def reject_twice(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            rejections[seen.message_id] = rejections.get(seen.message_id, 0) + 1
+            if rejections[seen.message_id] == 2:
+                # rejected again only once the replay returned (it removes the old letters by id)
+                await asyncio.wait_for(replayed.wait(), s.timeout(10))
+            if rejections[seen.message_id] <= 2:
+                await ctx.nak(requeue=False, error=f"rejected {seen.key}")
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=reject_twice), message_type=ConformanceMessage)
+        await broker.publish_batch(topic, messages)
+        letters = await _eventually_letters(s, broker, topic, group, 3)
+        listed = [(x.message_id, x.partition, x.partition_key) for x in letters]
+        wanted = [(str(m.message_id), partition, m.key) for m in messages]
+        assert listed == wanted, (
+            f"dead_letters lists (message id, partition, partition key) {listed}; dead-lettered in the order "
+            f"{wanted} (oldest first)"
+        )
+        assert await broker.replay_dead_letters(topic, group) == 3
+        replayed.set()
+        letters = []
+
+        async def again() -> bool:
+            letters[:] = await broker.dead_letters(topic, group)
+            return len(letters) == 3 and all(rejections.get(str(m.message_id)) == 2 for m in messages)
+
+        await s.eventually(again, lambda: f"the replayed messages to be dead-lettered again: handled {rec.trace()}, "
+                                          f"listed {[(x.message_id[:8], x.partition_key) for x in letters]}")
+        handled = [(x.key, x.partition) for x in rec.seen[3:]]
+        assert handled == [(m.key, partition) for m in messages], (
+            f"replays were handled as (key, partition) {handled}, expected the dead-letter order on partition "
+            f"{partition}"
+        )
+        relisted = [(x.message_id, x.partition, x.partition_key) for x in letters]
+        assert relisted == wanted, f"after a replay, dead_letters lists {relisted}, expected {wanted}"
+
+    @case("core", rules=("api", "4"))
     async def test_records_and_dead_letters_keep_the_wire_format(self, s: Scenario) -> None:
         """The wire format's test vectors (``msgbroker.wire.vectors()``, docs/wire-format.md) on
         the real broker: each vector message, published as its record, reaches the handler with its
@@ -596,7 +736,7 @@ class ConformanceSuite:
     # -- §3.7 deduplication ---------------------------------------------------------------------
 
     @requires("deduplication")
-    @case("semantics")
+    @case("semantics", rules=("8",))
     async def test_dedup_drops_a_repeat_inside_the_window_only(self, s: Scenario) -> None:
         """With enable_deduplication, the same message id published again inside the window is
         not delivered; distinct ids are never collapsed; after the window it is delivered again."""
@@ -607,19 +747,27 @@ class ConformanceSuite:
         await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
         original = ConformanceMessage(key="d", seq=0)
         twin = ConformanceMessage(key="d", seq=0)  # same content, its own id: not a duplicate
+        fresh = ConformanceMessage(key="d", seq=2)  # first seen twice inside one batch
         started = time.monotonic()
         await broker.publish(topic, original)
         await broker.publish(topic, original)
-        await broker.publish_batch(topic, [original, twin])
+        await broker.publish_batch(topic, [original, twin, fresh, fresh])
+        # the same id again once half the window has passed: still inside it
+        await asyncio.sleep(max(0.0, window / 2 - (time.monotonic() - started)))
+        await broker.publish(topic, original)
         sentinel = ConformanceMessage(key="d", seq=1)
         await broker.publish(topic, sentinel)
         inside = time.monotonic() - started
         await s.eventually(lambda: str(sentinel.message_id) in rec.acked_ids(), "the sentinel after the repeats")
         if inside < window:  # the repeats really were inside the window (a slow server can't fake a pass)
             assert len(rec.of(str(original.message_id))) == 1, (
-                f"a repeated message id inside the {window}s window was delivered "
+                f"a repeated message id inside the {window}s window (the last at {window / 2:.2f}s) was delivered "
                 f"{len(rec.of(str(original.message_id)))} times"
             )
+        assert len(rec.of(str(fresh.message_id))) == 1, (
+            f"a message id published twice in one publish_batch was delivered {len(rec.of(str(fresh.message_id)))} "
+            f"times"
+        )
         assert len(rec.of(str(twin.message_id))) == 1, "a distinct message id was collapsed by deduplication"
         await asyncio.sleep(max(0.0, window - (time.monotonic() - started)) + 0.2 * s.multiplier)
         await broker.publish(topic, original)
@@ -629,7 +777,7 @@ class ConformanceSuite:
     # -- §3.8 pending count ---------------------------------------------------------------------
 
     @requires("pending_count_exact")
-    @case("semantics")
+    @case("semantics", rules=("7",))
     async def test_pending_count_counts_ready_in_flight_and_delayed(self, s: Scenario) -> None:
         """pending_count = not yet settled by the group: in flight, waiting behind it, and (when
         delay is supported) delayed; exact once quiet."""
@@ -666,10 +814,44 @@ class ConformanceSuite:
         await s.eventually(lambda: len([x for x in rec.acked() if x.key == hold_key]) == 3, "the held partition")
         await _eventually_pending(s, broker, topic, group, held - 3)
 
+    @requires("pending_count_exact")
+    @case("semantics", rules=("7",))
+    async def test_pending_count_is_per_group_and_counts_before_the_first_subscribe(self, s: Scenario) -> None:
+        """pending_count answers for the group asked about: a group that never subscribed counts
+        every retained message; a group whose handler holds its partition counts everything it
+        has not settled while another group on the topic has handled all."""
+        retains = bool(s.capabilities.retains_before_group)
+        broker = await s.connect(partition_count=4)
+        topic, done, holding, never = s.topic(), s.group("done"), s.group("holding"), s.group("never")
+        release = asyncio.Event()
+
+        async def hold(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            await release.wait()
+
+        finished, held = Recorder(), Recorder()
+        messages = [ConformanceMessage(key="pending-key", seq=i) for i in range(5)]
+        if retains:
+            await broker.publish_batch(topic, messages)
+            await _eventually_pending(s, broker, topic, never, len(messages))
+        await broker.subscribe(topic, done, finished.handler(), message_type=ConformanceMessage)
+        await broker.subscribe(topic, holding, held.handler(decide=hold), message_type=ConformanceMessage)
+        if not retains:
+            await broker.publish_batch(topic, messages)
+        try:
+            await s.eventually(lambda: finished.acked_ids() >= set(_ids(messages)), "the first group to handle all")
+            await s.eventually(lambda: held.seen, "the holding group's handler to hold the first message")
+            await _eventually_pending(s, broker, topic, done, 0)
+            await _eventually_pending(s, broker, topic, holding, len(messages))
+            if retains:
+                await _eventually_pending(s, broker, topic, never, len(messages))
+        finally:
+            release.set()
+        await _eventually_pending(s, broker, topic, holding, 0)
+
     # -- §3.4 assignment and failover -----------------------------------------------------------
 
     @requires("competing_consumers")
-    @case("semantics")
+    @case("semantics", rules=("shape", "9"))
     async def test_partitions_spread_and_move_when_a_member_closes(self, s: Scenario) -> None:
         """Partitions are spread over the live members; when one closes, the others take its
         partitions and handle what is published to them."""
@@ -689,7 +871,7 @@ class ConformanceSuite:
         assert not rec.by_member("m2"), "a closed member handled messages"
 
     @requires("kill_member")
-    @case("semantics")
+    @case("semantics", rules=("shape", "10"))
     async def test_partitions_move_when_a_member_stops_heartbeating(self, s: Scenario) -> None:
         """A member that dies (abort: no leave, no release) loses its partitions to the live
         member within the claim timeout."""
@@ -711,7 +893,7 @@ class ConformanceSuite:
                            timeout=s.failover_timeout())
 
     @requires("partition_exclusive")
-    @case("semantics")
+    @case("semantics", rules=("shape",))
     async def test_subscribe_to_partition_is_exclusive(self, s: Scenario) -> None:
         """Two members asking for the same partition: one holds it and gets all its messages
         (and none of other partitions); the other takes over only when the first closes."""
@@ -748,7 +930,7 @@ class ConformanceSuite:
 
     # -- §3.10 bad input ------------------------------------------------------------------------
 
-    @case("core")
+    @case("core", rules=("names", "api"))
     async def test_invalid_names_and_payloads_are_rejected_naming_the_value(self, s: Scenario) -> None:
         """Invalid topic/group/header names, oversize and unserialisable messages fail at the
         call with an error naming the bad value; the broker keeps working."""
@@ -780,7 +962,7 @@ class ConformanceSuite:
         await broker.publish(topic, good)
         await s.eventually(lambda: str(good.message_id) in rec.acked_ids(), "a good message after the bad calls")
 
-    @case("core")
+    @case("core", rules=("6",))
     async def test_undecodable_bytes_are_dead_lettered_and_the_worker_goes_on(self, s: Scenario) -> None:
         """Malformed bytes and valid JSON of the wrong shape on the wire are dead-lettered with
         the decode error; the messages after them are handled."""
@@ -811,7 +993,7 @@ class ConformanceSuite:
 
     # -- §3.11 shutdown -------------------------------------------------------------------------
 
-    @case("core")
+    @case("core", rules=("9", "2"))
     async def test_close_under_load_loses_nothing(self, s: Scenario) -> None:
         """A member closes while messages stream in: its in-flight handlers finish, and every
         published message is handled by the group."""
@@ -855,7 +1037,7 @@ class ConformanceSuite:
 
     @requires("server_restart")
     @requires_hook("restart_server")
-    @case("resilience", timeout=180.0)
+    @case("resilience", timeout=180.0, rules=("api",))
     async def test_reconnect_after_server_restart(self, s: Scenario) -> None:
         """The server restarts under a running subscription: the broker becomes healthy again by
         itself and every confirmed message is handled."""
@@ -887,9 +1069,22 @@ class ConformanceSuite:
                            timeout=60)
 
 
+    # -- the volume tier ------------------------------------------------------------------------
+
+    @case("model", timeout=900.0, rules=("2", "3", "4", "10", "12", "shape"))
+    async def test_volume_against_the_reference_model(self, s: Scenario) -> None:
+        """``harness.volume`` messages over many keys and 8 partitions, with random naks, raises,
+        rejects and delays, while members join, crash and leave: every delivery checked against
+        the model as it happens (order per partition, attempts, delays, nothing after an ack or a
+        dead letter), and at the end every message acked or dead-lettered for a reason."""
+        from ._volume import run_volume
+
+        counts = await run_volume(s, s.harness.volume_size())
+        assert counts["messages"] == s.harness.volume_size()
+
     # -- the reference model --------------------------------------------------------------------
 
-    @case("model", timeout=600.0)
+    @case("model", timeout=600.0, rules=("2", "3", "4", "7", "10", "12"))
     async def test_state_machine_against_the_reference_model(self, s: Scenario) -> None:
         """Hypothesis drives publish / handle / ack / nak / delay / crash / join against the
         provider and a pure-Python model (see msgbroker_conformance._stateful)."""

@@ -218,9 +218,17 @@ class Scenario:
         """:func:`eventually` with ``timeout`` scaled by the harness's ``timeout_multiplier``."""
         await eventually(condition, self.timeout(timeout), what)
 
+    def claim_timeout(self) -> float:
+        """The claim timeout the provider declares for this case's connections
+        (``Transport.lease_ttl()``: how long a silent member keeps its lanes)."""
+        declared = [float(b.transport.lease_ttl()) for b in self.brokers]
+        return max(declared) if declared else 30.0
+
     def failover_timeout(self) -> float:
-        """Long enough for a dead member's partitions to move (its claim timeout and a bit)."""
-        return 15.0
+        """How long a silent or departed member's lanes may take to move: two declared claim
+        timeouts (one to expire, one for the survivor's next look) and 5 s for the hand-over
+        itself. Unscaled: :meth:`eventually` multiplies it by the harness's multiplier."""
+        return 2 * self.claim_timeout() + 5.0
 
     async def close(self) -> None:
         """Close every broker this case opened (a wedged one is aborted)."""
