@@ -634,7 +634,7 @@ def test_the_cli_modules_import_the_shared_ones_never_the_other_way_round() -> N
                     found |= {node.module} if node.module else {alias.name for alias in node.names}
         imports[path.stem] = found
     commands = {"publish", "tail", "pending", "health", "dlq", "metrics", "demo", "run", "asyncapi"}
-    shared = {"_errors", "_options", "_render", "_target", "_argv", "_plugins", "_service_target", "_probe"}
+    shared = {"_errors", "_options", "_render", "_target", "_argv", "_plugins", "_service_target", "_probe", "_loop"}
     assert set(imports) == commands | shared | {"__init__", "__main__", "_app", "_main"}
     for module in commands | shared:
         assert imports[module] <= shared, f"{module} imports {imports[module] - shared}"

@@ -383,6 +383,8 @@ def connect(url_or_settings: str | BrokerSettings | None = None, /, **overrides:
     (``partition_count=16``, ``redis={"claim_timeout": 2}``).
     """
     if isinstance(url_or_settings, BrokerSettings):
+        if "provider" not in overrides:
+            url_or_settings.check_provider_chosen()  # a file of Redis/NATS sections is not memory://
         base = url_or_settings.model_dump(exclude_unset=False)
         merged = _merge(base, overrides)
         settings = BrokerSettings(**merged)

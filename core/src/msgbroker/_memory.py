@@ -8,7 +8,9 @@ membership with heartbeats, exclusive leases with fencing tokens, dedup, dead le
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -98,9 +100,15 @@ class _MemoryServer:
         return self._changed
 
     def notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        changed, loop = self._changed, self._changed_loop
+        if changed is None:
+            return
+        self._changed = None
+        if loop is None or loop is _running_loop():
+            changed.set()
+        else:  # published from another thread's loop (msgbroker.cli.main in an async test)
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(changed.set)
 
     def log_of(self, topic: str, partitions: int) -> list[list[_Entry]]:
         log_ = self.logs.get(topic)
@@ -152,6 +160,39 @@ class _MemoryServer:
 _SERVERS: dict[str, _MemoryServer] = {}
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+ONE_PROCESS_HINT = (
+    "for several processes on one machine use sqlite:///PATH (pip install 'msgbroker[sqlite]'), "
+    "for real traffic a server (redis://, nats://, amqp://, kafka://)"
+)
+"""Where to go instead of ``memory://`` when more than one process is involved."""
+_WARNED: set[str] = set()
+
+
+def _warn_if_one_of_several_processes(name: str) -> None:
+    """Log a warning when this process was started by another one through ``multiprocessing``
+    (a worker pool, ``uvicorn --workers``): each process has its own memory broker, so the
+    workers never see what the others publish (and forked ones each handle the copy they started
+    with). Processes started any other way (two shells, a bare ``os.fork``, a supervisor's
+    ``subprocess``) cannot be told from a lone one."""
+    from multiprocessing import parent_process
+
+    parent = parent_process()
+    if parent is not None and name not in _WARNED:
+        _WARNED.add(name)
+        log.warning(
+            "memory://%s is an in-process broker and this process (pid %d) was started by pid %s: every process "
+            "has a broker of its own (a forked one starts with a copy), so no message goes from one process to "
+            "another; %s",
+            name, os.getpid(), parent.pid, ONE_PROCESS_HINT,
+        )
+
+
 def forget(name: str) -> bool:
     """Drop the named broker (``msgbroker.testing.forget_memory_broker``)."""
     return _SERVERS.pop(name, None) is not None
@@ -197,6 +238,7 @@ class MemoryTransport(Transport):
             self._server = _SERVERS.setdefault(name, _MemoryServer())
         else:
             self._server = _MemoryServer()
+        _warn_if_one_of_several_processes(name)
 
     async def close(self) -> None:
         self._server = None

@@ -174,13 +174,15 @@ class _FileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         data = _file_data.get()
-        if not data:
-            return {}
-        if self._section is not None:
-            for name in (_snake(s) for s in (self._section,)):
-                if isinstance(data.get(name), Mapping):
-                    return dict(data[name])
-        return dict(data)
+        return _file_section(data, self._section) if data else {}
+
+
+def _file_section(data: Mapping[str, Any], section: str | None) -> dict[str, Any]:
+    """The part of a settings file a class reads: its section (``MessageBroker``) when the file
+    has one, else the whole file."""
+    if section is not None and isinstance(data.get(_snake(section)), Mapping):
+        return dict(data[_snake(section)])
+    return dict(data)
 
 
 def _validation_message(cls: type[BaseModel], exc: ValidationError, prefix: str = "") -> str:
@@ -283,6 +285,9 @@ class BrokerSettings(_FileSettings):
     )
     _section: ClassVar[str | None] = "MessageBroker"
     _unclaimed: set[str] = PrivateAttr(default_factory=set)
+    _file_sections: tuple[str, ...] = PrivateAttr(default=())
+    """The provider sections (``redis``, ``nats``, ...) the settings file configured."""
+    _file_name: str | None = PrivateAttr(default=None)
 
     @classmethod
     def settings_customise_sources(
@@ -297,6 +302,13 @@ class BrokerSettings(_FileSettings):
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**values)
+        data = _file_data.get()
+        if data:
+            declared = type(self).model_fields
+            self._file_sections = tuple(sorted(
+                name for name, value in _file_section(data, self._section).items()
+                if isinstance(value, Mapping) and name not in declared
+            ))
         extra = self.__pydantic_extra__
         if extra is None:
             return
@@ -330,6 +342,36 @@ class BrokerSettings(_FileSettings):
                     extra[name] = section
                 return section
         return super().__getattr__(name)  # type: ignore[misc]
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> Self:
+        """Load from a JSON/TOML/YAML file; environment and ``overrides`` take precedence.
+
+        A file that configures providers (``Redis``, ``Nats``, ... sections) must also say which
+        one to use (``Provider``, ``MSGBROKER_PROVIDER`` or ``provider=...``) before it is
+        connected: :func:`msgbroker.connect` refuses to fall back to the in-memory broker then
+        (:meth:`check_provider_chosen`). Loading it never fails for that."""
+        settings = super().from_file(path, **overrides)
+        settings._file_name = str(path)
+        return settings
+
+    def check_provider_chosen(self) -> None:
+        """Raise :class:`ConfigurationError` when a settings file configured provider sections but
+        nothing named the provider: the default, the in-process memory broker, is surely not
+        what such a file means (``connect()`` calls this)."""
+        if "provider" in self.model_fields_set or not self._file_sections:
+            return
+        found = self._file_sections
+        first = found[0]
+        names = " and ".join(", ".join(found).rsplit(", ", 1))
+        plural = "s" if len(found) > 1 else ""
+        raise ConfigurationError(
+            f"the settings file {self._file_name!r} configures {names} (section{plural} "
+            f"{', '.join(repr(s) for s in found)}) but names no provider, and msgbroker will not fall back "
+            f"to the in-process memory broker for it: choose one with \"Provider\": \"{first}\" in the file's "
+            f"{self._section} section, MSGBROKER_PROVIDER={first}, provider=\"{first}\" in Python, or the "
+            f"broker's --url on the command line (\"Provider\": \"memory\" keeps the in-process broker)"
+        )
 
     def section(self, model: type[S]) -> S:
         """This provider's section, typed: ``settings.section(RedisSettings)``."""

@@ -10,7 +10,8 @@ exit code, never a traceback.
 One module per command group (``publish``, ``tail``, ``pending``, ``health``, ``dlq``,
 ``metrics``, ``demo``), each with a ``register(app)``; the shared ones they import (``_target``:
 which broker; ``_render``: output; ``_options``, ``_errors``, ``_argv``) import no command module;
-``_app`` gathers the built-in commands, ``_plugins`` finds the others, ``_main`` runs them.
+``_app`` gathers the built-in commands, ``_plugins`` finds the others, ``_main`` runs them
+(``main``, and ``main_async`` for async code: ``_loop`` says where their coroutines run).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from __future__ import annotations
 from ._app import app
 from ._argv import PASS_THROUGH, run_argv
 from ._errors import CliError
-from ._main import main
+from ._main import main, main_async
 from ._plugins import ENTRY_POINT_GROUP
 from .publish import JsonMessage
 
-__all__ = ["ENTRY_POINT_GROUP", "PASS_THROUGH", "CliError", "JsonMessage", "app", "main", "run_argv"]
+__all__ = ["ENTRY_POINT_GROUP", "PASS_THROUGH", "CliError", "JsonMessage", "app", "main", "main_async", "run_argv"]

@@ -14,6 +14,7 @@ from typer.core import TyperGroup
 from .._errors import MsgBrokerError
 from ._app import app
 from ._errors import CliError
+from ._loop import in_thread, loop_running, on_this_loop
 from ._plugins import add_plugins, check_installed
 
 
@@ -45,8 +46,25 @@ def _quiet_broken_pipe() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``msgbroker`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run the ``msgbroker`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Called where an event loop runs (an async test), it runs the command in a thread of its own
+    and blocks that loop until the command ends; ``await main_async(argv)`` keeps the loop running.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
+    if loop_running():
+        return in_thread(lambda: _run(args))
+    return _run(args)
+
+
+async def main_async(argv: Sequence[str]) -> int:
+    """``main(argv)`` for async code: the command's broker work runs on the calling event loop, which
+    keeps serving its other tasks (a subscriber on the same ``memory://NAME`` broker, say)."""
+    args = list(argv)
+    return await on_this_loop(lambda: _run(args))
+
+
+def _run(args: list[str]) -> int:
     try:
         root = command()
         check_installed(args, root)

@@ -13,7 +13,8 @@ UrlOption = Annotated[
         "--url",
         "-u",
         envvar="MSGBROKER_URL",
-        help="Broker URL: memory://NAME, redis://, nats://, amqp://, kafka://host:port.",
+        help="Broker URL: redis://, nats://, amqp://, kafka://host:port, sqlite:///PATH, "
+        "memory://NAME (this process only).",
     ),
 ]
 ConfigOption = Annotated[

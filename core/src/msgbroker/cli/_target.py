@@ -17,6 +17,7 @@ from .._errors import MsgBrokerError
 from .._registry import registry
 from .._settings import BrokerSettings
 from ._errors import CliError
+from ._loop import run_async
 from ._render import err
 
 T = TypeVar("T")
@@ -118,7 +119,7 @@ async def close_bounded(broker: Broker) -> None:
 
 
 def run_with_broker(target: Target, work: Callable[[Broker], Awaitable[T]]) -> T:
-    """Open the broker, run ``work`` on one event loop, close the broker."""
+    """Open the broker, run ``work`` on one event loop (``run_async``), close the broker."""
 
     async def session() -> T:
         broker = await open_broker(target)
@@ -127,4 +128,4 @@ def run_with_broker(target: Target, work: Callable[[Broker], Awaitable[T]]) -> T
         finally:
             await close_bounded(broker)
 
-    return asyncio.run(session())
+    return run_async(session())

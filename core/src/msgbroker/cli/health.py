@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import typer
 
 from ._errors import CliError
+from ._loop import run_async
 from ._options import ConfigOption, JsonOption, PartitionsOption, UrlOption
 from ._render import emit_json, out
 from ._target import Target, describe, open_broker
@@ -34,7 +33,7 @@ def health(
         finally:
             await opened.close()
 
-    healthy, error = asyncio.run(probe())
+    healthy, error = run_async(probe())
     if json_output:
         emit_json({"healthy": healthy, "provider": broker.provider, "url": where, "error": error})
     elif healthy:

@@ -12,12 +12,13 @@ import typer
 from pydantic import ConfigDict, PrivateAttr, ValidationError
 
 from .._broker import Broker
+from .._memory import ONE_PROCESS_HINT
 from .._message import Message
 from .._partitioner import partition_for
 from ._errors import CliError
 from ._options import ConfigOption, JsonOption, PartitionsOption, UrlOption
-from ._render import emit_json, out, progress
-from ._target import Target, run_with_broker
+from ._render import emit_json, err, out, progress
+from ._target import Target, describe, run_with_broker
 
 PUBLISH_CHUNK = 500
 """Messages per ``publish_batch`` round trip when publishing many."""
@@ -132,7 +133,11 @@ def publish(
     headers = _parse_headers(header or [])
     show_progress = file is not None and not json_output and len(messages) > PUBLISH_CHUNK
 
+    where: list[str] = []
+
     async def work(broker: Broker) -> list[dict[str, Any]]:
+        if broker.provider == "memory":
+            where.append(describe(broker))
         rows: list[dict[str, Any]] = []
         count = broker.settings.partition_count
         with progress(show_progress) as bar:
@@ -160,6 +165,12 @@ def publish(
         )
     else:
         out().print(f"published {len(rows)} messages to {topic!r}", markup=False)
+    if where:  # the one place a published message vanishes without a word otherwise
+        err().print(
+            f"note: {where[0]} is the in-process memory broker: the message lives only in this process and is gone "
+            f"when the command exits (no worker or other command sees it); {ONE_PROCESS_HINT}",
+            markup=False,
+        )
     return 0
 
 
