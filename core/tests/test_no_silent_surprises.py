@@ -225,3 +225,18 @@ async def test_main_async_runs_the_command_on_the_callers_loop(name: str, capsys
 async def test_main_async_reports_errors_as_main_does(capsys: pytest.CaptureFixture[str]) -> None:
     assert await main_async(["health", "-u", "mqtt://nowhere"]) == 1
     assert capsys.readouterr().err.startswith("msgbroker: error: unknown URL scheme 'mqtt://'")
+
+
+def test_sqlite_without_its_distribution_says_what_to_install() -> None:
+    code = (
+        "import importlib.metadata as md\n"
+        "real = md.entry_points\n"
+        "md.entry_points = lambda **kw: [] if kw.get('group') == 'msgbroker.providers' else real(**kw)\n"
+        "import msgbroker\n"
+        "try:\n    msgbroker.connect('sqlite:///broker.db')\n"
+        "except msgbroker.ConfigurationError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGBROKER_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         env=env).stdout
+    assert "the 'sqlite' provider is not installed: pip install 'msgbroker[sqlite]'" in out

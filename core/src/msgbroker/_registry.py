@@ -29,6 +29,7 @@ KNOWN_PROVIDERS: dict[str, tuple[str, str]] = {
     "amqp": ("rabbitmq", "rabbitmq"),
     "amqps": ("rabbitmq", "rabbitmq"),
     "kafka": ("kafka", "kafka"),
+    "sqlite": ("sqlite", "sqlite"),
 }
 
 

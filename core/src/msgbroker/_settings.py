@@ -389,18 +389,36 @@ class BrokerSettings(_FileSettings):
         return dict(self.__pydantic_extra__ or {})
 
     provider: str = "memory"
+    """The provider by name (``redis``, ``nats``, ``rabbitmq``, ``kafka``, ``sqlite``, ``memory``); a
+    URL's scheme sets it. A settings file with provider sections must name it (docs/providers/memory.md)."""
     partition_count: int = Field(64, ge=1, le=4096)
+    """Partitions per topic: a key's partition is ``murmur2(key) % partition_count``, so every producer
+    and worker of a topic must use the same count."""
     batch_size: int = Field(100, ge=1, le=100_000)
+    """Deliveries the engine reads ahead and buffers per lane (one poll reads up to this many)."""
     poll_timeout: Duration = timedelta(seconds=5)
+    """The longest one poll waits for messages (a provider may cap it shorter)."""
     max_retry_attempts: int = Field(3, ge=1)
+    """Failed deliveries (a raise, a nak, a worker that died holding it) before a message is dead-lettered."""
     retry_delay: Duration = timedelta(seconds=1)
+    """How long a naked message waits before it is delivered again (it keeps the head of its lane)."""
     enable_deduplication: bool = False
+    """Drop a publish whose message id was published within ``deduplication_window`` (providers
+    that cannot refuse it with ``CapabilityNotSupported``)."""
     deduplication_window: Duration = timedelta(minutes=5)
+    """How long a published message id is remembered for deduplication."""
     max_concurrency: int | None = Field(None, ge=1)
+    """Handlers running at once per subscription: an unordered one runs up to this many (unset: 100),
+    an ordered one one per lane and at most this many lanes at a time (unset: no limit). The
+    subscription's own ``max_concurrency`` wins."""
     max_message_bytes: int = Field(1024 * 1024, ge=1)
+    """The largest encoded message a publish accepts (the provider's own limit applies too)."""
     shutdown_timeout: Duration = timedelta(seconds=30)
+    """How long closing waits for handlers in flight; one still running then is cancelled and its
+    message stays unsettled for redelivery."""
 
     memory: MemorySettings = MemorySettings()
+    """The in-process provider's section."""
 
     @field_validator("poll_timeout", "retry_delay", "deduplication_window", "shutdown_timeout")
     @classmethod

@@ -15,7 +15,9 @@ class KafkaSettings(ProviderSettings):
     """Apache Kafka provider."""
 
     bootstrap_servers: str = "localhost:9092"
+    """Comma-separated ``host:port`` list (a ``kafka://`` URL's host part sets it)."""
     client_id: str = "msgbroker"
+    """The Kafka client id of every connection (broker logs and quotas show it)."""
     replication_factor: int | None = Field(None, ge=1)
     """Replicas of each topic the provider creates (``<topic>``, ``<topic>.dlq`` and
     ``<topic>.dlq.removed``); None takes the brokers' ``default.replication.factor``."""
@@ -23,12 +25,20 @@ class KafkaSettings(ProviderSettings):
     """``min.insync.replicas`` of each topic the provider creates: how many replicas must have a
     record before an ``acks=all`` produce is confirmed; None takes the brokers' default."""
     security_protocol: str = "PLAINTEXT"
+    """``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``."""
     sasl_mechanism: str | None = None
+    """SASL mechanism: ``PLAIN``, ``SCRAM-SHA-256`` or ``SCRAM-SHA-512``."""
     sasl_username: str | None = None
+    """SASL user name."""
     sasl_password: str | None = Field(None, repr=False)
+    """SASL password (never shown in reprs or errors)."""
     ssl_cafile: str | None = None
+    """The CA certificate (PEM) that signed the brokers' certificates (None: the system's CAs); only
+    with ``SSL`` / ``SASL_SSL``."""
     ssl_certfile: str | None = None
+    """A client certificate (PEM), only with ``SSL`` / ``SASL_SSL``."""
     ssl_keyfile: str | None = None
+    """The client certificate's key (PEM), only with ``SSL`` / ``SASL_SSL``."""
     session_timeout: Duration = timedelta(seconds=10)
     """How long a silent group member keeps its partitions (the broker allows 6 s to 5 min)."""
     heartbeat_interval: Duration = timedelta(seconds=3)

@@ -24,9 +24,14 @@ class NatsSettings(ProviderSettings):
     url: str = "nats://localhost:4222"
     """A server URL, or several comma-separated (or a list): the nodes of a NATS cluster."""
     stream_prefix: str = "MSGBROKER"
+    """First subject token and head of every stream name (``A-Z a-z 0-9 _ -``)."""
     max_age: Duration = timedelta(days=7)
+    """The streams' retention (0: unlimited)."""
     ack_wait: Duration = timedelta(seconds=30)
+    """How long a silent member keeps a message: the failover time after a crash."""
     max_deliver: int = Field(5, ge=-1)
+    """Accepted for the seed's sake; the server-side limit is always unlimited (``max_retry_attempts``
+    decides, docs/providers/nats.md)."""
     ssl_cafile: str | None = None
     """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a ``tls://``
     url (and a ``nats://`` one to a server that requires TLS); None trusts the system's CAs."""

@@ -18,8 +18,12 @@ class RabbitMQSettings(ProviderSettings):
     """The server, or the nodes of a cluster as a comma-separated list of URLs: each connection
     tries them in this order and, when it is lost, reconnects to the next one that answers."""
     exchange_prefix: str = "msgbroker"
+    """First part of every exchange and queue name (1-50 of ``A-Z a-z 0-9 _ . -``)."""
     prefetch: int = Field(1, ge=1)
+    """Unacked messages the server pushes ahead per lane (the QoS of the lane's channel; see
+    docs/providers/rabbitmq.md, *Handover*, before raising it)."""
     queue_type: str = "quorum"
+    """Only ``quorum`` is accepted: lanes need the delivery count and requeue position quorum queues keep."""
     quorum_initial_group_size: int | None = Field(None, ge=1)
     """How many nodes replicate each quorum queue the provider declares
     (``x-quorum-initial-group-size``); None leaves it to the server (its ``quorum_cluster_size``).

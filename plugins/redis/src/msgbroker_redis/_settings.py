@@ -40,7 +40,9 @@ class RedisSettings(ProviderSettings):
     url: str = "redis://localhost:6379"
     """A redis URL; for a Redis Cluster one or more of its nodes, comma-separated (or a list)."""
     key_prefix: str = "msgbroker"
+    """Every key the provider writes starts with ``<key_prefix>:``."""
     max_stream_length: int = Field(100_000, ge=1)
+    """Settled history kept per lane stream (docs/providers/redis.md, *Trimming*)."""
     claim_timeout: Duration = timedelta(seconds=10)
     """How long a silent member keeps its membership and its lanes' leases: a member process
     that dies hands its partitions (and the message it held) to the others after this long.
