@@ -142,7 +142,7 @@ class Ticket(msgbroker.Message):
     def partition_key(self):
         return str(self.n)
 
-async def consume(worker):
+async def consume(expect):
     handled = []
 
     async def handle(ctx):
@@ -150,11 +150,15 @@ async def consume(worker):
 
     async with msgbroker.connect("memory://tickets", partition_count=4) as broker:
         await broker.subscribe("tickets", "workers", handle, message_type=Ticket)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # the window in which nothing arrives (spawn)
+        for _ in range(90):  # and until a forked worker handled its copy of all 20
+            if len(handled) >= expect:
+                break
+            await asyncio.sleep(0.1)
     return len(handled)
 
-def work(worker):
-    return asyncio.run(consume(worker))
+def work(expect):
+    return asyncio.run(consume(expect))
 
 async def publish():
     async with msgbroker.connect("memory://tickets", partition_count=4) as broker:
@@ -163,7 +167,8 @@ async def publish():
 if __name__ == "__main__":
     asyncio.run(publish())
     with multiprocessing.get_context(sys.argv[1]).Pool(2) as pool:
-        print(pool.map(work, [0, 1]))
+        expect = 0 if sys.argv[1] == "spawn" else 20
+        print(pool.map(work, [expect, expect]))
 """
 
 
