@@ -8,6 +8,7 @@ import asyncio
 import functools
 import uuid
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any
 
 import msgbroker
@@ -247,10 +248,19 @@ async def test_a_service_on_a_broker_it_did_not_open_leaves_it_open() -> None:
         assert await broker.pending_count("orders", "workers") == 0
 
 
-def test_a_service_without_a_broker_says_how_to_name_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MSGBROKER_PROVIDER", raising=False)
-    with pytest.raises(ConfigurationError, match="names no broker"):
+def test_a_service_without_a_broker_takes_the_environments_or_says_how_to_name_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("MSGBROKER_PROVIDER", "MSGBROKER_URL", "MSGBROKER_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigurationError, match=r"names no broker: give Service.*set MSGBROKER_URL or MSGBROKER_CONF"):
         msgbroker.Service().connect()
+    (tmp_path / "settings.json").write_text('{"provider": "memory", "partition_count": 5}')
+    monkeypatch.setenv("MSGBROKER_CONFIG", str(tmp_path / "settings.json"))
+    assert msgbroker.Service().connect().settings.partition_count == 5
+    monkeypatch.setenv("MSGBROKER_URL", "memory://from-env")
+    broker = msgbroker.Service(partition_count=3).connect()
+    assert (broker.settings.memory.name, broker.settings.partition_count) == ("from-env", 3)
 
 
 def test_two_subscribers_in_one_group_on_one_topic_are_refused() -> None:

@@ -179,12 +179,20 @@ class Service:
     # -- running -----------------------------------------------------------------------------
 
     def connect(self) -> Broker:
-        """An unopened broker for the service's own settings."""
-        if self.target is None and not self.overrides.get("provider") and "MSGBROKER_PROVIDER" not in os.environ:
-            raise ConfigurationError(
-                "the service names no broker: give Service(url_or_settings), or run it with --url / --config "
-                "(msgbroker run), or set MSGBROKER_PROVIDER with its MSGBROKER_<PROVIDER>__* settings")
-        return connect(self.target, **self.overrides)
+        """An unopened broker for the service's own settings; without any, the environment's as
+        the ``msgbroker`` command reads it: ``MSGBROKER_URL``, else ``MSGBROKER_CONFIG`` (a settings
+        file), else ``MSGBROKER_PROVIDER`` and the other ``MSGBROKER_*`` settings."""
+        target: str | BrokerSettings | None = self.target
+        if target is None:
+            if os.environ.get("MSGBROKER_URL"):
+                target = os.environ["MSGBROKER_URL"]
+            elif os.environ.get("MSGBROKER_CONFIG"):
+                target = BrokerSettings.from_file(os.environ["MSGBROKER_CONFIG"])
+            elif not self.overrides.get("provider") and "MSGBROKER_PROVIDER" not in os.environ:
+                raise ConfigurationError(
+                    "the service names no broker: give Service(url_or_settings), set MSGBROKER_URL or "
+                    "MSGBROKER_CONFIG, or run it with --url / --config (msgbroker run)")
+        return connect(target, **self.overrides)
 
     @property
     def running(self) -> bool:

@@ -61,5 +61,5 @@ def service_broker(service: Service, target: Target) -> Broker:
         overrides["partition_count"] = target.partition_count
     if service.target is None and not overrides.get("provider") and "MSGBROKER_PROVIDER" not in os.environ:
         raise CliError(f"the service {service.title!r} names no broker: pass --url (or set MSGBROKER_URL), "
-                       "--config FILE, or give Service() a URL or settings")
+                       "--config FILE (or MSGBROKER_CONFIG), or give Service() a URL or settings")
     return connect(service.target, **overrides)

@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,10 +27,6 @@ from ._probe import Probe
 from ._render import err
 from ._service_target import load_service, service_broker
 from ._target import Target, close_bounded, describe
-
-STARTUP_GRACE = 5.0
-"""A worker that exits with an error sooner than this after it started is not restarted: the
-supervisor stops (a bad setting or an unreachable broker fails every worker alike)."""
 
 
 def _note(text: str) -> None:
@@ -49,9 +47,11 @@ async def _open(broker: Broker) -> None:
         raise CliError(f"cannot connect to the {broker.provider} broker at {describe(broker)}: {exc}") from exc
 
 
-async def serve(service: Service, broker: Broker, worker: int, http: int | None, http_host: str) -> int:
+async def serve(service: Service, broker: Broker, worker: int, http: int | None, http_host: str,
+                ready_file: Path | None = None) -> int:
     """One worker: start the service on ``broker``, wait for SIGTERM/SIGINT, drain, close.
-    A second signal while draining drops everything at once (exit 1)."""
+    A second signal while draining drops everything at once (exit 1). ``ready_file`` gets the
+    pid once the service runs (the supervisor tells a failed start from a later death by it)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -72,14 +72,18 @@ async def serve(service: Service, broker: Broker, worker: int, http: int | None,
         await _open(broker)
         try:
             await service.start(broker)
-        except (MsgBrokerError, OSError) as exc:
+        except Exception as exc:  # a startup hook's error too: one line, exit 1
             await close_bounded(broker)
-            raise CliError(f"starting the service failed: {exc}") from exc
+            text = str(exc) if isinstance(exc, MsgBrokerError | OSError) else f"{type(exc).__name__}: {exc}"
+            raise CliError(f"starting the service failed: {text}") from exc
         if probe is not None and http is not None:
             server = await probe.serve(http_host, http)
-            _note(f"worker {worker}: http://{http_host}:{http}/health and /metrics")
+            port = server.sockets[0].getsockname()[1]  # --http 0: a free port
+            _note(f"worker {worker}: http://{http_host}:{port}/health and /metrics")
         _note(f"worker {worker} (pid {os.getpid()}) running {len(service.subscribers)} subscriber(s) on "
               f"{describe(broker)}")
+        if ready_file is not None:
+            _write(ready_file, str(os.getpid()))
         await stop.wait()
         _note(f"worker {worker}: stopping, draining in-flight messages")
         if probe is not None:
@@ -109,9 +113,14 @@ async def serve(service: Service, broker: Broker, worker: int, http: int | None,
             loop.remove_signal_handler(sig)
 
 
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)  # a few bytes on a local disk, once
+
+
 def _worker_argv(spec: str, index: int, url: str | None, config: object, partition_count: int | None,
-                 http: int | None, http_host: str) -> list[str]:
-    argv = [sys.executable, "-m", "msgbroker.cli", "run", spec, "--worker-index", str(index)]
+                 http: int | None, http_host: str, ready: Path) -> list[str]:
+    argv = [sys.executable, "-m", "msgbroker.cli", "run", spec, "--worker-index", str(index),
+            "--ready-file", str(ready / str(index))]
     if url is not None:
         argv += ["--url", url]
     if config is not None:
@@ -119,13 +128,22 @@ def _worker_argv(spec: str, index: int, url: str | None, config: object, partiti
     if partition_count is not None:
         argv += ["--partition-count", str(partition_count)]
     if http is not None:
-        argv += ["--http", str(http + index), "--http-host", http_host]
+        argv += ["--http", str(http + index if http else 0), "--http-host", http_host]  # 0: each a free port
     return argv
 
 
-def supervise(argvs: list[list[str]]) -> int:
+def supervise(argvs: list[list[str]], ready: Path) -> int:
     """Run one process per argv; SIGTERM/SIGINT go to every worker (a second one too: they drop
-    what they hold); a worker that dies is started again unless it failed at startup."""
+    what they hold); a worker that dies is started again, unless it died before its service ran
+    (``ready/<index>`` holds its pid once it does): a bad setting or an unreachable broker fails
+    every worker alike, so the supervisor stops them all."""
+
+    def became_ready(index: int, pid: int) -> bool:
+        try:
+            return (ready / str(index)).read_text() == str(pid)
+        except OSError:
+            return False
+
     stopping = 0
 
     def on_signal(signum: int, frame: object) -> None:
@@ -137,14 +155,12 @@ def supervise(argvs: list[list[str]]) -> int:
                     proc.send_signal(signal.SIGTERM if stopping == 1 else signal.SIGINT)
 
     procs: dict[int, subprocess.Popen[bytes]] = {}
-    started: dict[int, float] = {}
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     codes: dict[int, int] = {}
     try:
         for index, argv in enumerate(argvs):
             # a session of its own: a terminal's Ctrl-C reaches the supervisor only, which passes it on once
             procs[index] = subprocess.Popen(argv, start_new_session=True)
-            started[index] = time.monotonic()
         _note(f"supervisor (pid {os.getpid()}): {len(procs)} workers, pids "
               f"{' '.join(str(p.pid) for p in procs.values())}")
         while len(codes) < len(procs):
@@ -158,14 +174,13 @@ def supervise(argvs: list[list[str]]) -> int:
                 if stopping:
                     codes[index] = code
                     continue
-                if code != 0 and time.monotonic() - started[index] < STARTUP_GRACE:
+                if not became_ready(index, proc.pid):
                     _note(f"worker {index} failed at startup (exit {code}); stopping the others")
                     codes[index] = code
                     on_signal(signal.SIGTERM, None)
                     continue
                 _note(f"worker {index} (pid {proc.pid}) exited with {code}; starting it again")
                 procs[index] = subprocess.Popen(argvs[index], start_new_session=True)
-                started[index] = time.monotonic()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -185,6 +200,7 @@ def run_command(
     ] = None,
     http_host: Annotated[str, typer.Option("--http-host", help="Address for --http.")] = "127.0.0.1",
     worker_index: Annotated[int, typer.Option("--worker-index", hidden=True)] = 0,
+    ready_file: Annotated[Path | None, typer.Option("--ready-file", hidden=True)] = None,
     url: UrlOption = None,
     config: ConfigOption = None,
     partition_count: PartitionsOption = None,
@@ -203,9 +219,10 @@ def run_command(
     if workers > 1:
         if http is not None and http + workers - 1 > 65535:
             raise CliError(f"--http {http} with {workers} workers needs ports up to {http + workers - 1}", 2)
-        return supervise([_worker_argv(service_spec, i, url, config, partition_count, http, http_host)
-                          for i in range(workers)])
-    return asyncio.run(serve(service, broker, worker_index, http, http_host))
+        with tempfile.TemporaryDirectory(prefix="msgbroker-run-") as ready:
+            return supervise([_worker_argv(service_spec, i, url, config, partition_count, http, http_host,
+                                           Path(ready)) for i in range(workers)], Path(ready))
+    return asyncio.run(serve(service, broker, worker_index, http, http_host, ready_file))
 
 
 def register(app: typer.Typer) -> None:
