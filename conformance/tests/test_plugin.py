@@ -122,3 +122,19 @@ def test_the_shipped_suite_runs_against_a_url_given_on_the_command_line(tmp_path
     missing = subprocess.run(base, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
     assert "2 failed" in missing.stdout, missing.stdout[-3000:]
     assert "--msgbroker-url" in missing.stdout
+
+
+def test_the_report_names_the_rules_and_keeps_declared_missing_capabilities_apart(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    result = _pytest(tmp_path, "test_provider.py::TestNoTimers", "-k", "round_trip or delay_redelivers",
+                     f"--msgbroker-report={report}")
+    assert "1 passed, 1 skipped" in result.stdout.strip().splitlines()[-1], result.stdout[-3000:]
+    data = json.loads(report.read_text(encoding="utf-8"))
+    suite = data["suites"]["TestNoTimers"]
+    delay_case = suite["cases"]["test_delay_redelivers_no_earlier_and_holds_the_partition"]
+    assert delay_case["status"] == "not supported" and delay_case["rules"] == ["2"]
+    assert suite["cases"]["test_round_trip_keeps_every_field"]["rules"] == ["api", "shape"]
+    assert suite["not_supported"]["delay"]["cases"] == ["test_delay_redelivers_no_earlier_and_holds_the_partition"]
+    assert suite["tier"] == "resilience", "a capability declared missing must not lower the tier"
+    assert set(data["rules"]) >= {str(n) for n in range(1, 13)}
+    assert "declared missing: delay (1 case(s))" in result.stdout

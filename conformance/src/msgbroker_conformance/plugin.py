@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ._cases import ENVIRONMENT_CAPABILITIES, TIERS, case_info, missing_capability, session_seed, set_session_seed
+from ._cases import (
+    ENVIRONMENT_CAPABILITIES,
+    RULES,
+    TIERS,
+    case_info,
+    missing_capability,
+    session_seed,
+    set_session_seed,
+)
 from ._harness import ConformanceHarness, OptionHarness, load_harness
 
 __all__ = ["harness_from_options"]
@@ -90,7 +99,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if gap is not None and info is not None and harness is not None:
             dropped.append(item)
             report.case(item, harness, info.name, info.tier, "not applicable",
-                        f"capability {gap[0]!r}: {gap[1]}", 0.0)
+                        f"capability {gap[0]!r}: {gap[1]}", 0.0, info.rules)
         else:
             kept.append(item)
     if dropped:
@@ -127,6 +136,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for name, suite in report.suites.items():
         not_applicable = [c for c in suite["cases"].values() if c["status"] == "not applicable"]
         line = f"msgbroker conformance {name}: tier {suite['tier'] or 'none'}, seed {suite['seed']}"
+        if suite["not_supported"]:
+            line += "; declared missing: " + ", ".join(
+                f"{capability} ({len(entry['cases'])} case(s))" for capability, entry in suite["not_supported"].items())
         if not_applicable:
             line += "; not applicable: " + ", ".join(f"{c['case']} ({c['reason']})" for c in not_applicable)
         terminalreporter.write_line(line)
@@ -138,7 +150,8 @@ _REPORT = pytest.StashKey["_Report"]()
 
 class _Report:
     """conformance-report.json: per suite (provider), the capabilities, hooks, seed, per-case
-    status and the tier reached."""
+    status and the rules of docs/semantics.md it checks, the tier reached, and apart from it the
+    capabilities the provider declares missing with the cases they gate (``not_supported``)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -164,14 +177,21 @@ class _Report:
                 "seed": session_seed(),
                 "cases": {},
                 "tier": None,
+                "not_supported": {},
             }
         return suite
 
     def case(self, item: pytest.Item, harness: ConformanceHarness, name: str, tier: str, status: str,
-             reason: str | None, duration: float) -> None:
+             reason: str | None, duration: float, rules: tuple[str, ...] = ()) -> None:
         suite = self._suite(item, harness)
+        capability = _declared_missing(reason) if status == "skipped" else None
+        if capability is not None:
+            status = "not supported"
+            entry = suite["not_supported"].setdefault(capability, {"reason": reason, "cases": []})
+            if name not in entry["cases"]:
+                entry["cases"].append(name)
         suite["cases"][name] = {"case": name, "tier": tier, "status": status, "reason": reason,
-                                "duration": round(duration, 3)}
+                                "rules": list(rules), "duration": round(duration, 3)}
         suite["tier"] = _tier_reached(suite["cases"].values())
 
     def logreport(self, report: pytest.TestReport) -> None:
@@ -189,7 +209,7 @@ class _Report:
                 reason = str(report.longrepr[2])
             elif report.failed:
                 reason = str(report.longreprtext).strip().splitlines()[-1][:500] if report.longreprtext else "failed"
-            self.case(item, harness, info.name, info.tier, status, reason, report.duration)
+            self.case(item, harness, info.name, info.tier, status, reason, report.duration, info.rules)
             if info.tier == "model" and report.when == "call":
                 from ._stateful import last_coverage
 
@@ -200,13 +220,21 @@ class _Report:
         if not self.path or not self.suites:
             return
         data = {"suite": "msgbroker-conformance", "version": _version(), "seed": session_seed(),
-                "started": self.started, "suites": self.suites}
+                "started": self.started, "rules": RULES, "suites": self.suites}
         Path(self.path).write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _declared_missing(reason: str | None) -> str | None:
+    """The capability a skip names when the provider declared it missing (``requires``)."""
+    match = re.search(r"capability '(\w+)' not supported by", reason or "")
+    return match.group(1) if match else None
 
 
 def _tier_reached(cases: Any) -> str | None:
     """The highest tier such that no case of it or below failed or was skipped, and each of
-    those tiers passed at least one case (or none applied)."""
+    those tiers passed at least one case (or none applied). A case gated on a capability the
+    provider declares missing ("not supported") does not lower the tier: the report lists
+    those capabilities apart, so what was proven and what was declared missing stay distinct."""
     reached = None
     by_tier: dict[str, list[str]] = {t: [] for t in TIERS}
     for c in cases:
@@ -217,7 +245,7 @@ def _tier_reached(cases: Any) -> str | None:
             break
         if any(s in ("failed", "skipped") for s in statuses):
             break
-        if "passed" not in statuses and any(s != "not applicable" for s in statuses):
+        if "passed" not in statuses and any(s not in ("not applicable", "not supported") for s in statuses):
             break
         reached = tier
     return reached
