@@ -195,6 +195,7 @@ def test_what_is_wrong_is_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_the_supervisor_restarts_a_worker_that_died_and_stops_them_all(workdir: Path) -> None:
     proc = start(workdir, "--workers", "2", pause=0.01)
+    wait_for_line(proc, r"memory:// lives in one process: each of the 2 workers has a broker of its own")
     first = wait_for_line(proc, r"supervisor \(pid \d+\): 2 workers, pids (\d+) (\d+)")
     wait_for_line(proc, r"worker [01] \(pid \d+\) running")
     wait_for_line(proc, r"worker [01] \(pid \d+\) running")

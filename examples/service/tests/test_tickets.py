@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from msgbroker.testing import ServiceRun
+from msgbroker.testing import ServiceRun, run_in_memory
 from ticket_service import SeatLock, locks, service
 
 Start = Callable[..., Awaitable[ServiceRun]]
@@ -30,3 +30,10 @@ async def test_a_request_without_seats_is_retried_then_dead_lettered(msgbroker_r
     assert isinstance(dead.message, SeatLock) and dead.delivery_attempt == 2
     (letter,) = await run.dead_letters("seat-lock-requests", "seat-lockers")
     assert letter.error == "ValueError: a seat lock names no seat"
+
+
+async def test_without_the_fixture() -> None:  # docs/service.md, "Testing your service"
+    async with run_in_memory(service, max_retry_attempts=1) as run:
+        await run.publish("seat-lock-requests", SeatLock(session="s2", area="a", seats=[]))
+        await run.settled()
+        assert [str(s.error) for s in run.dead_lettered] == ["a seat lock names no seat"]

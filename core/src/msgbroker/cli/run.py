@@ -80,10 +80,10 @@ async def serve(service: Service, broker: Broker, worker: int, http: int | None,
             server = await probe.serve(http_host, http)
             port = server.sockets[0].getsockname()[1]  # --http 0: a free port
             _note(f"worker {worker}: http://{http_host}:{port}/health and /metrics")
-        _note(f"worker {worker} (pid {os.getpid()}) running {len(service.subscribers)} subscriber(s) on "
-              f"{describe(broker)}")
         if ready_file is not None:
             _write(ready_file, str(os.getpid()))
+        _note(f"worker {worker} (pid {os.getpid()}) running {len(service.subscribers)} subscriber(s) on "
+              f"{describe(broker)}")
         await stop.wait()
         _note(f"worker {worker}: stopping, draining in-flight messages")
         if probe is not None:
@@ -217,6 +217,9 @@ def run_command(
     if not service.subscribers:
         _note(f"the service {service.title!r} declares no subscriber")
     if workers > 1:
+        if broker.provider == "memory":
+            _note(f"memory:// lives in one process: each of the {workers} workers has a broker of its own and "
+                  "sees only what it publishes itself (several processes share sqlite:///PATH or a server)")
         if http is not None and http + workers - 1 > 65535:
             raise CliError(f"--http {http} with {workers} workers needs ports up to {http + workers - 1}", 2)
         with tempfile.TemporaryDirectory(prefix="msgbroker-run-") as ready:
