@@ -118,3 +118,10 @@ def test_the_repository_folders_install_with_an_extra(view: Path, tmp_path: Path
     _pip(python, "install", "--no-build-isolation", f"{source / 'core'}[redis]", source / "plugins" / "redis")
     out = _run(python, "-c", "import msgbroker, msgbroker_redis; print(msgbroker.connect('redis://127.0.0.1:1').provider)")
     assert out.strip() == "redis"
+
+
+def test_the_readme_gives_the_commands_tested_here() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for command in ("scripts/wheels", "pip install --find-links dist 'msgbroker[redis]'",
+                    "pip install './core[redis]' ./plugins/redis", "pip install ./core"):
+        assert f"\n{command}" in readme, f"README's Install no longer shows {command!r}"
