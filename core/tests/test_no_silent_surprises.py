@@ -105,6 +105,29 @@ def test_a_file_without_broker_sections_still_means_the_memory_broker(tmp_path: 
     assert (broker.provider, broker.settings.partition_count) == ("memory", 8)
 
 
+def test_other_sections_of_an_application_settings_file_are_no_providers(tmp_path: Path) -> None:
+    path = tmp_path / "appsettings.json"
+    path.write_text(json.dumps({"PartitionCount": 8, "Logging": {"LogLevel": {"Default": "Information"}},
+                                "Resilience": {"MaxRetryAttempts": 3}}))
+    assert msgbroker.connect(BrokerSettings.from_file(path)).provider == "memory"
+
+
+def test_the_seed_file_without_its_providers_installed_still_needs_a_provider(seed_file: Path) -> None:
+    code = (
+        "import importlib.metadata as md\n"
+        "real = md.entry_points\n"
+        "md.entry_points = lambda **kw: [] if kw.get('group') == 'msgbroker.providers' else real(**kw)\n"
+        "import msgbroker\n"
+        f"settings = msgbroker.BrokerSettings.from_file({str(seed_file)!r})\n"
+        "try:\n    msgbroker.connect(settings)\n"
+        "except msgbroker.ConfigurationError as e:\n    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MSGBROKER_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                         env=env).stdout
+    assert "configures nats and redis (sections 'nats', 'redis') but names no provider" in out
+
+
 def test_health_with_the_seed_file_says_how_to_choose_instead_of_healthy_memory(
     seed_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -151,4 +151,4 @@ class ProviderRegistry:
 
 
 registry = ProviderRegistry()
-use_section_resolver(registry.section_model)
+use_section_resolver(registry.section_model, known={name for name, _ in KNOWN_PROVIDERS.values()} - {"memory"})

@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import timedelta
@@ -92,16 +92,25 @@ S = TypeVar("S", bound=ProviderSettings)
 
 SectionResolver = Callable[[str], "type[ProviderSettings] | None"]
 _resolver: list[SectionResolver] = []
+_known_providers: set[str] = set()
 
 
-def use_section_resolver(resolver: SectionResolver) -> None:
+def use_section_resolver(resolver: SectionResolver, known: Iterable[str] = ()) -> None:
     """Where ``BrokerSettings`` finds the settings model of a section it does not declare
-    itself: the provider registry installs its lookup here (by provider name)."""
+    itself: the provider registry installs its lookup here (by provider name), with the names of
+    the providers it knows of even when they are not installed (``known``)."""
     _resolver[:] = [resolver]
+    _known_providers.update(known)
 
 
 def _section_model(name: str) -> type[ProviderSettings] | None:
     return _resolver[0](name) if _resolver else None
+
+
+def _is_provider_section(name: str) -> bool:
+    """A section of an installed provider, or of a known one that is not installed here (not
+    ``Logging``, ``Resilience`` or another part of an application's settings file)."""
+    return name in _known_providers or _section_model(name) is not None
 
 
 class MemorySettings(_Section):
@@ -307,7 +316,7 @@ class BrokerSettings(_FileSettings):
             declared = type(self).model_fields
             self._file_sections = tuple(sorted(
                 name for name, value in _file_section(data, self._section).items()
-                if isinstance(value, Mapping) and name not in declared
+                if isinstance(value, Mapping) and name not in declared and _is_provider_section(name)
             ))
         extra = self.__pydantic_extra__
         if extra is None:
