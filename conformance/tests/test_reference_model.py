@@ -84,7 +84,7 @@ def test_an_ack_lost_with_its_member_may_come_back_once_as_a_duplicate() -> None
 def test_naks_dead_letter_exactly_at_max_attempts() -> None:
     model = _model(("m1", "k", 0))
     model.deliver("m1", "a", 1, 0.0)
-    with pytest.raises(ModelViolation, match="before max_retry_attempts"):
+    with pytest.raises(ModelViolation, match="fewer than max_retry_attempts=3"):
         model.settle("m1", "nak", dead=True)
     model = _model(("m1", "k", 0))
     for attempt in (1, 2):
@@ -117,3 +117,19 @@ def test_pending_counts_ready_and_in_flight_only() -> None:
     model.settle("m3", "reject", dead=True)
     assert model.unsettled() == (1, 0)
     assert model.expects_delivery()
+
+
+def test_an_unexplained_dead_letter_is_legal_only_after_enough_failures_and_crashes() -> None:
+    """A graceful hand-over costs no attempt (docs/semantics.md, rule 3): a message that failed
+    once and was delayed while members joined and left may not be dead-lettered unhandled; one
+    that failed once while two members died holding it (max_retry_attempts=3) may."""
+    model = _model(("m1", "k", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    model.settle("m1", "nak", dead=False)
+    model.deliver("m1", "a", 2, 0.0)
+    model.settle("m1", "delay", dead=False, not_before=0.0)
+    model.disturb()  # a join, a graceful leave
+    assert model.dead_without_handler("m1") is False
+    model.forget_holder("gone-1")
+    model.forget_holder("gone-2")
+    assert model.dead_without_handler("m1") is True

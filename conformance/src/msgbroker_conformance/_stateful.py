@@ -29,6 +29,7 @@ from msgbroker import Broker, MessageContext, Subscription, partition_for
 from msgbroker.spi import assign_partitions  # the engine's lease assignment, to know when it settled
 
 from ._support import ConformanceFailure, ConformanceMessage
+from ._volume import StallWatch
 
 if TYPE_CHECKING:
     from ._harness import ConformanceHarness
@@ -73,9 +74,12 @@ def machine_settings(local: bool, profile: str | None = None) -> settings:
 class ModelViolation(ConformanceFailure):
     """The provider did something the reference model says a correct broker never does."""
 
-    def __init__(self, message: str, kind: str = "") -> None:
+    def __init__(self, message: str, kind: str = "", since: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        self.since = since
+        """When the provider last acted on the message concerned (``time.monotonic()``): a stall
+        that ended before it cannot excuse the violation."""
 
 
 # -- the reference model -------------------------------------------------------------------------
@@ -104,6 +108,10 @@ class Entry:
     acked_by: str | None = None
     uncertain: bool = False
     """Acked by a member that died later: a broker that buffers acks may deliver it again."""
+    exposures: int = 0
+    """Members that died while it was unsettled: each may count as a failure (docs/semantics.md,
+    rule 3: a delivery to a member that died), a graceful hand-over never does."""
+    since: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -146,12 +154,13 @@ class ReferenceModel:
         if entry is None:
             raise ModelViolation(f"delivered {message_id}, which was never published to this topic")
         name = f"{entry.key}#{entry.seq} ({message_id[:8]})"
+        since = entry.since
         if entry.state == DEAD:
-            raise ModelViolation(f"{name} was delivered after it was dead-lettered")
+            raise ModelViolation(f"{name} was delivered after it was dead-lettered", since=since)
         if entry.state == ACKED and not entry.uncertain:
-            raise ModelViolation(f"{name} was delivered again after it was acked (by {entry.acked_by})")
+            raise ModelViolation(f"{name} was delivered again after it was acked (by {entry.acked_by})", since=since)
         if entry.state == INFLIGHT:
-            raise ModelViolation(f"{name} was delivered to {member} while {entry.holder} still handles it")
+            raise ModelViolation(f"{name} was delivered to {member} while {entry.holder} still handles it", since=since)
         for mid in self.order[entry.partition]:
             if mid == message_id:
                 break
@@ -159,20 +168,23 @@ class ReferenceModel:
             if earlier.state not in (ACKED, DEAD):
                 raise ModelViolation(
                     f"{name} was handed to {member} before the earlier {earlier.key}#{earlier.seq} of partition "
-                    f"{entry.partition} was settled (it is {earlier.state})", "order"
+                    f"{entry.partition} was settled (it is {earlier.state})", "order", since=earlier.since
                 )
         if entry.state == ACKED:
             self.duplicates += 1
         if not entry.disturbed and attempt != entry.deliveries + 1:
-            raise ModelViolation(f"{name} has delivery_attempt {attempt}; it was handled {entry.deliveries} time(s)")
+            raise ModelViolation(f"{name} has delivery_attempt {attempt}; it was handled {entry.deliveries} time(s)",
+                                 since=since)
         if attempt <= entry.last_attempt or attempt < entry.deliveries + 1:
             raise ModelViolation(
                 f"{name} has delivery_attempt {attempt} after attempt {entry.last_attempt} "
-                f"({entry.deliveries} handler call(s)): attempts must grow"
+                f"({entry.deliveries} handler call(s)): attempts must grow", since=since
             )
         if entry.delayed_until is not None and at < entry.delayed_until - EPSILON:
-            raise ModelViolation(f"{name} was redelivered {entry.delayed_until - at:.3f}s before its delay ended")
+            raise ModelViolation(f"{name} was redelivered {entry.delayed_until - at:.3f}s before its delay ended",
+                                 since=since)
         entry.state, entry.holder = INFLIGHT, member
+        entry.since = time.monotonic()
         entry.deliveries += 1
         entry.last_attempt = attempt
         entry.delayed_until = None
@@ -185,28 +197,31 @@ class ReferenceModel:
         name = f"{entry.key}#{entry.seq}"
         holder = entry.holder
         entry.holder = None
+        since, entry.since = entry.since, time.monotonic()
         if action == "ack":
             entry.state, entry.acked_by = ACKED, holder
         elif action == "reject":
             if not dead:
-                raise ModelViolation(f"{name} was naked with requeue=False but is not among the dead letters")
+                raise ModelViolation(f"{name} was naked with requeue=False but is not among the dead letters",
+                                     since=since)
             entry.state = DEAD
         elif action == "nak":
             entry.naks += 1
             if dead:
-                if entry.last_attempt < self.max_attempts:
+                if entry.naks + entry.exposures < self.max_attempts:
                     raise ModelViolation(
-                        f"{name} was dead-lettered after a nak on attempt {entry.last_attempt}, "
-                        f"before max_retry_attempts={self.max_attempts}"
+                        f"{name} was dead-lettered after a nak on attempt {entry.last_attempt}: {entry.naks} "
+                        f"failure(s) and {entry.exposures} member(s) dead while it was unsettled, fewer than "
+                        f"max_retry_attempts={self.max_attempts}", since=since
                     )
                 entry.state = DEAD
             elif entry.naks >= self.max_attempts:
-                raise ModelViolation(f"{name} failed {entry.naks} times and is still not dead-lettered")
+                raise ModelViolation(f"{name} failed {entry.naks} times and is still not dead-lettered", since=since)
             else:
                 entry.state = READY
         elif action == "delay":
             if dead:
-                raise ModelViolation(f"{name} was dead-lettered on a delay")
+                raise ModelViolation(f"{name} was dead-lettered on a delay", since=since)
             entry.state, entry.delayed_until = READY, not_before
         else:  # pragma: no cover - the machine only draws the actions above
             raise ValueError(action)
@@ -218,6 +233,8 @@ class ReferenceModel:
                 entry.state, entry.holder = READY, None
             if entry.state == ACKED and entry.acked_by == member:
                 entry.uncertain = True
+            if entry.state in (READY, INFLIGHT):
+                entry.exposures += 1
         self.disturb()
 
     def release(self, message_id: str) -> None:
@@ -236,13 +253,15 @@ class ReferenceModel:
 
     def dead_without_handler(self, message_id: str) -> bool:
         """The broker dead-lettered a message the model did not see go (a member died holding it
-        too often); legal only for a disturbed, unsettled message. Commits when legal."""
+        too often); legal only for an unsettled message whose failures plus the members that died
+        while it was unsettled reach max_retry_attempts (a graceful hand-over costs nothing).
+        Commits when legal."""
         entry = self.entries.get(message_id)
         if entry is None:
             raise ModelViolation(f"dead letter {message_id} was never published to this topic")
         if entry.state == DEAD:
             return True
-        if entry.state == READY and entry.disturbed:
+        if entry.state == READY and entry.naks + entry.exposures >= self.max_attempts:
             entry.state = DEAD
             return True
         return False
@@ -340,6 +359,9 @@ class BrokerMachine(RuleBasedStateMachine):
         self.handed: list[Arrival] = []
         """Every parked invocation, so that a close never waits on one the machine forgot."""
         self.stall_limit = float("inf")
+        self.stalls: list[tuple[float, float]] = []
+        """(end, length) of every event-loop stall of ``stall_limit`` or more."""
+        self.watch: StallWatch | None = None
         self.failure: AssertionError | None = None
         """The first violation: the rest of the example runs as no-ops, and teardown raises it."""
         self.dropped = False
@@ -373,12 +395,29 @@ class BrokerMachine(RuleBasedStateMachine):
             failure = exc if isinstance(exc, AssertionError) else ConformanceFailure(
                 f"a step raised {type(exc).__name__}: {exc}")
             failure.__cause__ = None if failure is exc else exc
-            if self.max_lag >= self.stall_limit:
+            if self._excused(failure):
                 self._drop(failure)
-            else:
+            elif self.failure is None:  # (a provider that blocked the loop is already the failure)
                 self.failure = failure
             return
         self.in_step = False
+
+    def _excused(self, failure: BaseException) -> bool:
+        """A stall of half a claim timeout excuses only what it overlapped: a violation about a
+        message the provider last acted on before the stall ended (a member starved that long may
+        have lost its lease, docs/semantics.md rule 11), or one about no message in particular
+        (liveness, pending count) seen within two claim timeouts after it. A stall inside the
+        provider's own code excuses nothing: it becomes the failure, with its stack."""
+        if not self.stalls:
+            return False
+        blocked = self.watch.blocking() if self.watch is not None else None
+        if blocked is not None:
+            self.failure = ConformanceFailure(f"{blocked}\n(it overlapped: {failure})")
+            return False
+        since = getattr(failure, "since", None)
+        if since is None:
+            return self.stalls[-1][0] >= time.monotonic() - 2 * self._claim_timeout()
+        return any(end >= since for end, _ in self.stalls)
 
     def _drop(self, exc: BaseException) -> None:
         event("example dropped: the event loop stalled past half a claim timeout")
@@ -393,17 +432,16 @@ class BrokerMachine(RuleBasedStateMachine):
         try:
             yield
         except ConformanceFailure as exc:
-            if self.max_lag >= self.stall_limit:
+            if self._excused(exc):
                 self._drop(exc)
                 reject()
+            if self.failure is not None and self.failure is not exc:
+                raise self.failure from exc  # the provider blocked the loop: that is the report
             raise
 
-    async def _watch_loop(self) -> None:
-        """Measure how late the event loop wakes up (CPU starvation, a blocking call)."""
-        while True:
-            before = time.monotonic()
-            await asyncio.sleep(0.02)
-            self.max_lag = max(self.max_lag, time.monotonic() - before - 0.02)
+    def _stalled(self, end: float, lag: float) -> None:
+        self.stalls.append((end, lag))
+        self.max_lag = max(self.max_lag, lag)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return self.bridge.run(coro, timeout * self.multiplier)
@@ -468,7 +506,10 @@ class BrokerMachine(RuleBasedStateMachine):
             if mid in self.model.entries and not self.model.dead_without_handler(mid):
                 entry = self.model.entries[mid]
                 if entry.state != DEAD:
-                    raise ModelViolation(f"{entry.key}#{entry.seq} is among the dead letters but is {entry.state}")
+                    raise ModelViolation(
+                        f"{entry.key}#{entry.seq} is among the dead letters but is {entry.state} ({entry.naks} "
+                        f"failure(s), {entry.exposures} member(s) dead while it was unsettled, max_retry_attempts="
+                        f"{self.model.max_attempts})", since=entry.since)
 
     def _admit(self, arrival: Arrival) -> None:
         try:
@@ -513,7 +554,8 @@ class BrokerMachine(RuleBasedStateMachine):
                 pass
 
     def _claim_timeout(self) -> float:
-        return 5.0
+        """The provider's declared claim timeout (``Transport.lease_ttl()``)."""
+        return float(self.producer.transport.lease_ttl()) if self.producer is not None else 30.0
 
     def _live(self) -> list[Member]:
         return list(self.members.values())
@@ -536,7 +578,9 @@ class BrokerMachine(RuleBasedStateMachine):
             if live:
                 self.producer = self.run(self._connect())
                 self.stall_limit = self.producer.transport.lease_ttl() / 2
-                asyncio.run_coroutine_threadsafe(self._watch_loop(), self.bridge.loop)
+                package = type(self.producer.transport).__module__.split(".")[0]
+                self.watch = StallWatch(self._stalled, self.stall_limit, f"{package}/")
+                asyncio.run_coroutine_threadsafe(self.watch.run(), self.bridge.loop)
                 self._join()
 
     @rule(key=st.sampled_from(KEYS), n=st.integers(1, 3))

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from ._support import ConformanceFailure, ConformanceMessage, eventually
 if TYPE_CHECKING:
     from ._support import Scenario
 
-__all__ = ["VolumeModel", "run_volume"]
+__all__ = ["StallWatch", "VolumeModel", "run_volume"]
 
 PARTITIONS = 8
 MAX_ATTEMPTS = 4
@@ -227,20 +228,23 @@ class VolumeModel:
 
 
 class StallWatch:
-    """How late the event loop wakes up. A stall of ``limit`` seconds or more is recorded in the
-    model (it excuses the violations it overlapped), and a watchdog thread keeps the loop
-    thread's stack at that moment: if the loop was running the provider's own code, the provider
-    blocked the event loop, which is its failure (a member that blocks loses its leases)."""
+    """How late the event loop wakes up. A stall of ``limit`` seconds or more is passed to
+    ``on_stall(end, length)`` (it excuses the violations it overlapped), and a watchdog thread
+    keeps the loop thread's stack at that moment: if the loop was running the provider's own
+    code, the provider blocked the event loop, which is its failure (a member that blocks loses
+    its leases). Used by the volume tier and the state machine."""
 
-    def __init__(self, model: VolumeModel, limit: float, provider_package: str) -> None:
-        self.model, self.limit, self.package = model, limit, provider_package
+    def __init__(self, on_stall: Callable[[float, float], None], limit: float, provider_package: str) -> None:
+        self.on_stall, self.limit, self.package = on_stall, limit, provider_package
         self.tick = time.monotonic()
+        self.max_lag = 0.0
         self.stacks: list[tuple[float, str]] = []
         self.thread_id = threading.get_ident()
         self.stopped = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="msgbroker-conformance-stall-watch", daemon=True)
 
     async def run(self) -> None:
+        self.thread_id = threading.get_ident()  # the loop's thread
         self.watchdog.start()
         try:
             while True:
@@ -248,8 +252,9 @@ class StallWatch:
                 await asyncio.sleep(0.02)
                 self.tick = now = time.monotonic()
                 lag = now - before - 0.02
+                self.max_lag = max(self.max_lag, lag)
                 if lag >= self.limit:
-                    self.model.stalls.append((now, lag))
+                    self.on_stall(now, lag)
         finally:
             self.stopped.set()
 
@@ -326,7 +331,7 @@ async def run_volume(s: Scenario, size: int) -> Counter[str]:
         return handle
 
     package = type(producer.transport).__module__.split(".")[0].replace(".", "/")
-    watch = StallWatch(model, s.claim_timeout() / 2, f"{package}/")
+    watch = StallWatch(lambda end, lag: model.stalls.append((end, lag)), s.claim_timeout() / 2, f"{package}/")
     watching = asyncio.create_task(watch.run())
     try:
         return await _drive(s, model, producer, topic, group, size, settings, members, handler, rng, watch)
