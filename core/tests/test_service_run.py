@@ -150,9 +150,10 @@ def test_a_second_signal_stops_at_once_with_exit_1(workdir: Path) -> None:
 
 
 def test_health_and_metrics_over_http(workdir: Path) -> None:
-    proc = start(workdir, "--http", "0", pause=0.01)
+    proc = start(workdir, "--http", "0", "--log-level", "info", pause=0.01)
     try:
         port = int(wait_for_line(proc, r"http://127\.0\.0\.1:(\d+)/health").group(1))
+        wait_for_line(proc, r" INFO msgbroker\.run: jobs as workers: member \w+, partitions \[")  # --log-level
         wait_until(lambda: len([line for line in lines(workdir) if line.startswith("end")]) == 200)
         status, body = get(f"http://127.0.0.1:{port}/health")
         health = json.loads(body)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +29,17 @@ from ._probe import Probe
 from ._render import err
 from ._service_target import load_service, service_broker
 from ._target import Target, close_bounded, describe
+
+log = logging.getLogger("msgbroker.run")
+
+
+class LogLevel(StrEnum):
+    """``--log-level``: the ``logging`` levels (msgbroker logs retries at info, dead letters at warning)."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
 
 
 def _note(text: str) -> None:
@@ -80,6 +93,8 @@ async def serve(service: Service, broker: Broker, worker: int, http: int | None,
             server = await probe.serve(http_host, http)
             port = server.sockets[0].getsockname()[1]  # --http 0: a free port
             _note(f"worker {worker}: http://{http_host}:{port}/health and /metrics")
+        for sub in service.subscriptions:
+            log.info("%s as %s: member %s, partitions %s", sub.topic, sub.group, sub.member_id, sub.partitions)
         if ready_file is not None:
             _write(ready_file, str(os.getpid()))
         _note(f"worker {worker} (pid {os.getpid()}) running {len(service.subscribers)} subscriber(s) on "
@@ -199,6 +214,9 @@ def run_command(
                      help="Serve GET /health and /metrics on this port (worker i of --workers N: PORT+i)."),
     ] = None,
     http_host: Annotated[str, typer.Option("--http-host", help="Address for --http.")] = "127.0.0.1",
+    log_level: Annotated[
+        LogLevel, typer.Option("--log-level", help="Log records of this level and above go to stderr.")
+    ] = LogLevel.WARNING,
     worker_index: Annotated[int, typer.Option("--worker-index", hidden=True)] = 0,
     ready_file: Annotated[Path | None, typer.Option("--ready-file", hidden=True)] = None,
     url: UrlOption = None,
@@ -223,8 +241,10 @@ def run_command(
         if http is not None and http + workers - 1 > 65535:
             raise CliError(f"--http {http} with {workers} workers needs ports up to {http + workers - 1}", 2)
         with tempfile.TemporaryDirectory(prefix="msgbroker-run-") as ready:
-            return supervise([_worker_argv(service_spec, i, url, config, partition_count, http, http_host,
-                                           Path(ready)) for i in range(workers)], Path(ready))
+            argvs = [[*_worker_argv(service_spec, i, url, config, partition_count, http, http_host, Path(ready)),
+                      "--log-level", log_level.value] for i in range(workers)]
+            return supervise(argvs, Path(ready))
+    logging.basicConfig(level=log_level.value.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(service, broker, worker_index, http, http_host, ready_file))
 
 
