@@ -76,11 +76,32 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
+_STARTED: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_what_a_test_left() -> Iterator[None]:
+    """A test that failed half-way leaves its ``msgbroker run`` running: SIGTERM (a supervisor
+    passes it to its workers), then SIGKILL."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.communicate()
+
+
 def start(workdir: Path, *args: str, pause: float = 0.05) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSGBROKER_")}
     env |= {"RUN_TEST_OUT": str(workdir / "out.txt"), "RUN_TEST_PAUSE": str(pause)}
-    return subprocess.Popen([sys.executable, "-m", "msgbroker.cli", "run", "jobs_service:service", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "msgbroker.cli", "run", "jobs_service:service", *args],
                             cwd=workdir, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _STARTED.append(proc)
+    return proc
 
 
 def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> re.Match[str]:
@@ -95,7 +116,6 @@ def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 30
         found = re.search(pattern, line)
         if found:
             return found
-    proc.kill()
     raise AssertionError(f"no line matching {pattern!r}; stderr: {''.join(seen)}")
 
 

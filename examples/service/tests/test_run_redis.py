@@ -58,6 +58,16 @@ class Workers:
             assert time.monotonic() < deadline, self.text()
             await asyncio.sleep(0.05)
 
+    def close(self) -> None:
+        """After a failure: SIGTERM (the supervisor passes it on), then SIGKILL."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
     async def stop(self) -> tuple[int, float]:
         began = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
@@ -93,35 +103,42 @@ async def test_two_workers_stopped_mid_stream_and_restarted_lose_nothing_and_kee
                 SeatLock(session=s, area=a, seq=seq, seats=[f"{a}-{seq}"]) for s, a in sessions])
             await asyncio.sleep(pause)
 
-    async with msgbroker.connect(settings) as broker:
-        await broker.subscribe("seat-locked", "checker", check)
-        await stream(0, PER_KEY // 2, 0)  # queued before the workers start
-        log = tmp_path / "run.log"
-        first = Workers(settings_file, log)
-        await first.running(2)
-        publishing = asyncio.create_task(stream(PER_KEY // 2, PER_KEY, 0.05))  # more arrives while they work
-        deadline = time.monotonic() + 60
-        # mid-stream, once both workers have their share (the second to join takes over partitions)
-        while handled() < KEYS * PER_KEY // 3 or len(workers_seen[0]) < 2:
-            assert time.monotonic() < deadline, first.text()
-            await asyncio.sleep(0.02)
-        code, drain_seconds = await first.stop()  # mid-stream
-        at_stop = handled()
-        assert code == 0, first.text()
-        assert first.text().count("stopped") == 2, first.text()  # each worker drained and left its groups
-        assert at_stop < KEYS * PER_KEY, "the stream ended before the SIGTERM: nothing was tested"
-        phase = 1
-        second = Workers(settings_file, log)
-        await second.running(4)
-        await publishing
-        deadline = time.monotonic() + 90
-        while not all(set(seen[key]) == set(range(PER_KEY)) for key in sessions):
-            assert time.monotonic() < deadline, (handled(), second.text())
-            await asyncio.sleep(0.05)
-        assert await broker.pending_count("seat-lock-requests", "seat-lockers") == 0
-        code, _ = await second.stop()
-        assert code == 0, second.text()
-        assert await broker.dead_letters("seat-lock-requests", "seat-lockers") == []
+    started: list[Workers] = []
+    try:
+        async with msgbroker.connect(settings) as broker:
+            await broker.subscribe("seat-locked", "checker", check)
+            await stream(0, PER_KEY // 2, 0)  # queued before the workers start
+            log = tmp_path / "run.log"
+            first = Workers(settings_file, log)
+            started.append(first)
+            await first.running(2)
+            publishing = asyncio.create_task(stream(PER_KEY // 2, PER_KEY, 0.05))  # more arrives while they work
+            deadline = time.monotonic() + 60
+            # mid-stream, once both workers have their share (the second to join takes over partitions)
+            while handled() < KEYS * PER_KEY // 3 or len(workers_seen[0]) < 2:
+                assert time.monotonic() < deadline, first.text()
+                await asyncio.sleep(0.02)
+            code, drain_seconds = await first.stop()  # mid-stream
+            at_stop = handled()
+            assert code == 0, first.text()
+            assert first.text().count("stopped") == 2, first.text()  # each worker drained and left its groups
+            assert at_stop < KEYS * PER_KEY, "the stream ended before the SIGTERM: nothing was tested"
+            phase = 1
+            second = Workers(settings_file, log)
+            started.append(second)
+            await second.running(4)
+            await publishing
+            deadline = time.monotonic() + 90
+            while not all(set(seen[key]) == set(range(PER_KEY)) for key in sessions):
+                assert time.monotonic() < deadline, (handled(), second.text())
+                await asyncio.sleep(0.05)
+            assert await broker.pending_count("seat-lock-requests", "seat-lockers") == 0
+            code, _ = await second.stop()
+            assert code == 0, second.text()
+            assert await broker.dead_letters("seat-lock-requests", "seat-lockers") == []
+    finally:
+        for workers in started:
+            workers.close()
     everything = set(range(PER_KEY))
     lost = {key: sorted(everything - set(seqs)) for key, seqs in seen.items() if set(seqs) != everything}
     out_of_order = {key: seqs for key, seqs in seen.items() if seqs != sorted(seqs)}
