@@ -37,7 +37,8 @@ class Settle:
     message: Message | None
     """The decoded message; None when it never reached the handler (it did not decode)."""
     error: BaseException | str | None
-    """What the handler raised, or why the message was dead-lettered."""
+    """What the handler raised, or why msgbroker gave up on it (a payload that does not decode, too
+    many deliveries); None when the handler settled it itself (``dead_letters()`` has its reason)."""
 
 
 class _Recorder:
