@@ -185,6 +185,10 @@ def test_health_and_metrics_over_http(workdir: Path) -> None:
         assert handled and float(handled.group(1)) == 200.0, text
         assert re.search(r'msgbroker_messages_pending\{[^}]*\} 0\.0', text), text
         assert get(f"http://127.0.0.1:{port}/nothing")[0] == 404
+        taken = start(workdir, "--http", str(port))  # a second worker on the same port: one line, exit 1
+        _, err = taken.communicate(timeout=30)
+        assert taken.returncode == 1
+        assert err.strip().splitlines()[-1].startswith(f"msgbroker: error: cannot serve --http on 127.0.0.1:{port}: ")
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)

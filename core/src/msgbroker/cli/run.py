@@ -82,6 +82,13 @@ async def serve(service: Service, broker: Broker, worker: int, http: int | None,
     probe = Probe(service, worker) if http is not None else None
     server: asyncio.Server | None = None
     try:
+        if probe is not None and http is not None:  # first: a port in use fails before anything started
+            try:
+                server = await probe.serve(http_host, http)
+            except OSError as exc:
+                raise CliError(f"cannot serve --http on {http_host}:{http}: {exc.strerror or exc}") from exc
+            port = server.sockets[0].getsockname()[1]  # --http 0: a free port
+            _note(f"worker {worker}: http://{http_host}:{port}/health and /metrics")
         await _open(broker)
         try:
             await service.start(broker)
@@ -89,10 +96,6 @@ async def serve(service: Service, broker: Broker, worker: int, http: int | None,
             await close_bounded(broker)
             text = str(exc) if isinstance(exc, MsgBrokerError | OSError) else f"{type(exc).__name__}: {exc}"
             raise CliError(f"starting the service failed: {text}") from exc
-        if probe is not None and http is not None:
-            server = await probe.serve(http_host, http)
-            port = server.sockets[0].getsockname()[1]  # --http 0: a free port
-            _note(f"worker {worker}: http://{http_host}:{port}/health and /metrics")
         for sub in service.subscriptions:
             log.info("%s as %s: member %s, partitions %s", sub.topic, sub.group, sub.member_id, sub.partitions)
         if ready_file is not None:
