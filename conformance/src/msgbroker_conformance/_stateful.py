@@ -108,6 +108,8 @@ class Entry:
     acked_by: str | None = None
     uncertain: bool = False
     """Acked by a member that died later: a broker that buffers acks may deliver it again."""
+    lettered: bool = False
+    """Dead-lettered once: a dead letter may stay listed if the message came back (rule 4)."""
     exposures: int = 0
     """Members that died while it was unsettled: each may count as a failure (docs/semantics.md,
     rule 3: a delivery to a member that died), a graceful hand-over never does."""
@@ -145,7 +147,7 @@ class ReferenceModel:
     def unsettled(self) -> tuple[int, int]:
         """(exact, extra): the pending count must lie in [exact, exact + extra]."""
         exact = sum(1 for e in self.entries.values() if e.state in (READY, INFLIGHT))
-        extra = sum(1 for e in self.entries.values() if e.state == ACKED and e.uncertain)
+        extra = sum(1 for e in self.entries.values() if e.state in (ACKED, DEAD) and e.uncertain)
         return exact, extra
 
     def deliver(self, message_id: str, member: str, attempt: int, at: float) -> Entry:
@@ -155,7 +157,7 @@ class ReferenceModel:
             raise ModelViolation(f"delivered {message_id}, which was never published to this topic")
         name = f"{entry.key}#{entry.seq} ({message_id[:8]})"
         since = entry.since
-        if entry.state == DEAD:
+        if entry.state == DEAD and not entry.uncertain:
             raise ModelViolation(f"{name} was delivered after it was dead-lettered", since=since)
         if entry.state == ACKED and not entry.uncertain:
             raise ModelViolation(f"{name} was delivered again after it was acked (by {entry.acked_by})", since=since)
@@ -204,17 +206,17 @@ class ReferenceModel:
             if not dead:
                 raise ModelViolation(f"{name} was naked with requeue=False but is not among the dead letters",
                                      since=since)
-            entry.state = DEAD
+            entry.state, entry.acked_by, entry.lettered = DEAD, holder, True
         elif action == "nak":
             entry.naks += 1
             if dead:
-                if entry.naks + entry.exposures < self.max_attempts:
+                if entry.naks + entry.exposures < self.max_attempts and not entry.lettered:
                     raise ModelViolation(
                         f"{name} was dead-lettered after a nak on attempt {entry.last_attempt}: {entry.naks} "
                         f"failure(s) and {entry.exposures} member(s) dead while it was unsettled, fewer than "
                         f"max_retry_attempts={self.max_attempts}", since=since
                     )
-                entry.state = DEAD
+                entry.state, entry.acked_by, entry.lettered = DEAD, holder, True
             elif entry.naks >= self.max_attempts:
                 raise ModelViolation(f"{name} failed {entry.naks} times and is still not dead-lettered", since=since)
             else:
@@ -231,8 +233,10 @@ class ReferenceModel:
         for entry in self.entries.values():
             if entry.state == INFLIGHT and entry.holder == member:
                 entry.state, entry.holder = READY, None
-            if entry.state == ACKED and entry.acked_by == member:
-                entry.uncertain = True
+            if entry.state in (ACKED, DEAD) and entry.acked_by == member:
+                # its settlement may not have reached the broker (buffered acks, rule 12; a dead
+                # letter stored before the original was settled, rule 4): it may come again
+                entry.uncertain = entry.disturbed = True
             if entry.state in (READY, INFLIGHT):
                 entry.exposures += 1
         self.disturb()
@@ -262,7 +266,7 @@ class ReferenceModel:
         if entry.state == DEAD:
             return True
         if entry.state == READY and entry.naks + entry.exposures >= self.max_attempts:
-            entry.state = DEAD
+            entry.state, entry.lettered = DEAD, True
             return True
         return False
 
@@ -505,7 +509,7 @@ class BrokerMachine(RuleBasedStateMachine):
         for mid in self._dead_ids():
             if mid in self.model.entries and not self.model.dead_without_handler(mid):
                 entry = self.model.entries[mid]
-                if entry.state != DEAD:
+                if entry.state != DEAD and not entry.lettered:
                     raise ModelViolation(
                         f"{entry.key}#{entry.seq} is among the dead letters but is {entry.state} ({entry.naks} "
                         f"failure(s), {entry.exposures} member(s) dead while it was unsettled, max_retry_attempts="

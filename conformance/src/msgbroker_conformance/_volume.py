@@ -63,6 +63,7 @@ class _Entry:
     disturbed: bool = False
     delayed_until: float | None = None
     acked_by: str | None = None
+    """The member that acked or dead-lettered it."""
     uncertain: bool = False
     since: float = field(default_factory=time.monotonic)
     """When the provider last had to act on it (published, delivered, settled)."""
@@ -114,7 +115,8 @@ class VolumeModel:
         name = f"{entry.key}#{entry.seq} ({message_id[:8]})"
         if partition != entry.partition:
             self._violate(f"{name} arrived on partition {partition}; the partitioner says {entry.partition}")
-        if entry.state == DEAD or (entry.failures >= self.max_attempts and not self._settled(entry)):
+        if (entry.state == DEAD and not entry.uncertain) or (
+                entry.failures >= self.max_attempts and not self._settled(entry)):
             self._violate(f"{name} was delivered (attempt {attempt}) after it was dead-lettered or failed "
                           f"max_retry_attempts={self.max_attempts} times", entry)
         elif entry.state == ACKED and not entry.uncertain:
@@ -172,11 +174,11 @@ class VolumeModel:
         if action == "ack":
             entry.state, entry.acked_by = ACKED, holder
         elif action == "reject":
-            entry.state, entry.rejected = DEAD, True
+            entry.state, entry.rejected, entry.acked_by = DEAD, True, holder
         elif action in ("nak", "raise"):
             entry.failures += 1
             if entry.failures >= self.max_attempts:
-                entry.state = DEAD
+                entry.state, entry.acked_by = DEAD, holder
             elif entry.failures + entry.exposures >= self.max_attempts:
                 entry.state = MAYBE_DEAD
             else:
@@ -190,8 +192,10 @@ class VolumeModel:
         for entry in self.entries.values():
             if entry.state == INFLIGHT and entry.holder == member:
                 entry.state, entry.holder = READY, None
-            if entry.state == ACKED and entry.acked_by == member:
-                entry.uncertain = True
+            if entry.state in (ACKED, DEAD) and entry.acked_by == member:
+                # its settlement may not have reached the broker (buffered acks, rule 12; a dead
+                # letter stored before the original was settled, rule 4): it may come again
+                entry.uncertain = entry.disturbed = True
             if entry.state in (READY, INFLIGHT, MAYBE_DEAD):
                 entry.exposures += 1
         self.disturb()
