@@ -335,6 +335,14 @@ class Connections:
         return results, waited
 
 
+def _streams_of(reply: Any) -> set[str]:
+    """The stream names of an ``XREAD`` reply (RESP2: ``[[name, entries], ...]``, RESP3: a map)."""
+    if not reply:
+        return set()
+    names = reply.keys() if isinstance(reply, dict) else (item[0] for item in reply)
+    return {n.decode() if isinstance(n, bytes) else str(n) for n in names}
+
+
 class Reader:
     """A consumer's blocking read: ``XREAD BLOCK`` over its lanes on a connection of its own, on
     the node that owns the topic's slot, cut short with ``CLIENT UNBLOCK`` (sent on another
@@ -384,10 +392,11 @@ class Reader:
         assert self._client is not None
         return self._client
 
-    async def wait(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event, doing: str) -> bool:
+    async def wait(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event, doing: str) -> set[str]:
         """Block until one of the streams has an entry after its id, ``timeout`` passes, or
-        ``wake`` is set. True when an entry arrived. A reply that does not come within the block
-        time and a margin (a stopped node) drops the connection."""
+        ``wake`` is set. Returns the streams that have entries (empty: none arrived). A reply
+        that does not come within the block time and a margin (a stopped node) drops the
+        connection."""
         if self._connections.cluster and self._client is not None:
             if self._connections.node_of(self._key) != self._address:  # a failover moved the slot
                 await self.drop()
@@ -412,9 +421,9 @@ class Reader:
             if not read.done():
                 await self.drop()
                 if waker.done():
-                    return False  # woken while the node does not answer: the next poll finds out
+                    return set()  # woken while the node does not answer: the next poll finds out
                 raise BrokerTimeoutError(f"redis: {doing}: no reply within {timeout + _STALL:.1f}s (node stopped?)")
-            return bool(read.result())
+            return _streams_of(read.result())
         except REDIS_ERRORS as exc:
             await self.drop()
             raise translate(exc, doing) from exc

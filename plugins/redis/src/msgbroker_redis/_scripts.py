@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ACK",
     "ACQUIRE",
+    "ACQUIRE_MANY",
     "CREATE_GROUPS",
     "DEAD_LETTER",
     "HEARTBEAT",
@@ -41,6 +42,14 @@ end
 local function id_next(id)
   local m, s = id_parts(id)
   return string.format('%.0f-%.0f', m, s + 1)
+end
+
+-- A topic's readers wait on one stream, <base>:notify, rather than on each idle lane: every
+-- call that appends to lane streams adds one entry there naming the lanes ("3,17,900").
+-- Capped: a reader that falls further behind looks at all its lanes once.
+local NOTIFY_LEN = 1000
+local function notify(base, lanes)
+  redis.call('XADD', base .. ':notify', 'MAXLEN', '~', NOTIFY_LEN, '*', 'p', lanes)
 end
 
 local function fields(flat)
@@ -148,25 +157,62 @@ while pos <= #data do
     else
       redis.call('XADD', stream, '*', 'i', id, 'k', key, 'h', headers, 'b', body)
     end
-    touched[stream] = true
+    touched[stream] = partition
     added = added + 1
   end
 end
-for stream in pairs(touched) do trim(stream, maxlen, slack) end
+local lanes = {}
+for stream, partition in pairs(touched) do
+  trim(stream, maxlen, slack)
+  lanes[#lanes + 1] = partition
+end
+if added > 0 then notify(base, table.concat(lanes, ',')) end
 return added
 """
 
 READ = _PRELUDE + r"""
 -- ARGV: group, the topic's key base ("<prefix>:{<topic>}"), partition count, count per lane,
 -- the lanes as "<partition> <lease token, - for none> <cursor>;..." (the last id handed to the
--- caller). The lane keys are derived here rather than passed: a poll covers up to every lane
--- of the topic, and encoding three keys per lane per poll cost the client more than the read.
+-- caller), the most entries to return in all (lanes past it answer "more": one call that
+-- packs a whole backlog of a thousand lanes would hold the server for seconds), the caller's
+-- cursor in the topic's notify stream ('' at first: then only its last id is returned).
+-- The lane keys are derived here rather than passed: a poll covers up to every lane of the
+-- topic, and encoding three keys per lane per poll cost the client more than the read.
 -- Per lane, the consumer's (= the partition's) pending entries after the cursor come first (a
 -- new owner's history, or entries whose reply was lost), then new ones.
--- Returns one string; per lane: partition and status (0 ok, 1 more history left: poll again at
+-- Returns one string: the new notify cursor (length-prefixed), 1 when notifications may have
+-- been missed (the stream was trimmed past the cursor) else 0, the lanes notified since the
+-- cursor as "p,p,..." (length-prefixed); then per lane: partition and status (0 ok, 1 more history left: poll again at
 -- once, 2 fenced: the lease is gone) as 4-byte big-endian, the length-prefixed id to block
 -- after when the lane had nothing, and the length-prefixed packed entries.
 local group, base, partitions, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local budget = tonumber(ARGV[6])
+local cursor, missed, notified = ARGV[7], 0, {}
+local notify_key = base .. ':notify'
+if cursor == '' then
+  local last = redis.call('XREVRANGE', notify_key, '+', '-', 'COUNT', 1)
+  if #last > 0 then cursor = last[1][1] else cursor = '0-0' end
+else
+  local first = redis.call('XRANGE', notify_key, '-', '+', 'COUNT', 1)
+  if #first > 0 and cursor ~= first[1][1] and id_less(cursor, first[1][1]) and cursor ~= '0-0' then missed = 1 end
+  for _ = 1, 10 do
+    local got = redis.call('XRANGE', notify_key, id_next(cursor), '+', 'COUNT', 500)
+    for _, e in ipairs(got) do
+      cursor = e[1]
+      local f = e[2]
+      for i = 1, #f, 2 do
+        if f[i] == 'p' then
+          for p in string.gmatch(f[i + 1], '%d+') do notified[p] = true end
+        end
+      end
+    end
+    if #got < 500 then break end
+    if _ == 10 then missed = 1 end
+  end
+end
+local lanes_notified = {}
+for p in pairs(notified) do lanes_notified[#lanes_notified + 1] = p end
+local notified_text = table.concat(lanes_notified, ',')
 local meta = base .. ':meta'
 
 local function readgroup(stream, consumer, n, from)
@@ -182,17 +228,20 @@ local function readgroup(stream, consumer, n, from)
   return r[1][2]
 end
 
-local out = {}
+local out = {struct.pack('>I4', #cursor) .. cursor .. struct.pack('>I4I4', missed, #notified_text) .. notified_text}
 for consumer, token, cursor in string.gmatch(ARGV[5], '(%d+) (%S+) ([^;]+)') do
   if token == '-' then token = '' end
   local stream = base .. ':' .. consumer
   local delay = base .. ':delay:' .. group .. ':' .. consumer
   local status, wait = 0, ''
   local packed = {}
-  if not holds(base .. ':lease:' .. group .. ':' .. consumer, token) then
+  if budget <= 0 then
+    status = 1
+  elseif not holds(base .. ':lease:' .. group .. ':' .. consumer, token) then
     status = 2
   else
-    local history = readgroup(stream, consumer, count, cursor)
+    local n = math.min(count, budget)
+    local history = readgroup(stream, consumer, n, cursor)
     local kept = {}
     for _, e in ipairs(history) do
       if e[2] then
@@ -215,10 +264,12 @@ for consumer, token, cursor in string.gmatch(ARGV[5], '(%d+) (%S+) ([^;]+)') do
       end
       for i, e in ipairs(kept) do pack(packed, e[1], e[2], counts[e[1]] or 1, waits[i] or '') end
     end
-    if #history >= count then
+    budget = budget - #history
+    if #history >= n then
       status = 1
     else
-      local fresh = readgroup(stream, consumer, count - #history, '>')
+      local fresh = readgroup(stream, consumer, n - #history, '>')
+      budget = budget - #fresh
       for _, e in ipairs(fresh) do pack(packed, e[1], e[2] or {}, 1, '') end
       if #history == 0 and #fresh == 0 then
         -- Nothing to hand: the caller blocks (XREAD) for entries after the last one.
@@ -236,23 +287,28 @@ return table.concat(out)
 """
 
 ACK = _PRELUDE + r"""
--- KEYS per lane: stream, lease, delay hash. ARGV: group, then per lane: token, the entry ids
--- separated by spaces. Returns the (0-based) lanes whose lease is gone: their acks are
--- dropped (the new owner redelivers; a zombie never settles what another member holds).
-local group = ARGV[1]
+-- KEYS: the topic's meta hash (routes the call; the lanes' keys are derived from the base, in
+-- its slot: encoding three keys per lane cost the client more than the acks).
+-- ARGV: group, the topic's key base, the lanes as "<partition> <token, - for none> <id> <id>...;...".
+-- Returns the partitions whose lease is gone: their acks are dropped (the new owner
+-- redelivers; a zombie never settles what another member holds).
+local group, base = ARGV[1], ARGV[2]
 local fenced = {}
-for l = 0, #KEYS / 3 - 1 do
-  if holds(KEYS[3 * l + 2], ARGV[2 + 2 * l]) then
+for lane in string.gmatch(ARGV[3], '[^;]+') do
+  local partition, token, rest = string.match(lane, '^(%d+) (%S+)(.*)$')
+  if token == '-' then token = '' end
+  if holds(base .. ':lease:' .. group .. ':' .. partition, token) then
+    local stream, delay = base .. ':' .. partition, base .. ':delay:' .. group .. ':' .. partition
     local ids = {}
-    for id in string.gmatch(ARGV[3 + 2 * l], '%S+') do ids[#ids + 1] = id end
-    local has_delay = redis.call('EXISTS', KEYS[3 * l + 3]) == 1
+    for id in string.gmatch(rest, '%S+') do ids[#ids + 1] = id end
+    local has_delay = redis.call('EXISTS', delay) == 1
     for first = 1, #ids, 500 do
       local last = math.min(first + 499, #ids)
-      redis.call('XACK', KEYS[3 * l + 1], group, unpack(ids, first, last))
-      if has_delay then redis.call('HDEL', KEYS[3 * l + 3], unpack(ids, first, last)) end
+      redis.call('XACK', stream, group, unpack(ids, first, last))
+      if has_delay then redis.call('HDEL', delay, unpack(ids, first, last)) end
     end
   else
-    fenced[#fenced + 1] = l
+    fenced[#fenced + 1] = tonumber(partition)
   end
 end
 return fenced
@@ -296,6 +352,7 @@ else
 end
 redis.call('HSETNX', KEYS[6], 'partitions', ARGV[6])
 trim(KEYS[5], tonumber(ARGV[4]), tonumber(ARGV[5]))
+notify(string.sub(KEYS[6], 1, #KEYS[6] - 5), string.match(KEYS[5], ':(%d+)$'))
 redis.call('XACK', KEYS[1], group, id)
 redis.call('HDEL', KEYS[3], id)
 return 1
@@ -404,13 +461,33 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 return value
 """
 
-RENEW = r"""
--- KEYS: leases; ARGV: ttl ms, then the tokens. Returns the 0-based indexes still held.
-local kept = {}
+ACQUIRE_MANY = r"""
+-- ACQUIRE for several leases. KEYS: leases; ARGV: member, ttl ms, then a fresh token per key.
+-- Returns the value of each lease taken, false where another member holds it.
+local mine = ARGV[1] .. '/'
+local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
-    redis.call('PEXPIRE', key, ARGV[1])
-    kept[#kept + 1] = i - 1
+  local current = redis.call('GET', key)
+  if current and string.sub(current, 1, #mine) ~= mine then
+    out[i] = false
+  else
+    out[i] = mine .. ARGV[i + 2]
+    redis.call('SET', key, out[i], 'PX', ARGV[2])
+  end
+end
+return out
+"""
+
+RENEW = r"""
+-- KEYS: the topic's meta hash (routes the call). ARGV: ttl ms, the topic's key base, group,
+-- the leases as "<partition> <token>;...". Returns the partitions still held (renewed).
+local ttl, base, group = ARGV[1], ARGV[2], ARGV[3]
+local kept = {}
+for partition, token in string.gmatch(ARGV[4], '(%d+) ([^;]+)') do
+  local key = base .. ':lease:' .. group .. ':' .. partition
+  if redis.call('GET', key) == token then
+    redis.call('PEXPIRE', key, ttl)
+    kept[#kept + 1] = tonumber(partition)
   end
 end
 return kept

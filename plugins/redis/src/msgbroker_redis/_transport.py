@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import struct
+import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -79,6 +80,17 @@ ACK_BATCH = 512
 """Buffered acks of one consumer flushed at once without waiting for the linger."""
 ACK_LINGER = 0.002
 """Seconds an ack waits for company before it is flushed."""
+IDLE_RECHECK = 10.0
+"""A lane that had nothing at its last read is idle: polls do not read it again until the
+topic's notify stream names it (every publish adds one entry there naming the lanes it
+appended to), so a poll's cost follows the traffic, not the partition count, and a member with
+nothing to do blocks on that one stream. Every this many seconds all idle lanes are read again
+anyway (entries a publisher of an earlier version appended without a notification)."""
+READ_LANES = 256
+"""The most lanes one read covers (in turn, when more have room): what a read sends grows with
+its lanes (a lease token and a cursor each), and a read stops at READ_BUDGET entries anyway."""
+READ_BUDGET = 2000
+"""The most entries one read returns over all its lanes (the rest: read again at once)."""
 PUBLISH_CHUNK = 1000
 """Records per publish script call at most."""
 PUBLISH_BYTES = 4 * 1024 * 1024
@@ -105,6 +117,10 @@ class TopicKeys:
     @property
     def meta(self) -> str:
         return f"{self.base}:meta"
+
+    @property
+    def notify(self) -> str:
+        return f"{self.base}:notify"
 
     def dedup(self, message_id: str) -> str:
         return f"{self.base}:dedup:{message_id}"
@@ -576,12 +592,33 @@ class RedisTransport(Transport):
                                 f"taking the lease of {lane.topic}[{lane.partition}]")
         return value.decode() if value else None
 
+    async def acquire_leases(self, lanes: Sequence[Lane], member_id: str, ttl: float) -> dict[Lane, str]:
+        """One script call per topic (its keys share a slot) for all the lanes."""
+        taken: dict[Lane, str] = {}
+        by_topic: dict[str, list[Lane]] = {}
+        for lane in lanes:
+            by_topic.setdefault(lane.topic, []).append(lane)
+        for topic, some in by_topic.items():
+            keys = self.keys(topic)
+            values = await self.call("ACQUIRE_MANY", [keys.lease(lane.group, lane.partition) for lane in some],
+                                     [member_id, max(1, int(ttl * 1000)), *(uuid.uuid4().hex for _ in some)],
+                                     f"taking the leases of {len(some)} lane(s) of {topic}")
+            taken.update((lane, value.decode()) for lane, value in zip(some, values, strict=True) if value)
+        return taken
+
     async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
-        lanes = list(leases)
-        keys = [self.keys(lane.topic).lease(lane.group, lane.partition) for lane in lanes]
-        kept = await self.call("RENEW", keys, [max(1, int(ttl * 1000)), *(leases[lane] for lane in lanes)],
-                               "renewing leases")
-        return {lanes[int(i)] for i in kept}
+        """One script call per topic and group, the leases packed into one argument."""
+        by_group: dict[tuple[str, str], list[Lane]] = {}
+        for lane in leases:
+            by_group.setdefault((lane.topic, lane.group), []).append(lane)
+        kept: set[Lane] = set()
+        for (topic, group), lanes in by_group.items():
+            keys = self.keys(topic)
+            spec = ";".join(f"{lane.partition} {leases[lane]}" for lane in lanes)
+            held = await self.call("RENEW", [keys.meta], [max(1, int(ttl * 1000)), keys.base, group, spec],
+                                   f"renewing the leases of {group!r} on {topic!r}")
+            kept.update(Lane(topic, group, int(p)) for p in held)
+        return kept
 
     async def release_lease(self, lane: Lane, token: str) -> None:
         key = self.keys(lane.topic).lease(lane.group, lane.partition)
@@ -606,6 +643,12 @@ class RedisLaneConsumer(LaneConsumer):
         self._flusher: asyncio.Task[None] | None = None
         self._reader: Reader | None = None
         self._stopped = False
+        self._idle: set[int] = set()
+        """Lanes that had nothing at their last read (see IDLE_RECHECK)."""
+        self._notified = ""
+        """The cursor in the topic's notify stream ('' before the first read)."""
+        self._recheck_at = time.monotonic() + IDLE_RECHECK
+        self._turn = 0
 
     def _lane_keys(self, partition: int) -> list[str]:
         keys = self._keys
@@ -619,6 +662,7 @@ class RedisLaneConsumer(LaneConsumer):
     async def open_lane(self, partition: int, lease: str | None) -> None:
         self._tokens[partition] = lease or ""
         self._cursors[partition] = "0-0"  # the lane's unsettled history first
+        self._idle.discard(partition)
 
     async def close_lane(self, partition: int) -> None:
         try:
@@ -626,6 +670,7 @@ class RedisLaneConsumer(LaneConsumer):
         finally:
             self._tokens.pop(partition, None)
             self._cursors.pop(partition, None)
+            self._idle.discard(partition)
             dropped = self._acks.pop(partition, None)
             if dropped:
                 self._ack_count -= len(dropped[1])
@@ -640,32 +685,74 @@ class RedisLaneConsumer(LaneConsumer):
         lanes = [p for p in partitions if p in self._tokens]
         if self._stopped or not lanes:
             return []
-        deliveries, waits, more = await self._read(lanes, max_per_lane)
-        if deliveries or more or timeout <= 0 or wake.is_set() or self._stopped:
-            return deliveries
-        if not waits:  # every lane is fenced: the lease coordinator will notice
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), timeout)
-            return []
-        if not await self._wait_for_entries(waits, timeout, wake):
-            return []
-        lanes = [p for p in lanes if p in self._tokens]
-        return (await self._read(lanes, max_per_lane))[0] if lanes and not self._stopped else []
+        if time.monotonic() >= self._recheck_at:
+            self._recheck_at = time.monotonic() + IDLE_RECHECK
+            self._idle.clear()
+        idle, tokens = self._idle, self._tokens
+        waited = False
+        for _ in range(4):
+            active = [p for p in lanes if p not in idle and p in tokens]
+            truncated = len(active) > READ_LANES
+            if truncated:
+                start = self._turn % len(active)
+                self._turn += READ_LANES
+                active = (active[start:] + active[:start])[:READ_LANES]
+            deliveries, more, notified = await self._read(active, max_per_lane)
+            more = more or truncated
+            if deliveries or more or timeout <= 0 or wake.is_set() or self._stopped:
+                return deliveries
+            if any(p in notified and p in tokens for p in lanes):
+                continue  # an idle lane has new entries: read it now
+            if waited:
+                return []
+            if not any(p in idle for p in lanes):  # every lane is fenced: the lease coordinator will notice
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout)
+                return []
+            if not await self._wait_for_notification(timeout, wake):
+                return []
+            waited = True
+        return []
 
-    async def _read(self, lanes: list[int], count: int) -> tuple[list[Delivery], dict[str, bytes], bool]:
+    async def _wait_for_notification(self, timeout: float, wake: asyncio.Event) -> bool:
+        """Block (XREAD on the topic's notify stream, no group state touched) until a publish
+        appends to the topic, the timeout passes, or ``wake`` is set (then the blocked read is cut
+        short with CLIENT UNBLOCK). True when something was appended."""
+        reader = self._reader
+        if reader is None:
+            return False
+        waits = {self._keys.notify: self._notified.encode() or b"$"}
+        return bool(await reader.wait(waits, timeout, wake, f"waiting for {self._topic}"))
+
+    async def _read(self, lanes: list[int], count: int) -> tuple[list[Delivery], bool, set[int]]:
+        """Read these lanes (their pending history after the cursor, then new entries) and the
+        notifications since the last read: returns the deliveries, whether a lane has more, and
+        the lanes notified (no longer idle). A lane that had nothing becomes idle."""
         reader = self._reader
         if reader is None:
             raise BrokerClosedError("the redis consumer is stopped")
         spec = ";".join(f"{p} {self._tokens[p] or '-'} {self._cursors[p]}" for p in lanes)
-        args = [self._group, self._keys.base, self._transport.partitions, count, spec]
+        args = [self._group, self._keys.base, self._transport.partitions, count, spec, READ_BUDGET, self._notified]
         # The script derives the lanes' keys from the base; the meta key, in the same slot,
         # routes the call on a Redis Cluster.
         reply = await self._transport.call("READ", [self._keys.meta], args, f"reading {self._topic} for {self._group}",
                                            await reader.script_client())
         deliveries: list[Delivery] = []
-        waits: dict[str, bytes] = {}
+        idle = self._idle
         more = False
-        pos, end = 0, len(reply)
+        (size,) = _LENGTH.unpack_from(reply, 0)
+        self._notified = reply[4:4 + size].decode()
+        missed, size_notified = _HEAD.unpack_from(reply, 4 + size)
+        pos = 12 + size
+        notified = {int(p) for p in reply[pos:pos + size_notified].split(b",") if p}
+        pos += size_notified
+        if missed:
+            notified |= idle
+            idle.clear()
+        else:
+            notified &= idle
+            idle -= notified
+        end = len(reply)
         while pos < end:
             partition, status, size = _LANE.unpack_from(reply, pos)
             wait = reply[pos + 12:pos + 12 + size]
@@ -676,20 +763,11 @@ class RedisLaneConsumer(LaneConsumer):
                 continue  # fenced: the lease coordinator will notice
             more = more or status == 1
             if start == pos:
-                if wait:
-                    waits[self._keys.stream(partition)] = wait
+                if wait and partition in self._tokens:
+                    idle.add(partition)  # read again once the notify stream names it
             elif partition in self._tokens:  # else closed meanwhile: the entries stay pending
                 self._cursors[partition] = _unpack(reply, start, pos, partition, deliveries).decode()
-        return deliveries, waits, more
-
-    async def _wait_for_entries(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event) -> bool:
-        """Block (XREAD, no group state touched) until one of the lanes has a new entry, the
-        timeout passes, or ``wake`` is set (then the blocked read is cut short with CLIENT
-        UNBLOCK). True when an entry arrived."""
-        reader = self._reader
-        if reader is None:
-            return False
-        return await reader.wait(waits, timeout, wake, f"waiting for {self._topic}")
+        return deliveries, more, notified
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -731,15 +809,10 @@ class RedisLaneConsumer(LaneConsumer):
             if not self._acks:
                 return
             batch, self._acks, self._ack_count = self._acks, {}, 0
-            partitions = list(batch)
-            keys: list[str] = []
-            args: list[Any] = [self._group]
-            for p in partitions:
-                token, ids = batch[p]
-                keys += self._lane_keys(p)
-                args += (token, b" ".join(ids))
+            spec = b";".join(b"%d %s %s" % (p, (token or "-").encode(), b" ".join(ids))
+                             for p, (token, ids) in batch.items())
             try:
-                fenced = await self._write_acks(keys, args)
+                fenced = await self._write_acks([self._keys.meta], [self._group, self._keys.base, spec])
             except MsgBrokerError:
                 for p, (token, ids) in batch.items():  # keep them, oldest first, for the next try
                     current = self._acks.get(p)
@@ -749,8 +822,8 @@ class RedisLaneConsumer(LaneConsumer):
                         self._acks[p] = (token, ids)
                     self._ack_count += len(ids)
                 raise
-            for index in fenced:
-                p = partitions[int(index)]
+            for partition in fenced:
+                p = int(partition)
                 log.warning("redis: %d ack(s) on %s[%d] dropped: this member no longer holds the lane "
                             "(they will be redelivered to its owner)", len(batch[p][1]), self._topic, p)
 
