@@ -417,6 +417,28 @@ class DedupShortWindowTransport(Memory):  # type: ignore[valid-type,misc]
         await super().publish(records, None if dedup_window is None else dedup_window / 4)  # the bug
 
 
+class _UnfencedConsumer(_Wrapped):
+    def __init__(self, inner: LaneConsumer, transport: Transport, topic: str, group: str) -> None:
+        super().__init__(inner)
+        self.transport, self.topic, self.group = transport, topic, group
+
+    async def ack(self, delivery: Delivery) -> None:
+        await self.inner.ack(delivery)
+        lanes = self.transport.server.groups.get((self.topic, self.group))  # type: ignore[attr-defined]
+        if lanes is not None:  # the bug: settles even when the lease was lost (the inner ack dropped it)
+            lanes[delivery.partition].pending.pop(delivery.position, None)
+
+
+class FencedMemberSettlesTransport(Memory):  # type: ignore[valid-type,misc]
+    """A member that lost its lease still settles the lane's messages."""
+
+    NAME: ClassVar[str] = "broken-fencing"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-fencing",)
+
+    def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        return _UnfencedConsumer(super().consumer(topic, group, member_id), self, topic, group)
+
+
 class LateHandOverTransport(Memory):  # type: ignore[valid-type,misc]
     """Hands a silent member's lanes over ten claim timeouts late."""
 
@@ -483,7 +505,7 @@ BROKEN_TRANSPORTS: list[type[Transport]] = [
     LetterLosesKeyTransport, LettersNewestFirstTransport, RedeliveryDropsHeadersTransport,
     LongHeadersCutTransport, RecordKeyDroppedTransport, LargeMessageDroppedTransport,
     PendingOfNewGroupTransport, PendingAcrossGroupsTransport, DedupMissesBatchTwinsTransport,
-    DedupShortWindowTransport, LateHandOverTransport, RareReorderTransport,
+    DedupShortWindowTransport, FencedMemberSettlesTransport, LateHandOverTransport, RareReorderTransport,
     RareLossTransport,
 ]
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from msgbroker_conformance import ConformanceSuite, case_info
+from msgbroker_conformance import ConformanceSuite, FencingCases, case_info
 from msgbroker_conformance._cases import RULES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 
 
 def _cases() -> dict[str, tuple[str, ...]]:
-    infos = (case_info(getattr(ConformanceSuite, name)) for name in dir(ConformanceSuite))
+    infos = (case_info(getattr(cls, name)) for cls in (ConformanceSuite, FencingCases) for name in dir(cls))
     return {info.name: info.rules for info in infos if info is not None}
 
 

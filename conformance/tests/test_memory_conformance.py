@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgbroker_conformance import ConformanceHarness, ConformanceSuite, case_info
+from msgbroker_conformance import ConformanceHarness, ConformanceSuite, FencingCases, case_info
 from msgbroker_conformance._cases import ENVIRONMENT_CAPABILITIES, missing_capability
 
 
@@ -18,7 +18,7 @@ class MemoryHarness(ConformanceHarness):
         return {"memory": {"name": f"conformance-{namespace}", "claim_timeout": 0.5}}
 
 
-class TestMemoryConformance(ConformanceSuite):
+class TestMemoryConformance(ConformanceSuite, FencingCases):
     harness = MemoryHarness()
 
 

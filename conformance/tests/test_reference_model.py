@@ -133,3 +133,35 @@ def test_an_unexplained_dead_letter_is_legal_only_after_enough_failures_and_cras
     model.forget_holder("gone-1")
     model.forget_holder("gone-2")
     assert model.dead_without_handler("m1") is True
+
+
+def _blocked_for(package: str) -> tuple[list[float], str | None]:
+    import asyncio
+    import time
+
+    from msgbroker_conformance._volume import StallWatch
+
+    stalls: list[float] = []
+
+    async def run() -> str | None:
+        watch = StallWatch(lambda end, lag: stalls.append(lag), 0.1, package)
+        watching = asyncio.create_task(watch.run())
+        await asyncio.sleep(0.05)
+        time.sleep(0.6)  # noqa: ASYNC251 - the code under test holds the event loop
+        await asyncio.sleep(0.05)
+        watching.cancel()
+        return watch.blocking()
+
+    return stalls, asyncio.run(run())
+
+
+def test_a_stall_in_the_providers_own_code_is_its_failure_with_the_stack() -> None:
+    stalls, blocked = _blocked_for("conformance/tests/")
+    assert stalls and max(stalls) >= 0.5
+    assert blocked is not None and "time.sleep(0.6)" in blocked, blocked
+
+
+def test_a_stall_elsewhere_is_measured_but_blames_no_provider() -> None:
+    stalls, blocked = _blocked_for("msgbroker_some_provider/")
+    assert stalls and max(stalls) >= 0.5
+    assert blocked is None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ._cases import TIERS, CaseInfo, case, case_info, requires, requires_hook, session_seed
 from ._harness import FAULT_HOOKS, ConformanceHarness, OptionHarness, load_harness
-from ._suite import ConformanceSuite
+from ._suite import ConformanceSuite, FencingCases
 from ._support import (
     ConformanceFailure,
     ConformanceMessage,
@@ -40,6 +40,7 @@ __all__ = [
     "ConformanceHarness",
     "ConformanceMessage",
     "ConformanceSuite",
+    "FencingCases",
     "OptionHarness",
     "Recorder",
     "Scenario",

@@ -6,7 +6,9 @@ Subclass :class:`ConformanceSuite` with a ``harness`` to run them all against a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -16,10 +18,18 @@ import msgbroker
 from msgbroker import Message, MessageContext, OutgoingRecord, partition_for, wire
 
 from ._cases import case, requires, requires_hook
-from ._harness import ConformanceHarness
-from ._support import ConformanceFailure, ConformanceMessage, Recorder, Scenario, Seen, keys_in_partition
+from ._harness import ConformanceHarness, merge_settings
+from ._support import (
+    DEFAULT_SETTINGS,
+    ConformanceFailure,
+    ConformanceMessage,
+    Recorder,
+    Scenario,
+    Seen,
+    keys_in_partition,
+)
 
-__all__ = ["ConformanceSuite"]
+__all__ = ["ConformanceSuite", "FencingCases"]
 
 EPSILON = 0.005
 """Clock slack (seconds) for the "not before its delay" checks."""
@@ -1091,6 +1101,95 @@ class ConformanceSuite:
         from ._stateful import run_machine
 
         await asyncio.to_thread(run_machine, s.harness, s.seed)
+
+
+class FencingCases:
+    """Rule 11 (fencing) with a paused member: not yet part of :class:`ConformanceSuite`.
+
+    Against the servers of this repository, RabbitMQ keeps a paused member's lane past its claim
+    timeout and NATS lets the paused member's late ack settle a message another member holds
+    (docs/conformance.md, "What is not covered"); once they keep the rule, this case moves into
+    the suite. A provider adds it by subclassing both::
+
+        class TestMyConformance(ConformanceSuite, FencingCases):
+            harness = MyHarness()
+    """
+
+    harness: ClassVar[ConformanceHarness | None] = None
+
+    @requires("kill_member", "redelivery_on_crash", "competing_consumers")
+    @case("semantics", timeout=240.0, rules=("11", "10"))
+    async def test_a_member_that_lost_its_lease_cannot_settle(self, s: Scenario) -> None:
+        """A member whose event loop is blocked past its claim timeout (a paused process: its own
+        loop in a thread, blocked by its handler) loses the lane to a second member, which is handed
+        the message again; the paused member then resumes and acks — that ack must not settle the
+        message. The second member dies holding it, and the message comes back to the first."""
+        from ._stateful import _LoopThread
+
+        topic, group = s.topic(), s.group()
+        paused = _LoopThread()
+        got, resume, late_ack = threading.Event(), threading.Event(), threading.Event()
+        seen_a: list[tuple[int, str | None]] = []
+
+        async def handle_a(ctx: MessageContext[ConformanceMessage]) -> None:
+            seen_a.append((ctx.delivery_attempt, None))
+            if len(seen_a) == 1:
+                got.set()
+                resume.wait(s.timeout(4 * s.failover_timeout()))  # blocks this member's whole loop: no heartbeats
+                try:
+                    await ctx.ack()
+                    seen_a[0] = (seen_a[0][0], "acked late")
+                except Exception as exc:  # a provider may refuse the late ack loudly: as good as dropping it
+                    seen_a[0] = (seen_a[0][0], f"late ack refused: {type(exc).__name__}")
+                finally:
+                    late_ack.set()
+            else:
+                await ctx.ack()
+                seen_a[-1] = (ctx.delivery_attempt, "ack")
+
+        async def open_a() -> msgbroker.Broker:
+            broker = s.harness.connect(s.namespace, **merge_settings(DEFAULT_SETTINGS, {"partition_count": 1}))
+            await broker.open()
+            await broker.subscribe(topic, group, handle_a, message_type=ConformanceMessage)
+            return broker
+
+        first = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(open_a(), paused.loop))
+        try:
+            second = await s.connect(partition_count=1)
+            message = ConformanceMessage(key="fenced", seq=0)
+            await second.publish(topic, message)
+            await s.eventually(got.is_set, "the first member to be handed the message")
+            rec = Recorder()
+            hold = asyncio.Event()
+
+            async def die_holding(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+                await hold.wait()  # never set: this member is aborted holding the message
+
+            await second.subscribe(topic, group, rec.handler("second", die_holding), message_type=ConformanceMessage)
+            await s.eventually(lambda: rec.seen, lambda: f"the second member to take the lane of the paused one "
+                               f"(claim timeout {s.claim_timeout()}s) and be handed the message",
+                               timeout=s.failover_timeout())
+            resume.set()
+            await s.eventually(late_ack.is_set, "the paused member to resume and ack late")
+            await second.abort()
+            await s.eventually(lambda: len(seen_a) > 1 and seen_a[-1][1] == "ack",
+                               lambda: f"the message to come back to the first member after the second died "
+                                       f"holding it: the first member's handlings {seen_a} (a late ack of a "
+                                       f"member that lost its lease settled it: it is lost)",
+                               timeout=s.failover_timeout())
+            attempts = [seen_a[0][0], rec.seen[0].attempt, seen_a[-1][0]]
+            assert attempts == sorted(set(attempts)), f"delivery attempts first, second, first again: {attempts}"
+        finally:
+            resume.set()
+
+            async def close_a() -> None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(first.close(), 20)
+
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close_a(), paused.loop))
+            await asyncio.to_thread(paused.close)
+
 
 
 # -- helpers ----------------------------------------------------------------------------------

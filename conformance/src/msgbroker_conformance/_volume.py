@@ -263,21 +263,34 @@ class StallWatch:
             self.stopped.set()
 
     def _watch(self) -> None:
-        taken = 0.0
-        while not self.stopped.wait(self.limit / 4):
+        """Sample the loop thread while it is late. It counts as blocked (not starved of CPU)
+        only when this thread itself wakes on time, the loop has not ticked for twice ``limit``
+        (a whole claim timeout), and two samples a quarter ``limit`` apart show the loop thread
+        on the same line of the provider's code."""
+        step = self.limit / 4
+        previous: tuple[float, str, str] | None = None  # (tick, innermost line, stack)
+        while True:
+            asked = time.monotonic()
+            if self.stopped.wait(step):
+                return
+            on_time = time.monotonic() - asked < step * 1.5
             late = time.monotonic() - self.tick
-            if late >= self.limit and self.tick != taken:
-                taken = self.tick
-                frame = sys._current_frames().get(self.thread_id)
-                if frame is not None:
-                    self.stacks.append((late, "".join(traceback.format_stack(frame))))
+            frame = sys._current_frames().get(self.thread_id) if late >= self.limit else None
+            if frame is None or not on_time:
+                previous = None
+                continue
+            stack = "".join(traceback.format_stack(frame))
+            here = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+            if (previous is not None and previous[0] == self.tick and previous[1] == here
+                    and late >= 2 * self.limit and self.package in frame.f_code.co_filename.replace("\\", "/")):
+                if not self.stacks or self.stacks[-1][1] != stack:
+                    self.stacks.append((late, stack))
+            previous = (self.tick, here, stack)
 
     def blocking(self) -> str | None:
-        """The stack of a stall in which the loop thread ran the provider's code, if any."""
+        """The stack of a stall in which the provider's own code held the loop, if any."""
         for late, stack in self.stacks:
-            last = [line for line in stack.splitlines() if line.strip().startswith("File ")][-1:]
-            if last and f"{self.package}" in last[0]:
-                return f"the event loop was blocked for {late:.2f}s or more in the provider's code:\n{stack}"
+            return f"the event loop was blocked for {late:.2f}s or more in the provider's code:\n{stack}"
         return None
 
 
