@@ -65,6 +65,10 @@ class LeaseCoordinator:
 
     def __init__(self, runner: LaneOwner) -> None:
         self.runner = runner
+        self._desired: tuple[tuple[str, ...], set[int]] | None = None
+        """The last membership and this member's partitions under it (the map is computed
+        again only when the membership changes: at 1,024 partitions it is 1,024 hashes per
+        member at every heartbeat)."""
         self.transport = runner.transport
         self.ttl = self.transport.lease_ttl()
         self.interval = max(0.05, min(1.0, self.ttl / 4))
@@ -100,8 +104,11 @@ class LeaseCoordinator:
             members = await self.transport.heartbeat(runner.topic, runner.group, runner.member_id, self.ttl)
             if runner.member_id not in members:
                 members = [*members, runner.member_id]
-            owners = assign_partitions(count, members)
-            desired = {p for p, owner in owners.items() if owner == runner.member_id}
+            membership = tuple(sorted(set(members)))
+            if self._desired is None or self._desired[0] != membership:
+                owners = assign_partitions(count, membership)
+                self._desired = membership, {p for p, owner in owners.items() if owner == runner.member_id}
+            desired = set(self._desired[1])
         if self.held:
             kept = await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
             lost = [p for p in self.held if self._lane(p) not in kept]
@@ -116,11 +123,14 @@ class LeaseCoordinator:
         for partition in list(self.held):
             if partition not in desired and partition not in self._draining:
                 self._draining[partition] = asyncio.create_task(self._hand_over(partition))
-        for partition in sorted(desired - set(self.held)):
-            token = await self.transport.acquire_lease(self._lane(partition), runner.member_id, self.ttl)
-            if token is not None:
-                self.held[partition] = token
-                await runner.assigned([partition], {partition: token})
+        wanted = sorted(desired - set(self.held))
+        if wanted:
+            lanes = {self._lane(p): p for p in wanted}
+            tokens = await self.transport.acquire_leases(list(lanes), runner.member_id, self.ttl)
+            taken = {lanes[lane]: token for lane, token in tokens.items() if lane in lanes}
+            if taken:
+                self.held.update(taken)
+                await runner.assigned(sorted(taken), taken)
 
     async def _hand_over(self, partition: int) -> None:
         """Rebalance: finish the in-flight message, then release the lane."""

@@ -77,6 +77,8 @@ class SubscriptionRunner:
         self._poll_timeout = min(settings.poll_timeout.total_seconds(), transport.MAX_POLL_BLOCK)
         self._batch = settings.batch_size
         self._low_water = max(1, settings.batch_size // 2)
+        self._held: dict[int, float] = {}
+        """Lanes held back until a time (a broker-side retry's delay): partition -> held_until."""
         # Looked up once: with no plugin observing handling, the hot path skips the hook.
         self._observed = has_implementations("msgbroker_handle", registry.plugins)
         self.settling = Settling(transport, self.consumer, settings, topic, group, self.member_id, handler,
@@ -211,15 +213,21 @@ class SubscriptionRunner:
             now, low_water = time.monotonic(), self._low_water
             idle = [p for p, lane in self._lanes.items()
                     if not lane.stopping and len(lane.buffer) < low_water and lane.held_until <= now]
+            # Lanes held back after a broker-side retry: the poll must not outlast the first of them.
+            held = self._held
+            for partition, until in list(held.items()):
+                lane_ = self._lanes.get(partition)
+                if until <= now or lane_ is None or lane_.held_until != until:
+                    del held[partition]
+            next_held = min(held.values()) - now if held else None
             if not idle:
                 self._wake.clear()
-                held = [lane.held_until for lane in self._lanes.values() if lane.held_until > time.monotonic()]
-                timeout = max(0.0, min(held) - time.monotonic()) if held else None
-                await wait_event(self._wake, timeout)
+                await wait_event(self._wake, max(0.0, next_held) if next_held is not None else None)
                 continue
             self._wake.clear()
+            timeout = self._poll_timeout if next_held is None else max(0.0, min(self._poll_timeout, next_held))
             try:
-                deliveries = await self.consumer.poll(idle, self._batch, self._poll_timeout, self._wake)
+                deliveries = await self.consumer.poll(idle, self._batch, timeout, self._wake)
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -275,8 +283,7 @@ class SubscriptionRunner:
         observed = self._observed
         while not lane.stopping:
             if not buffer:
-                lane.data.clear()
-                self._wake.set()
+                lane.data.clear()  # (below the low-water mark since it fell below it: polled)
                 await lane.data.wait()
                 continue
             delivery = buffer[0]
@@ -300,12 +307,17 @@ class SubscriptionRunner:
                     continue  # the head stays: it is handed again before anything after it
                 buffer.clear()  # the broker delivers it (and what follows) again
                 lane.held_until = time.monotonic() + max(0.0, (delivery.not_before or 0) - time.time())
+                self._held[lane.partition] = lane.held_until
+                self._wake.set()
             elif buffer and buffer[0] is delivery:
                 buffer.popleft()
                 if lane.failures:
                     lane.failures.pop(delivery, None)
-            if len(buffer) < low_water:
-                self._wake.set()
+                if len(buffer) == low_water - 1:
+                    # Wake the reader when the lane falls below the low-water mark, once: a
+                    # lane below it is in every poll until it fills again (a wake per message
+                    # made a poll per handled message at a thousand partitions).
+                    self._wake.set()
 
     # -- unordered: a bounded pool of workers ------------------------------------------------
 
@@ -364,7 +376,7 @@ class SubscriptionRunner:
                     lane.in_flight -= 1
                     if not lane.in_flight and lane.drained is not None and not lane.drained.done():
                         lane.drained.set_result(None)
-                if len(buffer) < low_water:
+                if len(buffer) == low_water - 1:  # fell below the low-water mark (see the ordered lane)
                     self._wake.set()
         finally:
             self._workers -= 1

@@ -290,6 +290,22 @@ class Transport(ABC):
         """Take ``lane`` exclusively for ``ttl`` seconds: a fencing token, or None when held."""
         raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
 
+    async def acquire_leases(self, lanes: Sequence[Lane], member_id: str, ttl: float) -> dict[Lane, str]:
+        """:meth:`acquire_lease` for several lanes: the tokens of those taken (the others are
+        held). The engine takes a member's new lanes with one call; override it when the broker
+        can take them in one round trip (a thousand lanes one by one delay the first delivery)."""
+        taken: dict[Lane, str] = {}
+        for lane in lanes:
+            try:
+                token = await self.acquire_lease(lane, member_id, ttl)
+            except Exception:
+                if taken:
+                    return taken  # keep what is held; the others at the next heartbeat
+                raise
+            if token is not None:
+                taken[lane] = token
+        return taken
+
     async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
         """Extend the leases still held (same token); return those lanes."""
         raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
