@@ -42,7 +42,8 @@ def _suite_for(scheme: str, volume: int | None = None) -> ConformanceSuite:
     class BrokenHarness(ConformanceHarness):
         url = f"{scheme}://"
         local = True
-        timeout_multiplier = 0.3  # a broken provider makes the suite wait out its bounds: keep them short
+        timeout_multiplier = 0.5  # a broken provider makes the suite wait out its bounds: keep them short
+        dedup_window = 3.0  # repeats are judged only when inside the window: room for a loaded machine
 
         def overrides(self, namespace: str) -> dict[str, Any]:
             return {"memory": {"name": f"broken-{namespace}", "claim_timeout": 0.5}}
@@ -79,7 +80,7 @@ BROKEN: dict[str, list[tuple[str, str]]] = {
     "broken-pending-new-group": [(PENDING, "pending_count to be 5")],
     "broken-pending-groups": [(PENDING, "pending_count to be 5")],
     "broken-dedup-batch": [(DEDUP, "twice in one publish_batch")],
-    "broken-dedup-window": [(DEDUP, "inside the 1.0s window")],
+    "broken-dedup-window": [(DEDUP, "inside the 3.0s window")],
     "broken-fencing": [("test_a_member_that_lost_its_lease_cannot_settle", "it is lost")],
     "broken-late-handover": [("test_partitions_move_when_a_member_stops_heartbeating", "the survivor to own")],
     # a lost message shows as the next one of its partition handed before it (or, last in its
