@@ -157,6 +157,9 @@ class VolumeModel:
             self._violate(f"{name} was redelivered {entry.delayed_until - at:.3f}s before its delay ended", entry)
         if entry.state == ACKED:
             self.counts["duplicates"] += 1
+        if entry.state == DEAD:  # it came back after its member died: its letter may never have been stored
+            self.counts["dead letters redelivered"] += 1
+            entry.rejected, entry.failures, entry.exposures = False, 0, self.max_attempts
         entry.state, entry.holder, entry.uncertain, entry.passed_by = INFLIGHT, member, False, None
         entry.since = time.monotonic()
         entry.deliveries += 1
