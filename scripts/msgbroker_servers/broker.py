@@ -145,6 +145,14 @@ class Broker:
     def env_line(self, url: str) -> str:
         return f"{self.env_var}={url}"
 
+    def extra_env(self) -> list[str]:
+        """More lines for .brokers/env while our server runs (redis-auth: its users' URLs)."""
+        return []
+
+    def secrets(self) -> list[str]:
+        """Passwords we generated for this server: never printed (see commands.print_env)."""
+        return []
+
     def log_tail(self, lines: int = 8) -> str:
         return log_tail(self.log, lines)
 

@@ -104,7 +104,12 @@ async def await_ready(waits: list[tuple[Broker, float, bool]]) -> dict[str, str]
 
 
 def print_env(brokers: list[Broker]) -> None:
+    """The lines of .brokers/env on stdout, with the passwords we generated as ***: output may end
+    in a log (redis-auth's users' passwords are only in .brokers/env and under .brokers/redis-auth)."""
+    hidden = [s for b in brokers for s in b.secrets()]
     for line in env_lines(brokers):
+        for secret in hidden:
+            line = line.replace(secret, "***")
         print(line, flush=True)
 
 

@@ -22,6 +22,8 @@ def env_lines(brokers: list[Broker]) -> list[str]:
         url = b.external_url() or (b.own_url() if b.proc.pid() is not None else None)
         if url:
             lines.append(b.env_line(url))
+            if b.proc.pid() is not None:
+                lines.extend(b.extra_env())
         tls_url = b.external_tls_url()
         if not tls_url and b.tls_served():
             tls_url = b.own_tls_url()

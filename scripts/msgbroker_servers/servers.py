@@ -1,4 +1,4 @@
-"""The four single servers, by name."""
+"""The single servers, by name (redis-auth: the Redis that demands credentials)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ from .broker import Broker
 from .kafka_server import Kafka
 from .nats_server import Nats
 from .rabbitmq_server import RabbitMQ
+from .redis_auth_server import RedisAuth
 from .redis_server import Redis
 
-ALL = ("redis", "nats", "rabbitmq", "kafka")
+ALL = ("redis", "redis-auth", "nats", "rabbitmq", "kafka")
 
-BROKERS: dict[str, Broker] = {b.name: b for b in (Redis(), Nats(), RabbitMQ(), Kafka())}
+BROKERS: dict[str, Broker] = {b.name: b for b in (Redis(), RedisAuth(), Nats(), RabbitMQ(), Kafka())}
 
 
 def names_arg(names: list[str]) -> list[Broker]:
