@@ -119,7 +119,7 @@ async def test_streams_subjects_and_consumers_live_under_the_stream_prefix(
             consumer = await jsm.consumer_info(f"{prefix}_orders~eu", f"billing~v2_{p}")
             config = consumer.config
             assert config.filter_subject == f"{prefix}.orders.eu.{p}"
-            assert config.max_ack_pending == 1
+            assert config.max_ack_pending == 2 * 64  # nats.max_ack_pending, with room for acks on their way
             assert config.ack_policy == AckPolicy.EXPLICIT
             assert config.deliver_policy == DeliverPolicy.ALL
             assert config.max_deliver == -1
@@ -170,7 +170,7 @@ async def test_an_existing_consumer_is_updated_or_refused_with_a_clear_message(
             filter_subject=f"{prefix}.{topic}.1"))
         sub = await broker.subscribe(topic, "g", Record().handler("a"))
         updated = await jsm.consumer_info(stream, "g_0")
-        assert (updated.config.ack_wait, updated.config.max_ack_pending) == (2.0, 1)
+        assert (updated.config.ack_wait, updated.config.max_ack_pending) == (2.0, 2 * 64)
         await sub.close()
         with pytest.raises(ConfigurationError, match=r"'h_1'.*nats consumer rm"):
             await broker.subscribe(topic, "h", Record().handler("b"))
@@ -237,10 +237,13 @@ async def test_a_consumer_rewound_by_a_redelivery_to_a_dead_request_hands_nothin
         version = raw.connected_server_version
         if (version.major, version.minor) == (2, 9):
             await eventually(rewound, "the consumer to be rewound onto the message in flight")
+            # Lane 0's message counts twice (in flight, and again behind the rewound pointer)
+            # until it is settled: many messages may be in flight, so no one of them is singled out.
+            assert await producer.pending_count(topic, "g") == 3
         else:  # not so on nats-server 2.15.3: the pointer stays on the message in flight
             info = await jsm.consumer_info(layout.stream, layout.consumer("g", 0))
             assert (info.num_ack_pending, info.delivered.stream_seq) == (1, 2), info
-        assert await producer.pending_count(topic, "g") == 2  # lane 0: 1 in flight; lane 1: 1 new
+            assert await producer.pending_count(topic, "g") == 2  # lane 0: 1 in flight; lane 1: 1 new
 
         record = Record()
         await first.subscribe(topic, "g", record.handler("first"))
@@ -451,44 +454,50 @@ async def test_pending_by_partition_and_peek_read_without_delivering(connect: An
         async def three_left() -> bool:
             return await transport.pending_by_partition(topic, "g") == {partition: 3}
 
-        await eventually(three_left, "3 pending: message 1 in flight, 2 and 3 behind it")
+        await eventually(three_left, "3 pending: message 1 in its handler, 2 and 3 read ahead behind it")
         peeked = await transport.peek(topic, "g", 2)
         assert [d.message_id for d in peeked] == [str(i.message_id) for i in items[1:3]]
-        assert [d.attempt for d in peeked] == [1, 0]
+        assert [d.attempt for d in peeked] == [1, 1]  # read ahead: delivered to the member once
         release.set()
         await eventually(lambda: record.ns("a") == [0, 1, 2, 3], "the rest")
         assert await transport.pending_by_partition(topic, "g") == {}
 
 
-async def test_a_message_whose_last_attempt_killed_its_worker_reaches_the_dead_letters(
+async def test_a_message_that_kills_its_workers_reaches_the_dead_letters_one_crash_later(
     connect: Any, raw: Client, topic: str
 ) -> None:
-    """The server never stops redelivering (max_deliver -1), so the delivery after the last
-    allowed one reaches a live member, which dead-letters it instead of running it again."""
-    crashed, live = connect(partition_count=1, max_retry_attempts=1), connect(partition_count=1, max_retry_attempts=1)
-    started = asyncio.Event()
+    """A first delivery that dies with its member is in doubt (it may have been read ahead, or
+    acked a moment before): the next member gets it as attempt 2, not counted as a failure, and
+    records that attempt's start before its handler runs; when that member dies too, the next
+    one counts the failure and — past max_retry_attempts — dead-letters it unhandled."""
+    first, second, live = (connect(partition_count=1, max_retry_attempts=1) for _ in range(3))
+    started: list[int] = []
 
-    async def hang(item: Item) -> None:
-        started.set()
+    async def hang(ctx: MessageContext[Item]) -> None:
+        started.append(ctx.delivery_attempt)
         await asyncio.Event().wait()
 
-    await crashed.open()
+    await first.open()
+    await second.open()
     async with live:
-        await crashed.subscribe(topic, "g", Record().handler("crashed", hang))
+        await first.subscribe(topic, "g", hang, message_type=Item)
         item = Item(key="k", n=0)
         await live.publish(topic, item)
-        await asyncio.wait_for(started.wait(), 10)
-        await crashed.abort()
+        await eventually(lambda: started == [1], "the first member to start the message")
+        await first.abort()
+        await second.subscribe(topic, "g", hang, message_type=Item)
+        await eventually(lambda: started == [1, 2], "the second member to start it as attempt 2")
+        await second.abort()
         record = Record()
         await live.subscribe(topic, "g", record.handler("live"))
 
         async def dead_lettered() -> bool:
             return bool(await live.dead_letters(topic, "g"))
 
-        await eventually(dead_lettered, "the message in the dead letters after ack_wait")
+        await eventually(dead_lettered, "the message in the dead letters after the second crash")
         (letter,) = await live.dead_letters(topic, "g")
         assert letter.message_id == str(item.message_id)
-        assert letter.attempts == 2 and "died" in letter.error
+        assert letter.attempts == 3 and "died" in letter.error
         assert record.seen == [], "a message past its last attempt must not be handled again"
         assert await live.pending_count(topic, "g") == 0
 
@@ -504,22 +513,22 @@ async def test_no_server_at_the_url_is_a_connection_error_naming_it() -> None:
         await asyncio.wait_for(msgbroker.connect(url).open(), 30)
 
 
-async def test_subscribe_members_leave_a_pinned_partition_to_its_holder(connect: Any, raw: Client, topic: str) -> None:
+async def test_a_pinned_partition_stays_with_its_holder_until_it_closes(connect: Any, raw: Client, topic: str) -> None:
     count, partition = 4, 1
     shared, pinned = connect(partition_count=count), connect(partition_count=count)
     async with shared, pinned:
         record = Record()
-        everywhere = await shared.subscribe(topic, "g", record.handler("shared"))
         holder = await pinned.subscribe_to_partition(topic, "g", partition, record.handler("pinned"))
-        await eventually(lambda: partition not in everywhere.partitions, "the shared member to leave the pinned lane")
-        assert holder.partitions == [partition]
+        everywhere = await shared.subscribe(topic, "g", record.handler("shared"))
+        await eventually(lambda: len(everywhere.partitions) == count - 1, "the shared member to take the others")
+        assert partition not in everywhere.partitions and holder.partitions == [partition]
         keys = [f"key-{i}" for i in range(40)]
         await shared.publish_batch(topic, [Item(key=k, n=0) for k in keys])
         await eventually(lambda: len(record.seen) == len(keys), "every message")
         for member, key, _, _ in record.seen:
             assert (member == "pinned") == (partition_for(key, count) == partition), (member, key)
         await holder.close()
-        await eventually(lambda: partition in everywhere.partitions, "the shared member to take the lane back")
+        await eventually(lambda: partition in everywhere.partitions, "the shared member to take the lane")
         await shared.publish(topic, Item(key=next(k for k in keys if partition_for(k, count) == partition), n=1))
         await eventually(lambda: any(n == 1 and m == "shared" for m, _, n, _ in record.seen),
                          "the lane on the shared member")

@@ -1,11 +1,14 @@
-"""A member's reader of one (topic, group): one long-lived pull request per lane, all answered
-on a single inbox subscription, so polling 64 lanes costs no task per lane and no round trip
-per poll.
+"""A member's reader of one (topic, group): for each lane it owns (the engine's leases), one
+long-lived pull request on a subscription of its own, answered with up to ``max_ack_pending``
+messages in flight, which this member hands to the engine in stream order.
 
-Each open lane always has one pull request (batch 1) waiting on the server. Because the lane's
-consumer has ``max_ack_pending = 1``, the server answers it with the lane's next message only
-after the previous one is acked — so the request made right after a message arrives is what the
-ack releases: one hop from ack to next message, and members compete message by message.
+A lane's durable consumer is shared by the group, so what is in flight at the server may be
+held by a member that died or is handing the lane over. The owner record of the lane (KV) says
+which: a member that closed names the messages it handed back, and the next owner hands nothing
+after them until they are back; a member that died left its record open, and the next owner
+hands nothing for ``ack_wait`` (what it held comes back first). A nak keeps the lane behind the
+message until the server delivers it again (after the delay), so nothing overtakes it.
+docs/providers/nats.md has the whole design.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,95 +39,111 @@ log = logging.getLogger("msgbroker.nats")
 PULL_EXPIRES = 15.0
 """Seconds a pull request waits on the server; renewed when it expires (the server also drops
 it at once when our inbox goes away, so a dead member leaves no request behind)."""
-_PULL_REQUEST = b'{"batch":1,"expires":%d}' % int(PULL_EXPIRES * 1e9)
+_PULL_REQUEST = '{"batch":%d,"expires":%d}'
+_CHECK_AGAIN = 0.25
+"""Seconds a poll naps at most while a lane waits for a dead owner's messages."""
 _ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
+_HAND_BACK_DELAY = 2.0
+"""Seconds a message handed back on close waits at the server (see _release)."""
+_HAND_BACK = b'-NAK {"delay":%d}' % int(_HAND_BACK_DELAY * 1e9)
 _REWOUND = "_MSGBROKER_NATS.rewound"
 """``<_REWOUND>.<stream>.<consumer group>.<partition>``, payload a stream sequence: a member tells
 the group that this settled message will be delivered once more as new (see _settle)."""
 _REMEMBERED = 64
+_REMEMBERED_SETTLED = 4096
 
 
-def _ack_fields(reply: str) -> tuple[int, int]:
-    """(deliveries, stream sequence) from a JetStream ack subject, without nats-py's full parse:
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>...`` (or with domain and account hash)."""
+def _ack_fields(reply: str) -> tuple[int, int, int]:
+    """(deliveries, stream sequence, consumer sequence) from a JetStream ack subject, without
+    nats-py's full parse: ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>...`` (or with
+    domain and account hash)."""
     tokens = reply.split(".")
     if len(tokens) == 9:
-        return int(tokens[4]), int(tokens[5])
-    return int(tokens[6]), int(tokens[7])
+        return int(tokens[4]), int(tokens[5]), int(tokens[6])
+    return int(tokens[6]), int(tokens[7]), int(tokens[8])
+
+
+def _record(raw: bytes | None) -> tuple[int, int, bool] | None:
+    """An attempt record: ``<failures>:<delivery>`` (a retry: the failures when it announced
+    that delivery) or ``<failures>:<delivery>:s`` (that delivery began in a handler with those
+    failures before it)."""
+    try:
+        fields = (raw or b"").decode().split(":")
+        return int(fields[0]), int(fields[1]), len(fields) > 2 and fields[2] == "s"
+    except (ValueError, IndexError):
+        return None
 
 
 class _Held:
     """One message this member holds (received, not settled). ``msg`` is replaced when the
-    server redelivers the same message to us, so settling uses the newest delivery."""
+    server redelivers the same message to us, so settling uses the newest delivery.
+    ``careful``: a redelivery, whose start is recorded before a handler gets it."""
 
-    __slots__ = ("delivered", "failures", "msg", "seq")
+    __slots__ = ("careful", "delivered", "dseq", "failures", "msg", "seq", "touched")
 
-    def __init__(self, msg: Msg, seq: int, delivered: int, failures: int | None = None) -> None:
+    def __init__(self, msg: Msg, seq: int, dseq: int, delivered: int, failures: int | None, careful: bool) -> None:
         self.msg = msg
         self.seq = seq
+        self.dseq = dseq
         self.delivered = delivered
         self.failures = failures
+        self.careful = careful
+        self.touched = time.monotonic()
 
 
 class _Lane:
-    __slots__ = ("deadline", "gen", "held", "next_subject", "open", "outstanding", "partition", "ready", "retried",
-                 "retry_at", "rewound", "seen", "settled")
+    __slots__ = (
+        "awaiting",
+        "clean",
+        "clean_at",
+        "closing",
+        "deadline",
+        "gen",
+        "handed",
+        "items",
+        "lease",
+        "next_subject",
+        "offsets",
+        "open",
+        "owner_revision",
+        "partition",
+        "remaining",
+        "retried",
+        "retry_at",
+        "rewound",
+        "seen",
+        "settled",
+        "settled_here",
+        "sub",
+        "turn",
+        "unread",
+    )
 
     def __init__(self, partition: int, next_subject: str) -> None:
         self.partition = partition
         self.next_subject = next_subject
         self.open = False
         self.gen = 0
-        self.outstanding = False
+        self.remaining = 0  # messages the lane's pull requests on the server may still bring
         self.deadline = 0.0
         self.retry_at = 0.0
-        self.ready: deque[_Held] = deque()
-        self.held: dict[int, _Held] = {}
+        self.sub: Subscription | None = None
+        self.items: dict[int, _Held] = {}  # stream sequence -> held message
+        self.handed: set[int] = set()  # the sequences handed to the engine and not settled
+        self.awaiting: set[int] = set()  # ordered: sequences at the server nothing after may overtake
+        self.offsets: dict[int, int] = {}  # sequence -> its deliveries that were read ahead and handed back
+        self.unread: set[int] = set()  # handed to the engine, given back unhandled (LaneConsumer.unread)
+        self.closing = False  # draining its subscription: what still arrives is handed back with the rest
+        self.lease: str | None = None  # the engine's lease token for the lane
+        self.turn = 0  # one more at each retry of an ordered lane (the engine drops what it holds)
+        self.clean = False  # nothing of the lane is in flight at the server but what is held here
+        self.clean_at = 0.0  # not clean: when what a dead owner held is surely back (ack_wait)
+        self.owner_revision: int | None = None  # of the lane's owner record this member wrote
         self.retried: Delivery | None = None
         self.seen = 0  # the highest stream sequence of this lane delivered (as far as we know)
         self.settled = 0  # the highest stream sequence this member acked or terminated
+        self.settled_here: set[int] = set()  # the last sequences this member acked or terminated
         self.rewound: set[int] = set()  # settled elsewhere, announced to come back as new (see _settle)
-
-
-class _LanePin:
-    """``subscribe_to_partition``'s exclusive claim on its lane: a key in the pins bucket,
-    created only if absent, renewed (revision-checked) every ttl/4, deleted on close; a crashed
-    holder's key ages out after the bucket's TTL. Only the holder pulls the lane."""
-
-    def __init__(self, transport: ConsumerHost, topic: str, group: str, partition: int, member: str) -> None:
-        self._transport = transport
-        # '/' is in neither name, so the key is one per lane; the partition is the subject's last
-        # token, so members of the group can list the pins with one wildcard.
-        self.key = f"{topic}/{group}.{partition}"
-        self._member = member.encode()
-        self.revision: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self.revision is not None
-
-    async def acquire(self) -> bool:
-        kv = await self._transport.pins()
-        try:
-            self.revision = await kv.create(self.key, self._member)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        return True
-
-    async def renew(self) -> bool:
-        kv = await self._transport.pins()
-        try:
-            self.revision = await kv.update(self.key, self._member, last=self.revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            self.revision = None
-            return False
-        return True
-
-    async def release(self) -> None:
-        revision, self.revision = self.revision, None
-        if revision is not None:
-            kv = await self._transport.pins()
-            await kv.delete(self.key, last=revision)
 
 
 class NatsLaneConsumer(LaneConsumer):
@@ -142,106 +160,37 @@ class NatsLaneConsumer(LaneConsumer):
         self._needs_request: set[int] = set()
         self._arrival: asyncio.Future[None] | None = None
         self._inbox = ""
-        self._sub: Subscription | None = None
+        self._epoch = 0
         self._rewound_sub: Subscription | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._pin: _LanePin | None = None
-        self._listener: AssignmentListener | None = None
-        self._pinner: asyncio.Task[None] | None = None
+        self._ordered = True
         self._next_sweep = 0.0
         self._stopped = False
         self._delivered_at_start: dict[int, int] = {}
-        self._recreating: set[asyncio.Task[None]] = set()  # referenced until done (not collected)
-        self._lane_opened = asyncio.Event()
-        """Set when the engine opens a lane (``_keep_pin`` waits for its partition's)."""
+        self._background: set[asyncio.Task[Any]] = set()  # referenced until done (not collected)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         transport = self._transport
+        self._ordered = listener.ordered
         await transport.ensure_stream(self._layout, None)
         wanted = [partition] if partition is not None else list(range(transport.partition_count))
         delivered = await asyncio.gather(*(transport.ensure_consumer(self._layout, self._group, p) for p in wanted))
         self._delivered_at_start = dict(zip(wanted, delivered, strict=True))
+        await transport.pins()  # the leases' bucket (its TTL is the lease time)
         nc = transport.nc
         self._inbox = nc.new_inbox()
         try:
-            self._sub = await nc.subscribe(f"{self._inbox}.>", cb=self._on_message, pending_msgs_limit=-1,
-                                           pending_bytes_limit=-1)
             self._rewound_sub = await nc.subscribe(f"{self._rewound_subject()}.*", cb=self._on_rewound)
         except Exception as exc:
-            raise map_error(exc, "subscribing to the pull inbox") from exc
+            raise map_error(exc, "subscribing to the group's announcements") from exc
         self._keeper = asyncio.create_task(self._keep_in_progress(), name=f"msgbroker-nats-wpi-{self._topic}")
-        if partition is not None:
-            self._listener = listener
-            self._pin = _LanePin(transport, self._topic, self._group, partition, self._member)
-            try:
-                await self._pin.acquire()
-            except BaseException as exc:
-                await self.stop(flush=False)  # the engine never got this consumer: leave nothing running
-                if isinstance(exc, Exception):
-                    raise map_error(exc, f"pinning {self._topic}[{partition}] for {self._group}") from exc
-                raise
-            self._pinner = asyncio.create_task(self._keep_pin(partition), name=f"msgbroker-nats-pin-{self._topic}")
-        else:
-            self._listener = listener
-            self._pinner = asyncio.create_task(self._respect_pins(), name=f"msgbroker-nats-pins-{self._topic}")
 
-    async def _respect_pins(self) -> None:
-        """A ``subscribe()`` member leaves the partitions that a ``subscribe_to_partition``
-        member of the group has pinned (after settling what it holds of them), and reads them
-        again when the pin goes (closed, or aged out after the crash of its holder)."""
-        assert self._listener is not None
-        listener = self._listener
-        interval = max(0.1, self._transport.ack_wait / 4)
-        left: set[int] = set()
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                pinned = await self._transport.pinned_partitions(self._topic, self._group)
-                for partition in sorted(pinned - left):
-                    if partition in self._lanes and self._lanes[partition].open:
-                        left.add(partition)
-                        await listener.revoked([partition])
-                for partition in sorted(left - pinned):
-                    left.discard(partition)
-                    await listener.assigned([partition])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("nats: reading the pins of %s for %s failed: %r", self._topic, self._group, exc)
-
-    def _gated(self) -> bool:
-        """Pinned to one partition but another member holds the pin: pull nothing."""
-        return self._pin is not None and not self._pin.held
-
-    async def _keep_pin(self, partition: int) -> None:
-        """Hold, renew or wait for the pin. The engine opens a partition subscription's lane at
-        once (shared assignment); while another member holds the pin this member gives the lane
-        back (so it neither reads nor claims it) and takes it when the pin is free."""
-        assert self._pin is not None and self._listener is not None
-        pin, listener = self._pin, self._listener
-        interval = max(0.05, self._transport.ack_wait / 4)
-        if not pin.held:
-            while not (partition in self._lanes and self._lanes[partition].open):
-                self._lane_opened.clear()
-                await self._lane_opened.wait()  # the engine is still opening it
-            await listener.revoked([partition])
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if pin.held:
-                    if not await pin.renew():
-                        log.warning("nats: %s lost the pin of %s[%d] for %s", self._member, self._topic, partition,
-                                    self._group)
-                        await listener.revoked([partition])
-                elif await pin.acquire():
-                    await listener.assigned([partition])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("nats: keeping the pin of %s[%d] for %s failed: %r", self._topic, partition, self._group,
-                            exc)
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
         lane = self._lanes.get(partition)
@@ -249,107 +198,252 @@ class NatsLaneConsumer(LaneConsumer):
             stream, consumer = self._layout.stream, self._layout.consumer(self._group, partition)
             lane = self._lanes[partition] = _Lane(partition, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}")
             lane.seen = self._delivered_at_start.get(partition, 0)
+        lane.awaiting = set()
+        lane.clean = True
+        lane.lease = lease
+        await self._take_over(lane)
         lane.open = True
-        self._lane_opened.set()
-        if not self._gated():
-            await self._request(lane)
+        self._epoch += 1
+        try:
+            # A subscription per lane: when the lane closes, the server drops its pull request
+            # (no interest) instead of handing it messages for the next owner.
+            lane.sub = await self._transport.nc.subscribe(f"{self._inbox}.{partition}.{self._epoch}.*",
+                                                          cb=self._on_message, pending_msgs_limit=-1,
+                                                          pending_bytes_limit=-1)
+        except Exception as exc:
+            lane.open = False
+            raise map_error(exc, f"subscribing to {self._topic}[{partition}]") from exc
+        lane.remaining = 0
+        await self._top_up(lane)
+
+    def _owner_key(self, partition: int) -> str:
+        return f"{self._topic}/{self._group}/{partition}/owner"  # '/' is in neither name
+
+    async def _take_over(self, lane: _Lane) -> None:
+        """Read how the lane's last owner left it (its owner record) and mark it ours.
+
+        The record is ``closed|<sequences>`` or ``open:<member>|<sequences>``; the sequences are
+        messages of the lane still at the server that nothing after may overtake (handed back on
+        close, or nak'ed with a delay), each with how many of its deliveries were only read ahead
+        (``<sequence>~<n>``). Closed: everything else it held was handed back before (a confirmed
+        nak), so the lane goes on at once after those. Still open (its owner died, or lost the
+        lease): what it held comes back after ack_wait, so nothing is handed before then."""
+        key = self._owner_key(lane.partition)
+        left: str | None = None
+        try:
+            kv = await self._transport.failure_counts()
+            try:
+                left = ((await kv.get(key)).value or b"").decode()
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                left = "closed"  # never owned (or a day ago): nothing of it in flight
+        except Exception as exc:
+            log.warning("nats: reading the owner record of %s[%d] for %s failed (%r); waiting ack_wait as after "
+                        "a crash", self._topic, lane.partition, self._group, exc)
+        state, _, back = (left or "").partition("|")
+        for entry in back.split(","):
+            seq, _, offset = entry.partition("~")
+            if seq.isdigit():
+                lane.awaiting.add(int(seq))
+                if offset.isdigit():
+                    lane.offsets[int(seq)] = int(offset)
+        if self._ordered and (left is None or not state.startswith("closed")):
+            lane.clean = False
+            lane.clean_at = time.monotonic() + self._transport.ack_wait + 0.5
+            log.info("nats: %s[%d] for %s was left by %s without closing; handing nothing before ack_wait",
+                     self._topic, lane.partition, self._group, state or "an unknown owner")
+        lane.owner_revision = None
+        await self._write_owner_record(lane, closing=False)
+
+    def _owner_record(self, lane: _Lane, closing: bool) -> bytes:
+        """See _take_over. Closing: what this member holds is handed back, one more read-ahead
+        delivery for each that no handler saw; a lane not clean stays open (what a dead owner
+        held may still be out)."""
+        back = {seq: lane.offsets.get(seq, 0) for seq in lane.awaiting if seq not in lane.items}
+        if closing:
+            for seq in lane.items:
+                back[seq] = lane.offsets.get(seq, 0) + (1 if seq not in lane.handed or seq in lane.unread else 0)
+        listed = ",".join(f"{seq}~{offset}" if offset else str(seq) for seq, offset in sorted(back.items()))
+        state = "closed" if closing and lane.clean else f"open:{self._member}"
+        return f"{state}|{listed}".encode()
+
+    async def _write_owner_record(self, lane: _Lane, closing: bool) -> None:
+        """Write the lane's owner record: at take-over unconditionally, later only over our own
+        (revision-checked: a newer owner's record is never overwritten)."""
+        record = self._owner_record(lane, closing)
+        try:
+            kv = await self._transport.failure_counts()
+            key = self._owner_key(lane.partition)
+            if lane.owner_revision is None:
+                lane.owner_revision = await kv.put(key, record)
+            else:
+                lane.owner_revision = await kv.update(key, record, last=lane.owner_revision)
+        except Exception as exc:
+            log.debug("nats: writing the owner record of %s[%d] failed: %r", self._topic, lane.partition, exc)
+            if closing:
+                lane.owner_revision = None
 
     async def close_lane(self, partition: int) -> None:
         lane = self._lanes.get(partition)
-        if lane is None:
+        if lane is None or not lane.open:
             return
         lane.open = False
+        sub, lane.sub = lane.sub, None
+        if sub is not None:
+            lane.closing = True
+            try:
+                with contextlib.suppress(Exception):
+                    # Unsubscribe and take what the server sent before it saw that: _on_message
+                    # keeps it with the rest, to be handed back below (not left to ack_wait).
+                    await asyncio.wait_for(sub.drain(), 5.0)  # type: ignore[no-untyped-call]  # nats-py: unannotated
+            finally:
+                lane.closing = False
+        record = self._owner_record(lane, closing=True)  # before _release forgets what it held
+        lane.unread.clear()
+        lease, lane.lease = lane.lease, None
+        if lease is not None and not await self._holds(lane, lease):
+            # Lost (paused past the lease): the new owner has what we held (redelivered to it);
+            # a nak now would hand it out once more. The new owner's record is not ours to write.
+            lane.items.clear()
+            lane.handed.clear()
+            lane.awaiting = set()
+            lane.owner_revision = None
+            return
         await self._release(lane)
+        if lane.owner_revision is not None:
+            # Once what we held is handed back (confirmed): the next owner then goes on at once,
+            # after the sequences named (or, not clean yet here, after ack_wait as we would).
+            with contextlib.suppress(Exception):
+                kv = await self._transport.failure_counts()
+                await kv.update(self._owner_key(partition), record, last=lane.owner_revision)
+        lane.owner_revision = None
+
+    async def _holds(self, lane: _Lane, lease: str) -> bool:
+        try:
+            return await self._transport.holds_lease(self._topic, self._group, lane.partition, lease)
+        except MsgBrokerError:
+            return True  # cannot tell: hand back as usual (at worst one more delivery)
 
     async def _release(self, lane: _Lane) -> None:
-        """Hand back what this member holds of the lane and never handled (a nak without delay
-        redelivers it at once to another member)."""
-        held = [*lane.ready, *lane.held.values()]
-        lane.ready.clear()
-        lane.held.clear()
+        """Hand back what this member holds of the lane and never settled, in stream order,
+        with a nak delayed by ``_HAND_BACK_DELAY``: by then the next owner has a pull request
+        waiting (nats-server 2.9.10 rewinds a consumer that redelivers to dead requests only, see
+        *Recovery*), and it waits for these sequences (the owner record names them). The last
+        nak is confirmed: the server applied them all before the lane is given up."""
+        held = [lane.items[seq] for seq in sorted(lane.items)]
+        lane.items.clear()
+        lane.handed.clear()
+        lane.awaiting = set()
         self._ready_lanes.discard(lane.partition)
-        for item in held:
-            with contextlib.suppress(Exception):
-                await self._transport.nc.publish(item.msg.reply, _NAK)
+        nc = self._transport.nc
+        for index, item in enumerate(held):
+            try:
+                if index == len(held) - 1:
+                    await nc.request(item.msg.reply, _HAND_BACK, timeout=5.0)
+                else:
+                    await nc.publish(item.msg.reply, _HAND_BACK)
+            except Exception as exc:
+                lane.clean = False  # not sure the server has them back: the next owner waits ack_wait
+                log.debug("nats: handing back %s[%d] #%d failed: %r", self._topic, lane.partition, item.seq, exc)
 
     async def stop(self, flush: bool) -> None:
         if self._stopped:
             return
         self._stopped = True
         self._transport.forget(self)
-        background = [t for t in (self._keeper, self._pinner) if t is not None]
+        background = [t for t in (self._keeper,) if t is not None]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        sub, self._sub = self._sub, None
         rewound, self._rewound_sub = self._rewound_sub, None
         if rewound is not None:
             with contextlib.suppress(Exception):
                 await rewound.unsubscribe()
+        subs = [lane.sub for lane in self._lanes.values() if lane.sub is not None]
         if not flush:
             # A crash: stop receiving (the server forgets our pull requests), settle nothing;
             # what we hold comes back to the others after ack_wait.
-            if sub is not None:
+            for lane in self._lanes.values():
+                lane.open, lane.sub = False, None
+            for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
             self._wake_poll()
             return
-        for lane in self._lanes.values():
-            lane.open = False
-            await self._release(lane)
-        if sub is not None:
-            with contextlib.suppress(Exception):
-                # Unsubscribe and wait until the server sent all it had for us: those messages
-                # reach _on_message, which hands them back, instead of waiting out ack_wait.
-                await asyncio.wait_for(sub.drain(), 5.0)  # type: ignore[no-untyped-call]  # nats-py: unannotated
+        for partition in list(self._lanes):
+            await self.close_lane(partition)
         with contextlib.suppress(Exception):
             await self._transport.nc.flush(timeout=2)
-        if self._pin is not None:
-            with contextlib.suppress(Exception):
-                await self._pin.release()  # the next member takes the partition over now
         self._wake_poll()
 
     def reconnected(self) -> None:
-        """The server forgot our pull requests: ask again on every open lane."""
+        """The server forgot our pull requests: ask again on every open lane. A message it sent
+        as the connection broke never arrived and comes back only after ack_wait: an ordered lane
+        hands nothing new until then (nothing later may overtake it)."""
+        now = time.monotonic()
         for lane in self._lanes.values():
             if lane.open:
-                lane.outstanding = False
+                lane.remaining = 0
                 lane.retry_at = 0.0
                 self._needs_request.add(lane.partition)
+                if self._ordered:
+                    lane.clean = False
+                    lane.clean_at = now + self._transport.ack_wait + 0.5
         self._wake_poll()
 
     # -- pull requests ---------------------------------------------------------------------
 
-    async def _request(self, lane: _Lane) -> None:
+    async def _top_up(self, lane: _Lane) -> None:
+        """Ask for as many messages as the lane has room for (``in_flight`` minus what this
+        member holds and what its requests may still bring), once that is half of it. This
+        member's own limit, not the consumer's max_ack_pending (twice as large), keeps the lane
+        flowing: nats-server 2.9 hands a pull consumer at its max_ack_pending its next message
+        only slowly (one about every 0.25 s measured) after the acks that free room."""
+        if not lane.open or lane.sub is None or self._stopped:
+            return
+        room = self._transport.in_flight - len(lane.items) - lane.remaining
+        if room >= max(1, self._transport.in_flight // 2) or (room > 0 and lane.remaining == 0):
+            await self._request(lane, room)
+        elif lane.remaining == 0 and any(seq not in lane.items for seq in lane.awaiting):
+            # Full, and waiting for a nak'ed or handed-back message: keep one request waiting for
+            # it (the server redelivers even at its max_ack_pending, which stops new ones).
+            await self._request(lane, 1)
+
+    async def _request(self, lane: _Lane, batch: int) -> None:
+        assert lane.sub is not None
         lane.gen += 1
-        lane.outstanding = True
+        lane.remaining += batch
         lane.deadline = time.monotonic() + PULL_EXPIRES + 2.0
         self._needs_request.discard(lane.partition)
         try:
-            await self._transport.nc.publish(lane.next_subject, _PULL_REQUEST,
-                                             reply=f"{self._inbox}.{lane.partition}.{lane.gen}")
+            await self._transport.nc.publish(lane.next_subject, (_PULL_REQUEST % (batch, PULL_EXPIRES * 1e9)).encode(),
+                                             reply=f"{lane.sub.subject[:-1]}{lane.gen}")
         except Exception as exc:
-            lane.outstanding = False
+            lane.remaining -= batch
             self._needs_request.add(lane.partition)
             raise map_error(exc, f"pulling from {self._topic}[{lane.partition}]") from exc
 
     async def _maintain(self) -> None:
-        """Renew pull requests that ended (expired, refused, lost with a reconnect)."""
-        if self._gated():
-            return
+        """Renew pull requests that ended (expired, refused, lost with a reconnect); check the
+        lanes that wait for messages in flight elsewhere."""
         now = time.monotonic()
         if now >= self._next_sweep:
             self._next_sweep = now + 1.0
             for lane in self._lanes.values():
-                if lane.open and lane.outstanding and now > lane.deadline:
-                    lane.outstanding = False  # no answer at all: the request is gone
+                if lane.open and lane.remaining and now > lane.deadline:
+                    lane.remaining = 0  # no answer at all: the requests are gone
                     self._needs_request.add(lane.partition)
         for partition in list(self._needs_request):
             wanting = self._lanes.get(partition)
-            if wanting is None or not wanting.open or wanting.outstanding:
+            if wanting is None or not wanting.open:
                 self._needs_request.discard(partition)
             elif now >= wanting.retry_at:
-                await self._request(wanting)
+                self._needs_request.discard(partition)
+                await self._top_up(wanting)
+        for lane in self._lanes.values():
+            if lane.open and not lane.clean and now >= lane.clean_at:
+                lane.clean = True  # what a dead owner held is back by now (or was settled)
+                if lane.items:
+                    self._ready_lanes.add(lane.partition)
 
     def _wake_poll(self) -> None:
         arrival = self._arrival
@@ -357,52 +451,67 @@ class NatsLaneConsumer(LaneConsumer):
             arrival.set_result(None)
 
     async def _on_message(self, msg: Msg) -> None:
-        """Every answer to every lane's pull request: a message or a status."""
+        """Every answer to a lane's pull request: a message or a status."""
         try:
             if not msg.reply:
-                # A status comes on our inbox subject: <inbox>.<partition>.<request generation>.
-                part, _, gen = msg.subject[len(self._inbox) + 1:].partition(".")
-                self._on_status(self._lanes.get(int(part)), int(gen or 0), msg)
+                # A status comes on the request's reply subject: <inbox>.<partition>.<epoch>.<gen>.
+                part, _, rest = msg.subject[len(self._inbox) + 1:].partition(".")
+                lane = self._lanes.get(int(part))
+                gen = int(rest.rpartition(".")[2] or 0)
+                live = lane is not None and lane.sub is not None and msg.subject.startswith(lane.sub.subject[:-1])
+                self._on_status(lane if live else None, gen, msg)
                 return
             # A message keeps its stream subject (<prefix>.<topic>.<partition>).
             lane = self._lanes.get(self._layout.partition_of(msg.subject))
-            if lane is None or not lane.open or self._stopped or self._gated():
+            if lane is not None and lane.closing and not self._stopped:
+                delivered, seq, dseq = _ack_fields(msg.reply)
+                if seq not in lane.items and seq not in lane.settled_here:
+                    lane.items[seq] = _Held(msg, seq, dseq, delivered, None, careful=False)
+                elif seq in lane.items:
+                    lane.items[seq].msg = msg
+                else:
+                    await self._transport.nc.publish(msg.reply, _ACK)
+                return
+            if lane is None or not lane.open or self._stopped:
                 # Arrived for a lane this member does not read (now): hand it back at once
                 # (or, a message this member settled already sent again, settle it again).
                 sseq = _ack_fields(msg.reply)[1]
-                settled = lane is not None and (sseq <= lane.settled or sseq in lane.rewound)
+                settled = lane is not None and (sseq in lane.settled_here or sseq in lane.rewound)
                 await self._transport.nc.publish(msg.reply, _ACK if settled else _NAK)
                 return
-            lane.outstanding = False  # a batch-1 request is used up by its message
-            delivered, seq = _ack_fields(msg.reply)
-            current = lane.held.get(seq) or next((h for h in lane.ready if h.seq == seq), None)
+            lane.remaining = max(0, lane.remaining - 1)
+            delivered, seq, dseq = _ack_fields(msg.reply)
+            current = lane.items.get(seq)
             if current is None and seq in lane.rewound:
                 # Settled by another member, which saw the consumer's pointer rewound onto it.
                 lane.rewound.discard(seq)
                 log.warning("nats: %s[%d] sequence %d came back as new after it was settled elsewhere; dropped",
                             self._topic, lane.partition, seq)
                 await self._transport.nc.publish(msg.reply, _ACK)
-                if not lane.outstanding and not self._gated():
-                    await self._request(lane)
                 return
-            if current is None and seq <= lane.seen and await self._is_ghost(lane, seq, msg):
+            if current is None and seq <= lane.seen and await self._is_ghost(lane, seq, delivered, msg):
                 return  # a settled message sent again (see _is_ghost)
             lane.seen = max(lane.seen, seq)
             if current is not None:
                 # Redelivered to us while we still hold it (ack_wait passed): settle the newest.
                 current.msg = msg
                 current.delivered = delivered
+                current.dseq = dseq
+                current.touched = time.monotonic()
             else:
-                failures = None
+                failures: int | None = None
                 retried = lane.retried
+                offset = lane.offsets.get(seq, 0)
                 if delivered > 1 and not (retried is not None and retried.position.seq == seq
-                                          and retried.attempt == delivered):
+                                          and retried.attempt + offset == delivered):
                     failures = await self._failures_of(lane, seq, delivered)
-                lane.ready.append(_Held(msg, seq, delivered, failures))
+                if not lane.open:
+                    await self._transport.nc.publish(msg.reply, _NAK)
+                    return
+                lane.items[seq] = _Held(msg, seq, dseq, delivered, failures, careful=delivered - offset > 1)
                 self._ready_lanes.add(lane.partition)
-            if not lane.outstanding and not self._gated():
-                # Ask for the next one now: the server answers when this one is acked.
-                await self._request(lane)
+                if lane.awaiting and lane.remaining == 0:
+                    await self._top_up(lane)
             self._wake_poll()
         except asyncio.CancelledError:
             raise
@@ -459,32 +568,52 @@ class NatsLaneConsumer(LaneConsumer):
     def _attempts_key(self, partition: int, seq: int) -> str:
         return f"{self._topic}/{self._group}/{partition}/{seq}"  # '/' is in neither name
 
-    async def _failures_of(self, lane: _Lane, seq: int, delivered: int) -> int | None:
-        """How many of a redelivered message's earlier attempts failed, from the record its last
-        nak left: the failures then, plus every delivery since that ended without a nak (a
-        crashed member). None when there is no record (the engine then counts them all)."""
+    async def _failures_of(self, lane: _Lane, seq: int, delivered: int) -> int:
+        """How many of a redelivered message's earlier attempts failed, from its attempt record:
+        the failures its last retry recorded, plus one when its last recorded start (a careful
+        handling) ended without a settle (the member died in it). A delivery that began no
+        recorded handling is not a failure: read ahead, or handed to the engine before a crash
+        (in doubt — as Kafka's commits, docs/providers/nats.md). No record: none failed."""
         try:
             kv = await self._transport.failure_counts()
             entry = await kv.get(self._attempts_key(lane.partition, seq))
         except nats.js.errors.KeyNotFoundError:
-            return None
+            return 0
         except Exception as exc:
             log.debug("nats: reading the failed attempts of %s[%d] #%d failed: %r", self._topic, lane.partition,
                       seq, exc)
-            return None
-        try:
-            failures, at = (int(x) for x in (entry.value or b"").decode().split(":"))
-        except ValueError:
-            return None
-        return failures + max(0, delivered - 1 - at)
+            return 0
+        record = _record(entry.value)
+        if record is None:
+            return 0
+        failures, at, started = record
+        return failures + (1 if started and at < delivered else 0)
 
-    async def _is_ghost(self, lane: _Lane, seq: int, msg: Msg) -> bool:
+    async def _record_start(self, lane: _Lane, item: _Held, failures: int) -> None:
+        """Before a handler gets a redelivered message: record that this delivery began, so
+        that if this member dies in it the next one counts the failure."""
+        try:
+            kv = await self._transport.failure_counts()
+            await kv.put(self._attempts_key(lane.partition, item.seq), f"{failures}:{item.delivered}:s".encode())
+        except Exception as exc:
+            log.debug("nats: recording the start of %s[%d] #%d failed: %r", self._topic, lane.partition, item.seq,
+                      exc)
+
+    async def _is_ghost(self, lane: _Lane, seq: int, delivered: int, msg: Msg) -> bool:
         """A redelivery (a sequence this lane delivered before) of a message already settled:
         nats-server 2.9.10 sometimes delivers a message again after it was acked or terminated,
         its count restarted or not (seen around naks, delays and crashes, and right after an ack
-        with a pull request waiting). If this member settled it, or the consumer's ack floor is
-        past it, ack it again (so it stops holding the lane) and drop it."""
-        floor = lane.settled  # settled here: no need to ask
+        with a pull request waiting). If this member settled it, or — for one delivered again
+        as new — the consumer's ack floor is past it, ack it again (so it stops holding the lane)
+        and drop it. A redelivery this member did not settle is taken as such without asking the
+        server: on 2.9.10 a consumer-info request slows the consumer's deliveries down (see
+        docs/providers/nats.md), and after a crash every message the dead owner held is one."""
+        if seq in lane.settled_here:
+            floor = seq
+        elif delivered > 1:
+            return False
+        else:
+            floor = 0
         for pause in (0.0, 0.05, 0.2):
             if seq <= floor:
                 break
@@ -499,25 +628,25 @@ class NatsLaneConsumer(LaneConsumer):
         log.warning("nats: %s[%d] sequence %d came back after it was settled (ack floor %d); dropped",
                     self._topic, lane.partition, seq, floor)
         await self._transport.nc.publish(msg.reply, _ACK)
-        if not lane.outstanding and not self._gated():
-            await self._request(lane)
         return True
 
     def _on_status(self, lane: _Lane | None, gen: int, msg: Msg) -> None:
         headers = msg.headers or {}
         status = headers.get("Status", "")
-        if status == "100" or lane is None or gen != lane.gen:
-            return  # heartbeat, or the end of a request we already replaced
-        lane.outstanding = False
+        if status == "100" or lane is None:
+            return  # heartbeat, or the end of a request of a lane closed since
+        try:
+            # What the ended request did not bring (nats-server sends it with 408 and 409).
+            lane.remaining = max(0, lane.remaining - int(headers["Nats-Pending-Messages"]))
+        except (KeyError, ValueError):
+            lane.remaining = 0 if gen == lane.gen else lane.remaining
         description = str(headers.get("Description", ""))
         now = time.monotonic()
         if status in ("408", "404"):
             lane.retry_at = now  # expired (or nothing right now): ask again
         elif status == "409" and "Consumer Deleted" in description:
             lane.retry_at = now + 0.5
-            task = asyncio.ensure_future(self._recreate(lane.partition))
-            self._recreating.add(task)
-            task.add_done_callback(self._recreating.discard)
+            self._spawn(self._recreate(lane.partition))
         else:
             # 409 Server Shutdown / Exceeded MaxWaiting, 503: ask again soon, not in a loop.
             log.debug("nats: pull request on %s[%d] ended: %s %s", self._topic, lane.partition, status, description)
@@ -534,16 +663,20 @@ class NatsLaneConsumer(LaneConsumer):
                         self._group, exc)
 
     async def _keep_in_progress(self) -> None:
-        """``+WPI`` for every message this member holds, every ack_wait/3: a long handler on a
-        live member is not redelivered elsewhere; a dead member's message is after ack_wait."""
+        """``+WPI`` for every message this member has held for a while, every ack_wait/3: a long
+        handler (or a message waiting behind it) on a live member is not redelivered elsewhere;
+        a dead member's are, after ack_wait."""
         interval = max(0.05, self._transport.ack_wait / 3)
         while True:
             await asyncio.sleep(interval)
             try:
                 nc = self._transport.nc
+                now = time.monotonic()
                 for lane in list(self._lanes.values()):
-                    for item in [*lane.ready, *lane.held.values()]:
-                        await nc.publish(item.msg.reply, _WPI)
+                    for item in list(lane.items.values()):
+                        if now - item.touched >= interval:
+                            item.touched = now
+                            await nc.publish(item.msg.reply, _WPI)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -565,16 +698,23 @@ class NatsLaneConsumer(LaneConsumer):
                 out: list[Delivery] = []
                 if self._ready_lanes:
                     wanted = wanted if wanted is not None else set(partitions)
+                    taken: list[tuple[_Lane, int, int]] = []
                     for partition in [p for p in self._ready_lanes if p in wanted]:
+                        self._ready_lanes.discard(partition)
                         lane = self._lanes[partition]
-                        for _ in range(max_per_lane):
-                            if not lane.ready:
-                                break
-                            item = lane.ready.popleft()
-                            lane.held[item.seq] = item
-                            out.append(self._delivery(lane, item))
-                        if not lane.ready:
-                            self._ready_lanes.discard(partition)
+                        before, turn = len(out), lane.turn
+                        await self._hand_out(lane, max_per_lane, out)
+                        taken.append((lane, turn, len(out) - before))
+                    if any(lane.turn != turn for lane, turn, _ in taken):
+                        # A retry on a lane while this poll awaited (a start record): the engine
+                        # dropped what it held of that lane, so what was taken here goes too.
+                        kept: list[Delivery] = []
+                        at = 0
+                        for lane, turn, count in taken:
+                            if lane.turn == turn:
+                                kept += out[at:at + count]
+                            at += count
+                        out = kept
                 remaining = deadline - time.monotonic()
                 if out or wake.is_set() or remaining <= 0 or self._stopped:
                     return out
@@ -582,21 +722,71 @@ class NatsLaneConsumer(LaneConsumer):
                 if waker is None:
                     waker = asyncio.ensure_future(wake.wait())
                 # Wake up for renewals too: a request that ended is asked again within a second.
-                await asyncio.wait({arrival, waker}, timeout=min(remaining, 1.0),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                nap = _CHECK_AGAIN if self._checks_due() else 1.0
+                await asyncio.wait({arrival, waker}, timeout=min(remaining, nap), return_when=asyncio.FIRST_COMPLETED)
                 self._arrival = None
         finally:
             if waker is not None:
                 waker.cancel()
 
+    def _checks_due(self) -> bool:
+        return any(lane.open and not lane.clean for lane in self._lanes.values())
+
+    async def _hand_out(self, lane: _Lane, limit: int, out: list[Delivery]) -> None:
+        """The lane's next messages in stream order, for an ordered lane only once every message
+        of it in flight is held here (``clean``) and never past a nak'ed one that has not come
+        back. A redelivery goes alone, as the next to start, its start recorded first."""
+        if not lane.open or not lane.clean:
+            return
+        ordered = self._ordered
+        missing = min((seq for seq in lane.awaiting if seq not in lane.items), default=None) if ordered else None
+        handed = lane.handed
+        count = 0
+        for seq in sorted(lane.items):
+            if missing is not None and seq > missing:
+                break  # a message before it is still at the server (nak'ed, handed back): it comes first
+            if count >= limit:
+                self._ready_lanes.add(lane.partition)  # more to hand on the next poll
+                break
+            if seq in handed:
+                continue
+            item = lane.items.get(seq)
+            if item is None:
+                continue  # settled meanwhile (unordered: by a handler while a start was recorded)
+            if item.careful:
+                if ordered and (handed or count):
+                    self._ready_lanes.add(lane.partition)  # after what the engine holds of the lane
+                    break
+                delivery = self._delivery(lane, item)
+                await self._record_start(lane, item, delivery.failures or 0)
+                item.careful = False
+                if not lane.open or lane.items.get(seq) is not item:
+                    return  # closed (handed back) meanwhile
+                handed.add(seq)
+                out.append(delivery)
+                count += 1
+                lane.awaiting.discard(seq)
+                if ordered:
+                    if len(lane.items) > len(handed):
+                        self._ready_lanes.add(lane.partition)
+                    break
+                continue
+            handed.add(seq)
+            out.append(self._delivery(lane, item))
+            count += 1
+            lane.awaiting.discard(seq)
+
     def _delivery(self, lane: _Lane, item: _Held) -> Delivery:
         retried, lane.retried = lane.retried, None
-        if retried is not None and retried.position.seq == item.seq and retried.attempt == item.delivered:
+        offset = lane.offsets.get(item.seq, 0)
+        if retried is not None and retried.position.seq == item.seq and retried.attempt + offset == item.delivered:
             # The message this member nak'ed, straight back from the server (no delivery to
             # anyone else in between: the engine counted this attempt already): the same Delivery
             # object, so the engine still knows which attempts failed (a delay is not a failure).
             retried.position = item
             return retried
+        if retried is not None and retried.position.seq != item.seq:
+            lane.retried = retried  # still on its way back
         msg = item.msg
         raw = msg.headers.get(ENVELOPE_HEADER) if msg.headers else None
         envelope = decode_envelope(raw, f"nats-{self._layout.stream}-{item.seq}")
@@ -606,7 +796,7 @@ class NatsLaneConsumer(LaneConsumer):
             key=envelope.key,
             headers=envelope.headers,
             body=msg.data,
-            attempt=item.delivered,
+            attempt=max(1, item.delivered - offset),  # a copy the server sends again as new restarts at 1
             position=item,
             **({"failures": item.failures} if item.failures is not None else {}),
         )
@@ -616,17 +806,34 @@ class NatsLaneConsumer(LaneConsumer):
     async def _settle(self, delivery: Delivery, payload: bytes, doing: str, confirm: bool = False) -> None:
         item: _Held = delivery.position
         lane = self._lanes.get(delivery.partition)
-        if lane is not None:
-            lane.held.pop(item.seq, None)  # whatever happens next, stop extending it
-            if payload is not _NAK and not payload.startswith(_NAK):
-                lane.settled = max(lane.settled, item.seq)
-                if item.delivered > 1:
-                    await self._announce_if_rewound(lane, item)
+        ours = lane is not None and lane.items.get(item.seq) is item
+        if lane is not None and ours:
+            # Before anything awaits: a poll meanwhile must not hand it again.
+            del lane.items[item.seq]  # whatever happens next, stop extending it
+            lane.handed.discard(item.seq)
+        if lane is not None and lane.lease is not None and not await self._transport.holds_lease(
+                self._topic, self._group, lane.partition, lane.lease):
+            # Paused past the lease: another member owns the lane and gets the message again;
+            # this settle is dropped (docs/semantics.md rule 11), as Redis' fenced acks are.
+            log.warning("nats: %s lost the lease of %s[%d]; its %s of %s is dropped", self._member, self._topic,
+                        lane.partition, doing, delivery.message_id)
+            return
+        if lane is not None and ours and payload is not _NAK and not payload.startswith(_NAK):
+            lane.offsets.pop(item.seq, None)
+            lane.settled = max(lane.settled, item.seq)
+            lane.settled_here.add(item.seq)
+            if len(lane.settled_here) > _REMEMBERED_SETTLED:
+                # Keep the newest half (sequences of one lane only grow).
+                lane.settled_here = set(sorted(lane.settled_here)[_REMEMBERED_SETTLED // 2:])
+            if item.delivered > 1:
+                await self._announce_if_rewound(lane, item)
         try:
             if confirm:
                 await self._transport.nc.request(item.msg.reply, payload, timeout=5.0)
             else:
                 await self._transport.nc.publish(item.msg.reply, payload)
+            if lane is not None:
+                await self._top_up(lane)
         except BrokerClosedError:
             raise
         except Exception as exc:
@@ -636,25 +843,51 @@ class NatsLaneConsumer(LaneConsumer):
         await self._settle(delivery, _ACK, "acking")
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
-        # The server counts deliveries itself (num_delivered); the nak holds the lane until the
-        # message is redelivered (max_ack_pending=1), after the delay when there is one.
+        # The server counts deliveries itself (num_delivered) and redelivers after the delay;
+        # an ordered lane hands nothing after the message until it is back (awaiting).
         delay = (not_before - time.time()) if not_before is not None else 0.0
         payload = _NAK if delay <= 0.001 else b'-NAK {"delay":%d}' % int(delay * 1e9)
+        item: _Held = delivery.position
         failures = getattr(delivery, "failures", None)  # set by the engine (msgbroker >= 0.1 with it)
         if failures is not None:
             # Recorded before the nak, so whoever gets the message next knows which attempts
-            # failed; without the record the next member counts every delivery as failed.
-            item: _Held = delivery.position
+            # failed (and that the next delivery began no handling yet).
             try:
                 kv = await self._transport.failure_counts()
-                record = f"{failures}:{delivery.attempt}".encode()
+                record = f"{failures}:{item.delivered}".encode()
                 await kv.put(self._attempts_key(delivery.partition, item.seq), record)
             except Exception as exc:
                 log.debug("nats: recording the failed attempts of %s failed: %r", delivery.message_id, exc)
-        await self._settle(delivery, payload, "naking")
         lane = self._lanes.get(delivery.partition)
+        if lane is not None and self._ordered and lane.items.get(item.seq) is item:
+            # The engine drops what it holds of the lane after a retry: hand it again, after this.
+            lane.handed.clear()
+            lane.turn += 1
+            lane.awaiting.add(item.seq)
+            if delay >= self._transport.ack_wait:
+                # Longer than a next owner waits after our death: the owner record names it.
+                del lane.items[item.seq]
+                await self._write_owner_record(lane, closing=False)
+                lane.items[item.seq] = item
+        await self._settle(delivery, payload, "naking")
         if lane is not None:
             lane.retried = delivery
+            if lane.items:
+                self._ready_lanes.add(lane.partition)
+
+    async def unread(self, deliveries: Sequence[Delivery]) -> None:
+        """Read ahead, never handed to a handler: not an attempt (the lane's owner record says
+        so when it is handed back), and a redelivery's recorded start did not happen."""
+        for delivery in deliveries:
+            item = delivery.position
+            lane = self._lanes.get(delivery.partition)
+            if isinstance(item, _Held) and lane is not None:
+                lane.unread.add(item.seq)
+            if isinstance(item, _Held) and item.delivered > 1:
+                with contextlib.suppress(Exception):
+                    kv = await self._transport.failure_counts()
+                    await kv.put(self._attempts_key(delivery.partition, item.seq),
+                                 f"{delivery.failures or 0}:{item.delivered + 1}".encode())
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         item: _Held = delivery.position

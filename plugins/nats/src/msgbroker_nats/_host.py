@@ -27,6 +27,8 @@ class ConsumerHost(Protocol):
     partition_count: int
     ack_wait: float
     """Seconds (``nats.ack_wait``)."""
+    in_flight: int
+    """Messages of a lane one member asks for at most (``nats.max_ack_pending``)."""
 
     @property
     def nc(self) -> Client: ...
@@ -47,6 +49,8 @@ class ConsumerHost(Protocol):
     async def pinned_partitions(self, topic: str, group: str) -> set[int]: ...
 
     async def failure_counts(self) -> KeyValue: ...
+
+    async def holds_lease(self, topic: str, group: str, partition: int, token: str) -> bool: ...
 
     async def publish_records(
         self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None, dedup_window: float | None = None

@@ -32,6 +32,10 @@ class NatsSettings(ProviderSettings):
     max_deliver: int = Field(5, ge=-1)
     """Accepted for the seed's sake; the server-side limit is always unlimited (``max_retry_attempts``
     decides, docs/providers/nats.md)."""
+    max_ack_pending: int = Field(64, ge=1, le=10_000)
+    """Messages of a lane in flight at once to the member that owns it (read ahead, handed to
+    the handler in order; the lanes' consumers get twice this as their ``max_ack_pending``);
+    1 is one round trip per message."""
     ssl_cafile: str | None = None
     """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a ``tls://``
     url (and a ``nats://`` one to a server that requires TLS); None trusts the system's CAs."""

@@ -1,10 +1,9 @@
 """The NATS JetStream provider: streams per topic, durable pull consumers per lane.
 
-JetStream keeps each lane by itself: a durable pull consumer per (group, partition) with
-``max_ack_pending = 1`` hands out one message at a time and holds the next one back until the
-current one is acked — also across members, and also while a nak'ed message waits out its delay
-(observed on nats-server 2.9.10). So every member polls every lane (``ASSIGNMENT = "shared"``),
-the broker redelivers (``REDELIVERY = "broker"``), and no leases are needed.
+A lane's durable pull consumer (per group and partition) is read by the member holding the
+lane's lease (``ASSIGNMENT = "leases"``, leases and membership in a KV bucket), with up to
+``nats.max_ack_pending`` messages in flight, handed to the engine in stream order; the broker
+redelivers (``REDELIVERY = "broker"``). docs/providers/nats.md has the design.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import nats.errors
@@ -30,6 +29,7 @@ from msgbroker.spi import (
     ConfigurationError,
     DeadLetter,
     Delivery,
+    Lane,
     LaneConsumer,
     MessageTooLargeError,
     OutgoingRecord,
@@ -96,7 +96,7 @@ class NatsTransport(Transport):
         server_restart=True,
         max_message_bytes=_SERVER_MAX_PAYLOAD - _HEADER_ROOM,
     )
-    ASSIGNMENT = "shared"
+    ASSIGNMENT = "leases"
     REDELIVERY = "broker"
     MAX_POLL_BLOCK: ClassVar[float] = 1.0
 
@@ -128,6 +128,14 @@ class NatsTransport(Transport):
         self._pins: asyncio.Future[KeyValue] | None = None
         self._attempts: asyncio.Future[KeyValue] | None = None
         self._closing = False
+        self.in_flight: int = section.max_ack_pending
+        # Half ack_wait: a dead member's lanes have a new owner (with a pull request waiting)
+        # before the server redelivers what it held (see _consumer._take_over).
+        self._lease_ttl = max(1.0, self.ack_wait / 2)
+        self._leases: dict[str, int] = {}
+        """A lease's token -> the revision of its key now (a renewal writes a new one)."""
+        self._renewed: dict[str, float] = {}
+        """A lease's token -> when it was last taken or renewed (monotonic)."""
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -340,9 +348,10 @@ class NatsTransport(Transport):
             ) from exc
 
     def consumer_config(self, layout: TopicLayout, group: str, partition: int) -> ConsumerConfig:
-        """The durable pull consumer of one lane: one message in flight (``max_ack_pending=1``)
-        keeps the lane ordered and exclusive; no server-side delivery limit, because a message at
-        ``max_deliver`` would be dropped silently — the engine dead-letters instead."""
+        """The durable pull consumer of one lane: up to ``nats.max_ack_pending`` messages in
+        flight to the lane's owner (who hands them out in order); no server-side delivery limit,
+        because a message at ``max_deliver`` would be dropped silently — the engine dead-letters
+        instead."""
         name = layout.consumer(group, partition)
         return ConsumerConfig(
             durable_name=name,
@@ -353,7 +362,7 @@ class NatsTransport(Transport):
             max_deliver=-1,
             filter_subject=layout.subject(partition),
             replay_policy=ReplayPolicy.INSTANT,
-            max_ack_pending=1,
+            max_ack_pending=2 * self.in_flight,  # headroom for acks on their way (see _consumer._top_up)
             max_waiting=512,
         )
 
@@ -389,10 +398,15 @@ class NatsTransport(Transport):
         bucket = f"{self.prefix}_pins"
         try:
             try:
-                return await self.js.key_value(bucket)
+                kv = await self.js.key_value(bucket)
+                # The bucket's TTL is the lease time (fixed when it was created, perhaps by another
+                # connection with another ack_wait).
+                info = await self.jsm.stream_info(f"KV_{bucket}")
+                self._lease_ttl = float(info.config.max_age or self._lease_ttl)
+                return kv
             except nats.js.errors.BucketNotFoundError:
                 try:
-                    return await self.js.create_key_value(bucket=bucket, history=1, ttl=max(1.0, self.ack_wait),
+                    return await self.js.create_key_value(bucket=bucket, history=1, ttl=self._lease_ttl,
                                                           description="msgbroker subscribe_to_partition pins",
                                                           replicas=self.replicas)
                 except nats.js.errors.APIError as exc:
@@ -432,6 +446,111 @@ class NatsTransport(Transport):
             raise
         except Exception as exc:
             raise map_error(exc, f"opening the KV bucket {bucket!r}") from exc
+
+    # -- membership and leases (the engine's lease assignment) ----------------------------------
+
+    def lease_ttl(self) -> float:
+        """The pins bucket's TTL: a silent member's leases (and membership) age out after it."""
+        return float(self._lease_ttl)
+
+    def _member_key(self, topic: str, group: str, member_id: str) -> str:
+        # Two '/' (a lane's key has one, and names cannot hold it): never a lane's key.
+        return f"m/{topic}/{group}.{member_id}"
+
+    async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
+        """A key per live member in the pins bucket, rewritten every beat (the bucket's TTL ends
+        a silent member's); the live members are the subjects of one ``STREAM.INFO``."""
+        bucket = f"{self.prefix}_pins"
+        try:
+            kv = await self.pins()
+            await kv.put(self._member_key(topic, group, member_id), b"")
+            info = await self.jsm.stream_info(f"KV_{bucket}",
+                                              subjects_filter=f"$KV.{bucket}.{self._member_key(topic, group, '*')}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"beating for {member_id} of {group!r} on {topic!r}") from exc
+        return sorted(subject.rpartition(".")[2] for subject in info.state.subjects or {})
+
+    async def leave(self, topic: str, group: str, member_id: str) -> None:
+        bucket = f"{self.prefix}_pins"
+        try:
+            subject = f"$KV.{bucket}.{self._member_key(topic, group, member_id)}"
+            await self.jsm.purge_stream(f"KV_{bucket}", subject=subject)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"leaving {group!r} on {topic!r}") from exc
+
+    async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
+        """The lane's key (``<topic>/<group>.<partition>``), created only if absent: the token
+        is the revision that created it; renewals are revision-checked updates."""
+        key = f"{lane.topic}/{lane.group}.{lane.partition}"
+        try:
+            kv = await self.pins()
+            revision = await kv.create(key, member_id.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"taking the lease of {lane.topic}[{lane.partition}] for {lane.group}") from exc
+        token = f"{member_id}:{revision}"
+        self._leases[token] = revision
+        self._renewed[token] = time.monotonic()
+        return token
+
+    async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
+        kv = await self.pins()
+
+        async def renew(lane: Lane, token: str) -> bool:
+            revision = self._leases.get(token)
+            if revision is None:
+                return False
+            member = token.rpartition(":")[0]
+            try:
+                self._leases[token] = await kv.update(f"{lane.topic}/{lane.group}.{lane.partition}", member.encode(),
+                                                      last=revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                self._leases.pop(token, None)
+                self._renewed.pop(token, None)
+                return False
+            self._renewed[token] = time.monotonic()
+            return True
+
+        try:
+            kept = await asyncio.gather(*(renew(lane, token) for lane, token in leases.items()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, "renewing leases") from exc
+        return {lane for lane, ok in zip(leases, kept, strict=True) if ok}
+
+    async def holds_lease(self, topic: str, group: str, partition: int, token: str) -> bool:
+        """Whether ``token`` still holds the lane: yes while renewed within half the lease time,
+        else asked of the bucket (a member paused past its lease must not settle: rule 11)."""
+        revision = self._leases.get(token)
+        if revision is None:
+            return False
+        if time.monotonic() - self._renewed.get(token, 0.0) < self._lease_ttl / 2:
+            return True
+        try:
+            entry = await (await self.pins()).get(f"{topic}/{group}.{partition}")
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return False
+        except Exception as exc:
+            raise map_error(exc, f"checking the lease of {topic}[{partition}] for {group}") from exc
+        # The holder's member id, not the revision: a renewal of ours may be landing right now.
+        return entry.value == token.rpartition(":")[0].encode() and token in self._leases
+
+    async def release_lease(self, lane: Lane, token: str) -> None:
+        self._renewed.pop(token, None)
+        revision = self._leases.pop(token, None)
+        if revision is None:
+            return
+        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+            kv = await self.pins()
+            await kv.delete(f"{lane.topic}/{lane.group}.{lane.partition}", last=revision)
 
     async def pinned_partitions(self, topic: str, group: str) -> set[int]:
         """The partitions of ``topic`` that a ``subscribe_to_partition`` member of ``group``
@@ -595,8 +714,8 @@ class NatsTransport(Transport):
 
     async def peek(self, topic: str, group: str, limit: int) -> list[Delivery]:
         """Up to ``limit`` messages the group has not settled, oldest first per partition, read
-        with direct gets (nothing is delivered). With ``max_ack_pending = 1`` acks come in lane
-        order, so the unsettled messages are those after the consumer's ack floor. ``attempt``
+        with direct gets (nothing is delivered). An ordered lane is acked in order, so the
+        unsettled messages are those after the consumer's ack floor. ``attempt``
         is 1 for a message delivered at least once (JetStream reports no per-message count
         outside a delivery), 0 for one never delivered."""
         layout = self.layout(topic)
@@ -648,26 +767,11 @@ class NatsTransport(Transport):
             info = await self.jsm.consumer_info(layout.stream, layout.consumer(group, partition))
         except nats.js.errors.NotFoundError:
             return None
-        # With max_ack_pending = 1 a lane has at most one message legitimately in flight, and it
-        # lies after the ack floor: anything more is a settled message that nats-server 2.9.10
-        # put back (see _consumer._is_ghost), which the next reader drops.
-        floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
-        delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
-        in_flight = min(int(info.num_ack_pending or 0), 1 if delivered > floor else 0)
-        if in_flight and await self._rewound(layout, partition, delivered):
-            in_flight = 0  # the message in flight is after `delivered`: num_pending counts it already
+        # In flight: held by the lane's owner, or nak'ed and waiting out a delay. (A consumer
+        # rewound by nats-server 2.9.10, see _consumer._is_ghost, counts its message in flight in
+        # num_pending too, one too many until it is settled.)
+        in_flight = int(info.num_ack_pending or 0)
         return int(info.num_pending or 0) + in_flight
-
-    async def _rewound(self, layout: TopicLayout, partition: int, delivered: int) -> bool:
-        """Whether the lane's consumer was rewound (nats-server 2.9.10, see
-        ``_consumer._announce_if_rewound``): its delivered stream sequence is then one before the
-        message in flight and, unless that is the lane's previous message (then at or below the
-        ack floor), not a message of the lane at all. Otherwise it is the message in flight."""
-        try:
-            raw = await self.jsm.get_msg(layout.stream, seq=delivered)
-        except nats.js.errors.NotFoundError:
-            return False
-        return raw.subject != layout.subject(partition)
 
     # -- dead letters ----------------------------------------------------------------------------
 
