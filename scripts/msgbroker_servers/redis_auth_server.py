@@ -80,7 +80,11 @@ class RedisAuth(Redis):
         hashed = {u: hashlib.sha256(p.encode()).hexdigest() for u, p in self.passwords().items()}
         acl = self.dir / "users.acl"
         acl.write_text(
-            "user default off resetkeys resetchannels -@all\n"
+            # Off: no client can log in as default. Its permissions stay whole because Redis
+            # replays the append-only file as the default user and, before redis/redis#14545,
+            # checks a MULTI/EXEC's commands (a script's effects) against them: with -@all every
+            # write of a script would be dropped at restart (seen on 7.0.15).
+            "user default off nopass ~* &* +@all\n"
             f"user admin on #{hashed['admin']} ~* &* +@all\n"
             + "".join(f"user tenant-{t} on #{hashed[f'tenant-{t}']} {tenant_rule(f'tenant-{t}')}\n"
                       for t in TENANTS)
