@@ -2,7 +2,8 @@
 
 aiokafka has no public way for a consumer to leave its group *without* a LeaveGroup request (to
 vanish like a killed process, which the crash path and a close stuck in a join need, see
-``_consumer._leave``), nor to cut short a join that waits on the broker. The functions below do
+``_consumer._leave``), nor to cut short a join that waits on the broker, nor to finish closing a
+consumer whose ``stop()`` that cut short. The functions below do
 that through aiokafka's private attributes. They are written against, and tested with, the
 aiokafka series in :data:`TESTED` (the pinned version is in the repository's constraints.txt):
 importing this package with another series installed raises :class:`UntestedClientVersion`,
@@ -26,6 +27,7 @@ __all__ = [
     "check_client_version",
     "coordination_task",
     "drop_connections",
+    "finish_stop",
     "installed_version",
     "skip_leave_group",
 ]
@@ -87,3 +89,19 @@ async def drop_connections(consumer: Any) -> None:
     client = consumer._client
     if client is not None:
         await client.close()
+
+
+async def finish_stop(consumer: Any, bound: float) -> None:
+    """Close what ``consumer.stop()`` closes after the group coordinator — the fetcher, then the
+    client — when that stop was cut short (a coordination task cancelled under it ends it with
+    CancelledError before them): a fetcher left running connects to the brokers again, on
+    sockets nobody closes. Each close is bounded by ``bound`` seconds and cannot cancel the caller."""
+    fetcher = consumer._fetcher
+    closers = [fetcher.close] if fetcher is not None and not fetcher._closed else []
+    for close in [*closers, consumer._client.close]:
+        task = asyncio.ensure_future(close())
+        await asyncio.wait({task}, timeout=bound)
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled():
+            task.exception()  # seen: a close that failed has nothing more to close

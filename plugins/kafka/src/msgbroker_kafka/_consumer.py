@@ -389,7 +389,8 @@ async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> No
         stopping = asyncio.ensure_future(consumer.stop())
         done, _ = await asyncio.wait({stopping}, timeout=_LEAVE_BOUND)
         if done:
-            _report(stopping)
+            if not _report(stopping):
+                await _compat.finish_stop(consumer, _FINAL_BOUND)
             return
     # aiokafka internals (_compat): no LeaveGroup on close, the task running joins and
     # rebalance callbacks, and the connections
@@ -404,10 +405,13 @@ async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> No
     with contextlib.suppress(Exception):
         await _compat.drop_connections(consumer)  # a join waiting on the broker fails at once and sees the close
     done, _ = await asyncio.wait({stopping}, timeout=_FINAL_BOUND)
-    if done:
-        _report(stopping)
-    else:
+    if not done:
         log.warning("kafka: a consumer did not stop within %.0fs", _FINAL_BOUND)
+        stopping.cancel()
+    # a stop cut short (the coordination task cancelled above ends it before the fetcher and
+    # the client close) leaves a fetcher that would reconnect on sockets nobody closes
+    if not done or not _report(stopping):
+        await _compat.finish_stop(consumer, _FINAL_BOUND)
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -425,10 +429,16 @@ def _retrieve(done: asyncio.Future[Any]) -> None:
         done.exception()
 
 
-def _report(stopped: asyncio.Future[Any]) -> None:
+def _report(stopped: asyncio.Future[Any]) -> bool:
+    """Whether a finished ``consumer.stop()`` ran to its end (logged when it did not)."""
     # a stop cut short by the dropped connections may end cancelled: that is not ours to raise
-    if not stopped.cancelled() and stopped.exception() is not None:
+    if stopped.cancelled():
+        log.debug("kafka: stopping a consumer was cut short")
+        return False
+    if stopped.exception() is not None:
         log.debug("kafka: stopping a consumer: %r", stopped.exception())
+        return False
+    return True
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -501,8 +511,11 @@ class KafkaLaneConsumer(LaneConsumer):
         self._listener = listener
         self._ordered = bool(listener.ordered)
         try:
-            await consumer.start()
+            # subscribed before start: start() then waits until the client's metadata has the
+            # topic (on a cluster a new topic reaches the brokers one by one; a member that
+            # joined without its partitions would get none until the metadata's next refresh)
             consumer.subscribe([self.topic], listener=_RebalanceListener(self))
+            await consumer.start()
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await consumer.stop()
