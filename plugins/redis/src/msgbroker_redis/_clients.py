@@ -36,7 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from ._compat import on_reconnect
-from ._errors import REDIS_ERRORS, redacted, translate
+from ._errors import REDIS_ERRORS, redacted, translate, user_of
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -100,6 +100,11 @@ class Connections:
         if self._main is None:
             raise BrokerClosedError("the redis broker connection is closed")
         return self._main
+
+    @property
+    def user(self) -> str:
+        """The ACL user the connections log in as, for messages."""
+        return user_of(self.urls[0])
 
     def describe(self) -> str:
         """The address for messages, without its password."""
@@ -410,7 +415,7 @@ class Reader:
             read = asyncio.ensure_future(client.xread(streams, count=1, block=max(1, int(timeout * 1000))))
         except REDIS_ERRORS as exc:
             await self.drop()
-            raise translate(exc, doing) from exc
+            raise translate(exc, doing, self._connections.user) from exc
         waker = asyncio.ensure_future(wake.wait())
         try:
             await asyncio.wait({read, waker}, timeout=timeout + _STALL, return_when=asyncio.FIRST_COMPLETED)
@@ -426,7 +431,7 @@ class Reader:
             return _streams_of(read.result())
         except REDIS_ERRORS as exc:
             await self.drop()
-            raise translate(exc, doing) from exc
+            raise translate(exc, doing, self._connections.user) from exc
         finally:
             waker.cancel()
             if not read.done():

@@ -14,7 +14,7 @@ from msgbroker.spi import (
 )
 from redis import exceptions as rex
 
-__all__ = ["REDIS_ERRORS", "redacted", "translate"]
+__all__ = ["REDIS_ERRORS", "redacted", "translate", "user_of"]
 
 # Error replies that say "not now" rather than "never": retrying may help.
 # MOVED and ASK reach the provider only from its own per-node connections (the cluster client
@@ -38,11 +38,24 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def translate(exc: BaseException, doing: str) -> MsgBrokerError:
-    """The msgbroker error for a redis-py (or socket) error raised while ``doing`` something."""
+def user_of(url: str) -> str:
+    """The ACL user a URL logs in as (``default`` when it names none)."""
+    return urlsplit(url).username or "default"
+
+
+def translate(exc: BaseException, doing: str, user: str | None = None) -> MsgBrokerError:
+    """The msgbroker error for a redis-py (or socket) error raised while ``doing`` something
+    (as ``user``, named when the server denies a permission)."""
     if isinstance(exc, MsgBrokerError):
         return exc
     text = f"redis: {doing} failed: {exc}"
+    if isinstance(exc, rex.NoPermissionError):
+        # An ACL says no (redis-py drops the NOPERM code): retrying cannot help, the operator must act.
+        who = f"user {user!r}" if user else "the connection's user"
+        return ConfigurationError(
+            f"redis: {doing} failed: {who} has no permission for it (NOPERM: {exc}); "
+            "grant the ACL rule docs/security.md lists"
+        )
     if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError)):
         return ConfigurationError(f"redis: {doing} failed: the server refused the credentials: {exc}")
     if isinstance(exc, rex.BusyLoadingError):

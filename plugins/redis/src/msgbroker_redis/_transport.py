@@ -60,7 +60,7 @@ from redis import exceptions as rex
 
 from . import _scripts
 from ._clients import Client, Connections, Reader
-from ._errors import REDIS_ERRORS, redacted, translate
+from ._errors import REDIS_ERRORS, redacted, translate, user_of
 from ._settings import RedisSettings
 
 if TYPE_CHECKING:
@@ -292,6 +292,11 @@ class RedisTransport(Transport):
     # -- connection ---------------------------------------------------------------------------
 
     @property
+    def user(self) -> str:
+        """The ACL user this transport logs in as, named when the server denies a permission."""
+        return user_of(self.url.split(",")[0].strip())
+
+    @property
     def connections(self) -> Connections:
         if self._connections is None:
             raise BrokerClosedError("the redis broker connection is closed")
@@ -370,7 +375,7 @@ class RedisTransport(Transport):
         try:
             return await self.script(name)(keys=list(keys), args=list(args), client=client or self.redis)
         except REDIS_ERRORS as exc:
-            raise translate(exc, doing) from exc
+            raise translate(exc, doing, self.user) from exc
 
     async def call_replicated(self, name: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]],
                               doing: str) -> tuple[list[Any], int]:
@@ -379,7 +384,7 @@ class RedisTransport(Transport):
         try:
             return await self.connections.replicated(self.script(name), calls, self.wait_replicas, self.wait_timeout)
         except REDIS_ERRORS as exc:
-            raise translate(exc, doing) from exc
+            raise translate(exc, doing, self.user) from exc
 
     # -- topics --------------------------------------------------------------------------------
 
@@ -564,13 +569,13 @@ class RedisTransport(Transport):
         try:
             return int(await self.redis.xdel(key, *doomed)) if doomed else 0
         except REDIS_ERRORS as exc:
-            raise translate(exc, doing) from exc
+            raise translate(exc, doing, self.user) from exc
 
     async def _entries(self, key: str, doing: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         try:
             entries = await self.redis.xrange(key, "-", "+")
         except REDIS_ERRORS as exc:
-            raise translate(exc, doing) from exc
+            raise translate(exc, doing, self.user) from exc
         return cast("list[tuple[bytes, dict[bytes, bytes]]]", entries or [])
 
     # -- membership and leases -----------------------------------------------------------------
@@ -584,7 +589,7 @@ class RedisTransport(Transport):
         try:
             await self.redis.zrem(self.keys(topic).members(group), member_id)
         except REDIS_ERRORS as exc:
-            raise translate(exc, f"leaving {group!r} on {topic!r}") from exc
+            raise translate(exc, f"leaving {group!r} on {topic!r}", self.user) from exc
 
     async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
         key = self.keys(lane.topic).lease(lane.group, lane.partition)
