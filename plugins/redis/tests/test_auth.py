@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -230,3 +231,15 @@ async def admin_cleanup(space: str) -> None:
             await admin.delete(key)
     finally:
         await admin.aclose()
+
+
+def test_the_documented_acl_rule_is_the_one_the_server_runs() -> None:
+    """docs/security.md's rule lists exactly the commands the redis-auth server grants a tenant
+    (scripts/msgbroker_servers/redis_auth_server.py), which the suite above runs with."""
+    doc = (REPO / "docs" / "security.md").read_text()
+    block = doc.split("### The ACL rule a service user needs", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    server = (REPO / "scripts" / "msgbroker_servers" / "redis_auth_server.py").read_text()
+    granted = server.split("TENANT_COMMANDS = (", 1)[1].split(")", 1)[0]
+    documented = set(re.findall(r"\+[a-z|@]+", block))
+    assert documented == set(re.findall(r'"(\+[a-z|@]+)"', granted)), documented
+    assert "resetkeys ~orders:* resetchannels -@all" in block
