@@ -202,7 +202,12 @@ async def _scenario(tmp_path: Path, name: str) -> tuple[ClusterPool, msgbroker.B
         transport = broker.live_transport()
         assert isinstance(transport, KafkaTransport)
         await transport.ensure_topic(topic)  # created before the workers, to know its leaders
-        led = await leaders(topic)
+        led: dict[int, int] = {}
+        for _ in range(100):  # a new topic's metadata reaches the brokers one by one
+            led = await leaders(topic)
+            if len(led) == PARTITIONS and -1 not in led.values():
+                break
+            await asyncio.sleep(0.1)
         coordinators = set((await leaders("__consumer_offsets")).values())
         counts = {n: sum(1 for leader in led.values() if leader == n) for n in coordinators}
         node = max(counts, key=lambda n: counts[n])
