@@ -236,10 +236,50 @@ async def admin_cleanup(space: str) -> None:
 def test_the_documented_acl_rule_is_the_one_the_server_runs() -> None:
     """docs/security.md's rule lists exactly the commands the redis-auth server grants a tenant
     (scripts/msgbroker_servers/redis_auth_server.py), which the suite above runs with."""
-    doc = (REPO / "docs" / "security.md").read_text()
-    block = doc.split("### The ACL rule a service user needs", 1)[1].split("```text", 1)[1].split("```", 1)[0]
     server = (REPO / "scripts" / "msgbroker_servers" / "redis_auth_server.py").read_text()
     granted = server.split("TENANT_COMMANDS = (", 1)[1].split(")", 1)[0]
-    documented = set(re.findall(r"\+[a-z|@]+", block))
-    assert documented == set(re.findall(r'"(\+[a-z|@]+)"', granted)), documented
-    assert "resetkeys ~orders:* resetchannels -@all" in block
+    documented = documented_commands()
+    assert set(documented) == set(re.findall(r'"(\+[a-z|@]+)"', granted)), documented
+    assert "resetkeys ~orders:* resetchannels -@all" in documented_rule()
+
+
+def documented_rule() -> str:
+    doc = (REPO / "docs" / "security.md").read_text()
+    return doc.split("### The ACL rule a service user needs", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+
+
+def documented_commands() -> list[str]:
+    """The commands of docs/security.md's ACL rule (``+ping``, ``+client|id``...)."""
+    return re.findall(r"\+[a-z|@]+", documented_rule())
+
+
+async def test_a_password_is_rotated_without_downtime() -> None:
+    """docs/security.md's rotation: a second password, then the old one removed; a broker that is
+    open meanwhile keeps working."""
+    url, prefix = tenant("A")
+    admin = aioredis.Redis.from_url(setting("MSGBROKER_TEST_REDIS_AUTH_ADMIN_URL"), socket_timeout=10)
+    user, old, new = f"rot-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex, uuid.uuid4().hex
+    rule = documented_commands()  # the same as the server's tenants (test above)
+    space = f"{prefix}:rot-{uuid.uuid4().hex[:6]}"
+    settings: dict[str, Any] = {"redis": {"key_prefix": space}, "partition_count": 1}
+    try:
+        await admin.execute_command("ACL", "SETUSER", user, "on", f">{old}", "resetkeys", f"~{prefix}:*",
+                                    "resetchannels", "-@all", *rule)
+        async with msgbroker.connect(with_login(url, user, old), **settings) as running:
+            await running.publish("t", Item(n=1))
+            await admin.execute_command("ACL", "SETUSER", user, f">{new}")
+            for password in (old, new):
+                async with msgbroker.connect(with_login(url, user, password), **settings) as broker:
+                    await broker.publish("t", Item(n=2))
+            await admin.execute_command("ACL", "SETUSER", user, f"<{old}")
+            with pytest.raises(ConfigurationError, match="refused the credentials"):
+                async with msgbroker.connect(with_login(url, user, old), **settings) as broker:
+                    await broker.publish("t", Item(n=3))
+            async with msgbroker.connect(with_login(url, user, new), **settings) as broker:
+                await broker.publish("t", Item(n=4))
+            await running.publish("t", Item(n=5))  # its connection stays logged in
+            assert await running.pending_count("t", "g") == 5, "a publish during the rotation was lost"
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin_cleanup(space)
+        await admin.aclose()
