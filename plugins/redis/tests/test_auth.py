@@ -283,3 +283,22 @@ async def test_a_password_is_rotated_without_downtime() -> None:
         await admin.execute_command("ACL", "DELUSER", user)
         await admin_cleanup(space)
         await admin.aclose()
+
+
+async def test_credentials_over_tls() -> None:
+    """The same user over the server's TLS port: accepted with its password, refused without."""
+    url, prefix = tenant("A")
+    address = urlsplit(setting("MSGBROKER_TEST_REDIS_AUTH_TLS_ADDRESS"))
+    tls_url = with_login(urlunsplit(address), "tenant-a", secret_of(url))
+    space = f"{prefix}:tls-{uuid.uuid4().hex[:6]}"
+    redis = {"key_prefix": space, "ssl_cafile": setting("MSGBROKER_TEST_TLS_CA_FILE")}
+    try:
+        async with msgbroker.connect(tls_url, redis=redis, partition_count=1) as broker:
+            await broker.publish("t", Item(n=1))
+            assert await broker.pending_count("t", "g") == 1
+        with pytest.raises(ConfigurationError, match="refused the credentials") as caught:
+            async with msgbroker.connect(with_login(tls_url, "tenant-a", "wrong"), redis=redis) as broker:
+                await broker.publish("t", Item(n=2))
+        assert_no_secret(str(caught.value), secret_of(url))
+    finally:
+        await admin_cleanup(space)
