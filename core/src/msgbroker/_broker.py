@@ -51,6 +51,15 @@ class Subscription:
         """The partitions this member reads right now."""
         return self._runner.partitions
 
+    @property
+    def failure(self) -> ConfigurationError | None:
+        """Why the subscription stopped by itself, or None while it runs (or was closed): the
+        broker refused this member's credentials or a permission it needs while reading. It
+        stops like a crash — nothing more is settled or released, so its unsettled messages are
+        delivered again (to another member once its partitions' leases run out, or after a
+        restart) — and the error is logged."""
+        return self._runner.failure
+
     async def close(self) -> None:
         """Stop taking messages, let in-flight handlers finish (bounded by ``shutdown_timeout``),
         settle what was handled and hand the partitions over."""

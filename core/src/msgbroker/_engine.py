@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._assignment import LeaseCoordinator, assign_partitions
-from ._errors import redact
+from ._errors import ConfigurationError, redact
 from ._hookspecs import has_implementations
 from ._lanes import LaneState, wait_event
 from ._message import Handler, Message, Outcome
@@ -77,6 +77,9 @@ class SubscriptionRunner:
         self._poll_timeout = min(settings.poll_timeout.total_seconds(), transport.MAX_POLL_BLOCK)
         self._batch = settings.batch_size
         self._low_water = max(1, settings.batch_size // 2)
+        self.failure: ConfigurationError | None = None
+        """Why the subscription stopped by itself (a refused credential or permission), or None."""
+        self._stopper: asyncio.Task[None] | None = None
         self._held: dict[int, float] = {}
         """Lanes held back until a time (a broker-side retry's delay): partition -> held_until."""
         # Looked up once: with no plugin observing handling, the hot path skips the hook.
@@ -231,6 +234,12 @@ class SubscriptionRunner:
                 failures = 0
             except asyncio.CancelledError:
                 raise
+            except ConfigurationError as exc:
+                # A refused credential or permission does not pass by retrying: stop, like a
+                # crash (nothing settled or released: the unsettled messages stay for a later
+                # delivery, the leases run out), and say why on the subscription.
+                self._stop_on(exc)
+                return
             except Exception as exc:
                 failures += 1
                 pause = min(2.0, 0.05 * 2**failures)
@@ -260,6 +269,12 @@ class SubscriptionRunner:
                         lane.queued = True
                         ready.append(lane)
                 self._dispatch(len(deliveries))
+
+    def _stop_on(self, exc: ConfigurationError) -> None:
+        log.error("msgbroker: the subscription of %s to %s stopped: %s (its unsettled messages stay for a "
+                  "later delivery)", self.group, self.topic, redact(str(exc)))
+        self.failure = exc
+        self._stopper = asyncio.create_task(self.abort(), name=f"msgbroker-stop-{self.topic}")
 
     # -- handling ---------------------------------------------------------------------------
 

@@ -186,7 +186,12 @@ async def test_a_permission_revoked_mid_stream_is_reported_and_loses_nothing(cap
             await wait_for(lambda: 2 in first, "message 2 in its handler")
             await admin.execute_command("ACL", "SETUSER", "tenant-a", "resetkeys")  # every key refused now
             gate.set()
-            await wait_for(lambda: "NOPERM" in caplog.text, "the refused permission reported")
+            # The subscription stops by itself with the refusal (no endless retry), like a crash.
+            await wait_for(lambda: sub.failure is not None, "the subscription to stop on the refused permission")
+            assert isinstance(sub.failure, ConfigurationError), sub.failure
+            assert "tenant-a" in str(sub.failure) and "redis" in str(sub.failure), sub.failure
+            stopped = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+            assert stopped and "tenant-a" in stopped[0], caplog.text
             await sub.abort()
         await admin.execute_command("ACL", "SETUSER", "tenant-a", "resetkeys", f"~{prefix}:*")
         again: list[int] = []
