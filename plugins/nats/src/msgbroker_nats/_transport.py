@@ -597,6 +597,12 @@ class NatsTransport(Transport):
         one per message. Records no stream took (JetStream still starting after a restart, a
         stream deleted behind our back) were definitely not stored: they are sent again, after
         re-opening the stream, until the publish deadline."""
+        if dedup_ids is not None and len(set(dedup_ids)) < len(dedup_ids):
+            # A repeat inside one batch is a duplicate the stream would drop anyway; sent in the
+            # same burst, a replicated stream (R3) answered neither copy until the publish timed out.
+            first = {id_: i for i, id_ in reversed(list(enumerate(dedup_ids)))}
+            keep = sorted(first.values())
+            records, dedup_ids = [records[i] for i in keep], [dedup_ids[i] for i in keep]
         deadline = time.monotonic() + _PUBLISH_TIMEOUT
         pending = list(range(len(records)))
         pause = 0.05
