@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -98,6 +99,8 @@ class Link:
         self._closing = False
         self._reconnecting: asyncio.Task[None] | None = None
         self.generation = 0
+        self.reconnected_at: float | None = None
+        """When (``time.monotonic()``) the connection was last re-established; None before any reconnect."""
         self._channel_number = 0
 
     @property
@@ -203,6 +206,7 @@ class Link:
                     await conn.close()
                 return
             log.info("rabbitmq: connection %s restored to %s (generation %d)", self._name, self.node, self.generation)
+            self.reconnected_at = time.monotonic()
             self._up.set()
             return
 
