@@ -136,6 +136,7 @@ def test_the_state_machine_fails_a_broken_provider(scheme: str) -> None:
 @pytest.mark.skipif(not os.environ.get("MSGBROKER_CONFORMANCE_KILL_MATRIX"),
                     reason="the kill matrix runs every case against every broken provider (minutes): "
                            "set MSGBROKER_CONFORMANCE_KILL_MATRIX=PATH")
+@pytest.mark.timeout(1800)
 def test_kill_matrix() -> None:
     """Every case against every broken provider: which cases kill which (written as JSON)."""
     left_out = ("test_state_machine_against_the_reference_model", "test_reconnect_after_server_restart")
