@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ._broker import Broker, Consumer, Producer, Subscription, connect
 from ._errors import (
+    AccessDeniedError,
     AlreadySettledError,
     BrokerClosedError,
     BrokerConnectionError,
@@ -36,6 +37,7 @@ from ._tls import tls_client_context, tls_verification_error
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessDeniedError",
     "AlreadySettledError",
     "Broker",
     "BrokerClosedError",

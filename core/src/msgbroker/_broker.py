@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from ._codec import REPLAY_GROUP_HEADER, check_headers, encode, validate_name
 from ._engine import SubscriptionRunner
-from ._errors import BrokerClosedError, BrokerConnectionError, ConfigurationError, redact
+from ._errors import AccessDeniedError, BrokerClosedError, BrokerConnectionError, ConfigurationError, redact
 from ._handlers import shape_of
 from ._hookspecs import PublishEvent, has_implementations
 from ._message import DeadLetter, Handler, Message
@@ -52,7 +52,7 @@ class Subscription:
         return self._runner.partitions
 
     @property
-    def failure(self) -> ConfigurationError | None:
+    def failure(self) -> AccessDeniedError | None:
         """Why the subscription stopped by itself, or None while it runs (or was closed): the
         broker refused this member's credentials or a permission it needs while reading. It
         stops like a crash — nothing more is settled or released, so its unsettled messages are

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._assignment import LeaseCoordinator, assign_partitions
-from ._errors import ConfigurationError, redact
+from ._errors import AccessDeniedError, redact
 from ._hookspecs import has_implementations
 from ._lanes import LaneState, wait_event
 from ._message import Handler, Message, Outcome
@@ -77,7 +77,7 @@ class SubscriptionRunner:
         self._poll_timeout = min(settings.poll_timeout.total_seconds(), transport.MAX_POLL_BLOCK)
         self._batch = settings.batch_size
         self._low_water = max(1, settings.batch_size // 2)
-        self.failure: ConfigurationError | None = None
+        self.failure: AccessDeniedError | None = None
         """Why the subscription stopped by itself (a refused credential or permission), or None."""
         self._stopper: asyncio.Task[None] | None = None
         self._held: dict[int, float] = {}
@@ -234,10 +234,12 @@ class SubscriptionRunner:
                 failures = 0
             except asyncio.CancelledError:
                 raise
-            except ConfigurationError as exc:
+            except AccessDeniedError as exc:
                 # A refused credential or permission does not pass by retrying: stop, like a
                 # crash (nothing settled or released: the unsettled messages stay for a later
-                # delivery, the leases run out), and say why on the subscription.
+                # delivery, the leases run out), and say why on the subscription. (Other
+                # configuration errors a poll meets can be passing, e.g. on a cluster node
+                # going down: those are retried.)
                 self._stop_on(exc)
                 return
             except Exception as exc:
@@ -270,7 +272,7 @@ class SubscriptionRunner:
                         ready.append(lane)
                 self._dispatch(len(deliveries))
 
-    def _stop_on(self, exc: ConfigurationError) -> None:
+    def _stop_on(self, exc: AccessDeniedError) -> None:
         log.error("msgbroker: the subscription of %s to %s stopped: %s (its unsettled messages stay for a "
                   "later delivery)", self.group, self.topic, redact(str(exc)))
         self.failure = exc

@@ -10,6 +10,7 @@ import asyncio
 import re
 
 __all__ = [
+    "AccessDeniedError",
     "AlreadySettledError",
     "BrokerClosedError",
     "BrokerConnectionError",
@@ -37,6 +38,12 @@ class MsgBrokerError(Exception):
 
 class ConfigurationError(MsgBrokerError, ValueError):
     """A setting or connection URL is wrong; the message names the key and the value."""
+
+
+class AccessDeniedError(ConfigurationError):
+    """The broker refused this member's credentials or a permission it needs (a wrong or revoked
+    password, an ACL that says no): retrying cannot help, an operator must act. A subscription
+    whose reads end in it stops (``Subscription.failure``)."""
 
 
 class ProviderNotFoundError(ConfigurationError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ._engine import assign_partitions
 from ._errors import (
+    AccessDeniedError,
     BrokerClosedError,
     BrokerConnectionError,
     BrokerTimeoutError,
@@ -84,6 +85,7 @@ __all__ = [
     "NATS_ENVELOPE_HEADER",
     "REPLAY_GROUP_HEADER",
     "RESERVED_PREFIX",
+    "AccessDeniedError",
     "AssignmentListener",
     "BrokerClosedError",
     "BrokerConnectionError",

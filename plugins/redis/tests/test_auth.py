@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgbroker
 import pytest
 import redis.asyncio as aioredis
-from msgbroker import ConfigurationError, Message, MessageContext
+from msgbroker import AccessDeniedError, ConfigurationError, Message, MessageContext
 from msgbroker_conformance import ConformanceHarness, ConformanceSuite
 
 REPO = Path(__file__).resolve().parents[3]
@@ -117,7 +117,7 @@ async def test_refused_credentials_end_in_one_clear_error(who: str, caplog: pyte
     bad = with_login(url, user, wrong)
     caplog.set_level(logging.DEBUG)
     started = time.monotonic()
-    with pytest.raises(ConfigurationError) as caught:
+    with pytest.raises(AccessDeniedError) as caught:
         async with msgbroker.connect(bad, redis={"key_prefix": prefix}) as broker:
             await broker.publish("t", Item(n=1))
     assert time.monotonic() - started < 10, "refused credentials took a retry loop or a timeout to report"
@@ -150,7 +150,7 @@ async def test_a_tenant_cannot_publish_read_or_list_the_dead_letters_of_another(
             for what, attempt in (("publish", lambda: a.publish(topic, Item(n=2))),
                                   ("read", lambda: a.subscribe(topic, "g", reject)),
                                   ("list the dead letters", lambda: a.dead_letters(topic, "g"))):
-                with pytest.raises(ConfigurationError) as caught:
+                with pytest.raises(AccessDeniedError) as caught:
                     await attempt()
                 text = str(caught.value)
                 assert "user 'tenant-a' has no permission" in text and "NOPERM" in text, (what, text)
@@ -188,7 +188,7 @@ async def test_a_permission_revoked_mid_stream_is_reported_and_loses_nothing(cap
             gate.set()
             # The subscription stops by itself with the refusal (no endless retry), like a crash.
             await wait_for(lambda: sub.failure is not None, "the subscription to stop on the refused permission")
-            assert isinstance(sub.failure, ConfigurationError), sub.failure
+            assert isinstance(sub.failure, AccessDeniedError), sub.failure
             assert "tenant-a" in str(sub.failure) and "redis" in str(sub.failure), sub.failure
             stopped = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
             assert stopped and "tenant-a" in stopped[0], caplog.text

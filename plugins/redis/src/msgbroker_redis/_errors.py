@@ -5,10 +5,10 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 from msgbroker.spi import (
+    AccessDeniedError,
     BrokerConnectionError,
     BrokerTimeoutError,
     BrokerUnavailableError,
-    ConfigurationError,
     MsgBrokerError,
     PermanentError,
 )
@@ -52,12 +52,12 @@ def translate(exc: BaseException, doing: str, user: str | None = None) -> MsgBro
     if isinstance(exc, rex.NoPermissionError):
         # An ACL says no (redis-py drops the NOPERM code): retrying cannot help, the operator must act.
         who = f"user {user!r}" if user else "the connection's user"
-        return ConfigurationError(
+        return AccessDeniedError(
             f"redis: {doing} failed: {who} has no permission for it (NOPERM: {exc}); "
             "grant the ACL rule docs/security.md lists"
         )
     if isinstance(exc, (rex.AuthenticationError, rex.AuthorizationError)):
-        return ConfigurationError(f"redis: {doing} failed: the server refused the credentials: {exc}")
+        return AccessDeniedError(f"redis: {doing} failed: the server refused the credentials: {exc}")
     if isinstance(exc, rex.BusyLoadingError):
         return BrokerUnavailableError(text)
     if isinstance(exc, (rex.TimeoutError, TimeoutError)):
