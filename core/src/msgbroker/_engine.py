@@ -300,7 +300,8 @@ class SubscriptionRunner:
         observed = self._observed
         while not lane.stopping:
             if not buffer:
-                lane.data.clear()  # (below the low-water mark since it fell below it: polled)
+                lane.data.clear()
+                self._wake.set()
                 await lane.data.wait()
                 continue
             delivery = buffer[0]
@@ -330,11 +331,8 @@ class SubscriptionRunner:
                 buffer.popleft()
                 if lane.failures:
                     lane.failures.pop(delivery, None)
-                if len(buffer) == low_water - 1:
-                    # Wake the reader when the lane falls below the low-water mark, once: a
-                    # lane below it is in every poll until it fills again (a wake per message
-                    # made a poll per handled message at a thousand partitions).
-                    self._wake.set()
+            if len(buffer) < low_water:
+                self._wake.set()
 
     # -- unordered: a bounded pool of workers ------------------------------------------------
 
@@ -393,7 +391,7 @@ class SubscriptionRunner:
                     lane.in_flight -= 1
                     if not lane.in_flight and lane.drained is not None and not lane.drained.done():
                         lane.drained.set_result(None)
-                if len(buffer) == low_water - 1:  # fell below the low-water mark (see the ordered lane)
+                if len(buffer) < low_water:
                     self._wake.set()
         finally:
             self._workers -= 1
