@@ -511,11 +511,8 @@ class KafkaLaneConsumer(LaneConsumer):
         self._listener = listener
         self._ordered = bool(listener.ordered)
         try:
-            # subscribed before start: start() then waits until the client's metadata has the
-            # topic (on a cluster a new topic reaches the brokers one by one; a member that
-            # joined without its partitions would get none until the metadata's next refresh)
-            consumer.subscribe([self.topic], listener=_RebalanceListener(self))
             await consumer.start()
+            consumer.subscribe([self.topic], listener=_RebalanceListener(self))
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await consumer.stop()
