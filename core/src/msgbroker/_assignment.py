@@ -142,6 +142,11 @@ class LeaseCoordinator:
         finally:
             self._draining.pop(partition, None)
 
+    async def finish_hand_overs(self) -> None:
+        """Wait for the hand-overs in progress (each closes its lane, then releases it)."""
+        while self._draining:
+            await asyncio.gather(*self._draining.values(), return_exceptions=True)
+
     async def release_all(self) -> None:
         for partition, token in list(self.held.items()):
             with contextlib.suppress(Exception):

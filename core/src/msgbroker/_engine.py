@@ -121,6 +121,10 @@ class SubscriptionRunner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._coordinator is not None:
+            # A hand-over in progress closes its lane and then releases its lease: let it, or
+            # release_all below would free the lane while the provider still hands it back.
+            await self._coordinator.finish_hand_overs()
         await self.revoked(list(self._lanes))
         workers = list(self._spawned)  # unordered: idle now (their lanes are stopped)
         for task in workers:
@@ -180,6 +184,18 @@ class SubscriptionRunner:
                 await self.consumer.close_lane(partition)
 
     async def _stop_lane(self, lane: LaneState) -> None:
+        if lane.stopped is not None:
+            # Stopping already (a hand-over, then close): wait for that stop to end, so the
+            # lease is released only after the lane was closed.
+            await asyncio.shield(lane.stopped)
+            return
+        lane.stopped = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop_lane_once(lane)
+        finally:
+            lane.stopped.set_result(None)
+
+    async def _stop_lane_once(self, lane: LaneState) -> None:
         lane.stopping = True
         lane.data.set()
         if lane.task is not None:

@@ -12,7 +12,7 @@ __all__ = ["LaneState", "failures_of", "wait_event"]
 
 class LaneState:
     __slots__ = ("buffer", "data", "drained", "failures", "handed", "held_until", "in_flight", "lease", "partition",
-                 "queued", "stopping", "task", "waiting")
+                 "queued", "stopped", "stopping", "task", "waiting")
 
     def __init__(self, partition: int, lease: str | None) -> None:
         self.partition = partition
@@ -31,6 +31,7 @@ class LaneState:
         self.queued = False  # unordered: in the runner's queue of lanes with work
         self.drained: asyncio.Future[None] | None = None  # unordered: resolved at in_flight 0
         self.stopping = False
+        self.stopped: asyncio.Future[None] | None = None  # set once a stop began; resolved when it ended
         self.task: asyncio.Task[None] | None = None
 
 
