@@ -665,14 +665,20 @@ class NatsLaneConsumer(LaneConsumer):
     async def _keep_in_progress(self) -> None:
         """``+WPI`` for every message this member has held for a while, every ack_wait/3: a long
         handler (or a message waiting behind it) on a live member is not redelivered elsewhere;
-        a dead member's are, after ack_wait."""
+        a dead member's are, after ack_wait. Not for a lane whose lease this member has not
+        renewed lately: paused past it, the lane may have a new owner already, which hands
+        nothing until ack_wait after its take-over (see _take_over) — a late in-progress signal
+        would keep a message away past that, and the next one overtake it."""
         interval = max(0.05, self._transport.ack_wait / 3)
+        transport = self._transport
         while True:
             await asyncio.sleep(interval)
             try:
-                nc = self._transport.nc
+                nc = transport.nc
                 now = time.monotonic()
                 for lane in list(self._lanes.values()):
+                    if lane.lease is not None and not transport.lease_is_fresh(lane.lease):
+                        continue
                     for item in list(lane.items.values()):
                         if now - item.touched >= interval:
                             item.touched = now
