@@ -96,6 +96,25 @@ def test_core_has_an_extra_per_provider() -> None:
         assert [Requirement(r).name for r in extras[name]] == [f"msgbroker-{name}"]
 
 
+def test_the_readme_extras_table_lists_every_extra_of_the_core() -> None:
+    """README.md, "Install": the table of extras names each extra core/pyproject.toml defines (and
+    no other), and what each adds."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("\n| extra | adds | for |"):]
+    table = table[:table.index("\n\n")]
+    listed: dict[str, str] = {}
+    for row in table.splitlines()[3:]:
+        names, adds = row.split(" | ")[:2]
+        for name in re.findall(r"`\[(\w+)\]`", names):
+            listed[name] = adds
+    extras = project("core")["optional-dependencies"]
+    assert sorted(listed) == sorted(extras)
+    for name, reqs in extras.items():
+        for req in reqs:
+            assert Requirement(req).name.replace("msgbroker-", "") in listed[name].replace("<name>", name), (
+                f"README's row of [{name}] does not say it adds {Requirement(req).name}")
+
+
 @pytest.mark.parametrize("folder", sorted(PLUGIN_CLIENTS))
 def test_a_plugin_requires_the_client_series_its_compat_module_was_tested_with(folder: str) -> None:
     """`_compat` refuses to import with another series: the install must not pick one."""

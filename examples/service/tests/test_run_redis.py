@@ -1,7 +1,9 @@
-"""The acceptance run of issue 19 on a real Redis server: ``msgbroker run ticket_service:service
---workers 2``, SIGTERM while requests stream in, started again: every request handled, none out of
-order within its session and area. A checker in this process reads the ``seat-locked``
-announcements the handler publishes in handling order (same key, same partition, in order)."""
+"""The acceptance run of issue 19 on a real Redis server, as a user gets it: the wheels of
+scripts/wheels installed (``msgbroker[redis]``, no network) into a new venv, that venv's ``msgbroker
+run ticket_service:service --workers 2``, SIGTERM while requests stream in, started again: every
+request handled, none out of order within its session and area. A checker in this process reads
+the ``seat-locked`` announcements the handler publishes in handling order (same key, same
+partition, in order)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -20,6 +21,8 @@ import msgbroker
 import pytest
 from msgbroker import BrokerSettings, MessageContext
 from ticket_service import SeatLock, SeatLocked
+
+from tests.distributions.venvs import ROOT, build_wheels, clean_env, install_from_wheels, run, third_party_view
 
 EXAMPLE = Path(__file__).resolve().parents[1]
 KEYS = 24
@@ -35,14 +38,33 @@ def redis_url() -> str:
     return url
 
 
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``msgbroker`` command of a new venv with ``msgbroker[redis]`` from the wheels alone."""
+    wheels = build_wheels(tmp_path_factory.mktemp("dist"))
+    view = third_party_view(tmp_path_factory.mktemp("deps") / "site")
+    venv = tmp_path_factory.mktemp("user") / "venv"
+    python = install_from_wheels(venv, view, wheels, "msgbroker[redis]")
+    where = json.loads(run(python, "-c", (
+        "import json, importlib.metadata as md, msgbroker, msgbroker_redis\n"
+        "print(json.dumps({'files': [msgbroker.__file__, msgbroker_redis.__file__],\n"
+        "  'dists': sorted(d.metadata['Name'] for d in md.distributions()\n"
+        "                  if d.metadata['Name'].startswith('msgbroker'))}))"
+    )))
+    assert all(Path(f).is_relative_to(venv) for f in where["files"]), where  # the wheels, not the repository
+    assert where["dists"] == ["msgbroker", "msgbroker-redis"]
+    command = venv / "bin" / "msgbroker"  # the new venv's command, not the repository's .venv/bin/msgbroker
+    assert command.is_file() and not command.resolve().is_relative_to(ROOT), command
+    return command
+
+
 class Workers:
     """``msgbroker run`` with 2 worker processes, its stderr in a file."""
 
-    def __init__(self, settings: Path, log: Path) -> None:
+    def __init__(self, command: Path, settings: Path, log: Path) -> None:
         self.log = log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MSGBROKER_")}
+        env = clean_env()  # nothing of the repository's .venv (PYTHONPATH, VIRTUAL_ENV) or settings
         env["TICKETS_WORK_SECONDS"] = str(WORK_SECONDS)
-        command = Path(sys.executable).with_name("msgbroker")  # the installed command
         with log.open("a") as err:
             self.proc = subprocess.Popen([str(command), "run", "ticket_service:service", "--workers", "2",
                                           "--config", str(settings)], cwd=EXAMPLE, env=env, stderr=err,
@@ -77,7 +99,8 @@ class Workers:
         return self.proc.returncode, time.monotonic() - began
 
 
-async def test_two_workers_stopped_mid_stream_and_restarted_lose_nothing_and_keep_order(tmp_path: Path) -> None:
+async def test_two_workers_stopped_mid_stream_and_restarted_lose_nothing_and_keep_order(
+        installed: Path, tmp_path: Path) -> None:
     prefix = f"tickets-{uuid.uuid4().hex[:10]}"
     config = {"provider": "redis", "partition_count": 16, "retry_delay": 0.2,
               "redis": {"url": redis_url(), "key_prefix": prefix}}
@@ -109,7 +132,7 @@ async def test_two_workers_stopped_mid_stream_and_restarted_lose_nothing_and_kee
             await broker.subscribe("seat-locked", "checker", check)
             await stream(0, PER_KEY // 2, 0)  # queued before the workers start
             log = tmp_path / "run.log"
-            first = Workers(settings_file, log)
+            first = Workers(installed, settings_file, log)
             started.append(first)
             await first.running(2)
             publishing = asyncio.create_task(stream(PER_KEY // 2, PER_KEY, 0.05))  # more arrives while they work
@@ -124,7 +147,7 @@ async def test_two_workers_stopped_mid_stream_and_restarted_lose_nothing_and_kee
             assert first.text().count("stopped") == 2, first.text()  # each worker drained and left its groups
             assert at_stop < KEYS * PER_KEY, "the stream ended before the SIGTERM: nothing was tested"
             phase = 1
-            second = Workers(settings_file, log)
+            second = Workers(installed, settings_file, log)
             started.append(second)
             await second.running(4)
             await publishing
