@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import os
 import signal
 import sys
@@ -321,7 +320,11 @@ async def test_a_killed_member_process_hands_its_in_flight_message_over(
 
 async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, raw: Client, topic: str) -> None:
     """Publishing and handling go on while nats-server restarts (file storage): every message
-    published is handled, in order per key."""
+    published is handled, first handlings in order per key, and nothing stays unsettled. A
+    restart longer than the lease time (1 s with the tests' ack_wait) ends the member's leases
+    on nats-server 2.10 and later, which expire the bucket's keys as it starts again: acks sent
+    meanwhile are dropped (fenced), and those messages come back and are handled again —
+    duplicates, never a loss or a reorder of first handlings."""
     keys = [f"k{i}" for i in range(8)]
     restarted = asyncio.Event()
     published: list[int] = []
@@ -355,13 +358,18 @@ async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, raw: Clie
         restarted.set()
         await asyncio.wait_for(publisher, 60)
         total = len(published)
-        await eventually(lambda: all(record.ns(k)[-1:] == [total - 1] for k in keys), "every key to the end", 60)
+        await eventually(lambda: all(total - 1 in record.ns(k) for k in keys), "every key to the end", 60)
+        await eventually(lambda: broker.is_healthy(), "the broker to be healthy again")
+
+        async def settled() -> bool:
+            return await broker.pending_count(topic, "g") == 0
+
+        await eventually(settled, "nothing unsettled", 30)
         for key in keys:
             seen = record.ns(key)
             assert sorted(set(seen)) == list(range(total)), f"{key}: lost {set(range(total)) - set(seen)}"
-            assert all(a <= b for a, b in itertools.pairwise(seen)), f"{key} out of order: {seen}"
-        await eventually(lambda: broker.is_healthy(), "the broker to be healthy again")
-        assert await broker.pending_count(topic, "g") == 0
+            firsts = list(dict.fromkeys(seen))
+            assert firsts == sorted(firsts), f"{key} first handled out of order: {firsts}"
 
 
 async def test_a_round_trip_cut_short_leaves_the_connection_reading(connect: Any, topic: str) -> None:

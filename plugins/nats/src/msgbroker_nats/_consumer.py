@@ -6,7 +6,8 @@ A lane's durable consumer is shared by the group, so what is in flight at the se
 held by a member that died or is handing the lane over. The owner record of the lane (KV) says
 which: a member that closed names the messages it handed back, and the next owner hands nothing
 after them until they are back; a member that died left its record open, and the next owner
-hands nothing for ``ack_wait`` (what it held comes back first). A nak keeps the lane behind the
+hands nothing until the server counts no message of the lane in flight but those it holds (what
+the dead member held comes back after ack_wait, first). A nak keeps the lane behind the
 message until the server delivers it again (after the delay), so nothing overtakes it.
 docs/providers/nats.md has the whole design.
 """
@@ -42,6 +43,8 @@ it at once when our inbox goes away, so a dead member leaves no request behind).
 _PULL_REQUEST = '{"batch":%d,"expires":%d}'
 _CHECK_AGAIN = 0.25
 """Seconds a poll naps at most while a lane waits for a dead owner's messages."""
+_UNCONFIRMED_CLEAN = 4
+"""Times ack_wait: a lane the server never confirms clean (see _check_clean) goes on after this."""
 _ACK, _NAK, _TERM, _WPI = b"+ACK", b"-NAK", b"+TERM", b"+WPI"
 _HAND_BACK_DELAY = 2.0
 """Seconds a message handed back on close waits at the server (see _release)."""
@@ -96,8 +99,10 @@ class _Lane:
         "awaiting",
         "clean",
         "clean_at",
+        "clean_check_at",
         "closing",
         "deadline",
+        "floor_check_at",
         "gen",
         "handed",
         "items",
@@ -137,7 +142,9 @@ class _Lane:
         self.lease: str | None = None  # the engine's lease token for the lane
         self.turn = 0  # one more at each retry of an ordered lane (the engine drops what it holds)
         self.clean = False  # nothing of the lane is in flight at the server but what is held here
-        self.clean_at = 0.0  # not clean: when what a dead owner held is surely back (ack_wait)
+        self.clean_at = 0.0  # not clean: when to go on even if the server never confirmed it (see _check_clean)
+        self.clean_check_at = 0.0  # not clean: when to ask the server again
+        self.floor_check_at = 0.0  # when to look for awaited sequences settled meanwhile (see _prune_awaiting)
         self.owner_revision: int | None = None  # of the lane's owner record this member wrote
         self.retried: Delivery | None = None
         self.seen = 0  # the highest stream sequence of this lane delivered (as far as we know)
@@ -201,6 +208,7 @@ class NatsLaneConsumer(LaneConsumer):
         lane.awaiting = set()
         lane.clean = True
         lane.lease = lease
+        lane.floor_check_at = time.monotonic() + self._transport.ack_wait
         await self._take_over(lane)
         lane.open = True
         self._epoch += 1
@@ -227,7 +235,8 @@ class NatsLaneConsumer(LaneConsumer):
         close, or nak'ed with a delay), each with how many of its deliveries were only read ahead
         (``<sequence>~<n>``). Closed: everything else it held was handed back before (a confirmed
         nak), so the lane goes on at once after those. Still open (its owner died, or lost the
-        lease): what it held comes back after ack_wait, so nothing is handed before then."""
+        lease): what it held comes back after ack_wait, so nothing is handed before the server
+        counts nothing in flight but what this member holds (see _check_clean)."""
         key = self._owner_key(lane.partition)
         left: str | None = None
         try:
@@ -248,8 +257,8 @@ class NatsLaneConsumer(LaneConsumer):
                     lane.offsets[int(seq)] = int(offset)
         if self._ordered and (left is None or not state.startswith("closed")):
             lane.clean = False
-            lane.clean_at = time.monotonic() + self._transport.ack_wait + 0.5
-            log.info("nats: %s[%d] for %s was left by %s without closing; handing nothing before ack_wait",
+            lane.clean_at = time.monotonic() + self._clean_after()
+            log.info("nats: %s[%d] for %s was left by %s without closing; handing nothing until what it held is back",
                      self._topic, lane.partition, self._group, state or "an unknown owner")
         lane.owner_revision = None
         await self._write_owner_record(lane, closing=False)
@@ -387,7 +396,7 @@ class NatsLaneConsumer(LaneConsumer):
                 self._needs_request.add(lane.partition)
                 if self._ordered:
                     lane.clean = False
-                    lane.clean_at = now + self._transport.ack_wait + 0.5
+                    lane.clean_at = now + self._clean_after()
         self._wake_poll()
 
     # -- pull requests ---------------------------------------------------------------------
@@ -439,11 +448,74 @@ class NatsLaneConsumer(LaneConsumer):
             elif now >= wanting.retry_at:
                 self._needs_request.discard(partition)
                 await self._top_up(wanting)
-        for lane in self._lanes.values():
-            if lane.open and not lane.clean and now >= lane.clean_at:
-                lane.clean = True  # what a dead owner held is back by now (or was settled)
-                if lane.items:
-                    self._ready_lanes.add(lane.partition)
+        for lane in list(self._lanes.values()):
+            if lane.open and not lane.clean:
+                if now >= lane.clean_at:
+                    if self._transport.asks_consumers_freely():
+                        log.warning("nats: %s[%d] for %s: the server still counts messages in flight elsewhere "
+                                    "%.0f s after the take-over; going on", self._topic, lane.partition, self._group,
+                                    self._clean_after())
+                    self._now_clean(lane)
+                elif now >= lane.clean_check_at and self._transport.asks_consumers_freely():
+                    lane.clean_check_at = now + _CHECK_AGAIN
+                    await self._check_clean(lane)
+            if lane.open and lane.clean and lane.awaiting and now >= lane.floor_check_at:
+                lane.floor_check_at = now + self._transport.ack_wait
+                await self._prune_awaiting(lane)
+
+    def _clean_after(self) -> float:
+        """Seconds after which a lane left without closing goes on unconfirmed: on nats-server 2.9
+        (asked nothing, see ``asks_consumers_freely``) ack_wait + 0.5 s, when 2.9 has redelivered
+        what the dead owner held; on later servers the server's count decides (_check_clean),
+        this only bounds it."""
+        ack_wait = self._transport.ack_wait
+        return _UNCONFIRMED_CLEAN * ack_wait if self._transport.asks_consumers_freely() else ack_wait + 0.5
+
+    def _now_clean(self, lane: _Lane) -> None:
+        lane.clean = True
+        if lane.items:
+            self._ready_lanes.add(lane.partition)
+
+    async def _check_clean(self, lane: _Lane) -> None:
+        """A lane left without closing (its owner died, or our connection broke) is clean once
+        the server counts no more messages in flight on its consumer than this member holds:
+        what the dead owner held was redelivered here (or settled). Not a timer: nats-server
+        2.10 and later redeliver an expired message up to about twice ack_wait after its last
+        delivery, and a later message handed before it would overtake it. A message nak'ed
+        with a delay counts as in flight until it is back: the lane then waits for it (or, at
+        worst, ``_UNCONFIRMED_CLEAN`` times ack_wait; its place is kept by ``awaiting`` anyway). Not on
+        nats-server 2.9, which redelivers at ack_wait and which the request would slow down."""
+        try:
+            info = await self._transport.jsm.consumer_info(self._layout.stream,
+                                                           self._layout.consumer(self._group, lane.partition))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("nats: checking what is in flight on %s[%d] failed: %r", self._topic, lane.partition, exc)
+            return
+        if lane.open and not lane.clean and int(info.num_ack_pending or 0) <= len(lane.items):
+            self._now_clean(lane)
+
+    async def _prune_awaiting(self, lane: _Lane) -> None:
+        """Forget awaited sequences the consumer's ack floor has passed: settled, they never come
+        back. An owner record lists what the lane waited for when it was written (at take-over,
+        a long retry, close); a member killed after it handled one of them leaves it listed, and
+        without this every later owner of the lane would wait for it for good. Checked at most
+        every ack_wait per lane that waits for something (one consumer-info request)."""
+        try:
+            floor = await self._transport.ack_floor(self._layout, self._group, lane.partition)
+        except MsgBrokerError as exc:
+            log.debug("nats: reading the ack floor of %s[%d] failed: %s", self._topic, lane.partition, exc)
+            return
+        settled = {seq for seq in lane.awaiting if seq <= floor and seq not in lane.items}
+        if settled:
+            log.info("nats: %s[%d] for %s no longer waits for %d settled message(s) up to #%d", self._topic,
+                     lane.partition, self._group, len(settled), max(settled))
+            lane.awaiting -= settled
+            for seq in settled:
+                lane.offsets.pop(seq, None)
+            if lane.items:
+                self._ready_lanes.add(lane.partition)
 
     def _wake_poll(self) -> None:
         arrival = self._arrival

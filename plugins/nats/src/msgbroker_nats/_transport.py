@@ -529,6 +529,16 @@ class NatsTransport(Transport):
             raise map_error(exc, "renewing leases") from exc
         return {lane for lane, ok in zip(leases, kept, strict=True) if ok}
 
+    def asks_consumers_freely(self) -> bool:
+        """Whether the server answers a consumer-info request without harm: nats-server 2.9 makes
+        a pull consumer with messages pending deliver slowly after one (docs/providers/nats.md,
+        *Recovery*), so on 2.9 the provider asks only where it must."""
+        try:
+            version = self.nc.connected_server_version
+            return (version.major, version.minor) >= (2, 10)
+        except (ValueError, BrokerClosedError):
+            return False
+
     def lease_is_fresh(self, token: str) -> bool:
         """Whether this member surely holds the lease right now without asking: taken or renewed
         within three quarters of the lease time (the coordinator renews every quarter)."""
