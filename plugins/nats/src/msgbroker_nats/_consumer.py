@@ -497,15 +497,24 @@ class NatsLaneConsumer(LaneConsumer):
             self._now_clean(lane)
 
     async def _prune_awaiting(self, lane: _Lane) -> None:
-        """Forget awaited sequences the consumer's ack floor has passed: settled, they never come
-        back. An owner record lists what the lane waited for when it was written (at take-over,
-        a long retry, close); a member killed after it handled one of them leaves it listed, and
-        without this every later owner of the lane would wait for it for good. Checked at most
-        every ack_wait per lane that waits for something (one consumer-info request)."""
+        """Forget awaited sequences that were settled: they never come back. An owner record
+        lists what the lane waited for when it was written (at take-over, a long retry, close);
+        a member killed after it handled one of them leaves it listed, and without this every
+        later owner of the lane would wait for it for good. Settled: the consumer's ack floor has
+        passed it, and the server counts no message in flight but those this member holds (a
+        message nak'ed with a delay counts until it is back; on the 2.15.3 cluster the ack floor
+        alone dropped awaited messages that were still to come). Checked at most every ack_wait
+        per lane that waits for something (one consumer-info request)."""
         try:
-            floor = await self._transport.ack_floor(self._layout, self._group, lane.partition)
-        except MsgBrokerError as exc:
-            log.debug("nats: reading the ack floor of %s[%d] failed: %s", self._topic, lane.partition, exc)
+            info = await self._transport.jsm.consumer_info(self._layout.stream,
+                                                           self._layout.consumer(self._group, lane.partition))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("nats: reading the consumer of %s[%d] failed: %r", self._topic, lane.partition, exc)
+            return
+        floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+        if int(info.num_ack_pending or 0) > len(lane.items):
             return
         settled = {seq for seq in lane.awaiting if seq <= floor and seq not in lane.items}
         if settled:
