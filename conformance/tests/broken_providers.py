@@ -498,6 +498,16 @@ class RareLossTransport(Memory):  # type: ignore[valid-type,misc]
     def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
         return _RarelyLosingConsumer(super().consumer(topic, group, member_id))
 
+class ReplayRemovesByIdTransport(Memory):  # type: ignore[valid-type,misc]
+    """Removes a replay's letters by message id (the interface's default): a letter of the same
+    message stored since goes too."""
+
+    NAME: ClassVar[str] = "broken-replay-by-id"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-replay-by-id",)
+
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        return await self.remove_dead_letters(topic, group, [letter.message_id for letter in letters])  # the bug
+
 
 BROKEN_TRANSPORTS: list[type[Transport]] = [
     ReorderingTransport, LosingTransport, DuplicatingTransport, LyingPendingTransport,
@@ -506,7 +516,7 @@ BROKEN_TRANSPORTS: list[type[Transport]] = [
     LongHeadersCutTransport, RecordKeyDroppedTransport, LargeMessageDroppedTransport,
     PendingOfNewGroupTransport, PendingAcrossGroupsTransport, DedupMissesBatchTwinsTransport,
     DedupShortWindowTransport, FencedMemberSettlesTransport, LateHandOverTransport, RareReorderTransport,
-    RareLossTransport,
+    RareLossTransport, ReplayRemovesByIdTransport,
 ]
 
 

@@ -558,6 +558,40 @@ class ConformanceSuite:
         again = [mid for mid in _ids(messages) if len(bystander.of(mid)) > 1]
         assert not again, f"replays for {group} were handed to the group {other}: {again}"
 
+    @case("core", rules=("4", "5"))
+    async def test_a_replay_removes_only_the_letters_it_listed(self, s: Scenario) -> None:
+        """A replay removes exactly the letters it listed (``remove_listed_dead_letters``): a
+        replayed message that fails again and is dead-lettered again before the replay removes
+        what it listed keeps its new letter — removed by message id, that letter (and the
+        message) would be lost."""
+        broker = await s.connect(partition_count=2)
+        topic, group = s.topic(), s.group()
+
+        async def reject(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            await ctx.nak(requeue=False, error="rejected every time")
+
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(decide=reject), message_type=ConformanceMessage)
+        message = ConformanceMessage(key="again", seq=0)
+        await broker.publish(topic, message)
+        listed = await _eventually_letters(s, broker, topic, group, 1)
+        assert await broker.replay_dead_letters(topic, group) == 1
+        newer: list[msgbroker.DeadLetter] = []
+
+        async def dead_lettered_again() -> bool:
+            newer[:] = await broker.dead_letters(topic, group)
+            return bool(newer) and newer[0].dead_lettered_at != listed[0].dead_lettered_at
+
+        await s.eventually(dead_lettered_again, "the replayed message to be dead-lettered again")
+        # What the replay listed is gone; removing it again (as a replay whose removal came after
+        # the message was dead-lettered again) must leave the newer letter of the same message.
+        removed = await broker.transport.remove_listed_dead_letters(topic, group, listed)
+        left = await broker.dead_letters(topic, group)
+        assert removed == 0 and [x.dead_lettered_at for x in left] == [newer[0].dead_lettered_at], (
+            f"removing the letter the replay listed removed {removed} letter(s) and left {left}: "
+            "a letter of the same message stored since must stay"
+        )
+
     @requires("delay", "competing_consumers")
     @case("semantics", rules=("api", "4", "9"))
     async def test_the_envelope_survives_retries_and_a_hand_over(self, s: Scenario) -> None:

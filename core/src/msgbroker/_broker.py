@@ -381,7 +381,9 @@ class Broker:
             records.append(OutgoingRecord(topic, letter.partition, letter.partition_key, letter.message_id,
                                           headers, letter.payload))
         await self.producer.send(topic, records, None, replay=True)
-        await transport.remove_dead_letters(topic, group, [letter.message_id for letter in letters])
+        # Exactly the letters listed: one stored since for the same message (replayed, handled
+        # and dead-lettered again already) stays.
+        await transport.remove_listed_dead_letters(topic, group, letters)
         return len(letters)
 
 

@@ -32,7 +32,7 @@ from ._provider import (
     Transport,
     failures_since,
 )
-from .wire import dead_letter_from_record, dead_letter_record
+from .wire import dead_letter_from_record, dead_letter_record, letter_key
 
 __all__ = ["MemoryTransport"]
 
@@ -274,6 +274,13 @@ class MemoryTransport(Transport):
         kept = [letter for letter in letters if letter.message_id not in wanted]
         self.server.dead[(topic, group)] = kept
         return len(letters) - len(kept)
+
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        stored = self.server.dead.get((topic, group), [])
+        listed = {letter_key(letter) for letter in letters}
+        kept = [letter for letter in stored if letter_key(letter) not in listed]
+        self.server.dead[(topic, group)] = kept
+        return len(stored) - len(kept)
 
     async def pending_by_partition(self, topic: str, group: str) -> dict[int, int]:
         server = self.server

@@ -261,6 +261,15 @@ class Transport(ABC):
     async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
         """Delete these dead letters; return how many were removed."""
 
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        """Delete exactly these letters, as :meth:`dead_letters` listed them — not a letter of the
+        same message stored since (a replayed message that failed again before the replay removed
+        what it published: removed by message id, that letter would be lost). Match letters with
+        ``msgbroker.spi.letter_key`` (message id and ``dead_lettered_at``). The default removes
+        by message id (:meth:`remove_dead_letters`), which has that race; the conformance suite
+        checks the exact removal."""
+        return await self.remove_dead_letters(topic, group, [letter.message_id for letter in letters])
+
     # -- optional operator views (the CLI uses them where the provider has them) -----------
 
     async def pending_by_partition(self, topic: str, group: str) -> Mapping[int, int]:

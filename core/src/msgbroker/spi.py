@@ -65,6 +65,7 @@ from .wire import (
     dead_letter_topic,
     format_time,
     is_reserved,
+    letter_key,
     parse_time,
     user_headers,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "format_time",
     "hookimpl",
     "is_reserved",
+    "letter_key",
     "parse_time",
     "redact",
     "tls_client_context",

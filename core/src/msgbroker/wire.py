@@ -163,6 +163,13 @@ def dead_letter_record(letter: DeadLetter) -> OutgoingRecord:
                           letter.message_id, dead_letter_headers(letter), letter.payload)
 
 
+def letter_key(letter: DeadLetter) -> tuple[str, datetime]:
+    """What tells one stored dead letter from another letter of the same message (dead-lettered
+    again after a replay): its message id and when it was dead-lettered — the same for every
+    listing of one stored letter (``Transport.remove_listed_dead_letters``)."""
+    return letter.message_id, letter.dead_lettered_at
+
+
 def dead_letter_group(headers: Mapping[str, str]) -> str | None:
     """The group a ``<topic>.dlq`` record is a dead letter of; None for a record that is not one."""
     return headers.get(DEAD_LETTER_GROUP)

@@ -46,6 +46,7 @@ from msgbroker.spi import (
     dead_letter_from_record,
     dead_letter_record,
     failures_since,
+    letter_key,
 )
 
 __all__ = ["SqliteSettings", "SqliteTransport"]
@@ -271,21 +272,35 @@ class SqliteTransport(Transport):
 
         return await self.db.run(count, write=False)
 
-    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
-        rows = await self.db.run(lambda c: c.execute(
-            "SELECT message_id, partition, key, error, attempts, headers, payload, at FROM dead_letters "
-            "WHERE topic = ? AND grp = ? ORDER BY id", (topic, group)).fetchall(), write=False)
+    _LETTER_ROWS = ("SELECT id, message_id, partition, key, error, attempts, headers, payload, at FROM dead_letters "
+                    "WHERE topic = ? AND grp = ? ORDER BY id")
+
+    @staticmethod
+    def _letter(topic: str, group: str, row: tuple[Any, ...]) -> DeadLetter:
         # ``headers`` holds the letter's <topic>.dlq record headers (msgbroker.wire); a row written
         # before held only the original's, with the letter's fields in their own columns.
-        return [
-            dead_letter_from_record(
-                topic, partition, mid, key,
-                {DEAD_LETTER_ERROR: error, DEAD_LETTER_ATTEMPTS: str(attempts), DEAD_LETTER_GROUP: group,
-                 **json.loads(headers)},
-                bytes(payload), dead_lettered_at=datetime.fromtimestamp(at, UTC),
-            )
-            for mid, partition, key, error, attempts, headers, payload, at in rows
-        ]
+        _, mid, partition, key, error, attempts, headers, payload, at = row
+        return dead_letter_from_record(
+            topic, partition, mid, key,
+            {DEAD_LETTER_ERROR: error, DEAD_LETTER_ATTEMPTS: str(attempts), DEAD_LETTER_GROUP: group,
+             **json.loads(headers)},
+            bytes(payload), dead_lettered_at=datetime.fromtimestamp(at, UTC),
+        )
+
+    async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
+        rows = await self.db.run(lambda c: c.execute(self._LETTER_ROWS, (topic, group)).fetchall(), write=False)
+        return [self._letter(topic, group, row) for row in rows]
+
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        listed = {letter_key(letter) for letter in letters}
+
+        def delete(c: sqlite3.Connection) -> int:
+            rows = c.execute(self._LETTER_ROWS, (topic, group)).fetchall()
+            doomed = [(row[0],) for row in rows if letter_key(self._letter(topic, group, row)) in listed]
+            c.executemany("DELETE FROM dead_letters WHERE id = ?", doomed)
+            return len(doomed)
+
+        return await self.db.run(delete)
 
     async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
         def delete(c: sqlite3.Connection) -> int:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -43,6 +43,7 @@ from msgbroker.spi import (
     dead_letter_group,
     dead_letter_record,
     dead_letter_topic,
+    letter_key,
     tls_client_context,
     tls_verification_error,
 )
@@ -528,7 +529,14 @@ class KafkaTransport(Transport):
 
     async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
         wanted = set(message_ids)
-        gone = [pos for pos, letter in await self._letters(topic, group) if letter.message_id in wanted]
+        return await self._remove_letters(topic, group, lambda letter: letter.message_id in wanted)
+
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        listed = {letter_key(letter) for letter in letters}
+        return await self._remove_letters(topic, group, lambda letter: letter_key(letter) in listed)
+
+    async def _remove_letters(self, topic: str, group: str, doomed: Callable[[DeadLetter], bool]) -> int:
+        gone = [pos for pos, letter in await self._letters(topic, group) if doomed(letter)]
         if not gone:
             return 0
         marker = {DEAD_LETTER_GROUP: group, DEAD_LETTERS_REMOVED_HEADER: ",".join(gone)}

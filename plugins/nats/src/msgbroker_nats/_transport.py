@@ -38,6 +38,7 @@ from msgbroker.spi import (
     Transport,
     dead_letter_from_record,
     dead_letter_group,
+    letter_key,
     redact,
     tls_client_context,
     tls_verification_error,
@@ -811,6 +812,13 @@ class NatsTransport(Transport):
             done = await asyncio.gather(*(self.jsm.delete_msg(stream, seq) for seq in found), return_exceptions=True)
         except asyncio.CancelledError:
             raise
+        return sum(1 for ok in done if ok is True)
+
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        listed = {letter_key(letter) for letter in letters}
+        stream = self.layout(topic).dead_letters.stream
+        found = [seq for seq, letter in await self._scan_dead_letters(topic, group) if letter_key(letter) in listed]
+        done = await asyncio.gather(*(self.jsm.delete_msg(stream, seq) for seq in found), return_exceptions=True)
         return sum(1 for ok in done if ok is True)
 
     async def _scan_dead_letters(self, topic: str, group: str) -> list[tuple[int, DeadLetter]]:

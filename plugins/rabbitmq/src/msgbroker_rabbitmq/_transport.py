@@ -11,7 +11,7 @@ import math
 import re
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -35,6 +35,7 @@ from msgbroker.spi import (
     Transport,
     dead_letter_from_record,
     dead_letter_group,
+    letter_key,
     tls_client_context,
 )
 from pamqp import commands as spec
@@ -363,10 +364,10 @@ class RabbitMQTransport(Transport):
         return sum(int(n) for data in replies.values() for n in data.get("lanes", {}).values())
 
     async def _read_letters(
-        self, topic: str, group: str, remove: set[str] | None
+        self, topic: str, group: str, remove: Callable[[DeadLetter], bool] | None
     ) -> tuple[list[DeadLetter], int]:
-        """Every letter of the letters queue, oldest first: fetched unacked (those in ``remove``
-        acked), then the channel closes and the rest go back in their place."""
+        """Every letter of the letters queue, oldest first: fetched unacked (those ``remove``
+        picks acked), then the channel closes and the rest go back in their place."""
         link = await self._up()
         queue = self.topology.letters_queue(topic, group)
         channel, raw = await link.channel()
@@ -383,9 +384,9 @@ class RabbitMQTransport(Transport):
                 if isinstance(message.delivery, spec.Basic.GetEmpty):
                     break
                 letter = self._letter(topic, group, message)
-                if remove is not None and letter.message_id in remove:
+                if remove is not None and remove(letter):
                     await raw.basic_ack(message.delivery_tag or 0)
-                    removed.add(letter.message_id)
+                    removed.add(letter.message_id)  # a letter stored twice (see below) counts once
                     continue
                 if letter.message_id not in seen:  # a crash between storing and acking stores it twice
                     seen.add(letter.message_id)
@@ -464,7 +465,13 @@ class RabbitMQTransport(Transport):
         return letters
 
     async def remove_dead_letters(self, topic: str, group: str, message_ids: Sequence[str]) -> int:
-        _, removed = await self._read_letters(topic, group, set(message_ids))
+        wanted = set(message_ids)
+        _, removed = await self._read_letters(topic, group, lambda letter: letter.message_id in wanted)
+        return removed
+
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        listed = {letter_key(letter) for letter in letters}
+        _, removed = await self._read_letters(topic, group, lambda letter: letter_key(letter) in listed)
         return removed
 
 

@@ -54,6 +54,7 @@ from msgbroker.spi import (
     dead_letter_from_record,
     dead_letter_record,
     failures_since,
+    letter_key,
     tls_client_context,
 )
 from redis import exceptions as rex
@@ -566,6 +567,18 @@ class RedisTransport(Transport):
         doing = f"removing dead letters of {group!r} on {topic!r}"
         entries = await self._entries(key, doing)
         doomed = [entry_id for entry_id, fields in entries if fields.get(b"i") in wanted]
+        try:
+            return int(await self.redis.xdel(key, *doomed)) if doomed else 0
+        except REDIS_ERRORS as exc:
+            raise translate(exc, doing, self.user) from exc
+
+    async def remove_listed_dead_letters(self, topic: str, group: str, letters: Sequence[DeadLetter]) -> int:
+        listed = {letter_key(letter) for letter in letters}
+        key = self.keys(topic).dead(group)
+        doing = f"removing dead letters of {group!r} on {topic!r}"
+        entries = await self._entries(key, doing)
+        doomed = [entry_id for entry_id, fields in entries
+                  if letter_key(_dead_letter(topic, group, fields)) in listed]
         try:
             return int(await self.redis.xdel(key, *doomed)) if doomed else 0
         except REDIS_ERRORS as exc:
