@@ -62,7 +62,12 @@ def jvm_command(heap: str, node_dir: Path) -> list[str]:
 
 
 def new_cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id (16 random bytes, URL-safe base64), never starting with "-": the storage
+    tool's argument parser takes such an id for an option and refuses to format (one id in 64)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def format_storage(jvm: list[str], cluster_id: str, props: Path, log: Path) -> bool:

@@ -42,7 +42,8 @@ class KafkaCluster(Cluster):
         return f"{HOST}:{node.need_port()}"
 
     def before_launch(self) -> None:
-        if not self.cluster_id_file.exists():
+        # An id starting with "-" (written before new_cluster_id avoided it) never formatted a node.
+        if not self.cluster_id_file.exists() or self.cluster_id_file.read_text().startswith("-"):
             self.cluster_id_file.write_text(new_cluster_id() + "\n")
 
     def launch(self, node: Node) -> int:
