@@ -48,9 +48,9 @@ def test_defaults_follow_the_spec() -> None:
     assert (s.provider, s.partition_count, s.batch_size, s.max_retry_attempts) == ("memory", 64, 100, 3)
     assert s.poll_timeout == timedelta(seconds=5) and s.retry_delay == timedelta(seconds=1)
     assert s.deduplication_window == timedelta(minutes=5) and s.enable_deduplication is False
-    # claim_timeout: 10 s, not the seed's 5 minutes a dead member's partitions stalled for (the
-    # seed's file still sets it: see the next test)
-    assert s.redis.url == "redis://localhost:6379" and s.redis.claim_timeout == timedelta(seconds=10)
+    # claim_timeout: 8 s (a dead member's partitions move within 10 s), not the seed's 5 minutes
+    # they stalled for (the seed's file still sets it: see the next test)
+    assert s.redis.url == "redis://localhost:6379" and s.redis.claim_timeout == timedelta(seconds=8)
     assert s.nats.max_age == timedelta(days=7) and s.nats.ack_wait == timedelta(seconds=30)
 
 

@@ -118,7 +118,7 @@ class MemorySettings(_Section):
 
     name: str = ""
     """Brokers connected with the same name in one process share one in-memory broker."""
-    claim_timeout: Duration = timedelta(seconds=10)
+    claim_timeout: Duration = timedelta(seconds=8)
     """How long a member may stay silent before its partitions move to the others."""
 
 

@@ -27,8 +27,8 @@ class Step(Message):
 
 
 async def main(servers: str, topic: str, group: str, partitions: int) -> None:
-    fast = {"session_timeout": 6, "heartbeat_interval": 1, "commit_interval": 0.05}
-    broker = msgbroker.connect(f"kafka://{servers}", partition_count=partitions, kafka=fast, shutdown_timeout=30)
+    # The provider's default session_timeout and heartbeat: the failover test measures the default.
+    broker = msgbroker.connect(f"kafka://{servers}", partition_count=partitions, shutdown_timeout=30)
     await broker.open()
 
     async def handle(ctx: MessageContext[Step]) -> None:

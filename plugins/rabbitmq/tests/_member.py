@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 import msgbroker
 from msgbroker import Message, MessageContext
@@ -36,8 +37,11 @@ def emit(**event: object) -> None:
 async def main() -> None:
     url, prefix, topic, group, partitions = sys.argv[1:6]
     handle_seconds = float(sys.argv[6]) if len(sys.argv) > 6 else 0.0
-    broker = msgbroker.connect(url, partition_count=int(partitions), retry_delay=0,
-                               rabbitmq={"exchange_prefix": prefix, "claim_timeout": 2, "queue_expires": 300})
+    claim = os.environ.get("MEMBER_CLAIM_TIMEOUT", "2")  # "default": the provider's default
+    settings: dict[str, object] = {"exchange_prefix": prefix, "queue_expires": 300}
+    if claim != "default":
+        settings["claim_timeout"] = float(claim)
+    broker = msgbroker.connect(url, partition_count=int(partitions), retry_delay=0, rabbitmq=settings)
     await broker.open()
 
     async def handle(ctx: MessageContext[Numbered]) -> None:
@@ -45,7 +49,7 @@ async def main() -> None:
         if handle_seconds:
             await asyncio.sleep(handle_seconds)
         emit(event="handled", key=ctx.message.key, seq=ctx.message.seq, attempt=ctx.delivery_attempt,
-             partition=ctx.partition, pid=os.getpid())
+             partition=ctx.partition, pid=os.getpid(), at=time.time())
 
     subscription = await broker.subscribe(topic, group, handle)
     emit(event="ready", pid=os.getpid())

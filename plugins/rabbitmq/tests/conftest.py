@@ -96,11 +96,14 @@ async def members(amqp_url: str) -> AsyncIterator[Callable[..., Any]]:
     """Start member processes: ``await members(prefix, topic, group, partitions, handle_seconds)``."""
     started: list[MemberProcess] = []
 
-    async def start(prefix: str, topic: str, group: str, partitions: int, handle_seconds: float = 0.0) -> MemberProcess:
+    async def start(prefix: str, topic: str, group: str, partitions: int, handle_seconds: float = 0.0,
+                    claim_timeout: float | None = 2.0) -> MemberProcess:
+        """``claim_timeout=None``: the provider's default."""
+        env = {**os.environ, "MEMBER_CLAIM_TIMEOUT": "default" if claim_timeout is None else str(claim_timeout)}
         process = await asyncio.create_subprocess_exec(
             sys.executable, str(HERE / "_member.py"), amqp_url, prefix, topic, group, str(partitions),
             str(handle_seconds),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env,
         )
         member = MemberProcess(process)
         member.reader = asyncio.create_task(member._read())

@@ -256,7 +256,7 @@ async def test_a_killed_member_process_hands_its_lanes_and_in_flight_message_ove
     connect: Any, raw: aioredis.Redis, redis_url: str, prefix: str, topic: str, claim_timeout: float | None
 ) -> None:
     """Also with the provider's default settings (issue: a dead member stalled its partitions
-    for the seed's 5 minutes): the lanes and the held message move within claim_timeout (10 s)."""
+    for the seed's 5 minutes): the lanes and the held message move within claim_timeout (8 s)."""
     keys = [f"key-{i}" for i in range(8)]
     count = 40
     await_all = {(k, n) for k in keys for n in range(count)}
@@ -501,7 +501,7 @@ async def test_the_seed_appsettings_redis_section_drives_the_provider(
             assert broker.transport.lease_ttl() == 300
             # The seed's 5 minutes stall a dead member's partitions that long: said once, at open.
             warned = [r.getMessage() for r in caplog.records if "claim_timeout is 0:05:00" in r.getMessage()]
-            assert len(warned) == 1 and "default is 10s" in warned[0], caplog.text
+            assert len(warned) == 1 and "default is 8s" in warned[0], caplog.text
             assert broker.transport.max_stream_length == 100_000
             await broker.publish(topic, Item(key="k", n=1))
             await broker.subscribe(topic, "workers", handle)

@@ -149,7 +149,7 @@ class SqliteSettings(ProviderSettings):
 
     path: str = ""
     """The broker file (created when missing)."""
-    claim_timeout: Duration = timedelta(seconds=10)
+    claim_timeout: Duration = timedelta(seconds=8)
     """How long a member may stay silent before its partitions move to the others."""
 
 

@@ -39,9 +39,10 @@ class KafkaSettings(ProviderSettings):
     """A client certificate (PEM), only with ``SSL`` / ``SASL_SSL``."""
     ssl_keyfile: str | None = None
     """The client certificate's key (PEM), only with ``SSL`` / ``SASL_SSL``."""
-    session_timeout: Duration = timedelta(seconds=10)
-    """How long a silent group member keeps its partitions (the broker allows 6 s to 5 min)."""
-    heartbeat_interval: Duration = timedelta(seconds=3)
+    session_timeout: Duration = timedelta(seconds=6)
+    """How long a silent group member keeps its partitions (the broker allows 6 s to 5 min): a
+    killed member's partitions, and the message it held, move about 2 s after this."""
+    heartbeat_interval: Duration = timedelta(seconds=2)
     """How often a member tells the group coordinator it is alive (under ``session_timeout``)."""
     commit_interval: Duration = timedelta(milliseconds=200)
     """How long acks of first deliveries wait to be committed together (and how often commits are

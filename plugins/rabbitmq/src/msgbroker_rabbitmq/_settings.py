@@ -28,7 +28,7 @@ class RabbitMQSettings(ProviderSettings):
     """How many nodes replicate each quorum queue the provider declares
     (``x-quorum-initial-group-size``); None leaves it to the server (its ``quorum_cluster_size``).
     Only queues declared from then on get it: redeclaring an existing one with another size is refused."""
-    claim_timeout: Duration = timedelta(seconds=10)
+    claim_timeout: Duration = timedelta(seconds=8)
     """How long a member may stay silent before its partitions move to the others."""
     queue_expires: Duration | None = None
     """Let the server delete a topic's and group's queues once unused this long (``x-expires``;

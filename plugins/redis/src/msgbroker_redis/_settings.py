@@ -43,7 +43,7 @@ class RedisSettings(ProviderSettings):
     """Every key the provider writes starts with ``<key_prefix>:``."""
     max_stream_length: int = Field(100_000, ge=1)
     """Settled history kept per lane stream (docs/providers/redis.md, *Trimming*)."""
-    claim_timeout: Duration = timedelta(seconds=10)
+    claim_timeout: Duration = timedelta(seconds=8)
     """How long a silent member keeps its membership and its lanes' leases: a member process
     that dies hands its partitions (and the message it held) to the others after this long.
     (The seed's ``ClaimTimeout``; a live member's slow handler is never claimed by idle time.)"""

@@ -340,7 +340,7 @@ class RedisTransport(Transport):
         if claim > LONG_CLAIM_TIMEOUT:
             log.warning(
                 "redis: claim_timeout is %s: a member process that dies keeps its partitions, and the message it "
-                "held, that long before another member takes them (the default is 10s; see "
+                "held, that long before another member takes them (the default is 8s; see "
                 "docs/providers/redis.md, Failover)", self.settings.redis.claim_timeout)
 
     async def close(self) -> None:
