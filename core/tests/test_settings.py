@@ -51,7 +51,7 @@ def test_defaults_follow_the_spec() -> None:
     # claim_timeout: 8 s (a dead member's partitions move within 10 s), not the seed's 5 minutes
     # they stalled for (the seed's file still sets it: see the next test)
     assert s.redis.url == "redis://localhost:6379" and s.redis.claim_timeout == timedelta(seconds=8)
-    assert s.nats.max_age == timedelta(days=7) and s.nats.ack_wait == timedelta(seconds=30)
+    assert s.nats.max_age == timedelta(days=7) and s.nats.ack_wait == timedelta(seconds=5)
 
 
 def test_the_seed_appsettings_load_unchanged(seed_file: Path) -> None:

@@ -10,6 +10,7 @@ returns (its lane stays in flight while the process lives: +WPI keeps it from be
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import msgbroker
@@ -38,8 +39,10 @@ async def main(url: str, prefix: str, topic: str, group: str, partitions: int, h
             await asyncio.Event().wait()  # in flight until the process is killed
         record(path, f"{item.key}:{item.n}:{ctx.delivery_attempt}")
 
-    broker = msgbroker.connect(url, partition_count=partitions, retry_delay=0,
-                               nats={"stream_prefix": prefix, "ack_wait": 2})
+    settings: dict[str, object] = {"stream_prefix": prefix}
+    if os.environ.get("MEMBER_ACK_WAIT", "2") != "default":  # "default": the provider's default
+        settings["ack_wait"] = float(os.environ.get("MEMBER_ACK_WAIT", "2"))
+    broker = msgbroker.connect(url, partition_count=partitions, retry_delay=0, nats=settings)
     async with broker:
         await broker.subscribe(topic, group, handle)
         record(path, "ready")

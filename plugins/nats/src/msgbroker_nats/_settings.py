@@ -27,8 +27,9 @@ class NatsSettings(ProviderSettings):
     """First subject token and head of every stream name (``A-Z a-z 0-9 _ -``)."""
     max_age: Duration = timedelta(days=7)
     """The streams' retention (0: unlimited)."""
-    ack_wait: Duration = timedelta(seconds=30)
-    """How long a silent member keeps a message: the failover time after a crash."""
+    ack_wait: Duration = timedelta(seconds=5)
+    """How long a silent member keeps a message: with the lease time (half of it), the failover
+    time after a crash."""
     max_deliver: int = Field(5, ge=-1)
     """Accepted for the seed's sake; the server-side limit is always unlimited (``max_retry_attempts``
     decides, docs/providers/nats.md)."""
