@@ -1,7 +1,13 @@
 """A member that dies (abort) while handing a lane over must not leave the hand-over running:
 it would wake after the connection closed and fail unobserved ("Task exception was never
 retrieved"), or release a lease the crash should have left held. Found by the conformance
-suite's state machine."""
+suite's state machine.
+
+A member that closes while handing a lane over must release that lane's lease only after the
+lane is closed (its provider handed back what it held): released earlier, the next owner takes
+the lane while the closing member still holds messages of it, and reads later ones first. Found
+by the NATS conformance run (``test_close_under_load_loses_nothing``: a key handled out of order
+across the close)."""
 
 from __future__ import annotations
 
@@ -67,3 +73,74 @@ async def test_abort_cancels_a_hand_over_waiting_for_its_handler() -> None:
         await broker.abort()
     await asyncio.sleep(0)
     assert not [e for e in errors if "never retrieved" in str(e.get("message", ""))], errors
+
+
+async def test_close_releases_a_lane_in_hand_over_only_once_it_is_closed() -> None:
+    url = "memory://close-during-hand-over"
+    settings: dict[str, Any] = {"partition_count": 4, "memory": {"claim_timeout": 0.4}, "shutdown_timeout": 30}
+    first = await msgbroker.connect(url, **settings)
+    go = asyncio.Event()
+
+    async def wait_for_go(ctx: MessageContext[Job]) -> None:
+        await go.wait()
+
+    subscription = await first.subscribe("jobs", "workers", wait_for_go)
+    keys = [next(f"k{i}" for i in range(1000) if partition_for(f"k{i}", 4) == p) for p in range(4)]
+    await first.publish_batch("jobs", [Job(key=k) for k in keys])
+    runner = subscription._runner
+    coordinator = runner._coordinator
+    assert coordinator is not None
+    server = first.transport.server  # the shared in-memory broker
+    member = subscription.member_id
+
+    # The order of events on the first member: a lane closed (the provider's close_lane
+    # returned) and a lease released, per partition.
+    events: list[tuple[str, int]] = []
+    consumer, transport = runner.consumer, runner.transport
+    close_lane, release_lease = consumer.close_lane, transport.release_lease
+
+    closing_lanes: set[int] = set()
+    handing_over: set[int] = set()
+
+    async def slow_close_lane(partition: int) -> None:
+        if partition in closing_lanes:
+            return  # as a provider may: that lane is being closed already
+        closing_lanes.add(partition)
+        # A provider handing back what it held takes round trips: longer for a busier lane.
+        await asyncio.sleep(0.5 if partition in handing_over else 0.0)
+        await close_lane(partition)
+        events.append(("closed", partition))
+
+    async def recording_release(lane: Lane, token: str) -> None:
+        events.append(("released", lane.partition))
+        await release_lease(lane, token)
+
+    consumer.close_lane = slow_close_lane  # type: ignore[method-assign]
+    transport.release_lease = recording_release  # type: ignore[method-assign]
+
+    joined = []
+    for _ in range(3):  # until a joiner's share makes the first member hand a busy lane over
+        joined.append(await msgbroker.connect(url, **settings))
+        await joined[-1].subscribe("jobs", "workers", wait_for_go)
+        try:
+            await _until(lambda: bool(coordinator._draining), timeout=2)
+            break
+        except AssertionError:
+            continue
+    handing_over.update(coordinator._draining)
+    assert handing_over, "no hand-over started"
+    closing = asyncio.create_task(first.close())
+    await asyncio.sleep(0.05)
+    for partition in handing_over:  # still in its handler: nothing released yet
+        lease = server.leases.get(Lane("jobs", "workers", partition))
+        assert lease is not None and lease.member == member
+    go.set()
+    await closing
+    for partition in handing_over:
+        assert ("closed", partition) in events, f"partition {partition} was never closed: {events}"
+        assert ("released", partition) in events, f"partition {partition} was never released: {events}"
+        assert events.index(("closed", partition)) < events.index(("released", partition)), (
+            f"partition {partition}'s lease was released before the lane was closed: {events}"
+        )
+    for broker in joined:
+        await broker.close()
