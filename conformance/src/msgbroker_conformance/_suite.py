@@ -1141,9 +1141,8 @@ class FencingCases:
     """Rule 11 (fencing) with a paused member: not yet part of :class:`ConformanceSuite`.
 
     Against the servers of this repository, RabbitMQ keeps a paused member's lane past its claim
-    timeout and NATS lets the paused member's late ack settle a message another member holds
-    (docs/conformance.md, "What is not covered"); once they keep the rule, this case moves into
-    the suite. A provider adds it by subclassing both::
+    timeout (docs/conformance.md, "What is not covered"); once it keeps the rule, this case moves
+    into the suite. A provider adds it by subclassing both::
 
         class TestMyConformance(ConformanceSuite, FencingCases):
             harness = MyHarness()

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import nats
 import pytest
-from msgbroker_conformance import ConformanceHarness, ConformanceSuite
+from msgbroker_conformance import ConformanceHarness, ConformanceSuite, FencingCases
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -42,7 +42,7 @@ class NatsHarness(ConformanceHarness):
             raise RuntimeError(f"scripts/brokers restart nats failed ({process.returncode}): {output.decode()[-2000:]}")
 
 
-class TestNatsConformance(ConformanceSuite):
+class TestNatsConformance(ConformanceSuite, FencingCases):
     harness = NatsHarness()
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from msgbroker_conformance import ConformanceHarness, ConformanceSuite
+from msgbroker_conformance import ConformanceHarness, ConformanceSuite, FencingCases
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -35,5 +35,5 @@ class RedisHarness(ConformanceHarness):
             raise RuntimeError(f"scripts/brokers restart redis failed ({process.returncode}): {tail}")
 
 
-class TestRedisConformance(ConformanceSuite):
+class TestRedisConformance(ConformanceSuite, FencingCases):
     harness = RedisHarness()

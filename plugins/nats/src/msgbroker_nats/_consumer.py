@@ -817,13 +817,19 @@ class NatsLaneConsumer(LaneConsumer):
                 waker.cancel()
 
     def _checks_due(self) -> bool:
-        return any(lane.open and not lane.clean for lane in self._lanes.values())
+        return bool(self._ready_lanes) or any(lane.open and not lane.clean for lane in self._lanes.values())
 
     async def _hand_out(self, lane: _Lane, limit: int, out: list[Delivery]) -> None:
         """The lane's next messages in stream order, for an ordered lane only once every message
         of it in flight is held here (``clean``) and never past a nak'ed one that has not come
         back. A redelivery goes alone, as the next to start, its start recorded first."""
         if not lane.open or not lane.clean:
+            return
+        if lane.lease is not None and not self._transport.lease_is_fresh(lane.lease):
+            # Not renewed lately (a pause, a slow beat): the lane may have another owner, and what
+            # arrived meanwhile may be a delivery the pause kept in the socket. Handed once the
+            # renewal comes (or dropped with the lane when the lease turns out lost).
+            self._ready_lanes.add(lane.partition)
             return
         ordered = self._ordered
         missing = min((seq for seq in lane.awaiting if seq not in lane.items), default=None) if ordered else None
