@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from msgbroker_conformance import ConformanceHarness, ConformanceSuite
+from msgbroker_conformance import ConformanceHarness, ConformanceSuite, FencingCases
 
 _SERVERS = os.environ.get("MSGBROKER_KAFKA__BOOTSTRAP_SERVERS", "").strip()
 _REPO = Path(__file__).resolve().parents[3]
@@ -36,5 +36,5 @@ class KafkaHarness(ConformanceHarness):
             raise AssertionError(f"scripts/brokers restart kafka failed: {output.decode(errors='replace')[-2000:]}")
 
 
-class TestKafkaConformance(ConformanceSuite):
+class TestKafkaConformance(ConformanceSuite, FencingCases):
     harness = KafkaHarness()
