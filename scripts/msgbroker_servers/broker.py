@@ -149,6 +149,10 @@ class Broker:
         """More lines for .brokers/env while our server runs (redis-auth: its users' URLs)."""
         return []
 
+    async def after_ready(self) -> None:
+        """Once `up` found our server answering: set up what lives in its data (RabbitMQ's
+        tenants). Idempotent and quick when there is nothing to do; a Failure says why not."""
+
     def secrets(self) -> list[str]:
         """Passwords we generated for this server: never printed (see commands.print_env)."""
         return []

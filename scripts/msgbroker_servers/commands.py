@@ -83,6 +83,12 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
         waits.append((b, b.start_timeout, True))
 
     failures.update(await await_ready(waits))
+    for b in brokers:
+        if b.name not in failures and not b.external_url() and b.proc.pid() is not None:
+            try:
+                await b.after_ready()
+            except Failure as e:
+                failures[b.name] = str(e)
     return failures
 
 

@@ -3,14 +3,11 @@ two least-privilege tenants (docs/security.md), beside the open one of redis_ser
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import secrets
 import shutil
 
 from .common import HOST
+from .passwords import kept_passwords
 from .processes import spawn
 from .redis_server import Redis, check_redis
 from .tls import TLS_CA, TLS_CERT, TLS_KEY
@@ -50,18 +47,7 @@ class RedisAuth(Redis):
 
     def passwords(self) -> dict[str, str]:
         """{user: password}, made once and kept in .brokers/redis-auth/passwords.json (mode 0600)."""
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            found = json.loads(self.secrets_file.read_text())
-            if isinstance(found, dict) and all(isinstance(found.get(u), str) for u in self.users()):
-                return {u: str(found[u]) for u in self.users()}
-        made = {u: secrets.token_urlsafe(24) for u in self.users()}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.secrets_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(made, f)
-        tmp.replace(self.secrets_file)
-        return made
+        return kept_passwords(self.secrets_file, self.users())
 
     def secrets(self) -> list[str]:
         return list(self.passwords().values()) if self.secrets_file.exists() else []

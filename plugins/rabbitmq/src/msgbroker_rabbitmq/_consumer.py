@@ -4,6 +4,10 @@ lane leases (exclusive queues) and one channel per owned lane.
 Everything a member holds on the server — its lease queues, consumers and unacked deliveries —
 lives on its connection, so when the member dies (or its connection does) RabbitMQ frees the
 leases and returns the unsettled messages to the head of their lane queues at once.
+
+When the server refuses the member's credentials or a permission it needs (``AccessDeniedError``),
+the member does nothing more on the server: its next poll raises the refusal, and the engine
+stops the subscription like a crash (docs/semantics.md rule 10).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from aiormq import exceptions as amqp
 from aiormq.abc import DeliveredMessage
 from msgbroker.spi import (
     CONTENT_TYPE,
+    AccessDeniedError,
     DeadLetter,
     Delivery,
     LaneConsumer,
@@ -127,6 +132,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
         self._admin_channel: aiormq.abc.AbstractChannel | None = None
         self._stopped = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._refusal: AccessDeniedError | None = None
+        """The server refused this member's credentials or a permission: raised by the next poll."""
 
     # -- connection and membership ----------------------------------------------------------
 
@@ -144,13 +151,19 @@ class RabbitMQLaneConsumer(LaneConsumer):
             heartbeat=self._transport.amqp_heartbeat,
             on_up=self._restore,
             on_down=self._down,
+            on_refused=self._refused,
             ssl_context=self._transport.ssl_context,
         )
         try:
             await self._link.open()
             await declare_topic(self._link, self._topology, self.topic, self._partitions)
             await declare_group(self._link, self._topology, self.topic, self.group, self._partitions)
-            await self._join()
+            try:
+                await self._join()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise translate(exc, f"joining group {self.group!r} on topic {self.topic!r}") from exc
         except BaseException:
             self._stopped = True
             await self._link.close()
@@ -166,6 +179,19 @@ class RabbitMQLaneConsumer(LaneConsumer):
         await declare_group(link, self._topology, self.topic, self.group, self._partitions)
         await self._join()
 
+    def _refused(self, exc: AccessDeniedError) -> None:
+        """The server refused a credential or permission for good: the next poll raises it."""
+        if self._refusal is None:
+            self._refusal = exc
+        self._arrived.set()
+
+    def _refused_if_denied(self, exc: BaseException, doing: str) -> BaseException:
+        """``exc`` as msgbroker's error; a refusal is also kept for the next poll."""
+        error = translate(exc, doing)
+        if isinstance(error, AccessDeniedError):
+            self._refused(error)
+        return error
+
     def _down(self) -> None:
         """The connection is gone: every lease, consumer and unacked delivery went with it."""
         self._control = self._membership = self._lease_channel = self._admin_channel = None
@@ -176,13 +202,15 @@ class RabbitMQLaneConsumer(LaneConsumer):
         self._arrived.set()
 
     async def _join(self) -> None:
-        """Bind a fresh exclusive auto-delete queue to the members exchange, consume it, beat."""
+        """Bind a fresh exclusive auto-delete queue to the members exchange, consume it, beat.
+        Its name is new at every join: the server may still hold the one of a connection it has
+        not noticed dead yet."""
         _, raw = await self.link.channel(confirms=True)
         self._membership = raw
         exchange = self._topology.members_exchange(self.topic, self.group)
         await raw.exchange_declare(exchange, exchange_type="fanout", durable=True)
-        declared = await raw.queue_declare("", exclusive=True, auto_delete=True)
-        queue = declared.queue or ""
+        queue = self._topology.member_queue(self.topic, self.group, self.member_id, uuid.uuid4().hex[:8])
+        await raw.queue_declare(queue, exclusive=True, auto_delete=True)
         await raw.queue_bind(queue, exchange, routing_key="")
         await raw.basic_consume(queue, self._on_member_message, no_ack=True)
         await self._announce("beat", None)
@@ -249,11 +277,14 @@ class RabbitMQLaneConsumer(LaneConsumer):
         ttl = self._transport.lease_ttl()
         body = json.dumps({"member": self.member_id, "members": self.members(ttl),
                            "lanes": {str(p): n for p, n in self.in_flight().items()}}).encode()
-        await raw.basic_publish(body, exchange="", routing_key=reply_to)
+        # The census's queue is bound to the direct exchange under its name; an earlier version
+        # asked through direct reply-to, which is answered through the default exchange.
+        exchange = "" if reply_to.startswith("amq.rabbitmq.reply-to") else self._topology.direct_exchange()
+        await raw.basic_publish(body, exchange=exchange, routing_key=reply_to)
 
     async def heartbeat(self, ttl: float) -> list[str]:
         """Announce this member; the live members as heard within ``ttl``."""
-        if self.link.is_up:
+        if self.link.is_up and self._refusal is None:
             try:
                 if self._membership is None or self._membership.is_closed:
                     await self._join()  # its channel died: the membership queue went with it
@@ -261,7 +292,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.info("rabbitmq: heartbeat of %s failed: %s", self.member_id, exc)
+                error = self._refused_if_denied(exc, f"the heartbeat of {self.member_id}")
+                log.info("rabbitmq: heartbeat of %s failed: %s", self.member_id, error)
         return self.members(ttl)
 
     async def leave(self) -> None:
@@ -288,8 +320,14 @@ class RabbitMQLaneConsumer(LaneConsumer):
         return raw
 
     async def acquire(self, partition: int) -> str | None:
-        """Declare the lane's exclusive queue: only one connection can hold it."""
+        """Declare the lane's exclusive queue: only one connection can hold it. Once the server
+        refused this member for good, the lane is reported taken without asking the server, so
+        that the engine's next poll of it meets the refusal and stops the subscription."""
         link = self.link
+        if self._refusal is not None:
+            token = f"{self.member_id}/refused/{uuid.uuid4().hex[:8]}"
+            self._tokens[partition] = token
+            return token
         if not link.is_up:
             return None
         generation = link.generation
@@ -302,7 +340,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise translate(exc, f"taking the lease of {self.topic}[{partition}]") from exc
+            raise self._refused_if_denied(exc, f"taking the lease of {self.topic}[{partition}]") from exc
         if generation != link.generation:
             return None
         token = f"{self.member_id}/{generation}/{uuid.uuid4().hex[:8]}"
@@ -316,6 +354,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
         link = self.link
         if self._tokens.get(partition) != token:
             return False
+        if self._refusal is not None:
+            return True  # kept until the engine's next poll meets the refusal and stops
         if link.is_up and token.split("/")[1] == str(link.generation) and partition not in self._lost:
             return True
         self._tokens.pop(partition, None)
@@ -350,13 +390,16 @@ class RabbitMQLaneConsumer(LaneConsumer):
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
         link = self.link
+        if self._refusal is not None:
+            return  # the next poll raises the refusal
         try:
             channel, raw = await link.channel()
             await raw.basic_qos(prefetch_count=self._prefetch)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("rabbitmq: opening %s[%d] failed (%s); it is taken again later", self.topic, partition, exc)
+            error = self._refused_if_denied(exc, f"opening {self.topic}[{partition}]")
+            log.warning("rabbitmq: opening %s[%d] failed (%s); it is taken again later", self.topic, partition, error)
             self._lost.add(partition)
             return
         lane = _Lane(partition, lease, link.generation, channel, raw)
@@ -365,8 +408,9 @@ class RabbitMQLaneConsumer(LaneConsumer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            error = self._refused_if_denied(exc, f"reading the retry note of {self.topic}[{partition}]")
             log.warning("rabbitmq: reading the retry note of %s[%d] failed (%s); it is taken again later",
-                        self.topic, partition, exc)
+                        self.topic, partition, error)
             with contextlib.suppress(Exception):
                 await channel.close()
             self._lost.add(partition)
@@ -511,7 +555,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
             raise
         except Exception as exc:
             if not lane.closing:
-                log.warning("rabbitmq: reading %s[%d] failed: %s", self.topic, lane.partition, exc)
+                error = self._refused_if_denied(exc, f"reading {self.topic}[{lane.partition}]")
+                log.warning("rabbitmq: reading %s[%d] failed: %s", self.topic, lane.partition, error)
                 lane.dead = True
                 self._lost.add(lane.partition)
         return out
@@ -519,6 +564,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
     async def poll(
         self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
     ) -> list[Delivery]:
+        if self._refusal is not None:
+            raise self._refusal
         deadline = time.monotonic() + timeout
         lanes = [lane for p in partitions if (lane := self._lanes.get(p)) is not None]
         for lane in lanes:
@@ -530,6 +577,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
                 except Exception as exc:
                     log.info("rabbitmq: acking on %s[%d] failed: %s", self.topic, lane.partition, exc)
         while not self._stopped:
+            if self._refusal is not None:
+                raise self._refusal
             self._arrived.clear()
             out: list[Delivery] = []
             backlog = [lane for lane in lanes if lane.phase == "backlog" and not lane.dead and not lane.closing]
@@ -599,7 +648,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
                     lane.note_declared = True
                 raw = await self._control_raw()
                 stored = await raw.basic_publish(
-                    json.dumps(note).encode(), exchange="", routing_key=queue, mandatory=True,
+                    json.dumps(note).encode(), exchange=self._topology.direct_exchange(), routing_key=queue,
+                    mandatory=True,
                     properties=spec.Basic.Properties(delivery_mode=PERSISTENT, content_type="application/json"),
                 )
             except asyncio.CancelledError:
@@ -615,22 +665,25 @@ class RabbitMQLaneConsumer(LaneConsumer):
                 await asyncio.sleep(pause)
                 continue
             except Exception as exc:
-                raise translate(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
+                raise self._refused_if_denied(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
             break
         if not isinstance(stored, spec.Basic.Ack):
             raise PublishFailedError(f"rabbitmq: the retry note of {delivery.message_id} was not stored")
 
     async def _declare_note(self, queue: str) -> None:
-        """The lane's note queue, a quorum queue; a classic one an earlier version declared is kept."""
+        """The lane's note queue, a quorum queue (a classic one an earlier version declared is
+        kept), bound to the direct exchange under its name."""
         raw = await self._control_raw()
         try:
             await raw.queue_declare(queue, durable=True, arguments=self._topology.note_arguments())
-            return
         except amqp.ChannelPreconditionFailed as exc:
             if "'x-queue-type'" not in str(exc):
                 raise
-        raw = await self._control_raw()  # the refusal closed the channel
-        await raw.queue_declare(queue, durable=True, arguments=self._topology.legacy_note_arguments())
+            raw = await self._control_raw()  # the refusal closed the channel
+            await raw.queue_declare(queue, durable=True, arguments=self._topology.legacy_note_arguments())
+        direct = self._topology.direct_exchange()
+        await raw.exchange_declare(direct, exchange_type="direct", durable=True)
+        await raw.queue_bind(queue, direct, routing_key=queue)
 
     async def dead_letter(self, delivery: Delivery, letter: DeadLetter) -> None:
         current = self._current(delivery)
@@ -650,9 +703,9 @@ class RabbitMQLaneConsumer(LaneConsumer):
         dlq_topic = on_topic.topic
         try:
             raw = await self._control_raw()
-            stored = await raw.basic_publish(
-                on_topic.body, exchange="", routing_key=self._topology.letters_queue(self.topic, self.group),
-                properties=properties, mandatory=True,
+            stored = await raw.basic_publish(  # the letters queue is bound to it under its name
+                on_topic.body, exchange=self._topology.dead_letter_exchange(),
+                routing_key=self._topology.letters_queue(self.topic, self.group), properties=properties, mandatory=True,
             )
             if not isinstance(stored, spec.Basic.Ack):
                 raise PublishFailedError(f"rabbitmq: the dead letter of {delivery.message_id} was not stored "
@@ -662,7 +715,9 @@ class RabbitMQLaneConsumer(LaneConsumer):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise translate(exc, f"dead-lettering {delivery.message_id} of {self.topic}[{delivery.partition}]") from exc
+            raise self._refused_if_denied(
+                exc, f"dead-lettering {delivery.message_id} of {self.topic}[{delivery.partition}]"
+            ) from exc
         lane.outstanding.pop(tag, None)
         lane.counts.pop(tag, None)
         lane.acks.append(tag)

@@ -119,12 +119,14 @@ async def backlog_exists(link: Link, topology: Topology, topic: str, partition: 
 
 async def declare_group(link: Link, topology: Topology, topic: str, group: str, partitions: int) -> None:
     """The group's lane queues (bound to the topic exchange: from now on the group gets every
-    message of the topic) and its letters queue."""
+    message of the topic), its letters queue, and the exchanges its members publish letters,
+    retry notes and census answers to."""
     channel, raw = await link.channel()
     try:
         dlx = topology.dead_letter_exchange()
         letters = topology.letters_queue(topic, group)
         await raw.exchange_declare(dlx, exchange_type="direct", durable=True)
+        await raw.exchange_declare(topology.direct_exchange(), exchange_type="direct", durable=True)
         try:
             await raw.queue_declare(letters, durable=True, arguments=topology.letters_arguments())
         except amqp.ChannelNotFoundEntity as exc:

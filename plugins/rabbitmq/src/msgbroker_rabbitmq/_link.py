@@ -6,6 +6,10 @@ queue of the old connection) it no longer holds; it also knows one URL only. Thi
 aio-pika's plain connection and reconnects itself, to the node addresses in turn: everything
 bound to a connection (leases, consumers, unacked deliveries) belongs to one *generation*, and
 the owner re-runs its assignment in ``on_up``.
+
+A refused login, virtual host or permission while reconnecting (the user was deleted, its
+password changed, its permissions revoked) is not retried: the link stays down for good with
+``refused`` set, and its owner is told (``on_refused``).
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from msgbroker.resilience import JitteredBackoff
-from msgbroker.spi import BrokerConnectionError, ConfigurationError, MsgBrokerError, tls_verification_error
+from msgbroker.spi import (
+    AccessDeniedError,
+    BrokerConnectionError,
+    ConfigurationError,
+    MsgBrokerError,
+    tls_verification_error,
+)
 from yarl import URL
 
 from ._compat import channel_numbers
-from ._errors import cancelled, redacted, translate
+from ._errors import cancelled, redacted, translate, user_of, vhost_of
 
 __all__ = ["Link", "split_urls"]
 
@@ -79,6 +89,7 @@ class Link:
         heartbeat: int,
         on_up: Callable[[], Awaitable[None]] | None = None,
         on_down: Callable[[], None] | None = None,
+        on_refused: Callable[[AccessDeniedError], None] | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._urls: list[str] = []
@@ -94,6 +105,9 @@ class Link:
         self._name = name
         self._on_up = on_up
         self._on_down = on_down
+        self._on_refused = on_refused
+        self.refused: AccessDeniedError | None = None
+        """Why the server refused a reconnect for good (credentials or permissions); None otherwise."""
         self._conn: AbstractConnection | None = None
         self._up = asyncio.Event()
         self._closing = False
@@ -123,7 +137,8 @@ class Link:
             raise
         except Exception as exc:
             raise (tls_verification_error(exc, "rabbitmq", shown)
-                   or translate(exc, f"connecting to {shown}")) from exc
+                   or translate(exc, f"connecting to {shown}", user_of(self._urls[index]),
+                                vhost_of(self._urls[index]))) from exc
 
         def closed(_sender: Any, _exc: BaseException | None = None) -> None:
             self._lost(conn)
@@ -173,6 +188,13 @@ class Link:
                 self._reconnect(), name=f"msgbroker-rabbitmq-reconnect-{self._name}"
             )
 
+    def _refuse(self, exc: AccessDeniedError) -> None:
+        """The server refused us for good: stay down, tell the owner (retrying cannot help)."""
+        self.refused = exc
+        log.error("rabbitmq: connection %s is not restored: %s", self._name, exc)
+        if self._on_refused is not None:
+            self._on_refused(exc)
+
     async def _reconnect(self) -> None:
         rounds = 0
         first = (self._node + 1) % len(self._urls)  # the node we lost is likely down: the others first
@@ -183,6 +205,9 @@ class Link:
                 conn = await self._connect(first)
             except asyncio.CancelledError:
                 raise
+            except AccessDeniedError as exc:
+                self._refuse(exc)
+                return
             except Exception as exc:
                 log.info("rabbitmq: reconnecting %s: %s", self._name, exc)
                 continue
@@ -194,11 +219,15 @@ class Link:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("rabbitmq: restoring %s on %s after reconnect failed (%s); again",
-                            self._name, self.node, exc)
                 self._conn = None
                 with contextlib.suppress(Exception):
                     await conn.close()
+                error = translate(exc, f"restoring {self._name} on {self.node}")
+                if isinstance(error, AccessDeniedError):
+                    self._refuse(error)
+                    return
+                log.warning("rabbitmq: restoring %s on %s after reconnect failed (%s); again",
+                            self._name, self.node, exc)
                 first = (self._node + 1) % len(self._urls)
                 continue
             if self._closing:
@@ -211,18 +240,25 @@ class Link:
             return
 
     async def wait_up(self, timeout: float) -> bool:
-        """Wait (bounded) for the connection; False when it is still down."""
+        """Wait (bounded) for the connection; False when it is still down. Raises ``refused``,
+        at once, when the server refused it for good (credentials or permissions taken away)."""
+        if self.refused is not None:
+            raise self.refused
         if self._closing:
             return False
         if self._up.is_set():
             return True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._up.wait(), timeout)
+        if self.refused is not None:
+            raise self.refused
         return self._up.is_set() and not self._closing
 
     @property
     def connection(self) -> AbstractConnection:
         conn = self._conn
+        if conn is None and self.refused is not None:
+            raise self.refused
         if conn is None or self._closing:
             raise BrokerConnectionError(f"rabbitmq: connection {self._name} to {self.node} is down")
         return conn

@@ -87,9 +87,26 @@ class Topology:
         """The fanout exchange of the group's membership heartbeats and pending-count census."""
         return _short(f"{self.prefix}:{topic}:{group}:@members", MAX_EXCHANGE_BYTES)
 
+    def member_queue(self, topic: str, group: str, member_id: str, join: str) -> str:
+        """A member's exclusive queue on the members exchange, one per ``join`` (a name of the
+        prefix, not a server-named ``amq.gen-...`` one: the user's permissions cover it)."""
+        return _short(f"{self.prefix}:{topic}:{group}:@member:{member_id}:{join}")
+
+    def census_queue(self, topic: str, group: str, census: str) -> str:
+        """The exclusive queue one pending-count census gets its answers on (through
+        :meth:`direct_exchange`)."""
+        return _short(f"{self.prefix}:{topic}:{group}:@census:{census}")
+
     def dead_letter_exchange(self) -> str:
-        """Where the broker's own dead-lettering (past the delivery limit) goes."""
+        """Where the broker's own dead-lettering (past the delivery limit) goes, and the
+        engine's letters: the letters queues are bound to it under their own names."""
         return _short(f"{self.prefix}:@dead-letters", MAX_EXCHANGE_BYTES)
+
+    def direct_exchange(self) -> str:
+        """The provider's own direct exchange: retry notes and census answers reach their queue
+        through it (bound under the queue's name). Nothing goes through the default exchange, so
+        a user needs no permission outside its prefix (docs/security.md)."""
+        return _short(f"{self.prefix}:@direct", MAX_EXCHANGE_BYTES)
 
     # -- arguments ---------------------------------------------------------------------------
 

@@ -231,6 +231,9 @@ async def _publish_round(
     for _, result in pairs:
         if isinstance(result, asyncio.CancelledError) and cancelled():
             raise result
+    for record, result in pairs:
+        if isinstance(result, amqp.ChannelAccessRefused):  # no write permission: nothing was stored
+            raise translate(result, f"publishing to {record.topic!r}") from result
     # A publish cancelled by aiormq itself (a connection found stuck, its reader cancelled) is
     # indeterminate like any other lost connection.
     unknown = [(r, x) for r, x in pairs

@@ -11,6 +11,7 @@ import math
 import re
 import ssl
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -312,11 +313,18 @@ class RabbitMQTransport(Transport):
         if all(c is None for c in lanes):
             return ready  # the group does not exist yet: it would get the backlog
         consumed = {p for p, c in enumerate(lanes) if c and c[1]}
-        return ready + await self._census(link, topic, group, consumed)
+        try:
+            return ready + await self._census(link, topic, group, consumed)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"asking the members of {group!r} on {topic!r} what they hold") from exc
 
     async def _census(self, link: Link, topic: str, group: str, consumed: set[int]) -> int:
         """Ask the group's members what they hold; wait until every member anyone knows of and
-        every lane with a consumer has answered (bounded)."""
+        every lane with a consumer has answered (bounded). The answers come to an exclusive queue
+        of this call, bound to the provider's direct exchange (not through direct reply-to, whose
+        answers go through the default exchange: a user limited to its prefix may not write there)."""
         replies: dict[str, dict[str, Any]] = {}
         arrived = asyncio.Event()
 
@@ -335,13 +343,18 @@ class RabbitMQTransport(Transport):
 
         channel, raw = await link.channel(confirms=True)
         try:
-            await raw.basic_consume("amq.rabbitmq.reply-to", on_reply, no_ack=True)
+            inbox = self.topology.census_queue(topic, group, uuid.uuid4().hex[:12])
+            direct = self.topology.direct_exchange()
+            await raw.exchange_declare(direct, exchange_type="direct", durable=True)
+            await raw.queue_declare(inbox, exclusive=True, auto_delete=True)  # gone with this channel's consumer
+            await raw.queue_bind(inbox, direct, routing_key=inbox)
+            await raw.basic_consume(inbox, on_reply, no_ack=True)
             try:
                 result = await raw.basic_publish(
                     json.dumps({"kind": "census"}).encode(),
                     exchange=self.topology.members_exchange(topic, group),
                     routing_key="",
-                    properties=spec.Basic.Properties(reply_to="amq.rabbitmq.reply-to", message_type="census"),
+                    properties=spec.Basic.Properties(reply_to=inbox, message_type="census"),
                     mandatory=True,
                 )
             except amqp.ChannelNotFoundEntity:
