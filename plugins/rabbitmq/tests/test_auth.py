@@ -324,9 +324,10 @@ async def test_revoked_permissions_stop_a_subscription_and_lose_nothing(
 ) -> None:
     """RabbitMQ checks a permission when a channel first uses a resource and keeps the answer for
     the channel's life, so revoking takes closing the user's connections too (docs/security.md).
-    The member's reconnect is then refused (no access to the vhost, or its topic's declaration
-    refused), the subscription stops with AccessDeniedError like a crash, and what it had not
-    settled is delivered again once the permissions are back."""
+    The members' reconnects are then refused (no access to the vhost, or their topic's
+    declaration refused): both subscriptions stop with AccessDeniedError like a crash — the one
+    holding the partition and the one holding nothing — and what they had not settled is
+    delivered again once the permissions are back."""
     url, prefix = tenant("A")
     topic = f"rv-{uuid.uuid4().hex[:8]}"
     settings: dict[str, Any] = {"rabbitmq": {"exchange_prefix": prefix, "claim_timeout": 2, "queue_expires": 120},
@@ -344,6 +345,7 @@ async def test_revoked_permissions_stop_a_subscription_and_lose_nothing(
         async with msgbroker.connect(url, **settings) as broker:
             await broker.publish_batch(topic, [Item(n=i) for i in range(5)])
             sub = await broker.subscribe(topic, "g", hold_at_two)
+            idle = await broker.subscribe(topic, "g", hold_at_two)  # a second member: one partition, so no lane
             await wait_for(lambda: 2 in first, "message 2 in its handler")
             if revoke == "clear_permissions":
                 await rabbitmqctl("clear_permissions", "-p", VHOST, prefix)
@@ -352,8 +354,10 @@ async def test_revoked_permissions_stop_a_subscription_and_lose_nothing(
             await rabbitmqctl("close_all_user_connections", prefix, "permissions revoked by test_auth")
             gate.set()
             # The subscription stops by itself with the refusal (no endless reconnecting), like a crash.
-            await wait_for(lambda: sub.failure is not None, "the subscription to stop on the refusal")
+            await wait_for(lambda: sub.failure is not None and idle.failure is not None,
+                           "both subscriptions to stop on the refusal")
             assert isinstance(sub.failure, AccessDeniedError), sub.failure
+            assert isinstance(idle.failure, AccessDeniedError), idle.failure
             text = str(sub.failure)
             assert "rabbitmq" in text and "user 'tenant-a'" in text, text
             assert (f"opening virtual host '{VHOST}' for user 'tenant-a': the user has no permissions on it"
@@ -366,6 +370,7 @@ async def test_revoked_permissions_stop_a_subscription_and_lose_nothing(
             await asyncio.sleep(1.5)  # several reconnect rounds' worth: none may start
             assert connection_attempts(caplog) == attempts, "a refused connection is being retried"
             await sub.abort()
+            await idle.abort()
         await grant(prefix, rule(prefix), rule(prefix), rule(prefix))
         again: list[int] = []
 
