@@ -21,6 +21,7 @@ import nats.errors
 import nats.js.errors
 from msgbroker.spi import (
     DEAD_LETTER_HEADERS,
+    AccessDeniedError,
     BrokerClosedError,
     BrokerConnectionError,
     BrokerTimeoutError,
@@ -47,7 +48,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, 
 
 from . import _compat
 from ._consumer import NatsLaneConsumer
-from ._errors import map_error
+from ._errors import Refusals, RefusingClient, map_error, redacted
 from ._layout import (
     ENVELOPE_HEADER,
     MSG_ID_HEADER,
@@ -144,6 +145,9 @@ class NatsTransport(Transport):
     @property
     def nc(self) -> Client:
         if self._nc is None or self._nc.is_closed:
+            refused = self._refusals.credentials if self._nc is not None else None
+            if refused is not None:
+                raise AccessDeniedError(str(refused))  # closed by the server for its credentials
             raise BrokerClosedError("the nats broker connection is closed")
         return self._nc
 
@@ -169,8 +173,11 @@ class NatsTransport(Transport):
         # nats-py hangs closing a connection whose TLS handshake failed when it may retry: over
         # TLS the first connect fails at once instead (reconnecting is switched on just below).
         first_retry = tls is None and not any(s.startswith("tls://") for s in servers)
+        # What the server refuses (credentials, subject permissions) ends in AccessDeniedError
+        # (_errors.RefusingClient, docs/security.md).
+        self._refusals = Refusals(url)
         try:
-            nc = _compat.Client()
+            nc = RefusingClient(self._refusals)
             await nc.connect(
                 servers=servers,
                 tls=tls,
@@ -186,12 +193,17 @@ class NatsTransport(Transport):
                 error_cb=self._on_error,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
+                closed_cb=self._on_closed,
             )
         except Exception as exc:
             untrusted = tls_verification_error(exc, "nats", redact(url))
             if untrusted is not None:
                 raise untrusted from exc
-            raise BrokerConnectionError(f"cannot connect to nats at {url}: {type(exc).__name__} {exc}") from exc
+            if self._refusals.credentials is not None:
+                raise self._refusals.credentials from None  # not retried: the operator must act
+            raise BrokerConnectionError(
+                f"cannot connect to nats at {redacted(url)}: {type(exc).__name__} {exc}"
+            ) from exc
         self._nc = nc
         self._nc.options["allow_reconnect"] = True
         self._nc.options["max_reconnect_attempts"] = -1
@@ -201,19 +213,44 @@ class NatsTransport(Transport):
             await self._jsm.account_info()
         except Exception as exc:
             await self._nc.close()
-            raise map_error(exc, f"checking JetStream on {url}") from exc
+            raise map_error(exc, f"checking JetStream on {redacted(url)}") from exc
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("nats: connection error: %r", exc)
+        refused, new = self._refusals.note(exc)
+        if refused is None:
+            log.debug("nats: connection error: %r", exc)
+            return
+        nc = self._nc
+        if nc is None or not new:
+            return  # connecting (connect raises it), or told already
+        log.error("%s", refused)
+        if refused is self._refusals.credentials:
+            # Refused at a reconnect (a password changed, a user removed): two attempts, then
+            # nats-py closes the connection instead of retrying forever.
+            nc.options["max_reconnect_attempts"] = 1
+        if refused is self._refusals.reading:
+            # A subscription cannot read without it: wake every consumer so that its next pull
+            # request raises it (RefusingClient) and the engine stops the subscription.
+            for consumer in list(self._consumers):
+                consumer.reconnected()
+
+    async def _on_closed(self) -> None:
+        """The connection is closed for good: by us, or by nats-py after the server refused the
+        credentials (an Authorization Violation in session, e.g. the password changed and the
+        config reloaded: nats-py closes without telling the error callback)."""
+        nc = self._nc
+        if nc is not None and not self._closing and nc.last_error is not None:
+            await self._on_error(nc.last_error)
 
     async def _on_disconnected(self) -> None:
         if not self._closing:
-            log.warning("nats: disconnected from %s; reconnecting", self.settings.nats.url)
+            log.warning("nats: disconnected from %s; reconnecting", redacted(self.settings.nats.url))
 
     async def _on_reconnected(self) -> None:
         nc = self._nc
         where = nc.connected_url if nc is not None else None
-        log.warning("nats: reconnected to %s", f"{where.hostname}:{where.port}" if where else self.settings.nats.url)
+        log.warning("nats: reconnected to %s",
+                    f"{where.hostname}:{where.port}" if where else redacted(self.settings.nats.url))
         for consumer in list(self._consumers):
             consumer.reconnected()  # the server dropped every pull request with the old connection
 
