@@ -42,6 +42,8 @@ class Broker:
     tls_env_var: str
     start_timeout: float = 30.0
     stop_timeout: float = 20.0
+    serves_tls: bool = True
+    """False for a server without a TLS listener (nats-auth): the messages name none."""
 
     def __init__(self) -> None:
         self.dir = RUN_DIR / self.name
@@ -228,7 +230,8 @@ class Broker:
                     raise Failure(f"{self.name}: port {port} is still taken; cannot restart on it")
                 time.sleep(0.2)
         tls_port = self.choose_tls_port(restarting)
-        say(f"starting {self.name} on {HOST}:{port}, TLS on {tls_port} (log {rel(self.log)})")
+        tls = f", TLS on {tls_port}" if self.serves_tls else ""
+        say(f"starting {self.name} on {HOST}:{port}{tls} (log {rel(self.log)})")
         pid = self.launch(port, tls_port)
         self.proc.record(pid)
         self.tls_stamp_file.write_text(ca_fingerprint() + "\n")

@@ -69,7 +69,7 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
                 say(f"{b.name}: WARNING: running, but {stale}, so {b.tls_env_var} is left out; "
                     f"`scripts/brokers restart {b.name}` restarts it with one (keeping its data)")
             if b.name in healthy:
-                tls = "" if stale else f", TLS on {b.tls_port()}"
+                tls = "" if stale or not b.serves_tls else f", TLS on {b.tls_port()}"
                 say(f"{b.name}: already running and healthy on port {b.port()}{tls}")
                 continue
             say(f"{b.name}: running (pid {b.proc.pid()}) but not answering yet; waiting")
@@ -101,7 +101,7 @@ async def await_ready(waits: list[tuple[Broker, float, bool]]) -> dict[str, str]
             await b.wait_healthy(timeout, watch_process=watch)
         except Failure as e:
             return str(e)
-        tls = "" if b.external_url() or b.tls_stale() else f", TLS on {b.own_tls_url()}"
+        tls = "" if b.external_url() or b.tls_stale() or not b.serves_tls else f", TLS on {b.own_tls_url()}"
         say(f"{b.name}: ready on {b.current_url()}{tls} after {time.monotonic() - t0:.1f}s")
         return None
 

@@ -73,6 +73,7 @@ class NatsAuth(Broker):
     env_var = "MSGBROKER_TEST_NATS_AUTH_ADDRESS"
     tls_default_port = 0
     tls_env_var = "MSGBROKER_TEST_NATS_AUTH_TLS_URL"  # never written: this server has no TLS listener
+    serves_tls = False
     start_timeout = 20.0
 
     def __init__(self) -> None:
