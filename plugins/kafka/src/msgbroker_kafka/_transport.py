@@ -134,6 +134,11 @@ class KafkaTransport(Transport):
         self.consumers: set[Flushable] = set()
         """The running consumers of this transport (each adds itself at start)."""
 
+    def lease_ttl(self) -> float:
+        """The group's session timeout: how long a silent member keeps its partitions (what the
+        conformance suite derives its failover bounds from)."""
+        return float(self.settings.kafka.session_timeout.total_seconds())
+
     # -- connection -----------------------------------------------------------------------------
 
     def client_options(self) -> dict[str, Any]:
