@@ -99,6 +99,7 @@ class _Lane:
         "awaiting",
         "clean",
         "clean_at",
+        "clean_by",
         "clean_check_at",
         "closing",
         "deadline",
@@ -142,7 +143,8 @@ class _Lane:
         self.lease: str | None = None  # the engine's lease token for the lane
         self.turn = 0  # one more at each retry of an ordered lane (the engine drops what it holds)
         self.clean = False  # nothing of the lane is in flight at the server but what is held here
-        self.clean_at = 0.0  # not clean: when to go on even if the server never confirmed it (see _check_clean)
+        self.clean_at = 0.0  # not clean: not before then (ack_wait + 0.5 s after the take-over)
+        self.clean_by = 0.0  # not clean: when to go on even if the server never confirmed it (see _check_clean)
         self.clean_check_at = 0.0  # not clean: when to ask the server again
         self.floor_check_at = 0.0  # when to look for awaited sequences settled meanwhile (see _prune_awaiting)
         self.owner_revision: int | None = None  # of the lane's owner record this member wrote
@@ -257,7 +259,7 @@ class NatsLaneConsumer(LaneConsumer):
                     lane.offsets[int(seq)] = int(offset)
         if self._ordered and (left is None or not state.startswith("closed")):
             lane.clean = False
-            lane.clean_at = time.monotonic() + self._clean_after()
+            self._not_clean(lane, time.monotonic())
             log.info("nats: %s[%d] for %s was left by %s without closing; handing nothing until what it held is back",
                      self._topic, lane.partition, self._group, state or "an unknown owner")
         lane.owner_revision = None
@@ -396,7 +398,7 @@ class NatsLaneConsumer(LaneConsumer):
                 self._needs_request.add(lane.partition)
                 if self._ordered:
                     lane.clean = False
-                    lane.clean_at = now + self._clean_after()
+                    self._not_clean(lane, now)
         self._wake_poll()
 
     # -- pull requests ---------------------------------------------------------------------
@@ -449,27 +451,30 @@ class NatsLaneConsumer(LaneConsumer):
                 self._needs_request.discard(partition)
                 await self._top_up(wanting)
         for lane in list(self._lanes.values()):
-            if lane.open and not lane.clean:
-                if now >= lane.clean_at:
-                    if self._transport.asks_consumers_freely():
-                        log.warning("nats: %s[%d] for %s: the server still counts messages in flight elsewhere "
-                                    "%.0f s after the take-over; going on", self._topic, lane.partition, self._group,
-                                    self._clean_after())
+            if lane.open and not lane.clean and now >= lane.clean_at:
+                if not self._transport.asks_consumers_freely():
                     self._now_clean(lane)
-                elif now >= lane.clean_check_at and self._transport.asks_consumers_freely():
+                elif now >= lane.clean_by:
+                    log.warning("nats: %s[%d] for %s: the server still counts messages in flight elsewhere "
+                                "%.0f s after the take-over; going on", self._topic, lane.partition, self._group,
+                                _UNCONFIRMED_CLEAN * self._transport.ack_wait)
+                    self._now_clean(lane)
+                elif now >= lane.clean_check_at:
                     lane.clean_check_at = now + _CHECK_AGAIN
                     await self._check_clean(lane)
             if lane.open and lane.clean and lane.awaiting and now >= lane.floor_check_at:
                 lane.floor_check_at = now + self._transport.ack_wait
                 await self._prune_awaiting(lane)
 
-    def _clean_after(self) -> float:
-        """Seconds after which a lane left without closing goes on unconfirmed: on nats-server 2.9
-        (asked nothing, see ``asks_consumers_freely``) ack_wait + 0.5 s, when 2.9 has redelivered
-        what the dead owner held; on later servers the server's count decides (_check_clean),
-        this only bounds it."""
+    def _not_clean(self, lane: _Lane, now: float) -> None:
+        """A lane left without closing hands nothing for ack_wait + 0.5 s: by then nats-server
+        has redelivered what the dead owner held on 2.9, and a message it nak'ed with a shorter
+        delay is back. On later servers (``asks_consumers_freely``) the server's count must then
+        also say so (_check_clean), at most until ``_UNCONFIRMED_CLEAN`` times ack_wait."""
         ack_wait = self._transport.ack_wait
-        return _UNCONFIRMED_CLEAN * ack_wait if self._transport.asks_consumers_freely() else ack_wait + 0.5
+        lane.clean = False
+        lane.clean_at = now + ack_wait + 0.5
+        lane.clean_by = now + _UNCONFIRMED_CLEAN * ack_wait
 
     def _now_clean(self, lane: _Lane) -> None:
         lane.clean = True
@@ -479,12 +484,13 @@ class NatsLaneConsumer(LaneConsumer):
     async def _check_clean(self, lane: _Lane) -> None:
         """A lane left without closing (its owner died, or our connection broke) is clean once
         the server counts no more messages in flight on its consumer than this member holds:
-        what the dead owner held was redelivered here (or settled). Not a timer: nats-server
-        2.10 and later redeliver an expired message up to about twice ack_wait after its last
-        delivery, and a later message handed before it would overtake it. A message nak'ed
-        with a delay counts as in flight until it is back: the lane then waits for it (or, at
-        worst, ``_UNCONFIRMED_CLEAN`` times ack_wait; its place is kept by ``awaiting`` anyway). Not on
-        nats-server 2.9, which redelivers at ack_wait and which the request would slow down."""
+        what the dead owner held was redelivered here (or settled). Asked only after the
+        ack_wait + 0.5 s of _not_clean: nats-server 2.10 and later redeliver an expired message
+        up to about twice ack_wait after its last delivery (the timer alone let a later message
+        overtake it), and a message the dead owner nak'ed with a delay is not always in that
+        count (the count alone did: the NATS cluster's volume tier, a message nak'ed, then its
+        member killed). Not on nats-server 2.9, which redelivers at ack_wait and which the
+        request would slow down."""
         try:
             info = await self._transport.jsm.consumer_info(self._layout.stream,
                                                            self._layout.consumer(self._group, lane.partition))
