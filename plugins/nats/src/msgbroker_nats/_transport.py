@@ -859,6 +859,17 @@ class NatsTransport(Transport):
         return sum(1 for ok in done if ok is True)
 
     async def _scan_dead_letters(self, topic: str, group: str) -> list[tuple[int, DeadLetter]]:
+        """Read the ``<topic>.dlq`` stream (see _scan_dead_letters_once); a read that timed out is
+        tried again twice — it changes nothing, and on a loaded cluster the ephemeral consumer's
+        creation can outlast the request timeout."""
+        for _ in range(2):
+            try:
+                return await self._scan_dead_letters_once(topic, group)
+            except BrokerTimeoutError:
+                log.info("nats: reading the dead letters of %r timed out; trying again", topic)
+        return await self._scan_dead_letters_once(topic, group)
+
+    async def _scan_dead_letters_once(self, topic: str, group: str) -> list[tuple[int, DeadLetter]]:
         """Read the ``<topic>.dlq`` stream through a short-lived ephemeral consumer (no acks)."""
         layout = self.layout(topic).dead_letters
         try:
