@@ -19,6 +19,7 @@ Modules, each importing only those listed before it:
 - ``tls``: the throw-away test CA
 - ``broker``: what every single server has in common (``Broker``)
 - ``redis_server``, ``nats_server``, ``rabbitmq_server``, ``kafka_server``: one per server
+  (``postgres_server``: PostgreSQL for the outbox and inbox)
 - ``envfile``: ``.brokers/env``
 - ``locking``, ``commands``: the single-server commands
 - ``cluster``: the 3-node clusters (a subpackage of the same shape)

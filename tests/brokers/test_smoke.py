@@ -149,3 +149,23 @@ async def test_kafka_produce_consume() -> None:
                 await admin.delete_topics([topic])
             finally:
                 await admin.close()
+
+
+@pytest.mark.asyncio
+async def test_postgres_table_insert_select() -> None:
+    """The outbox's database (plugins/outbox): the test role logs in, owns its database and
+    may create tables there."""
+    import asyncpg
+
+    url = setting("MSGBROKER_TEST_POSTGRES_URL")
+    table = unique("msgbroker_smoke_")
+    async with asyncio.timeout(20):
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            await conn.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, body text NOT NULL)")
+            await conn.execute(f"INSERT INTO {table} (body) VALUES ($1)", "hello postgres")
+            assert await conn.fetchval(f"SELECT body FROM {table}") == "hello postgres"
+            assert await conn.fetchval("SELECT current_user") == "msgbroker"
+        finally:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}")
+            await conn.close()
