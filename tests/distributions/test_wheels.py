@@ -30,7 +30,7 @@ def view(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_scripts_wheels_builds_every_distribution(wheels: Path) -> None:
     names = sorted(p.name.split("-")[0] for p in wheels.glob("*.whl"))
     assert names == ["msgbroker", "msgbroker_bench", "msgbroker_conformance", "msgbroker_kafka", "msgbroker_nats",
-                     "msgbroker_rabbitmq", "msgbroker_redis", "msgbroker_sqlite"]
+                     "msgbroker_outbox", "msgbroker_rabbitmq", "msgbroker_redis", "msgbroker_sqlite"]
 
 
 def test_the_wheels_install_into_a_new_venv_and_the_command_runs(wheels: Path, view: Path, tmp_path: Path) -> None:

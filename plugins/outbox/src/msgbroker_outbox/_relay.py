@@ -1,0 +1,255 @@
+"""The relay: moves committed outbox messages to the broker, at least once, in order per bucket
+(so per partition key), with leases so that several relays share the buckets safely."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from typing import Any, Self
+
+from msgbroker import Broker, ConfigurationError, Service, partition_for
+from msgbroker.spi import OutgoingRecord
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._outbox import Outbox
+from ._sql import check_dialect, insert, now
+
+log = logging.getLogger("msgbroker.outbox")
+
+
+class Relay:
+    """One relay process's worker. Start it with ``await relay.start()`` (or ``async with``), stop
+    it with ``await relay.stop()``; :func:`run_relay_in` runs one inside a ``msgbroker.Service``.
+
+    * ``lease_ttl`` (default 10 s): a bucket's lease lasts this long on the database's clock and
+      is renewed every third of it; a relay that dies holding buckets loses them after this, and
+      another relay takes them over. A relay stops publishing a bucket when it has not renewed
+      its lease for 0.8 times ``lease_ttl`` (its own clock).
+    * ``batch_size`` (default 200): messages read and published per bucket and round.
+    * ``poll_interval`` (default 0.1 s): the wait when a round moved nothing.
+    * ``keep_sent`` (default 3600 s): sent messages stay marked sent (``sent_at``) this long, then
+      are deleted; 0 deletes them once sent.
+    """
+
+    def __init__(self, outbox: Outbox, engine: AsyncEngine, broker: Broker, *, relay_id: str | None = None,
+                 batch_size: int = 200, lease_ttl: float = 10.0, poll_interval: float = 0.1,
+                 keep_sent: float = 3600.0) -> None:
+        if batch_size < 1:
+            raise ConfigurationError(f"batch_size must be at least 1, got {batch_size!r}")
+        if not lease_ttl >= 1.0:
+            raise ConfigurationError(f"lease_ttl must be at least 1 s, got {lease_ttl!r}")
+        if not poll_interval > 0:
+            raise ConfigurationError(f"poll_interval must be above 0 s, got {poll_interval!r}")
+        if not keep_sent >= 0:
+            raise ConfigurationError(f"keep_sent must be 0 s or more, got {keep_sent!r}")
+        self.outbox = outbox
+        self.engine = engine
+        self.broker = broker
+        self.dialect = check_dialect(engine.dialect.name)
+        self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.batch_size = batch_size
+        self.lease_ttl = float(lease_ttl)
+        self.poll_interval = float(poll_interval)
+        self.keep_sent = float(keep_sent)
+        self.held: set[int] = set()
+        """The buckets this relay holds right now."""
+        self.moved = 0
+        """Messages this relay has published and marked sent."""
+        self._valid_until = 0.0  # monotonic: publish nothing after this without renewing
+        self._renewed_at = -math.inf
+        self._cleaned_at = time.monotonic()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.failure: BaseException | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> Self:
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name=f"msgbroker-outbox-relay {self.relay_id}")
+        return self
+
+    async def __aenter__(self) -> Self:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, then hand every bucket back at once (no waiting for leases)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        await task
+        with contextlib.suppress(Exception):
+            await self._release(list(self.held), leave=True)
+
+    async def abort(self) -> None:
+        """Stop at once, releasing nothing (what a crash leaves; for tests)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # -- the loop
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping.is_set():
+            try:
+                if time.monotonic() - self._renewed_at >= self.lease_ttl / 3:
+                    await self._heartbeat()
+                moved = 0
+                for bucket in sorted(self.held):
+                    if self._stopping.is_set():
+                        break
+                    moved += await self._relay_bucket(bucket)
+                if time.monotonic() - self._cleaned_at >= 60.0:
+                    await self._clean()
+                backoff = 0.1
+                if moved == 0:
+                    await self._pause(self.poll_interval)
+            except Exception as exc:  # the database or the broker away: try again, keep the order
+                log.warning("outbox relay %s: %s: %s; trying again in %.1f s",
+                            self.relay_id, type(exc).__name__, exc, backoff)
+                await self._pause(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _heartbeat(self) -> None:
+        """Announce this relay, renew its leases, and take or give back buckets so that each
+        live relay holds about buckets / relays."""
+        started = time.monotonic()
+        t_now = now(self.dialect)
+        leases, relays = self.outbox.leases, self.outbox.relays
+        ttl = self.lease_ttl
+        async with self.engine.begin() as conn:
+            upsert = insert(self.dialect, relays).values(relay_id=self.relay_id, expires_at=t_now + ttl)
+            await conn.execute(upsert.on_conflict_do_update(index_elements=["relay_id"],
+                                                            set_={"expires_at": t_now + ttl}))
+            renewed = await conn.execute(
+                leases.update().where(and_(leases.c.owner == self.relay_id, leases.c.expires_at > t_now))
+                .values(expires_at=t_now + ttl).returning(leases.c.bucket))
+            held = {int(r[0]) for r in renewed}
+            live = int(await conn.scalar(select(func.count()).select_from(relays)
+                                         .where(relays.c.expires_at > t_now)) or 1)
+            await conn.execute(relays.delete().where(relays.c.expires_at < t_now - 60.0))
+        self.held = held
+        self._renewed_at = started
+        self._valid_until = started + 0.8 * ttl
+        fair = math.ceil(self.outbox.buckets / max(live, 1))
+        if len(self.held) > fair:
+            await self._release(sorted(self.held)[fair:])
+        elif len(self.held) < fair:
+            await self._acquire(fair - len(self.held))
+
+    async def _acquire(self, wanted: int) -> None:
+        leases = self.outbox.leases
+        t_now = now(self.dialect)
+        free = or_(leases.c.owner.is_(None), leases.c.expires_at < t_now)
+        async with self.engine.begin() as conn:
+            candidates = [int(r[0]) for r in await conn.execute(
+                select(leases.c.bucket).where(free).order_by(leases.c.bucket))]
+            # Start at a place of our own: relays starting together do not fight over bucket 0.
+            if candidates:
+                shift = zlib.crc32(self.relay_id.encode()) % len(candidates)
+                candidates = candidates[shift:] + candidates[:shift]
+            for bucket in candidates[:wanted]:
+                taken = await conn.execute(
+                    leases.update().where(and_(leases.c.bucket == bucket, free))
+                    .values(owner=self.relay_id, fence=leases.c.fence + 1, expires_at=t_now + self.lease_ttl))
+                if taken.rowcount == 1:
+                    self.held.add(bucket)
+        # Taken after the heartbeat that set _valid_until: they last at least as long.
+
+    async def _release(self, buckets: Sequence[int], *, leave: bool = False) -> None:
+        leases, relays = self.outbox.leases, self.outbox.relays
+        async with self.engine.begin() as conn:
+            if buckets:
+                await conn.execute(
+                    leases.update().where(and_(leases.c.bucket.in_(list(buckets)), leases.c.owner == self.relay_id))
+                    .values(owner=None, expires_at=0.0))
+            if leave:
+                await conn.execute(relays.delete().where(relays.c.relay_id == self.relay_id))
+        self.held.difference_update(buckets)
+
+    async def _relay_bucket(self, bucket: int) -> int:
+        """Publish the oldest unsent messages of ``bucket`` in order, then mark them sent."""
+        if time.monotonic() >= self._valid_until:
+            return 0  # the lease may have run out: renew before publishing anything
+        m = self.outbox.messages
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(
+                select(m.c.id, m.c.topic, m.c.partition_key, m.c.message_id, m.c.headers, m.c.body)
+                .where(and_(m.c.bucket == bucket, m.c.sent_at.is_(None)))
+                .order_by(m.c.id).limit(self.batch_size))).all()
+        if not rows or time.monotonic() >= self._valid_until:
+            return 0
+        await self._publish(rows)
+        async with self.engine.begin() as conn:
+            if self.keep_sent == 0:
+                await conn.execute(m.delete().where(m.c.id.in_([r.id for r in rows])))
+            else:
+                await conn.execute(m.update().where(m.c.id.in_([r.id for r in rows]))
+                                   .values(sent_at=now(self.dialect)))
+        self.moved += len(rows)
+        return len(rows)
+
+    async def _publish(self, rows: Sequence[Any]) -> None:
+        """One ``send`` per run of consecutive messages of one topic, each confirmed before the next."""
+        settings = self.broker.settings
+        window: float | None = None
+        if settings.enable_deduplication:
+            self.broker.capabilities.require("deduplication")
+            window = settings.deduplication_window.total_seconds()
+        count = settings.partition_count
+        run: list[OutgoingRecord] = []
+        for row in rows:
+            if run and run[0].topic != row.topic:
+                await self.broker.producer.send(run[0].topic, run, window)
+                run = []
+            run.append(OutgoingRecord(row.topic, partition_for(row.partition_key, count), row.partition_key,
+                                      row.message_id, json.loads(row.headers), bytes(row.body)))
+        if run:
+            await self.broker.producer.send(run[0].topic, run, window)
+
+    async def _clean(self) -> None:
+        self._cleaned_at = time.monotonic()
+        if self.keep_sent == 0:
+            return
+        m = self.outbox.messages
+        async with self.engine.begin() as conn:
+            await conn.execute(m.delete().where(and_(m.c.sent_at.is_not(None),
+                                                     m.c.sent_at < now(self.dialect) - self.keep_sent)))
+
+
+def run_relay_in(service: Service, outbox: Outbox, engine: AsyncEngine, **options: Any) -> None:
+    """Run a relay in each worker of ``service`` (``msgbroker run``, the app's lifespan, tests'
+    ``service.start``): it starts once the service's broker is open and stops, handing its buckets
+    back, before the broker closes. ``options`` are :class:`Relay`'s."""
+    holder: list[Relay] = []
+
+    @service.on_startup
+    async def _start_outbox_relay() -> None:
+        holder.append(await Relay(outbox, engine, service.broker, **options).start())
+
+    @service.on_shutdown
+    async def _stop_outbox_relay() -> None:
+        while holder:
+            await holder.pop().stop()
