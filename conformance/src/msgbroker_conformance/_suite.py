@@ -1126,29 +1126,7 @@ class ConformanceSuite:
         counts = await run_volume(s, s.harness.volume_size())
         assert counts["messages"] == s.harness.volume_size()
 
-    # -- the reference model --------------------------------------------------------------------
-
-    @case("model", timeout=600.0, rules=("2", "3", "4", "7", "10", "12"))
-    async def test_state_machine_against_the_reference_model(self, s: Scenario) -> None:
-        """Hypothesis drives publish / handle / ack / nak / delay / crash / join against the
-        provider and a pure-Python model (see msgbroker_conformance._stateful)."""
-        from ._stateful import run_machine
-
-        await asyncio.to_thread(run_machine, s.harness, s.seed)
-
-
-class FencingCases:
-    """Rule 11 (fencing) with a paused member: not yet part of :class:`ConformanceSuite`.
-
-    Against the servers of this repository, RabbitMQ keeps a paused member's lane past its claim
-    timeout (docs/conformance.md, "What is not covered"); once it keeps the rule, this case moves
-    into the suite. A provider adds it by subclassing both::
-
-        class TestMyConformance(ConformanceSuite, FencingCases):
-            harness = MyHarness()
-    """
-
-    harness: ClassVar[ConformanceHarness | None] = None
+    # -- rule 11: fencing ----------------------------------------------------------------------
 
     @requires("kill_member", "redelivery_on_crash", "competing_consumers")
     @case("semantics", timeout=240.0, rules=("11", "10"))
@@ -1295,3 +1273,19 @@ async def _wait_healthy(s: Scenario, broker: msgbroker.Broker) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
+    # -- the reference model --------------------------------------------------------------------
+
+    @case("model", timeout=600.0, rules=("2", "3", "4", "7", "10", "12"))
+    async def test_state_machine_against_the_reference_model(self, s: Scenario) -> None:
+        """Hypothesis drives publish / handle / ack / nak / delay / crash / join against the
+        provider and a pure-Python model (see msgbroker_conformance._stateful)."""
+        from ._stateful import run_machine
+
+        await asyncio.to_thread(run_machine, s.harness, s.seed)
+
+
+class FencingCases:
+    """Kept so that provider tests written as ``class TestX(ConformanceSuite, FencingCases)`` still
+    import: the fencing case (rule 11) is part of :class:`ConformanceSuite` now."""
+
+    harness: ClassVar[ConformanceHarness | None] = None

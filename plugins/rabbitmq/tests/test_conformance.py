@@ -13,14 +13,14 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 class RabbitMQHarness(ConformanceHarness):
-    """The server started by ``scripts/brokers up rabbitmq``; an exchange prefix per test, 2 s claims."""
+    """The server started by ``scripts/brokers up rabbitmq``; an exchange prefix per test, 4 s claims."""
 
     url = os.environ.get("MSGBROKER_RABBITMQ__URL") or None
     url_env = "MSGBROKER_RABBITMQ__URL"
     timeout_multiplier = 1.0
 
     def overrides(self, namespace: str) -> dict[str, Any]:
-        return {"rabbitmq": {"exchange_prefix": f"conf-{namespace}", "claim_timeout": 2, "queue_expires": 300}}
+        return {"rabbitmq": {"exchange_prefix": f"conf-{namespace}", "claim_timeout": 4, "queue_expires": 300}}
 
     async def restart_server(self) -> None:
         """Restart the server through the repository's broker script (durable queues and

@@ -120,7 +120,13 @@ class RabbitMQTransport(Transport):
             section.quorum_initial_group_size,
         )
         claim = section.claim_timeout.total_seconds()
-        self.amqp_heartbeat = max(5, math.ceil(claim))
+        # The server drops a connection it heard nothing from for one to two heartbeat periods
+        # (aiormq sends a frame every heartbeat / 2 s): a member whose event loop stalls for
+        # longer than the claim timeout loses its connection, and with it its lease queues
+        # (fencing, docs/semantics.md). Never below 2 s: aiormq sends at most once a second, and
+        # the server must not drop a member that is only busy; so a claim timeout under 4 s
+        # fences a stalled member after 2–4 s, not within the claim timeout.
+        self.amqp_heartbeat = max(2, math.ceil(claim / 2))
         self._link: Link | None = None
         self.ssl_context: ssl.SSLContext | None = None
         """Made from ``rabbitmq.ssl_cafile`` at connect; every connection of this transport uses it."""
