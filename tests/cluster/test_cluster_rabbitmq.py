@@ -142,14 +142,14 @@ async def led_elsewhere(topic: str, node: int, since: float, timeout: float = 60
 
 
 class RabbitMQClusterHarness(ConformanceHarness):
-    """The cluster's three nodes in ``rabbitmq.url``; an exchange prefix per case, 2 s claims."""
+    """The cluster's three nodes in ``rabbitmq.url``; an exchange prefix per case, 4 s claims."""
 
     url: ClassVar[str | None] = os.environ.get(URLS, "").strip() or None
     url_env: ClassVar[str | None] = URLS
     timeout_multiplier: ClassVar[float] = 1.5
 
     def overrides(self, namespace: str) -> dict[str, Any]:
-        return {"rabbitmq": {"exchange_prefix": f"cconf-{namespace}", "claim_timeout": 2, "queue_expires": 300}}
+        return {"rabbitmq": {"exchange_prefix": f"cconf-{namespace}", "claim_timeout": 4, "queue_expires": 300}}
 
     async def restart_server(self) -> None:
         """A rolling restart: each node in turn, waiting until it is back in the cluster."""
