@@ -38,6 +38,16 @@ def database_url(kind: str, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'outbox.db'}"
 
 
+@pytest.fixture(name="postgres_url")
+def postgres_url_fixture() -> str:
+    return postgres_url()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return setting("MSGBROKER_REDIS__URL")
+
+
 @pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
