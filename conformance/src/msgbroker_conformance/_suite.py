@@ -892,6 +892,80 @@ class ConformanceSuite:
             release.set()
         await _eventually_pending(s, broker, topic, holding, 0)
 
+    @requires("pending_count_exact")
+    @case("semantics", rules=("shape", "7"))
+    async def test_describe_matches_the_model(self, s: Scenario) -> None:
+        """``Transport.describe``, the operators' read model (docs/dashboard.md), against the
+        model: every partition listed once; pending per partition adds up to ``pending_count``
+        and equals ``pending_by_partition`` and the partitioner's count; owners are live members
+        holding what the members say they hold; a held lane's head is the message its handler
+        holds, with its attempt; after release everything is 0 and no head is left."""
+        count = 4
+        broker = await s.connect(partition_count=count)
+        topic, group = s.topic(), s.group()
+        release = asyncio.Event()
+
+        async def hold(ctx: MessageContext[ConformanceMessage], seen: Seen) -> None:
+            await release.wait()
+
+        rec = Recorder()
+        per = {0: 1, 1: 3, 2: 0, 3: 2}
+        messages = [ConformanceMessage(key=key, seq=i) for p, n in per.items()
+                    for i, key in enumerate(keys_in_partition(p, count, n, prefix="describe"))]
+        await broker.subscribe(topic, group, rec.handler(decide=hold), message_type=ConformanceMessage)
+        await broker.publish_batch(topic, messages)
+        busy = {p for p, n in per.items() if n}
+        try:
+            await s.eventually(lambda: {x.partition for x in rec.seen} >= busy,
+                               lambda: f"a message held on each of the partitions {sorted(busy)}: {rec.trace()}")
+            await _eventually_pending(s, broker, topic, group, len(messages))
+            view = await broker.transport.describe(topic, group)
+            assert (view.topic, view.group) == (topic, group), f"describe answered for {view.topic}/{view.group}"
+            listed = [x.partition for x in view.partitions]
+            assert listed == list(range(count)), f"describe must list partitions 0..{count - 1} once, listed {listed}"
+            assert view.pending == len(messages), f"describe's pending {view.pending}, pending_count {len(messages)}"
+            assert view.dead_letters == 0, f"describe counts {view.dead_letters} dead letters, there are none"
+            counted = {x.partition: x.pending for x in view.partitions}
+            if any(n is not None for n in counted.values()):
+                assert counted == per, f"pending per partition: describe says {counted}, published {per}"
+                with contextlib.suppress(msgbroker.CapabilityNotSupported):
+                    by = await broker.transport.pending_by_partition(topic, group)
+                    assert {p: by.get(p, 0) for p in range(count)} == counted, (
+                        f"describe's pending per partition {counted} != pending_by_partition {dict(by)}"
+                    )
+            held = {x.partition: x for x in rec.seen}
+            for part in view.partitions:
+                if part.head is not None:
+                    assert part.partition in held, f"partition {part.partition} is empty, describe's head {part.head}"
+                    assert part.head == held[part.partition].message_id, (
+                        f"partition {part.partition}: describe's head {part.head}, the handler holds "
+                        f"{held[part.partition].message_id}"
+                    )
+                    assert part.attempt is not None and part.attempt >= 1, (
+                        f"partition {part.partition}: the held head has attempt {part.attempt}, delivered once"
+                    )
+                if part.oldest_age is not None:
+                    assert part.oldest_age >= 0, f"partition {part.partition}: negative age {part.oldest_age}"
+            if view.members is not None:
+                ids = [m.member_id for m in view.members]
+                assert len(ids) == len(set(ids)) >= 1, f"describe's members {ids}: one live member, listed once"
+                holds = {p: m.member_id for m in view.members for p in m.partitions}
+                owners = {x.partition: x.owner for x in view.partitions if x.owner is not None}
+                assert set(owners.values()) <= set(ids), f"owners {owners} are not all live members {ids}"
+                if view.owners_known:
+                    assert owners == holds, f"partition owners {owners} != what the members hold {holds}"
+                    assert set(owners) >= busy, f"partitions {sorted(busy - set(owners))} are held but have no owner"
+        finally:
+            release.set()
+        await _eventually_pending(s, broker, topic, group, 0)
+        last: list[Any] = []
+
+        async def drained() -> bool:
+            last[:] = [await broker.transport.describe(topic, group)]
+            return last[0].pending == 0 and all(not x.pending and x.head is None for x in last[0].partitions)
+
+        await s.eventually(drained, lambda: f"describe to show nothing pending, it shows {last[:1]}")
+
     # -- §3.4 assignment and failover -----------------------------------------------------------
 
     @requires("competing_consumers")

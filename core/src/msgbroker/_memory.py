@@ -15,10 +15,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from ._describe import GroupView, MemberView
 from ._errors import BrokerClosedError, ConfigurationError
 from ._hookspecs import hookimpl
 from ._message import DeadLetter
@@ -30,6 +32,7 @@ from ._provider import (
     LaneConsumer,
     OutgoingRecord,
     Transport,
+    describe_from_interface,
     failures_since,
 )
 from .wire import dead_letter_from_record, dead_letter_record, letter_key
@@ -80,6 +83,8 @@ class _MemoryServer:
         self.logs: dict[str, list[list[_Entry]]] = {}
         self.groups: dict[tuple[str, str], list[_GroupLane]] = {}
         self.members: dict[tuple[str, str], dict[str, float]] = {}
+        self.joined: dict[tuple[str, str], dict[str, float]] = {}
+        """When each live member first heartbeated (epoch seconds), for ``describe``."""
         self.leases: dict[Lane, _Lease] = {}
         self.dedup: dict[str, float] = {}
         self.dead: dict[tuple[str, str], list[DeadLetter]] = {}
@@ -313,18 +318,56 @@ class MemoryTransport(Transport):
         return Delivery(partition, entry.message_id, entry.key, entry.headers, entry.body, pending.count,
                         entry.offset, pending.not_before)
 
+    # -- the read model (Transport.describe) ------------------------------------------------
+
+    async def describe(self, topic: str, group: str) -> GroupView:
+        """The default view plus what the server holds: members, join times, lease holders."""
+        view = await describe_from_interface(self, topic, group, knows_members=True)
+        server, now = self.server, time.monotonic()
+        live = sorted(m for m, expires in server.members.get((topic, group), {}).items() if expires > now)
+        owners: dict[int, str] = {}
+        for p in range(self.settings.partition_count):
+            lease = server.leases.get(Lane(topic, group, p))
+            if lease is not None and lease.expires > now:
+                owners[p] = lease.member
+        joined = server.joined.get((topic, group), {})
+        log_ = server.logs.get(topic)
+        members = tuple(
+            MemberView(m, datetime.fromtimestamp(joined[m], UTC) if m in joined else None,
+                       tuple(sorted(p for p, owner in owners.items() if owner == m)))
+            for m in live
+        )
+        partitions = tuple(replace(part, owner=owners.get(part.partition),
+                                   published=len(log_[part.partition]) if log_ is not None else 0)
+                           for part in view.partitions)
+        return replace(view, partitions=partitions, members=members)
+
+    async def topics(self) -> dict[str, list[str]]:
+        server = self.server
+        found: dict[str, set[str]] = {t: set() for t in server.logs if not t.endswith(".dlq")}
+        for known in (server.groups, server.members, server.dead):
+            for topic, group in known:
+                if not topic.endswith(".dlq"):
+                    found.setdefault(topic, set()).add(group)
+        return {topic: sorted(groups) for topic, groups in sorted(found.items())}
+
     # -- membership and leases -------------------------------------------------------------
 
     async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
         now = time.monotonic()
         members = self.server.members.setdefault((topic, group), {})
+        joined = self.server.joined.setdefault((topic, group), {})
+        if member_id not in members:
+            joined[member_id] = time.time()
         members[member_id] = now + ttl
         for member in [m for m, exp in members.items() if exp <= now]:
             del members[member]
+            joined.pop(member, None)
         return sorted(members)
 
     async def leave(self, topic: str, group: str, member_id: str) -> None:
         self.server.members.get((topic, group), {}).pop(member_id, None)
+        self.server.joined.get((topic, group), {}).pop(member_id, None)
 
     async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
         now = time.monotonic()

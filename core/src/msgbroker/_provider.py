@@ -9,11 +9,15 @@ See docs/writing-a-provider.md.
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
+from ._describe import GroupView, PartitionView
 from ._errors import CapabilityNotSupported
 
 if TYPE_CHECKING:
@@ -28,6 +32,7 @@ __all__ = [
     "LaneConsumer",
     "OutgoingRecord",
     "Transport",
+    "describe_from_interface",
     "failures_since",
 ]
 
@@ -281,6 +286,20 @@ class Transport(ABC):
         partition, without delivering or settling anything (``attempt`` = deliveries so far)."""
         raise CapabilityNotSupported(f"the {self.NAME} provider cannot read messages without delivering them")
 
+    async def describe(self, topic: str, group: str) -> GroupView:
+        """The read model of ``group`` on ``topic`` (the dashboard's, docs/dashboard.md): every
+        partition's pending count, owner, head message and its attempt, the oldest unsettled
+        message's age; the live members with their join time and partitions. The default builds
+        it from the methods above (:func:`msgbroker.spi.describe_from_interface`: no owners or
+        members); override it where the broker's own state tells more. Read-only: it joins,
+        delivers and settles nothing."""
+        return await describe_from_interface(self, topic, group)
+
+    async def topics(self) -> Mapping[str, Sequence[str]]:
+        """Optional: the topics the broker holds, each with the groups known on it (the
+        dashboard lists them; without this it shows the groups it is told to watch)."""
+        raise CapabilityNotSupported(f"the {self.NAME} provider cannot list its topics and groups")
+
     # -- membership and leases (ASSIGNMENT == "leases") ---------------------------------------
 
     def lease_ttl(self) -> float:
@@ -322,3 +341,83 @@ class Transport(ABC):
     async def release_lease(self, lane: Lane, token: str) -> None:
         """Give ``lane`` up if ``token`` still holds it."""
         raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
+
+
+# -- the read model's default (Transport.describe; the views are in _describe.py) -----------
+
+PEEK_LIMIT = 1000
+"""How many unsettled messages the default reads (``peek``) to find each partition's head."""
+
+
+def published_at(delivery: Delivery) -> float | None:
+    """Epoch seconds of a msgbroker message's ``created_at`` field (its JSON body), or None."""
+    try:
+        data = json.loads(delivery.body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    created = data.get("created_at") if isinstance(data, dict) else None
+    if not isinstance(created, str):
+        return None
+    try:
+        return datetime.fromisoformat(created).timestamp()
+    except ValueError:
+        return None
+
+
+def heads(deliveries: Sequence[Delivery]) -> dict[int, Delivery]:
+    """The first (oldest) delivery of each partition in ``peek``'s answer."""
+    first: dict[int, Delivery] = {}
+    for delivery in deliveries:
+        first.setdefault(delivery.partition, delivery)
+    return first
+
+
+async def describe_from_interface(
+    transport: Transport,
+    topic: str,
+    group: str,
+    *,
+    first: Mapping[int, Delivery] | None = None,
+    age_from: Callable[[Delivery], float | None] = published_at,
+    knows_members: bool = False,
+) -> GroupView:
+    """The read model from the interface every provider implements; what an optional method
+    does not supply is left unknown and said in ``notes``.
+
+    ``first``: each partition's oldest unsettled message, when the provider reads them better
+    than one ``peek`` of :data:`PEEK_LIMIT` messages (which misses the heads of later partitions
+    behind a long backlog); ``age_from``: when a head was published (epoch seconds; the default
+    reads the message's ``created_at``); ``knows_members``: the caller fills in members and
+    owners itself (no note that they are unknown; ``owners_known`` set)."""
+    count = transport.settings.partition_count
+    notes: list[str] = []
+    total = await transport.pending_count(topic, group)
+    per: Mapping[int, int] | None
+    try:
+        per = await transport.pending_by_partition(topic, group)
+    except CapabilityNotSupported:
+        per = None
+        notes.append(f"the {transport.NAME} provider does not count pending messages per partition")
+    if first is None:
+        try:
+            first = heads(await transport.peek(topic, group, PEEK_LIMIT))
+        except CapabilityNotSupported:
+            first = {}
+            notes.append(f"the {transport.NAME} provider cannot read unsettled messages (no heads, no ages)")
+    now = time.time()
+    partitions = []
+    for p in range(count):
+        delivery = first.get(p)
+        pending = None if per is None else int(per.get(p, 0))
+        created = None if delivery is None else age_from(delivery)
+        partitions.append(PartitionView(
+            partition=p,
+            pending=pending,
+            head=None if delivery is None else delivery.message_id,
+            attempt=None if delivery is None else delivery.attempt,
+            oldest_age=None if created is None else max(0.0, now - created),
+        ))
+    letters = len(await transport.dead_letters(topic, group))
+    if not knows_members:
+        notes.append(f"the {transport.NAME} provider does not report members and owners")
+    return GroupView(topic, group, total, tuple(partitions), letters, None, knows_members, tuple(notes))

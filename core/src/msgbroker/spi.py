@@ -9,6 +9,7 @@ functions of :mod:`msgbroker.wire`, also exported here) in docs/wire-format.md.
 
 from __future__ import annotations
 
+from ._describe import GroupView, MemberView, PartitionView
 from ._engine import assign_partitions
 from ._errors import (
     AccessDeniedError,
@@ -38,6 +39,7 @@ from ._provider import (
     LaneConsumer,
     OutgoingRecord,
     Transport,
+    describe_from_interface,
     failures_since,
 )
 from ._settings import BrokerSettings, Duration, ProviderSettings
@@ -99,12 +101,15 @@ __all__ = [
     "DeadLetter",
     "Delivery",
     "Duration",
+    "GroupView",
     "InvalidNameError",
     "Lane",
     "LaneConsumer",
+    "MemberView",
     "MessageTooLargeError",
     "MsgBrokerError",
     "OutgoingRecord",
+    "PartitionView",
     "PermanentError",
     "ProviderSettings",
     "PublishFailedError",
@@ -118,6 +123,7 @@ __all__ = [
     "dead_letter_headers",
     "dead_letter_record",
     "dead_letter_topic",
+    "describe_from_interface",
     "failures_since",
     "format_time",
     "hookimpl",

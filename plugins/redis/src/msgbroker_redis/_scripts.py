@@ -13,6 +13,7 @@ __all__ = [
     "ACQUIRE_MANY",
     "CREATE_GROUPS",
     "DEAD_LETTER",
+    "DESCRIBE",
     "HEARTBEAT",
     "PEEK",
     "PENDING",
@@ -439,15 +440,58 @@ return done
 """
 
 HEARTBEAT = r"""
--- KEYS[1] the group's member set (score: expiry, server clock ms). ARGV: member, ttl ms.
+-- KEYS[1] the group's member set (score: expiry, server clock ms), KEYS[2] when each live
+-- member joined (hash: member -> server clock ms; read by DESCRIBE). ARGV: member, ttl ms.
 -- Returns the live members.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+local gone = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE')
+if #gone > 0 then redis.call('HDEL', KEYS[2], unpack(gone)) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('HSETNX', KEYS[2], ARGV[1], now)
 redis.call('PEXPIRE', KEYS[1], 2 * ttl + 1000)
+redis.call('PEXPIRE', KEYS[2], 2 * ttl + 1000)
 return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+DESCRIBE = r"""
+-- The group's state for Transport.describe, read-only. KEYS: the member set, the join hash,
+-- then the n leases, then the n streams. ARGV: group, n. Returns {server clock ms, the live
+-- members and their join times ("" unknown) as a flat list, each lease's member ("" none),
+-- each stream's appended count for the group (entries read + lag; 0 for no stream, -1 unknown)}.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = tonumber(ARGV[2])
+local live = redis.call('ZRANGE', KEYS[1], '(' .. now, '+inf', 'BYSCORE')
+local members = {}
+if #live > 0 then
+  local joined = redis.call('HMGET', KEYS[2], unpack(live))
+  for i, m in ipairs(live) do
+    members[#members + 1] = m
+    members[#members + 1] = joined[i] or ''
+  end
+end
+local owners, published = {}, {}
+for i = 1, n do
+  local lease = redis.call('GET', KEYS[2 + i])
+  owners[i] = lease and string.match(lease, '^(.*)/[^/]*$') or ''
+  published[i] = 0
+  if redis.call('EXISTS', KEYS[2 + n + i]) == 1 then
+    published[i] = -1
+    for _, info in ipairs(redis.call('XINFO', 'GROUPS', KEYS[2 + n + i])) do
+      local fields = {}
+      for j = 1, #info, 2 do fields[info[j]] = info[j + 1] end
+      local read = fields['entries-read']
+      if type(read) ~= 'number' and fields['last-delivered-id'] == '0-0' then read = 0 end
+      if fields['name'] == ARGV[1] and type(read) == 'number' and type(fields['lag']) == 'number' then
+        published[i] = read + fields['lag']
+      end
+    end
+  end
+end
+return {now, members, owners, published}
 """
 
 ACQUIRE = r"""

@@ -30,6 +30,8 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 from urllib.parse import urlsplit
 
@@ -44,8 +46,10 @@ from msgbroker.spi import (
     ConfigurationError,
     DeadLetter,
     Delivery,
+    GroupView,
     Lane,
     LaneConsumer,
+    MemberView,
     MsgBrokerError,
     OutgoingRecord,
     PublishFailedError,
@@ -53,6 +57,7 @@ from msgbroker.spi import (
     Transport,
     dead_letter_from_record,
     dead_letter_record,
+    describe_from_interface,
     failures_since,
     letter_key,
     tls_client_context,
@@ -129,6 +134,9 @@ class TopicKeys:
     def members(self, group: str) -> str:
         return f"{self.base}:members:{group}"
 
+    def joined(self, group: str) -> str:
+        return f"{self.base}:joined:{group}"
+
     def lease(self, group: str, partition: int) -> str:
         return f"{self.base}:lease:{group}:{partition}"
 
@@ -142,6 +150,12 @@ class TopicKeys:
 _HEAD = struct.Struct(">II")
 _LANE = struct.Struct(">III")
 _LENGTH = struct.Struct(">I")
+
+
+def _entry_time(delivery: Delivery) -> float | None:
+    """When a peeked entry was appended: its stream id's milliseconds (the server's clock)."""
+    position = delivery.position
+    return int(position.split(b"-")[0]) / 1000 if isinstance(position, bytes) else None
 
 
 def _unpack(packed: bytes, pos: int, end: int, partition: int, into: list[Delivery]) -> bytes:
@@ -557,6 +571,62 @@ class RedisTransport(Transport):
                 _unpack(packed, 0, len(packed), partition, out)
         return out
 
+    async def describe(self, topic: str, group: str) -> GroupView:
+        """The default view plus the server's own state: live members and their join times, each
+        lease's holder, appended counts (XINFO GROUPS), and ages from the head entries' ids."""
+        keys, n = self.keys(topic), self.partitions
+        peeked = await self._pipelined(self.script("PEEK"), [([keys.stream(p)], [group, 1]) for p in range(n)])
+        first: dict[int, Delivery] = {}
+        for p, packed in enumerate(peeked):
+            if isinstance(packed, Exception):
+                raise translate(packed, f"peeking at {topic!r} for {group!r}", self.user)
+            lane: list[Delivery] = []
+            if packed and packed[0]:
+                _unpack(packed[0], 0, len(packed[0]), p, lane)
+            if lane:
+                first[p] = lane[0]
+        view = await describe_from_interface(self, topic, group, first=first, age_from=_entry_time,
+                                            knows_members=True)
+        _now, flat, owners, published = await self.call(
+            "DESCRIBE",
+            [keys.members(group), keys.joined(group), *(keys.lease(group, p) for p in range(n)),
+             *(keys.stream(p) for p in range(n))],
+            [group, n], f"describing {group!r} on {topic!r}")
+        holders = {p: o.decode() for p, o in enumerate(owners) if o}
+        members = []
+        for i in range(0, len(flat), 2):
+            member, joined = flat[i].decode(), flat[i + 1]
+            members.append(MemberView(
+                member, datetime.fromtimestamp(int(joined) / 1000, UTC) if joined else None,
+                tuple(p for p, owner in sorted(holders.items()) if owner == member)))
+        partitions = []
+        for part in view.partitions:
+            count = int(published[part.partition])
+            partitions.append(replace(part, owner=holders.get(part.partition), published=count if count >= 0 else None))
+        return replace(view, partitions=tuple(partitions), members=tuple(members))
+
+    async def topics(self) -> dict[str, list[str]]:
+        """Topics from their ``meta`` keys (SCAN), groups from partition 0's stream groups and
+        from the groups' dead letters."""
+        found: dict[str, set[str]] = {}
+        try:
+            async for raw in self.redis.scan_iter(match=f"{self.prefix}:{{*}}:meta", count=1000):
+                base = (raw.decode() if isinstance(raw, bytes) else str(raw))[len(self.prefix) + 2:-len("}:meta")]
+                if "}" not in base:
+                    found.setdefault(base, set())
+            for topic, groups in found.items():
+                keys = self.keys(topic)
+                if await self.redis.exists(keys.stream(0)):
+                    for info in await self.redis.xinfo_groups(keys.stream(0)):
+                        name = info.get("name")
+                        groups.add(name.decode() if isinstance(name, bytes) else str(name))
+                async for raw in self.redis.scan_iter(match=f"{keys.base}:dead:*", count=1000):
+                    key = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    groups.add(key[len(f"{keys.base}:dead:"):])
+        except REDIS_ERRORS as exc:
+            raise translate(exc, "listing topics and groups", self.user) from exc
+        return {topic: sorted(groups) for topic, groups in sorted(found.items())}
+
     async def dead_letters(self, topic: str, group: str) -> list[DeadLetter]:
         entries = await self._entries(self.keys(topic).dead(group), f"reading dead letters of {group!r} on {topic!r}")
         return [_dead_letter(topic, group, fields) for _entry_id, fields in entries]
@@ -594,13 +664,15 @@ class RedisTransport(Transport):
     # -- membership and leases -----------------------------------------------------------------
 
     async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
-        members = await self.call("HEARTBEAT", [self.keys(topic).members(group)], [member_id, int(ttl * 1000)],
+        keys = self.keys(topic)
+        members = await self.call("HEARTBEAT", [keys.members(group), keys.joined(group)], [member_id, int(ttl * 1000)],
                                   f"heartbeat of {group!r} on {topic!r}")
         return sorted(m.decode() for m in members)
 
     async def leave(self, topic: str, group: str, member_id: str) -> None:
         try:
             await self.redis.zrem(self.keys(topic).members(group), member_id)
+            await self.redis.hdel(self.keys(topic).joined(group), member_id)
         except REDIS_ERRORS as exc:
             raise translate(exc, f"leaving {group!r} on {topic!r}", self.user) from exc
 
