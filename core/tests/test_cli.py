@@ -633,7 +633,7 @@ def test_the_cli_modules_import_the_shared_ones_never_the_other_way_round() -> N
                 if node.level == 1:
                     found |= {node.module} if node.module else {alias.name for alias in node.names}
         imports[path.stem] = found
-    commands = {"publish", "tail", "pending", "health", "dlq", "metrics", "demo", "run", "asyncapi"}
+    commands = {"publish", "tail", "pending", "health", "dlq", "metrics", "demo", "run", "asyncapi", "dashboard"}
     shared = {"_errors", "_options", "_render", "_target", "_argv", "_plugins", "_service_target", "_probe", "_loop"}
     assert set(imports) == commands | shared | {"__init__", "__main__", "_app", "_main"}
     for module in commands | shared:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import asyncapi, demo, dlq, health, metrics, pending, publish, run, tail
+from . import asyncapi, dashboard, demo, dlq, health, metrics, pending, publish, run, tail
 
 BUILT_IN = (
     publish.register,
@@ -16,6 +16,7 @@ BUILT_IN = (
     dlq.register,
     run.register,
     asyncapi.register,
+    dashboard.register,
 )
 """Each adds its commands to the app it is given, as a plugin's register function does."""
 
