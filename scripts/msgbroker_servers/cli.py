@@ -6,6 +6,7 @@ import argparse
 import signal
 
 from .broker import quiet_client_logs
+from .browser import cmd_browser
 from .cluster.clusters import CLUSTER_NAMES, CLUSTERS
 from .cluster.commands import cmd_cluster_down, cmd_cluster_logs, cmd_cluster_node, cmd_cluster_status, cmd_cluster_up
 from .commands import cmd_down, cmd_logs, cmd_restart, cmd_signal, cmd_status, cmd_up, cmd_wait
@@ -44,6 +45,7 @@ def parser_for() -> argparse.ArgumentParser:
     add_names(sub.add_parser("pause", help="SIGSTOP: the server hangs without closing connections"))
     add_names(sub.add_parser("resume", help="SIGCONT after pause"))
     add_timeout(add_names(sub.add_parser("wait", help="wait until healthy (after resume or restart)")))
+    sub.add_parser("browser", help="install Chromium and chromedriver (Debian's) for the dashboard's browser tests")
     add_cluster_commands(sub.add_parser("cluster", help="3-node clusters of each server: cluster up|down|status ..."))
     return parser
 
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_up(args.names)
         if args.cmd == "status":
             return cmd_status()
+        if args.cmd == "browser":
+            return cmd_browser()
         if args.cmd == "logs":
             return cmd_logs(args.name, args.lines, args.follow)
         with addresses_as_up_left_them(list(BROKERS.values())):  # these act on our servers only
