@@ -26,7 +26,7 @@ def parser_for() -> argparse.ArgumentParser:
                    help="the broker (else MSGBROKER_URL / MSGBROKER_CONFIG / MSGBROKER_* as for msgbroker)")
     p.add_argument("--prefix", default="msgbroker", help="the outbox tables' prefix (default msgbroker)")
     p.add_argument("--buckets", type=int, default=64, help="the outbox's buckets (default 64; as its writers)")
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--lease-ttl", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--poll-interval", type=float, default=0.1, help="seconds (default 0.1)")
     p.add_argument("--keep-sent", type=float, default=3600.0, help="seconds sent messages are kept (default 3600)")

@@ -18,8 +18,8 @@ from typing import Any, Self
 
 from msgbroker import Broker, ConfigurationError, Service, partition_for
 from msgbroker.spi import OutgoingRecord
-from sqlalchemy import and_, func, or_, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._outbox import Outbox
 from ._sql import check_dialect, insert, now
@@ -35,14 +35,15 @@ class Relay:
       is renewed every third of it; a relay that dies holding buckets loses them after this, and
       another relay takes them over. A relay stops publishing a bucket when it has not renewed
       its lease for 0.8 times ``lease_ttl`` (its own clock).
-    * ``batch_size`` (default 200): messages read and published per bucket and round.
+    * ``batch_size`` (default 500): messages read (oldest first, over the buckets held) and
+      published per round.
     * ``poll_interval`` (default 0.1 s): the wait when a round moved nothing.
     * ``keep_sent`` (default 3600 s): sent messages stay marked sent (``sent_at``) this long, then
       are deleted; 0 deletes them once sent.
     """
 
     def __init__(self, outbox: Outbox, engine: AsyncEngine, broker: Broker, *, relay_id: str | None = None,
-                 batch_size: int = 200, lease_ttl: float = 10.0, poll_interval: float = 0.1,
+                 batch_size: int = 500, lease_ttl: float = 10.0, poll_interval: float = 0.1,
                  keep_sent: float = 3600.0) -> None:
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be at least 1, got {batch_size!r}")
@@ -112,11 +113,7 @@ class Relay:
             try:
                 if time.monotonic() - self._renewed_at >= self.lease_ttl / 3:
                     await self._heartbeat()
-                moved = 0
-                for bucket in sorted(self.held):
-                    if self._stopping.is_set():
-                        break
-                    moved += await self._relay_bucket(bucket)
+                moved = await self._relay_round()
                 if time.monotonic() - self._cleaned_at >= 60.0:
                     await self._clean()
                 backoff = 0.1
@@ -132,14 +129,23 @@ class Relay:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
+    async def _lock_leases(self, conn: AsyncConnection) -> None:
+        """Serialise the relays' lease changes (a few a second at most): PostgreSQL takes a
+        transaction-level advisory lock; SQLite has one writer, and every lease transaction
+        writes first."""
+        if self.dialect == "postgresql":
+            key = zlib.crc32(self.outbox.leases.name.encode())
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
     async def _heartbeat(self) -> None:
-        """Announce this relay, renew its leases, and take or give back buckets so that each
-        live relay holds about buckets / relays."""
+        """In one transaction: announce this relay, renew its leases, and take or give back
+        buckets so that each live relay holds about buckets / relays."""
         started = time.monotonic()
         t_now = now(self.dialect)
         leases, relays = self.outbox.leases, self.outbox.relays
         ttl = self.lease_ttl
         async with self.engine.begin() as conn:
+            await self._lock_leases(conn)
             upsert = insert(self.dialect, relays).values(relay_id=self.relay_id, expires_at=t_now + ttl)
             await conn.execute(upsert.on_conflict_do_update(index_elements=["relay_id"],
                                                             set_={"expires_at": t_now + ttl}))
@@ -150,37 +156,29 @@ class Relay:
             live = int(await conn.scalar(select(func.count()).select_from(relays)
                                          .where(relays.c.expires_at > t_now)) or 1)
             await conn.execute(relays.delete().where(relays.c.expires_at < t_now - 60.0))
+            fair = math.ceil(self.outbox.buckets / max(live, 1))
+            if len(held) > fair:
+                extra = sorted(held)[fair:]
+                await conn.execute(
+                    leases.update().where(and_(leases.c.bucket.in_(extra), leases.c.owner == self.relay_id))
+                    .values(owner=None, expires_at=0.0))
+                held.difference_update(extra)
+            elif len(held) < fair:
+                free = select(leases.c.bucket).where(or_(leases.c.owner.is_(None), leases.c.expires_at < t_now)) \
+                    .order_by(leases.c.bucket).limit(fair - len(held)).scalar_subquery()
+                taken = await conn.execute(
+                    leases.update().where(leases.c.bucket.in_(free))
+                    .values(owner=self.relay_id, fence=leases.c.fence + 1, expires_at=t_now + ttl)
+                    .returning(leases.c.bucket))
+                held.update(int(r[0]) for r in taken)
         self.held = held
         self._renewed_at = started
         self._valid_until = started + 0.8 * ttl
-        fair = math.ceil(self.outbox.buckets / max(live, 1))
-        if len(self.held) > fair:
-            await self._release(sorted(self.held)[fair:])
-        elif len(self.held) < fair:
-            await self._acquire(fair - len(self.held))
-
-    async def _acquire(self, wanted: int) -> None:
-        leases = self.outbox.leases
-        t_now = now(self.dialect)
-        free = or_(leases.c.owner.is_(None), leases.c.expires_at < t_now)
-        async with self.engine.begin() as conn:
-            candidates = [int(r[0]) for r in await conn.execute(
-                select(leases.c.bucket).where(free).order_by(leases.c.bucket))]
-            # Start at a place of our own: relays starting together do not fight over bucket 0.
-            if candidates:
-                shift = zlib.crc32(self.relay_id.encode()) % len(candidates)
-                candidates = candidates[shift:] + candidates[:shift]
-            for bucket in candidates[:wanted]:
-                taken = await conn.execute(
-                    leases.update().where(and_(leases.c.bucket == bucket, free))
-                    .values(owner=self.relay_id, fence=leases.c.fence + 1, expires_at=t_now + self.lease_ttl))
-                if taken.rowcount == 1:
-                    self.held.add(bucket)
-        # Taken after the heartbeat that set _valid_until: they last at least as long.
 
     async def _release(self, buckets: Sequence[int], *, leave: bool = False) -> None:
         leases, relays = self.outbox.leases, self.outbox.relays
         async with self.engine.begin() as conn:
+            await self._lock_leases(conn)
             if buckets:
                 await conn.execute(
                     leases.update().where(and_(leases.c.bucket.in_(list(buckets)), leases.c.owner == self.relay_id))
@@ -189,15 +187,16 @@ class Relay:
                 await conn.execute(relays.delete().where(relays.c.relay_id == self.relay_id))
         self.held.difference_update(buckets)
 
-    async def _relay_bucket(self, bucket: int) -> int:
-        """Publish the oldest unsent messages of ``bucket`` in order, then mark them sent."""
-        if time.monotonic() >= self._valid_until:
-            return 0  # the lease may have run out: renew before publishing anything
+    async def _relay_round(self) -> int:
+        """Publish the oldest unsent messages of the buckets held, in id order (so in order within
+        each bucket), then mark them sent. One query, one publish per run of a topic, one update."""
+        if not self.held or time.monotonic() >= self._valid_until:
+            return 0  # nothing held, or the leases may have run out: renew before publishing anything
         m = self.outbox.messages
         async with self.engine.connect() as conn:
             rows = (await conn.execute(
                 select(m.c.id, m.c.topic, m.c.partition_key, m.c.message_id, m.c.headers, m.c.body)
-                .where(and_(m.c.bucket == bucket, m.c.sent_at.is_(None)))
+                .where(and_(m.c.bucket.in_(sorted(self.held)), m.c.sent_at.is_(None)))
                 .order_by(m.c.id).limit(self.batch_size))).all()
         if not rows or time.monotonic() >= self._valid_until:
             return 0

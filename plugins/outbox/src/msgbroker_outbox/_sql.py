@@ -73,7 +73,7 @@ def outbox_tables(metadata: MetaData, prefix: str) -> tuple[Table, Table, Table]
         Column("created_at", Float, nullable=False),
         Column("sent_at", Float, nullable=True),
     )
-    Index(f"{prefix}_outbox_unsent", messages.c.bucket, messages.c.id,
+    Index(f"{prefix}_outbox_unsent", messages.c.id, messages.c.bucket,
           postgresql_where=messages.c.sent_at.is_(None), sqlite_where=messages.c.sent_at.is_(None))
     Index(f"{prefix}_outbox_sent", messages.c.sent_at,
           postgresql_where=messages.c.sent_at.is_not(None), sqlite_where=messages.c.sent_at.is_not(None))
