@@ -52,6 +52,34 @@ def record_result(provider: str, scenario: str, verdict: Verdict, **figures: Any
     print(f"{provider} {scenario}: {verdict.summary()} {figures}")
 
 
+# provider -> (environment variable with its address, URL template, the consumer's settings for a
+# quick failover), as in the fault suite (tests/faults/test_faults.py)
+PROVIDERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "redis": ("MSGBROKER_REDIS__URL", "{}", {"redis": {"claim_timeout": 2}}),
+    "nats": ("MSGBROKER_NATS__URL", "{}", {"nats": {"ack_wait": 2}}),
+    "rabbitmq": ("MSGBROKER_RABBITMQ__URL", "{}", {}),
+    "kafka": ("MSGBROKER_KAFKA__BOOTSTRAP_SERVERS", "kafka://{}", {"kafka": {"session_timeout": 6,
+                                                                           "heartbeat_interval": 1}}),
+}
+
+
+def installed(name: str) -> bool:
+    try:
+        msgbroker.registry.by_name(name)
+    except msgbroker.ProviderNotFoundError:
+        return False
+    return True
+
+
+def provider_url(name: str) -> str:
+    variable, template, _ = PROVIDERS[name]
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        pytest.fail(f"{variable} is not set: run `scripts/brokers up {name}` and load .brokers/env "
+                    "(scripts/test does both)", pytrace=False)
+    return template.format(value)
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MSGBROKER_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -132,12 +160,17 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+@pytest.mark.parametrize("provider", [pytest.param(n, id=n) for n in PROVIDERS if installed(n)])
 async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
-        pg: AsyncEngine, prefix: str, tmp_path: Path, postgres_url: str, redis_url: str) -> None:
+        provider: str, pg: AsyncEngine, prefix: str, tmp_path: Path, postgres_url: str) -> None:
+    """Two relays move a backlog of 1,500 messages (20 keys) in batches of 5; one is killed with
+    SIGKILL once a fifth is relayed, while messages are still unsent; a third starts and takes
+    the dead one's buckets over when their leases run out (2 s)."""
+    url = provider_url(provider)
     outbox = Outbox(prefix=prefix, buckets=16)
     await outbox.create_tables(pg)
     topic = f"outbox-{uuid.uuid4().hex[:8]}"
-    sent = [FaultMessage(key=f"key-{i % 20}", seq=i // 20) for i in range(600)]
+    sent = [FaultMessage(key=f"key-{i % 20}", seq=i // 20) for i in range(1500)]
     async with pg.begin() as conn:
         for start in range(0, len(sent), 100):
             await outbox.publish_batch(conn, topic, sent[start:start + 100])
@@ -150,19 +183,23 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
     def relay(name: str) -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{name}.log", "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "msgbroker_outbox", "relay", "--database", postgres_url, "--url", redis_url,
-                 "--prefix", prefix, "--buckets", "16", "--batch-size", "25", "--lease-ttl", "2"],
+                [sys.executable, "-m", "msgbroker_outbox", "relay", "--database", postgres_url, "--url", url,
+                 "--prefix", prefix, "--buckets", "16", "--batch-size", "5", "--lease-ttl", "2"],
                 env=child_env(MSGBROKER_PARTITION_COUNT="16"), stdout=log, stderr=subprocess.STDOUT)
 
     relays: list[subprocess.Popen[bytes]] = []
-    async with msgbroker.connect(redis_url, partition_count=16, redis={"claim_timeout": 2}) as broker:
+    async def relayed_a_fifth() -> bool:
+        return await outbox.unsent(pg) <= 1200
+
+    async with msgbroker.connect(url, partition_count=16, **PROVIDERS[provider][2]) as broker:
         await broker.subscribe(topic, "g", handle)
         try:
             relays = [relay("relay-1"), relay("relay-2")]
-            await eventually(lambda: len(records) >= 150, timeout=30, what="a quarter relayed")
+            await eventually(relayed_a_fifth, timeout=60, what="a fifth relayed", interval=0.005)
             relays[0].kill()  # SIGKILL while both move the backlog: its bucket leases run out
             relays[0].wait(10)
-            at_kill = len(records)
+            unsent_at_kill = await outbox.unsent(pg)
+            assert unsent_at_kill > 0, "the relays had moved everything before the kill"
             relays.append(relay("relay-3"))
             wanted = {str(m.message_id) for m in sent}
             await eventually(lambda: wanted <= {str(r["id"]) for r in records}, timeout=60,
@@ -173,7 +210,8 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
         logs = "".join((tmp_path / f"relay-{i}.log").read_text() for i in (1, 2, 3))
     assert await outbox.unsent(pg) == 0
     verdict = check(sent, records)
-    record_result("redis+postgres (outbox)", "relay kill -9 mid-batch", verdict, kills=1, handled_at_kill=at_kill)
+    record_result(f"{provider}+postgres (outbox)", "relay kill -9 mid-batch", verdict, kills=1,
+                  unsent_at_kill=unsent_at_kill)
     assert not verdict.lost, (verdict.summary(), logs[-3000:])
     assert not verdict.order_violations, verdict.order_violations[:5]
     assert not verdict.unexpected
