@@ -100,6 +100,11 @@ class Broker:
                 return None
         return "its TLS certificate is not from the current test CA"
 
+    def config_stale(self) -> str | None:
+        """Why our running server was started with another configuration than launch() writes
+        now (Kafka: without its SASL listeners), so that `up` restarts it; None when it is current."""
+        return None
+
     def tls_renewal_is_cheap(self) -> bool:
         """Whether renew_tls leaves the server itself alone (so `up` may do it)."""
         return False

@@ -54,6 +54,19 @@ async def bring_up(brokers: list[Broker]) -> dict[str, str]:
             if b.proc.state() in ("T", "t"):
                 failures[b.name] = f"{b.name} is paused (SIGSTOP); run: scripts/brokers resume {b.name}"
                 continue
+            outdated = b.config_stale()
+            if outdated:
+                # The server's own settings changed (not just its certificate): restart it once.
+                say(f"{b.name}: running, but {outdated}; restarting it (keeping its data)")
+                port = b.port()
+                b.stop()
+                try:
+                    b.start(port)
+                except Failure as e:
+                    failures[b.name] = str(e)
+                    continue
+                waits.append((b, b.start_timeout, True))
+                continue
             stale = b.tls_stale()
             if stale and b.tls_renewal_is_cheap():
                 say(f"{b.name}: running, but {stale}; starting it")

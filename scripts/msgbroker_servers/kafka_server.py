@@ -1,10 +1,16 @@
 """Apache Kafka: jars from Maven Central in .cache/kafka/, one KRaft node (broker and
-controller in one process) with a plain and an SSL listener."""
+controller in one process) with a plain and an SSL listener, and two that demand credentials
+(SASL_PLAINTEXT with SCRAM-SHA-512, SASL_SSL with PLAIN) for the least-privilege tenants of
+kafka_acls (docs/security.md). The KRaft StandardAuthorizer checks ACLs on every listener; the
+open listeners' ANONYMOUS is a super user, so everything that used them works as before."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +20,9 @@ from pathlib import Path
 
 from .broker import Broker
 from .common import CACHE_ROOT, HOST, Failure, rel, say
-from .ports import choose_port
+from .kafka_acls import TENANTS, all_tenant_acls, create_acls, list_acls
+from .passwords import kept_passwords
+from .ports import choose_port, read_port
 from .processes import spawn
 from .tls import TLS_CA, TLS_CERT, TLS_KEY, pem_property, tls_client_context
 
@@ -23,6 +31,13 @@ KAFKA_VERSION = os.environ.get("MSGBROKER_BROKERS_KAFKA_VERSION", "4.1.2")
 LOG4J_VERSION = "2.24.3"  # the log4j2 line Kafka 4.1 is built against
 DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 KAFKA_READY_TOPIC = "msgbroker-brokers-ready"
+CONFIG_GENERATION = "2"
+"""What the server's listeners and security are: written beside the running server at start,
+so that `up` restarts one an older scripts/brokers started (bump it when launch() changes them).
+1: PLAINTEXT and SSL; 2: also SASL_PLAINTEXT (SCRAM-SHA-512), SASL_SSL (PLAIN), the authorizer."""
+SCRAM = "SCRAM-SHA-512"
+SUPER_USERS = "User:ANONYMOUS;User:admin"
+"""ANONYMOUS: every client of the open listeners (and the controller's), as before the authorizer."""
 
 
 LOG4J2_PROPERTIES = (
@@ -80,6 +95,33 @@ def format_storage(jvm: list[str], cluster_id: str, props: Path, log: Path) -> b
     return res.returncode == 0
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner alone (it holds passwords)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def _jaas_quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def check_sasl(bootstrap: str, user: str, password: str, mechanism: str, tls: bool) -> None:
+    """Log in as ``user`` and fetch metadata (no ACL needed: the metadata lists what it may see)."""
+    from aiokafka import AIOKafkaClient  # type: ignore[import-untyped]
+
+    options: dict[str, object] = {"ssl_context": tls_client_context()} if tls else {}
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=4000,
+                            security_protocol="SASL_SSL" if tls else "SASL_PLAINTEXT", sasl_mechanism=mechanism,
+                            sasl_plain_username=user, sasl_plain_password=password, **options)
+    try:
+        await client.bootstrap()
+    finally:
+        await client.close()
+
+
 async def check_kafka(bootstrap: str, tls: bool = False) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
     from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
@@ -112,11 +154,152 @@ class Kafka(Broker):
     start_timeout = 90.0
     stop_timeout = 30.0
 
+    sasl_default_port = 9094
+    """SASL_PLAINTEXT, SCRAM-SHA-512."""
+    sasl_tls_default_port = 9194
+    """SASL_SSL, PLAIN."""
+
     def __init__(self) -> None:
         super().__init__()
         self.controller_port_file = self.dir / "controller_port"
+        self.sasl_port_file = self.dir / "sasl_port"
+        self.sasl_tls_port_file = self.dir / "sasl_tls_port"
+        self.generation_file = self.dir / "config_generation"
+        self.secrets_file = self.dir / "passwords.json"
+        self.users_stamp = self.dir / "users.provisioned"
+        """The digest of the users and ACLs last put in place (after_ready)."""
         self.lib = CACHE_DIR / "lib"
         self.stamp = CACHE_DIR / "lib.version"
+
+    # -- the users that log in (SCRAM-SHA-512 and PLAIN), their passwords and ACLs -------------
+
+    @staticmethod
+    def users() -> list[str]:
+        return ["admin", *(f"tenant-{t}" for t in TENANTS)]
+
+    def passwords(self) -> dict[str, str]:
+        """{user: password}, made once and kept in .brokers/kafka/passwords.json (mode 0600)."""
+        return kept_passwords(self.secrets_file, self.users())
+
+    def secrets(self) -> list[str]:
+        return list(self.passwords().values()) if self.secrets_file.exists() else []
+
+    def sasl_url(self) -> str | None:
+        port = read_port(self.sasl_port_file)
+        return f"{HOST}:{port}" if port else None
+
+    def sasl_tls_url(self) -> str | None:
+        port = read_port(self.sasl_tls_port_file)
+        return f"{HOST}:{port}" if port else None
+
+    def _digest(self) -> str:
+        wanted = {"passwords": self.passwords(), "acls": sorted(a.describe() for a in all_tenant_acls())}
+        return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()
+
+    def provisioned(self) -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            return self.secrets_file.exists() and self.users_stamp.read_text().strip() == self._digest()
+        return False
+
+    def generation(self) -> str:
+        """CONFIG_GENERATION and a digest of the passwords (the PLAIN users are in the config)."""
+        digest = hashlib.sha256(json.dumps(self.passwords(), sort_keys=True).encode()).hexdigest()[:16]
+        return f"{CONFIG_GENERATION} {digest}"
+
+    def config_stale(self) -> str | None:
+        found = ""
+        with contextlib.suppress(FileNotFoundError):
+            found = self.generation_file.read_text().strip()
+        if found == self.generation():
+            return None
+        if found.split(" ")[0] == CONFIG_GENERATION:
+            return "its PLAIN users' passwords are not those of .brokers/kafka/passwords.json"
+        return "it was started by an older scripts/brokers (no SASL listeners, no authorizer)"
+
+    async def _logs_in(self, user: str, mechanism: str, tls: bool) -> bool:
+        url = self.sasl_tls_url() if tls else self.sasl_url()
+        if not url:
+            return False
+        try:
+            await asyncio.wait_for(check_sasl(url, user, self.passwords()[user], mechanism, tls), 8)
+        except Exception:
+            return False
+        return True
+
+    def _add_scram_user(self, bootstrap: str, user: str) -> None:
+        """kafka-configs --alter --entity-type users: the user's SCRAM-SHA-512 credential, from a
+        file of mode 0600 (never on a command line)."""
+        config = self.dir / "scram.properties"
+        password = self.passwords()[user]
+        # from a file, the value is taken as it stands: no [...] around it as on a command line
+        _write_private(config, f"{SCRAM}=iterations=8192,password={password}\n")
+        try:
+            res = subprocess.run(
+                [*jvm_command("256m", self.dir), "kafka.admin.ConfigCommand", "--bootstrap-server", bootstrap,
+                 "--alter", "--entity-type", "users", "--entity-name", user, "--add-config-file", str(config)],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, timeout=120,
+            )
+        finally:
+            config.unlink(missing_ok=True)
+        said = (res.stdout + res.stderr).replace(password, "***")  # the tool repeats a value it refuses
+        tool_log = self.dir / "kafka-configs.log"
+        with open(tool_log, "a") as out:
+            out.write(said)
+        if res.returncode != 0:
+            last = said.strip().splitlines()[-1:] or [""]
+            raise Failure(f"kafka: creating the SCRAM user {user!r} failed (exit {res.returncode}): {last[0][:300]}; "
+                          f"see {rel(tool_log)}")
+
+    async def after_ready(self) -> None:
+        """The SCRAM users (kafka-configs, only those that cannot log in) and the tenants' ACLs
+        (only those missing), then a login of each user on both SASL listeners. Idempotent: the
+        users and ACLs live in the metadata log, so a fresh data folder gets them again."""
+        port = self.port()
+        if port is None or self.external_url():
+            return
+        bootstrap = self.url(port)
+        t0 = time.monotonic()
+        made: list[str] = []
+        for user in self.users():
+            if not await self._logs_in(user, SCRAM, tls=False):
+                await asyncio.to_thread(self._add_scram_user, bootstrap, user)
+                made.append(user)
+        granted = await list_acls(bootstrap)
+        missing = [acl for acl in all_tenant_acls() if acl not in granted]
+        if missing:
+            await create_acls(bootstrap, missing)
+        for user in self.users():
+            for mechanism, tls in ((SCRAM, False), ("PLAIN", True)):
+                ok = False
+                for _ in range(20):  # a new SCRAM credential reaches the broker's cache shortly after
+                    ok = await self._logs_in(user, mechanism, tls)
+                    if ok:
+                        break
+                    await asyncio.sleep(0.25)
+                if not ok:
+                    where = self.sasl_tls_url() if tls else self.sasl_url()
+                    raise Failure(f"kafka: user {user!r} cannot log in with {mechanism} on {where}; {self.log_hint()}")
+        if made or missing or not self.provisioned():
+            self.users_stamp.write_text(self._digest() + "\n")
+            say(f"kafka: SASL users {', '.join(self.users())} (SCRAM-SHA-512 on {self.sasl_url()}, PLAIN over TLS "
+                f"on {self.sasl_tls_url()}); {len(missing)} ACL(s) created ({time.monotonic() - t0:.1f}s)")
+
+    def extra_env(self) -> list[str]:
+        """The SASL listeners' addresses, the tenants' users, passwords and prefixes, and the
+        admin's, once they are in place."""
+        if self.port() is None or self.external_url() or not self.provisioned():
+            return []
+        passwords = self.passwords()
+        lines = [f"MSGBROKER_TEST_KAFKA_SASL_BOOTSTRAP_SERVERS={self.sasl_url()}",
+                 f"MSGBROKER_TEST_KAFKA_SASL_TLS_BOOTSTRAP_SERVERS={self.sasl_tls_url()}",
+                 "MSGBROKER_TEST_KAFKA_SASL_ADMIN_USER=admin",
+                 f"MSGBROKER_TEST_KAFKA_SASL_ADMIN_PASSWORD={passwords['admin']}"]
+        for t in TENANTS:
+            up = t.upper()
+            lines.append(f"MSGBROKER_TEST_KAFKA_SASL_USER_{up}=tenant-{t}")
+            lines.append(f"MSGBROKER_TEST_KAFKA_SASL_PASSWORD_{up}={passwords[f'tenant-{t}']}")
+            lines.append(f"MSGBROKER_TEST_KAFKA_SASL_PREFIX_{up}=tenant-{t}")
+        return lines
 
     def url(self, port: int) -> str:
         return f"{HOST}:{port}"
@@ -214,21 +397,42 @@ class Kafka(Broker):
 
     def launch(self, port: int, tls_port: int) -> int:
         cport = choose_port(self.name, self.controller_port_file, 9093)
+        # On a restart the old process may take a moment to let go of the ports it had.
+        patience = 10.0 if self.sasl_port_file.exists() else 1.0
+        sport = choose_port(f"{self.name} (SASL)", self.sasl_port_file, self.sasl_default_port, patience)
+        stport = choose_port(f"{self.name} (SASL over TLS)", self.sasl_tls_port_file, self.sasl_tls_default_port,
+                             patience)
+        passwords = self.passwords()
+        plain_users = " ".join(f"user_{u}={_jaas_quoted(p)}" for u, p in passwords.items())
         data = self.dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         (self.dir / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
         props = self.dir / "server.properties"
-        props.write_text(
+        sasl_listeners = f"SASL_PLAINTEXT://{HOST}:{sport},SASL_SSL://{HOST}:{stport}"
+        _write_private(  # mode 0600: the PLAIN users' passwords are in it
+            props,
             "# written by scripts/brokers; rewritten at every start\n"
             "process.roles=broker,controller\n"
             "node.id=1\n"
             f"controller.quorum.voters=1@{HOST}:{cport}\n"
-            f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport},SSL://{HOST}:{tls_port}\n"
-            f"advertised.listeners=PLAINTEXT://{HOST}:{port},SSL://{HOST}:{tls_port}\n"
+            f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{cport},SSL://{HOST}:{tls_port},"
+            f"{sasl_listeners}\n"
+            f"advertised.listeners=PLAINTEXT://{HOST}:{port},SSL://{HOST}:{tls_port},{sasl_listeners}\n"
             "controller.listener.names=CONTROLLER\n"
             "inter.broker.listener.name=PLAINTEXT\n"
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL\n"
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,"
+            "SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL\n"
+            # SCRAM users live in the metadata log (after_ready adds them); PLAIN users are these
+            f"listener.name.sasl_plaintext.sasl.enabled.mechanisms={SCRAM}\n"
+            "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;\n"
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN\n"
+            "listener.name.sasl_ssl.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};\n"
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer\n"
+            f"super.users={SUPER_USERS}\n"
+            "allow.everyone.if.no.acl.found=false\n"
             # the SSL listener's certificate, inline PEM (a PEM file would need an encrypted key)
             "ssl.keystore.type=PEM\n"
             f"ssl.keystore.certificate.chain={pem_property(TLS_CERT)}\n"
@@ -249,14 +453,16 @@ class Kafka(Broker):
             # after a kill -9 the new broker waits for its old registration to expire: keep it short
             "broker.heartbeat.interval.ms=1000\n"
             "broker.session.timeout.ms=4000\n"
-            "log.flush.interval.ms=1000\n"
+            "log.flush.interval.ms=1000\n",
         )
         if not (data / "meta.properties").exists():
             cluster_id = new_cluster_id()
             say(f"kafka: formatting KRaft storage (cluster id {cluster_id})")
             if not format_storage(self.jvm(), cluster_id, props, self.log):
                 raise Failure(f"kafka: formatting the storage failed; {self.log_hint()}")
-        return spawn([*self.jvm(), "kafka.Kafka", str(props)], self.log, cwd=self.dir)
+        pid = spawn([*self.jvm(), "kafka.Kafka", str(props)], self.log, cwd=self.dir)
+        self.generation_file.write_text(self.generation() + "\n")
+        return pid
 
     async def check(self, url: str) -> None:
         await check_kafka(url)
