@@ -26,6 +26,7 @@ __all__ = [
     "UntestedClientVersion",
     "check_client_version",
     "coordination_task",
+    "coordinator_failure",
     "drop_connections",
     "finish_stop",
     "installed_version",
@@ -81,6 +82,22 @@ def coordination_task(consumer: Any) -> asyncio.Future[Any] | None:
     group coordinator)."""
     task = getattr(consumer._coordinator, "_coordination_task", None)
     return task if isinstance(task, asyncio.Future) else None
+
+
+def coordinator_failure(consumer: Any) -> BaseException | None:
+    """The error that stopped the consumer's group protocol (e.g. GroupAuthorizationFailedError),
+    without consuming it: aiokafka raises it only from the next getmany(), which a member holding
+    no partition never calls."""
+    coordinator = consumer._coordinator
+    if coordinator is None:
+        return None
+    pending = getattr(coordinator, "_pending_exception", None)
+    if isinstance(pending, BaseException):
+        return pending
+    task = getattr(coordinator, "_coordination_task", None)
+    if isinstance(task, asyncio.Future) and task.done() and not task.cancelled():
+        return task.exception()
+    return None
 
 
 async def drop_connections(consumer: Any) -> None:

@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-from msgbroker.spi import DeadLetter, Delivery, LaneConsumer, failures_since
+from msgbroker.spi import AccessDeniedError, DeadLetter, Delivery, LaneConsumer, failures_since
 
 from . import _compat
 from ._assignor import PinningAssignor
-from ._errors import map_error
 from ._host import ConsumerHost
 from ._records import MESSAGE_ID_HEADER, decode_headers
 
@@ -446,10 +445,10 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.owner.on_revoked(sorted(tp.partition for tp in revoked if tp.topic == self.owner.topic))
+        await self.owner.on_revoked(sorted(tp.partition for tp in revoked if tp.topic == self.owner.kafka_topic))
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self.owner.on_assigned(sorted(tp.partition for tp in assigned if tp.topic == self.owner.topic))
+        await self.owner.on_assigned(sorted(tp.partition for tp in assigned if tp.topic == self.owner.kafka_topic))
 
 
 class KafkaLaneConsumer(LaneConsumer):
@@ -459,7 +458,12 @@ class KafkaLaneConsumer(LaneConsumer):
         self.transport = transport
         self.topic = topic
         self.group = group
+        self.kafka_topic = transport.kafka_name(topic)
+        self.kafka_group = transport.kafka_name(group)
         self.member_id = member_id
+        self._refused: AccessDeniedError | None = None
+        """The broker refused this member a permission it cannot read or commit without (its
+        user's ACLs): the next poll raises it, which stops the subscription."""
         self._consumer: AIOKafkaConsumer | None = None
         self._listener: AssignmentListener | None = None
         self._lanes: dict[int, _Track] = {}
@@ -473,6 +477,7 @@ class KafkaLaneConsumer(LaneConsumer):
         self._gone = asyncio.Event()
         self._parked = False
         self._commit_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
         self._stopped = False
         self._commits_failing = False
         kafka = transport.settings.kafka
@@ -495,7 +500,7 @@ class KafkaLaneConsumer(LaneConsumer):
         grace = int(settings.shutdown_timeout.total_seconds() * 1000)
         consumer = AIOKafkaConsumer(
             **self.transport.client_options(),
-            group_id=self.group,
+            group_id=self.kafka_group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a new group also gets what was published before it
             session_timeout_ms=session,
@@ -512,14 +517,15 @@ class KafkaLaneConsumer(LaneConsumer):
         self._ordered = bool(listener.ordered)
         try:
             await consumer.start()
-            consumer.subscribe([self.topic], listener=_RebalanceListener(self))
+            consumer.subscribe([self.kafka_topic], listener=_RebalanceListener(self))
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await consumer.stop()
-            raise map_error(exc, f"joining group {self.group!r} on {self.topic!r}") from exc
+            raise self.transport.error(exc, f"joining group {self.kafka_group!r} on {self.kafka_topic!r}") from exc
         self._consumer = consumer
         self.transport.consumers.add(self)
         self._commit_task = asyncio.create_task(self._commit_loop(), name=f"msgbroker-kafka-commit-{self.topic}")
+        self._watch_task = asyncio.create_task(self._watch_group(), name=f"msgbroker-kafka-watch-{self.topic}")
         # Return once this member holds its share when that is quick (the first member of a
         # group: at once). Joining a busy group takes until every member drained its in-flight
         # handlers (eager rebalance); waiting for that here would stall a caller whose own
@@ -530,10 +536,11 @@ class KafkaLaneConsumer(LaneConsumer):
 
     async def stop(self, flush: bool) -> None:
         self._stopped = True
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
+        tasks = [t for t in (self._commit_task, self._watch_task) if t is not None]
+        self._commit_task = self._watch_task = None
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if flush:
             await self._commit(None, bound=_FINAL_BOUND, final=True)
         inflight = self._inflight
@@ -553,11 +560,14 @@ class KafkaLaneConsumer(LaneConsumer):
     async def on_assigned(self, partitions: list[int]) -> None:
         if self._stopped or self._listener is None:
             return
-        tps = [TopicPartition(self.topic, p) for p in partitions]
+        tps = [TopicPartition(self.kafka_topic, p) for p in partitions]
         self._committed = {}
         for attempt in range(3):
             try:
                 found = await self.transport.committed_offsets(self.group, tps) if tps else {}
+            except AccessDeniedError as exc:
+                self._refuse(exc)
+                break
             except Exception as exc:
                 # the lanes open anyway (aiokafka starts them at the committed offsets); only
                 # the attempt counts recorded by the previous owner are unknown then
@@ -597,7 +607,7 @@ class KafkaLaneConsumer(LaneConsumer):
             self._lanes.pop(partition, None)
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
-        tp = TopicPartition(self.topic, partition)
+        tp = TopicPartition(self.kafka_topic, partition)
         track = _Track(tp, ordered=self._ordered)
         committed = self._committed.get(partition)
         if committed is not None:
@@ -619,6 +629,35 @@ class KafkaLaneConsumer(LaneConsumer):
         track = self._lanes.get(partition)
         if track is not None:
             track.closed = True  # what it read and did not hand out stays unsettled (its offsets too)
+
+    def _refuse(self, error: AccessDeniedError) -> None:
+        """Remember a refusal the subscription cannot go on without; poll raises it."""
+        if self._refused is None:
+            self._refused = error
+            self._dirty.set()
+
+    async def _watch_group(self) -> None:
+        """Every heartbeat interval: has the broker refused this member its group (no Read on
+        it, taken away or never given)? aiokafka's group protocol then stops and keeps the error
+        for a getmany() that a member holding no partition never makes. The refusal is kept for
+        poll, and such a member reports partition 0 taken so that the engine polls it and stops
+        the subscription (nothing is read: poll raises first)."""
+        interval = max(0.2, self.transport.settings.kafka.heartbeat_interval.total_seconds())
+        while self._refused is None:
+            await asyncio.sleep(interval)
+            consumer = self._consumer
+            if consumer is None or self._stopped:
+                return
+            failure = _compat.coordinator_failure(consumer)
+            if failure is None:
+                continue
+            error = self.transport.error(failure, f"joining group {self.kafka_group!r} on {self.kafka_topic!r}")
+            if not isinstance(error, AccessDeniedError):
+                continue
+            self._refuse(error)
+            if not self._lanes and self._listener is not None and not self._listener.closing:
+                await self._listener.assigned([0])
+            return
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -650,6 +689,8 @@ class KafkaLaneConsumer(LaneConsumer):
         self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
     ) -> list[Delivery]:
         consumer = self._consumer
+        if self._refused is not None:
+            raise self._refused
         if consumer is None or self._stopped:
             return []
         out: list[Delivery] = []
@@ -669,7 +710,10 @@ class KafkaLaneConsumer(LaneConsumer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                raise map_error(exc, f"polling {self.topic!r} for {self.group!r}") from exc
+                error = self.transport.error(exc, f"reading {self.kafka_topic!r} for group {self.kafka_group!r}")
+                if isinstance(error, AccessDeniedError):
+                    self._refuse(error)
+                raise error from exc
             for tp, records in batch.items():
                 track = lanes.get(tp.partition)
                 if track is None or track.closed or not records:
@@ -818,6 +862,11 @@ class KafkaLaneConsumer(LaneConsumer):
             # previous commit and redelivers (at least once), nothing is lost
             log.info("kafka: commit of %s for %s skipped (group rebalancing): %s", self.topic, self.group, exc)
         except Exception as exc:
+            error = self.transport.error(exc, f"committing {self.kafka_topic!r} for group {self.kafka_group!r}")
+            if isinstance(error, AccessDeniedError):
+                # not retried: the subscription stops (at its next poll) like a crash
+                self._refuse(error)
+                return
             # until a commit succeeds again, progress is committed in batches only (settles
             # do not wait for an unreachable broker)
             log.warning("kafka: commit of %s for %s failed: %r; it is retried", self.topic, self.group, exc)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-    from msgbroker.spi import BrokerSettings, DeadLetter
+    from msgbroker.spi import BrokerSettings, DeadLetter, MsgBrokerError
 
 __all__ = ["ConsumerHost", "Flushable"]
 
@@ -34,6 +34,14 @@ class ConsumerHost(Protocol):
     """The running consumers of this transport (a consumer adds itself at start)."""
 
     def client_options(self) -> dict[str, Any]: ...
+
+    def kafka_name(self, name: str) -> str:
+        """The Kafka name of a msgbroker topic or group (``kafka.name_prefix``)."""
+        ...
+
+    def error(self, exc: BaseException, doing: str, *, publishing: bool = False) -> MsgBrokerError:
+        """The msgbroker error for an aiokafka error, naming the connection's user in a refusal."""
+        ...
 
     async def ensure_topic(self, topic: str, partitions: int | None = None) -> int: ...
 

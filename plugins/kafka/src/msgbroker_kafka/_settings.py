@@ -16,6 +16,11 @@ class KafkaSettings(ProviderSettings):
 
     bootstrap_servers: str = "localhost:9092"
     """Comma-separated ``host:port`` list (a ``kafka://`` URL's host part sets it)."""
+    name_prefix: str = ""
+    """Put in front of every Kafka topic and consumer group name the provider uses, with a dot:
+    ``<prefix>.<topic>``, ``<prefix>.<group>`` (1-100 of ``A-Z a-z 0-9 _ -``, no dot, so that no
+    prefix is the start of another's); empty: the names as given. One prefixed ACL per resource
+    type then covers an application (docs/security.md)."""
     client_id: str = "msgbroker"
     """The Kafka client id of every connection (broker logs and quotas show it)."""
     replication_factor: int | None = Field(None, ge=1)

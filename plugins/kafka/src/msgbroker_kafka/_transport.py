@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -23,11 +24,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-u
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType  # type: ignore[import-untyped]
+from aiokafka.conn import create_conn  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker.spi import (
     DEAD_LETTER_GROUP,
     DEAD_LETTER_TOPIC_SUFFIX,
     DEAD_LETTERS_REMOVED_HEADER,
+    AccessDeniedError,
     BrokerClosedError,
     BrokerConnectionError,
     BrokerSettings,
@@ -49,8 +52,9 @@ from msgbroker.spi import (
 )
 
 from ._consumer import KafkaLaneConsumer
-from ._errors import map_error
+from ._errors import GRANT, access_denied, map_error
 from ._host import Flushable
+from ._logs import hide_sasl_bytes
 from ._records import MESSAGE_ID_HEADER, decode_headers, encode_headers
 from ._settings import KafkaSettings
 
@@ -62,6 +66,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("msgbroker.kafka")
+hide_sasl_bytes()
 
 REMOVED_TOPIC_SUFFIX = ".removed"
 """``<topic>.dlq.removed`` holds the markers of removed letters (headers: the group and
@@ -75,8 +80,10 @@ _PRODUCER_STATE_LOST = (
 )
 """The broker lost the idempotent producer's sequence state (seen after a broker restart); the
 producer is useless from then on (aiokafka#1017) and is replaced by a new one."""
+_TOPIC_AUTHORIZATION_FAILED = 29
 _ADMIN_TIMEOUT = 15.0
 _TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+_PREFIX = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
 
 class KafkaTransport(Transport):
@@ -130,9 +137,30 @@ class KafkaTransport(Transport):
                 f"kafka.min_insync_replicas={insync} is more than kafka.replication_factor={self._replication}: "
                 "no acks=all produce could ever be confirmed"
             )
+        prefix = settings.kafka.name_prefix
+        if prefix and not _PREFIX.fullmatch(prefix):
+            raise ConfigurationError(
+                f"kafka.name_prefix={prefix!r} must be 1-100 characters of A-Z a-z 0-9 _ - (no dot: the provider "
+                "adds one, and a prefix with a dot could be the start of another's)"
+            )
+        self._prefix = f"{prefix}." if prefix else ""
+        self.user: str | None = settings.kafka.sasl_username if settings.kafka.sasl_mechanism else None
+        """The SASL user, named in refusals (None: ANONYMOUS, or a TLS client certificate's name)."""
         self._producer_lock = asyncio.Lock()
         self.consumers: set[Flushable] = set()
         """The running consumers of this transport (each adds itself at start)."""
+
+    def _who(self) -> str:
+        return f"user {self.user!r}" if self.user else "the connection's user"
+
+    def kafka_name(self, name: str) -> str:
+        """The Kafka topic or consumer group name of a msgbroker topic or group: with
+        ``kafka.name_prefix`` and a dot in front."""
+        return self._prefix + name
+
+    def error(self, exc: BaseException, doing: str, *, publishing: bool = False) -> MsgBrokerError:
+        """:func:`map_error` naming this connection's user in a refusal."""
+        return map_error(exc, doing, publishing=publishing, user=self.user)
 
     def lease_ttl(self) -> float:
         """The group's session timeout: how long a silent member keeps its partitions (what the
@@ -189,7 +217,7 @@ class KafkaTransport(Transport):
         """The error to raise for a failed produce; replaces a producer whose idempotence state
         the broker lost (the records may or may not have been written: a retry may duplicate)."""
         if not isinstance(exc, _PRODUCER_STATE_LOST):
-            return map_error(exc, doing, publishing=True)
+            return self.error(exc, doing, publishing=True)
         async with self._producer_lock:
             if self._producer is broken:
                 log.warning("kafka: the broker lost this producer's sequence state (%s); starting a new producer", exc)
@@ -199,7 +227,7 @@ class KafkaTransport(Transport):
                 except Exception as start_exc:
                     with contextlib.suppress(Exception):
                         await fresh.stop()
-                    return map_error(start_exc, "restarting the producer", publishing=True)
+                    return self.error(start_exc, "restarting the producer", publishing=True)
                 self._producer = fresh
                 stale: Any = broken
                 with contextlib.suppress(Exception):
@@ -222,6 +250,15 @@ class KafkaTransport(Transport):
                 untrusted = await self._tls_refusal(options["ssl_context"])
                 if untrusted is not None:
                     raise untrusted from exc
+            if "sasl_mechanism" in options:
+                refused = await self._login_refusal(options)
+                if refused is not None:
+                    raise refused from exc
+            denied = access_denied(
+                exc, "starting the idempotent producer (it needs Write on some topic, or IdempotentWrite on the "
+                "Cluster)", self.user)
+            if denied is not None:
+                raise denied from exc
             raise BrokerConnectionError(
                 f"cannot connect to kafka at {self.settings.kafka.bootstrap_servers}: {exc}"
             ) from exc
@@ -242,6 +279,25 @@ class KafkaTransport(Transport):
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
+        return None
+
+    async def _login_refusal(self, options: dict[str, Any]) -> AccessDeniedError | None:
+        """Why the first bootstrap server refuses the login, when it does: aiokafka only logs
+        that and reports "Unable to bootstrap", so one connection finds out (not retried)."""
+        first = self.settings.kafka.bootstrap_servers.split(",")[0].strip()
+        host, _, port = first.rpartition(":")
+        if not host or not port.isdigit():
+            return None
+        keys = ("client_id", "ssl_context", "security_protocol", "sasl_mechanism", "sasl_plain_username",
+                "sasl_plain_password")
+        try:
+            async with asyncio.timeout(5):
+                conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=5000,
+                                         **{k: options[k] for k in keys if k in options})
+        except Exception as exc:
+            return access_denied(exc, f"connecting to {self.settings.kafka.bootstrap_servers}", self.user,
+                                 self.settings.kafka.sasl_mechanism)
+        conn.close()
         return None
 
     async def close(self) -> None:
@@ -281,10 +337,10 @@ class KafkaTransport(Transport):
             async with self._topic_lock:
                 known = self._topics.get(topic)
                 if known is None:
-                    known = self._topics[topic] = await self._create_or_describe(topic, wanted)
+                    known = self._topics[topic] = await self._create_or_describe(self.kafka_name(topic), wanted)
         if partitions is None and known != wanted:
             raise ConfigurationError(
-                f"kafka topic {topic!r} exists with {known} partitions; this connection has "
+                f"kafka topic {self.kafka_name(topic)!r} exists with {known} partitions; this connection has "
                 f"partition_count={wanted} (partitions decide ordering: use the topic's count or another topic)"
             )
         return known
@@ -307,6 +363,9 @@ class KafkaTransport(Transport):
                 continue
             for response in responses:
                 for resource in response.resources:
+                    if resource[0]:  # refused: no DescribeConfigs on the cluster
+                        error = kafka_errors.for_code(resource[0])
+                        raise error(f"{resource[1] or error.description} (DescribeConfigs on the Cluster)")
                     for entry in resource[4]:
                         if entry[0] == name:
                             return str(entry[1])
@@ -317,7 +376,13 @@ class KafkaTransport(Transport):
         """``kafka.replication_factor``, or the brokers' ``default.replication.factor`` (read
         once): CreateTopics before v4, the newest aiokafka speaks, cannot ask for the default."""
         if self._replication is None:
-            found = await self._broker_default("default.replication.factor")
+            try:
+                found = await self._broker_default("default.replication.factor")
+            except Exception as exc:
+                denied = access_denied(exc, "reading the brokers' default.replication.factor", self.user)
+                if denied is None:
+                    raise
+                raise type(denied)(f"{denied}, or set kafka.replication_factor (then it is not read)") from exc
             replication = int(found) if found and found.isdigit() else 1
             insync = self.settings.kafka.min_insync_replicas
             if insync is not None and insync > replication:
@@ -344,6 +409,18 @@ class KafkaTransport(Transport):
             for name, code, message in response.topic_errors:
                 if name != topic or code in (0, _TOPIC_EXISTS):
                     continue
+                if code == _TOPIC_AUTHORIZATION_FAILED:
+                    # No Create on it: fine if it exists (made by an operator) and may be described.
+                    [described] = await asyncio.wait_for(admin.describe_topics([topic]), _ADMIN_TIMEOUT)
+                    if described["error_code"] == 0 and described["partitions"]:
+                        return len(described["partitions"])
+                    why = ("it may neither create the topic nor describe it" if described["error_code"] == code
+                           else "the topic does not exist and it may not create it")
+                    raise AccessDeniedError(
+                        f"kafka: creating topic {topic!r} failed: {self._who()} has no permission for it ({why}: "
+                        f"TopicAuthorizationFailedError: {message or 'Authorization failed.'}); "
+                        f"{GRANT}, or create the topic in advance"
+                    )
                 error = kafka_errors.for_code(code)
                 if getattr(error, "retriable", False):  # e.g. a controller moving to another node
                     raise error(message)
@@ -355,23 +432,28 @@ class KafkaTransport(Transport):
                 count = len(described["partitions"])
                 if described["error_code"] == 0 and count:
                     return count
+                if described["error_code"] == _TOPIC_AUTHORIZATION_FAILED:
+                    raise kafka_errors.TopicAuthorizationFailedError(f"describing topic {topic!r}")
                 if time.monotonic() > deadline:  # metadata of a new topic propagates asynchronously
                     raise ConfigurationError(f"kafka topic {topic!r} has no metadata: error {described['error_code']}")
                 await asyncio.sleep(0.05)
         except ConfigurationError:
             raise
         except Exception as exc:
-            raise map_error(exc, f"creating topic {topic!r}") from exc
+            raise self.error(exc, f"creating topic {topic!r}") from exc
 
     async def _existing_partitions(self, topic: str) -> list[int] | None:
-        """The partitions of ``topic`` without creating it, or None when it does not exist."""
+        """The partitions of Kafka topic ``topic`` without creating it, or None when it does not
+        exist — or the user may not describe it: the broker lists only the topics it may."""
         try:
             names = await asyncio.wait_for(self.admin.list_topics(), _ADMIN_TIMEOUT)
             if topic not in names:
                 return None
             [described] = await asyncio.wait_for(self.admin.describe_topics([topic]), _ADMIN_TIMEOUT)
+            if described["error_code"] == _TOPIC_AUTHORIZATION_FAILED:
+                raise kafka_errors.TopicAuthorizationFailedError(f"describing topic {topic!r}")
         except Exception as exc:
-            raise map_error(exc, f"describing topic {topic!r}") from exc
+            raise self.error(exc, f"describing topic {topic!r}") from exc
         return sorted(p["partition"] for p in described["partitions"])
 
     async def offsets_client(self) -> AIOKafkaConsumer:
@@ -383,7 +465,7 @@ class KafkaTransport(Transport):
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
-                raise map_error(exc, "starting the offsets client") from exc
+                raise self.error(exc, "starting the offsets client") from exc
             if self._offsets is None:
                 self._offsets = consumer
             else:
@@ -402,7 +484,7 @@ class KafkaTransport(Transport):
             # send() all, then await the confirmations: one round trip per batch, not per record
             futures = [
                 await producer.send(
-                    r.topic,
+                    self.kafka_name(r.topic),
                     r.body,
                     key=r.key.encode("utf-8"),
                     partition=r.partition,
@@ -422,29 +504,32 @@ class KafkaTransport(Transport):
         return KafkaLaneConsumer(self, topic, group, member_id)
 
     async def committed_offsets(self, group: str, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Any]:
-        """The group's committed offsets (``OffsetAndMetadata``) for ``partitions``; absent when none."""
+        """The committed offsets (``OffsetAndMetadata``) of msgbroker group ``group`` for the Kafka
+        ``partitions``; absent when none."""
+        name = self.kafka_name(group)
         try:
             found = await asyncio.wait_for(
-                self.admin.list_consumer_group_offsets(group, partitions=list(partitions)), _ADMIN_TIMEOUT
+                self.admin.list_consumer_group_offsets(name, partitions=list(partitions)), _ADMIN_TIMEOUT
             )
         except Exception as exc:
-            raise map_error(exc, f"reading committed offsets of group {group!r}") from exc
+            raise self.error(exc, f"reading committed offsets of group {name!r}") from exc
         return {tp: meta for tp, meta in found.items() if meta.offset >= 0}
 
     async def pending_count(self, topic: str, group: str) -> int:
-        partitions = await self._existing_partitions(topic)
+        name = self.kafka_name(topic)
+        partitions = await self._existing_partitions(name)
         if not partitions:
             return 0
         # settled-but-buffered acks of this process's own members count as settled
         await asyncio.gather(*(c.flush() for c in list(self.consumers) if c.topic == topic and c.group == group))
-        tps = [TopicPartition(topic, p) for p in partitions]
+        tps = [TopicPartition(name, p) for p in partitions]
         committed = await self.committed_offsets(group, tps)
         offsets = await self.offsets_client()
         try:
             ends = await asyncio.wait_for(offsets.end_offsets(tps), _ADMIN_TIMEOUT)
             starts = await asyncio.wait_for(offsets.beginning_offsets(tps), _ADMIN_TIMEOUT)
         except Exception as exc:
-            raise map_error(exc, f"reading offsets of topic {topic!r}") from exc
+            raise self.error(exc, f"reading offsets of topic {name!r}") from exc
         total = 0
         for tp in tps:
             done = committed[tp].offset if tp in committed else starts[tp]
@@ -459,9 +544,10 @@ class KafkaTransport(Transport):
         record = dead_letter_record(letter)
         await self.ensure_topic(record.topic)
         producer = self.producer
+        name = self.kafka_name(record.topic)
         try:
             await producer.send_and_wait(
-                record.topic,
+                name,
                 record.body,
                 key=key.encode("utf-8"),
                 partition=record.partition,
@@ -470,10 +556,12 @@ class KafkaTransport(Transport):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise await self._produce_failed(exc, f"writing a dead letter to {record.topic!r}", producer) from exc
+            raise await self._produce_failed(exc, f"writing a dead letter to {name!r}", producer) from exc
 
-    async def _read_topic(self, dlq: str) -> list[tuple[int, int, Any]]:
-        """Every record of ``dlq`` as (partition, offset, record), oldest first."""
+    async def _read_topic(self, topic: str) -> list[tuple[int, int, Any]]:
+        """Every record of msgbroker topic ``topic`` (a ``.dlq``) as (partition, offset, record),
+        oldest first."""
+        dlq = self.kafka_name(topic)
         partitions = await self._existing_partitions(dlq)
         if not partitions:
             return []
@@ -501,7 +589,7 @@ class KafkaTransport(Transport):
         except BrokerConnectionError:
             raise
         except Exception as exc:
-            raise map_error(exc, f"reading {dlq!r}") from exc
+            raise self.error(exc, f"reading {dlq!r}") from exc
         finally:
             with contextlib.suppress(Exception):
                 await reader.stop()
@@ -548,9 +636,9 @@ class KafkaTransport(Transport):
         removed_topic = dead_letter_topic(topic) + REMOVED_TOPIC_SUFFIX
         await self.ensure_topic(removed_topic, 1)
         try:
-            await self.producer.send_and_wait(removed_topic, b"", headers=encode_headers(marker))
+            await self.producer.send_and_wait(self.kafka_name(removed_topic), b"", headers=encode_headers(marker))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise map_error(exc, f"removing dead letters of {topic!r}", publishing=True) from exc
+            raise self.error(exc, f"removing dead letters of {topic!r}", publishing=True) from exc
         return len(gone)
