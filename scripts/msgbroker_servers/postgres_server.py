@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import pwd
 import shutil
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from .broker import Broker
-from .common import HOST, Failure, rel, say
+from .common import HOST, ROOT, Failure, rel, say
 from .processes import proc_info
 
 SUPERUSER = "postgres"
@@ -86,12 +87,6 @@ class Postgres(Broker):
     def _initdb(self, bindir: Path, owner: tuple[int, int] | None) -> None:
         """A new cluster in .brokers/postgres/data, owned by the user that runs the server."""
         say(f"postgres: initdb {rel(self.data)}")
-        if owner:
-            for parent in self.data.resolve().parents:
-                st = parent.stat()
-                if not st.st_mode & 0o001 and st.st_uid != owner[0]:
-                    raise Failure(f"postgres: the postgres user cannot enter {parent} (mode "
-                                  f"{st.st_mode & 0o777:o}); its data directory {rel(self.data)} is under it")
         self.data.mkdir(parents=True, exist_ok=True)
         if owner:
             os.chown(self.data, *owner)
@@ -106,6 +101,24 @@ class Postgres(Broker):
         if done.returncode != 0:
             shutil.rmtree(self.data, ignore_errors=True)
             raise Failure(f"postgres: initdb exited {done.returncode}: {(done.stderr or done.stdout).strip()[-600:]}")
+
+    def _choose_data_dir(self, owner: tuple[int, int] | None) -> None:
+        """.brokers/postgres/data, unless the user that runs the server cannot enter a folder
+        above it (a checkout under /root, mode 700): then a folder of this checkout's own in
+        /var/tmp (named by a hash of the checkout's path), remembered in .brokers/postgres/datadir."""
+        self.data = self.dir / "data"
+        if owner is None:
+            return
+        blocked = next((parent for parent in self.data.resolve().parents
+                        if not parent.stat().st_mode & 0o001 and parent.stat().st_uid != owner[0]), None)
+        if blocked is None:
+            return
+        digest = hashlib.sha256(str(ROOT).encode()).hexdigest()[:12]
+        self.data = Path("/var/tmp") / f"msgbroker-postgres-{digest}" / "data"
+        self.data.parent.mkdir(mode=0o755, exist_ok=True)
+        say(f"postgres: the postgres user cannot enter {blocked} (mode {blocked.stat().st_mode & 0o777:o}); "
+            f"its data directory is {self.data} instead")
+        (self.dir / "datadir").write_text(f"{self.data}\n")
 
     def _forget_dead_postmaster(self) -> None:
         """Remove the lock file of a postmaster killed with -9 once it is gone or a zombie: the
@@ -125,6 +138,7 @@ class Postgres(Broker):
         if bindir is None:
             raise Failure("postgres: no /usr/lib/postgresql/*/bin/postgres (install Debian's postgresql)")
         owner = _run_as()
+        self._choose_data_dir(owner)
         if not (self.data / "PG_VERSION").exists():
             if self.data.exists():
                 shutil.rmtree(self.data)
