@@ -15,6 +15,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import nats.errors
@@ -30,8 +31,10 @@ from msgbroker.spi import (
     ConfigurationError,
     DeadLetter,
     Delivery,
+    GroupView,
     Lane,
     LaneConsumer,
+    MemberView,
     MessageTooLargeError,
     OutgoingRecord,
     PublishFailedError,
@@ -39,6 +42,7 @@ from msgbroker.spi import (
     Transport,
     dead_letter_from_record,
     dead_letter_group,
+    describe_from_interface,
     letter_key,
     redact,
     tls_client_context,
@@ -491,6 +495,31 @@ class NatsTransport(Transport):
     def lease_ttl(self) -> float:
         """The pins bucket's TTL: a silent member's leases (and membership) age out after it."""
         return float(self._lease_ttl)
+
+    async def describe(self, topic: str, group: str) -> GroupView:
+        """The default view plus the pins bucket: the live members (their keys) and each lane's
+        holder (its lease key's value). The bucket keeps no join time."""
+        view = await describe_from_interface(self, topic, group, knows_members=True)
+        bucket = f"{self.prefix}_pins"
+        owners: dict[int, str] = {}
+        try:
+            kv = await self.pins()
+            info = await self.jsm.stream_info(f"KV_{bucket}",
+                                              subjects_filter=f"$KV.{bucket}.{self._member_key(topic, group, '*')}")
+            for partition in range(self.settings.partition_count):
+                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                    entry = await kv.get(f"{topic}/{group}.{partition}")
+                    if entry.value:
+                        owners[partition] = entry.value.decode()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, f"describing {group!r} on {topic!r}") from exc
+        live = sorted(subject.rpartition(".")[2] for subject in info.state.subjects or {})
+        members = tuple(MemberView(m, None, tuple(p for p, owner in sorted(owners.items()) if owner == m))
+                        for m in live)
+        partitions = tuple(replace(part, owner=owners.get(part.partition)) for part in view.partitions)
+        return replace(view, partitions=partitions, members=members)
 
     def _member_key(self, topic: str, group: str, member_id: str) -> str:
         # Two '/' (a lane's key has one, and names cannot hold it): never a lane's key.
