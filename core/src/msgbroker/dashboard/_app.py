@@ -41,6 +41,8 @@ COOKIE = "msgbroker_dashboard"
 CSRF_HEADER = "x-msgbroker-csrf"
 HISTORY = 120
 """Samples of rates kept per group (two minutes at the default interval)."""
+REPLAY_CHUNK = 100
+"""Dead letters per replay round trip (as ``msgbroker dlq replay``)."""
 DEAD_LETTER_PAGE = 500
 """The most dead letters one list answer carries (the total is said)."""
 
@@ -318,7 +320,11 @@ def create_app(broker: Broker, config: DashboardConfig, sampler: Sampler | None 
 
     async def replay(request: Request) -> Response:
         topic, group, ids = await body(request)
-        replayed = await broker.replay_dead_letters(topic, group, ids)
+        if ids is None:
+            ids = [letter.message_id for letter in await broker.dead_letters(topic, group)]
+        replayed = 0
+        for start in range(0, len(ids), REPLAY_CHUNK):
+            replayed += await broker.replay_dead_letters(topic, group, ids[start:start + REPLAY_CHUNK])
         log.warning("dashboard: replayed %d dead letter(s) of %s/%s", replayed, topic, group)
         return JSONResponse({"topic": topic, "group": group, "replayed": replayed})
 
