@@ -61,8 +61,9 @@ def tests(session: nox.Session, dist: str) -> None:
     _bootstrap(session)
     path = DISTRIBUTIONS[dist]
     env = {} if dist in SERVERLESS else _brokers(session, dist)
-    if dist == "core":  # the CLI's provider sessions use every server
+    if dist == "core":  # the CLI's provider sessions use every server; the dashboard's tests a browser
         env = _brokers(session)
+        session.run(str(ROOT / "scripts" / "brokers"), "browser", external=True, silent=True)
     _pytest(session, f"{path}/tests", env=env)
 
 
