@@ -17,6 +17,7 @@ from msgbroker.spi import (
     AssignmentListener,
     DeadLetter,
     Delivery,
+    GroupView,
     Lane,
     LaneConsumer,
     OutgoingRecord,
@@ -509,6 +510,32 @@ class ReplayRemovesByIdTransport(Memory):  # type: ignore[valid-type,misc]
         return await self.remove_dead_letters(topic, group, [letter.message_id for letter in letters])  # the bug
 
 
+class DescribeShiftedTransport(Memory):  # type: ignore[valid-type,misc]
+    """``describe`` puts each partition's pending count on the next partition (the total stays right)."""
+
+    NAME: ClassVar[str] = "broken-describe-shifted"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-describe-shifted",)
+
+    async def describe(self, topic: str, group: str) -> GroupView:
+        view = cast("GroupView", await super().describe(topic, group))
+        parts = view.partitions
+        shifted = tuple(dataclasses.replace(p, pending=parts[p.partition - 1].pending) for p in parts)  # the bug
+        return dataclasses.replace(view, partitions=shifted)
+
+
+class DescribeGhostOwnerTransport(Memory):  # type: ignore[valid-type,misc]
+    """``describe`` keeps naming a lane's last holder after its lease ended (a member gone)."""
+
+    NAME: ClassVar[str] = "broken-describe-ghost"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-describe-ghost",)
+
+    async def describe(self, topic: str, group: str) -> GroupView:
+        view = cast("GroupView", await super().describe(topic, group))
+        ghost = tuple(dataclasses.replace(p, owner="gone-member") if p.partition == 0 else p
+                      for p in view.partitions)  # the bug
+        return dataclasses.replace(view, partitions=ghost)
+
+
 BROKEN_TRANSPORTS: list[type[Transport]] = [
     ReorderingTransport, LosingTransport, DuplicatingTransport, LyingPendingTransport,
     DelayLostOnHandOverTransport, DelayIgnoredByBrokerTransport, AttemptNotPersistedTransport,
@@ -516,7 +543,7 @@ BROKEN_TRANSPORTS: list[type[Transport]] = [
     LongHeadersCutTransport, RecordKeyDroppedTransport, LargeMessageDroppedTransport,
     PendingOfNewGroupTransport, PendingAcrossGroupsTransport, DedupMissesBatchTwinsTransport,
     DedupShortWindowTransport, FencedMemberSettlesTransport, LateHandOverTransport, RareReorderTransport,
-    RareLossTransport, ReplayRemovesByIdTransport,
+    RareLossTransport, ReplayRemovesByIdTransport, DescribeShiftedTransport, DescribeGhostOwnerTransport,
 ]
 
 
