@@ -125,7 +125,7 @@ class RabbitMQTransport(Transport):
         # longer than the claim timeout loses its connection, and with it its lease queues
         # (fencing, docs/semantics.md). Never below 2 s: aiormq sends at most once a second, and
         # the server must not drop a member that is only busy; so a claim timeout under 4 s
-        # fences a stalled member after 2–4 s, not within the claim timeout.
+        # fences a stalled member after 2 to 4 s, not within the claim timeout.
         self.amqp_heartbeat = max(2, math.ceil(claim / 2))
         self._link: Link | None = None
         self.ssl_context: ssl.SSLContext | None = None
