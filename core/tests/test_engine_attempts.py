@@ -67,3 +67,41 @@ async def test_a_delay_waited_out_during_a_hand_over_is_no_failed_attempt(ordere
     assert seen == [("first", 1), ("first", 2), ("second", 3), ("second", 4)]
     assert letters[0].attempts == 4
     assert "another failed attempt" in letters[0].error
+
+
+
+async def test_a_message_read_while_its_lane_is_handed_back_is_no_attempt() -> None:
+    """The read loop's poll was in flight when a lane began its hand-over to a newcomer (its
+    handler still busy): the message that poll brought back was left for the lane's next owner,
+    but the broker had counted its delivery, and the next owner was handed attempt 2 of a message
+    no handler had seen. Found by the conformance state machine (long profile, seeds 7 and 9 on
+    memory)."""
+    url = f"memory://{uuid.uuid4().hex}"
+    settings: dict[str, Any] = {"partition_count": 16}
+    first = await msgbroker.connect(url, **settings)
+    second = await msgbroker.connect(url, **settings)
+    seen: list[tuple[str, str, int]] = []
+    release = asyncio.Event()
+
+    async def hold(ctx: MessageContext[Job]) -> None:
+        seen.append(("first", ctx.message.key, ctx.delivery_attempt))
+        if ctx.message.key.startswith("a"):
+            await release.wait()  # every lane busy when the newcomer arrives
+
+    async def record(ctx: MessageContext[Job]) -> None:
+        seen.append(("second", ctx.message.key, ctx.delivery_attempt))
+
+    subscription = await first.subscribe("jobs", "workers", hold, message_type=Job)
+    await first.publish_batch("jobs", [Job(key=f"a{i}") for i in range(128)])
+    await _until(lambda: len(seen) == 16)  # one held per lane
+    joined = await second.subscribe("jobs", "workers", record, message_type=Job)
+    await _until(lambda: len(subscription.partitions) < 16, timeout=20)  # hand-overs began, waiting for handlers
+    await first.publish_batch("jobs", [Job(key=f"b{i}") for i in range(128)])  # the polls in flight read them
+    await asyncio.sleep(0.2)
+    release.set()
+    await _until(lambda: len({key for _, key, _ in seen if key.startswith("b")}) == 128, timeout=20)
+    moved = [entry for entry in seen if entry[0] == "second" and entry[1].startswith("b")]
+    assert moved and joined.partitions, "the newcomer took no lane"
+    await first.close()
+    await second.close()
+    assert [entry for entry in seen if entry[2] != 1 and entry[1].startswith("b")] == []

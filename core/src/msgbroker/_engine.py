@@ -266,12 +266,14 @@ class SubscriptionRunner:
                 await asyncio.sleep(pause)
                 continue
             lanes = self._lanes
+            dropped: list[Delivery] = []
             if self.ordered:
                 last = None
                 for delivery in deliveries:
                     lane = lanes.get(delivery.partition)
                     if lane is None or lane.stopping:
-                        continue  # still unsettled at the broker: the lane's next owner gets it
+                        dropped.append(delivery)  # still unsettled at the broker: the lane's next owner gets it
+                        continue
                     lane.buffer.append(delivery)
                     if lane is not last:  # a lane's deliveries come together: wake it once
                         last = lane
@@ -281,12 +283,19 @@ class SubscriptionRunner:
                 for delivery in deliveries:
                     lane = lanes.get(delivery.partition)
                     if lane is None or lane.stopping:
+                        dropped.append(delivery)
                         continue
                     lane.buffer.append(delivery)
                     if not lane.queued:
                         lane.queued = True
                         ready.append(lane)
                 self._dispatch(len(deliveries))
+            if dropped:
+                # Read while their lane was being handed back (a poll in flight when the stop
+                # began): the broker counted a delivery no handler will see. Taken back, the next
+                # owner's delivery_attempt counts handlings (docs/semantics.md, rule 3).
+                with contextlib.suppress(Exception):
+                    await self.consumer.unread(dropped)
 
     def _stop_on(self, exc: AccessDeniedError) -> None:
         log.error("msgbroker: the subscription of %s to %s stopped: %s (its unsettled messages stay for a "
