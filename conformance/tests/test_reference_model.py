@@ -165,3 +165,19 @@ def test_a_stall_elsewhere_is_measured_but_blames_no_provider() -> None:
     stalls, blocked = _blocked_for("msgbroker_some_provider/")
     assert stalls and max(stalls) >= 0.5
     assert blocked is None
+
+
+def test_a_failure_seen_once_is_reported_as_the_providers_not_as_flaky() -> None:
+    """Hypothesis raises FlakyFailure when a failing example passes on its replay (other timing);
+    the suite reports the violation itself, with the steps, as a ConformanceFailure."""
+    from hypothesis.errors import FlakyFailure
+    from msgbroker_conformance import ConformanceFailure
+    from msgbroker_conformance._stateful import ModelViolation, _once_seen
+
+    violation = ModelViolation("b#4 has delivery_attempt 2; it was handled 0 time(s)")
+    flaky = FlakyFailure("Hypothesis run_state_machine(...) produces unreliable results", [violation])
+    flaky.add_note("state.publish(key='b', n=1)")
+    failure = _once_seen(flaky)
+    assert isinstance(failure, ConformanceFailure) and not isinstance(failure, FlakyFailure)
+    assert str(failure).startswith("ModelViolation: b#4 has delivery_attempt 2; it was handled 0 time(s) — seen once")
+    assert failure.__notes__ == ["state.publish(key='b', n=1)"]
