@@ -160,13 +160,19 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
-@pytest.mark.parametrize("provider", [pytest.param(n, id=n) for n in PROVIDERS if installed(n)])
+@pytest.mark.parametrize(("provider", "database"), [
+    *(pytest.param(n, "postgres", id=f"{n}-postgres") for n in PROVIDERS if installed(n)),
+    pytest.param("redis", "sqlite", id="redis-sqlite"),
+])
 async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
-        provider: str, pg: AsyncEngine, prefix: str, tmp_path: Path, postgres_url: str) -> None:
+        provider: str, database: str, pg: AsyncEngine, prefix: str, tmp_path: Path, postgres_url: str) -> None:
     """Two relays move a backlog of 1,500 messages (20 keys) in batches of 5; one is killed with
     SIGKILL once a fifth is relayed, while messages are still unsent; a third starts and takes
     the dead one's buckets over when their leases run out (2 s)."""
     url = provider_url(provider)
+    db_url = postgres_url if database == "postgres" else f"sqlite:///{tmp_path / 'outbox.db'}"
+    if database == "sqlite":
+        pg = create_async_engine(async_url(db_url))
     outbox = Outbox(prefix=prefix, buckets=16)
     await outbox.create_tables(pg)
     topic = f"outbox-{uuid.uuid4().hex[:8]}"
@@ -183,7 +189,7 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
     def relay(name: str) -> subprocess.Popen[bytes]:
         with open(tmp_path / f"{name}.log", "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "msgbroker_outbox", "relay", "--database", postgres_url, "--url", url,
+                [sys.executable, "-m", "msgbroker_outbox", "relay", "--database", db_url, "--url", url,
                  "--prefix", prefix, "--buckets", "16", "--batch-size", "5", "--lease-ttl", "2"],
                 env=child_env(MSGBROKER_PARTITION_COUNT="16"), stdout=log, stderr=subprocess.STDOUT)
 
@@ -209,8 +215,10 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
                 stop(proc)
         logs = "".join((tmp_path / f"relay-{i}.log").read_text() for i in (1, 2, 3))
     assert await outbox.unsent(pg) == 0
+    if database == "sqlite":
+        await pg.dispose()
     verdict = check(sent, records)
-    record_result(f"{provider}+postgres (outbox)", "relay kill -9 mid-batch", verdict, kills=1,
+    record_result(f"{provider}+{database} (outbox)", "relay kill -9 mid-batch", verdict, kills=1,
                   unsent_at_kill=unsent_at_kill)
     assert not verdict.lost, (verdict.summary(), logs[-3000:])
     assert not verdict.order_violations, verdict.order_violations[:5]

@@ -264,3 +264,7 @@ async def test_bad_input_is_refused_naming_it(engine: AsyncEngine, outbox: Outbo
         Outbox(buckets=0)
     with pytest.raises(ConfigurationError, match="no scheme"):
         async_url("outbox.db")
+    async with msgbroker.connect(memory_url()) as broker:
+        other = Outbox(prefix=outbox.prefix, buckets=64)  # the writers made 16
+        with pytest.raises(ConfigurationError, match=r"has 16 bucket\(s\), the relay was given buckets=64"):
+            await Relay(other, engine, broker).start()

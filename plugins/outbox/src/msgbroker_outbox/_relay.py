@@ -71,15 +71,34 @@ class Relay:
         self._cleaned_at = time.monotonic()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.failure: BaseException | None = None
 
     # -- lifecycle
 
     async def start(self) -> Self:
+        """Start relaying. When the database answers, first check that its outbox has a lease
+        row for each bucket: a ``ConfigurationError`` names both counts otherwise (the tables were
+        not created, or the writers use other ``buckets``). A database that does not answer yet
+        is not an error: the relay keeps trying."""
         if self._task is None:
+            await self._check_buckets()
             self._stopping.clear()
             self._task = asyncio.create_task(self._run(), name=f"msgbroker-outbox-relay {self.relay_id}")
         return self
+
+    async def _check_buckets(self) -> None:
+        leases = self.outbox.leases
+        try:
+            async with self.engine.connect() as conn:
+                count = int(await conn.scalar(select(func.count()).select_from(leases)) or 0)
+                top = await conn.scalar(select(func.max(leases.c.bucket)))
+        except Exception as exc:
+            log.warning("outbox relay %s: cannot check the outbox's buckets yet (%s: %s); starting anyway",
+                        self.relay_id, type(exc).__name__, exc)
+            return
+        if count != self.outbox.buckets or (top is not None and int(top) != self.outbox.buckets - 1):
+            raise ConfigurationError(
+                f"the outbox table {leases.name} has {count} bucket(s), the relay was given buckets="
+                f"{self.outbox.buckets}: call Outbox.create_tables() first, or give the relay the writers' buckets")
 
     async def __aenter__(self) -> Self:
         return await self.start()
@@ -98,12 +117,14 @@ class Relay:
             await self._release(list(self.held), leave=True)
 
     async def abort(self) -> None:
-        """Stop at once, releasing nothing (what a crash leaves; for tests)."""
+        """Stop after the statement in hand and hand nothing back: the buckets stay leased until
+        their leases run out, as after a crash (for tests; the fault tests kill relay processes
+        with SIGKILL for the real thing). Not cancelled mid-statement, so that no database
+        connection is left half-used."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping.set()
+            await task
 
     # -- the loop
 
