@@ -575,7 +575,12 @@ class RedisTransport(Transport):
         """The default view plus the server's own state: live members and their join times, each
         lease's holder, appended counts (XINFO GROUPS), and ages from the head entries' ids."""
         keys, n = self.keys(topic), self.partitions
-        peeked = await self._pipelined(self.script("PEEK"), [([keys.stream(p)], [group, 1]) for p in range(n)])
+        calls: list[tuple[list[Any], list[Any]]] = [([keys.stream(p)], [group, 1]) for p in range(n)]
+        if self.cluster:  # a cluster pipeline refuses EVALSHA: one call per partition, concurrently
+            peeked: list[Any] = list(await asyncio.gather(
+                *(self.script("PEEK")(keys=k, args=a, client=self.redis) for k, a in calls), return_exceptions=True))
+        else:
+            peeked = await self._pipelined(self.script("PEEK"), calls)
         first: dict[int, Delivery] = {}
         for p, packed in enumerate(peeked):
             if isinstance(packed, Exception):
