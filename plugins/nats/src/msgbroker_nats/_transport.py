@@ -521,6 +521,35 @@ class NatsTransport(Transport):
         partitions = tuple(replace(part, owner=owners.get(part.partition)) for part in view.partitions)
         return replace(view, partitions=partitions, members=members)
 
+    async def topics(self) -> dict[str, list[str]]:
+        """Topics from their streams (the description names the topic, the subjects this prefix);
+        groups from the streams' durable consumers (``<group>_<partition>``)."""
+        found: dict[str, set[str]] = {}
+        try:
+            streams: list[Any] = []
+            while page := await self.jsm.streams_info(offset=len(streams)):
+                streams += page
+            for info in streams:
+                words = (info.config.description or "").split()
+                if len(words) != 4 or words[:2] != ["msgbroker", "topic"] or words[2].endswith(".dlq"):
+                    continue
+                topic = words[2]
+                if info.config.subjects != [self.layout(topic).subjects]:
+                    continue  # another prefix's stream
+                groups = found.setdefault(topic, set())
+                consumers: list[Any] = []
+                while more := await self.jsm.consumers_info(info.config.name, offset=len(consumers)):
+                    consumers += more
+                for consumer in consumers:
+                    name, _, partition = (consumer.config.durable_name or "").rpartition("_")
+                    if name and partition.isdigit():
+                        groups.add(name.replace("~", "."))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise map_error(exc, "listing topics and groups") from exc
+        return {topic: sorted(groups) for topic, groups in sorted(found.items())}
+
     def _member_key(self, topic: str, group: str, member_id: str) -> str:
         # Two '/' (a lane's key has one, and names cannot hold it): never a lane's key.
         return f"m/{topic}/{group}.{member_id}"
