@@ -20,7 +20,7 @@ from ._target import Target, close_bounded, describe, open_broker
 WatchOption = Annotated[
     list[str] | None,
     typer.Option("--watch", "-w", help="TOPIC:GROUP to show (repeatable); without it, every group the "
-                 "provider lists (memory, Redis)."),
+                 "provider lists (memory, Redis, NATS)."),
 ]
 
 
