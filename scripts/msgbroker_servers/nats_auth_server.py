@@ -1,10 +1,13 @@
 """NATS that demands credentials: a third nats-server (Debian's, as the open one) with an account
 per tenant, each with JetStream and a least-privilege user limited to the subjects the NATS
-provider uses for its stream prefix (docs/security.md), plus an unrestricted admin per account
-for the tests' clean-up. No TLS listener (the open server's TLS server covers TLS)."""
+provider uses for its stream prefix (docs/security.md) — one that logs in with a password and one
+with an NKey, the same permissions — plus an unrestricted admin per account for the tests'
+clean-up. No TLS listener (the open server's TLS server covers TLS)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +59,24 @@ def tenant_permissions(prefix: str) -> dict[str, list[str]]:
             "subscribe": [s.replace("{p}", prefix) for s in TENANT_SUBSCRIBE]}
 
 
+def new_user_seed() -> str:
+    """A new NKey user seed (``SU...``), from 32 random bytes."""
+    import nkeys  # type: ignore[import-untyped]
+
+    return str(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode())
+
+
+def public_key(seed: str) -> str:
+    """The public key (``U...``) of an NKey user seed: what the server's config names."""
+    import nkeys
+
+    pair = nkeys.from_seed(bytearray(seed.encode()))
+    try:
+        return str(pair.public_key.decode())
+    finally:
+        pair.wipe()
+
+
 def _quoted(items: list[str]) -> str:
     return ", ".join(json.dumps(s) for s in items)
 
@@ -79,7 +100,10 @@ class NatsAuth(Broker):
     def __init__(self) -> None:
         super().__init__()
         self.secrets_file = self.dir / "passwords.json"
+        self.seeds_file = self.dir / "nkeys.json"
         self.conf = self.dir / "nats-auth.conf"
+        self.started_with = self.dir / "config.sha256"
+        """The digest of the config launch() wrote for the running server (see config_stale)."""
 
     # -- credentials
 
@@ -91,8 +115,18 @@ class NatsAuth(Broker):
         """{user: password}, made once and kept in .brokers/nats-auth/passwords.json (mode 0600)."""
         return kept_passwords(self.secrets_file, self.users())
 
+    def seeds(self) -> dict[str, str]:
+        """{tenant-a: seed, tenant-b: seed} of the tenants' NKey users, made once and kept in
+        .brokers/nats-auth/nkeys.json (mode 0600)."""
+        return kept_passwords(self.seeds_file, [f"tenant-{t}" for t in TENANTS], make=new_user_seed)
+
+    def seed_file(self, tenant: str) -> os.PathLike[str]:
+        """The tenant's seed alone in a file (mode 0600), for nats.nkeys_seed_file."""
+        return self.dir / f"{tenant}.nk"
+
     def secrets(self) -> list[str]:
-        return list(self.passwords().values()) if self.secrets_file.exists() else []
+        found = list(self.passwords().values()) if self.secrets_file.exists() else []
+        return found + (list(self.seeds().values()) if self.seeds_file.exists() else [])
 
     def user_url(self, user: str, port: int | None = None) -> str:
         return f"nats://{user}:{self.passwords()[user]}@{HOST}:{port or self.port()}"
@@ -120,6 +154,7 @@ class NatsAuth(Broker):
         """The whole config: one account per tenant with JetStream, its admin and its tenant."""
         store = self.dir / "jetstream"
         passwords = self.passwords()
+        seeds = self.seeds()
         accounts = "".join(
             f"  TENANT_{t.upper()}: {{\n"
             "    jetstream: enabled\n"
@@ -127,6 +162,9 @@ class NatsAuth(Broker):
             f"      {{ user: \"admin-{t}\", password: {json.dumps(passwords[f'admin-{t}'])} }}\n"
             # One line per user: the tests take a permission away by editing this line (reload).
             f"      {{ user: \"tenant-{t}\", password: {json.dumps(passwords[f'tenant-{t}'])}, "
+            f"permissions: {permissions_block(f'tenant-{t}')} }}\n"
+            # the same tenant's NKey user: same stream prefix, same permissions
+            f"      {{ nkey: {json.dumps(public_key(seeds[f'tenant-{t}']))}, "
             f"permissions: {permissions_block(f'tenant-{t}')} }}\n"
             "    ]\n"
             "  }\n"
@@ -142,8 +180,26 @@ class NatsAuth(Broker):
 
     def launch(self, port: int, tls_port: int) -> int:
         (self.dir / "jetstream").mkdir(parents=True, exist_ok=True)
-        self._write_private(self.conf, self.config_text(port))
-        return spawn([shutil.which("nats-server") or "nats-server", "-c", str(self.conf)], self.log)
+        text = self.config_text(port)
+        self._write_private(self.conf, text)
+        for tenant, seed in self.seeds().items():
+            self._write_private(self.seed_file(tenant), seed + "\n")
+        pid = spawn([shutil.which("nats-server") or "nats-server", "-c", str(self.conf)], self.log)
+        self.started_with.write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
+        return pid
+
+    def config_stale(self) -> str | None:
+        """The running server was started with another config than launch() writes now (no NKey
+        users: an older scripts/brokers; other passwords or seeds). The tests' own edits of the
+        config file (permissions taken away and given back) are not compared: the digest is of
+        what launch() wrote."""
+        port = self.port()
+        if port is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if self.started_with.read_text().strip() == hashlib.sha256(self.config_text(port).encode()).hexdigest():
+                return None
+        return "its config is not the one scripts/brokers writes now (its NKey users are new)"
 
     # -- no TLS listener
 
@@ -178,6 +234,8 @@ class NatsAuth(Broker):
             lines.append(f"MSGBROKER_TEST_NATS_AUTH_URL_{up}={self.user_url(f'tenant-{t}', port)}")
             lines.append(f"MSGBROKER_TEST_NATS_AUTH_PREFIX_{up}=tenant-{t}")
             lines.append(f"MSGBROKER_TEST_NATS_AUTH_ADMIN_URL_{up}={self.user_url(f'admin-{t}', port)}")
+            lines.append(f"MSGBROKER_TEST_NATS_AUTH_NKEY_{up}={public_key(self.seeds()[f'tenant-{t}'])}")
+            lines.append(f"MSGBROKER_TEST_NATS_AUTH_NKEY_SEED_FILE_{up}={self.seed_file(f'tenant-{t}')}")
         return lines
 
     def _as_admin(self, url: str) -> str:

@@ -6,17 +6,18 @@ import contextlib
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 
-def kept_passwords(path: Path, users: list[str]) -> dict[str, str]:
+def kept_passwords(path: Path, users: list[str], make: Callable[[], str] | None = None) -> dict[str, str]:
     """{user: password}: those in ``path`` when it has one for every user, else new random ones
-    written there (mode 0600, replaced in one step)."""
+    (``make()``, by default 24 random bytes, URL-safe) written there (mode 0600, replaced in one step)."""
     with contextlib.suppress(FileNotFoundError, ValueError):
         found = json.loads(path.read_text())
         if isinstance(found, dict) and all(isinstance(found.get(u), str) for u in users):
             return {u: str(found[u]) for u in users}
-    made = {u: secrets.token_urlsafe(24) for u in users}
+    made = {u: make() if make else secrets.token_urlsafe(24) for u in users}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -201,7 +201,7 @@ def _validation_message(cls: type[BaseModel], exc: ValidationError, prefix: str 
         value = err.get("input")
         if isinstance(value, dict):
             value = "{...}"  # a whole section: its other keys may hold secrets
-        elif any(word in loc for word in ("password", "secret", "token")):
+        elif any(word in loc for word in ("password", "secret", "token", "seed")):
             value = "***"
         lines.append(redact(f"{loc}={value!r}: {err['msg']}"))
     return f"invalid {cls.__name__}: " + "; ".join(lines)

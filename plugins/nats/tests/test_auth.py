@@ -425,3 +425,70 @@ def test_the_documented_permissions_are_the_ones_the_server_grants() -> None:
     subscribe = doc.split("subscribe", 1)[1]
     assert re.findall(r'"([^"]+)"', publish) == granted("TENANT_PUBLISH"), publish
     assert re.findall(r'"([^"]+)"', subscribe) == granted("TENANT_SUBSCRIBE"), subscribe
+
+
+# -- NKey users -----------------------------------------------------------------------------------
+
+
+def nkey_of(letter: str) -> tuple[str, str, str]:
+    """(public key, seed file, seed) of tenant ``letter``'s NKey user (same account, prefix and
+    permissions as its password user)."""
+    path = setting(f"MSGBROKER_TEST_NATS_AUTH_NKEY_SEED_FILE_{letter}")
+    return setting(f"MSGBROKER_TEST_NATS_AUTH_NKEY_{letter}"), path, Path(path).read_text().strip()
+
+
+@pytest.mark.parametrize("how", ["nkeys_seed", "nkeys_seed_file"])
+async def test_an_nkey_user_logs_in_and_keeps_to_its_permissions(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Tenant A's NKey user, by its seed or its seed file: publishes and reads its own topics, and
+    is refused another tenant's like the password user; the seed is in no output."""
+    address = setting("MSGBROKER_TEST_NATS_AUTH_ADDRESS")
+    _, prefix = tenant("A")
+    public, path, seed = nkey_of("A")
+    login = {how: seed if how == "nkeys_seed" else path}
+    topic = f"nk-{uuid.uuid4().hex[:8]}"
+    got: list[int] = []
+
+    async def collect(ctx: MessageContext[Item]) -> None:
+        got.append(ctx.message.n)
+
+    caplog.set_level(logging.DEBUG)
+    async with msgbroker.connect(address, nats={"stream_prefix": prefix, "ack_wait": 2, **login},
+                                 partition_count=1) as broker:
+        await broker.publish(topic, Item(n=1))
+        await broker.subscribe(topic, "g", collect)
+        await wait_for(lambda: got == [1], "the message read by the NKey user")
+        shown = f"{broker!r} {broker.settings!r} {broker.settings.nats!r}"
+    _, other_prefix = tenant("B")
+    async with msgbroker.connect(address, nats={"stream_prefix": other_prefix, **login}, partition_count=1) as other:
+        with pytest.raises(AccessDeniedError) as caught:
+            await other.publish(topic, Item(n=2))
+    text = str(caught.value)
+    assert f"nkey user '{public}' may not publish to '{other_prefix}." in text, text
+    assert_no_secret(shown + "\n" + text + "\n" + caplog.text, seed, *all_secrets())
+
+
+async def test_an_unknown_nkey_is_refused_in_one_clear_error(caplog: pytest.LogCaptureFixture) -> None:
+    import nkeys  # type: ignore[import-untyped]
+
+    address = setting("MSGBROKER_TEST_NATS_AUTH_ADDRESS")
+    _, prefix = tenant("A")
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+    public = nkeys.from_seed(bytearray(seed.encode())).public_key.decode()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(AccessDeniedError) as caught:
+        async with msgbroker.connect(address, nats={"stream_prefix": prefix, "nkeys_seed": seed}) as broker:
+            await broker.publish("t", Item(n=1))
+    text = str(caught.value)
+    assert f"the server refused the credentials of nkey user '{public}'" in text, text
+    assert "Authorization Violation: an nkey the server does not know" in text, text
+    assert_no_secret(text + "\n" + caplog.text, seed)
+
+
+def test_a_seed_that_is_not_one_is_refused_without_being_shown() -> None:
+    secret = "SUnot-a-seed-" + uuid.uuid4().hex
+    for settings in ({"nkeys_seed": secret}, {"nkeys_seed": 12345678}):
+        with pytest.raises(msgbroker.ConfigurationError) as caught:
+            msgbroker.connect("nats://127.0.0.1:4224", nats=settings)
+            asyncio.run(msgbroker.connect("nats://127.0.0.1:4224", nats=settings).open())
+        assert secret not in str(caught.value) and "12345678" not in str(caught.value), caught.value
+        assert "nkeys_seed" in str(caught.value), caught.value

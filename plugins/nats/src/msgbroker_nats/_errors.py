@@ -116,10 +116,11 @@ class Refusals:
     or subscribe to (the first refusal of each kind of subject, see :func:`_kind`). Errors name the
     server (without passwords) and the user, never the password."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, nkey: str | None = None) -> None:
         self.where = redacted(url)
         user = user_of(url)
-        self.who = f"user {user!r}" if user else "this connection's login"
+        self.who = f"nkey user {nkey!r}" if nkey else f"user {user!r}" if user else "this connection's login"
+        self.why = "an nkey the server does not know" if nkey else "a wrong password or an unknown user"
         self.credentials: AccessDeniedError | None = None
         """Set when the server refused the credentials (Authorization Violation)."""
         self.reading: AccessDeniedError | None = None
@@ -150,7 +151,7 @@ class Refusals:
             if new:
                 self.credentials = AccessDeniedError(
                     f"nats: connecting to {self.where} failed: the server refused the credentials of {self.who} "
-                    "(Authorization Violation: a wrong password or an unknown user)"
+                    f"(Authorization Violation: {self.why})"
                 )
                 self.reading = self.reading or self.credentials
             return self.credentials, new

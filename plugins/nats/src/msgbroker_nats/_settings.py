@@ -37,6 +37,12 @@ class NatsSettings(ProviderSettings):
     """Messages of a lane in flight at once to the member that owns it (read ahead, handed to
     the handler in order; the lanes' consumers get twice this as their ``max_ack_pending``);
     1 is one round trip per message."""
+    nkeys_seed: str | None = Field(None, repr=False)
+    """An NKey user's seed (``SU...``): the connection logs in by signing the server's challenge
+    with it instead of a password in the URL (never shown in reprs, errors or logs)."""
+    nkeys_seed_file: str | None = None
+    """A file holding an NKey user's seed (``nsc``'s and ``nk -gen user``'s ``.nk`` files), read
+    at each login; instead of ``nkeys_seed``."""
     ssl_cafile: str | None = None
     """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a ``tls://``
     url (and a ``nats://`` one to a server that requires TLS); None trusts the system's CAs."""

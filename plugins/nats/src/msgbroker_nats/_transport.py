@@ -16,6 +16,7 @@ import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import nats.errors
@@ -179,12 +180,15 @@ class NatsTransport(Transport):
         first_retry = tls is None and not any(s.startswith("tls://") for s in servers)
         # What the server refuses (credentials, subject permissions) ends in AccessDeniedError
         # (_errors.RefusingClient, docs/security.md).
-        self._refusals = Refusals(url)
+        public = self._nkey_public()
+        self._refusals = Refusals(url, public)
         try:
             nc = RefusingClient(self._refusals)
             await nc.connect(
                 servers=servers,
                 tls=tls,
+                nkeys_seed_str=self.settings.nats.nkeys_seed or None,
+                nkeys_seed=self.settings.nats.nkeys_seed_file or None,
                 name=f"msgbroker-{uuid.uuid4().hex[:8]}",
                 connect_timeout=5,
                 allow_reconnect=first_retry,
@@ -218,6 +222,38 @@ class NatsTransport(Transport):
         except Exception as exc:
             await self._nc.close()
             raise map_error(exc, f"checking JetStream on {redacted(url)}") from exc
+
+    def _nkey_public(self) -> str | None:
+        """The public key of the NKey user of ``nats.nkeys_seed`` / ``nats.nkeys_seed_file`` (named
+        in refusals; the seed never is); None without one. A seed that is not one is refused here."""
+        section = self.settings.nats
+        if section.nkeys_seed and section.nkeys_seed_file:
+            raise ConfigurationError("nats.nkeys_seed and nats.nkeys_seed_file are both set: give one")
+        if section.nkeys_seed:
+            seed, where = section.nkeys_seed, "nats.nkeys_seed"
+        elif section.nkeys_seed_file:
+            try:
+                seed = Path(section.nkeys_seed_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"nats.nkeys_seed_file={section.nkeys_seed_file!r} cannot be read: {exc.strerror}"
+                ) from None
+            where = f"the file nats.nkeys_seed_file={section.nkeys_seed_file!r}"
+        else:
+            return None
+        try:
+            import nkeys  # type: ignore[import-untyped]
+        except ImportError as exc:
+            raise ConfigurationError(f"nats.nkeys_seed needs the nkeys package: pip install nkeys ({exc})") from None
+        try:
+            pair = nkeys.from_seed(bytearray(seed.encode()))
+            public = pair.public_key.decode()
+            pair.wipe()
+        except Exception:
+            raise ConfigurationError(
+                f"{where} does not hold an NKey seed (a line of 58 characters starting with 'SU' for a user)"
+            ) from None
+        return str(public)
 
     async def _on_error(self, exc: Exception) -> None:
         refused, new = self._refusals.note(exc)
