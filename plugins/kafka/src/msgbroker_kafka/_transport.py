@@ -37,6 +37,7 @@ from msgbroker.spi import (
     Capabilities,
     ConfigurationError,
     DeadLetter,
+    GroupView,
     LaneConsumer,
     MsgBrokerError,
     OutgoingRecord,
@@ -46,12 +47,14 @@ from msgbroker.spi import (
     dead_letter_group,
     dead_letter_record,
     dead_letter_topic,
+    describe_from_interface,
     letter_key,
     tls_client_context,
     tls_verification_error,
 )
 
 from ._consumer import KafkaLaneConsumer
+from ._describe import with_group_members
 from ._errors import GRANT, access_denied, map_error
 from ._host import Flushable
 from ._logs import hide_sasl_bytes
@@ -161,6 +164,17 @@ class KafkaTransport(Transport):
     def error(self, exc: BaseException, doing: str, *, publishing: bool = False) -> MsgBrokerError:
         """:func:`map_error` naming this connection's user in a refusal."""
         return map_error(exc, doing, publishing=publishing, user=self.user)
+
+    async def describe(self, topic: str, group: str) -> GroupView:
+        """The default view plus the group coordinator's members and their assignment (``_describe``)."""
+        view = await describe_from_interface(self, topic, group, knows_members=True)
+        try:
+            described = await self.admin.describe_consumer_groups([self.kafka_name(group)])
+        except MsgBrokerError:
+            raise
+        except Exception as exc:
+            raise self.error(exc, f"describing group {self.kafka_name(group)!r}") from exc
+        return with_group_members(view, described, self.kafka_name(topic))
 
     def lease_ttl(self) -> float:
         """The group's session timeout: how long a silent member keeps its partitions (what the
