@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -93,30 +93,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class PrivateRedis:
-    """A redis-server of this test alone (append-only file, fsync always), restartable."""
+class PrivateServer:
+    """A broker server of this test alone, restartable without touching anyone else's: a
+    redis-server (append-only file, fsync always) or a nats-server with JetStream (file store)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.port = folder, free_port()
+    def __init__(self, kind: str, folder: Path) -> None:
+        self.kind, self.folder, self.port = kind, folder, free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}"
+        self.url = f"{kind}://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        binary = shutil.which(f"{self.kind}-server")
+        assert binary, f"{self.kind}-server is missing: run `scripts/brokers up {self.kind}` (it installs it)"
+        if self.kind == "redis":
+            return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                    "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
+        return [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.folder / "jetstream")]
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is missing: run `scripts/brokers up redis` (it installs it)"
         self.folder.mkdir(exist_ok=True)
-        with open(self.folder / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT)
+        log_path = self.folder / "server.log"
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while True:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
             assert self.proc.poll() is None and time.monotonic() < deadline, (
-                f"redis-server did not start: {(self.folder / 'redis.log').read_text()[-2000:]}")
+                f"{self.kind}-server did not start: {log_path.read_text()[-2000:]}")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -124,16 +129,6 @@ class PrivateRedis:
             self.proc.terminate()
             self.proc.wait(20)
         self.proc = None
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -225,8 +220,19 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
     assert not verdict.unexpected
 
 
+@pytest.mark.parametrize("provider", [pytest.param(n, id=n) for n in ("redis", "nats") if installed(n)])
 async def test_service_killed_between_commit_and_publish_then_postgres_and_broker_restarts(
-        pg: AsyncEngine, prefix: str, tmp_path: Path, private_redis: PrivateRedis, postgres_url: str) -> None:
+        provider: str, pg: AsyncEngine, prefix: str, tmp_path: Path, postgres_url: str) -> None:
+    server = PrivateServer(provider, tmp_path / provider)
+    server.start()
+    try:
+        await service_scenario(provider, server, pg, prefix, tmp_path, postgres_url)
+    finally:
+        server.stop()
+
+
+async def service_scenario(provider: str, server: PrivateServer, pg: AsyncEngine, prefix: str, tmp_path: Path,
+                           postgres_url: str) -> None:
     keys, per_key = 8, 40
     total = keys * per_key
     record = tmp_path / "handled.jsonl"
@@ -234,13 +240,13 @@ async def test_service_killed_between_commit_and_publish_then_postgres_and_broke
         OUTBOX_TEST_DATABASE=postgres_url, OUTBOX_TEST_PREFIX=prefix, OUTBOX_TEST_TOPIC="holds",
         OUTBOX_TEST_RECORD=str(record), OUTBOX_TEST_KEYS=str(keys), OUTBOX_TEST_PER_KEY=str(per_key),
         MSGBROKER_PARTITION_COUNT="16", MSGBROKER_RETRY_DELAY="0.1", MSGBROKER_MAX_RETRY_ATTEMPTS="300",
-        MSGBROKER_REDIS__CLAIM_TIMEOUT="2")
+        MSGBROKER_REDIS__CLAIM_TIMEOUT="2", MSGBROKER_NATS__ACK_WAIT="1")
     log_path = tmp_path / "service.log"
 
     def service() -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:
             return subprocess.Popen([sys.executable, "-m", "msgbroker.cli", "run", "outbox_service:service",
-                                     "--url", private_redis.url], cwd=HERE, env=env, stdout=log,
+                                     "--url", server.url], cwd=HERE, env=env, stdout=log,
                                     stderr=subprocess.STDOUT)
 
     async def holds() -> int:
@@ -259,7 +265,8 @@ async def test_service_killed_between_commit_and_publish_then_postgres_and_broke
     proc = service()
     try:
         await eventually(lambda: _at_least(holds, total // 4), timeout=60, what="a quarter of the holds written")
-        await eventually(lambda: _unsent_at_least(pg, outbox, 1), timeout=30, what="committed messages not relayed")
+        await eventually(lambda: _unsent_at_least(pg, outbox, 20), timeout=30,
+                         what="20 committed messages waiting for the relay", interval=0.005)
         phase("kill -9 of the service")
         proc.kill()  # SIGKILL: writer, relay and consumer die; committed rows wait in the outbox
         proc.wait(10)
@@ -271,9 +278,9 @@ async def test_service_killed_between_commit_and_publish_then_postgres_and_broke
         _brokers("restart", "postgres")
         await eventually(lambda: _at_least(holds, 3 * total // 4), timeout=60,
                          what="three quarters written after the PostgreSQL restart")
-        phase("restart of Redis")
-        private_redis.stop()
-        private_redis.start()
+        phase(f"restart of {provider}")
+        server.stop()
+        server.start()
         await eventually(lambda: _at_least(holds, total), timeout=60, what="every hold written")
         async with pg.connect() as conn:
             rows = (await conn.execute(text(f'SELECT key, seq, message_id FROM "{prefix}_holds" ORDER BY key, seq'))
@@ -291,7 +298,7 @@ async def test_service_killed_between_commit_and_publish_then_postgres_and_broke
         effects = (await conn.execute(text(
             f'SELECT message_id, count(*) AS n FROM "{prefix}_effects" GROUP BY message_id'))).all()
     twice = [r.message_id for r in effects if r.n != 1]
-    record_result("redis+postgres (outbox)", "service kill -9 after commit, postgres restart, broker restart",
+    record_result(f"{provider}+postgres (outbox)", "service kill -9 after commit, postgres restart, broker restart",
                   verdict, kills=1, restarts=2, unsent_at_kill=unsent_at_kill,
                   effects=sum(r.n for r in effects), effects_twice=len(twice))
     log = log_path.read_text()
