@@ -9,7 +9,7 @@ import dataclasses
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, cast
 
 import msgbroker
@@ -536,6 +536,16 @@ class DescribeGhostOwnerTransport(Memory):  # type: ignore[valid-type,misc]
         return dataclasses.replace(view, partitions=ghost)
 
 
+class ReplyCutTransport(Memory):  # type: ignore[valid-type,misc]
+    """Cuts a reply's body to 16 bytes (a reply channel with a small size limit)."""
+
+    NAME: ClassVar[str] = "broken-reply-cut"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-reply-cut",)
+
+    async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
+        await super().send_reply(address, request_id, headers, body[:16])  # the bug
+
+
 BROKEN_TRANSPORTS: list[type[Transport]] = [
     ReorderingTransport, LosingTransport, DuplicatingTransport, LyingPendingTransport,
     DelayLostOnHandOverTransport, DelayIgnoredByBrokerTransport, AttemptNotPersistedTransport,
@@ -544,6 +554,7 @@ BROKEN_TRANSPORTS: list[type[Transport]] = [
     PendingOfNewGroupTransport, PendingAcrossGroupsTransport, DedupMissesBatchTwinsTransport,
     DedupShortWindowTransport, FencedMemberSettlesTransport, LateHandOverTransport, RareReorderTransport,
     RareLossTransport, ReplayRemovesByIdTransport, DescribeShiftedTransport, DescribeGhostOwnerTransport,
+    ReplyCutTransport,
 ]
 
 

@@ -142,6 +142,7 @@ def test_reserved_names_are_refused_at_publish_and_others_accepted() -> None:
         assert not wire.is_reserved(name), name
         assert check_headers({name: "v"}) == {name: "v"}
     every = [wire.MESSAGE_ID_HEADER, wire.KEY_HEADER, wire.REPLAY_GROUP_HEADER, wire.DEAD_LETTERS_REMOVED_HEADER,
+             wire.REPLY_TO_HEADER, wire.REPLY_STATUS_HEADER,
              *wire.DEAD_LETTER_HEADERS]
     assert all(wire.is_reserved(name) for name in every)
     assert not wire.is_reserved(wire.NATS_ENVELOPE_HEADER), "a NATS header, outside the user's header names"

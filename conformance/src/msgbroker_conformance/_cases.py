@@ -58,6 +58,8 @@ RULES: dict[str, str] = {
     "10": "Rule 10, crash simulation: abort() settles, flushes and releases nothing; others recover",
     "11": "Rule 11, fencing: a member that lost its lease cannot settle",
     "12": "Rule 12, buffered acks: flushed on close; after a crash at most duplicates",
+    "13": "Rule 13, request and reply: a request is a message of its partition; its handler's returned message "
+          "answers it, a dead letter answers with its error, no answer is a timeout naming the topic",
     "names": "Names: topic, group and header rules, invalid ones raise naming the value",
     "api": "The API of README and docs/semantics.md (publish returns ids, health, capabilities, the envelope)",
 }

@@ -19,6 +19,7 @@ from msgbroker import Message, MessageContext, OutgoingRecord, partition_for, wi
 
 from ._cases import case, requires, requires_hook
 from ._harness import ConformanceHarness, merge_settings
+from ._request_cases import RequestReplyCases
 from ._support import (
     DEFAULT_SETTINGS,
     ConformanceFailure,
@@ -63,7 +64,7 @@ def _missing(expected: set[str], got: set[str]) -> str:
     return f"{len(lost)} of {len(expected)} message(s) not handled, e.g. {lost[:3]}"
 
 
-class ConformanceSuite:
+class ConformanceSuite(RequestReplyCases):
     """The msgbroker contract (docs/semantics.md) as pytest tests.
 
     Activate it in your provider's tests by subclassing with a harness::
@@ -1275,6 +1276,22 @@ class ConformanceSuite:
                 await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(close_a(), paused.loop))
             await asyncio.to_thread(paused.close)
 
+    # -- the reference model --------------------------------------------------------------------
+
+    @case("model", timeout=600.0, rules=("2", "3", "4", "7", "10", "12"))
+    async def test_state_machine_against_the_reference_model(self, s: Scenario) -> None:
+        """Hypothesis drives publish / handle / ack / nak / delay / crash / join against the
+        provider and a pure-Python model (see msgbroker_conformance._stateful)."""
+        from ._stateful import run_machine
+
+        await asyncio.to_thread(run_machine, s.harness, s.seed)
+
+
+class FencingCases:
+    """Kept so that provider tests written as ``class TestX(ConformanceSuite, FencingCases)`` still
+    import: the fencing case (rule 11) is part of :class:`ConformanceSuite` now."""
+
+    harness: ClassVar[ConformanceHarness | None] = None
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -1347,19 +1364,3 @@ async def _wait_healthy(s: Scenario, broker: msgbroker.Broker) -> bool:
             return True
         await asyncio.sleep(0.1)
     return False
-    # -- the reference model --------------------------------------------------------------------
-
-    @case("model", timeout=600.0, rules=("2", "3", "4", "7", "10", "12"))
-    async def test_state_machine_against_the_reference_model(self, s: Scenario) -> None:
-        """Hypothesis drives publish / handle / ack / nak / delay / crash / join against the
-        provider and a pure-Python model (see msgbroker_conformance._stateful)."""
-        from ._stateful import run_machine
-
-        await asyncio.to_thread(run_machine, s.harness, s.seed)
-
-
-class FencingCases:
-    """Kept so that provider tests written as ``class TestX(ConformanceSuite, FencingCases)`` still
-    import: the fencing case (rule 11) is part of :class:`ConformanceSuite` now."""
-
-    harness: ClassVar[ConformanceHarness | None] = None

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Generator, Mapping, Sequence
-from typing import Any, Self
+from typing import Any, Self, TypeVar, overload
 from urllib.parse import urlsplit
 
 from ._codec import REPLAY_GROUP_HEADER, check_headers, encode, validate_name
@@ -17,12 +17,15 @@ from ._hookspecs import PublishEvent, has_implementations
 from ._message import DeadLetter, Handler, Message
 from ._provider import Capabilities, OutgoingRecord, Transport
 from ._registry import registry
+from ._requests import Requests, await_reply
 from ._settings import BrokerSettings
-from .wire import user_headers
+from .wire import REPLY_TO_HEADER, user_headers
 
 __all__ = ["Broker", "Consumer", "Producer", "Subscription", "connect"]
 
 log = logging.getLogger("msgbroker")
+
+R = TypeVar("R", bound=Message)
 
 
 class Subscription:
@@ -240,6 +243,7 @@ class Broker:
         self.producer = Producer(self)
         self.consumer = Consumer(self)
         self._state = "new"
+        self._requests: Requests | None = None
 
     @property
     def provider(self) -> str:
@@ -286,6 +290,8 @@ class Broker:
         try:
             await self.consumer.close()
         finally:
+            if self._requests is not None:
+                self._requests.fail_all(BrokerClosedError(f"the {self.provider} broker closed before the reply came"))
             await self.transport.close()
             self._state = "closed"
 
@@ -310,6 +316,54 @@ class Broker:
     ) -> list[str]:
         """Publish many messages; returns their ids once the broker confirmed them all."""
         return await self.producer.publish_batch(topic, messages, headers=headers)
+
+    @overload
+    async def request(
+        self, topic: str, message: Message, *, reply_type: type[R], timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> R | None: ...
+
+    @overload
+    async def request(
+        self, topic: str, message: Message, *, reply_type: None = None, timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any: ...
+
+    async def request(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        reply_type: type[Message] | None = None,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Publish ``message`` as a request and wait for the message its handler returns.
+
+        The request is an ordinary message of its partition (in order with the others, retried,
+        dead-lettered); the handler's returned message comes back decoded as ``reply_type`` (the
+        JSON as Python data without one; ``None`` when the handler returned none). Raises
+        :class:`RequestTimeoutError` (naming the topic) when no reply comes within ``timeout``
+        seconds, :class:`RequestFailedError` when the request was dead-lettered (with its error),
+        :class:`CapabilityNotSupported` when the provider has no reply channel.
+        docs/semantics.md, "Request and reply"."""
+        if not timeout > 0:
+            raise ConfigurationError(f"request timeout={timeout!r} must be a positive number of seconds")
+        transport = self.live_transport()
+        self.capabilities.require("request_reply")
+        validate_name("topic", topic)
+        if self._requests is None:
+            self._requests = Requests(transport)
+        requests = self._requests
+        address = await requests.address()
+        record = self.producer._record(topic, message, headers)
+        record.headers[REPLY_TO_HEADER] = address
+        future = requests.expect(record.message_id)
+        try:
+            await self.producer.send(topic, [record], self.producer._dedup_window())
+            return await await_reply(future, topic, record.message_id, timeout, reply_type)
+        finally:
+            requests.forget(record.message_id)
 
     async def subscribe(
         self,

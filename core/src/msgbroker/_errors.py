@@ -25,6 +25,8 @@ __all__ = [
     "ProviderNotFoundError",
     "PublishFailedError",
     "PublishIndeterminateError",
+    "RequestFailedError",
+    "RequestTimeoutError",
     "SerializationError",
     "TransientError",
     "is_transient",
@@ -100,6 +102,16 @@ class PublishFailedError(MsgBrokerError):
 
 class PublishIndeterminateError(TransientError):
     """The publish may or may not have happened (timeout or connection lost mid-way)."""
+
+
+class RequestTimeoutError(MsgBrokerError, TimeoutError):
+    """``Broker.request`` had no reply within its timeout; the message names the topic, the
+    request's message id and the timeout. The request itself may still be handled later."""
+
+
+class RequestFailedError(MsgBrokerError):
+    """The request was not answered: its handler failed it for good (it is in the dead letters),
+    or answered with no reply where one was expected; the message says why."""
 
 
 _TRANSIENT_NAME_PARTS = ("Transient", "Connection", "Network", "Unavailable")

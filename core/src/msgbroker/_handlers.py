@@ -136,8 +136,9 @@ def _resolve(
 
 
 def _plain(handler: Callable[..., Any], name: str) -> Handler:
-    async def plain_handler(ctx: MessageContext[Any]) -> None:
-        await handler(ctx.message)  # returning acks, raising naks (the engine settles it)
+    async def plain_handler(ctx: MessageContext[Any]) -> object:
+        # returning acks, raising naks (the engine settles it); what it returns answers a request
+        return await handler(ctx.message)
 
     plain_handler.__qualname__ = plain_handler.__name__ = f"plain({name})"
     plain_handler.__wrapped__ = handler  # type: ignore[attr-defined]

@@ -31,6 +31,7 @@ from ._provider import (
     Lane,
     LaneConsumer,
     OutgoingRecord,
+    ReplySink,
     Transport,
     describe_from_interface,
     failures_since,
@@ -91,6 +92,8 @@ class _MemoryServer:
         self.lease_epoch = 0
         """Bumped whenever a lease is taken or released: consumers cache their fencing checks
         until it moves (renewing only extends a lease and moves nothing)."""
+        self.inboxes: dict[str, tuple[asyncio.AbstractEventLoop, ReplySink]] = {}
+        """Reply inboxes (``open_replies``): address → the requester's loop and sink."""
         self._changed: asyncio.Event | None = None
         self._changed_loop: asyncio.AbstractEventLoop | None = None
 
@@ -211,6 +214,7 @@ class MemoryTransport(Transport):
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         persistent=False,
         deduplication="store",
+        request_reply=True,
         reasons={"persistent": "state lives in the process", "server_restart": "there is no server"},
     )
     ASSIGNMENT = "leases"
@@ -227,6 +231,7 @@ class MemoryTransport(Transport):
         super().__init__(settings)
         self._server: _MemoryServer | None = None
         self._partitions = settings.partition_count
+        self._inboxes: list[str] = []
 
     def lease_ttl(self) -> float:
         return float(self.settings.memory.claim_timeout.total_seconds())
@@ -246,10 +251,31 @@ class MemoryTransport(Transport):
         _warn_if_one_of_several_processes(name)
 
     async def close(self) -> None:
+        if self._server is not None:
+            for address in self._inboxes:
+                self._server.inboxes.pop(address, None)
+        self._inboxes.clear()
         self._server = None
 
     async def ping(self) -> bool:
         return self._server is not None
+
+    async def open_replies(self, deliver: ReplySink) -> str:
+        address = f"inbox-{uuid.uuid4().hex}"
+        self.server.inboxes[address] = (asyncio.get_running_loop(), deliver)
+        self._inboxes.append(address)
+        return address
+
+    async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
+        inbox = self.server.inboxes.get(address)
+        if inbox is None:
+            return  # the requester is gone: the reply is dropped
+        loop, deliver = inbox
+        if loop is asyncio.get_running_loop():
+            deliver(request_id, dict(headers), body)
+            return
+        with contextlib.suppress(RuntimeError):  # the requester's loop has closed
+            loop.call_soon_threadsafe(deliver, request_id, dict(headers), body)
 
     async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
         server = self.server

@@ -212,7 +212,7 @@ class MessageContext(Generic[M]):
         )
 
 
-Handler = Callable[[MessageContext[Any]], Awaitable[None]]
+Handler = Callable[[MessageContext[Any]], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)

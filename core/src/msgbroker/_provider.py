@@ -48,6 +48,10 @@ def failures_since(recorded: int | None, retried_at: int, attempt: int) -> int |
     return recorded + max(0, attempt - retried_at)
 
 
+ReplySink = Callable[[str, Mapping[str, str], bytes], None]
+"""Where a reply inbox hands a reply: ``(request_id, headers, body)``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a provider can do. The conformance suite reads this declaration and skips exactly
@@ -75,6 +79,9 @@ class Capabilities:
     """The test setup can restart the server (fault hooks); clients recover by themselves."""
     max_message_bytes: int = 1024 * 1024
     """The largest encoded message the provider accepts."""
+    request_reply: bool = False
+    """``Broker.request`` works: the provider implements ``Transport.open_replies`` and
+    ``Transport.send_reply``."""
     reasons: Mapping[str, str] = field(default_factory=dict)
     """Why a capability is missing, keyed by its name."""
 
@@ -342,6 +349,24 @@ class Transport(ABC):
         """Give ``lane`` up if ``token`` still holds it."""
         raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
 
+    # -- request/reply (capability ``request_reply``; docs/semantics.md, "Request and reply") ------
+
+    async def open_replies(self, deliver: ReplySink) -> str:
+        """Open this connection's reply inbox on the broker's own channel for it and return its
+        address (opaque text, carried in the request's ``msgbroker-reply-to`` header). Every
+        reply sent there is passed to ``deliver(request_id, headers, body)``, from this
+        transport's event loop; a reply may arrive twice (a request handled twice) or for a
+        request no longer awaited. Called once, before the first request; the inbox closes with
+        the transport."""
+        raise CapabilityNotSupported(f"capability 'request_reply' is not supported: "
+                                     f"{self.CAPABILITIES.reasons.get('request_reply', 'not declared')}")
+
+    async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
+        """Send one reply to an inbox :meth:`open_replies` made (on any connection of the same
+        broker). At most once: a reply to an inbox that is gone is dropped without an error."""
+        raise CapabilityNotSupported(f"capability 'request_reply' is not supported: "
+                                     f"{self.CAPABILITIES.reasons.get('request_reply', 'not declared')}")
+
 
 # -- the read model's default (Transport.describe; the views are in _describe.py) -----------
 
@@ -380,6 +405,7 @@ async def describe_from_interface(
     first: Mapping[int, Delivery] | None = None,
     age_from: Callable[[Delivery], float | None] = published_at,
     knows_members: bool = False,
+    pending: Mapping[int, int] | None = None,
 ) -> GroupView:
     """The read model from the interface every provider implements; what an optional method
     does not supply is left unknown and said in ``notes``.
@@ -388,16 +414,21 @@ async def describe_from_interface(
     than one ``peek`` of :data:`PEEK_LIMIT` messages (which misses the heads of later partitions
     behind a long backlog); ``age_from``: when a head was published (epoch seconds; the default
     reads the message's ``created_at``); ``knows_members``: the caller fills in members and
-    owners itself (no note that they are unknown; ``owners_known`` set)."""
+    owners itself (no note that they are unknown; ``owners_known`` set); ``pending``: the
+    pending count per partition, when the caller has it already (then neither ``pending_count``
+    nor ``pending_by_partition`` is asked)."""
     count = transport.settings.partition_count
     notes: list[str] = []
-    total = await transport.pending_count(topic, group)
-    per: Mapping[int, int] | None
-    try:
-        per = await transport.pending_by_partition(topic, group)
-    except CapabilityNotSupported:
-        per = None
-        notes.append(f"the {transport.NAME} provider does not count pending messages per partition")
+    per: Mapping[int, int] | None = pending
+    if per is not None:
+        total = sum(per.values())
+    else:
+        total = await transport.pending_count(topic, group)
+        try:
+            per = await transport.pending_by_partition(topic, group)
+        except CapabilityNotSupported:
+            per = None
+            notes.append(f"the {transport.NAME} provider does not count pending messages per partition")
     if first is None:
         try:
             first = heads(await transport.peek(topic, group, PEEK_LIMIT))
@@ -408,11 +439,10 @@ async def describe_from_interface(
     partitions = []
     for p in range(count):
         delivery = first.get(p)
-        pending = None if per is None else int(per.get(p, 0))
         created = None if delivery is None else age_from(delivery)
         partitions.append(PartitionView(
             partition=p,
-            pending=pending,
+            pending=None if per is None else int(per.get(p, 0)),
             head=None if delivery is None else delivery.message_id,
             attempt=None if delivery is None else delivery.attempt,
             oldest_age=None if created is None else max(0.0, now - created),

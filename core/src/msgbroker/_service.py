@@ -279,6 +279,19 @@ class Service:
         """Publish on the running service's broker; returns the message id once confirmed."""
         return await self.broker.publish(topic, message, headers=headers)
 
+    async def request(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        reply_type: type[Message] | None = None,
+        timeout: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """``Broker.request`` on the running service's broker: publish ``message`` and wait for
+        the message its handler returns (docs/semantics.md, rule 13), e.g. from a FastAPI route."""
+        return await self.broker.request(topic, message, reply_type=reply_type, timeout=timeout, headers=headers)
+
     # -- describing --------------------------------------------------------------------------
 
     def asyncapi(self, broker: Broker | None = None) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from ._lanes import LaneState, failures_of
 from ._message import DeadLetter, Handler, Message, MessageContext, Outcome
 from ._provider import Delivery, LaneConsumer, Transport
 from ._registry import registry
+from ._requests import dead_letter_reply, reply_address, reply_of
+from .wire import REPLY_TO_HEADER
 
 if TYPE_CHECKING:
     from ._settings import BrokerSettings
@@ -142,12 +144,17 @@ class Settling:
             )
             if event is not None:
                 event.context = ctx
+            reply: tuple[dict[str, str], bytes] | None = None
             try:
                 if limited and self._semaphore is not None:
                     async with self._semaphore:
-                        await self.handler(ctx)
+                        result = await self.handler(ctx)
                 else:
-                    await self.handler(ctx)
+                    result = await self.handler(ctx)
+                if headers and (ctx.settled is None or ctx.settled == Outcome.ACK):
+                    address = reply_address(headers)
+                    if address is not None:  # a request: what the handler returned is the reply
+                        reply = reply_of(result, self.topic, ctx.message_id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -161,6 +168,8 @@ class Settling:
                 else:
                     log.warning("msgbroker: handler raised after settling %s: %r", ctx.message_id, exc)
             else:
+                if reply is not None:  # before the ack: a reply lost with a crash comes again
+                    await self.transport.send_reply(headers[REPLY_TO_HEADER], ctx.message_id, *reply)
                 if ctx.settled is None:
                     ctx.settled = Outcome.ACK
                     await settler.ack()
@@ -227,3 +236,10 @@ class Settling:
         await self.consumer.dead_letter(delivery, letter)
         if lane.failures:
             lane.failures.pop(delivery, None)
+        address = reply_address(delivery.headers)
+        if address is not None:  # a request: its requester hears why instead of timing out
+            try:
+                await self.transport.send_reply(address, delivery.message_id, *dead_letter_reply(letter.error))
+            except MsgBrokerError as exc:
+                log.warning("msgbroker: the dead-letter reply to request %s on %s could not be sent: %s",
+                            delivery.message_id, self.topic, exc)

@@ -48,6 +48,8 @@ __all__ = [
     "MESSAGE_ID_HEADER",
     "NATS_ENVELOPE_HEADER",
     "REPLAY_GROUP_HEADER",
+    "REPLY_STATUS_HEADER",
+    "REPLY_TO_HEADER",
     "RESERVED_PREFIX",
     "dead_letter_from_record",
     "dead_letter_group",
@@ -80,6 +82,16 @@ a user header: the user's headers are inside it."""
 
 REPLAY_GROUP_HEADER = "msgbroker-replay-group"
 """Set on a replayed dead letter: only that group handles it again, the others ack it unhandled."""
+
+# -- request/reply (docs/semantics.md, "Request and reply") ---------------------------------------
+
+REPLY_TO_HEADER = "msgbroker-reply-to"
+"""On a request (``Broker.request``): the requester's reply address, opaque, made by its provider
+(``Transport.open_replies``). A handler's returned message is sent there; a dead letter does not
+carry it (reserved headers are not carried over)."""
+REPLY_STATUS_HEADER = "msgbroker-reply-status"
+"""On a reply: ``ok`` (the body is the handler's returned message, or ``null`` when it returned
+none) or ``dead-lettered`` (the body is empty; :data:`DEAD_LETTER_ERROR` says why)."""
 
 # -- dead letters ---------------------------------------------------------------------------------
 

@@ -124,6 +124,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
         self._lanes: dict[int, _Lane] = {}
         self._arrived = asyncio.Event()
         self._seen: dict[str, float] = {}
+        self._joined: float | None = None
+        """When this member first joined (epoch seconds; census answers carry it for describe)."""
         self._tokens: dict[int, str] = {}
         self._lost: set[int] = set()
         self._control: aiormq.abc.AbstractChannel | None = None
@@ -213,6 +215,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
         await raw.queue_declare(queue, exclusive=True, auto_delete=True)
         await raw.queue_bind(queue, exchange, routing_key="")
         await raw.basic_consume(queue, self._on_member_message, no_ack=True)
+        if self._joined is None:
+            self._joined = time.time()
         await self._announce("beat", None)
 
     async def _control_raw(self) -> aiormq.abc.AbstractChannel:
@@ -275,7 +279,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         if raw is None or raw.is_closed:
             return
         ttl = self._transport.lease_ttl()
-        body = json.dumps({"member": self.member_id, "members": self.members(ttl),
+        body = json.dumps({"member": self.member_id, "members": self.members(ttl), "joined": self._joined,
                            "lanes": {str(p): n for p, n in self.in_flight().items()}}).encode()
         # The census's queue is bound to the direct exchange under its name; an earlier version
         # asked through direct reply-to, which is answered through the default exchange.

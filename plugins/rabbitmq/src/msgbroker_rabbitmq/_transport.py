@@ -13,6 +13,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -30,12 +31,15 @@ from msgbroker.spi import (
     Capabilities,
     ConfigurationError,
     DeadLetter,
+    GroupView,
     Lane,
     LaneConsumer,
+    MemberView,
     OutgoingRecord,
     Transport,
     dead_letter_from_record,
     dead_letter_group,
+    describe_from_interface,
     letter_key,
     tls_client_context,
 )
@@ -304,6 +308,30 @@ class RabbitMQTransport(Transport):
     async def pending_count(self, topic: str, group: str) -> int:
         """Ready messages of the group's lane queues and of the topic's backlog, plus what the
         group's live members hold unacked (asked for through a census on the members exchange)."""
+        return sum((await self._counts(topic, group))[0].values())
+
+    async def pending_by_partition(self, topic: str, group: str) -> dict[int, int]:
+        """:meth:`pending_count` per partition (the backlog, lane and census counts are per lane)."""
+        return {p: n for p, n in (await self._counts(topic, group))[0].items() if n}
+
+    async def describe(self, topic: str, group: str) -> GroupView:
+        """The default view with the counts and the census answers of one :meth:`_counts`: the
+        members that answered (with their join time) and the lanes each holds."""
+        per, replies = await self._counts(topic, group)
+        view = await describe_from_interface(self, topic, group, knows_members=True, pending=per)
+        owners = {int(p): member for member, data in replies.items() for p in data.get("lanes", {})}
+        known = {*replies, *(str(m) for data in replies.values() for m in data.get("members", ()))}
+        members = []
+        for member in sorted(known):
+            joined = replies.get(member, {}).get("joined")
+            members.append(MemberView(
+                member, datetime.fromtimestamp(joined, UTC) if isinstance(joined, (int, float)) else None,
+                tuple(sorted(p for p, owner in owners.items() if owner == member))))
+        partitions = tuple(replace(part, owner=owners.get(part.partition)) for part in view.partitions)
+        return replace(view, partitions=partitions, members=tuple(members))
+
+    async def _counts(self, topic: str, group: str) -> tuple[dict[int, int], dict[str, dict[str, Any]]]:
+        """Pending per partition (every partition), and the members' census answers."""
         link = await self._up()
         count = self.settings.partition_count
         try:
@@ -315,18 +343,23 @@ class RabbitMQTransport(Transport):
             raise
         except Exception as exc:
             raise translate(exc, f"counting pending messages of {group!r} on {topic!r}") from exc
-        ready = sum(c[0] for c in backlog if c) + sum(c[0] for c in lanes if c)
+        per = {p: (b[0] if b else 0) + (c[0] if c else 0) for p, (b, c) in enumerate(zip(backlog, lanes, strict=True))}
         if all(c is None for c in lanes):
-            return ready  # the group does not exist yet: it would get the backlog
+            return per, {}  # the group does not exist yet: it would get the backlog
         consumed = {p for p, c in enumerate(lanes) if c and c[1]}
         try:
-            return ready + await self._census(link, topic, group, consumed)
+            replies = await self._census(link, topic, group, consumed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise translate(exc, f"asking the members of {group!r} on {topic!r} what they hold") from exc
+        for data in replies.values():
+            for p, n in data.get("lanes", {}).items():
+                if int(p) in per:
+                    per[int(p)] += int(n)
+        return per, replies
 
-    async def _census(self, link: Link, topic: str, group: str, consumed: set[int]) -> int:
+    async def _census(self, link: Link, topic: str, group: str, consumed: set[int]) -> dict[str, dict[str, Any]]:
         """Ask the group's members what they hold; wait until every member anyone knows of and
         every lane with a consumer has answered (bounded). The answers come to an exclusive queue
         of this call, bound to the provider's direct exchange (not through direct reply-to, whose
@@ -364,9 +397,9 @@ class RabbitMQTransport(Transport):
                     mandatory=True,
                 )
             except amqp.ChannelNotFoundEntity:
-                return 0  # no member ever joined
+                return {}  # no member ever joined
             if isinstance(result, DeliveredMessage) and not consumed:
-                return 0  # no member is bound now, and no lane has a consumer
+                return {}  # no member is bound now, and no lane has a consumer
             deadline = time.monotonic() + CENSUS_TIMEOUT
             while not complete():
                 remaining = deadline - time.monotonic()
@@ -380,7 +413,7 @@ class RabbitMQTransport(Transport):
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
-        return sum(int(n) for data in replies.values() for n in data.get("lanes", {}).values())
+        return replies
 
     async def _read_letters(
         self, topic: str, group: str, remove: Callable[[DeadLetter], bool] | None
