@@ -75,7 +75,7 @@ async def stop_writing() -> None:
             await task
 
 
-run_relay_in(service, outbox, engine, lease_ttl=2.0, poll_interval=0.3)
+run_relay_in(service, outbox, engine, lease_ttl=1.0, poll_interval=0.3)
 
 
 async def write_one(key: str) -> bool:

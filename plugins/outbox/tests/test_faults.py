@@ -163,7 +163,7 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
         provider: str, database: str, pg: AsyncEngine, prefix: str, tmp_path: Path, postgres_url: str) -> None:
     """Two relays move a backlog of 1,500 messages (20 keys) in batches of 5; one is killed with
     SIGKILL once a fifth is relayed, while messages are still unsent; a third starts and takes
-    the dead one's buckets over when their leases run out (2 s)."""
+    the dead one's buckets over when their leases run out (1 s)."""
     url = provider_url(provider)
     db_url = postgres_url if database == "postgres" else f"sqlite:///{tmp_path / 'outbox.db'}"
     if database == "sqlite":
@@ -185,7 +185,7 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
         with open(tmp_path / f"{name}.log", "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "msgbroker_outbox", "relay", "--database", db_url, "--url", url,
-                 "--prefix", prefix, "--buckets", "16", "--batch-size", "5", "--lease-ttl", "2"],
+                 "--prefix", prefix, "--buckets", "16", "--batch-size", "5", "--lease-ttl", "1"],
                 env=child_env(MSGBROKER_PARTITION_COUNT="16"), stdout=log, stderr=subprocess.STDOUT)
 
     relays: list[subprocess.Popen[bytes]] = []
