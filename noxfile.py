@@ -21,6 +21,7 @@ DISTRIBUTIONS = {
     "conformance": "conformance",
     "sqlite": "examples/sqlite-provider",
     **{name: f"plugins/{name}" for name in PROVIDERS},
+    "outbox": "plugins/outbox",
 }
 SERVERLESS = ("core", "conformance", "sqlite")
 
@@ -60,7 +61,10 @@ def tests(session: nox.Session, dist: str) -> None:
     """One distribution's own tests (with its provider's server where it has one)."""
     _bootstrap(session)
     path = DISTRIBUTIONS[dist]
-    env = {} if dist in SERVERLESS else _brokers(session, dist)
+    if dist == "outbox":  # PostgreSQL, and every broker for its fault scenarios
+        env = _brokers(session, "postgres", *PROVIDERS)
+    else:
+        env = {} if dist in SERVERLESS else _brokers(session, dist)
     if dist == "core":  # the CLI's provider sessions use every server; the dashboard's tests a browser
         env = _brokers(session)
         session.run(str(ROOT / "scripts" / "brokers"), "browser", external=True, silent=True)
