@@ -54,6 +54,7 @@ from msgbroker.spi import (
     OutgoingRecord,
     PublishFailedError,
     PublishIndeterminateError,
+    ReplySink,
     Transport,
     dead_letter_from_record,
     dead_letter_record,
@@ -67,6 +68,7 @@ from redis import exceptions as rex
 from . import _scripts
 from ._clients import Client, Connections, Reader
 from ._errors import REDIS_ERRORS, redacted, translate, user_of
+from ._replies import ReplyInbox, send_reply
 from ._settings import RedisSettings
 
 if TYPE_CHECKING:
@@ -270,6 +272,7 @@ class RedisTransport(Transport):
         deduplication="store",
         server_restart=True,
         max_message_bytes=16 * 1024 * 1024,
+        request_reply=True,
     )
     ASSIGNMENT = "leases"
     REDELIVERY = "local"
@@ -296,6 +299,7 @@ class RedisTransport(Transport):
         self.partitions: int = settings.partition_count
         self.wait_replicas: int = config.wait_replicas
         self.wait_timeout: float = config.wait_timeout.total_seconds()
+        self._inbox: ReplyInbox | None = None
 
     @classmethod
     def settings_from_url(cls, url: str) -> dict[str, Any]:
@@ -360,6 +364,9 @@ class RedisTransport(Transport):
     async def close(self) -> None:
         consumers = list(self._consumers)
         await asyncio.gather(*(c.stop(flush=True) for c in consumers), return_exceptions=True)
+        inbox, self._inbox = self._inbox, None
+        if inbox is not None and self._connections is not None:
+            await inbox.close()
         connections, self._connections = self._connections, None
         if connections is not None:
             await connections.close()
@@ -367,6 +374,9 @@ class RedisTransport(Transport):
     async def abort(self) -> None:
         consumers = list(self._consumers)
         await asyncio.gather(*(c.stop(flush=False) for c in consumers), return_exceptions=True)
+        inbox, self._inbox = self._inbox, None
+        if inbox is not None and self._connections is not None:
+            await inbox.close()
         connections, self._connections = self._connections, None
         if connections is not None:
             await connections.close()
@@ -542,6 +552,17 @@ class RedisTransport(Transport):
         return results
 
     # -- consuming -----------------------------------------------------------------------------
+
+    # -- request/reply (_replies.py) --------------------------------------------------------------
+
+    async def open_replies(self, deliver: ReplySink) -> str:
+        inbox = ReplyInbox(self, deliver)
+        address = await inbox.open()
+        self._inbox = inbox
+        return address
+
+    async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
+        await send_reply(self, address, request_id, headers, body)
 
     def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
         consumer = RedisLaneConsumer(self, topic, group, member_id)
