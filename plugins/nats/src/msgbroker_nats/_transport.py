@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -40,6 +41,7 @@ from msgbroker.spi import (
     OutgoingRecord,
     PublishFailedError,
     PublishIndeterminateError,
+    ReplySink,
     Transport,
     dead_letter_from_record,
     dead_letter_group,
@@ -66,12 +68,18 @@ from ._settings import NatsSettings, server_urls
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext, JetStreamManager
     from nats.js.kv import KeyValue
 
 __all__ = ["DEAD_LETTER_HEADERS", "NatsTransport"]
 
 log = logging.getLogger("msgbroker.nats")
+
+_REPLIES = "_MSGBROKER_NATS.reply"
+"""Reply inboxes: ``<_REPLIES>.<stream prefix>.<uuid>`` (core NATS, one per requesting connection)."""
+_REPLY_ID_HEADER = "Msgbroker-Reply-Id"
+_REPLY_HEADERS_HEADER = "Msgbroker-Reply-Headers"
 
 _STREAM_NAME_IN_USE = 10058
 _REPLICAS_REFUSED = (10074, 10023)
@@ -102,6 +110,7 @@ class NatsTransport(Transport):
         partition_exclusive=True,
         server_restart=True,
         max_message_bytes=_SERVER_MAX_PAYLOAD - _HEADER_ROOM,
+        request_reply=True,
     )
     ASSIGNMENT = "leases"
     REDELIVERY = "broker"
@@ -324,6 +333,45 @@ class NatsTransport(Transport):
             return True
         except Exception:
             return False
+
+    # -- request/reply (semantics rule 13) ------------------------------------------------------
+
+    async def open_replies(self, deliver: ReplySink) -> str:
+        """A core NATS subscription on ``_MSGBROKER_NATS.reply.<stream prefix>.<uuid>`` (inside
+        the subjects a tenant may use already: docs/security.md); a reply is one core publish
+        there, its request id and headers (ASCII JSON) in NATS headers. At most once, like every
+        core NATS message: a requester that is gone gets nothing."""
+        subject = f"{_REPLIES}.{self.prefix}.{uuid.uuid4().hex}"
+
+        async def on_reply(msg: Msg) -> None:
+            headers = msg.headers or {}
+            request_id = headers.get(_REPLY_ID_HEADER)
+            if request_id is None:
+                return
+            try:
+                reply_headers = json.loads(headers.get(_REPLY_HEADERS_HEADER, "{}"))
+            except ValueError:
+                log.warning("nats: a reply on %s has unreadable headers; dropped", subject)
+                return
+            deliver(request_id, reply_headers, msg.data)
+
+        try:
+            await self.nc.subscribe(subject, cb=on_reply)
+            await self.nc.flush(timeout=5)  # the server has the interest before the first request goes out
+        except Exception as exc:
+            raise map_error(exc, "opening the reply inbox") from exc
+        return subject
+
+    async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
+        if not address.startswith(f"{_REPLIES}.{self.prefix}."):
+            log.warning("nats: a reply address %r outside this stream prefix %r; reply dropped", address, self.prefix)
+            return
+        try:
+            await self.nc.publish(address, body, headers={
+                _REPLY_ID_HEADER: request_id, _REPLY_HEADERS_HEADER: json.dumps(dict(headers)),
+            })
+        except Exception as exc:
+            raise map_error(exc, f"sending the reply to request {request_id}") from exc
 
     # -- streams ---------------------------------------------------------------------------------
 
