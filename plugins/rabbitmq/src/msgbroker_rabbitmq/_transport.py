@@ -36,6 +36,7 @@ from msgbroker.spi import (
     LaneConsumer,
     MemberView,
     OutgoingRecord,
+    ReplySink,
     Transport,
     dead_letter_from_record,
     dead_letter_group,
@@ -53,6 +54,7 @@ from ._host import Member
 from ._link import Link, split_urls
 from ._names import DELIVERY_LIMIT, Topology
 from ._publish import publish_confirmed
+from ._replies import ReplyInbox, declare_replies_exchange, replies_exchange, reply_properties
 from ._settings import RabbitMQSettings
 
 __all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport"]
@@ -77,6 +79,7 @@ class RabbitMQTransport(Transport):
         deduplication="none",
         server_restart=True,
         max_message_bytes=16 * 1024 * 1024,
+        request_reply=True,
         reasons={
             "retains_before_group": (
                 "RabbitMQ keeps a message only in the queues bound when it is published: a group's queues "
@@ -137,6 +140,7 @@ class RabbitMQTransport(Transport):
         self._members: dict[str, Member] = {}
         self._declared: dict[tuple[int, int, str], asyncio.Future[None]] = {}
         self._publisher: aiormq.abc.AbstractChannel | None = None
+        self._inbox: ReplyInbox | None = None
         self._publisher_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -163,9 +167,50 @@ class RabbitMQTransport(Transport):
     async def connect(self) -> None:
         self.ssl_context = self._tls_context()
         link = Link(self.urls, "msgbroker-publisher", heartbeat=self.amqp_heartbeat, on_down=self._down,
-                    ssl_context=self.ssl_context)
+                    on_up=self._relinked, ssl_context=self.ssl_context)
         await link.open()
         self._link = link
+
+    async def _relinked(self) -> None:
+        """A reconnect: the reply inbox (an exclusive queue) died with the old connection."""
+        inbox, link = self._inbox, self._link
+        if inbox is not None and link is not None:
+            try:
+                await inbox.declare(link)
+            except Exception as exc:
+                log.warning("rabbitmq: the reply inbox %s could not be declared again (%s): requests on this "
+                            "connection will time out", inbox.queue, exc)
+
+    # -- request/reply (_replies.py) ----------------------------------------------------------------
+
+    async def open_replies(self, deliver: ReplySink) -> str:
+        link = await self._up()
+        inbox = ReplyInbox(self.topology, deliver)
+        try:
+            await inbox.declare(link)
+        except Exception as exc:
+            raise translate(exc, "opening the reply inbox") from exc
+        self._inbox = inbox
+        return inbox.queue
+
+    async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
+        exchange = replies_exchange(self.topology)
+        if not address.startswith(exchange + ":"):
+            log.warning("rabbitmq: a reply address %r outside this exchange prefix; reply dropped", address)
+            return
+        link = await self._up()
+        try:
+            key = (id(link), link.generation, "@replies")
+            declared = self._declared.get(key)
+            if declared is None or (declared.done() and declared.exception() is not None):
+                declared = asyncio.ensure_future(declare_replies_exchange(link, self.topology))
+                self._declared[key] = declared
+            await asyncio.shield(declared)
+            raw = await self._publisher_channel(link)
+            await raw.basic_publish(body, exchange=exchange, routing_key=address,
+                                    properties=reply_properties(request_id, headers))
+        except Exception as exc:
+            raise translate(exc, f"sending the reply to request {request_id}") from exc
 
     def _down(self) -> None:
         self._publisher = None
