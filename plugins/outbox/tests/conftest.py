@@ -69,8 +69,8 @@ async def engine(db_url: str, prefix: str) -> AsyncIterator[AsyncEngine]:
     try:
         yield made
     finally:
+        await Outbox(prefix=prefix).drop_tables(made)
         async with made.begin() as conn:
-            await conn.run_sync(Outbox(prefix=prefix).metadata.drop_all)
             await conn.run_sync(Inbox(prefix=prefix).metadata.drop_all)
         await made.dispose()
 

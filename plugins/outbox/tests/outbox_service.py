@@ -75,7 +75,8 @@ async def stop_writing() -> None:
             await task
 
 
-run_relay_in(service, outbox, engine, lease_ttl=1.0, poll_interval=0.3)
+# Polling only, every 0.3 s: the relay trails the writer, so a kill finds commits not yet published.
+run_relay_in(service, outbox, engine, lease_ttl=1.0, poll_interval=0.3, listen=False)
 
 
 async def write_one(key: str) -> bool:

@@ -142,6 +142,7 @@ async def pg(prefix: str, postgres_url: str) -> AsyncIterator[AsyncEngine]:
                 text("SELECT tablename FROM pg_tables WHERE tablename LIKE :p"), {"p": f"{prefix}%"})]
             for name in names:
                 await conn.execute(text(f'DROP TABLE IF EXISTS "{name}" CASCADE'))
+            await conn.execute(text(f"DROP FUNCTION IF EXISTS {prefix}_outbox_notify()"))
         await made.dispose()
 
 

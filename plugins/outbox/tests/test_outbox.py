@@ -14,7 +14,7 @@ import msgbroker
 import pytest
 from msgbroker import ConfigurationError, InvalidNameError, MessageContext
 from msgbroker_outbox import Inbox, Outbox, Relay, async_url, run_relay_in
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from tests.faults.model import FaultMessage, check
@@ -257,6 +257,36 @@ async def test_the_relay_runs_inside_a_service(engine: AsyncEngine, outbox: Outb
             await service.stop()
     async with engine.connect() as conn:
         assert set((await conn.execute(select(outbox.leases.c.owner))).scalars()) == {None}
+
+
+async def test_on_postgresql_a_commit_wakes_the_relay_at_once(postgres_url: str, prefix: str) -> None:
+    """The outbox table's trigger notifies at commit and the relay LISTENs, so a commit ends its
+    wait (``Relay.notified`` counts them) — also after the LISTEN connection was lost (PostgreSQL
+    ends it here; the relay makes it again at its next heartbeat)."""
+    engine = create_async_engine(async_url(postgres_url))
+    outbox = Outbox(prefix=prefix, buckets=4)
+    await outbox.create_tables(engine)
+    collector = Collector()
+    try:
+        async with msgbroker.connect(memory_url(), partition_count=4) as broker:
+            await broker.subscribe("holds", "g", collector)
+            async with Relay(outbox, engine, broker, lease_ttl=1.5, poll_interval=30) as relay:
+                await eventually(lambda: relay._listening is not None, "the relay listens")
+                for seq in range(3):
+                    before = relay.notified
+                    async with engine.begin() as conn:
+                        await outbox.publish(conn, "holds", FaultMessage(key="a", seq=seq))
+                    await eventually(lambda b=before: relay.notified > b, "the commit notified", timeout=5)
+                    await eventually(lambda s=seq: len(collector.records) == s + 1, "relayed", timeout=5)
+                    if seq == 1:  # the server ends the LISTEN connection
+                        lost = relay._listening
+                        async with engine.connect() as conn:
+                            await conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                                    "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()"))
+                        await eventually(lambda lost=lost: relay._listening not in (None, lost), "listening again")
+    finally:
+        await outbox.drop_tables(engine)
+        await engine.dispose()
 
 
 async def test_bad_input_is_refused_naming_it(engine: AsyncEngine, outbox: Outbox) -> None:

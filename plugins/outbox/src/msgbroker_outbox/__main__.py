@@ -30,6 +30,8 @@ def parser_for() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--poll-interval", type=float, default=0.1, help="seconds (default 0.1)")
     p.add_argument("--keep-sent", type=float, default=3600.0, help="seconds sent messages are kept (default 3600)")
+    p.add_argument("--no-listen", action="store_true",
+                   help="PostgreSQL: poll only, without LISTEN for the commits' notifications")
     p.add_argument("--create-tables", action="store_true", help="create the outbox tables when missing")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     return parser
@@ -47,7 +49,7 @@ async def relay(args: argparse.Namespace) -> int:
             await outbox.create_tables(engine)
         async with msgbroker.connect(args.url) as broker:
             worker = Relay(outbox, engine, broker, batch_size=args.batch_size, lease_ttl=args.lease_ttl,
-                           poll_interval=args.poll_interval, keep_sent=args.keep_sent)
+                           poll_interval=args.poll_interval, keep_sent=args.keep_sent, listen=not args.no_listen)
             async with worker:
                 print(f"msgbroker_outbox: relay {worker.relay_id} running on the {broker.provider} broker",
                       file=sys.stderr, flush=True)

@@ -9,10 +9,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from msgbroker import ConfigurationError, InvalidNameError, Message, SerializationError, partition_for
-from sqlalchemy import MetaData, func, select
+from sqlalchemy import MetaData, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ._sql import check_dialect, check_prefix, inbox_table, insert, outbox_tables
+from ._sql import check_dialect, check_prefix, inbox_table, insert, notify_ddl, outbox_tables
 
 Executor = AsyncSession | AsyncConnection
 """Where a message is written: the caller's session or connection, inside its transaction."""
@@ -76,8 +76,9 @@ class Outbox:
         self.messages, self.leases, self.relays = outbox_tables(self.metadata, self.prefix)
 
     async def create_tables(self, engine: AsyncEngine) -> None:
-        """Create the tables (when missing) and one lease row per bucket. Idempotent; with
-        Alembic, put ``outbox.metadata``'s tables in a migration instead and call this once."""
+        """Create the tables (when missing), one lease row per bucket and, on PostgreSQL, the
+        trigger that notifies the relays of a commit (:func:`notify_ddl`). Idempotent; run it from
+        one process (a deployment step, or your migration after ``outbox.metadata``'s tables)."""
         dialect = check_dialect(engine.dialect.name)
         async with engine.begin() as conn:
             await conn.run_sync(self.metadata.create_all)
@@ -85,6 +86,17 @@ class Outbox:
                 insert(dialect, self.leases).on_conflict_do_nothing(index_elements=["bucket"]),
                 [{"bucket": b, "owner": None, "fence": 0, "expires_at": 0.0} for b in range(self.buckets)],
             )
+            if dialect == "postgresql":
+                for statement in notify_ddl(self.prefix):
+                    await conn.execute(text(statement))
+
+    async def drop_tables(self, engine: AsyncEngine) -> None:
+        """Drop the outbox's tables (and its trigger function on PostgreSQL)."""
+        dialect = check_dialect(engine.dialect.name)
+        async with engine.begin() as conn:
+            await conn.run_sync(self.metadata.drop_all)
+            if dialect == "postgresql":
+                await conn.execute(text(f"DROP FUNCTION IF EXISTS {self.prefix}_outbox_notify()"))
 
     def _row(self, topic: str, message: Message, headers_json: str) -> dict[str, Any]:
         if not isinstance(message, Message):

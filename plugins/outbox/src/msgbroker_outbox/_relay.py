@@ -22,7 +22,7 @@ from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._outbox import Outbox
-from ._sql import check_dialect, insert, now
+from ._sql import check_dialect, insert, notify_channel, now
 
 log = logging.getLogger("msgbroker.outbox")
 
@@ -37,14 +37,16 @@ class Relay:
       its lease for 0.8 times ``lease_ttl`` (its own clock).
     * ``batch_size`` (default 500): messages read (oldest first, over the buckets held) and
       published per round.
-    * ``poll_interval`` (default 0.1 s): the wait when a round moved nothing.
+    * ``poll_interval`` (default 0.1 s): the wait when a round moved nothing. On PostgreSQL a
+      commit that wrote outbox rows ends the wait at once (the table's trigger notifies, the relay
+      LISTENs), so the poll only matters when that connection is lost; ``listen=False`` polls only.
     * ``keep_sent`` (default 3600 s): sent messages stay marked sent (``sent_at``) this long, then
       are deleted; 0 deletes them once sent.
     """
 
     def __init__(self, outbox: Outbox, engine: AsyncEngine, broker: Broker, *, relay_id: str | None = None,
                  batch_size: int = 500, lease_ttl: float = 10.0, poll_interval: float = 0.1,
-                 keep_sent: float = 3600.0) -> None:
+                 keep_sent: float = 3600.0, listen: bool = True) -> None:
         if batch_size < 1:
             raise ConfigurationError(f"batch_size must be at least 1, got {batch_size!r}")
         if not lease_ttl >= 1.0:
@@ -62,14 +64,20 @@ class Relay:
         self.lease_ttl = float(lease_ttl)
         self.poll_interval = float(poll_interval)
         self.keep_sent = float(keep_sent)
+        self.listen = bool(listen)
         self.held: set[int] = set()
         """The buckets this relay holds right now."""
         self.moved = 0
         """Messages this relay has published and marked sent."""
+        self.notified = 0
+        """Commits PostgreSQL told this relay of (each ended a wait at once)."""
         self._valid_until = 0.0  # monotonic: publish nothing after this without renewing
         self._renewed_at = -math.inf
         self._cleaned_at = time.monotonic()
         self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()  # a commit wrote outbox rows (PostgreSQL's NOTIFY)
+        self._listener: AsyncConnection | None = None
+        self._listening: Any = None  # the asyncpg connection that LISTENs
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle
@@ -115,6 +123,7 @@ class Relay:
         await task
         with contextlib.suppress(Exception):
             await self._release(list(self.held), leave=True)
+        await self._unlisten()
 
     async def abort(self) -> None:
         """Stop after the statement in hand and hand nothing back: the buckets stay leased until
@@ -125,6 +134,7 @@ class Relay:
         if task is not None:
             self._stopping.set()
             await task
+        await self._unlisten()
 
     # -- the loop
 
@@ -134,21 +144,68 @@ class Relay:
             try:
                 if time.monotonic() - self._renewed_at >= self.lease_ttl / 3:
                     await self._heartbeat()
+                    await self._listen()
+                self._wake.clear()  # a commit from now on wakes the pause below
                 moved = await self._relay_round()
                 if time.monotonic() - self._cleaned_at >= 60.0:
                     await self._clean()
                 backoff = 0.1
-                if moved == 0:
-                    await self._pause(self.poll_interval)
+                if moved == 0:  # wait for a commit, the next poll, or the next heartbeat
+                    heartbeat_in = self._renewed_at + self.lease_ttl / 3 - time.monotonic()
+                    await self._pause(max(0.0, min(self.poll_interval, heartbeat_in)))
             except Exception as exc:  # the database or the broker away: try again, keep the order
                 log.warning("outbox relay %s: %s: %s; trying again in %.1f s",
                             self.relay_id, type(exc).__name__, exc, backoff)
-                await self._pause(backoff)
+                await self._pause(backoff, wake=False)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+    async def _pause(self, seconds: float, *, wake: bool = True) -> None:
+        """Wait ``seconds``, or less when stopping or (``wake``) when a commit notified us."""
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if wake:
+            waits.append(asyncio.ensure_future(self._wake.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    async def _listen(self) -> None:
+        """PostgreSQL: LISTEN on the outbox's channel with a connection of its own, made again
+        when it was lost (a restart). Polling goes on beside it; failing here only costs latency."""
+        if self.dialect != "postgresql" or not self.listen:
+            return
+        if self._listening is not None and not self._listening.is_closed():
+            return
+        await self._unlisten()
+        try:
+            conn = await self.engine.connect()
+        except Exception as exc:
+            log.debug("outbox relay %s: no LISTEN connection: %s", self.relay_id, exc)
+            return
+        try:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            await driver.add_listener(notify_channel(self.outbox.prefix), self._notified)
+        except Exception as exc:
+            log.debug("outbox relay %s: LISTEN failed: %s", self.relay_id, exc)
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            return
+        self._listener, self._listening = conn, driver
+
+    def _notified(self, *args: object) -> None:
+        self.notified += 1
+        self._wake.set()
+
+    async def _unlisten(self) -> None:
+        """Close the LISTEN connection for good (never back to the pool with a listener on it)."""
+        conn, self._listener, self._listening = self._listener, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     async def _lock_leases(self, conn: AsyncConnection) -> None:
         """Serialise the relays' lease changes (a few a second at most): PostgreSQL takes a

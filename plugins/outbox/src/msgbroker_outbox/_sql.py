@@ -100,3 +100,22 @@ def inbox_table(metadata: MetaData, prefix: str) -> Table:
         Column("handled_at", Float, nullable=False),
         PrimaryKeyConstraint("consumer", "message_id", name=f"{prefix}_inbox_pk"),
     )
+
+
+def notify_channel(prefix: str) -> str:
+    """The PostgreSQL channel a commit that wrote outbox rows notifies (relays LISTEN on it)."""
+    return f"{prefix}_outbox"
+
+
+def notify_ddl(prefix: str) -> list[str]:
+    """PostgreSQL: a statement trigger that notifies the relays when outbox rows commit (the
+    notification is sent at commit, once per transaction), so that they need not wait for their
+    next poll."""
+    function, table = f"{prefix}_outbox_notify", f"{prefix}_outbox"
+    return [
+        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_notify('{notify_channel(prefix)}', ''); RETURN NULL; END $$",
+        f"DROP TRIGGER IF EXISTS {function} ON {table}",
+        f"CREATE TRIGGER {function} AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+    ]
+
