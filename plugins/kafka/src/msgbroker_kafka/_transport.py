@@ -15,7 +15,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
@@ -42,6 +42,7 @@ from msgbroker.spi import (
     MsgBrokerError,
     OutgoingRecord,
     PublishIndeterminateError,
+    ReplySink,
     Transport,
     dead_letter_from_record,
     dead_letter_group,
@@ -59,6 +60,7 @@ from ._errors import GRANT, access_denied, map_error
 from ._host import Flushable
 from ._logs import hide_sasl_bytes
 from ._records import MESSAGE_ID_HEADER, decode_headers, encode_headers
+from ._replies import ReplyInbox, send_reply
 from ._settings import KafkaSettings
 
 __all__ = [
@@ -107,6 +109,7 @@ class KafkaTransport(Transport):
         partition_exclusive=True,
         server_restart=True,
         max_message_bytes=1_000_000,
+        request_reply=True,
         reasons={
             "deduplication": (
                 "Kafka's idempotent producer only drops its own retries within one producer session; "
@@ -130,6 +133,7 @@ class KafkaTransport(Transport):
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._offsets: AIOKafkaConsumer | None = None
+        self._inbox: ReplyInbox | None = None
         self._topics: dict[str, int] = {}
         self._topic_lock = asyncio.Lock()
         self._replication: int | None = settings.kafka.replication_factor
@@ -149,6 +153,12 @@ class KafkaTransport(Transport):
         self._prefix = f"{prefix}." if prefix else ""
         self.user: str | None = settings.kafka.sasl_username if settings.kafka.sasl_mechanism else None
         """The SASL user, named in refusals (None: ANONYMOUS, or a TLS client certificate's name)."""
+        self.refused: AccessDeniedError | None = None
+        """The brokers refused this connection's login in session (see :meth:`login_refused`): for
+        good, every later call raises it."""
+        self._login_check: asyncio.Future[AccessDeniedError | None] | None = None
+        self._login_checked = 0.0
+        self._stopping_clients: asyncio.Task[None] | None = None
         self._producer_lock = asyncio.Lock()
         self.consumers: set[Flushable] = set()
         """The running consumers of this transport (each adds itself at start)."""
@@ -185,6 +195,8 @@ class KafkaTransport(Transport):
 
     def client_options(self) -> dict[str, Any]:
         """Connection options shared by every aiokafka client of this transport."""
+        if self.refused is not None:
+            raise AccessDeniedError(str(self.refused))  # no new client for a refused login
         kafka = self.settings.kafka
         options: dict[str, Any] = {
             "bootstrap_servers": kafka.bootstrap_servers,
@@ -208,12 +220,16 @@ class KafkaTransport(Transport):
 
     @property
     def producer(self) -> AIOKafkaProducer:
+        if self.refused is not None:
+            raise AccessDeniedError(str(self.refused))
         if self._producer is None:
             raise BrokerClosedError("the kafka connection is closed")
         return self._producer
 
     @property
     def admin(self) -> AIOKafkaAdminClient:
+        if self.refused is not None:
+            raise AccessDeniedError(str(self.refused))
         if self._admin is None:
             raise BrokerClosedError("the kafka connection is closed")
         return self._admin
@@ -231,7 +247,13 @@ class KafkaTransport(Transport):
         """The error to raise for a failed produce; replaces a producer whose idempotence state
         the broker lost (the records may or may not have been written: a retry may duplicate)."""
         if not isinstance(exc, _PRODUCER_STATE_LOST):
-            return self.error(exc, doing, publishing=True)
+            error = self.error(exc, doing, publishing=True)
+            if isinstance(error, PublishIndeterminateError) and self.user:
+                # a timeout or a lost connection: is it a login refused in session?
+                refused = await self.login_refused()
+                if refused is not None:
+                    return AccessDeniedError(f"{refused} (while {doing})")
+            return error
         async with self._producer_lock:
             if self._producer is broken:
                 log.warning("kafka: the broker lost this producer's sequence state (%s); starting a new producer", exc)
@@ -295,7 +317,40 @@ class KafkaTransport(Transport):
             await writer.wait_closed()
         return None
 
-    async def _login_refusal(self, options: dict[str, Any]) -> AccessDeniedError | None:
+    async def login_refused(self) -> AccessDeniedError | None:
+        """In session: do the brokers refuse this connection's login now (its SASL credential
+        deleted or changed while it ran)? aiokafka then retries its connections without end,
+        each refusal only logged. One probe connection, at most every 2 s (concurrent callers
+        share it); a refusal is kept for good (:attr:`refused`), logged once, and stops the
+        transport's clients, whose reconnecting would go on. None without SASL or when accepted."""
+        if self.refused is not None or not self.user:
+            return self.refused
+        check = self._login_check
+        if check is None or (check.done() and time.monotonic() - self._login_checked > 2.0):
+            self._login_checked = time.monotonic()
+            check = self._login_check = asyncio.ensure_future(
+                self._login_refusal(self.client_options(), doing="reconnecting to")
+            )
+        refused = await asyncio.shield(check)
+        if refused is not None and self.refused is None:
+            self.refused = refused
+            log.error("%s; this connection's clients stop (restart the service once the credentials are valid "
+                      "again)", refused)
+            self._stopping_clients = asyncio.ensure_future(self._stop_clients())
+        return self.refused
+
+    async def _stop_clients(self) -> None:
+        """Stop the producer, admin and offsets clients (their reconnecting ends); the transport
+        raises :attr:`refused` from now on."""
+        producer, admin, offsets = self._producer, self._admin, self._offsets
+        self._producer = self._admin = self._offsets = None
+        for stop in (producer.stop if producer else None, offsets.stop if offsets else None,
+                     admin.close if admin else None):
+            if stop is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(stop(), 10)
+
+    async def _login_refusal(self, options: dict[str, Any], doing: str = "connecting to") -> AccessDeniedError | None:
         """Why the first bootstrap server refuses the login, when it does: aiokafka only logs
         that and reports "Unable to bootstrap", so one connection finds out (not retried)."""
         first = self.settings.kafka.bootstrap_servers.split(",")[0].strip()
@@ -309,12 +364,15 @@ class KafkaTransport(Transport):
                 conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=5000,
                                          **{k: options[k] for k in keys if k in options})
         except Exception as exc:
-            return access_denied(exc, f"connecting to {self.settings.kafka.bootstrap_servers}", self.user,
+            return access_denied(exc, f"{doing} {self.settings.kafka.bootstrap_servers}", self.user,
                                  self.settings.kafka.sasl_mechanism)
         conn.close()
         return None
 
     async def close(self) -> None:
+        inbox, self._inbox = self._inbox, None
+        if inbox is not None:
+            await inbox.close()
         producer, admin, offsets = self._producer, self._admin, self._offsets
         self._producer = self._admin = self._offsets = None
         if producer is not None:
@@ -491,6 +549,8 @@ class KafkaTransport(Transport):
     async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
         if dedup_window is not None:
             self.CAPABILITIES.require("deduplication")
+        if self.refused is not None:
+            raise AccessDeniedError(str(self.refused))
         for topic in {r.topic for r in records}:
             await self.ensure_topic(topic)
         producer = self.producer
@@ -511,6 +571,17 @@ class KafkaTransport(Transport):
             raise
         except Exception as exc:
             raise await self._produce_failed(exc, f"publishing {len(records)} record(s)", producer) from exc
+
+    # -- request/reply (_replies.py) --------------------------------------------------------------
+
+    async def open_replies(self, deliver: ReplySink) -> str:
+        inbox = ReplyInbox(self, deliver)
+        address = await inbox.open()
+        self._inbox = inbox
+        return address
+
+    async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
+        await send_reply(self, address, request_id, headers, body)
 
     # -- consuming ------------------------------------------------------------------------------
 
