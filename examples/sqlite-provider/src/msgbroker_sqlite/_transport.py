@@ -161,7 +161,11 @@ class SqliteTransport(Transport):
     CAPABILITIES: ClassVar[Capabilities] = Capabilities(
         persistent=True,
         deduplication="store",
-        reasons={"server_restart": "there is no server process: the broker is a file"},
+        reasons={
+            "server_restart": "there is no server process: the broker is a file",
+            "request_reply": "the example keeps to the contract's core: a reply channel between processes "
+                             "over one SQLite file would have to be polled (see docs/writing-a-provider.md)",
+        },
     )
     SETTINGS = SqliteSettings
     ASSIGNMENT = "leases"  # the engine assigns lanes over our members/leases tables
