@@ -75,8 +75,9 @@ async def stop_writing() -> None:
             await task
 
 
-# Polling only, every 0.3 s: the relay trails the writer, so a kill finds commits not yet published.
-run_relay_in(service, outbox, engine, lease_ttl=1.0, poll_interval=0.3, listen=False)
+# Polling only, every second: the relay trails the writer (a commit every 5 ms or more), so a kill
+# finds commits not yet published.
+run_relay_in(service, outbox, engine, lease_ttl=3.0, poll_interval=1.0, listen=False)
 
 
 async def write_one(key: str) -> bool:
@@ -101,7 +102,7 @@ async def write() -> None:
             except Exception as exc:  # the database restarting: try again
                 log.warning("writer: %s: %s", type(exc).__name__, exc)
                 await asyncio.sleep(0.2)
-            await asyncio.sleep(0.01)  # a steady stream: the relay (polling every 0.3 s) trails it
+            await asyncio.sleep(0.005)  # a steady stream: the relay (polling every second) trails it
 
 
 record = open(RECORD, "a", buffering=1, encoding="utf-8")
