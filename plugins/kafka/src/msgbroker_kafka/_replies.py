@@ -14,15 +14,27 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import partition_for
-from msgbroker.spi import ReplySink
+from msgbroker.spi import MsgBrokerError, ReplySink
 
-if TYPE_CHECKING:
-    from ._transport import KafkaTransport
+
+class KafkaTransport(Protocol):
+    """What replies need of the transport (``_transport.KafkaTransport``)."""
+
+    @property
+    def producer(self) -> AIOKafkaProducer: ...
+
+    async def ensure_topic(self, topic: str, partitions: int | None = None) -> int: ...
+
+    def kafka_name(self, name: str) -> str: ...
+
+    def client_options(self) -> dict[str, Any]: ...
+
+    def error(self, exc: BaseException, doing: str, *, publishing: bool = False) -> MsgBrokerError: ...
 
 __all__ = ["REPLY_PARTITIONS", "REPLY_TOPIC", "ReplyInbox", "send_reply"]
 

@@ -14,15 +14,27 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from msgbroker.spi import ReplySink
 
-from ._clients import Reader
+from ._clients import Client, Connections, Reader
 from ._errors import REDIS_ERRORS, translate
 
-if TYPE_CHECKING:
-    from ._transport import RedisTransport
+
+class RedisTransport(Protocol):
+    """What the inbox needs of the transport (``_transport.RedisTransport``)."""
+
+    prefix: str
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def redis(self) -> Client: ...
+
+    @property
+    def connections(self) -> Connections: ...
 
 __all__ = ["ReplyInbox", "send_reply"]
 
