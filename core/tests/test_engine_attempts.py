@@ -105,3 +105,42 @@ async def test_a_message_read_while_its_lane_is_handed_back_is_no_attempt() -> N
     await first.close()
     await second.close()
     assert [entry for entry in seen if entry[2] != 1 and entry[1].startswith("b")] == []
+
+
+async def test_a_hand_over_of_many_lanes_releases_them_a_few_at_a_time() -> None:
+    """A member handing 128 lanes to a newcomer released them in 128 concurrent calls; on Redis
+    past the client's pool (100) each failed and the newcomer waited a claim timeout for the
+    leases to expire (9 s instead of 2 s to balance 256 partitions between two members)."""
+    from msgbroker import BrokerSettings
+    from msgbroker._assignment import RELEASES_AT_ONCE
+    from msgbroker._memory import MemoryTransport
+
+    at_once = 0
+    most = 0
+
+    class CountingTransport(MemoryTransport):
+        async def release_lease(self, lane: msgbroker.Lane, token: str) -> None:
+            nonlocal at_once, most
+            at_once += 1
+            most = max(most, at_once)
+            try:
+                await asyncio.sleep(0.01)
+                await super().release_lease(lane, token)
+            finally:
+                at_once -= 1
+
+    name = uuid.uuid4().hex
+    settings = BrokerSettings(provider="memory", memory={"name": name}, partition_count=256)
+    first = await msgbroker.Broker(settings, CountingTransport).open()
+    second = await msgbroker.connect(f"memory://{name}", partition_count=256)
+
+    async def handle(ctx: MessageContext[Job]) -> None:
+        pass
+
+    one = await first.subscribe("jobs", "workers", handle, message_type=Job)
+    await _until(lambda: len(one.partitions) == 256)
+    two = await second.subscribe("jobs", "workers", handle, message_type=Job)
+    await _until(lambda: len(one.partitions) + len(two.partitions) == 256 and len(two.partitions) >= 127)
+    await first.close()
+    await second.close()
+    assert 1 <= most <= RELEASES_AT_ONCE, f"{most} releases at once"

@@ -59,6 +59,10 @@ class LaneOwner(Protocol):
     async def lost(self, partitions: Sequence[int]) -> None: ...
 
 
+RELEASES_AT_ONCE = 16
+"""Lease releases a member's hand-overs send at the same time (the rest wait their turn)."""
+
+
 class LeaseCoordinator:
     """Membership heartbeats, rendezvous assignment and exclusive leases over the provider's
     primitives (``Transport.ASSIGNMENT == "leases"``)."""
@@ -74,6 +78,10 @@ class LeaseCoordinator:
         self.interval = max(0.05, min(1.0, self.ttl / 4))
         self.held: dict[int, str] = {}
         self._draining: dict[int, asyncio.Task[None]] = {}
+        self._releasing = asyncio.Semaphore(RELEASES_AT_ONCE)
+        """A member handing over 128 lanes at once (a newcomer on 256 partitions) released them in
+        128 concurrent calls: past a client's connection pool (redis-py: 100) each failed, and the
+        newcomer waited for the leases to expire."""
 
     @property
     def draining(self) -> list[asyncio.Task[None]]:
@@ -138,7 +146,13 @@ class LeaseCoordinator:
             await self.runner.revoked([partition])
             token = self.held.pop(partition, None)
             if token is not None:
-                await self.transport.release_lease(self._lane(partition), token)
+                async with self._releasing:
+                    await self.transport.release_lease(self._lane(partition), token)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the lease then ends by itself, a claim timeout later
+            log.warning("msgbroker: releasing %s[%d] for %s failed (%s); it is free once its lease runs out",
+                        self.runner.topic, partition, self.runner.group, exc)
         finally:
             self._draining.pop(partition, None)
 
