@@ -235,6 +235,12 @@ def cmd_restart(names: list[str]) -> int:
                 failures[b.name] = str(e)
         waits = [(b, b.start_timeout, True) for b in brokers if b.name not in failures]
         failures.update(asyncio.run(await_ready(waits)))
+        for b in brokers:
+            if b.name not in failures:
+                try:  # what lives in the server's data, as `up` does (Kafka: its SCRAM users)
+                    asyncio.run(b.after_ready())
+                except Failure as e:
+                    failures[b.name] = str(e)
         write_env_file(list(BROKERS.values()))
     print_env([b for b in brokers if b.name not in failures])
     for _name, f in failures.items():

@@ -9,9 +9,14 @@ through the open listener, whose ANONYMOUS is a super user of the test server.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
+import secrets
+import shutil
+import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -409,3 +414,107 @@ async def test_revoked_permissions_stop_a_subscription_and_lose_nothing(caplog: 
                if r.levelno >= logging.ERROR and "kafka" in r.getMessage() and f"user '{user}'" in r.getMessage()]
     assert reports, "the refusal was not logged naming the user"
     assert_no_secret(caplog.text)
+
+
+# -- a credential deleted mid-stream ------------------------------------------------------------
+
+
+def kafka_configs(user: str, *args: str) -> None:
+    """``kafka-configs --alter --entity-type users --entity-name USER ARGS`` (kafka.admin.ConfigCommand
+    from the jars scripts/brokers fetched), through the open listener."""
+    java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
+    lib = REPO / ".cache" / "kafka" / "lib"
+    if not java or not lib.is_dir():
+        pytest.fail(f"java or the Kafka jars ({lib}) are missing: {HOW}", pytrace=False)
+    out = subprocess.run(
+        [java, "-Xmx256m", "-cp", f"{lib}/*", "kafka.admin.ConfigCommand", "--bootstrap-server",
+         setting("MSGBROKER_KAFKA__BOOTSTRAP_SERVERS"), "--alter", "--entity-type", "users", "--entity-name", user,
+         *args], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
+    )
+    assert out.returncode == 0, f"kafka-configs {' '.join(args[:1])} {user}: exit {out.returncode}: {out.stderr[-300:]}"
+
+
+def add_scram_user(user: str, password: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".properties") as config:  # mode 0600
+        config.write(f"SCRAM-SHA-512=iterations=8192,password={password}\n")
+        config.flush()
+        kafka_configs(user, "--add-config-file", config.name)
+
+
+def refused_logins(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """aiokafka's records of a login the broker refused (one per connection attempt)."""
+    return [r for r in caplog.records if r.name == "aiokafka" and "SaslAuthenticationFailed" in r.getMessage()]
+
+
+async def restart_kafka() -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(REPO / "scripts" / "brokers"), "restart", "kafka",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 180)
+    assert process.returncode == 0, f"scripts/brokers restart kafka failed: {output.decode(errors='replace')[-2000:]}"
+
+
+async def test_a_credential_deleted_mid_stream_stops_the_subscription_once_it_logs_in_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Kafka checks a credential at login only: deleting a SCRAM user leaves its open connections
+    alone. Once they are made again (here: the broker restarted), every login is refused —
+    aiokafka would retry without end, reading nothing. The member, without a group coordinator,
+    tries one login every 2 s; refused for 20 s in a row, the subscription stops with
+    AccessDeniedError, publishing raises it, the clients stop reconnecting, and what was not
+    settled is delivered again to a user whose login is valid."""
+    a = tenant("A")
+    user, password = f"rotated-{uuid.uuid4().hex[:6]}", secrets.token_urlsafe(18)
+    acls = tenant_acls(user, a["name_prefix"])
+    kafka = {**a, "sasl_username": user, "sasl_password": password}
+    topic = f"cred-{uuid.uuid4().hex[:8]}"
+    settings: dict[str, Any] = {"partition_count": 1, "shutdown_timeout": 2}
+    first: list[int] = []
+    gate = asyncio.Event()
+
+    async def hold_at_zero(ctx: MessageContext[Item]) -> None:
+        first.append(ctx.message.n)
+        if ctx.message.n == 0:
+            await gate.wait()
+
+    caplog.set_level(logging.DEBUG)
+    await asyncio.to_thread(add_scram_user, user, password)
+    await grant(*acls)
+    try:
+        async with connect(kafka, **settings) as broker:
+            await broker.publish_batch(topic, [Item(n=i) for i in range(3)])
+            sub = await broker.subscribe(topic, "g", hold_at_zero)
+            await wait_for(lambda: first == [0], "message 0 in its handler")
+            await asyncio.to_thread(kafka_configs, user, "--delete-config", "SCRAM-SHA-512")
+            await restart_kafka()
+            gate.set()
+            await wait_for(lambda: sub.failure is not None, "the subscription to stop on the refused login", 90)
+            assert isinstance(sub.failure, AccessDeniedError), sub.failure
+            text = str(sub.failure)
+            assert text.startswith(f"kafka: reconnecting to {kafka['bootstrap_servers']} failed"), text
+            assert f"the server refused the credentials of user '{user}'" in text, text
+            with pytest.raises(AccessDeniedError, match=f"user '{user}'"):
+                await broker.publish(topic, Item(n=9))
+            await sub.abort()
+            async def quiet() -> bool:  # no refused login for 2 s: the clients stopped reconnecting
+                before = len(refused_logins(caplog))
+                await asyncio.sleep(2)
+                return len(refused_logins(caplog)) == before
+
+            await wait_for(quiet, "the clients to stop reconnecting (each stop is bounded by 10 s)", 15)
+        again: list[int] = []
+
+        async def collect(ctx: MessageContext[Item]) -> None:
+            again.append(ctx.message.n)
+
+        async with connect(a, **settings) as broker:  # tenant A: same prefix, same group
+            await broker.subscribe(topic, "g", collect)
+            await wait_for(lambda: 0 in again and set(first) | set(again) == {0, 1, 2},
+                           "the message held at the refusal delivered again")
+    finally:
+        await revoke(*acls)
+        with contextlib.suppress(AssertionError):
+            await asyncio.to_thread(kafka_configs, user, "--delete-config", "SCRAM-SHA-512")
+    assert_no_secret(caplog.text)
+    assert password not in caplog.text

@@ -27,6 +27,7 @@ __all__ = [
     "check_client_version",
     "coordination_task",
     "coordinator_failure",
+    "coordinator_unknown",
     "drop_connections",
     "finish_stop",
     "installed_version",
@@ -98,6 +99,13 @@ def coordinator_failure(consumer: Any) -> BaseException | None:
     if isinstance(task, asyncio.Future) and task.done() and not task.cancelled():
         return task.exception()
     return None
+
+
+def coordinator_unknown(consumer: Any) -> bool:
+    """The consumer has no group coordinator it can talk to now (it is looking for one: after a
+    broker restart for a moment — or for good, when the broker refuses its login)."""
+    coordinator = consumer._coordinator
+    return coordinator is not None and getattr(coordinator, "coordinator_id", None) is None
 
 
 async def drop_connections(consumer: Any) -> None:

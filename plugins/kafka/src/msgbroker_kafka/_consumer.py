@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-from msgbroker.spi import AccessDeniedError, DeadLetter, Delivery, LaneConsumer, failures_since
+from msgbroker.spi import AccessDeniedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, failures_since
 
 from . import _compat
 from ._assignor import PinningAssignor
@@ -545,7 +545,10 @@ class KafkaLaneConsumer(LaneConsumer):
             await self._commit(None, bound=_FINAL_BOUND, final=True)
         inflight = self._inflight
         if inflight is not None and not inflight.done():
-            await asyncio.wait({inflight}, timeout=_LEAVE_BOUND)  # a crash cannot take back what is sent
+            if self._refused is not None:
+                inflight.cancel()  # refused: it is not answered (or no connection is let in to send it)
+            else:
+                await asyncio.wait({inflight}, timeout=_LEAVE_BOUND)  # a crash cannot take back what is sent
         self._lanes.clear()
         self.transport.consumers.discard(self)
         consumer, self._consumer = self._consumer, None
@@ -638,21 +641,29 @@ class KafkaLaneConsumer(LaneConsumer):
 
     async def _watch_group(self) -> None:
         """Every heartbeat interval: has the broker refused this member its group (no Read on
-        it, taken away or never given)? aiokafka's group protocol then stops and keeps the error
-        for a getmany() that a member holding no partition never makes. The refusal is kept for
-        poll, and such a member reports partition 0 taken so that the engine polls it and stops
-        the subscription (nothing is read: poll raises first)."""
+        it, taken away or never given), or its login (a SASL credential deleted or changed while
+        it ran: its connections are refused once they are made again)? aiokafka's group protocol
+        stops on the first and keeps the error for a getmany() that a member holding no partition
+        never makes; the second it retries without end, reading nothing. So the member looks: at
+        the group protocol's error, and — while it has no coordinator, with SASL — at whether its
+        login is refused now (the transport tries one connection). A refusal is kept for poll,
+        and a member holding no partition reports partition 0 taken so that the engine polls it
+        and stops the subscription (nothing is read: poll raises first)."""
         interval = max(0.2, self.transport.settings.kafka.heartbeat_interval.total_seconds())
         while self._refused is None:
             await asyncio.sleep(interval)
             consumer = self._consumer
             if consumer is None or self._stopped:
                 return
+            error: MsgBrokerError | None = None
             failure = _compat.coordinator_failure(consumer)
-            if failure is None:
-                continue
-            error = self.transport.error(failure, f"joining group {self.kafka_group!r} on {self.kafka_topic!r}")
-            if not isinstance(error, AccessDeniedError):
+            if failure is not None:
+                error = self.transport.error(failure, f"joining group {self.kafka_group!r} on {self.kafka_topic!r}")
+            if not isinstance(error, AccessDeniedError) and self.transport.user and _compat.coordinator_unknown(
+                consumer
+            ):
+                error = await self.transport.login_refused()
+            if not isinstance(error, AccessDeniedError) or self._stopped:
                 continue
             self._refuse(error)
             if not self._lanes and self._listener is not None and not self._listener.closing:

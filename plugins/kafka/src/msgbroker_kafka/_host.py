@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-    from msgbroker.spi import BrokerSettings, DeadLetter, MsgBrokerError
+    from msgbroker.spi import AccessDeniedError, BrokerSettings, DeadLetter, MsgBrokerError
 
 __all__ = ["ConsumerHost", "Flushable"]
 
@@ -33,7 +33,14 @@ class ConsumerHost(Protocol):
     consumers: set[Flushable]
     """The running consumers of this transport (a consumer adds itself at start)."""
 
+    user: str | None
+    """The SASL user (None without SASL)."""
+
     def client_options(self) -> dict[str, Any]: ...
+
+    async def login_refused(self) -> AccessDeniedError | None:
+        """Whether the brokers refuse this connection's login now (checked with one connection)."""
+        ...
 
     def kafka_name(self, name: str) -> str:
         """The Kafka name of a msgbroker topic or group (``kafka.name_prefix``)."""

@@ -87,6 +87,8 @@ _PRODUCER_STATE_LOST = (
 producer is useless from then on (aiokafka#1017) and is replaced by a new one."""
 _TOPIC_AUTHORIZATION_FAILED = 29
 _ADMIN_TIMEOUT = 15.0
+_LOGIN_REFUSED_FOR = 20.0
+"""Seconds a login must be refused in a row, in session, before the transport gives up on it."""
 _TLS_PROTOCOLS = ("SSL", "SASL_SSL")
 _PREFIX = re.compile(r"[A-Za-z0-9_\-]{1,100}")
 
@@ -158,6 +160,9 @@ class KafkaTransport(Transport):
         good, every later call raises it."""
         self._login_check: asyncio.Future[AccessDeniedError | None] | None = None
         self._login_checked = 0.0
+        self._refused_since: float | None = None
+        """When the probes of :meth:`login_refused` began to be refused (monotonic), without an
+        accepted one since."""
         self._stopping_clients: asyncio.Task[None] | None = None
         self._producer_lock = asyncio.Lock()
         self.consumers: set[Flushable] = set()
@@ -321,8 +326,10 @@ class KafkaTransport(Transport):
         """In session: do the brokers refuse this connection's login now (its SASL credential
         deleted or changed while it ran)? aiokafka then retries its connections without end,
         each refusal only logged. One probe connection, at most every 2 s (concurrent callers
-        share it); a refusal is kept for good (:attr:`refused`), logged once, and stops the
-        transport's clients, whose reconnecting would go on. None without SASL or when accepted."""
+        share it). A login refused for :data:`_LOGIN_REFUSED_FOR` seconds in a row (not a moment
+        of a rotation, or of brokers coming back before their users) is kept for good
+        (:attr:`refused`), logged once, and stops the transport's clients, whose reconnecting
+        would go on. None without SASL, when accepted, or refused for a shorter time so far."""
         if self.refused is not None or not self.user:
             return self.refused
         check = self._login_check
@@ -332,7 +339,16 @@ class KafkaTransport(Transport):
                 self._login_refusal(self.client_options(), doing="reconnecting to")
             )
         refused = await asyncio.shield(check)
-        if refused is not None and self.refused is None:
+        if refused is None:
+            self._refused_since = None
+            return None
+        if self._refused_since is None:
+            self._refused_since = self._login_checked
+        log.debug("kafka: the login of user %r is refused (for %.1fs so far)", self.user,
+                  time.monotonic() - self._refused_since)
+        if time.monotonic() - self._refused_since < _LOGIN_REFUSED_FOR:
+            return None
+        if self.refused is None:
             self.refused = refused
             log.error("%s; this connection's clients stop (restart the service once the credentials are valid "
                       "again)", refused)
