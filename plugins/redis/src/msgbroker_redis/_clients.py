@@ -83,10 +83,6 @@ def _at(url: str, host: str, port: int) -> str:
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{address}" if userinfo else address))
 
 
-POOL_CONNECTIONS = 100
-"""Connections a broker's pooled client opens to one server at most; more concurrent calls wait."""
-
-
 class Connections:
     """The clients of one broker connection."""
 
@@ -121,15 +117,9 @@ class Connections:
                 "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), 2), "client_name": self._name, **self._tls}
 
     def plain(self, url: str, *, single: bool = False) -> aioredis.Redis:
-        """A client of one server: pooled, or one connection of its own (``single``). The pool
-        makes a burst of calls wait for a free connection (redis-py's default pool refuses the
-        101st concurrent call with "Too many connections")."""
+        """A client of one server: pooled, or one connection of its own (``single``)."""
         try:
-            if single:
-                return aioredis.Redis.from_url(url, single_connection_client=True, **self._kwargs())
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=POOL_CONNECTIONS, timeout=SOCKET_TIMEOUT, **self._kwargs())
-            return aioredis.Redis.from_pool(pool)
+            return aioredis.Redis.from_url(url, single_connection_client=single, **self._kwargs())
         except ValueError as exc:
             raise ConfigurationError(f"invalid redis url {redacted(url)!r}: {exc}") from exc
 
