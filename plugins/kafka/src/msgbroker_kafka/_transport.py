@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-u
 from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType  # type: ignore[import-untyped]
-from aiokafka.conn import create_conn  # type: ignore[import-untyped]
+from aiokafka.conn import AIOKafkaConnection  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker.spi import (
     DEAD_LETTER_GROUP,
@@ -375,14 +375,18 @@ class KafkaTransport(Transport):
             return None
         keys = ("client_id", "ssl_context", "security_protocol", "sasl_mechanism", "sasl_plain_username",
                 "sasl_plain_password")
+        # aiokafka's create_conn drops a connection whose login failed after the socket (and TLS)
+        # connected, unclosed (aio-libs/aiokafka#715): the probe makes and closes its own.
+        conn = AIOKafkaConnection(host.strip("[]"), int(port), request_timeout_ms=5000,
+                                  **{k: options[k] for k in keys if k in options})
         try:
             async with asyncio.timeout(5):
-                conn = await create_conn(host.strip("[]"), int(port), request_timeout_ms=5000,
-                                         **{k: options[k] for k in keys if k in options})
+                await conn.connect()
         except Exception as exc:
             return access_denied(exc, f"{doing} {self.settings.kafka.bootstrap_servers}", self.user,
                                  self.settings.kafka.sasl_mechanism)
-        conn.close()
+        finally:
+            conn.close()
         return None
 
     async def close(self) -> None:
