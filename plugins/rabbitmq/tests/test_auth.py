@@ -388,3 +388,55 @@ async def test_revoked_permissions_stop_a_subscription_and_lose_nothing(
                if r.levelno >= logging.ERROR and "rabbitmq" in r.getMessage() and "user 'tenant-a'" in r.getMessage()]
     assert reports, "the refusal was not logged naming the user"
     assert_no_secret(caplog.text, secret_of(url))
+
+
+async def test_a_password_changed_mid_stream_stops_the_subscription(caplog: pytest.LogCaptureFixture) -> None:
+    """A revoked credential: the user's password changed on the server and its connections
+    closed (rabbitmqctl change_password, close_all_user_connections). The members' reconnects are
+    refused: the subscription stops with AccessDeniedError naming the user (no reconnect loop),
+    and what it had not settled is delivered again to a member with the new password."""
+    url, prefix = tenant("A")
+    user, old, new = f"pw-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex, uuid.uuid4().hex
+    topic = f"pw-{uuid.uuid4().hex[:8]}"
+    settings: dict[str, Any] = {"rabbitmq": {"exchange_prefix": prefix, "claim_timeout": 2, "queue_expires": 120},
+                                "partition_count": 1, "shutdown_timeout": 2}
+    first: list[int] = []
+    gate = asyncio.Event()
+
+    async def hold_at_one(ctx: MessageContext[Item]) -> None:
+        first.append(ctx.message.n)
+        if ctx.message.n == 1:
+            await gate.wait()
+
+    caplog.set_level(logging.DEBUG)
+    await rabbitmqctl("add_user", user, old)
+    try:
+        await grant(user, rule(prefix), rule(prefix), rule(prefix))
+        async with msgbroker.connect(with_login(url, user, old), **settings) as broker:
+            await broker.publish_batch(topic, [Item(n=i) for i in range(4)])
+            sub = await broker.subscribe(topic, "g", hold_at_one)
+            await wait_for(lambda: 1 in first, "message 1 in its handler")
+            await rabbitmqctl("change_password", user, new)
+            await rabbitmqctl("close_all_user_connections", user, "password changed by test_auth")
+            gate.set()
+            await wait_for(lambda: sub.failure is not None, "the subscription to stop on the refused credentials")
+            assert isinstance(sub.failure, AccessDeniedError), sub.failure
+            text = str(sub.failure)
+            assert "rabbitmq" in text and "refused the credentials" in text and f"user '{user}'" in text, text
+            attempts = connection_attempts(caplog)
+            await asyncio.sleep(1.5)  # several reconnect rounds' worth: none may start
+            assert connection_attempts(caplog) == attempts, "a refused login is being retried"
+            await sub.abort()
+        again: list[int] = []
+
+        async def collect(ctx: MessageContext[Item]) -> None:
+            again.append(ctx.message.n)
+
+        async with msgbroker.connect(with_login(url, user, new), **settings) as broker:
+            await broker.subscribe(topic, "g", collect)
+            await wait_for(lambda: set(first) | set(again) == set(range(4)) and 1 in again,
+                           "every message unsettled at the change delivered again")
+            await broker.transport.delete_topic(topic, ["g"])
+    finally:
+        await rabbitmqctl("delete_user", user)
+    assert_no_secret(caplog.text, old, new)
