@@ -565,6 +565,17 @@ class BrokerMachine(RuleBasedStateMachine):
     def _live(self) -> list[Member]:
         return list(self.members.values())
 
+    def _ack_parked(self, arrival: Arrival) -> None:
+        """Ack a message the machine held; one whose handler the engine has cut off meanwhile
+        (its lane moved and the grace period ran out) is unsettled again, as in :meth:`settle`."""
+        try:
+            self._resolve(arrival, "ack")
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            event("handler cut off after the grace period")
+            self.model.release(arrival.message_id)
+            return
+        self.model.settle(arrival.message_id, "ack", dead=False)
+
     def _resolve(self, arrival: Arrival, kind: str, arg: float = 0.0) -> str:
         assert arrival.action is not None
         self.bridge.loop.call_soon_threadsafe(arrival.action.set_result, (kind, arg))
@@ -766,8 +777,7 @@ class BrokerMachine(RuleBasedStateMachine):
             self._collect(wait=False)
             for arrival in [a for a in self.inbox if a.member == member.name]:
                 self.inbox.remove(arrival)
-                self._resolve(arrival, "ack")
-                self.model.settle(arrival.message_id, "ack", dead=False)
+                self._ack_parked(arrival)
             if future.done():
                 future.result()
                 return
@@ -817,8 +827,7 @@ class BrokerMachine(RuleBasedStateMachine):
             self._collect(wait=False)
             for arrival in list(self.inbox):  # parked before auto was set
                 self.inbox.remove(arrival)
-                self._resolve(arrival, "ack")
-                self.model.settle(arrival.message_id, "ack", dead=False)
+                self._ack_parked(arrival)
             open_ = [e for e in self.model.entries.values() if e.state in (READY, INFLIGHT)]
             if not open_:
                 break
