@@ -516,7 +516,19 @@ class BrokerMachine(RuleBasedStateMachine):
                         f"failure(s), {entry.exposures} member(s) dead while it was unsettled, max_retry_attempts="
                         f"{self.model.max_attempts})", since=entry.since)
 
+    def _reap_cut_off(self, message_id: str) -> None:
+        """The parked handler of ``message_id`` whose lane moved was cut off by the engine (the
+        grace period ran out, or the lease was lost): unsettled again. The engine cancels that
+        handler before it closes the lane and releases the lease, so its end is visible here
+        before the next owner's delivery of the message arrives."""
+        for parked in [a for a in self.inbox if a.message_id == message_id]:
+            if parked.done.done() and isinstance(parked.done.exception(), asyncio.CancelledError):
+                event("handler cut off after the grace period")
+                self.inbox.remove(parked)
+                self.model.release(message_id)
+
     def _admit(self, arrival: Arrival) -> None:
+        self._reap_cut_off(arrival.message_id)
         try:
             self.model.deliver(arrival.message_id, arrival.member, arrival.attempt, arrival.at)
         except ModelViolation as exc:
