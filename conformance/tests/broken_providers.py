@@ -546,6 +546,30 @@ class ReplyCutTransport(Memory):  # type: ignore[valid-type,misc]
         await super().send_reply(address, request_id, headers, body[:16])  # the bug
 
 
+class ScheduleIgnoredTransport(Memory):  # type: ignore[valid-type,misc]
+    """Publishes a scheduled message at once (its time ignored)."""
+
+    NAME: ClassVar[str] = "broken-schedule-early"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-schedule-early",)
+
+    async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
+        await self.publish([record], None)  # the bug
+
+
+class CancelKeepsTransport(Memory):  # type: ignore[valid-type,misc]
+    """``cancel_scheduled`` answers True and leaves the message scheduled."""
+
+    NAME: ClassVar[str] = "broken-schedule-cancel"
+    SCHEMES: ClassVar[tuple[str, ...]] = ("broken-schedule-cancel",)
+
+    cancelled: ClassVar[set[tuple[str, str]]] = set()
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        waiting = (topic, message_id) in self.server.scheduled and (topic, message_id) not in self.cancelled
+        self.cancelled.add((topic, message_id))  # the bug: it stays scheduled
+        return waiting
+
+
 BROKEN_TRANSPORTS: list[type[Transport]] = [
     ReorderingTransport, LosingTransport, DuplicatingTransport, LyingPendingTransport,
     DelayLostOnHandOverTransport, DelayIgnoredByBrokerTransport, AttemptNotPersistedTransport,
@@ -554,7 +578,7 @@ BROKEN_TRANSPORTS: list[type[Transport]] = [
     PendingOfNewGroupTransport, PendingAcrossGroupsTransport, DedupMissesBatchTwinsTransport,
     DedupShortWindowTransport, FencedMemberSettlesTransport, LateHandOverTransport, RareReorderTransport,
     RareLossTransport, ReplayRemovesByIdTransport, DescribeShiftedTransport, DescribeGhostOwnerTransport,
-    ReplyCutTransport,
+    ReplyCutTransport, ScheduleIgnoredTransport, CancelKeepsTransport,
 ]
 
 

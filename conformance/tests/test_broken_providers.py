@@ -59,6 +59,7 @@ ENVELOPE = "test_the_envelope_survives_retries_and_a_hand_over"
 LETTERS = "test_dead_letters_are_listed_oldest_first_with_their_keys"
 PENDING = "test_pending_count_is_per_group_and_counts_before_the_first_subscribe"
 DEDUP = "test_dedup_drops_a_repeat_inside_the_window_only"
+SCHEDULED = "test_a_scheduled_message_waits_without_blocking_its_partition_then_takes_its_place"
 
 BROKEN: dict[str, list[tuple[str, str]]] = {
     # scheme: [(the case that must fail it, what its failure must say)]
@@ -90,6 +91,8 @@ BROKEN: dict[str, list[tuple[str, str]]] = {
     "broken-describe-shifted": [("test_describe_matches_the_model", "pending per partition")],
     "broken-describe-ghost": [("test_describe_matches_the_model", "are not all live members")],
     "broken-reply-cut": [("test_a_request_is_answered_by_what_its_handler_returns", "cannot decode the reply")],
+    "broken-schedule-early": [(SCHEDULED, "before its time")],
+    "broken-schedule-cancel": [("test_a_cancelled_scheduled_message_is_never_delivered", "was delivered")],
 }
 """Every broken provider, with the case that catches it: the list covers every item of issue
 #21 and every rule a broken provider of this module breaks."""

@@ -60,6 +60,9 @@ RULES: dict[str, str] = {
     "12": "Rule 12, buffered acks: flushed on close; after a crash at most duplicates",
     "13": "Rule 13, request and reply: a request is a message of its partition; its handler's returned message "
           "answers it, a dead letter answers with its error, no answer is a timeout naming the topic",
+    "14": "Rule 14, scheduled messages: not before its time, within the declared precision after, blocking "
+          "nothing meanwhile, then in its partition's order with its id and key; cancel_scheduled; kept by the "
+          "broker through restarts",
     "names": "Names: topic, group and header rules, invalid ones raise naming the value",
     "api": "The API of README and docs/semantics.md (publish returns ids, health, capabilities, the envelope)",
 }

@@ -20,6 +20,7 @@ from msgbroker import Message, MessageContext, OutgoingRecord, partition_for, wi
 from ._cases import case, requires, requires_hook
 from ._harness import ConformanceHarness, merge_settings
 from ._request_cases import RequestReplyCases
+from ._schedule_cases import ScheduleCases
 from ._support import (
     DEFAULT_SETTINGS,
     ConformanceFailure,
@@ -64,7 +65,7 @@ def _missing(expected: set[str], got: set[str]) -> str:
     return f"{len(lost)} of {len(expected)} message(s) not handled, e.g. {lost[:3]}"
 
 
-class ConformanceSuite(RequestReplyCases):
+class ConformanceSuite(RequestReplyCases, ScheduleCases):
     """The msgbroker contract (docs/semantics.md) as pytest tests.
 
     Activate it in your provider's tests by subclassing with a harness::

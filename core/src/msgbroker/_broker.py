@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Generator, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any, Self, TypeVar, overload
 from urllib.parse import urlsplit
 
@@ -21,11 +24,36 @@ from ._requests import Requests, await_reply
 from ._settings import BrokerSettings
 from .wire import REPLY_TO_HEADER, user_headers
 
-__all__ = ["Broker", "Consumer", "Producer", "Subscription", "connect"]
+__all__ = ["Broker", "Consumer", "Producer", "Subscription", "connect", "due_time"]
 
 log = logging.getLogger("msgbroker")
 
 R = TypeVar("R", bound=Message)
+
+
+def due_time(deliver_at: datetime | None, delay: float | timedelta | None) -> float | None:
+    """When a publish with ``deliver_at`` or ``delay`` is due (epoch seconds), or None for an
+    ordinary publish. ``deliver_at`` is a timezone-aware datetime; ``delay`` seconds (a number
+    or a timedelta), not negative. Both at once, a naive datetime, a negative or non-finite
+    delay raise :class:`ConfigurationError` naming the values (docs/semantics.md, rule 14)."""
+    if deliver_at is not None and delay is not None:
+        raise ConfigurationError(f"publish takes deliver_at or delay, not both: deliver_at={deliver_at!r}, "
+                                 f"delay={delay!r}")
+    if deliver_at is not None:
+        if not isinstance(deliver_at, datetime):
+            raise ConfigurationError(f"deliver_at must be a timezone-aware datetime, got {deliver_at!r}")
+        if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
+            raise ConfigurationError(f"deliver_at={deliver_at!r} has no timezone: give an aware datetime "
+                                     "(datetime.now(UTC) + timedelta(...))")
+        return deliver_at.timestamp()
+    if delay is not None:
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds) \
+                or seconds < 0:
+            raise ConfigurationError(f"delay={delay!r} must be a finite number of seconds (or a timedelta), "
+                                     "not negative")
+        return time.time() + float(seconds)
+    return None
 
 
 class Subscription:
@@ -106,13 +134,46 @@ class Producer:
         self._broker.capabilities.require("deduplication")
         return settings.deduplication_window.total_seconds()
 
-    async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
-        """Publish one message; returns its message id once the broker confirmed it."""
+    async def publish(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        headers: Mapping[str, str] | None = None,
+        deliver_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+    ) -> str:
+        """Publish one message; returns its message id once the broker confirmed it. With
+        ``deliver_at`` or ``delay`` the message is scheduled (docs/semantics.md, rule 14)."""
+        due = due_time(deliver_at, delay)
+        if due is not None:
+            return await self.schedule(topic, message, due, headers)
         record = self._record(validate_name("topic", topic), message, headers)
         if self.observed:
             await self.send(topic, [record], self._dedup_window())
         else:
             await self._broker.live_transport().publish([record], self._dedup_window())
+        return record.message_id
+
+    async def schedule(
+        self, topic: str, message: Message, due: float, headers: Mapping[str, str] | None = None
+    ) -> str:
+        """Publish ``message`` to be appended to its partition at ``due`` (epoch seconds); a time
+        already past publishes it at once. Needs the ``scheduling`` capability either way."""
+        self._broker.capabilities.require("scheduling")
+        record = self._record(validate_name("topic", topic), message, headers)
+        if due <= time.time():
+            await self.send(topic, [record], self._dedup_window())
+            return record.message_id
+        transport = self._broker.live_transport()
+        if not self.observed:
+            await transport.schedule(record, due)
+            return record.message_id
+        event = PublishEvent(self._broker.provider, topic, [record], False)
+        with contextlib.ExitStack() as observers:
+            for observer in registry.plugins.hook.msgbroker_publish(event=event):
+                observers.enter_context(observer)
+            await transport.schedule(record, due)
         return record.message_id
 
     async def publish_batch(
@@ -307,9 +368,36 @@ class Broker:
 
     # -- the API (README.md, docs/semantics.md) ---------------------------------------------------
 
-    async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
-        """Publish one message; returns its message id once the broker confirmed it."""
-        return await self.producer.publish(topic, message, headers=headers)
+    async def publish(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        headers: Mapping[str, str] | None = None,
+        deliver_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+    ) -> str:
+        """Publish one message; returns its message id once the broker confirmed it.
+
+        ``deliver_at`` (a timezone-aware datetime) or ``delay`` (seconds or a timedelta; not
+        both) schedules it: the broker keeps it and appends it to its partition — same message
+        id and key — when it is due, never before, within the provider's declared
+        ``capabilities.schedule_precision`` after; it blocks nothing meanwhile and survives
+        restarts. A time already past publishes at once. :meth:`cancel_scheduled` withdraws
+        it. Raises :class:`CapabilityNotSupported` (with the reason) on a provider that cannot
+        schedule. docs/semantics.md, rule 14."""
+        return await self.producer.publish(topic, message, headers=headers, deliver_at=deliver_at, delay=delay)
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        """Withdraw a message scheduled on ``topic``: True when it was waiting and now never will
+        be delivered; False when nothing of that id waits there (never scheduled, cancelled
+        already, or due and appended already — it is then an ordinary message of its partition)."""
+        transport = self.live_transport()
+        self.capabilities.require("scheduling")
+        validate_name("topic", topic)
+        if not isinstance(message_id, str) or not message_id:
+            raise ConfigurationError(f"cancel_scheduled takes a message id as text, got {message_id!r}")
+        return await transport.cancel_scheduled(topic, message_id)
 
     async def publish_batch(
         self, topic: str, messages: Sequence[Message], *, headers: Mapping[str, str] | None = None

@@ -71,6 +71,18 @@ class _GroupLane:
 
 
 @dataclass(slots=True)
+class _Scheduled:
+    """A record waiting for its time (``Transport.schedule``)."""
+
+    due: float
+    """Epoch seconds."""
+    seq: int
+    """Order of scheduling: records due at the same time are appended in it."""
+    record: OutgoingRecord
+    partitions: int
+
+
+@dataclass(slots=True)
 class _Lease:
     member: str
     token: str
@@ -94,6 +106,9 @@ class _MemoryServer:
         until it moves (renewing only extends a lease and moves nothing)."""
         self.inboxes: dict[str, tuple[asyncio.AbstractEventLoop, ReplySink]] = {}
         """Reply inboxes (``open_replies``): address → the requester's loop and sink."""
+        self.scheduled: dict[tuple[str, str], _Scheduled] = {}
+        """Scheduled records by (topic, message id), appended by :meth:`move_due` when due."""
+        self._scheduled_seq = 0
         self._changed: asyncio.Event | None = None
         self._changed_loop: asyncio.AbstractEventLoop | None = None
 
@@ -141,6 +156,26 @@ class _MemoryServer:
 
     def append(self, record: OutgoingRecord, partitions: int) -> None:
         self.append_all([record], partitions, None)
+
+    def schedule(self, record: OutgoingRecord, partitions: int, due: float) -> None:
+        """Keep ``record`` until ``due`` (epoch seconds); an id waiting on the topic is replaced."""
+        self.log_of(record.topic, partitions)  # a partition count that does not match fails now
+        self._scheduled_seq += 1
+        self.scheduled[(record.topic, record.message_id)] = _Scheduled(due, self._scheduled_seq, record, partitions)
+
+    def move_due(self) -> float | None:
+        """Append every scheduled record whose time has come (earliest first) and wake the
+        consumers; return when the next one is due (epoch seconds), or None when none waits."""
+        if not self.scheduled:
+            return None
+        now = time.time()
+        due = sorted((s.due, s.seq, k) for k, s in self.scheduled.items() if s.due <= now)
+        for _, _, k in due:
+            waiting = self.scheduled.pop(k)
+            self.append(waiting.record, waiting.partitions)
+        if due:
+            self.notify()
+        return min((s.due for s in self.scheduled.values()), default=None)
 
     def append_all(self, records: Sequence[OutgoingRecord], partitions: int, dedup_window: float | None) -> None:
         """Append in order; with ``dedup_window`` (seconds) drop ids published within it."""
@@ -215,6 +250,8 @@ class MemoryTransport(Transport):
         persistent=False,
         deduplication="store",
         request_reply=True,
+        scheduling="store",
+        schedule_precision=0.1,
         reasons={"persistent": "state lives in the process", "server_restart": "there is no server"},
     )
     ASSIGNMENT = "leases"
@@ -279,15 +316,30 @@ class MemoryTransport(Transport):
 
     async def publish(self, records: Sequence[OutgoingRecord], dedup_window: float | None) -> None:
         server = self.server
+        server.move_due()  # a due scheduled message goes first: it was published earlier
         server.append_all(records, self._partitions, dedup_window)
         server.notify()
         await asyncio.sleep(0)  # like a network round trip, let consumers run
+
+    async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
+        """Kept in the broker's memory; appended by the first poll, publish or count after its
+        time (a polling member wakes for it: precision about a millisecond)."""
+        server = self.server
+        server.schedule(record, self._partitions, deliver_at)
+        server.notify()  # pollers wake to shorten their wait to the new time
+        await asyncio.sleep(0)
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        server = self.server
+        server.move_due()  # one due already is appended, not cancelled
+        return server.scheduled.pop((topic, message_id), None) is not None
 
     def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
         return _MemoryConsumer(self, topic, group, member_id)
 
     async def pending_count(self, topic: str, group: str) -> int:
         server = self.server
+        server.move_due()
         log_ = server.logs.get(topic)
         if log_ is None:
             return 0
@@ -315,6 +367,7 @@ class MemoryTransport(Transport):
 
     async def pending_by_partition(self, topic: str, group: str) -> dict[int, int]:
         server = self.server
+        server.move_due()
         log_ = server.logs.get(topic)
         if log_ is None:
             return {}
@@ -488,6 +541,7 @@ class _MemoryConsumer(LaneConsumer):
                 return []
             server = self._transport.server
             changed = server.changed
+            next_due = server.move_due()
             logs = server.log_of(self._topic, self._transport._partitions)
             lanes = self._lanes()
             out: list[Delivery] = []
@@ -519,13 +573,15 @@ class _MemoryConsumer(LaneConsumer):
             remaining = deadline - time.monotonic()
             if out or remaining <= 0 or wake.is_set():
                 return out
+            if next_due is not None:  # wake when the next scheduled message is due
+                remaining = min(remaining, max(0.001, next_due - time.time()))
             waiters = [asyncio.ensure_future(changed.wait()), asyncio.ensure_future(wake.wait())]
             try:
                 done, _ = await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             finally:  # also when the poll itself is cancelled (a closing consumer)
                 for waiter in waiters:
                     waiter.cancel()
-            if not done or wake.is_set():
+            if wake.is_set() or (not done and next_due is None):
                 return []
 
     async def ack(self, delivery: Delivery) -> None:

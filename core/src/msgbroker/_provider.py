@@ -82,6 +82,13 @@ class Capabilities:
     request_reply: bool = False
     """``Broker.request`` works: the provider implements ``Transport.open_replies`` and
     ``Transport.send_reply``."""
+    scheduling: Literal["none", "native", "store"] = "none"
+    """How ``publish(deliver_at=..., delay=...)`` is kept: by the broker's own message schedules
+    (``native``), by a store of the provider's own on the server (``store``), or not (``none``:
+    scheduling raises :class:`CapabilityNotSupported` with the reason). docs/semantics.md, rule 14."""
+    schedule_precision: float = 1.0
+    """Seconds after its time by which a due scheduled message is appended to its partition
+    (never before its time). Meaningful only when ``scheduling`` is not ``none``."""
     reasons: Mapping[str, str] = field(default_factory=dict)
     """Why a capability is missing, keyed by its name."""
 
@@ -366,6 +373,26 @@ class Transport(ABC):
         broker). At most once: a reply to an inbox that is gone is dropped without an error."""
         raise CapabilityNotSupported(f"capability 'request_reply' is not supported: "
                                      f"{self.CAPABILITIES.reasons.get('request_reply', 'not declared')}")
+
+    # -- scheduled messages (capability ``scheduling``; docs/semantics.md, rule 14) ---------------
+
+    async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
+        """Keep ``record`` durably (confirmed by the server when this returns) and append it to
+        its partition — with its message id, key and headers, as :meth:`publish` would — once
+        the clock passes ``deliver_at`` (epoch seconds), never before, and within the declared
+        ``schedule_precision`` after when a member of the topic (or the broker) is running. A
+        waiting record blocks nothing (its partition goes on). A record whose message id is
+        already waiting on its topic replaces it. The move survives restarts of the server and of
+        every client; a crash in the middle may append it twice (a duplicate, never a loss)."""
+        raise CapabilityNotSupported(f"capability 'scheduling' is not supported: "
+                                     f"{self.CAPABILITIES.reasons.get('scheduling', 'not declared')}")
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        """Withdraw the record :meth:`schedule` keeps for ``message_id`` on ``topic``: True when
+        it was waiting and will never be appended, False when there is none (never scheduled,
+        cancelled already, or appended already — then it is an ordinary message)."""
+        raise CapabilityNotSupported(f"capability 'scheduling' is not supported: "
+                                     f"{self.CAPABILITIES.reasons.get('scheduling', 'not declared')}")
 
 
 # -- the read model's default (Transport.describe; the views are in _describe.py) -----------

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Generic, Self, TypeVar
 
 from ._asyncapi import document
@@ -63,10 +64,19 @@ class Publisher(Generic[M]):
     message_type: type[M]
     description: str | None = None
 
-    async def publish(self, message: M, *, headers: Mapping[str, str] | None = None) -> str:
-        """Publish on the running service's broker; returns the message id once confirmed."""
+    async def publish(
+        self,
+        message: M,
+        *,
+        headers: Mapping[str, str] | None = None,
+        deliver_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+    ) -> str:
+        """Publish on the running service's broker; returns the message id once confirmed
+        (``deliver_at`` or ``delay`` schedules it: ``Broker.publish``)."""
         self._check(message)
-        return await self.service.broker.publish(self.topic, message, headers=headers)
+        return await self.service.broker.publish(self.topic, message, headers=headers, deliver_at=deliver_at,
+                                                 delay=delay)
 
     async def publish_batch(self, messages: Sequence[M], *, headers: Mapping[str, str] | None = None) -> list[str]:
         """Publish many in one round trip where the broker allows; returns their ids."""
@@ -275,9 +285,22 @@ class Service:
         finally:
             await self.stop()
 
-    async def publish(self, topic: str, message: Message, *, headers: Mapping[str, str] | None = None) -> str:
-        """Publish on the running service's broker; returns the message id once confirmed."""
-        return await self.broker.publish(topic, message, headers=headers)
+    async def publish(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        headers: Mapping[str, str] | None = None,
+        deliver_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+    ) -> str:
+        """Publish on the running service's broker; returns the message id once confirmed
+        (``deliver_at`` or ``delay`` schedules it: ``Broker.publish``, docs/semantics.md rule 14)."""
+        return await self.broker.publish(topic, message, headers=headers, deliver_at=deliver_at, delay=delay)
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        """``Broker.cancel_scheduled`` on the running service's broker."""
+        return await self.broker.cancel_scheduled(topic, message_id)
 
     async def request(
         self,

@@ -165,6 +165,8 @@ class SqliteTransport(Transport):
             "server_restart": "there is no server process: the broker is a file",
             "request_reply": "the example keeps to the contract's core: a reply channel between processes "
                              "over one SQLite file would have to be polled (see docs/writing-a-provider.md)",
+            "scheduling": "the example keeps to the contract's core: moving due messages needs a mover that some "
+                          "process of the file runs under a lease (see the Redis provider's, docs/providers/redis.md)",
         },
     )
     SETTINGS = SqliteSettings
