@@ -6,8 +6,9 @@ inbox no effect applied twice.
   they move a backlog;
 * a service under ``msgbroker run`` (outbox_service.py: writer, relay and inbox consumer in one
   process) killed with SIGKILL while committed messages wait to be relayed, started again; then
-  PostgreSQL restarted (``scripts/brokers restart postgres``), then the broker restarted — a
-  redis-server of the test's own, so that no other test's server goes away.
+  PostgreSQL restarted (``scripts/brokers restart postgres``), then the broker restarted — for
+  Redis and NATS a server of the test's own, so that no other test's server goes away; RabbitMQ
+  and Kafka the shared one (``scripts/brokers restart``), as the fault suite does.
 
 The figures go to .brokers/fault-results.jsonl like the fault suite's (``python -m
 tests.faults.report``)."""
@@ -130,6 +131,29 @@ class PrivateServer:
             self.proc.wait(20)
         self.proc = None
 
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+class SharedServer:
+    """The server of ``scripts/brokers up`` (RabbitMQ, Kafka: a JVM or an Erlang node of the
+    test's own would take the two cores' memory and a minute to start), restarted with
+    ``scripts/brokers restart``, as the fault suite does; the test's names are its own."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.url = kind, provider_url(kind)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def restart(self) -> None:
+        _brokers("restart", self.kind)
+        _brokers("wait", self.kind)
+
 
 @pytest.fixture
 async def pg(prefix: str, postgres_url: str) -> AsyncIterator[AsyncEngine]:
@@ -221,10 +245,11 @@ async def test_a_relay_killed_mid_batch_loses_nothing_and_keeps_each_keys_order(
     assert not verdict.unexpected
 
 
-@pytest.mark.parametrize("provider", [pytest.param(n, id=n) for n in ("redis", "nats") if installed(n)])
+@pytest.mark.parametrize("provider", [pytest.param(n, id=n) for n in PROVIDERS if installed(n)])
 async def test_service_killed_between_commit_and_publish_then_postgres_and_broker_restarts(
         provider: str, pg: AsyncEngine, prefix: str, tmp_path: Path, postgres_url: str) -> None:
-    server = PrivateServer(provider, tmp_path / provider)
+    server: PrivateServer | SharedServer = (
+        PrivateServer(provider, tmp_path / provider) if provider in ("redis", "nats") else SharedServer(provider))
     server.start()
     try:
         await service_scenario(provider, server, pg, prefix, tmp_path, postgres_url)
@@ -232,16 +257,17 @@ async def test_service_killed_between_commit_and_publish_then_postgres_and_broke
         server.stop()
 
 
-async def service_scenario(provider: str, server: PrivateServer, pg: AsyncEngine, prefix: str, tmp_path: Path,
-                           postgres_url: str) -> None:
+async def service_scenario(provider: str, server: PrivateServer | SharedServer, pg: AsyncEngine, prefix: str,
+                           tmp_path: Path, postgres_url: str) -> None:
     keys, per_key = 8, 30
     total = keys * per_key
     record = tmp_path / "handled.jsonl"
     env = child_env(
-        OUTBOX_TEST_DATABASE=postgres_url, OUTBOX_TEST_PREFIX=prefix, OUTBOX_TEST_TOPIC="holds",
+        OUTBOX_TEST_DATABASE=postgres_url, OUTBOX_TEST_PREFIX=prefix, OUTBOX_TEST_TOPIC=f"holds-{prefix}",
         OUTBOX_TEST_RECORD=str(record), OUTBOX_TEST_KEYS=str(keys), OUTBOX_TEST_PER_KEY=str(per_key),
         MSGBROKER_PARTITION_COUNT="16", MSGBROKER_RETRY_DELAY="0.1", MSGBROKER_MAX_RETRY_ATTEMPTS="300",
-        MSGBROKER_REDIS__CLAIM_TIMEOUT="2", MSGBROKER_NATS__ACK_WAIT="1")
+        MSGBROKER_REDIS__CLAIM_TIMEOUT="2", MSGBROKER_NATS__ACK_WAIT="1",
+        MSGBROKER_KAFKA__SESSION_TIMEOUT="6", MSGBROKER_KAFKA__HEARTBEAT_INTERVAL="1")
     log_path = tmp_path / "service.log"
 
     def service() -> subprocess.Popen[bytes]:
@@ -285,9 +311,8 @@ async def service_scenario(provider: str, server: PrivateServer, pg: AsyncEngine
         await eventually(lambda: _at_least(holds, 3 * total // 4), timeout=60,
                          what="three quarters written after the PostgreSQL restart")
         phase(f"restart of {provider}")
-        server.stop()
-        server.start()
-        await eventually(lambda: _at_least(holds, total), timeout=60, what="every hold written")
+        server.restart()
+        await eventually(lambda: _at_least(holds, total), timeout=90, what="every hold written")
         async with pg.connect() as conn:
             rows = (await conn.execute(text(f'SELECT key, seq, message_id FROM "{prefix}_holds" ORDER BY key, seq'))
                     ).all()
