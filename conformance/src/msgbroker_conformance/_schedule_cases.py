@@ -13,7 +13,7 @@ from typing import ClassVar
 import msgbroker
 from msgbroker import MessageContext, partition_for
 
-from ._cases import case, requires
+from ._cases import case, requires, requires_hook
 from ._harness import ConformanceHarness
 from ._support import ConformanceFailure, ConformanceMessage, Recorder, Scenario, Seen
 
@@ -141,6 +141,34 @@ class ScheduleCases:
                                    f"publisher closed and the earlier member crashed: handled {rec.trace()}",
                            timeout=s.failover_timeout() + _late_bound(s, due))
         assert [x.member for x in rec.seen] == ["restarted"], f"handled by {[x.member for x in rec.seen]}"
+
+    @requires("scheduling", "server_restart", "persistent")
+    @requires_hook("restart_server")
+    @case("resilience", timeout=240.0, rules=("14",))
+    async def test_a_scheduled_message_survives_a_restart_of_the_server(self, s: Scenario) -> None:
+        """Two messages scheduled a few seconds ahead, one cancelled; the server restarts while
+        they wait: the other is handled after its time, the cancelled one never."""
+        broker = await s.connect(partition_count=4)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        kept = ConformanceMessage(key="restart", seq=0, text="kept")
+        cancelled = ConformanceMessage(key="restart", seq=1, text="cancelled")
+        due = time.time() + 4.0
+        for message in (kept, cancelled):
+            await broker.publish(topic, message, deliver_at=datetime.fromtimestamp(due, UTC))
+        assert await broker.cancel_scheduled(topic, str(cancelled.message_id)) is True
+        restart = getattr(s.harness, "restart_server")  # noqa: B009 - an optional hook
+        await restart()
+        await s.eventually(lambda: str(kept.message_id) in rec.acked_ids(),
+                           lambda: f"the scheduled message to be handled after the server restarted: {rec.trace()}",
+                           timeout=60 + _late_bound(s, due))
+        early = [x for x in rec.of(str(kept.message_id)) if x.at < due - EPSILON]
+        if early:
+            raise ConformanceFailure(f"the scheduled message was handled {due - early[0].at:.2f}s before its time")
+        await asyncio.sleep(s.capabilities.schedule_precision + s.timeout(1.0))
+        if rec.of(str(cancelled.message_id)):
+            raise ConformanceFailure("a scheduled message cancelled before the server restarted was delivered")
 
     @case("core", rules=("14", "api"))
     async def test_scheduling_arguments_and_the_capability_declaration(self, s: Scenario) -> None:

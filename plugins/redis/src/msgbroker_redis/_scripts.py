@@ -11,10 +11,12 @@ __all__ = [
     "ACK",
     "ACQUIRE",
     "ACQUIRE_MANY",
+    "CANCEL_SCHEDULED",
     "CREATE_GROUPS",
     "DEAD_LETTER",
     "DESCRIBE",
     "HEARTBEAT",
+    "MOVE_DUE",
     "PEEK",
     "PENDING",
     "PUBLISH",
@@ -22,6 +24,7 @@ __all__ = [
     "RELEASE",
     "RENEW",
     "RETRY",
+    "SCHEDULE",
     "TOPIC_META",
     "UNREAD",
 ]
@@ -541,4 +544,78 @@ RELEASE = r"""
 -- KEYS[1] lease; ARGV[1] token. Compare and delete.
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# -- scheduled messages (semantics rule 14; docs/providers/redis.md, "Scheduled messages") -----
+# <base>:sched is a sorted set (message id, score = due time in ms on the epoch), <base>:sched:rec
+# a hash (message id -> the record packed as PUBLISH takes it), <base>:sched:mover the mover's
+# lease (<holder>, PX). Every call is one script, so a record is appended exactly when it leaves
+# the set, and a cancel either finds it waiting or finds it moved.
+
+SCHEDULE = r"""
+-- KEYS[1] the topic's meta hash (routes the call); ARGV: key base, due ms, message id, the record
+-- packed as for PUBLISH. A message id waiting already is replaced. Returns 1.
+local base = ARGV[1]
+redis.call('ZADD', base .. ':sched', ARGV[2], ARGV[3])
+redis.call('HSET', base .. ':sched:rec', ARGV[3], ARGV[4])
+return 1
+"""
+
+CANCEL_SCHEDULED = r"""
+-- KEYS[1] meta (routing); ARGV: key base, message id. Returns 1 when it was waiting (now gone).
+local base = ARGV[1]
+local removed = redis.call('ZREM', base .. ':sched', ARGV[2])
+if removed == 1 then redis.call('HDEL', base .. ':sched:rec', ARGV[2]) end
+return removed
+"""
+
+MOVE_DUE = _PRELUDE + r"""
+-- KEYS[1] meta (routing); ARGV: key base, maxlen, slack, the most records to move, holder, lease
+-- ms. Only the holder of <base>:sched:mover moves (taken when free, extended by each call): the
+-- others answer {-1, -1} and look again later. Due = score <= the server's clock. Each due record
+-- is appended to its lane as PUBLISH appends it and leaves the set and the hash in the same run.
+-- Returns {records moved, ms until the next one is due (-1: none waits)}.
+local base = ARGV[1]
+local maxlen, slack, limit = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease = base .. ':sched:mover'
+local current = redis.call('GET', lease)
+if current and current ~= ARGV[5] then return {-1, -1} end
+redis.call('SET', lease, ARGV[5], 'PX', ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local zkey, hkey = base .. ':sched', base .. ':sched:rec'
+local due = redis.call('ZRANGE', zkey, '-inf', string.format('%.0f', now), 'BYSCORE', 'LIMIT', 0, limit)
+local touched = {}
+for _, mid in ipairs(due) do
+  local data = redis.call('HGET', hkey, mid)
+  if data then
+    local pos = 5
+    local partition = struct.unpack('>I4', data, 1)
+    local parts = {}
+    for i = 1, 4 do
+      local n = struct.unpack('>I4', data, pos)
+      parts[i] = string.sub(data, pos + 4, pos + 3 + n)
+      pos = pos + 4 + n
+    end
+    local stream = base .. ':' .. partition
+    if parts[3] == '' then
+      redis.call('XADD', stream, '*', 'i', parts[1], 'k', parts[2], 'b', parts[4])
+    else
+      redis.call('XADD', stream, '*', 'i', parts[1], 'k', parts[2], 'h', parts[3], 'b', parts[4])
+    end
+    touched[stream] = partition
+  end
+  redis.call('ZREM', zkey, mid)
+  redis.call('HDEL', hkey, mid)
+end
+local lanes = {}
+for stream, partition in pairs(touched) do
+  trim(stream, maxlen, slack)
+  lanes[#lanes + 1] = partition
+end
+if #lanes > 0 then notify(base, table.concat(lanes, ',')) end
+local nxt = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
+local wait = -1
+if #nxt > 0 then wait = math.max(0, tonumber(nxt[2]) - now) end
+return {#due, wait}
 """

@@ -69,6 +69,7 @@ from . import _scripts
 from ._clients import Client, Connections, Reader
 from ._errors import REDIS_ERRORS, redacted, translate, user_of
 from ._replies import ReplyInbox, send_reply
+from ._schedule import Movers
 from ._settings import RedisSettings
 
 if TYPE_CHECKING:
@@ -273,6 +274,8 @@ class RedisTransport(Transport):
         server_restart=True,
         max_message_bytes=16 * 1024 * 1024,
         request_reply=True,
+        scheduling="store",
+        schedule_precision=0.5,
     )
     ASSIGNMENT = "leases"
     REDELIVERY = "local"
@@ -300,6 +303,7 @@ class RedisTransport(Transport):
         self.wait_replicas: int = config.wait_replicas
         self.wait_timeout: float = config.wait_timeout.total_seconds()
         self._inbox: ReplyInbox | None = None
+        self._movers = Movers(self)
 
     @classmethod
     def settings_from_url(cls, url: str) -> dict[str, Any]:
@@ -364,6 +368,8 @@ class RedisTransport(Transport):
     async def close(self) -> None:
         consumers = list(self._consumers)
         await asyncio.gather(*(c.stop(flush=True) for c in consumers), return_exceptions=True)
+        if self._connections is not None:
+            await self._movers.stop(release=True)
         inbox, self._inbox = self._inbox, None
         if inbox is not None and self._connections is not None:
             await inbox.close()
@@ -374,6 +380,7 @@ class RedisTransport(Transport):
     async def abort(self) -> None:
         consumers = list(self._consumers)
         await asyncio.gather(*(c.stop(flush=False) for c in consumers), return_exceptions=True)
+        await self._movers.stop(release=False)
         inbox, self._inbox = self._inbox, None
         if inbox is not None and self._connections is not None:
             await inbox.close()
@@ -550,6 +557,43 @@ class RedisTransport(Transport):
             await self.redis.script_load(script.script)
             todo = missing
         return results
+
+    # -- scheduled messages (_schedule.py) ------------------------------------------------------------
+
+    async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
+        """The record waits in ``<base>:sched`` / ``<base>:sched:rec`` (one script), and this
+        connection runs a mover for its topic from now on."""
+        topic = record.topic
+        await self.check_topic(topic)
+        keys = self.keys(topic)
+        packed = _pack_records([record])
+        due_ms = max(0, int(deliver_at * 1000 + 0.999))  # never before: round up to the ms
+        call: tuple[list[str], list[Any]] = ([keys.meta], [keys.base, due_ms, record.message_id, packed])
+        doing = f"scheduling message {record.message_id} on {topic!r}"
+        if self.wait_replicas:
+            [result], confirmed = await self.call_replicated("SCHEDULE", [call], doing)
+            if isinstance(result, Exception):
+                raise self._publish_error(result, 1, 1) from result
+            if confirmed < self.wait_replicas:
+                raise PublishIndeterminateError(
+                    f"redis: scheduled message {record.message_id} written on the primary, but {confirmed} of "
+                    f"{self.wait_replicas} replica(s) confirmed it within {self.wait_timeout:g}s (redis.wait_replicas)")
+        else:
+            try:
+                await self.script("SCHEDULE")(keys=call[0], args=call[1], client=self.redis)
+            except REDIS_ERRORS as exc:
+                raise self._publish_error(exc, 1, 1) from exc
+        self._movers.ensure(topic)
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        keys = self.keys(topic)
+        removed = await self.call("CANCEL_SCHEDULED", [keys.meta], [keys.base, message_id],
+                                  f"cancelling scheduled message {message_id} on {topic!r}")
+        return bool(removed)
+
+    def run_mover(self, topic: str) -> None:
+        """Move ``topic``'s due scheduled messages from this connection (when it holds the lease)."""
+        self._movers.ensure(topic)
 
     # -- consuming -----------------------------------------------------------------------------
 
@@ -772,6 +816,7 @@ class RedisLaneConsumer(LaneConsumer):
 
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         await self._transport.create_groups(self._topic, self._group)
+        self._transport.run_mover(self._topic)  # due scheduled messages move while a member runs
         reader = self._reader = Reader(self._transport.connections, self._keys.meta)
         await reader.open()
 
