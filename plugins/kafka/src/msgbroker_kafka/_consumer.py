@@ -517,6 +517,7 @@ class KafkaLaneConsumer(LaneConsumer):
         self._ordered = bool(listener.ordered)
         try:
             await consumer.start()
+            await self._topic_visible(consumer)
             consumer.subscribe([self.kafka_topic], listener=_RebalanceListener(self))
         except Exception as exc:
             with contextlib.suppress(Exception):
@@ -533,6 +534,23 @@ class KafkaLaneConsumer(LaneConsumer):
         bound = min(1.0, kafka.heartbeat_interval.total_seconds())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._assigned_once.wait(), bound)
+
+    async def _topic_visible(self, consumer: AIOKafkaConsumer) -> None:
+        """Wait (at most 10 s) until the broker the consumer asks lists the topic.
+
+        On a cluster a topic just created reaches the brokers' metadata one after the other; a
+        member that joined while its metadata lacked the topic was assigned nothing, and aiokafka
+        looks again only after ``metadata_max_age_ms`` (5 minutes): its lanes stalled that long
+        (the cluster conformance run: nothing delivered within 15 s)."""
+        deadline = time.monotonic() + 10.0
+        pause = 0.02
+        while self.kafka_topic not in await consumer.topics():
+            if time.monotonic() > deadline:
+                log.warning("kafka: topic %s is still missing from the cluster's metadata after 10 s; "
+                            "joining group %s anyway", self.kafka_topic, self.kafka_group)
+                return
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 0.5)
 
     async def stop(self, flush: bool) -> None:
         self._stopped = True
