@@ -145,12 +145,7 @@ async def led_elsewhere(topic: str, node: int, since: float, timeout: float = 60
 class RabbitMQClusterHarness(ConformanceHarness):
     """The cluster's three nodes in ``rabbitmq.url``; an exchange prefix per case, 4 s claims."""
 
-    # The AMQP heartbeat at 5 s (the URL's heartbeat= wins over the claim-derived 2 s): three nodes
-    # on two cores delayed heartbeat frames past 2 s and dropped live members (a message handed to
-    # a second member while the first still handled it, in the state machine).
-    url: ClassVar[str | None] = ",".join(
-        f"{u}{'&' if '?' in u else '?'}heartbeat=5" for u in os.environ.get(URLS, "").split(",") if u.strip()
-    ) or None
+    url: ClassVar[str | None] = os.environ.get(URLS) or None
     url_env: ClassVar[str | None] = URLS
     timeout_multiplier: ClassVar[float] = 1.5
 
