@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from ._cases import TIERS, CaseInfo, case, case_info, requires, requires_hook, session_seed
 from ._harness import FAULT_HOOKS, ConformanceHarness, OptionHarness, load_harness
+from ._schedule_cases import ScheduleCases
 from ._suite import ConformanceSuite, FencingCases
 from ._support import (
     ConformanceFailure,
@@ -44,6 +45,7 @@ __all__ = [
     "OptionHarness",
     "Recorder",
     "Scenario",
+    "ScheduleCases",
     "Seen",
     "__version__",
     "case",

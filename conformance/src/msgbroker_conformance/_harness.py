@@ -97,8 +97,11 @@ class ConformanceHarness:
         return msgbroker.registry.by_name(str(self.provider))
 
     def capabilities(self) -> Capabilities:
-        """The provider's declaration (``Transport.CAPABILITIES``), read without connecting."""
-        return self.transport_class().CAPABILITIES
+        """The provider's declaration for the server under test, read without a broker
+        connection (``Transport.capabilities_for_url``: ``CAPABILITIES``, narrowed by a provider
+        whose server version lacks something)."""
+        transport = self.transport_class()
+        return transport.capabilities_for_url(self.url) if self.url else transport.CAPABILITIES
 
     def provider_name(self) -> str:
         """The provider's name (``Transport.NAME``)."""

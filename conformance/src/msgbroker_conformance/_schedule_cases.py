@@ -142,7 +142,7 @@ class ScheduleCases:
                            timeout=s.failover_timeout() + _late_bound(s, due))
         assert [x.member for x in rec.seen] == ["restarted"], f"handled by {[x.member for x in rec.seen]}"
 
-    @requires("scheduling", "server_restart", "persistent")
+    @requires("scheduling", "server_restart")
     @requires_hook("restart_server")
     @case("resilience", timeout=240.0, rules=("14",))
     async def test_a_scheduled_message_survives_a_restart_of_the_server(self, s: Scenario) -> None:

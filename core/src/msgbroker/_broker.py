@@ -330,6 +330,7 @@ class Broker:
                 raise BrokerConnectionError(f"cannot connect to the {self.provider} broker: {exc}") from exc
             raise
         self._state = "open"
+        self.capabilities = self.transport.capabilities  # narrowed by what the server lacks
         # Looked up once: with no plugin observing publishes, publish skips the hook.
         self.producer.observed = has_implementations("msgbroker_publish", registry.plugins)
         return self

@@ -242,6 +242,21 @@ class Transport(ABC):
         """Settings overrides that a connection URL stands for (by default none)."""
         return {}
 
+    @classmethod
+    def capabilities_for_url(cls, url: str) -> Capabilities:
+        """What a connection to ``url`` will be able to do, asked without connecting a broker
+        (the conformance harness gates its cases on it): :attr:`CAPABILITIES`, unless the
+        provider can tell cheaply that this server lacks something (NATS reads the server's
+        version from the line it sends on connect)."""
+        return cls.CAPABILITIES
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this connection can do: :attr:`CAPABILITIES`, narrowed by a provider once it is
+        connected to a server that lacks something the provider declares (an older server
+        version, with the reason). ``Broker.capabilities`` is this after the broker opened."""
+        return self.CAPABILITIES
+
     @abstractmethod
     async def connect(self) -> None:
         """Open the connection(s); raise :class:`BrokerConnectionError` when the server is unreachable."""

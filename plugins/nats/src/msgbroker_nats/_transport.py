@@ -53,7 +53,7 @@ from msgbroker.spi import (
 )
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy, StorageType, StreamConfig
 
-from . import _compat
+from . import _compat, _schedule
 from ._consumer import NatsLaneConsumer
 from ._errors import Refusals, RefusingClient, map_error, redacted
 from ._layout import (
@@ -111,6 +111,8 @@ class NatsTransport(Transport):
         server_restart=True,
         max_message_bytes=_SERVER_MAX_PAYLOAD - _HEADER_ROOM,
         request_reply=True,
+        scheduling="native",
+        schedule_precision=1.0,
     )
     ASSIGNMENT = "leases"
     REDELIVERY = "broker"
@@ -119,6 +121,29 @@ class NatsTransport(Transport):
     @classmethod
     def settings_from_url(cls, url: str) -> dict[str, Any]:
         return {"nats": {"url": url}}
+
+    @classmethod
+    def capabilities_for_server(cls, version: str | None) -> Capabilities:
+        """The declaration for a nats-server of ``version``: scheduling needs 2.12 or later (the
+        server's message schedules); an older server has it missing, naming the version."""
+        return _schedule.capabilities_for(cls.CAPABILITIES, version)
+
+    @classmethod
+    def capabilities_for_url(cls, url: str) -> Capabilities:
+        """The declaration for the server at ``url``, its version read from the INFO line it
+        sends on connect (no client, no credentials)."""
+        return cls.capabilities_for_server(_schedule.server_version(url))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        nc = self._nc
+        if nc is None:
+            return self.CAPABILITIES
+        try:
+            version = nc.connected_server_version
+        except ValueError:
+            return self.CAPABILITIES
+        return self.capabilities_for_server(f"{version.major}.{version.minor}.{version.patch}")
 
     def __init__(self, settings: Any) -> None:
         super().__init__(settings)
@@ -140,6 +165,8 @@ class NatsTransport(Transport):
         self._js: JetStreamContext | None = None
         self._jsm: JetStreamManager | None = None
         self._streams: dict[str, asyncio.Task[float]] = {}
+        self._scheduling: set[str] = set()
+        """Topics whose stream has message schedules and the schedule subjects already."""
         self._consumers: weakref.WeakSet[NatsLaneConsumer] = weakref.WeakSet()
         self._pins: asyncio.Future[KeyValue] | None = None
         self._attempts: asyncio.Future[KeyValue] | None = None
@@ -788,6 +815,55 @@ class NatsTransport(Transport):
             await self.ensure_stream(self.layout(topic), dedup_window)
         ids = [r.message_id for r in records] if dedup_window is not None else None
         await self.publish_records(records, ids, dedup_window)
+
+    # -- scheduled messages (_schedule.py) ------------------------------------------------------
+
+    async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
+        """A schedule message in the topic's stream that the server turns into the message at
+        ``deliver_at`` (nats-server 2.12+)."""
+        self.capabilities.require("scheduling")
+        layout = self.layout(record.topic)
+        await self.ensure_stream(layout, None)
+        subjects = _schedule.schedule_subjects(self.prefix, record.topic)
+        try:
+            if layout.topic not in self._scheduling:
+                await _schedule.enable(self, layout.stream, subjects)
+                self._scheduling.add(layout.topic)
+            headers = {
+                ENVELOPE_HEADER: encode_envelope(record.message_id, record.key, record.headers),
+                _schedule.SCHEDULE_HEADER: _schedule.at_header(deliver_at),
+                _schedule.TARGET_HEADER: layout.subject(record.partition),
+            }
+            size = len(record.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+            if size > self.nc.max_payload:
+                raise MessageTooLargeError(
+                    f"message {record.message_id} on {record.topic!r} is {size} bytes with its headers; "
+                    f"the nats server accepts at most {self.nc.max_payload} (max_payload)")
+            subject = _schedule.schedule_subject(self.prefix, record.topic, record.message_id)
+            await asyncio.wait_for(_schedule.publish(self, subject, record.body, headers), _PUBLISH_TIMEOUT)
+        except (MessageTooLargeError, ConfigurationError, asyncio.CancelledError):
+            raise
+        except TimeoutError as exc:
+            raise PublishIndeterminateError(
+                f"nats: no confirmation within {_PUBLISH_TIMEOUT}s for scheduled message {record.message_id} on "
+                f"{record.topic!r}; it may or may not be scheduled") from exc
+        except nats.js.errors.APIError as exc:
+            raise PublishFailedError(
+                f"nats: JetStream refused to schedule message {record.message_id} on {record.topic!r}: "
+                f"{exc.description}") from exc
+        except Exception as exc:
+            raise map_error(exc, f"scheduling message {record.message_id} on {record.topic!r}") from exc
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        self.capabilities.require("scheduling")
+        layout = self.layout(topic)
+        try:
+            return await _schedule.cancel(self, layout.stream, _schedule.schedule_subject(self.prefix, topic,
+                                                                                          message_id))
+        except nats.js.errors.NotFoundError:
+            return False  # no stream: nothing was ever scheduled on the topic
+        except Exception as exc:
+            raise map_error(exc, f"cancelling scheduled message {message_id} on {topic!r}") from exc
 
     async def publish_records(
         self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None, dedup_window: float | None = None

@@ -1,0 +1,135 @@
+"""Scheduled messages (semantics rule 14) on a nats-server with message schedules (2.12+).
+
+The server of ``scripts/brokers up nats`` is Debian's 2.9.10, which has none: there the suite
+checks that scheduling is declared missing, naming the version (test_conformance.py). The
+scheduling cases run here against a nats-server 2.15.3 of this module's own — the binary that
+``scripts/brokers cluster up nats`` builds into ``.cache/nats-server/`` — on a free loopback
+port with a fresh store, restarted by the cases' ``restart_server`` hook.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgbroker
+import pytest
+from msgbroker_conformance import ConformanceHarness, ScheduleCases
+from msgbroker_nats import NatsTransport
+from msgbroker_nats._schedule import server_version
+
+REPO = Path(__file__).resolve().parents[3]
+VERSION = os.environ.get("MSGBROKER_BROKERS_NATS_CLUSTER_VERSION", "v2.15.3")
+BINARY = REPO / ".cache" / "nats-server" / VERSION / "nats-server"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Server:
+    """One nats-server with JetStream on loopback, its store in a temporary folder."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="msgbroker-nats-schedules-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with (self.dir / "nats.log").open("ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                [str(BINARY), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.dir / "jetstream")],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while server_version.__wrapped__(self.url) is None:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server {VERSION} did not start on port {self.port}: see {self.dir}/nats.log")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+class SchedulesHarness(ConformanceHarness):
+    """The module's nats-server 2.15.3; a stream prefix per case."""
+
+    url: ClassVar[str | None] = None  # type: ignore[misc]
+    server: ClassVar[_Server | None] = None
+    timeout_multiplier = 1.0
+
+    def overrides(self, namespace: str) -> dict[str, Any]:
+        return {"nats": {"stream_prefix": f"SCHED-{namespace}", "ack_wait": 2}}
+
+    async def restart_server(self) -> None:
+        """Stop the module's server (SIGTERM) and start it again on the same port and store."""
+        import asyncio
+
+        assert self.server is not None
+        await asyncio.to_thread(self.server.stop)
+        await asyncio.to_thread(self.server.start)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _nats_with_schedules() -> Iterator[_Server]:
+    if not os.access(BINARY, os.X_OK):
+        pytest.fail(f"nats-server {VERSION} is not built at {BINARY}: `scripts/brokers cluster up nats` builds it "
+                    "(once, with Go), then `scripts/brokers cluster down`", pytrace=False)
+    server = _Server()
+    server.start()
+    SchedulesHarness.url = server.url
+    SchedulesHarness.server = server
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class TestNatsSchedules(ScheduleCases):
+    harness = SchedulesHarness()
+
+
+class _Ping(msgbroker.Message):
+    pass
+
+
+def test_the_declaration_follows_the_server_version() -> None:
+    """2.9.10 (the Debian server): scheduling missing, naming the version; 2.12 and later: native."""
+    old = NatsTransport.capabilities_for_server("2.9.10")
+    assert old.scheduling == "none" and "2.9.10" in old.reasons["scheduling"]
+    assert NatsTransport.capabilities_for_server("2.12.0").scheduling == "native"
+    assert NatsTransport.capabilities_for_server(VERSION.lstrip("v")).scheduling == "native"
+
+
+def test_a_connected_broker_declares_what_its_server_can(_nats_with_schedules: _Server) -> None:
+    import asyncio
+
+    async def run() -> None:
+        async with msgbroker.connect(_nats_with_schedules.url) as broker:
+            assert broker.capabilities.scheduling == "native"
+        debian = os.environ.get("MSGBROKER_NATS__URL")
+        if debian and (server_version(debian) or "").startswith("2.9."):
+            async with msgbroker.connect(debian) as broker:
+                assert broker.capabilities.scheduling == "none"
+                with pytest.raises(msgbroker.CapabilityNotSupported, match=r"scheduling.*2\.9\.10"):
+                    await broker.publish("t", _Ping(), delay=1)
+
+    asyncio.run(run())
