@@ -8,7 +8,14 @@ import signal
 from .broker import quiet_client_logs
 from .browser import cmd_browser
 from .cluster.clusters import CLUSTER_NAMES, CLUSTERS
-from .cluster.commands import cmd_cluster_down, cmd_cluster_logs, cmd_cluster_node, cmd_cluster_status, cmd_cluster_up
+from .cluster.commands import (
+    cmd_cluster_down,
+    cmd_cluster_install,
+    cmd_cluster_logs,
+    cmd_cluster_node,
+    cmd_cluster_status,
+    cmd_cluster_up,
+)
 from .commands import cmd_down, cmd_logs, cmd_restart, cmd_signal, cmd_status, cmd_up, cmd_wait
 from .common import Failure, say
 from .envfile import addresses_as_up_left_them
@@ -57,6 +64,8 @@ def add_cluster_commands(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("up", help="start what is not running, wait until each cluster is formed")
     p.add_argument("names", nargs="*", metavar="NAME", help=names_help)
     add_timeout(p, wait_help)
+    sub.add_parser("install", help="install what the clusters need (packages, the nats-server build), start "
+                   "nothing").add_argument("names", nargs="*", metavar="NAME", help=names_help)
     sub.add_parser("down", help="stop the cluster nodes").add_argument(
         "names", nargs="*", metavar="NAME", help=names_help)
     sub.add_parser("status", help="each node: state, pid, port, memory; each cluster: formed").add_argument(
@@ -82,6 +91,8 @@ def run_cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     cmd = args.cluster_cmd
     if cmd == "up":
         return cmd_cluster_up(args.names, args.timeout)
+    if cmd == "install":
+        return cmd_cluster_install(args.names)
     if cmd == "down":
         return cmd_cluster_down(args.names)
     if cmd == "status":

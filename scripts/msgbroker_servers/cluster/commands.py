@@ -35,6 +35,17 @@ def ensure_installed(clusters: list[Cluster]) -> None:
             raise Failure(f"{c.name} cluster: still missing after install: {', '.join(missing)}")
 
 
+def cmd_cluster_install(names: list[str]) -> int:
+    """Install what the clusters need (packages; the nats-server build) without starting them."""
+    with locked(CLUSTER_LOCK):
+        try:
+            ensure_installed(clusters_arg(names))
+        except Failure as e:
+            say(f"ERROR: {e}")
+            return 1
+    return 0
+
+
 def all_clusters() -> list[Cluster]:
     return list(CLUSTERS.values())
 
