@@ -147,6 +147,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
 
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         self._transport.register_member(self)
+        self._transport.run_mover(self.topic)  # due scheduled messages move while a member runs
         self._link = Link(
             self._transport.urls,
             f"msgbroker-member {self.topic}/{self.group}/{self.member_id}",

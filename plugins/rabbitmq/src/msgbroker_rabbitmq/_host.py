@@ -55,3 +55,6 @@ class MemberHost(Protocol):
     def unregister_member(self, member: Member) -> None: ...
 
     async def ensure_topic(self, topic: str, link: Link | None = None) -> None: ...
+
+    def run_mover(self, topic: str) -> None:
+        """Move ``topic``'s due scheduled messages from this connection (when the broker picks it)."""

@@ -79,6 +79,10 @@ class Topology:
         """The classic note queue an earlier version declared (kept where it exists)."""
         return self._expiring({"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "drop-head"})
 
+    def sched_queue(self, topic: str) -> str:
+        """The topic's scheduled messages waiting for their time, and cancel markers (``_schedule.py``)."""
+        return _short(f"{self.prefix}:{topic}:@sched")
+
     def lease_queue(self, topic: str, group: str, partition: int) -> str:
         """The exclusive queue whose holder owns the lane."""
         return _short(f"{self.prefix}:{topic}:{group}:{partition}:@lease")
@@ -147,6 +151,12 @@ class Topology:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         })
+
+    def sched_arguments(self) -> dict[str, Any]:
+        """A quorum queue with single active consumer (the mover's lease) and no delivery limit:
+        the consumer timeout of the server hands its messages back every half hour, and that
+        must never dead-letter or drop one."""
+        return self._quorum({"x-single-active-consumer": True})
 
     def backlog_arguments(self) -> dict[str, Any]:
         """A quorum queue with a delivery limit, so attempts are counted and positions kept."""

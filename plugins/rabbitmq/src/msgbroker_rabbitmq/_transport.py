@@ -55,6 +55,7 @@ from ._link import Link, split_urls
 from ._names import DELIVERY_LIMIT, Topology
 from ._publish import publish_confirmed
 from ._replies import ReplyInbox, declare_replies_exchange, replies_exchange, reply_properties
+from ._schedule import Schedules
 from ._settings import RabbitMQSettings
 
 __all__ = ["RabbitMQLaneConsumer", "RabbitMQTransport"]
@@ -80,6 +81,8 @@ class RabbitMQTransport(Transport):
         server_restart=True,
         max_message_bytes=16 * 1024 * 1024,
         request_reply=True,
+        scheduling="store",
+        schedule_precision=0.5,
         reasons={
             "retains_before_group": (
                 "RabbitMQ keeps a message only in the queues bound when it is published: a group's queues "
@@ -142,6 +145,7 @@ class RabbitMQTransport(Transport):
         self._publisher: aiormq.abc.AbstractChannel | None = None
         self._inbox: ReplyInbox | None = None
         self._publisher_lock = asyncio.Lock()
+        self.schedules = Schedules(self)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -220,6 +224,7 @@ class RabbitMQTransport(Transport):
         for member in list(self._members.values()):
             with contextlib.suppress(Exception):
                 await member.stop(flush=True)
+        await self.schedules.stop()
         link, self._link = self._link, None
         if link is not None:
             await link.close()
@@ -228,6 +233,7 @@ class RabbitMQTransport(Transport):
         for member in list(self._members.values()):
             with contextlib.suppress(Exception):
                 await member.stop(flush=False)
+        await self.schedules.stop()  # nothing acked: the connection's close hands the messages on
         link, self._link = self._link, None
         if link is not None:
             await link.close()
@@ -278,6 +284,25 @@ class RabbitMQTransport(Transport):
             )
             self._declared[key] = declared
         await asyncio.shield(declared)
+
+    async def up(self) -> Link:
+        """The link once it is up (waiting a little for a reconnect)."""
+        return await self._up()
+
+    async def confirm_channel(self, link: Link) -> aiormq.abc.AbstractChannel:
+        """This connection's publishing channel (publisher confirms)."""
+        return await self._publisher_channel(link)
+
+    # -- scheduled messages (_schedule.py) ------------------------------------------------------
+
+    async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
+        await self.schedules.schedule(record, deliver_at)
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        return await self.schedules.cancel(topic, message_id)
+
+    def run_mover(self, topic: str) -> None:
+        self.schedules.run_mover(topic)
 
     async def _publisher_channel(self, link: Link) -> aiormq.abc.AbstractChannel:
         async with self._publisher_lock:
