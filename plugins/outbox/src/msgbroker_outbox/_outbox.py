@@ -12,7 +12,8 @@ from msgbroker import ConfigurationError, InvalidNameError, Message, Serializati
 from sqlalchemy import MetaData, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ._sql import check_dialect, check_prefix, inbox_table, insert, notify_ddl, outbox_tables
+from ._adapter import DatabaseAdapter, adapter_for
+from ._sql import check_prefix, inbox_table, outbox_tables
 
 Executor = AsyncSession | AsyncConnection
 """Where a message is written: the caller's session or connection, inside its transaction."""
@@ -35,10 +36,21 @@ def async_url(url: str) -> str:
     return url
 
 
-def _dialect(executor: Executor) -> str:
-    if isinstance(executor, AsyncConnection):
-        return check_dialect(executor.dialect.name)
-    return check_dialect(executor.get_bind().dialect.name)
+def _adapter(given: DatabaseAdapter | None, bind: Executor | AsyncEngine) -> DatabaseAdapter:
+    """The adapter given to the Outbox or Inbox, else the registered one of ``bind``'s dialect."""
+    dialect = bind.get_bind().dialect.name if isinstance(bind, AsyncSession) else bind.dialect.name
+    if given is None:
+        return adapter_for(dialect)
+    if given.name != dialect:
+        raise ConfigurationError(f"the outbox's adapter {given!r} is for the {given.name!r} dialect, "
+                                 f"not for this {dialect!r} engine")
+    return given
+
+
+def _check_adapter(adapter: DatabaseAdapter | None) -> DatabaseAdapter | None:
+    if adapter is not None and not isinstance(adapter, DatabaseAdapter):
+        raise ConfigurationError(f"adapter must be a msgbroker_outbox.DatabaseAdapter, got {adapter!r}")
+    return adapter
 
 
 def _check_topic(topic: str) -> str:
@@ -65,38 +77,48 @@ class Outbox:
     (``msgbroker.partition_for(key, buckets)``); one relay at a time moves a bucket's messages, in
     the order they were written, so several relays share the work and keep each key's order.
     Every writer and relay of one outbox must use the same ``buckets``.
+
+    ``adapter``: the :class:`DatabaseAdapter` to use with every engine (its relays' too); by
+    default the one registered for each engine's dialect (docs/outbox.md, "Another database").
     """
 
-    def __init__(self, *, prefix: str = "msgbroker", buckets: int = 64) -> None:
+    def __init__(self, *, prefix: str = "msgbroker", buckets: int = 64,
+                 adapter: DatabaseAdapter | None = None) -> None:
         if not isinstance(buckets, int) or not 1 <= buckets <= 4096:
             raise ConfigurationError(f"buckets must be an integer from 1 to 4096, got {buckets!r}")
         self.prefix = check_prefix(prefix)
         self.buckets = buckets
+        self.adapter = _check_adapter(adapter)
         self.metadata = MetaData()
         self.messages, self.leases, self.relays = outbox_tables(self.metadata, self.prefix)
 
+    def adapter_for(self, bind: Executor | AsyncEngine) -> DatabaseAdapter:
+        """The adapter used with ``bind``: the one given, else the one of its dialect."""
+        return _adapter(self.adapter, bind)
+
     async def create_tables(self, engine: AsyncEngine) -> None:
-        """Create the tables (when missing), one lease row per bucket and, on PostgreSQL, the
-        trigger that notifies the relays of a commit (:func:`notify_ddl`). Idempotent; run it from
-        one process (a deployment step, or your migration after ``outbox.metadata``'s tables)."""
-        dialect = check_dialect(engine.dialect.name)
+        """Create the tables (when missing), one lease row per bucket and the adapter's
+        ``create_statements`` (on PostgreSQL, the trigger that notifies the relays of a commit).
+        Idempotent; run it from one process (a deployment step, or your migration after
+        ``outbox.metadata``'s tables)."""
+        adapter = self.adapter_for(engine)
         async with engine.begin() as conn:
             await conn.run_sync(self.metadata.create_all)
             await conn.execute(
-                insert(dialect, self.leases).on_conflict_do_nothing(index_elements=["bucket"]),
+                adapter.insert(self.leases).on_conflict_do_nothing(index_elements=["bucket"]),
                 [{"bucket": b, "owner": None, "fence": 0, "expires_at": 0.0} for b in range(self.buckets)],
             )
-            if dialect == "postgresql":
-                for statement in notify_ddl(self.prefix):
-                    await conn.execute(text(statement))
+            for statement in adapter.create_statements(self.prefix):
+                await conn.execute(text(statement))
 
     async def drop_tables(self, engine: AsyncEngine) -> None:
-        """Drop the outbox's tables (and its trigger function on PostgreSQL)."""
-        dialect = check_dialect(engine.dialect.name)
+        """Drop the outbox's tables (and the adapter's ``drop_statements``: on PostgreSQL, the
+        trigger's function)."""
+        adapter = self.adapter_for(engine)
         async with engine.begin() as conn:
             await conn.run_sync(self.metadata.drop_all)
-            if dialect == "postgresql":
-                await conn.execute(text(f"DROP FUNCTION IF EXISTS {self.prefix}_outbox_notify()"))
+            for statement in adapter.drop_statements(self.prefix):
+                await conn.execute(text(statement))
 
     def _row(self, topic: str, message: Message, headers_json: str) -> dict[str, Any]:
         if not isinstance(message, Message):
@@ -121,7 +143,7 @@ class Outbox:
         ``AsyncSession`` or ``AsyncConnection``): it reaches the broker once that transaction
         commits, and never if it rolls back. Returns the message id."""
         row = self._row(_check_topic(topic), message, _check_headers(headers))
-        _dialect(executor)
+        self.adapter_for(executor)
         await executor.execute(self.messages.insert(), [row])
         return str(row["message_id"])
 
@@ -131,7 +153,7 @@ class Outbox:
         headers_json = _check_headers(headers)
         rows = [self._row(_check_topic(topic), m, headers_json) for m in messages]
         if rows:
-            _dialect(executor)
+            self.adapter_for(executor)
             await executor.execute(self.messages.insert(), rows)
         return [str(r["message_id"]) for r in rows]
 
@@ -146,15 +168,16 @@ class Outbox:
 class Inbox:
     """The inbox table ``<prefix>_inbox``: the ids of the messages a consumer has handled, written
     in the same transaction as the handler's own writes. A message delivered again (at-least-once)
-    finds its id there and changes nothing."""
+    finds its id there and changes nothing. ``adapter`` as for :class:`Outbox`."""
 
-    def __init__(self, *, prefix: str = "msgbroker") -> None:
+    def __init__(self, *, prefix: str = "msgbroker", adapter: DatabaseAdapter | None = None) -> None:
         self.prefix = check_prefix(prefix)
+        self.adapter = _check_adapter(adapter)
         self.metadata = MetaData()
         self.table = inbox_table(self.metadata, self.prefix)
 
     async def create_tables(self, engine: AsyncEngine) -> None:
-        check_dialect(engine.dialect.name)
+        _adapter(self.adapter, engine)
         async with engine.begin() as conn:
             await conn.run_sync(self.metadata.create_all)
 
@@ -167,7 +190,7 @@ class Inbox:
         if not isinstance(consumer, str) or not 1 <= len(consumer) <= 200:
             raise ConfigurationError(f"inbox consumer name {consumer!r} must be a string of 1-200 characters")
         message_id = str(message.message_id) if isinstance(message, Message) else str(message)
-        stmt = insert(_dialect(executor), self.table).values(
+        stmt = _adapter(self.adapter, executor).insert(self.table).values(
             consumer=consumer, message_id=message_id, handled_at=time.time()
         ).on_conflict_do_nothing(index_elements=["consumer", "message_id"])
         result = await executor.execute(stmt)

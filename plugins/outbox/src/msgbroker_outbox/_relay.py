@@ -12,17 +12,15 @@ import os
 import socket
 import time
 import uuid
-import zlib
 from collections.abc import Sequence
 from typing import Any, Self
 
 from msgbroker import Broker, ConfigurationError, Service, partition_for
 from msgbroker.spi import OutgoingRecord
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._outbox import Outbox
-from ._sql import check_dialect, insert, notify_channel, now
 
 log = logging.getLogger("msgbroker.outbox")
 
@@ -37,9 +35,10 @@ class Relay:
       its lease for 0.8 times ``lease_ttl`` (its own clock).
     * ``batch_size`` (default 500): messages read (oldest first, over the buckets held) and
       published per round.
-    * ``poll_interval`` (default 0.1 s): the wait when a round moved nothing. On PostgreSQL a
-      commit that wrote outbox rows ends the wait at once (the table's trigger notifies, the relay
-      LISTENs), so the poll only matters when that connection is lost; ``listen=False`` polls only.
+    * ``poll_interval`` (default 0.1 s): the wait when a round moved nothing. On PostgreSQL (an
+      adapter that ``notifies``) a commit that wrote outbox rows ends the wait at once (the
+      table's trigger notifies, the relay LISTENs), so the poll only matters when that connection
+      is lost; ``listen=False`` polls only.
     * ``keep_sent`` (default 3600 s): sent messages stay marked sent (``sent_at``) this long, then
       are deleted; 0 deletes them once sent.
     """
@@ -58,7 +57,8 @@ class Relay:
         self.outbox = outbox
         self.engine = engine
         self.broker = broker
-        self.dialect = check_dialect(engine.dialect.name)
+        self.adapter = outbox.adapter_for(engine)
+        self.dialect = self.adapter.name
         self.relay_id = relay_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.batch_size = batch_size
         self.lease_ttl = float(lease_ttl)
@@ -77,7 +77,7 @@ class Relay:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()  # a commit wrote outbox rows (PostgreSQL's NOTIFY)
         self._listener: AsyncConnection | None = None
-        self._listening: Any = None  # the asyncpg connection that LISTENs
+        self._listening: object = None  # the adapter's handle of the LISTEN
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle
@@ -171,11 +171,11 @@ class Relay:
                 waiting.cancel()
 
     async def _listen(self) -> None:
-        """PostgreSQL: LISTEN on the outbox's channel with a connection of its own, made again
-        when it was lost (a restart). Polling goes on beside it; failing here only costs latency."""
-        if self.dialect != "postgresql" or not self.listen:
+        """An adapter that ``notifies`` (PostgreSQL): LISTEN with a connection of its own, made
+        again when it was lost (a restart). Polling goes on beside it; failing here only costs latency."""
+        if not self.adapter.notifies or not self.listen:
             return
-        if self._listening is not None and not self._listening.is_closed():
+        if self._listening is not None and self.adapter.is_listening(self._listening):
             return
         await self._unlisten()
         try:
@@ -184,17 +184,15 @@ class Relay:
             log.debug("outbox relay %s: no LISTEN connection: %s", self.relay_id, exc)
             return
         try:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            await driver.add_listener(notify_channel(self.outbox.prefix), self._notified)
+            handle = await self.adapter.listen(conn, self.outbox.prefix, self._notified)
         except Exception as exc:
             log.debug("outbox relay %s: LISTEN failed: %s", self.relay_id, exc)
             with contextlib.suppress(Exception):
                 await conn.invalidate()
             return
-        self._listener, self._listening = conn, driver
+        self._listener, self._listening = conn, handle
 
-    def _notified(self, *args: object) -> None:
+    def _notified(self) -> None:
         self.notified += 1
         self._wake.set()
 
@@ -208,23 +206,21 @@ class Relay:
                 await conn.close()
 
     async def _lock_leases(self, conn: AsyncConnection) -> None:
-        """Serialise the relays' lease changes (a few a second at most): PostgreSQL takes a
-        transaction-level advisory lock; SQLite has one writer, and every lease transaction
-        writes first."""
-        if self.dialect == "postgresql":
-            key = zlib.crc32(self.outbox.leases.name.encode())
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        """Serialise the relays' lease changes (a few a second at most), by the adapter:
+        PostgreSQL takes a transaction-level advisory lock; SQLite has one writer, and every lease
+        transaction writes first."""
+        await self.adapter.lock_leases(conn, self.outbox.leases)
 
     async def _heartbeat(self) -> None:
         """In one transaction: announce this relay, renew its leases, and take or give back
         buckets so that each live relay holds about buckets / relays."""
         started = time.monotonic()
-        t_now = now(self.dialect)
+        t_now = self.adapter.clock()
         leases, relays = self.outbox.leases, self.outbox.relays
         ttl = self.lease_ttl
         async with self.engine.begin() as conn:
             await self._lock_leases(conn)
-            upsert = insert(self.dialect, relays).values(relay_id=self.relay_id, expires_at=t_now + ttl)
+            upsert = self.adapter.insert(relays).values(relay_id=self.relay_id, expires_at=t_now + ttl)
             await conn.execute(upsert.on_conflict_do_update(index_elements=["relay_id"],
                                                             set_={"expires_at": t_now + ttl}))
             renewed = await conn.execute(
@@ -284,7 +280,7 @@ class Relay:
                 await conn.execute(m.delete().where(m.c.id.in_([r.id for r in rows])))
             else:
                 await conn.execute(m.update().where(m.c.id.in_([r.id for r in rows]))
-                                   .values(sent_at=now(self.dialect)))
+                                   .values(sent_at=self.adapter.clock()))
         self.moved += len(rows)
         return len(rows)
 
@@ -313,7 +309,7 @@ class Relay:
         m = self.outbox.messages
         async with self.engine.begin() as conn:
             await conn.execute(m.delete().where(and_(m.c.sent_at.is_not(None),
-                                                     m.c.sent_at < now(self.dialect) - self.keep_sent)))
+                                                     m.c.sent_at < self.adapter.clock() - self.keep_sent)))
 
 
 def run_relay_in(service: Service, outbox: Outbox, engine: AsyncEngine, **options: Any) -> None:

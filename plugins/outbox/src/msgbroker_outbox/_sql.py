@@ -1,9 +1,8 @@
-"""The tables, and what differs between PostgreSQL and SQLite: the upsert and the database's clock."""
+"""The tables (what differs per database is in _adapter.py)."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from msgbroker import ConfigurationError
 from sqlalchemy import (
@@ -18,12 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    literal_column,
 )
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql.elements import ColumnElement
-
-DIALECTS = ("postgresql", "sqlite")
 
 _PREFIX = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 
@@ -36,27 +30,6 @@ def check_prefix(prefix: str) -> str:
         raise ConfigurationError(
             f"table prefix {prefix!r} must be 1-40 characters of a-z 0-9 _, not starting with a digit")
     return prefix
-
-
-def check_dialect(name: str) -> str:
-    if name not in DIALECTS:
-        raise ConfigurationError(
-            f"the outbox supports PostgreSQL (asyncpg) and SQLite (aiosqlite), not the {name!r} dialect")
-    return name
-
-
-def now(dialect: str) -> ColumnElement[float]:
-    """The database's clock in epoch seconds: every relay compares leases with the same clock."""
-    if check_dialect(dialect) == "postgresql":
-        return literal_column("EXTRACT(EPOCH FROM clock_timestamp())::float8", Float())
-    return literal_column("((julianday('now') - 2440587.5) * 86400.0)", Float())
-
-
-def insert(dialect: str, table: Table) -> Any:
-    """The dialect's INSERT, which has ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
-    if check_dialect(dialect) == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 def outbox_tables(metadata: MetaData, prefix: str) -> tuple[Table, Table, Table]:
@@ -100,22 +73,3 @@ def inbox_table(metadata: MetaData, prefix: str) -> Table:
         Column("handled_at", Float, nullable=False),
         PrimaryKeyConstraint("consumer", "message_id", name=f"{prefix}_inbox_pk"),
     )
-
-
-def notify_channel(prefix: str) -> str:
-    """The PostgreSQL channel a commit that wrote outbox rows notifies (relays LISTEN on it)."""
-    return f"{prefix}_outbox"
-
-
-def notify_ddl(prefix: str) -> list[str]:
-    """PostgreSQL: a statement trigger that notifies the relays when outbox rows commit (the
-    notification is sent at commit, once per transaction), so that they need not wait for their
-    next poll."""
-    function, table = f"{prefix}_outbox_notify", f"{prefix}_outbox"
-    return [
-        f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
-        f"$$ BEGIN PERFORM pg_notify('{notify_channel(prefix)}', ''); RETURN NULL; END $$",
-        f"DROP TRIGGER IF EXISTS {function} ON {table}",
-        f"CREATE TRIGGER {function} AFTER INSERT ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
-    ]
-
