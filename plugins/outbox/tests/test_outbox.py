@@ -5,12 +5,14 @@ what is PostgreSQL's own (a commit wakes the relay) and the adapter registry."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import msgbroker
 import pytest
 from msgbroker import ConfigurationError
 from msgbroker_outbox import (
+    ENTRY_POINT_GROUP,
     DatabaseAdapter,
     Inbox,
     Outbox,
@@ -120,6 +122,24 @@ def test_register_adapter_adds_a_dialect_and_refuses_a_second_one(clean_registry
         register_adapter(DatabaseAdapter())
     with pytest.raises(ConfigurationError, match=r"adapter must be a msgbroker_outbox.DatabaseAdapter"):
         Inbox(adapter="sqlite")  # type: ignore[arg-type]
+
+
+def test_an_entry_point_of_the_group_gives_the_adapter_of_its_dialect(
+        clean_registry: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "duckish_outbox.py").write_text(
+        "from msgbroker_outbox import SQLiteAdapter\n\n\nclass Adapter(SQLiteAdapter):\n    name = 'duckish'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = [EntryPoint("duckish", "duckish_outbox:Adapter", ENTRY_POINT_GROUP),
+              EntryPoint("wrongish", "duckish_outbox:Adapter", ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [p for p in points if p.group == group])
+    adapter = adapter_for("duckish")  # loaded when asked for, then registered
+    assert type(adapter).__name__ == "Adapter" and adapter_for("duckish") is adapter
+    with pytest.raises(ConfigurationError, match=r"entry point wrongish = duckish_outbox:Adapter must give a "
+                                                 r"DatabaseAdapter for the 'wrongish' dialect"):
+        adapter_for("wrongish")
+    with pytest.raises(ConfigurationError, match=r"'mysql' dialect \(adapters: 'duckish', 'postgresql', 'sqlite', "
+                                                 r"'wrongish'\)"):
+        adapter_for("mysql")
 
 
 def test_the_suites_checker_finds_a_loss_and_a_reordering() -> None:

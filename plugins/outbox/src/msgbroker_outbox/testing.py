@@ -34,7 +34,16 @@ from ._adapter import DatabaseAdapter
 from ._outbox import Inbox, Outbox, async_url
 from ._relay import Relay, run_relay_in
 
-__all__ = ["Handlings", "OrderVerdict", "OutboxCase", "OutboxSuite", "SuiteMessage", "check_order"]
+__all__ = [
+    "Handlings",
+    "OrderVerdict",
+    "OutboxCase",
+    "OutboxSuite",
+    "SuiteMessage",
+    "check_order",
+    "eventually",
+    "memory_url",
+]
 
 
 class SuiteMessage(Message):
@@ -156,6 +165,7 @@ def _double_owners(relays: list[_WatchedRelay]) -> list[str]:
 
 
 async def eventually(condition: Callable[[], Awaitable[bool] | bool], what: str, timeout: float) -> None:
+    """Wait until ``condition()`` (sync or async) is true; an ``AssertionError`` naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
         result = condition()
@@ -209,6 +219,7 @@ class OutboxCase:
 
 
 def memory_url() -> str:
+    """An in-memory broker of its own (no server)."""
     return f"memory://outbox-suite-{uuid.uuid4().hex[:8]}"
 
 
