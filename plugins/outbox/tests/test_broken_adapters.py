@@ -4,7 +4,7 @@ test_outbox.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,9 @@ import pytest
 from msgbroker_outbox import DatabaseAdapter, PostgreSQLAdapter, SQLiteAdapter
 from msgbroker_outbox.testing import OutboxSuite
 from sqlalchemy import Float, Table, literal_column
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 
@@ -37,32 +39,21 @@ class UnlockedPostgreSQL(PostgreSQLAdapter):
         return None
 
 
-class _UpdatingInsert:
+def _updating(statement: Any, keys: Any) -> Insert:
     """An INSERT whose 'do nothing' on conflict updates the row instead (so reports a row)."""
-
-    def __init__(self, statement: Any) -> None:
-        self.statement = statement
-
-    def values(self, *args: Any, **kwargs: Any) -> _UpdatingInsert:
-        return _UpdatingInsert(self.statement.values(*args, **kwargs))
-
-    def on_conflict_do_nothing(self, index_elements: list[str]) -> Any:
-        others = [c.name for c in self.statement.table.columns if c.name not in index_elements]
-        return self.statement.on_conflict_do_update(
-            index_elements=index_elements, set_={name: self.statement.excluded[name] for name in others})
-
-    def on_conflict_do_update(self, **kwargs: Any) -> Any:
-        return self.statement.on_conflict_do_update(**kwargs)
+    others = [c.name for c in statement.table.columns if c.name not in keys]
+    return statement.on_conflict_do_update(index_elements=list(keys),  # type: ignore[no-any-return]
+                                           set_={name: statement.excluded[name] for name in others})
 
 
 class UpdatingUpsertSQLite(SQLiteAdapter):
-    def insert(self, table: Table) -> Any:
-        return _UpdatingInsert(super().insert(table))
+    def insert_ignoring(self, table: Table, keys: Sequence[str]) -> Insert:
+        return _updating(sqlite.insert(table), keys)
 
 
 class UpdatingUpsertPostgreSQL(PostgreSQLAdapter):
-    def insert(self, table: Table) -> Any:
-        return _UpdatingInsert(super().insert(table))
+    def insert_ignoring(self, table: Table, keys: Sequence[str]) -> Insert:
+        return _updating(postgresql.insert(table), keys)
 
 
 CLOCK = "test_the_database_clock_is_close_to_this_machines_and_runs_in_seconds"

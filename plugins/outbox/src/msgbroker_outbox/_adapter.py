@@ -5,7 +5,7 @@ PostgreSQL and SQLite ones, and the registry (``register_adapter`` and the
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -13,6 +13,7 @@ from msgbroker import ConfigurationError
 from sqlalchemy import Float, Table, literal_column, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Executable, Insert
 from sqlalchemy.sql.elements import ColumnElement
 
 ENTRY_POINT_GROUP = "msgbroker_outbox.adapters"
@@ -22,8 +23,8 @@ ENTRY_POINT_GROUP = "msgbroker_outbox.adapters"
 class DatabaseAdapter:
     """What the outbox, the relay and the inbox need from one database beyond portable SQL.
 
-    Subclass it, set :attr:`name` and implement :meth:`clock`, :meth:`insert` and
-    :meth:`lock_leases`; the other members have defaults that fit a database without commit
+    Subclass it, set :attr:`name` and implement :meth:`clock`, :meth:`insert_ignoring`,
+    :meth:`upsert` and :meth:`lock_leases`; the other members have defaults that fit a database without commit
     notifications. Register an instance with :func:`register_adapter` (or an entry point of the
     ``msgbroker_outbox.adapters`` group), then check it with ``msgbroker_outbox.testing.OutboxSuite``.
     """
@@ -43,11 +44,17 @@ class DatabaseAdapter:
         compared on it, so relays on several machines share one time."""
         raise NotImplementedError
 
-    def insert(self, table: Table) -> Any:
-        """An INSERT into ``table`` with ``on_conflict_do_nothing(index_elements=...)`` and
-        ``on_conflict_do_update(index_elements=..., set_=...)`` (SQLAlchemy's PostgreSQL and
-        SQLite ``insert`` have both), whose result's ``rowcount`` is 1 for a row inserted and 0 for
-        a conflict that did nothing."""
+    def insert_ignoring(self, table: Table, keys: Sequence[str]) -> Insert:
+        """An INSERT into ``table`` that does nothing for a row whose ``keys`` (its primary key)
+        exist already; its values come with ``.values(...)`` or as executemany parameters. For one
+        row its result's ``rowcount`` is 1 when inserted, 0 when it did nothing (the inbox's
+        claim reads it)."""
+        raise NotImplementedError
+
+    def upsert(self, table: Table, keys: Sequence[str], values: Mapping[str, Any],
+               update: Mapping[str, Any]) -> Executable:
+        """INSERT ``values`` into ``table``, or, when a row with those ``keys`` (its primary key)
+        exists, UPDATE it with ``update`` (values may be SQL expressions, e.g. on :meth:`clock`)."""
         raise NotImplementedError
 
     async def lock_leases(self, conn: AsyncConnection, leases: Table) -> None:
@@ -89,8 +96,13 @@ class PostgreSQLAdapter(DatabaseAdapter):
     def clock(self) -> ColumnElement[float]:
         return literal_column("EXTRACT(EPOCH FROM clock_timestamp())::float8", Float())
 
-    def insert(self, table: Table) -> Any:
-        return postgresql.insert(table)
+    def insert_ignoring(self, table: Table, keys: Sequence[str]) -> Insert:
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+
+    def upsert(self, table: Table, keys: Sequence[str], values: Mapping[str, Any],
+               update: Mapping[str, Any]) -> Executable:
+        return postgresql.insert(table).values(dict(values)).on_conflict_do_update(
+            index_elements=list(keys), set_=dict(update))
 
     async def lock_leases(self, conn: AsyncConnection, leases: Table) -> None:
         # Without it two relays taking buckets in different orders deadlocked.
@@ -134,8 +146,13 @@ class SQLiteAdapter(DatabaseAdapter):
     def clock(self) -> ColumnElement[float]:
         return literal_column("((julianday('now') - 2440587.5) * 86400.0)", Float())
 
-    def insert(self, table: Table) -> Any:
-        return sqlite.insert(table)
+    def insert_ignoring(self, table: Table, keys: Sequence[str]) -> Insert:
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+
+    def upsert(self, table: Table, keys: Sequence[str], values: Mapping[str, Any],
+               update: Mapping[str, Any]) -> Executable:
+        return sqlite.insert(table).values(dict(values)).on_conflict_do_update(
+            index_elements=list(keys), set_=dict(update))
 
     async def lock_leases(self, conn: AsyncConnection, leases: Table) -> None:
         return None  # the first statement of every lease transaction writes: it waits for the writer lock

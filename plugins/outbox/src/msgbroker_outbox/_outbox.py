@@ -105,7 +105,7 @@ class Outbox:
         async with engine.begin() as conn:
             await conn.run_sync(self.metadata.create_all)
             await conn.execute(
-                adapter.insert(self.leases).on_conflict_do_nothing(index_elements=["bucket"]),
+                adapter.insert_ignoring(self.leases, ["bucket"]),
                 [{"bucket": b, "owner": None, "fence": 0, "expires_at": 0.0} for b in range(self.buckets)],
             )
             for statement in adapter.create_statements(self.prefix):
@@ -190,9 +190,8 @@ class Inbox:
         if not isinstance(consumer, str) or not 1 <= len(consumer) <= 200:
             raise ConfigurationError(f"inbox consumer name {consumer!r} must be a string of 1-200 characters")
         message_id = str(message.message_id) if isinstance(message, Message) else str(message)
-        stmt = _adapter(self.adapter, executor).insert(self.table).values(
-            consumer=consumer, message_id=message_id, handled_at=time.time()
-        ).on_conflict_do_nothing(index_elements=["consumer", "message_id"])
+        stmt = _adapter(self.adapter, executor).insert_ignoring(self.table, ["consumer", "message_id"]).values(
+            consumer=consumer, message_id=message_id, handled_at=time.time())
         result = await executor.execute(stmt)
         return bool(getattr(result, "rowcount", 0) == 1)
 

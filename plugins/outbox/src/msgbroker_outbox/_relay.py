@@ -220,9 +220,9 @@ class Relay:
         ttl = self.lease_ttl
         async with self.engine.begin() as conn:
             await self._lock_leases(conn)
-            upsert = self.adapter.insert(relays).values(relay_id=self.relay_id, expires_at=t_now + ttl)
-            await conn.execute(upsert.on_conflict_do_update(index_elements=["relay_id"],
-                                                            set_={"expires_at": t_now + ttl}))
+            await conn.execute(self.adapter.upsert(relays, ["relay_id"],
+                                                   {"relay_id": self.relay_id, "expires_at": t_now + ttl},
+                                                   {"expires_at": t_now + ttl}))
             renewed = await conn.execute(
                 leases.update().where(and_(leases.c.owner == self.relay_id, leases.c.expires_at > t_now))
                 .values(expires_at=t_now + ttl).returning(leases.c.bucket))
