@@ -8,6 +8,7 @@ import gc
 import math
 import time
 import uuid
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,15 +66,19 @@ class Variant:
 
 
 class PublishVariant(Variant):
-    """Publish ``messages`` of ``size`` bytes, one await per message (``single``) or in batches."""
+    """Publish ``messages`` of ``size`` bytes: one await per message (``single``, each call
+    timed), ``callers`` tasks doing that at once (``concurrent``), or in batches."""
 
-    def __init__(self, name: str, driver: Driver, mode: str, messages: int, size: int, batch: int) -> None:
+    def __init__(
+        self, name: str, driver: Driver, mode: str, messages: int, size: int, batch: int, callers: int = 1
+    ) -> None:
         self.name = name
         self.driver = driver
         self.mode = mode
         self.messages = messages
         self.size = size
         self.batch = batch
+        self.callers = callers
         self.topic = f"bench-pub-{uuid.uuid4().hex[:8]}"
 
     async def setup(self) -> None:
@@ -81,7 +86,7 @@ class PublishVariant(Variant):
         await self.driver.prepare(self.topic, 64)
         # warm-up: connections, topic creation, code paths (not measured)
         data = payload(self.size)
-        if self.mode == "single":
+        if self.mode in ("single", "concurrent"):
             await self.driver.publish_single(self.topic, range(20), 0, data)
         elif self.mode == "prebuilt":
             await self.driver.publish_built(  # type: ignore[attr-defined]
@@ -95,8 +100,21 @@ class PublishVariant(Variant):
         n = self.messages
         t0 = time.perf_counter()
         c0 = time.process_time()
-        if self.mode == "single":
-            await self.driver.publish_single(self.topic, range(n), run, data)
+        took = array("q")
+        if self.mode in ("single", "concurrent"):
+            # ``callers`` tasks, each awaiting one publish at a time; every call timed
+            publish, clock, topic = self.driver.publish_single, time.perf_counter_ns, self.topic
+
+            async def caller(seqs: range) -> None:
+                for seq in seqs:
+                    start = clock()
+                    await publish(topic, range(seq, seq + 1), run, data)
+                    took.append(clock() - start)
+
+            if self.callers == 1:
+                await caller(range(n))
+            else:
+                await asyncio.gather(*(caller(range(i, n, self.callers)) for i in range(self.callers)))
         elif self.mode == "prebuilt":
             # messages built before the clock starts: what the provider and codec cost alone
             batches = self.driver.build_batches(range(n), run, data, self.batch)  # type: ignore[attr-defined]
@@ -111,7 +129,11 @@ class PublishVariant(Variant):
                 )
         seconds = time.perf_counter() - t0
         cpu = time.process_time() - c0
-        return {"messages": n, "seconds": seconds, "cpu": cpu}
+        out: dict[str, Any] = {"messages": n, "seconds": seconds, "cpu": cpu}
+        if took:
+            p50, p99, p999, pmax = percentiles(took, (50, 99, 99.9, 100))
+            out.update(p50_ms=p50 / 1e6, p99_ms=p99 / 1e6, p999_ms=p999 / 1e6, max_ms=pmax / 1e6)
+        return out
 
     async def teardown(self) -> None:
         with contextlib.suppress(Exception):
@@ -122,7 +144,9 @@ class PublishVariant(Variant):
 class E2EVariant(Variant):
     """Publish and consume at once: ``workers`` members of one group ack each message; the
     publisher keeps at most ``window`` messages ahead of the handlers (closed loop), or, with
-    ``rate``, publishes open loop at that rate and latency counts from the intended send time."""
+    ``rate``, publishes open loop at that rate and latency counts from the intended send time,
+    or, with ``gap``, publishes one message at a time (one ``publish()``) and sleeps ``gap``
+    seconds after each: a steady low rate, latency counted from just before the publish call."""
 
     def __init__(
         self,
@@ -137,6 +161,7 @@ class E2EVariant(Variant):
         window: int = 2000,
         batch: int = 100,
         rate: float | None = None,
+        gap: float | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.name = name
@@ -149,6 +174,7 @@ class E2EVariant(Variant):
         self.window = window
         self.batch = batch
         self.rate = rate
+        self.gap = gap
         self.timeout = timeout
         self.topic = f"bench-e2e-{uuid.uuid4().hex[:8]}"
         self.sink: Sink | None = None
@@ -167,7 +193,7 @@ class E2EVariant(Variant):
             raise RuntimeError(f"warm-up: {warm['status']}")
 
     async def rep(self, run: int) -> dict[str, Any]:
-        return await self._drive(run, self.messages, closed_loop=self.rate is None)
+        return await self._drive(run, self.messages, closed_loop=self.rate is None and self.gap is None)
 
     async def _drive(self, run: int, n: int, closed_loop: bool) -> dict[str, Any]:
         sink = self.sink
@@ -192,6 +218,14 @@ class E2EVariant(Variant):
                     end = min(n, published + self.batch)
                     await publish(self.topic, range(published, end), run, data, time.perf_counter_ns())
                     published = end
+            elif self.gap is not None:
+                single = self.driver.publish_single
+                while published < n:
+                    await single(self.topic, range(published, published + 1), run, data)
+                    published += 1
+                    await asyncio.sleep(self.gap)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError
             else:
                 assert self.rate is not None
                 interval = 1e9 / self.rate

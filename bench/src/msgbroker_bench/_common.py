@@ -12,9 +12,12 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "BATCH",
+    "CALLERS",
     "COUNTS",
     "ENV_VARS",
+    "GAP",
     "NATIVE_KAFKA_PAYLOADS",
+    "PACED_PARTITIONS",
     "PARTITION_CURVE",
     "PAYLOADS",
     "PAYLOAD_CURVE",
@@ -44,12 +47,24 @@ PAYLOAD_CURVE = (1024, 16384)
 # Messages per repetition (full run). Chosen so one repetition takes roughly 0.2–1.5 s on
 # this machine for the slowest variant of the cell; 16 KiB cells use a quarter.
 COUNTS: dict[str, dict[str, int]] = {
-    "memory": {"single": 5_000, "batch": 20_000, "e2e": 5_000, "curve": 3_000, "rate": 2_000},
-    "redis": {"single": 600, "batch": 4_000, "e2e": 2_000, "curve": 1_200, "rate": 1_000},
-    "nats": {"single": 500, "batch": 3_000, "e2e": 1_500, "curve": 1_000, "rate": 1_000},
-    "rabbitmq": {"single": 200, "batch": 1_000, "e2e": 800, "curve": 500, "rate": 500},
-    "kafka": {"single": 100, "batch": 4_000, "e2e": 2_000, "curve": 1_200, "rate": 1_000},
+    "memory": {"single": 5_000, "batch": 20_000, "e2e": 5_000, "curve": 3_000, "rate": 2_000,
+               "concurrent": 10_000, "paced": 500},
+    "redis": {"single": 600, "batch": 4_000, "e2e": 2_000, "curve": 1_200, "rate": 1_000,
+              "concurrent": 3_000, "paced": 500},
+    "nats": {"single": 500, "batch": 3_000, "e2e": 1_500, "curve": 1_000, "rate": 1_000,
+             "concurrent": 2_000, "paced": 500},
+    "rabbitmq": {"single": 200, "batch": 1_000, "e2e": 800, "curve": 500, "rate": 500,
+                 "concurrent": 800, "paced": 500},
+    "kafka": {"single": 300, "batch": 4_000, "e2e": 2_000, "curve": 1_200, "rate": 1_000,
+              "concurrent": 3_000, "paced": 1_000},
 }
+"""``concurrent``: messages of a concurrent-callers publish cell; ``paced``: of a paced latency cell."""
+CALLERS = (16, 256)
+"""Tasks publishing at once in the concurrent publish cells (each awaits one publish() at a time)."""
+GAP = 0.005
+"""Seconds the paced latency cell sleeps after each publish()."""
+PACED_PARTITIONS: dict[str, tuple[int, ...]] = {"kafka": (64, 1024)}
+"""Partition counts of the paced latency cell (64 where not listed)."""
 RATE = {"memory": 2000.0, "redis": 1000.0, "nats": 1000.0, "rabbitmq": 500.0, "kafka": 1000.0}
 """Offered rate (msg/s) of the open-loop latency cell."""
 NATIVE_KAFKA_PAYLOADS = (1024,)

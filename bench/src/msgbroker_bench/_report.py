@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-from ._common import BATCH, COUNTS, NATIVE_KAFKA_PAYLOADS, RATE
+from ._common import BATCH, COUNTS, GAP, NATIVE_KAFKA_PAYLOADS, RATE
 from ._stats import Spread, ratio_spread, spread
 
 __all__ = ["write_report"]
@@ -61,6 +61,11 @@ class Results:
                 continue
             out.append(_num(row["msgs_per_s"]) if row["status"] == "ok" else None)
         return out
+
+    def values(self, provider: str, cell: str, variant: str, column: str) -> list[float | None]:
+        """``column`` of each repetition in order (None for a failed one)."""
+        rows = self.cells.get((provider, cell), {}).get(variant, [])
+        return [_num(r.get(column)) if r["status"] == "ok" else None for r in rows if r["rep"] != "-"]
 
     def spread_of(self, provider: str, cell: str, variant: str, column: str = "msgs_per_s") -> Spread:
         rows = self.cells.get((provider, cell), {}).get(variant, [])
@@ -256,6 +261,94 @@ def curve_table(results: Results, provider: str) -> list[str]:
                 _cell_text(results, provider, c, variant) for c in payload_cells) + " |")
         lines.append("| ours ÷ raw | " + " | ".join(
             _fmt_ratio(_ratio(results, provider, c, "ours", "raw")) for c in payload_cells) + " |")
+    return lines
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
+def _per_call(results: Results, provider: str, cell: str, variant: str,
+              columns: tuple[str, ...] = ("p50_ms", "p99_ms", "max_ms")) -> str:
+    """Median over the repetitions of each latency column, ``p50 / p99 / max``."""
+    parts = []
+    for column in columns:
+        s = results.spread_of(provider, cell, variant, column)
+        if not s.n:
+            return "—"
+        parts.append(_ms(s.median))
+    return " / ".join(parts)
+
+
+def _column_ratio(results: Results, provider: str, cell: str, column: str) -> Spread:
+    """Paired ratios ours ÷ raw of ``column`` (latencies: below 1 is better)."""
+    return ratio_spread(results.values(provider, cell, "ours", column), results.values(provider, cell, "raw", column))
+
+
+def publish_section(results: Results) -> list[str]:
+    """Every publish shape, ours beside the raw client: rate, the time of each call, client CPU."""
+    lines = [
+        "Each publish shape beside the raw client doing the same: one `publish()` awaited at a time, 16 and "
+        "256 tasks each awaiting one `publish()` at a time, and `publish_batch` (the raw client's batch: "
+        "send each, then await all). *per call* is the time of one awaited call (p50 / p99 / max over the "
+        "repetition's calls, medians over the repetitions); ratios pair repetitions measured back to back.",
+        "",
+    ]
+    for provider in results.providers():
+        rows = []
+        for workload in ("publish-single", "publish-concurrent", "publish-batch"):
+            for cell in results.cells_of(provider, workload):
+                variants = results.cells[(provider, cell)]
+                if "ours" not in variants or "raw" not in variants:
+                    continue
+                timed = workload != "publish-batch"
+                rows.append(
+                    f"| {cell} | {_cell_text(results, provider, cell, 'ours')} "
+                    f"| {_cell_text(results, provider, cell, 'raw')} "
+                    f"| {_fmt_ratio(_ratio(results, provider, cell, 'ours', 'raw'))} "
+                    f"| {_per_call(results, provider, cell, 'ours') if timed else '—'}; "
+                    f"{_per_call(results, provider, cell, 'raw') if timed else '—'} "
+                    f"| {_fmt_ratio(_column_ratio(results, provider, cell, 'p99_ms')) if timed else '—'} "
+                    f"| {_cpu(results, provider, cell, 'ours')}; {_cpu(results, provider, cell, 'raw')} |"
+                )
+        if rows:
+            lines += [f"### {provider}", "",
+                      "| shape | ours msg/s | raw msg/s | ours ÷ raw | per call ms p50 / p99 / max (ours; raw) "
+                      "| per-call p99 ours ÷ raw | client CPU µs/msg (ours; raw) |",
+                      "|---|---:|---:|---:|---|---:|---|", *rows, ""]
+    return lines
+
+
+def latency_section(results: Results) -> list[str]:
+    """Publish → handler latency, ours beside the raw client: the paced cells and the open-loop one."""
+    lines = [
+        "Publish → handler, one subscriber (ours: ordered; raw: the client's consumer loop, a commit per "
+        "fetched batch). *paced*: one `publish()` (raw: the client's send-and-wait) then a 5 ms sleep, "
+        "latency from just before the publish call; *at N msg/s*: open loop in batches, from the intended "
+        "send time. p50 / p99 / max are medians over the repetitions; the ratios (below 1: ours is faster) "
+        "pair repetitions measured back to back. Client CPU is the whole process's (publisher and "
+        "subscriber) per message.",
+        "",
+    ]
+    for provider in results.providers():
+        rows = []
+        for workload in ("latency-paced", "latency"):
+            for cell in results.cells_of(provider, workload):
+                variants = results.cells[(provider, cell)]
+                if "ours" not in variants or "raw" not in variants:
+                    continue
+                rows.append(
+                    f"| {cell} | {_per_call(results, provider, cell, 'ours')} "
+                    f"| {_per_call(results, provider, cell, 'raw')} "
+                    f"| {_fmt_ratio(_column_ratio(results, provider, cell, 'p50_ms'))} "
+                    f"| {_fmt_ratio(_column_ratio(results, provider, cell, 'p99_ms'))} "
+                    f"| {_cpu(results, provider, cell, 'ours')}; {_cpu(results, provider, cell, 'raw')} |"
+                )
+        if rows:
+            lines += [f"### {provider}", "",
+                      "| cell | ours ms p50 / p99 / max | raw ms p50 / p99 / max | p50 ours ÷ raw | p99 ours ÷ raw "
+                      "| client CPU µs/msg (ours; raw) |",
+                      "|---|---|---|---:|---:|---|", *rows, ""]
     return lines
 
 
@@ -513,13 +606,15 @@ def _parameters(results: Results) -> list[str]:
         f"{', '.join(f'{p // 1024} KiB' for p in NATIVE_KAFKA_PAYLOADS)} only: a JVM start per repetition) "
         "the publish count.",
         "",
-        "| provider | publish single | publish batch | end to end | curves | latency cell (offered rate) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| provider | publish single | publish batch | publish, concurrent callers | end to end | curves "
+        "| latency cell (offered rate) | paced latency cell |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for provider in PROVIDER_ORDER:
         c = COUNTS[provider]
-        lines.append(f"| {provider} | {c['single']:,} | {c['batch']:,} | {c['e2e']:,} | {c['curve']:,} "
-                     f"| {c['rate']:,} at {RATE[provider]:,.0f} msg/s |")
+        lines.append(f"| {provider} | {c['single']:,} | {c['batch']:,} | {c['concurrent']:,} | {c['e2e']:,} "
+                     f"| {c['curve']:,} | {c['rate']:,} at {RATE[provider]:,.0f} msg/s "
+                     f"| {c['paced']:,}, {GAP * 1e3:g} ms apart |")
     lines.append("")
     lines.append("(messages per repetition of a full run; `--quick` uses a tenth)")
     return lines
@@ -529,7 +624,8 @@ def _checks(results: Results) -> list[str]:
     """Order and duplicate counts of the end-to-end cells, per provider and variant."""
     totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for row in results.rows:
-        if row.get("workload") not in ("consume", "latency", "partitions", "payloads") or row.get("status") != "ok":
+        if row.get("workload") not in ("consume", "latency", "latency-paced", "partitions", "payloads") or (
+                row.get("status") != "ok"):
             continue
         variant = row["variant"].split("-p")[0] if row["variant"].startswith("ours-p") else row["variant"]
         t = totals[(row["provider"], variant)]
@@ -621,6 +717,12 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         curve = curve_table(results, provider)
         if curve:
             lines += ["Cost curves (end to end, ordered, 1 worker):", "", *curve, ""]
+    publish = publish_section(results)
+    if len(publish) > 2:
+        lines += ["## Publish", "", *publish]
+    latency = latency_section(results)
+    if len(latency) > 2:
+        lines += ["## Latency", "", *latency]
     if images:
         lines += ["## Plots", ""]
         lines += [f"![{name}](benchmarks/{name})" for name in images]

@@ -17,9 +17,12 @@ from typing import Any, NotRequired, TypedDict
 from ._cells import FIELDS, BrokerCpu, Cell, E2EVariant, PublishVariant, run_cell
 from ._common import (
     BATCH,
+    CALLERS,
     COUNTS,
     ENV_VARS,
+    GAP,
     NATIVE_KAFKA_PAYLOADS,
+    PACED_PARTITIONS,
     PARTITION_CURVE,
     PAYLOAD_CURVE,
     PAYLOADS,
@@ -123,6 +126,7 @@ class _E2EArgs(TypedDict):
     partitions: int
     timeout: float
     rate: NotRequired[float]
+    gap: NotRequired[float]
 
 
 def build_cells(target: Target, plan: Plan) -> list[Cell]:
@@ -173,7 +177,28 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
                         NativeVariant("native", driver, mode, n * (2 if provider == "kafka" else 5), size, BATCH))
             cells.append(cell)
 
+    if "publish-concurrent" in plan.cells:
+        for callers in CALLERS:
+            n = counts["concurrent"]
+            cell = Cell(provider, "publish-concurrent", f"publish {callers} callers 100 B",
+                        {"payload": 100, "partitions": 64, "workers": 0, "ordered": ""})
+            cell.variants.append(PublishVariant("ours", ours(), "concurrent", n, 100, BATCH, callers))
+            cell.variants.append(PublishVariant("raw", raw(), "concurrent", n, 100, BATCH, callers))
+            cells.append(cell)
+
     timeout = plan.rep_timeout
+    if "latency-paced" in plan.cells:
+        n = counts["paced"]
+        for partitions in PACED_PARTITIONS.get(provider, (64,)):
+            name = f"latency, publish() every {GAP * 1e3:g} ms, {partitions} partitions"
+            cell = Cell(provider, "latency-paced", name,
+                        {"payload": 100, "partitions": partitions, "workers": 1, "ordered": "both"})
+            paced = _E2EArgs(messages=n, size=100, workers=1, partitions=partitions,
+                             timeout=max(timeout, n * GAP * 3), gap=GAP)
+            cell.variants.append(E2EVariant("ours", ours(partitions), ordered=True, **paced))
+            cell.variants.append(E2EVariant("raw", raw(), ordered=False, **paced))
+            cells.append(cell)
+
     if "consume" in plan.cells:
         for workers in WORKERS:
             n = counts["e2e"]
@@ -229,7 +254,7 @@ def _size(size: int) -> str:
     return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
 
-MAIN_CELLS = ("publish-single", "publish-batch", "consume", "latency")
+MAIN_CELLS = ("publish-single", "publish-batch", "publish-concurrent", "consume", "latency", "latency-paced")
 CURVE_CELLS = ("partitions", "payloads")
 CELL_KINDS = MAIN_CELLS + CURVE_CELLS
 
