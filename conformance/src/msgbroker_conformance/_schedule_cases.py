@@ -117,6 +117,29 @@ class ScheduleCases:
         done = await broker.cancel_scheduled(topic, str(kept.message_id))
         assert done is False, f"cancelling a message delivered already must return False, got {done!r}"
 
+    @requires("scheduling")
+    @case("semantics", timeout=90.0, rules=("14",))
+    async def test_scheduling_a_waiting_message_id_again_replaces_it(self, s: Scenario) -> None:
+        """A message id scheduled again while it waits is delivered once, as scheduled the second
+        time (its new text, not before its new time)."""
+        broker = await s.connect(partition_count=4)
+        topic, group = s.topic(), s.group()
+        rec = Recorder()
+        await broker.subscribe(topic, group, rec.handler(), message_type=ConformanceMessage)
+        first = ConformanceMessage(key="again", seq=0, text="first")
+        second = ConformanceMessage(message_id=first.message_id, key="again", seq=0, text="second")
+        await broker.publish(topic, first, delay=1.0)
+        due = time.time() + 2.5
+        await broker.publish(topic, second, deliver_at=datetime.fromtimestamp(due, UTC))
+        await s.eventually(lambda: str(first.message_id) in rec.acked_ids(),
+                           lambda: f"the message scheduled twice to be handled: {rec.trace()}",
+                           timeout=_late_bound(s, due))
+        await asyncio.sleep(s.capabilities.schedule_precision + s.timeout(1.0))
+        seen = rec.of(str(first.message_id))
+        assert [x.message.text for x in seen] == ["second"], (
+            f"scheduling a waiting message id again must replace it: handled {[x.message.text for x in seen]}")
+        assert seen[0].at >= due - EPSILON, f"handled {due - seen[0].at:.2f}s before its second time"
+
     @requires("scheduling", "kill_member")
     @case("semantics", timeout=120.0, rules=("14", "10"))
     async def test_a_scheduled_message_survives_its_publisher_and_a_crashed_consumer(self, s: Scenario) -> None:
