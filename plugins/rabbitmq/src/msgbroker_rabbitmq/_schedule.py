@@ -138,7 +138,7 @@ class _Mover:
         raw = self._raw
         if raw is None:
             return
-        tag = message.delivery.delivery_tag
+        tag = message.delivery_tag or 0
         properties = message.header.properties
         headers = dict(properties.headers or {})
         try:
@@ -147,10 +147,10 @@ class _Mover:
                 return
             message_id = properties.message_id or ""
             record = OutgoingRecord(
-                self._topic, int(headers[PARTITION_HEADER]), _text(headers[KEY_HEADER]), message_id,
+                self._topic, int(_text(headers[PARTITION_HEADER])), _text(headers[KEY_HEADER]), message_id,
                 {str(k): str(v) for k, v in json.loads(_text(headers.get(HEADERS_HEADER) or "{}")).items()},
                 message.body)
-            due = int(headers[DUE_HEADER]) / 1000
+            due = int(_text(headers[DUE_HEADER])) / 1000
         except (KeyError, ValueError, TypeError) as exc:
             log.error("rabbitmq: a message in the schedule queue of %r is not one of ours (%s); dropped", self._topic,
                       exc)
