@@ -61,6 +61,7 @@ from ._host import Flushable
 from ._logs import hide_sasl_bytes
 from ._records import MESSAGE_ID_HEADER, decode_headers, encode_headers
 from ._replies import ReplyInbox, send_reply
+from ._schedule import Schedules
 from ._settings import KafkaSettings
 
 __all__ = [
@@ -112,6 +113,8 @@ class KafkaTransport(Transport):
         server_restart=True,
         max_message_bytes=1_000_000,
         request_reply=True,
+        scheduling="store",
+        schedule_precision=1.0,
         reasons={
             "deduplication": (
                 "Kafka's idempotent producer only drops its own retries within one producer session; "
@@ -167,6 +170,8 @@ class KafkaTransport(Transport):
         self._producer_lock = asyncio.Lock()
         self.consumers: set[Flushable] = set()
         """The running consumers of this transport (each adds itself at start)."""
+        self.schedules = Schedules(self)
+        """Scheduled messages: the schedule topic, this connection's mover (``_schedule.py``)."""
 
     def _who(self) -> str:
         return f"user {self.user!r}" if self.user else "the connection's user"
@@ -390,6 +395,7 @@ class KafkaTransport(Transport):
         return None
 
     async def close(self) -> None:
+        await self.schedules.stop()
         inbox, self._inbox = self._inbox, None
         if inbox is not None:
             await inbox.close()
@@ -603,9 +609,18 @@ class KafkaTransport(Transport):
     async def send_reply(self, address: str, request_id: str, headers: Mapping[str, str], body: bytes) -> None:
         await send_reply(self, address, request_id, headers, body)
 
+    # -- scheduled messages (_schedule.py) ------------------------------------------------------
+
+    async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
+        await self.schedules.schedule(record, deliver_at)
+
+    async def cancel_scheduled(self, topic: str, message_id: str) -> bool:
+        return await self.schedules.cancel(topic, message_id)
+
     # -- consuming ------------------------------------------------------------------------------
 
     def consumer(self, topic: str, group: str, member_id: str) -> LaneConsumer:
+        self.schedules.run_mover()  # due scheduled messages move while a member runs
         return KafkaLaneConsumer(self, topic, group, member_id)
 
     async def committed_offsets(self, group: str, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, Any]:
