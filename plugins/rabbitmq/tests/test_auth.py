@@ -423,6 +423,10 @@ async def test_a_password_changed_mid_stream_stops_the_subscription(caplog: pyte
             assert isinstance(sub.failure, AccessDeniedError), sub.failure
             text = str(sub.failure)
             assert "rabbitmq" in text and "refused the credentials" in text and f"user '{user}'" in text, text
+            # the broker's own (publisher) connection was closed too: it tries once, is refused and
+            # gives up as well — only then may no connection attempt follow
+            await wait_for(lambda: any("msgbroker-publisher is not restored" in r.getMessage() for r in caplog.records),
+                           "the publisher connection to give up on the refused credentials")
             attempts = connection_attempts(caplog)
             await asyncio.sleep(1.5)  # several reconnect rounds' worth: none may start
             assert connection_attempts(caplog) == attempts, "a refused login is being retried"
