@@ -79,7 +79,7 @@ async def raw(servers: str, partitions: int, messages: int) -> tuple[float, floa
         await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
     finally:
         await admin.close()
-    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True, linger_ms=2)
+    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", enable_idempotence=True)
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=servers, group_id="g", enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     await producer.start()

@@ -98,14 +98,12 @@ class _Record:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
-def _owner(metadata: str | None = None, at: int = 0) -> _Track:
-    """A partition's track as a new owner opens it after a commit at ``at`` with ``metadata``."""
+def _owner(metadata: str | None = None, at: int = 0, marks: tuple[tuple[int, int], ...] = ()) -> _Track:
+    """A partition's track as a new owner opens it after a commit at ``at`` with ``metadata``
+    and the start markers (``marks``) its previous owner wrote after that commit."""
     track = _Track(TopicPartition("t", 0))
     if metadata is not None:
-        track.committed = (at, metadata)
-        track.inherited = AttemptRecord.decode(metadata)
-        track.inherited_at = at
-        track.inherited_end = track.inherited.end(at) if track.inherited else -1
+        track.inherit(at, metadata, marks)
     return track
 
 
@@ -127,6 +125,27 @@ def test_first_deliveries_are_committed_in_doubt_and_a_crash_counts_them_once_an
     head, *rest = [third.deliver(_Record(offset)) for offset in range(5)]
     assert (head.attempt, head.failures) == (3, 1)
     assert [(d.attempt, d.failures) for d in rest] == [(2, 0)] * 4, "doubt does not pile up"
+
+
+def test_a_commit_names_where_the_start_markers_begin_and_a_new_owner_counts_them_in_doubt() -> None:
+    first = _owner()
+    first.marked = 40  # <topic>.starts ended at 40 when it took the partition over
+    for offset in range(3):
+        first.deliver(_Record(offset))
+    assert first.record(0) == "msgbroker:a=0;d=0-3;m=40"
+    assert first.record(0, final=True) == "msgbroker:a=1;m=40"
+    first.pending.clear()
+    assert first.record(3) == "msgbroker:a=0;m=40"  # nothing in doubt, the markers' start still named
+    assert AttemptRecord.decode("msgbroker:a=0;m=40") == AttemptRecord(0, marks=40)
+    # it handed 3-5 with a marker (not committed) and died: the next owner reads the marker
+    second = _owner("msgbroker:a=0;m=40", at=3, marks=((3, 5), (1, 2)))
+    again = [second.deliver(_Record(offset)) for offset in range(3, 7)]
+    assert [(d.attempt, d.failures) for d in again] == [(2, 0), (2, 0), (1, None), (1, None)], (
+        "handed out after the commit: one attempt more, no failure; published later: a first delivery")
+    assert second.careful == {3, 4}
+    # markers and the record's own doubt together
+    both = _owner("msgbroker:a=0;d=3-4;m=40", at=3, marks=((4, 6),))
+    assert both.inherited is not None and both.inherited.doubt == ((3, 6),)
 
 
 def test_a_final_record_leaves_no_doubt_of_its_own() -> None:

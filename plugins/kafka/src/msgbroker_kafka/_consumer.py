@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -53,6 +54,9 @@ _FINAL_BOUND = 10.0
 _LEAVE_BOUND = 2.0
 _RUNS_BUDGET = 3000
 """Characters of attempt runs and doubt ranges in a commit's metadata (brokers keep 4096 by default)."""
+STARTS_TOPIC_SUFFIX = ".starts"
+"""``<topic>.starts``: the start markers of first deliveries (see :meth:`KafkaLaneConsumer.poll`),
+one partition per partition of the topic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,9 @@ class AttemptRecord:
     announced attempt ``retried_at`` (``msgbroker.spi.failures_since``); None: never retried."""
     retried_at: int = 0
     doubt: tuple[tuple[int, int], ...] = ()
+    marks: int | None = None
+    """Start markers of this partition's later hand-outs are in ``<topic>.starts`` from this
+    offset on (each names a range of offsets in doubt); None: the writer used none."""
 
     def began(self, committed: int, offset: int) -> int:
         """Deliveries begun of the message at ``offset``, for a commit at ``committed``."""
@@ -118,6 +125,8 @@ class AttemptRecord:
             parts.append(f"h={self.until}")
         if self.doubt:
             parts.append("d=" + ",".join(f"{first}-{until}" for first, until in self.doubt))
+        if self.marks is not None:
+            parts.append(f"m={self.marks}")
         return _META_PREFIX + ";".join(parts)
 
     @classmethod
@@ -145,6 +154,7 @@ class AttemptRecord:
                 until=int(fields["h"]) if fields.get("h") else None,
                 due=fields.get("due") == "1",
                 doubt=tuple(sorted(span for span in doubt if span[0] < span[1])),
+                marks=int(fields["m"]) if fields.get("m") else None,
             )
         except (KeyError, ValueError):
             return None
@@ -226,6 +236,15 @@ class _Track:
     """The previous owner's record and the offset it was committed at."""
     inherited_end: int = -1
     """The first offset after ``inherited_at`` the previous owner's record says nothing about."""
+    start: int | None = None
+    """The partition's first offset when this member took it over, for a group that never
+    committed it: where reading starts (so the takeover commit can name ``marked``)."""
+    marked: int | None = None
+    """This member's start markers of the partition land in ``<topic>.starts`` at or past this
+    offset (its end when the member took the partition over, then past each marker written)."""
+    marking: bool = False
+    """The last successful commit named ``marked`` (``m=``): a next owner reads the markers from
+    there, so a first delivery may be recorded by a marker instead of a commit."""
     committed: tuple[int, str] | None = None
     closed: bool = False
     ordered: bool = True
@@ -244,7 +263,7 @@ class _Track:
             return offset
         if self.fetched_to is not None:
             return self.fetched_to
-        return self.committed[0] if self.committed else None
+        return self.committed[0] if self.committed else self.start
 
     def inherited_state(self, offset: int) -> tuple[int, bool]:
         """(deliveries begun, one more in doubt) of ``offset`` as the previous owner recorded it."""
@@ -252,6 +271,25 @@ class _Track:
         if inherited is None or not self.inherited_at <= offset < self.inherited_end:
             return 0, False
         return inherited.began(self.inherited_at, offset), inherited.doubtful(offset)
+
+    def inherit(self, offset: int, metadata: str, marks: Sequence[tuple[int, int]] = ()) -> None:
+        """Take over after the previous owner's commit at ``offset`` with ``metadata`` and its
+        start markers written after that commit (``marks``: ranges of offsets in doubt)."""
+        self.committed = (offset, metadata)
+        self.inherited = AttemptRecord.decode(metadata)
+        self.inherited_at = offset
+        inherited = self.inherited
+        if inherited is not None and marks:
+            spans = sorted({*inherited.doubt, *((max(a, offset), b) for a, b in marks if b > offset)})
+            merged: list[tuple[int, int]] = []
+            for first, until in spans:
+                if merged and first <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(merged[-1][1], until))
+                else:
+                    merged.append((first, until))
+            self.inherited = inherited = dataclasses.replace(inherited, doubt=tuple(merged))
+        if inherited is not None:
+            self.inherited_end = inherited.end(offset)
 
     def deliver(self, record: Any) -> Delivery:
         """The delivery of a fetched record, its attempt counted from the previous owner's record;
@@ -338,11 +376,13 @@ class _Track:
 
     def record(self, offset: int, *, final: bool = False) -> str:
         """The commit metadata for a commit at ``offset``. ``final``: the engine drained the
-        lane (revoke, close), so nothing is in a handler."""
+        lane (revoke, close), so nothing is in a handler. With ``marked``, it names where this
+        member's later start markers begin (``m=``)."""
+        marks = "" if self.marked is None else f";m={self.marked}"
         if not final and self.fast(offset):
             if offset in self.pending:
-                return f"{_META_PREFIX}a=0;d={offset}-{self.handed_to}"
-            return ""
+                return f"{_META_PREFIX}a=0;d={offset}-{self.handed_to}{marks}"
+            return f"{_META_PREFIX}a=0{marks}" if marks else ""
         started, head_doubt, not_before, due = self._state(offset, final)
         failures: int | None = None
         retried_at = 0
@@ -370,9 +410,10 @@ class _Track:
                 doubtful.append(other)
         doubt_spans = _spans(doubtful, _RUNS_BUDGET // 2)
         runs, until = _runs(counts, _RUNS_BUDGET - sum(len(f"{a}-{b},") for a, b in doubt_spans))
-        if not started and not runs and not doubt_spans and not_before is None:
+        if not started and not runs and not doubt_spans and not_before is None and self.marked is None:
             return ""
-        return AttemptRecord(started, not_before, runs, until, due, failures, retried_at, doubt_spans).encode()
+        return AttemptRecord(started, not_before, runs, until, due, failures, retried_at, doubt_spans,
+                             self.marked).encode()
 
 
 async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> None:
@@ -411,6 +452,10 @@ async def _leave(consumer: AIOKafkaConsumer, graceful: bool, parked: bool) -> No
     # the client close) leaves a fetcher that would reconnect on sockets nobody closes
     if not done or not _report(stopping):
         await _compat.finish_stop(consumer, _FINAL_BOUND)
+
+
+async def _empty() -> dict[TopicPartition, int]:
+    return {}
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:
@@ -468,6 +513,15 @@ class KafkaLaneConsumer(LaneConsumer):
         self._listener: AssignmentListener | None = None
         self._lanes: dict[int, _Track] = {}
         self._committed: dict[int, tuple[int, str]] = {}
+        self._log_starts: dict[int, int] = {}
+        """Each assigned partition's first offset when it was assigned (see ``_Track.start``)."""
+        self.starts_topic = transport.kafka_name(topic + STARTS_TOPIC_SUFFIX)
+        self._marking = False
+        """``<topic>.starts`` is there to write start markers to (else every hand-out commits)."""
+        self._mark_ends: dict[int, int] = {}
+        """``<topic>.starts``'s end offset of each partition when it was assigned."""
+        self._marks: dict[int, list[tuple[int, int]]] = {}
+        """The previous owners' start markers after their last commit, per assigned partition."""
         self._commit_lock = asyncio.Lock()
         self._changes = 0
         self._flushed = 0
@@ -494,6 +548,11 @@ class KafkaLaneConsumer(LaneConsumer):
 
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         await self.transport.ensure_topic(self.topic)
+        try:
+            await self.transport.ensure_topic(self.topic + STARTS_TOPIC_SUFFIX)
+            self._marking = True
+        except MsgBrokerError as exc:  # e.g. no Create on it: every hand-out commits instead
+            log.warning("kafka: no start markers for %s (%s): each hand-out waits for a commit", self.topic, exc)
         settings = self.transport.settings
         kafka = settings.kafka
         session = int(kafka.session_timeout.total_seconds() * 1000)
@@ -583,9 +642,21 @@ class KafkaLaneConsumer(LaneConsumer):
             return
         tps = [TopicPartition(self.kafka_topic, p) for p in partitions]
         self._committed = {}
+        self._log_starts = {}
+        self._mark_ends = {}
+        self._marks = {}
         for attempt in range(3):
             try:
-                found = await self.transport.committed_offsets(self.group, tps) if tps else {}
+                # after the previous owners are gone: they write no more commits or markers
+                found: dict[TopicPartition, Any] = {}
+                starts: dict[TopicPartition, int] = {}
+                ends: dict[TopicPartition, int] = {}
+                if tps:
+                    found, (starts, ends) = await asyncio.gather(
+                        self.transport.committed_offsets(self.group, tps), self._log_bounds(tps)
+                    )
+                committed = {tp.partition: (meta.offset, meta.metadata or "") for tp, meta in found.items()}
+                marks = await self._read_marks(committed, ends)
             except AccessDeniedError as exc:
                 self._refuse(exc)
                 break
@@ -596,7 +667,9 @@ class KafkaLaneConsumer(LaneConsumer):
                             attempt + 1, exc)
                 await asyncio.sleep(0.2)
                 continue
-            self._committed = {tp.partition: (meta.offset, meta.metadata or "") for tp, meta in found.items()}
+            self._committed, self._marks = committed, marks
+            self._log_starts = {tp.partition: start for tp, start in starts.items()}
+            self._mark_ends = {tp.partition: end for tp, end in ends.items()}
             break
         try:
             await self._listener.assigned(partitions)
@@ -604,6 +677,66 @@ class KafkaLaneConsumer(LaneConsumer):
             log.exception("kafka: taking over %s%s for %s failed", self.topic, partitions, self.group)
         finally:
             self._assigned_once.set()
+        if self._lanes and self._mark_ends:
+            # a commit soon names where this member's start markers begin (``m=``): from then
+            # on a first delivery is recorded by a marker, not a commit (see ``poll``)
+            self._full.set()
+            self._dirty.set()
+
+    async def _log_bounds(
+        self, tps: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """(first offsets of ``tps``, end offsets of their ``<topic>.starts`` partitions) now."""
+        offsets = await self.transport.offsets_client()
+        marks = [TopicPartition(self.starts_topic, tp.partition) for tp in tps] if self._marking else []
+        try:
+            starts, ends = await asyncio.wait_for(
+                asyncio.gather(offsets.beginning_offsets(tps), offsets.end_offsets(marks) if marks else _empty()),
+                _FINAL_BOUND,
+            )
+        except Exception as exc:
+            raise self.transport.error(exc, f"reading the offsets of {self.kafka_topic!r}") from exc
+        return starts, ends
+
+    async def _read_marks(
+        self, committed: dict[int, tuple[int, str]], ends: dict[TopicPartition, int]
+    ) -> dict[int, list[tuple[int, int]]]:
+        """The start markers of this group written after the last commit of each partition (from
+        the commit's ``m=`` to ``ends``): ranges of offsets whose delivery may have begun."""
+        since: dict[TopicPartition, int] = {}
+        for tp, end in ends.items():
+            entry = committed.get(tp.partition)
+            record = AttemptRecord.decode(entry[1]) if entry else None
+            if record is not None and record.marks is not None and record.marks < end:
+                since[tp] = record.marks
+        out: dict[int, list[tuple[int, int]]] = {}
+        if not since:
+            return out
+        group = self.kafka_group.encode()
+        reader = AIOKafkaConsumer(**self.transport.client_options(), enable_auto_commit=False)
+        try:
+            await reader.start()
+            reader.assign(list(since))
+            for tp, offset in since.items():
+                reader.seek(tp, offset)
+            deadline = time.monotonic() + _FINAL_BOUND
+            remaining = set(since)
+            while remaining:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading {self.starts_topic!r} did not reach its end in time")
+                batch = await reader.getmany(*remaining, timeout_ms=200)
+                for tp, records in batch.items():
+                    for record in records:
+                        if record.key == group and record.offset < ends[tp]:
+                            first, _, until = (record.value or b"").decode().partition("-")
+                            out.setdefault(tp.partition, []).append((int(first), int(until)))
+                for tp in list(remaining):
+                    if await reader.position(tp) >= ends[tp]:
+                        remaining.discard(tp)
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.stop()
+        return out
 
     async def on_revoked(self, partitions: list[int]) -> None:
         if self._listener is None or not partitions:
@@ -630,14 +763,14 @@ class KafkaLaneConsumer(LaneConsumer):
     async def open_lane(self, partition: int, lease: str | None) -> None:
         tp = TopicPartition(self.kafka_topic, partition)
         track = _Track(tp, ordered=self._ordered)
+        track.marked = self._mark_ends.get(partition)
         committed = self._committed.get(partition)
-        if committed is not None:
+        if committed is None:
+            # never committed: the group reads it from its first offset (auto_offset_reset)
+            track.start = self._log_starts.get(partition)
+        else:
             offset, metadata = committed
-            track.committed = committed
-            track.inherited = AttemptRecord.decode(metadata)
-            track.inherited_at = offset
-            if track.inherited is not None:
-                track.inherited_end = track.inherited.end(offset)
+            track.inherit(offset, metadata, self._marks.get(partition, ()))
             if self._consumer is not None:
                 try:
                     # records fetched before a rebalance and never settled are read again
@@ -750,12 +883,49 @@ class KafkaLaneConsumer(LaneConsumer):
                 track.surplus.extend(records)
                 track.fetched_to = records[-1].offset + 1
                 self._hand_out(track, max_per_lane, out)
-        # What is handed out now may begin before the next commit: the commit metadata must say
-        # so first (a range in doubt, or the start of a careful message), so that a crash in its
-        # handler counts. One commit for every lane, carrying the acks since the last one too.
+        # What is handed out now may begin before the next commit: the broker must know first,
+        # so that a crash in its handler counts. First deliveries of lanes whose last commit
+        # named where their start markers begin get a marker in ``<topic>.starts`` (a produce
+        # round trip: one record per lane, written together, naming the range handed out); a
+        # careful message, or a lane without such a commit, waits for one commit for every
+        # lane, carrying the acks since the last one too (a commit's round trip is several
+        # times a produce's: Kafka 4's group coordinator lingers before writing).
         if out and not self._commits_failing:
-            await self._group_commit()
+            ranges: dict[int, list[int]] = {}
+            for delivery in out:
+                track = lanes.get(delivery.partition)
+                if track is None or not track.marking or delivery.position in track.careful:
+                    ranges.clear()
+                    break
+                span = ranges.setdefault(delivery.partition, [delivery.position, delivery.position + 1])
+                span[0], span[1] = min(span[0], delivery.position), max(span[1], delivery.position + 1)
+            if not ranges or not await self._mark(ranges):
+                await self._group_commit()
         return out
+
+    async def _mark(self, ranges: dict[int, list[int]]) -> bool:
+        """Write one start marker per partition (its range of offsets handed out now) and wait
+        until Kafka has them all (acks=all); False when that failed (commit instead)."""
+        try:
+            producer = self.transport.producer
+            group = self.kafka_group.encode()
+            sent = [
+                (partition, await producer.send(self.starts_topic, f"{first}-{until}".encode(), key=group,
+                                                partition=partition))
+                for partition, (first, until) in ranges.items()
+            ]
+            written = await asyncio.gather(*(future for _, future in sent))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("kafka: writing start markers of %s for %s failed (%r): committing instead", self.topic,
+                     self.group, exc)
+            return False
+        for (partition, _), meta in zip(sent, written, strict=True):
+            track = self._lanes.get(partition)
+            if track is not None and track.marked is not None:
+                track.marked = max(track.marked, meta.offset + 1)
+        return True
 
     @staticmethod
     def _hand_out(track: _Track, limit: int, out: list[Delivery]) -> None:
@@ -906,6 +1076,7 @@ class KafkaLaneConsumer(LaneConsumer):
             for tp, entry in offsets.items():
                 track = tracks[tp]
                 track.committed = entry
+                track.marking = track.marked is not None  # the record named it (``m=``)
                 if track.settled:
                     for offset in [o for o in track.settled if o < entry[0]]:
                         del track.settled[offset]

@@ -56,4 +56,13 @@ class ConsumerHost(Protocol):
         self, group: str, partitions: Sequence[TopicPartition]
     ) -> dict[TopicPartition, Any]: ...
 
+    async def offsets_client(self) -> Any:
+        """A group-less ``AIOKafkaConsumer`` for log start and end offsets."""
+        ...
+
+    @property
+    def producer(self) -> Any:
+        """The idempotent ``acks=all`` producer of the connection."""
+        ...
+
     async def write_dead_letter(self, letter: DeadLetter, key: str, message_id: str) -> None: ...

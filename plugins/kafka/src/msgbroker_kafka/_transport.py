@@ -249,7 +249,10 @@ class KafkaTransport(Transport):
             **self.client_options(),
             acks="all",
             enable_idempotence=True,
-            linger_ms=2,
+            # no linger: a lone publish() is sent at once (2 ms of linger were most of its
+            # latency); concurrent publishes still share requests, as records accumulate while
+            # one is in flight, and publish_batch appends every record before the first send
+            linger_ms=0,
             max_request_size=1024 * 1024,
         )
 
