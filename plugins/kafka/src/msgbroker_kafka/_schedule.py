@@ -82,6 +82,8 @@ class ScheduleTransport(Protocol):
 
     async def _replication_factor(self) -> int: ...
 
+    def _topic_configs(self) -> dict[str, str]: ...
+
 
 def _pack(record: OutgoingRecord, due: float, kind: str) -> bytes:
     return json.dumps({
@@ -279,8 +281,9 @@ class Schedules:
         name = transport.kafka_name(SCHEDULE_TOPIC)
         try:
             replication = await transport._replication_factor()
+            configs = {**transport._topic_configs(), "cleanup.policy": "compact"}  # min.insync.replicas too
             response = await asyncio.wait_for(transport.admin.create_topics([NewTopic(
-                name, SCHEDULE_PARTITIONS, replication, topic_configs={"cleanup.policy": "compact"})]), 15.0)
+                name, SCHEDULE_PARTITIONS, replication, topic_configs=configs)]), 15.0)
             for topic, code, message in response.topic_errors:
                 if topic == name and code not in (0, _TOPIC_EXISTS):
                     raise MsgBrokerError(
