@@ -226,14 +226,14 @@ class FsRabbit(_FastStream):
 
 class FsKafka(_FastStream):
     max_batch = 512 * 1024
-    config = ("KafkaBroker(acks='all', enable_idempotence=True, linger_ms=2); publish(topic, key=…) awaits the ack; "
+    config = ("KafkaBroker(acks='all', enable_idempotence=True, linger_ms=0); publish(topic, key=…) awaits the ack; "
               "batch = publish_batch (no per-message key: one partition) in 512 KiB record batches, gathered; "
               "subscriber(group_id, AckPolicy.ACK: commit after each handler)")
 
     def make(self) -> Any:
         from faststream.kafka import KafkaBroker  # type: ignore[import-not-found]
 
-        return KafkaBroker(self.url, acks="all", enable_idempotence=True, linger_ms=2, logger=None,
+        return KafkaBroker(self.url, acks="all", enable_idempotence=True, linger_ms=0, logger=None,
                            max_batch_size=self.max_batch)
 
     def _topic(self, topic: str) -> str:

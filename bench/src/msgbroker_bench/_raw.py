@@ -9,10 +9,10 @@ import time
 import uuid
 from typing import Any
 
-from ._driver import Consumers, Driver, stop_tasks
+from ._driver import Consumers, Driver, Unsupported, stop_tasks
 from ._model import Sink, decode_raw, encode_raw, key_of
 
-__all__ = ["RawKafka", "RawMemory", "RawNats", "RawRabbit", "RawRedis", "raw_driver"]
+__all__ = ["RawKafka", "RawMemory", "RawNats", "RawRabbit", "RawRabbitRouted", "RawRedis", "raw_driver"]
 
 FETCH = 100
 """Messages per fetch (XREADGROUP COUNT, JetStream fetch, AMQP prefetch, getmany max_records/5)."""
@@ -312,13 +312,63 @@ class RawRabbit(Driver):
         return Consumers(close)
 
 
+class RawRabbitRouted(RawRabbit):
+    """aio-pika publishing as our provider routes: a direct exchange per topic, one durable quorum
+    queue per partition bound under its number, the client computing the partition. What the
+    server costs for that routing, without msgbroker (publish cells only)."""
+
+    label = "aio-pika, partitioned"
+    config = (
+        "a direct exchange per topic, one durable quorum queue per partition (64) bound under its number, "
+        "routing key = msgbroker.partition_for(key); persistent, publisher confirms; batch = gather"
+    )
+    partitions = 64
+
+    async def prepare(self, topic: str, partitions: int) -> None:
+        name = self._queue(topic)
+        exchange = await self.channel.declare_exchange(name, "direct", durable=True)
+        for p in range(self.partitions):
+            queue = await self.channel.declare_queue(f"{name}.{p}", durable=True, arguments={"x-queue-type": "quorum"})
+            await queue.bind(exchange, routing_key=str(p))
+        self.exchange = exchange
+
+    async def drop(self, topic: str) -> None:
+        name = self._queue(topic)
+        with contextlib.suppress(Exception):
+            for p in range(self.partitions):
+                await self.channel.queue_delete(f"{name}.{p}")
+            await self.channel.exchange_delete(name)
+
+    def _route(self, seq: int) -> str:
+        from msgbroker import partition_for
+
+        return str(partition_for(key_of(seq), self.partitions))
+
+    async def publish_single(self, topic: str, seqs: range, run: int, data: str) -> None:
+        publish = self.exchange.publish
+        clock = time.perf_counter_ns
+        for seq in seqs:
+            await publish(self._message(seq, run, clock(), data), routing_key=self._route(seq))
+
+    async def publish_batch(self, topic: str, seqs: range, run: int, data: str, stamp: int) -> None:
+        publish = self.exchange.publish
+        await asyncio.gather(*(publish(self._message(seq, run, stamp, data), routing_key=self._route(seq))
+                               for seq in seqs))
+
+    async def start_consumers(
+        self, topic: str, group: str, workers: int, partitions: int, sink: Sink, ordered: bool
+    ) -> Consumers:
+        raise Unsupported("publish cells only")
+
+
 class RawKafka(Driver):
     """aiokafka: send_and_wait / send + gather (acks=all, idempotent, linger 2 ms — like ours) /
     getmany / commit per batch."""
 
     label = "aiokafka"
     config = (
-        "acks=all, enable_idempotence=True, linger_ms=2 (as msgbroker-kafka); batch = send() each + gather; "
+        "acks=all, enable_idempotence=True, linger_ms=0 (aiokafka's default, as msgbroker-kafka); "
+        "batch = send() each + gather; "
         "consumer getmany(max_records=500) + commit() per batch; topic with the cell's partition count"
     )
 
@@ -331,7 +381,7 @@ class RawKafka(Driver):
         from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 
         self.producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True,
-                                         linger_ms=2)
+                                         linger_ms=0)
         await self.producer.start()
 
     async def close(self) -> None:
