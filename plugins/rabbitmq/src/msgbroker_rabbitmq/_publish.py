@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import aiormq
 from aio_pika.abc import AbstractChannel
@@ -61,6 +62,9 @@ MAX_HEADER_NAME_BYTES = 128
 
 
 _DEATH_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
+_CHANNEL_GONE = (amqp.ChannelClosed, amqp.ChannelInvalidStateError, asyncio.CancelledError)
+"""What a publish raises when another caller closed the shared channel under it (a cancellation
+of the caller's own task is raised before these are looked at)."""
 
 
 def _check_headers(record: OutgoingRecord) -> None:
@@ -139,8 +143,13 @@ class _Channels:
         return CONFIRM_PATIENCE
 
     async def renew(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.current.close()
+        try:
+            await self.current.close()  # concurrent callers may be closing it too
+        except asyncio.CancelledError:
+            if cancelled():
+                raise
+        except Exception:  # closed already, or the connection went: opening the new channel says which
+            pass
         channel, self.current = await self.link.channel(confirms=True)
         self.own.append(channel)
 
@@ -167,7 +176,7 @@ async def _publish_stored(
     while True:
         patience = max(0.1, min(channels.patience(), deadline - loop.time()))
         came_back, refused, unconfirmed = await _publish_round(
-            topology, channels.current, [r for _, r in pending], patience
+            topology, channels.current, [r for _, r in pending], patience, channels.link
         )
         returned.update((pending[i][0], pending[i][1]) for i in came_back)
         again = sorted(refused + unconfirmed)
@@ -198,35 +207,53 @@ async def _publish_stored(
                  "sending them and the %d after them again on a new channel", len(refused), sample.topic,
                  len(unconfirmed), patience, sample.message_id, len(pending) - len(again))
         await asyncio.sleep(pause)
-        await channels.renew()
+        try:
+            await channels.renew()
+        except MsgBrokerError as exc:
+            if not unconfirmed:
+                raise
+            raise PublishIndeterminateError(
+                f"rabbitmq: {len(unconfirmed)} publish(es) to {sample.topic!r} (first {sample.message_id}) may or may "
+                f"not have been stored: {exc}"
+            ) from exc
 
 
 async def _publish_round(
-    topology: Topology, channel: aiormq.abc.AbstractChannel, records: list[OutgoingRecord], patience: float
+    topology: Topology, channel: aiormq.abc.AbstractChannel, records: list[OutgoingRecord], patience: float,
+    link: Link,
 ) -> tuple[list[int], list[int], list[int]]:
     """One burst in order (aiormq sends frames under a FIFO lock); the confirms come back
     together. Returns the positions of the records the server returned unroutable, of those it
-    refused (``basic.nack``) and of those not confirmed within ``patience`` seconds."""
-    results = await asyncio.gather(
-        *(
-            publish_unlocked(  # do not hold aiormq's channel lock until each frame is on the socket
-                channel,
-                record.body,
-                exchange=topology.exchange(record.topic),
-                routing_key=str(record.partition),
-                properties=spec.Basic.Properties(
-                    delivery_mode=PERSISTENT,
-                    message_id=record.message_id,
-                    content_type=CONTENT_TYPE,
-                    headers={**record.headers, KEY_HEADER: record.key},
-                ),
-                mandatory=True,
-                timeout=patience,
-            )
-            for record in records
-        ),
-        return_exceptions=True,
-    )
+    refused (``basic.nack``) and of those not confirmed within ``patience`` seconds — or whose
+    channel was closed under them while the connection stayed up: concurrent callers share the
+    connection's confirm channel, and one whose message was refused closes it (see
+    :class:`_Channels`); the others' publishes are not refused for that, they go out again."""
+    def publish(record: OutgoingRecord) -> Awaitable[Any]:
+        return publish_unlocked(  # do not hold aiormq's channel lock until each frame is on the socket
+            channel,
+            record.body,
+            exchange=topology.exchange(record.topic),
+            routing_key=str(record.partition),
+            properties=spec.Basic.Properties(
+                delivery_mode=PERSISTENT,
+                message_id=record.message_id,
+                content_type=CONTENT_TYPE,
+                headers={**record.headers, KEY_HEADER: record.key},
+            ),
+            mandatory=True,
+            timeout=patience,
+        )
+
+    results: list[Any]
+    if len(records) == 1:  # one publish() awaits its confirm in the caller's task (gather would add a task)
+        try:
+            results = [await publish(records[0])]
+        except asyncio.CancelledError as exc:
+            results = [exc]
+        except Exception as exc:
+            results = [exc]
+    else:
+        results = await asyncio.gather(*(publish(record) for record in records), return_exceptions=True)
     pairs = list(zip(records, results, strict=True))
     for _, result in pairs:
         if isinstance(result, asyncio.CancelledError) and cancelled():
@@ -234,6 +261,9 @@ async def _publish_round(
     for record, result in pairs:
         if isinstance(result, amqp.ChannelAccessRefused):  # no write permission: nothing was stored
             raise translate(result, f"publishing to {record.topic!r}") from result
+    if link.is_up:  # a channel closed under the publish (not the connection): send it again
+        results = [TimeoutError("its channel was closed") if isinstance(x, _CHANNEL_GONE) else x for x in results]
+        pairs = list(zip(records, results, strict=True))
     # A publish cancelled by aiormq itself (a connection found stuck, its reader cancelled) is
     # indeterminate like any other lost connection.
     unknown = [(r, x) for r, x in pairs
