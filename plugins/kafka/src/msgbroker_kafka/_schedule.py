@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import partition_for
-from msgbroker.spi import BrokerTimeoutError, MsgBrokerError, OutgoingRecord
+from msgbroker.spi import AccessDeniedError, BrokerTimeoutError, MsgBrokerError, OutgoingRecord
 
 from ._records import MESSAGE_ID_HEADER, encode_headers
 from ._replies import ReplyInbox
@@ -177,6 +177,9 @@ class _Mover:
                     await self._move_due()
             except asyncio.CancelledError:
                 raise
+            except AccessDeniedError as exc:  # the login refused for good: nothing to start again
+                log.warning("kafka: the schedule mover stopped: %s", exc)
+                return
             except Exception as exc:
                 log.warning("kafka: the schedule mover stopped (%s); starting again", exc)
                 await asyncio.sleep(1.0)

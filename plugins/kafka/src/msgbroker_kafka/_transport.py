@@ -364,11 +364,11 @@ class KafkaTransport(Transport):
         return self.refused
 
     async def _stop_clients(self) -> None:
-        """Stop the producer, admin and offsets clients (their reconnecting ends); the transport
-        raises :attr:`refused` from now on."""
+        """Stop the schedule mover and the producer, admin and offsets clients (their
+        reconnecting ends); the transport raises :attr:`refused` from now on."""
         producer, admin, offsets = self._producer, self._admin, self._offsets
         self._producer = self._admin = self._offsets = None
-        for stop in (producer.stop if producer else None, offsets.stop if offsets else None,
+        for stop in (self.schedules.stop, producer.stop if producer else None, offsets.stop if offsets else None,
                      admin.close if admin else None):
             if stop is not None:
                 with contextlib.suppress(Exception):
