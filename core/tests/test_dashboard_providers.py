@@ -78,7 +78,12 @@ def test_the_dashboard_shows_a_group_on_every_provider(provider: str) -> None:
         assert view["members"] is not None and view["members"] == [], f"the group has no live member: {view}"
     finally:
         dashboard.terminate()
-        dashboard.communicate(timeout=30)
+        try:
+            dashboard.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # never leave it running for the tests after this one
+            dashboard.kill()
+            dashboard.communicate(timeout=10)
+            raise
 
 
 async def _hold(ctx: Any) -> None:

@@ -109,11 +109,14 @@ class Sampler:
         self.listing: str | None = None
         """Why the provider's topics could not be listed, if they could not."""
         self.rounds = 0
+        self.stopped = False
+        """Set when the app shuts down: the loop ends even if a client library swallowed the
+        cancellation of the round in hand (Python 3.11's ``wait_for`` can)."""
         for topic, group in config.watch:
             self.groups[(topic, group)] = _Watched(topic, group)
 
     async def run(self) -> None:
-        while True:
+        while not self.stopped:
             started = time.monotonic()
             await self.sample()
             await asyncio.sleep(max(0.05, self.config.interval - (time.monotonic() - started)))
@@ -343,9 +346,12 @@ def create_app(broker: Broker, config: DashboardConfig, sampler: Sampler | None 
             yield
         finally:
             if task is not None:
+                sampling.stopped = True
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # bounded: a round stuck in a client call must not keep the process from exiting
+                await asyncio.wait({task}, timeout=10)
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.warning("dashboard: the sampling loop failed: %r", task.exception())
 
     return Starlette(
         routes=[
