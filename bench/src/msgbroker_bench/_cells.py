@@ -21,8 +21,8 @@ __all__ = ["Cell", "E2EVariant", "PublishVariant", "Variant", "run_cell"]
 FIELDS = [
     "provider", "workload", "cell", "variant", "kind", "label", "rep", "payload", "partitions", "workers",
     "ordered", "messages", "seconds", "msgs_per_s", "mb_per_s", "cpu_us_per_msg", "broker_cpu_pct",
-    "p50_ms", "p99_ms", "p999_ms", "max_ms", "offered_rate", "dups", "order_violations", "status", "config",
-    "run_at",
+    "p50_ms", "p99_ms", "p999_ms", "max_ms", "offered_rate", "dups", "order_violations", "first_ms", "status",
+    "config", "run_at",
 ]
 
 
@@ -311,7 +311,8 @@ async def run_cell(
         d = variant.driver
         try:
             t0 = time.monotonic()
-            await asyncio.wait_for(variant.setup(), rep_timeout + 20)
+            # a variant's own deadline may be longer (the drain cell starts worker processes)
+            await asyncio.wait_for(variant.setup(), max(rep_timeout, getattr(variant, "timeout", 0.0)) + 20)
             live.append(variant)
             log(f"  {cell.provider:8} {cell.name:28} {variant.name:16} ready in {time.monotonic() - t0:.1f}s")
         except Unsupported as exc:

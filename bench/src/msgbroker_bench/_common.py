@@ -14,6 +14,9 @@ __all__ = [
     "BATCH",
     "CALLERS",
     "COUNTS",
+    "DRAIN_BACKLOG",
+    "DRAIN_FETCH",
+    "DRAIN_KEYS",
     "ENV_VARS",
     "GAP",
     "NATIVE_KAFKA_PAYLOADS",
@@ -59,6 +62,13 @@ COUNTS: dict[str, dict[str, int]] = {
               "concurrent": 3_000, "paced": 1_000},
 }
 """``concurrent``: messages of a concurrent-callers publish cell; ``paced``: of a paced latency cell."""
+DRAIN_BACKLOG = 20_000
+"""Messages of the drain cell's backlog (100 B each, 64 partitions), on every provider."""
+DRAIN_KEYS = 1_000
+"""Distinct keys of the drain cell's backlog."""
+DRAIN_FETCH = 500
+"""Messages per fetch of the raw loops in the drain cell (XREADGROUP COUNT, JetStream fetch,
+AMQP prefetch, getmany max_records)."""
 CALLERS = (16, 256)
 """Tasks publishing at once in the concurrent publish cells (each awaits one publish() at a time)."""
 GAP = 0.005

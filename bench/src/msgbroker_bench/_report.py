@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from importlib import metadata
 from pathlib import Path
 
-from ._common import BATCH, COUNTS, GAP, NATIVE_KAFKA_PAYLOADS, RATE
+from ._common import BATCH, COUNTS, DRAIN_BACKLOG, DRAIN_FETCH, DRAIN_KEYS, GAP, NATIVE_KAFKA_PAYLOADS, RATE
 from ._stats import Spread, ratio_spread, spread
 
 __all__ = ["write_report"]
@@ -352,6 +352,61 @@ def latency_section(results: Results) -> list[str]:
     return lines
 
 
+def _ms_spread(results: Results, provider: str, cell: str, variant: str, column: str) -> str:
+    s = results.spread_of(provider, cell, variant, column)
+    return f"{s.median:,.0f}" if s.n else "—"
+
+
+RAW_LOOPS = {
+    "memory": "`asyncio.Queue` `get()` + `json.loads` (no ack)",
+    "redis": f"redis-py `XREADGROUP COUNT {DRAIN_FETCH}` + one `XACK` of the batch",
+    "nats": f"nats-py durable pull consumer, `fetch({DRAIN_FETCH})` + `ack()` each",
+    "rabbitmq": f"aio-pika, one quorum queue, prefetch {DRAIN_FETCH}, `ack()` each",
+    "kafka": f"aiokafka `getmany(max_records={DRAIN_FETCH})` + one `commit()` per batch",
+}
+
+
+def drain_section(results: Results) -> list[str]:
+    """The drain cell: a backlog handled by 1, 2 and 4 workers, ours ordered beside the raw loop."""
+    rows = []
+    for provider in results.providers():
+        for cell in results.cells_of(provider, "drain"):
+            variants = results.cells[(provider, cell)]
+            backlog = max((_num(r.get("messages")) or 0 for v in variants.values() for r in v), default=0)
+            how = "tasks of one process" if provider == "memory" else "processes"
+            rows.append(
+                f"| {provider} | {results.first(provider, cell, 'ours', 'workers') or cell} ({how}) "
+                f"| {_cell_text(results, provider, cell, 'ours')} "
+                f"| {_cell_text(results, provider, cell, 'raw')} "
+                f"| {_fmt_ratio(_ratio(results, provider, cell, 'ours', 'raw'))} "
+                f"| {_cpu(results, provider, cell, 'ours')}; {_cpu(results, provider, cell, 'raw')} "
+                f"| {_ms_spread(results, provider, cell, 'ours', 'first_ms')}; "
+                f"{_ms_spread(results, provider, cell, 'raw', 'first_ms')} "
+                f"| {int(backlog):,} |"
+            )
+    if not rows:
+        return []
+    loops = "; ".join(f"{p}: {RAW_LOOPS[p]}" for p in results.providers() if p in RAW_LOOPS)
+    return [
+        f"A backlog of 100 B messages over {DRAIN_KEYS:,} keys and 64 partitions, published before the clock, "
+        "handled by 1, 2 and 4 workers: **ours** ordered (each partition's messages one at a time, in order, "
+        "each acked before the next), **raw** the client's fastest unordered loop, every worker in the same "
+        "group or on the same queue. Each worker is a separate process with its own connection, started and "
+        "connected before the clock; the clock starts when all are told to go (each then subscribes: joins the "
+        "group, or starts its loop) and stops at the last message handled (acked) by any worker. Subscribing is "
+        "timed because a subscribed client reads ahead while its handler waits (msgbroker up to `batch_size` "
+        "per lane, aiokafka's fetcher, RabbitMQ's prefetch), which would drain part of the backlog untimed; "
+        "*first message* shows what the start cost. The memory provider's broker lives in one process: its "
+        "workers are tasks of the harness's process. Client CPU is the worker processes' CPU time (summed) "
+        "from go to stop, per message. Raw loops: " + loops + ".",
+        "",
+        "| provider | workers | ours ordered msg/s | raw unordered msg/s | ours ÷ raw "
+        "| client CPU µs/msg (ours; raw) | first message ms after go (ours; raw) | backlog |",
+        "|---|---|---:|---:|---:|---|---|---:|",
+        *rows,
+    ]
+
+
 # -- COMPASS targets ---------------------------------------------------------------------------
 
 
@@ -372,6 +427,12 @@ def targets(results: Results) -> list[str]:
         met = "yes" if all(verdicts) else ("partly" if any(verdicts) else "no")
         return "; ".join(parts), met
 
+    for provider in results.providers():
+        if results.provider_status(provider) != "ok":
+            continue
+        drains = [c for c in results.cells_of(provider, "drain") if c in ("drain 1 worker", "drain 4 workers")]
+        text, met = judge(provider, drains, "ours", "raw", 0.8)
+        lines.append(f"| ordered drain, 1 and 4 workers, ≥ 0.8 × unordered raw loop | {provider} | {text} | {met} |")
     for provider in results.providers():
         if results.provider_status(provider) != "ok":
             continue
@@ -604,7 +665,9 @@ def _parameters(results: Results) -> list[str]:
         "16 KiB cells use a quarter of the messages; FastStream end-to-end repetitions a quarter; native tools "
         "5× (redis-benchmark) or 2× (kafka-producer-perf-test, "
         f"{', '.join(f'{p // 1024} KiB' for p in NATIVE_KAFKA_PAYLOADS)} only: a JVM start per repetition) "
-        "the publish count.",
+        "the publish count. Drain cell: a backlog of "
+        f"{DRAIN_BACKLOG:,} messages ({DRAIN_KEYS:,} keys; `--quick`: a tenth) published in batches of {BATCH} "
+        "before each repetition's clock, after a warm-up drain of 200 (the group's first join).",
         "",
         "| provider | publish single | publish batch | publish, concurrent callers | end to end | curves "
         "| latency cell (offered rate) | paced latency cell |",
@@ -624,7 +687,7 @@ def _checks(results: Results) -> list[str]:
     """Order and duplicate counts of the end-to-end cells, per provider and variant."""
     totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for row in results.rows:
-        if row.get("workload") not in ("consume", "latency", "latency-paced", "partitions", "payloads") or (
+        if row.get("workload") not in ("drain", "consume", "latency", "latency-paced", "partitions", "payloads") or (
                 row.get("status") != "ok"):
             continue
         variant = row["variant"].split("-p")[0] if row["variant"].startswith("ours-p") else row["variant"]
@@ -670,6 +733,7 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
     profile_path = out_dir / "profile.md"
     profile = profile_path.read_text() if profile_path.exists() else ""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    drain = drain_section(results)
     lines = [
         "# Benchmarks",
         "",
@@ -689,6 +753,7 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         "",
         f"which ran `{command}`. Raw rows: [benchmarks/results.csv](benchmarks/results.csv).",
         "",
+        *(["## Drain: a backlog handled by 1, 2 and 4 workers", "", *drain, ""] if drain else []),
         "## Machine",
         "",
         *machine_info(root),

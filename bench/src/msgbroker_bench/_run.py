@@ -19,6 +19,7 @@ from ._common import (
     BATCH,
     CALLERS,
     COUNTS,
+    DRAIN_BACKLOG,
     ENV_VARS,
     GAP,
     NATIVE_KAFKA_PAYLOADS,
@@ -157,6 +158,22 @@ def build_cells(target: Target, plan: Plan) -> list[Cell]:
             cell.skipped.append((name, kind, "", str(exc)))
             return None
 
+    if "drain" in plan.cells:
+        from ._drain import DrainVariant
+
+        # the backlog (a tenth with --quick); workers are processes, except on the memory
+        # provider, whose broker lives in one process: there they are tasks of this one
+        n = _scale(plan, DRAIN_BACKLOG)
+        processes = provider != "memory"
+        for workers in WORKERS:
+            cell = Cell(provider, "drain", f"drain {workers} worker{'s' if workers > 1 else ''}",
+                        {"payload": 100, "partitions": 64, "workers": workers, "ordered": "both"})
+            bound = max(plan.rep_timeout, 90.0)
+            for name, make in (("ours", ours), ("raw", raw)):
+                cell.variants.append(
+                    DrainVariant(name, make(), messages=n, workers=workers, processes=processes, timeout=bound))
+            cells.append(cell)
+
     for mode in ("single", "batch"):
         if f"publish-{mode}" not in plan.cells:
             continue
@@ -261,7 +278,7 @@ def _size(size: int) -> str:
     return f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
 
 
-MAIN_CELLS = ("publish-single", "publish-batch", "publish-concurrent", "consume", "latency", "latency-paced")
+MAIN_CELLS = ("drain", "publish-single", "publish-batch", "publish-concurrent", "consume", "latency", "latency-paced")
 CURVE_CELLS = ("partitions", "payloads")
 CELL_KINDS = MAIN_CELLS + CURVE_CELLS
 
