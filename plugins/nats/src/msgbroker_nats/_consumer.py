@@ -414,9 +414,12 @@ class NatsLaneConsumer(LaneConsumer):
         room = self._transport.in_flight - len(lane.items) - lane.remaining
         if room >= max(1, self._transport.in_flight // 2) or (room > 0 and lane.remaining == 0):
             await self._request(lane, room)
-        elif lane.remaining == 0 and any(seq not in lane.items for seq in lane.awaiting):
-            # Full, and waiting for a nak'ed or handed-back message: keep one request waiting for
-            # it (the server redelivers even at its max_ack_pending, which stops new ones).
+        elif lane.remaining == 0 and (not lane.clean or any(seq not in lane.items for seq in lane.awaiting)):
+            # Full, and waiting for a nak'ed or handed-back message, or for what a dead owner (or
+            # this member before its connection broke) held: keep one request waiting for it. The
+            # server redelivers only into a pull request (even at its max_ack_pending, which stops
+            # new ones); without one, a lane that filled up while it waited went on after the wait
+            # and the late redelivery came after later messages.
             await self._request(lane, 1)
 
     async def _request(self, lane: _Lane, batch: int) -> None:
@@ -451,6 +454,12 @@ class NatsLaneConsumer(LaneConsumer):
                 self._needs_request.discard(partition)
                 await self._top_up(wanting)
         for lane in list(self._lanes.values()):
+            if (lane.open and not lane.clean and lane.remaining == 0 and lane.sub is not None
+                    and lane.partition not in self._needs_request):
+                # Waiting for what was in flight elsewhere: it can come back only into a pull
+                # request, and the last one may have been used up by anything (a new message, a
+                # settled one sent again).
+                await self._top_up(lane)
             if lane.open and not lane.clean and now >= lane.clean_at:
                 if not self._transport.asks_consumers_freely():
                     self._now_clean(lane)
@@ -597,7 +606,7 @@ class NatsLaneConsumer(LaneConsumer):
                     return
                 lane.items[seq] = _Held(msg, seq, dseq, delivered, failures, careful=delivered - offset > 1)
                 self._ready_lanes.add(lane.partition)
-                if lane.awaiting and lane.remaining == 0:
+                if (lane.awaiting or not lane.clean) and lane.remaining == 0:
                     await self._top_up(lane)
             self._wake_poll()
         except asyncio.CancelledError:
