@@ -156,3 +156,22 @@ async def test_a_drain_by_two_worker_processes_on_redis(name: str) -> None:
     if name == "ours":
         assert result["order_violations"] == 0
 
+
+
+def test_the_report_puts_the_drain_table_first_and_judges_it() -> None:
+    from msgbroker_bench._report import Results, drain_section, targets
+
+    def row(cell: str, variant: str, rep: int, rate: float, cpu: float) -> dict[str, str]:
+        workers = cell.split()[1]
+        return {"provider": "redis", "workload": "drain", "cell": cell, "variant": variant, "kind": variant,
+                "rep": str(rep), "workers": workers, "messages": "20000", "msgs_per_s": str(rate),
+                "cpu_us_per_msg": str(cpu), "first_ms": "50", "status": "ok"}
+
+    rows = [row("drain 1 worker", "ours", 1, 900, 12), row("drain 1 worker", "raw", 1, 1000, 10),
+            row("drain 4 workers", "ours", 1, 700, 14), row("drain 4 workers", "raw", 1, 1000, 10)]
+    results = Results(rows)
+    table = drain_section(results)
+    assert "| redis | 1 (processes) | 900 | 1,000 | 0.90 | 12; 10 | 50; 50 | 20,000 |" in table
+    assert "| redis | 4 (processes) | 700 | 1,000 | 0.70 | 14; 10 | 50; 50 | 20,000 |" in table
+    (judged,) = [line for line in targets(results) if line.startswith("| ordered drain")]
+    assert "drain 1 worker: 0.90; drain 4 workers: 0.70 | partly |" in judged
