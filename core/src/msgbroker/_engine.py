@@ -68,6 +68,14 @@ class SubscriptionRunner:
         self._workers = 0
         self._handling: dict[asyncio.Task[None], LaneState | None] = {}
         self._lanes: dict[int, LaneState] = {}
+        # The lanes that want more deliveries (open, not stopping, buffer under the low-water mark,
+        # not held back), kept as lanes change rather than found by walking every lane at each
+        # read-loop iteration: a member's reading costs with the lanes that have work, not with
+        # the lanes it holds. ``_wanted`` is the tuple the polls get, rebuilt (in C) only after a
+        # change.
+        self._wanting: dict[int, None] = {}
+        self._wanted: tuple[int, ...] = ()
+        self._wanting_changed = False
         self._wake = asyncio.Event()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -141,6 +149,7 @@ class SubscriptionRunner:
         self._closing = True
         for lane in self._lanes.values():
             lane.stopping = True  # a lane that outlived its cancellation still stops at its next check
+            self._unwant(lane.partition)
         tasks = [*self._tasks, *self._spawned, *(lane.task for lane in self._lanes.values() if lane.task)]
         if self._coordinator is not None:  # a hand-over in progress must not release its lease
             tasks += self._coordinator.draining
@@ -161,6 +170,7 @@ class SubscriptionRunner:
             await self.consumer.open_lane(partition, lease)
             lane = LaneState(partition, lease)
             self._lanes[partition] = lane
+            self._want(lane)
             if self.ordered:
                 lane.task = asyncio.create_task(self._run_ordered_lane(lane),
                                                 name=f"msgbroker-lane-{self.topic}-{partition}")
@@ -177,6 +187,7 @@ class SubscriptionRunner:
             if lane is None:
                 continue
             lane.stopping = True
+            self._unwant(partition)
             if lane.task:
                 lane.task.cancel()
                 await asyncio.gather(lane.task, return_exceptions=True)
@@ -197,6 +208,7 @@ class SubscriptionRunner:
 
     async def _stop_lane_once(self, lane: LaneState) -> None:
         lane.stopping = True
+        self._unwant(lane.partition)
         lane.data.set()
         if lane.task is not None:
             done, _ = await asyncio.wait({lane.task}, timeout=self._grace)
@@ -226,19 +238,41 @@ class SubscriptionRunner:
 
     # -- reading ----------------------------------------------------------------------------
 
+    def _want(self, lane: LaneState) -> None:
+        """The lane's buffer is under the low-water mark: it wants deliveries (unless it is
+        stopping or held back). Wakes the read loop when that is new: a poll in progress already
+        reads the lanes that wanted deliveries when it began."""
+        wanting = self._wanting
+        if lane.partition not in wanting and not lane.stopping and lane.held_until <= time.monotonic() \
+                and self._lanes.get(lane.partition) is lane:
+            wanting[lane.partition] = None
+            self._wanting_changed = True
+            self._wake.set()
+
+    def _unwant(self, partition: int) -> None:
+        if self._wanting.pop(partition, 0) is None:
+            self._wanting_changed = True
+
     async def _read_loop(self) -> None:
         failures = 0
+        low_water = self._low_water
         while not self._closing:
-            now, low_water = time.monotonic(), self._low_water
-            idle = [p for p, lane in self._lanes.items()
-                    if not lane.stopping and len(lane.buffer) < low_water and lane.held_until <= now]
             # Lanes held back after a broker-side retry: the poll must not outlast the first of them.
             held = self._held
-            for partition, until in list(held.items()):
-                lane_ = self._lanes.get(partition)
-                if until <= now or lane_ is None or lane_.held_until != until:
-                    del held[partition]
-            next_held = min(held.values()) - now if held else None
+            next_held = None
+            if held:
+                now = time.monotonic()
+                for partition, until in list(held.items()):
+                    lane_ = self._lanes.get(partition)
+                    if until <= now or lane_ is None or lane_.held_until != until:
+                        del held[partition]
+                        if lane_ is not None and lane_.held_until <= now:
+                            self._want(lane_)  # its hold is over: it wants deliveries again
+                next_held = min(held.values()) - now if held else None
+            if self._wanting_changed:
+                self._wanting_changed = False
+                self._wanted = tuple(self._wanting)
+            idle = self._wanted
             if not idle:
                 self._wake.clear()
                 await wait_event(self._wake, max(0.0, next_held) if next_held is not None else None)
@@ -276,8 +310,12 @@ class SubscriptionRunner:
                         continue
                     lane.buffer.append(delivery)
                     if lane is not last:  # a lane's deliveries come together: wake it once
+                        if last is not None and len(last.buffer) >= low_water:
+                            self._unwant(last.partition)
                         last = lane
                         lane.data.set()
+                if last is not None and len(last.buffer) >= low_water:
+                    self._unwant(last.partition)
             elif deliveries:
                 ready = self._ready
                 for delivery in deliveries:
@@ -289,6 +327,8 @@ class SubscriptionRunner:
                     if not lane.queued:
                         lane.queued = True
                         ready.append(lane)
+                    if len(lane.buffer) >= low_water:
+                        self._unwant(lane.partition)
                 self._dispatch(len(deliveries))
             if dropped:
                 # Read while their lane was being handed back (a poll in flight when the stop
@@ -323,10 +363,11 @@ class SubscriptionRunner:
         local = self.transport.REDELIVERY == "local"
         low_water = self._low_water
         observed = self._observed
+        wanting, partition = self._wanting, lane.partition
         while not lane.stopping:
             if not buffer:
                 lane.data.clear()
-                self._wake.set()
+                self._want(lane)
                 await lane.data.wait()
                 continue
             delivery = buffer[0]
@@ -351,13 +392,15 @@ class SubscriptionRunner:
                 buffer.clear()  # the broker delivers it (and what follows) again
                 lane.held_until = time.monotonic() + max(0.0, (delivery.not_before or 0) - time.time())
                 self._held[lane.partition] = lane.held_until
+                self._unwant(lane.partition)  # until the hold is over (the read loop's next_held)
                 self._wake.set()
+                continue
             elif buffer and buffer[0] is delivery:
                 buffer.popleft()
                 if lane.failures:
                     lane.failures.pop(delivery, None)
-            if len(buffer) < low_water:
-                self._wake.set()
+            if len(buffer) < low_water and partition not in wanting:
+                self._want(lane)
 
     # -- unordered: a bounded pool of workers ------------------------------------------------
 
@@ -417,7 +460,7 @@ class SubscriptionRunner:
                     if not lane.in_flight and lane.drained is not None and not lane.drained.done():
                         lane.drained.set_result(None)
                 if len(buffer) < low_water:
-                    self._wake.set()
+                    self._want(lane)
         finally:
             self._workers -= 1
             handling.pop(me, None)
