@@ -81,19 +81,22 @@ def encode(
             f"message {message.message_id} on {topic!r} is {len(body)} bytes; the limit is {max_bytes}"
         )
     cls = type(message)
-    plain = _PLAIN_ID.get(cls)
-    if plain is None:
-        plain = _PLAIN_ID[cls] = _serialises_id_plainly(cls)
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        shape = _SHAPES[cls] = (_serialises_id_plainly(cls), cls.partition_key is _DEFAULT_KEY)
+    plain, default_key = shape
     # The body starts with the id as str() writes it (a UUID, no custom serialiser, first
     # field): take it from there rather than formatting the UUID a second time.
-    if plain and body[51:52] == b'"' and body.startswith(b'{"message_id":"') and type(message.message_id) is _UUID:
+    if plain and body[51:52] == b'"' and body[:15] == b'{"message_id":"' and type(message.message_id) is _UUID:
         message_id = body[15:51].decode("ascii")
     else:
         message_id = str(message.message_id)
-    # The default key is the message id: no second str() of the UUID.
-    key = message_id if cls.partition_key is _DEFAULT_KEY else message.partition_key
-    if not isinstance(key, str):
-        raise SerializationError(f"partition_key of {type(message).__name__} must be str, got {key!r}")
+    if default_key:  # the default key is the message id: no second str() of the UUID
+        key = message_id
+    else:
+        key = message.partition_key
+        if not isinstance(key, str):
+            raise SerializationError(f"partition_key of {type(message).__name__} must be str, got {key!r}")
     try:
         partition = partition_for(key, partition_count)
     except UnicodeEncodeError as exc:
@@ -109,7 +112,9 @@ def encode(
 
 _DEFAULT_KEY = Message.partition_key
 _UUID = uuid.UUID
-_PLAIN_ID: dict[type[Message], bool] = {}
+_SHAPES: dict[type[Message], tuple[bool, bool]] = {}
+"""Per message class: (its body starts with the message id as str() writes it, its partition
+key is the message id)."""
 
 
 def _serialises_id_plainly(cls: type[Message]) -> bool:

@@ -616,12 +616,12 @@ class _MemoryConsumer(LaneConsumer):
                 if not history and taken < max_per_lane:
                     stop = min(len(entries), start + max_per_lane - taken)
                     if start < stop:
-                        pending_of = lane.pending
-                        for offset in range(start, stop):
-                            message_id, key, headers, body = entries[offset]
-                            pending_of[offset] = 1
-                            out.append(Delivery(partition, message_id, key, {} if headers is None else headers, body,
-                                                1, offset, None))
+                        offsets = range(start, stop)
+                        lane.pending.update(dict.fromkeys(offsets, 1))
+                        out += [Delivery(partition, message_id, key, {} if headers is None else headers, body, 1,
+                                         offset, None)
+                                for offset, (message_id, key, headers, body)
+                                in zip(offsets, entries[start:stop], strict=True)]
                         lane.next_offset = start = stop
                 if not history and start >= len(entries):
                     unread.discard(partition)  # read to the end: the next append adds it again
