@@ -47,7 +47,7 @@ _Entry = tuple[str, str, dict[str, str] | None, bytes]
 """One record of a partition's log: message id, key, headers (None: none), body; its offset is
 its index in the log. A tuple, not an object of a class: a log keeps every record, and the
 garbage collector stops tracking a tuple of strings and bytes (one with headers stays tracked),
-so a long log is not walked again at every full collection (about 1.5 µs a message when it was)."""
+so a long log is not walked again at every full collection."""
 
 
 @dataclass(slots=True)
