@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,22 +42,26 @@ _V4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
 _V4_SET = (0x8000 << 48) | (4 << 76)
 _urandom = os.urandom
 _new = object.__new__
-_set = object.__setattr__
 
 
-_from_bytes = int.from_bytes
 _POOL_BYTES = 16 * 256
 _pool: list[uuid.UUID] = []
+_words = struct.Struct(f">{_POOL_BYTES // 8}Q").unpack  # 64-bit halves, high first
+# UUID's slots, written through their descriptors (UUID.__setattr__ refuses; object.__setattr__
+# looks the name up each time)
+_set_int: Callable[[uuid.UUID, int], None] = _UUID.__dict__["int"].__set__
+_set_safe: Callable[[uuid.UUID, uuid.SafeUUID], None] = _UUID.__dict__["is_safe"].__set__
 
 
 def _refill() -> None:
-    data = _urandom(_POOL_BYTES)
-    made = []
-    for start in range(0, _POOL_BYTES, 16):
+    halves = iter(_words(_urandom(_POOL_BYTES)))
+    made: list[uuid.UUID] = []
+    append = made.append
+    for high, low in zip(halves, halves, strict=True):
         value = _new(_UUID)
-        _set(value, "int", _from_bytes(data[start:start + 16], "big") & _V4_CLEAR | _V4_SET)
-        _set(value, "is_safe", _SAFE_UNKNOWN)
-        made.append(value)
+        _set_int(value, (high << 64 | low) & _V4_CLEAR | _V4_SET)
+        _set_safe(value, _SAFE_UNKNOWN)
+        append(value)
     _pool.extend(made)
 
 
