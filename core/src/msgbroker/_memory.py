@@ -218,7 +218,9 @@ class _MemoryServer:
     def _appended(self, topic: str, partitions: set[int]) -> None:
         readers = self.readers.get(topic)
         if readers:
-            for unread in readers.values():
+            # a copy first (one C call): a named broker can be published to from another
+            # thread's loop while a consumer registers
+            for unread in list(readers.values()):
                 unread |= partitions
 
 
@@ -590,7 +592,8 @@ class _MemoryConsumer(LaneConsumer):
             # have work, not with the lanes held (a lane not asked for now stays in unread).
             asked = self._asked(partitions)
             if len(unread) <= len(asked):
-                maybe = [p for p in unread if p in asked]
+                # a copy first (one C call): another thread's publish may add to it meanwhile
+                maybe = [p for p in tuple(unread) if p in asked]
             else:
                 maybe = [p for p in asked if p in unread]
             for partition in maybe:
