@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,6 +62,10 @@ class LaneOwner(Protocol):
 
 RELEASES_AT_ONCE = 16
 """Lease releases a member's hand-overs send at the same time (the rest wait their turn)."""
+SETTLING_BEATS = 10
+"""Beats per heartbeat interval while the membership is settling (see LeaseCoordinator.run)."""
+SETTLING_FOR = 2
+"""Heartbeat intervals a member beats fast after it joined or saw the membership change."""
 
 
 class LeaseCoordinator:
@@ -76,6 +81,13 @@ class LeaseCoordinator:
         self.transport = runner.transport
         self.ttl = self.transport.lease_ttl()
         self.interval = max(0.05, min(1.0, self.ttl / 4))
+        self.settling_interval = max(0.05, self.interval / SETTLING_BEATS)
+        self._settling_until = time.monotonic() + SETTLING_FOR * self.interval
+        """Until then (and while a lane it should read is still held by another member) the member
+        beats every ``settling_interval``: members that start together see each other, and a lane
+        handed over is taken, within a fraction of the interval instead of a whole one."""
+        self._wanting = False
+        self._renewed_at = 0.0
         self.held: dict[int, str] = {}
         self._draining: dict[int, asyncio.Task[None]] = {}
         self._releasing = asyncio.Semaphore(RELEASES_AT_ONCE)
@@ -95,7 +107,8 @@ class LeaseCoordinator:
         # Checks _closing too: a provider call that swallows the cancellation must not keep
         # close() waiting for this loop forever.
         while not self.runner.closing:
-            await asyncio.sleep(self.interval)
+            settling = self._wanting or time.monotonic() < self._settling_until
+            await asyncio.sleep(self.settling_interval if settling else self.interval)
             try:
                 await self.beat()
             except asyncio.CancelledError:
@@ -114,10 +127,15 @@ class LeaseCoordinator:
                 members = [*members, runner.member_id]
             membership = tuple(sorted(set(members)))
             if self._desired is None or self._desired[0] != membership:
+                if self._desired is not None:
+                    self._settling_until = time.monotonic() + SETTLING_FOR * self.interval
                 owners = assign_partitions(count, membership)
                 self._desired = membership, {p for p, owner in owners.items() if owner == runner.member_id}
             desired = set(self._desired[1])
-        if self.held:
+        now = time.monotonic()
+        if self.held and now - self._renewed_at >= self.interval * 0.9:
+            # Renewed once an interval, however fast the member beats while settling.
+            self._renewed_at = now
             kept = await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
             lost = [p for p in self.held if self._lane(p) not in kept]
             for partition in lost:
@@ -132,10 +150,14 @@ class LeaseCoordinator:
             if partition not in desired and partition not in self._draining:
                 self._draining[partition] = asyncio.create_task(self._hand_over(partition))
         wanted = sorted(desired - set(self.held))
+        self._wanting = False
         if wanted:
             lanes = {self._lane(p): p for p in wanted}
             tokens = await self.transport.acquire_leases(list(lanes), runner.member_id, self.ttl)
             taken = {lanes[lane]: token for lane, token in tokens.items() if lane in lanes}
+            # Still held by another member (handing it over, or dead: then it is free only once
+            # its lease ends, and the fast beats stop after the settling time).
+            self._wanting = len(taken) < len(wanted) and time.monotonic() < self._settling_until + self.ttl
             if taken:
                 self.held.update(taken)
                 await runner.assigned(sorted(taken), taken)
