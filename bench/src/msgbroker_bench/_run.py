@@ -294,7 +294,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="repetitions per variant (default 3; quick 2)")
     parser.add_argument("--rep-timeout", type=float, default=None, help="seconds one repetition may take")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the whole run (default 480; quick: none); providers get shares, "
+                        help="seconds for the whole run (default 1500; quick: none); providers get shares, "
                              "cells past their provider's share are skipped and say so")
     parser.add_argument("--no-faststream", action="store_true", help="leave the FastStream baselines out")
     parser.add_argument("--no-native", action="store_true", help="leave the native tools out")
@@ -336,7 +336,7 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
                 row["config"] = row.get("config", "")
             rows.extend(kept)
             log(f"kept {len(kept)} rows of {sorted({r['provider'] for r in kept})} from {csv_path}")
-        budget = args.budget if args.budget is not None else (math.inf if args.quick else 480.0)
+        budget = args.budget if args.budget is not None else (math.inf if args.quick else 1500.0)
         # the profile and the report come after the cells: keep time for them
         cells_end = time.monotonic() + budget - (45.0 if args.profile else 10.0)
         self_deadline = time.monotonic() + budget
