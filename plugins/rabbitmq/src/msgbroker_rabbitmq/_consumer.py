@@ -591,18 +591,22 @@ class RabbitMQLaneConsumer(LaneConsumer):
             raise self._refusal
         deadline = time.monotonic() + timeout
         wanted = set(partitions)
-        for lane in self._wanted_busy(wanted):
-            if lane.acks and not lane.dead:
-                try:
-                    await self._send_acks(lane)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.info("rabbitmq: acking on %s[%d] failed: %s", self.topic, lane.partition, exc)
         while not self._stopped:
             if self._refusal is not None:
                 raise self._refusal
             self._arrived.clear()
+            # Acks go out at every turn of the poll, not only when it begins: the engine polls
+            # only the lanes that want deliveries and does not wake a waiting poll per handled
+            # message, so a lane at its prefetch would otherwise get nothing more until the poll
+            # timed out (ack() wakes the poll).
+            for lane in self._wanted_busy(wanted):
+                if lane.acks and not lane.dead:
+                    try:
+                        await self._send_acks(lane)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        log.info("rabbitmq: acking on %s[%d] failed: %s", self.topic, lane.partition, exc)
             out: list[Delivery] = []
             if time.monotonic() >= self._cancel_check_at:
                 self._cancel_check_at = time.monotonic() + CANCEL_CHECK
@@ -672,8 +676,10 @@ class RabbitMQLaneConsumer(LaneConsumer):
         lane, tag = current
         lane.outstanding.pop(tag, None)
         lane.counts.pop(tag, None)
-        lane.acks.append(tag)  # sent before the next read of the lane, or when it closes
+        lane.acks.append(tag)  # sent by the poll (woken here), or when the lane closes
         self._busy.add(lane)
+        if len(lane.acks) == 1:
+            self._arrived.set()
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
         """The message stays unacked on this member, which hands it again itself (a nack would
