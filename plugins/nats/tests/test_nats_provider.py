@@ -255,6 +255,38 @@ async def test_a_consumer_rewound_by_a_redelivery_to_a_dead_request_hands_nothin
         await eventually(lambda: _pending_is(producer, topic, 0), "nothing pending at the end")
 
 
+async def test_a_delivery_lost_as_a_member_closed_is_waited_for_and_not_an_attempt(
+    connect: Any, raw: Client, topic: str
+) -> None:
+    """A member that closes while its pull request is open can lose a delivery: the server sent
+    the next message to its inbox just before it saw the unsubscribe (on a cluster, while the
+    unsubscribe travels between nodes), counted it delivered, and redelivers it only after
+    ack_wait. Here a raw client plays that member's last delivery (taken, never settled) after
+    the member closed the lane. The next owner must not hand the message after it first (that
+    overtook it: an order violation), and the lost delivery is not an attempt."""
+    first, second = connect(partition_count=1), connect(partition_count=1)
+    record = Record()
+    async with first, second:
+        transport = first.transport
+        layout = transport.layout(topic)
+        sub = await first.subscribe(topic, "g", record.handler("first"))
+        await first.publish(topic, Item(key="k", n=0))
+        await eventually(lambda: record.ns("k") == [0], "the first message handled")
+        await sub.close()
+        await first.publish(topic, Item(key="k", n=1))
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{layout.stream}.{layout.consumer('g', 0)}"
+        inbox = raw.new_inbox()
+        lost = await raw.subscribe(inbox)
+        await raw.publish(next_subject, b'{"batch":1,"expires":5000000000}', reply=inbox)
+        msg = await lost.next_msg(timeout=5)  # delivered, never reaches a member
+        assert msg.metadata.sequence.stream == 2
+        await lost.unsubscribe()
+        await first.publish(topic, Item(key="k", n=2))
+        await second.subscribe(topic, "g", record.handler("second"))
+        await eventually(lambda: len(record.ns("k")) == 3, "the lost message back after ack_wait")
+        assert record.seen == [("first", "k", 0, 1), ("second", "k", 1, 1), ("second", "k", 2, 1)]
+
+
 async def _pending_is(broker: msgbroker.Broker, topic: str, count: int) -> bool:
     return await broker.pending_count(topic, "g") == count
 

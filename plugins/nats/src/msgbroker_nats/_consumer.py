@@ -107,7 +107,10 @@ class _Lane:
         "gen",
         "handed",
         "items",
+        "last_dseq",
         "lease",
+        "left_at",
+        "lost",
         "next_subject",
         "offsets",
         "open",
@@ -153,6 +156,9 @@ class _Lane:
         self.settled = 0  # the highest stream sequence this member acked or terminated
         self.settled_here: set[int] = set()  # the last sequences this member acked or terminated
         self.rewound: set[int] = set()  # settled elsewhere, announced to come back as new (see _settle)
+        self.last_dseq = 0  # the highest consumer delivery sequence this member received on the lane
+        self.left_at: int | None = None  # the last owner's last delivery (its closing record), until checked
+        self.lost = 0  # deliveries to the last owner that never reached it, not yet come back
 
 
 class NatsLaneConsumer(LaneConsumer):
@@ -235,10 +241,12 @@ class NatsLaneConsumer(LaneConsumer):
         The record is ``closed|<sequences>`` or ``open:<member>|<sequences>``; the sequences are
         messages of the lane still at the server that nothing after may overtake (handed back on
         close, or nak'ed with a delay), each with how many of its deliveries were only read ahead
-        (``<sequence>~<n>``). Closed: everything else it held was handed back before (a confirmed
-        nak), so the lane goes on at once after those. Still open (its owner died, or lost the
-        lease): what it held comes back after ack_wait, so nothing is handed before the server
-        counts nothing in flight but what this member holds (see _check_clean)."""
+        (``<sequence>~<n>``), and the last consumer delivery sequence it received (``#<n>``).
+        Closed: everything else it held was handed back before (a confirmed nak), so the lane
+        goes on at once after those, unless a delivery to it was lost (_check_lost). Still open
+        (its owner died, or lost the lease): what it held comes back after ack_wait, so nothing is
+        handed before the server counts nothing in flight but what this member holds (see
+        _check_clean)."""
         key = self._owner_key(lane.partition)
         left: str | None = None
         try:
@@ -251,7 +259,11 @@ class NatsLaneConsumer(LaneConsumer):
             log.warning("nats: reading the owner record of %s[%d] for %s failed (%r); waiting ack_wait as after "
                         "a crash", self._topic, lane.partition, self._group, exc)
         state, _, back = (left or "").partition("|")
+        lane.left_at, lane.lost = None, 0
         for entry in back.split(","):
+            if entry.startswith("#") and entry[1:].isdigit() and state.startswith("closed"):
+                lane.left_at = int(entry[1:])
+                continue
             seq, _, offset = entry.partition("~")
             if seq.isdigit():
                 lane.awaiting.add(int(seq))
@@ -268,14 +280,18 @@ class NatsLaneConsumer(LaneConsumer):
     def _owner_record(self, lane: _Lane, closing: bool) -> bytes:
         """See _take_over. Closing: what this member holds is handed back, one more read-ahead
         delivery for each that no handler saw; a lane not clean stays open (what a dead owner
-        held may still be out)."""
+        held may still be out). A closing record also names the last consumer delivery sequence
+        the member received (``#<n>``), for the next owner's _check_lost."""
         back = {seq: lane.offsets.get(seq, 0) for seq in lane.awaiting if seq not in lane.items}
         if closing:
             for seq in lane.items:
                 back[seq] = lane.offsets.get(seq, 0) + (1 if seq not in lane.handed or seq in lane.unread else 0)
-        listed = ",".join(f"{seq}~{offset}" if offset else str(seq) for seq, offset in sorted(back.items()))
+        entries = [f"{seq}~{offset}" if offset else str(seq) for seq, offset in sorted(back.items())]
         state = "closed" if closing and lane.clean else f"open:{self._member}"
-        return f"{state}|{listed}".encode()
+        mark = max(lane.last_dseq, lane.left_at or 0)
+        if closing and mark:
+            entries.append(f"#{mark}")  # the last delivery it received: see _check_lost
+        return f"{state}|{','.join(entries)}".encode()
 
     async def _write_owner_record(self, lane: _Lane, closing: bool) -> None:
         """Write the lane's owner record: at take-over unconditionally, later only over our own
@@ -561,6 +577,7 @@ class NatsLaneConsumer(LaneConsumer):
             lane = self._lanes.get(self._layout.partition_of(msg.subject))
             if lane is not None and lane.closing and not self._stopped:
                 delivered, seq, dseq = _ack_fields(msg.reply)
+                lane.last_dseq = max(lane.last_dseq, dseq)
                 if seq not in lane.items and seq not in lane.settled_here:
                     lane.items[seq] = _Held(msg, seq, dseq, delivered, None, careful=False)
                 elif seq in lane.items:
@@ -577,6 +594,9 @@ class NatsLaneConsumer(LaneConsumer):
                 return
             lane.remaining = max(0, lane.remaining - 1)
             delivered, seq, dseq = _ack_fields(msg.reply)
+            if lane.left_at is not None:
+                self._check_lost(lane, dseq)
+            lane.last_dseq = max(lane.last_dseq, dseq)
             current = lane.items.get(seq)
             if current is None and seq in lane.rewound:
                 # Settled by another member, which saw the consumer's pointer rewound onto it.
@@ -597,6 +617,9 @@ class NatsLaneConsumer(LaneConsumer):
             else:
                 failures: int | None = None
                 retried = lane.retried
+                if lane.lost and delivered > 1 and seq not in lane.offsets and seq not in lane.awaiting:
+                    lane.lost -= 1  # (most likely) sent to the last owner and lost: not an attempt
+                    lane.offsets[seq] = 1
                 offset = lane.offsets.get(seq, 0)
                 if delivered > 1 and not (retried is not None and retried.position.seq == seq
                                           and retried.attempt + offset == delivered):
@@ -613,6 +636,24 @@ class NatsLaneConsumer(LaneConsumer):
             raise
         except Exception as exc:  # never let one bad answer stop the inbox
             log.warning("nats: handling a pull answer on %s failed: %r", msg.subject, exc)
+
+    def _check_lost(self, lane: _Lane, dseq: int) -> None:
+        """The first delivery after taking over a lane its last owner closed: the consumer's
+        delivery sequence goes on from that owner's last (its record's ``#<n>``) unless
+        deliveries to it were lost. A member that unsubscribes while its pull request is open
+        can lose what the server sent just before it saw the unsubscribe (on a cluster, while
+        that travels between nodes): counted as delivered, it comes back only after ack_wait,
+        behind what the next owner gets meanwhile. So with a gap an ordered lane waits as after a
+        crash (_not_clean), and that many redeliveries are not counted as attempts."""
+        left_at, lane.left_at = lane.left_at, None
+        if left_at is None or dseq <= left_at + 1:
+            return
+        lane.lost = dseq - left_at - 1
+        log.info("nats: %d delivery(ies) of %s[%d] for %s to its last owner were lost as it closed; %s",
+                 lane.lost, self._topic, lane.partition, self._group,
+                 "waiting for them as after a crash" if self._ordered else "they come back after ack_wait")
+        if self._ordered and lane.clean:
+            self._not_clean(lane, time.monotonic())
 
     def _rewound_subject(self) -> str:
         return f"{_REWOUND}.{self._layout.stream}.{self._layout.consumer(self._group, 0).rpartition('_')[0]}"
