@@ -287,6 +287,41 @@ async def test_a_delivery_lost_as_a_member_closed_is_waited_for_and_not_an_attem
         assert record.seen == [("first", "k", 0, 1), ("second", "k", 1, 1), ("second", "k", 2, 1)]
 
 
+@pytest.mark.parametrize("leaves", ["dies", "closes"])
+async def test_a_delayed_message_of_a_member_that_left_keeps_counting_its_attempts(
+    connect: Any, raw: Client, topic: str, leaves: str
+) -> None:
+    """A member delays a message and dies, or closes its subscription, before it is due: the
+    server redelivers it into the member's dead pull request (on nats-server 2.9.10 that rewinds
+    the consumer, and the message comes to the next member again as new, delivery count 1). The
+    next member's attempt is the second all the same (its attempt record says so), never a first
+    again (the conformance state machine saw both)."""
+    dead, live = connect(partition_count=1), connect(partition_count=1)
+    record = Record()
+    delayed = asyncio.Event()
+
+    async def delay_once(ctx: MessageContext[Item]) -> None:
+        record.seen.append(("dead", ctx.message.key, ctx.message.n, ctx.delivery_attempt))
+        await ctx.delay(0.3)
+        delayed.set()
+
+    await dead.open()
+    async with live:
+        sub = await dead.subscribe(topic, "g", delay_once)
+        await dead.publish(topic, Item(key="k", n=0))
+        await asyncio.wait_for(delayed.wait(), 10)
+        if leaves == "dies":
+            await dead.abort()
+        else:
+            await sub.close()
+        await asyncio.sleep(1.0)  # due meanwhile: sent to the dead member's request
+        await live.subscribe(topic, "g", record.handler("live"))
+        await eventually(lambda: len(record.seen) == 2, "the message handled by the live member")
+        assert record.seen == [("dead", "k", 0, 1), ("live", "k", 0, 2)]
+    if leaves == "closes":
+        await dead.close()
+
+
 async def _pending_is(broker: msgbroker.Broker, topic: str, count: int) -> bool:
     return await broker.pending_count(topic, "g") == count
 

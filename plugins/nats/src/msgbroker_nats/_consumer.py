@@ -607,6 +607,12 @@ class NatsLaneConsumer(LaneConsumer):
                 return
             if current is None and seq <= lane.seen and await self._is_ghost(lane, seq, delivered, msg):
                 return  # a settled message sent again (see _is_ghost)
+            # nats-server 2.9.10 may send a message in flight again as new (see _count_again): one
+            # delivered before (seen here, or awaited: handed back or nak'ed by the last owner), or
+            # any while the lane waits for what a dead owner held.
+            sent_again_as_new = (current is None and delivered == 1
+                                 and (seq <= lane.seen or seq in lane.awaiting or not lane.clean)
+                                 and not self._transport.asks_consumers_freely())
             lane.seen = max(lane.seen, seq)
             if current is not None:
                 # Redelivered to us while we still hold it (ack_wait passed): settle the newest.
@@ -620,9 +626,11 @@ class NatsLaneConsumer(LaneConsumer):
                 if lane.lost and delivered > 1 and seq not in lane.offsets and seq not in lane.awaiting:
                     lane.lost -= 1  # (most likely) sent to the last owner and lost: not an attempt
                     lane.offsets[seq] = 1
+                if sent_again_as_new:
+                    failures = await self._count_again(lane, seq)
                 offset = lane.offsets.get(seq, 0)
-                if delivered > 1 and not (retried is not None and retried.position.seq == seq
-                                          and retried.attempt + offset == delivered):
+                if failures is None and delivered > 1 and not (retried is not None and retried.position.seq == seq
+                                                               and retried.attempt + offset == delivered):
                     failures = await self._failures_of(lane, seq, delivered)
                 if not lane.open:
                     await self._transport.nc.publish(msg.reply, _NAK)
@@ -725,6 +733,29 @@ class NatsLaneConsumer(LaneConsumer):
             return 0
         failures, at, started = record
         return failures + (1 if started and at < delivered else 0)
+
+    async def _count_again(self, lane: _Lane, seq: int) -> int | None:
+        """A message with a delivery count of 1 that may have been delivered before: one up to
+        what this lane saw (not a ghost: not settled), one the last owner's record names, or any
+        while the lane waits for what a dead owner held. nats-server 2.9.10's rewind (see
+        _announce_if_rewound) sends a message still in flight again as new when it was due (a
+        delayed nak, ack_wait) while only dead pull requests waited — its owner died, or closed
+        the lane before a short delay ran out. If its attempt record says which delivery it was,
+        this copy is the next one: its attempts and failures go on from there instead of starting
+        again at 1 (the conformance state machine saw an attempt 1 after an attempt 2). One read
+        of the record per such message, on 2.9 only."""
+        try:
+            kv = await self._transport.failure_counts()
+            record = _record((await kv.get(self._attempts_key(lane.partition, seq))).value)
+        except Exception:
+            return None  # no record (or none readable): a first delivery as far as anyone knows
+        if record is None:
+            return None
+        failures, at, started = record
+        log.info("nats: %s[%d] sequence %d came back as new after delivery %d; counted as delivery %d",
+                 self._topic, lane.partition, seq, at, at + 1)
+        lane.offsets[seq] = -at  # delivery 1 of the copy is delivery at + 1
+        return failures + (1 if started else 0)
 
     async def _record_start(self, lane: _Lane, item: _Held, failures: int) -> None:
         """Before a handler gets a redelivered message: record that this delivery began, so
