@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,7 +35,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ._compat import on_reconnect
+from ._compat import on_reconnect, send_in_one_write
 from ._errors import REDIS_ERRORS, redacted, translate, user_of
 
 if TYPE_CHECKING:
@@ -399,9 +399,42 @@ class Reader:
 
     async def wait(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event, doing: str) -> set[str]:
         """Block until one of the streams has an entry after its id, ``timeout`` passes, or
-        ``wake`` is set. Returns the streams that have entries (empty: none arrived). A reply
-        that does not come within the block time and a margin (a stopped node) drops the
-        connection."""
+        ``wake`` is set. Returns the streams that have entries (empty: none arrived)."""
+        return _streams_of(await self.block(waits, timeout, wake, doing, 1))
+
+    async def block(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event, doing: str,
+                    count: int) -> Any:
+        """``XREAD COUNT count BLOCK`` until one of the streams has an entry after its id,
+        ``timeout`` passes, or ``wake`` is set: the reply (None or empty: none arrived)."""
+        block = max(1, int(timeout * 1000))
+        streams: dict[Any, Any] = dict(waits)
+        return await self._blocking(lambda client: client.xread(streams, count=count, block=block),
+                                    timeout, wake, doing)
+
+    async def block_and_run(self, waits: dict[str, bytes], timeout: float, wake: asyncio.Event, doing: str,
+                            count: int, script: AsyncScript, keys: Sequence[Any],
+                            args: Sequence[Any]) -> tuple[Any, Any]:
+        """:meth:`block` with ``script`` sent in the same write behind it (a single server only):
+        Redis runs it as soon as the blocking read returns, for whatever reason. The raw
+        replies of both, the script's error as its exception (``NoScriptError``: not run)."""
+        command: list[Any] = ["XREAD", "COUNT", count, "BLOCK", max(1, int(timeout * 1000)), "STREAMS", *waits,
+                              *waits.values()]
+        run = ["EVALSHA", script.sha, len(keys), *keys, *args]
+
+        async def both(client: aioredis.Redis) -> tuple[Any, Any]:
+            appended, reply = await send_in_one_write(client, [command, run])
+            if isinstance(appended, Exception):
+                raise appended
+            return appended, reply
+
+        result: tuple[Any, Any] = await self._blocking(both, timeout, wake, doing)
+        return result
+
+    async def _blocking(self, call: Callable[[aioredis.Redis], Awaitable[Any]], timeout: float,
+                        wake: asyncio.Event, doing: str) -> Any:
+        """Run ``call`` (a blocking read of at most ``timeout``) on this connection; ``wake``
+        cuts it short with CLIENT UNBLOCK. A reply that does not come within the block time
+        and a margin (a stopped node) drops the connection."""
         if self._connections.cluster and self._client is not None:
             if self._connections.node_of(self._key) != self._address:  # a failover moved the slot
                 await self.drop()
@@ -411,32 +444,41 @@ class Reader:
         try:
             if self._id is None:
                 self._id = int(await client.client_id())
-            streams: dict[Any, Any] = dict(waits)
-            read = asyncio.ensure_future(client.xread(streams, count=1, block=max(1, int(timeout * 1000))))
         except REDIS_ERRORS as exc:
             await self.drop()
             raise translate(exc, doing, self._connections.user) from exc
-        waker = asyncio.ensure_future(wake.wait())
+        # The read runs in the caller's task (a task of its own and a wait for it cost a
+        # delivery two more turns of a busy event loop); a side task cuts it short when ``wake``
+        # is set, and gives the node a second to answer that.
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(timeout + _STALL)
+        woken = False
+
+        async def unblock_when_woken() -> None:
+            nonlocal woken
+            await wake.wait()
+            woken = True
+            await self._unblock()
+            when = deadline.when()
+            if when is None or when > loop.time() + 1.0:
+                with contextlib.suppress(RuntimeError):  # the read ended meanwhile
+                    deadline.reschedule(loop.time() + 1.0)
+
+        waker = asyncio.ensure_future(unblock_when_woken())
         try:
-            await asyncio.wait({read, waker}, timeout=timeout + _STALL, return_when=asyncio.FIRST_COMPLETED)
-            if not read.done():
-                if waker.done():
-                    await self._unblock()
-                await asyncio.wait({read}, timeout=1.0 if waker.done() else 0)
-            if not read.done():
-                await self.drop()
-                if waker.done():
-                    return set()  # woken while the node does not answer: the next poll finds out
-                raise BrokerTimeoutError(f"redis: {doing}: no reply within {timeout + _STALL:.1f}s (node stopped?)")
-            return _streams_of(read.result())
+            async with deadline:
+                return await call(client)
+        except TimeoutError:
+            await self.drop()
+            if woken:
+                return None  # woken while the node does not answer: the next poll finds out
+            raise BrokerTimeoutError(
+                f"redis: {doing}: no reply within {timeout + _STALL:.1f}s (node stopped?)") from None
         except REDIS_ERRORS as exc:
             await self.drop()
             raise translate(exc, doing, self._connections.user) from exc
         finally:
             waker.cancel()
-            if not read.done():
-                read.cancel()
-            await asyncio.gather(read, return_exceptions=True)
 
     async def _unblock(self) -> None:
         if self._id is None:

@@ -1,8 +1,9 @@
 """Every use of redis-py's internals, in one place, behind a version guard.
 
-One thing this provider needs is not part of redis-py's typed, documented API: a callback after
+Two things this provider needs are not part of redis-py's typed, documented API: a callback after
 each (re)connect of a single-connection client (:func:`on_reconnect`), so that the id its
-``CLIENT UNBLOCK`` targets is forgotten when a reconnect changes it. It is written against, and
+``CLIENT UNBLOCK`` targets is forgotten when a reconnect changes it; and several commands sent in
+one write on that client's own connection (:func:`send_in_one_write`). It is written against, and
 tested with, the redis-py series in :data:`TESTED` (the pinned version is in the repository's
 constraints.txt): importing this package with another series installed raises
 :class:`UntestedClientVersion`, naming both versions, instead of misbehaving later.
@@ -11,11 +12,12 @@ constraints.txt): importing this package with another series installed raises
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from msgbroker.spi import ConfigurationError
+from redis import exceptions as rex
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -27,6 +29,7 @@ __all__ = [
     "check_client_version",
     "installed_version",
     "on_reconnect",
+    "send_in_one_write",
 ]
 
 DISTRIBUTION = "redis"
@@ -72,3 +75,23 @@ def on_reconnect(client: aioredis.Redis, callback: Callable[[object], None]) -> 
         return False
     connection.register_connect_callback(callback)  # type: ignore[no-untyped-call]  # redis-py: unannotated
     return True
+
+
+async def send_in_one_write(client: aioredis.Redis, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Send ``commands`` on ``client``'s own connection (a ``single_connection_client``) in one
+    write and read their raw replies, an error reply as its exception: a command queued behind a
+    blocking one runs on the server as soon as that one returns. redis-py's pipelines take a
+    connection of their pool, not the client's own, which ``CLIENT UNBLOCK`` targets. The
+    connection is closed when reading is cut off (redis-py's ``read_response`` does), so no reply
+    is left for the next command."""
+    connection = client.connection
+    if connection is None:
+        raise rex.ConnectionError("the client has no connection of its own")
+    await connection.send_packed_command(connection.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response())
+        except rex.ResponseError as exc:
+            replies.append(exc)
+    return replies

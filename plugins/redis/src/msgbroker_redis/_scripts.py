@@ -186,9 +186,12 @@ READ = _PRELUDE + r"""
 -- new owner's history, or entries whose reply was lost), then new ones.
 -- Returns one string: the new notify cursor (length-prefixed), 1 when notifications may have
 -- been missed (the stream was trimmed past the cursor) else 0, the lanes notified since the
--- cursor as "p,p,..." (length-prefixed); then per lane: partition and status (0 ok, 1 more history left: poll again at
--- once, 2 fenced: the lease is gone) as 4-byte big-endian, the length-prefixed id to block
--- after when the lane had nothing, and the length-prefixed packed entries.
+-- cursor as "p,p,..." (length-prefixed); then per lane: partition, status (0 ok, 1 more history
+-- left: poll again at once, 2 fenced: the lease is gone, 3 drained: this read took everything
+-- the lane had, so the caller reads it again only once a notification names it) and the
+-- length of the packed entries as 4-byte big-endian, then the packed entries.
+-- ARGV[8] '1': the lanes are idle ones (the caller's wait, pipelined behind its blocking read
+-- of the notify stream): only those the notifications since the cursor name are read.
 local group, base, partitions, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local budget = tonumber(ARGV[6])
 local cursor, missed, notified = ARGV[7], 0, {}
@@ -233,11 +236,11 @@ local function readgroup(stream, consumer, n, from)
 end
 
 local out = {struct.pack('>I4', #cursor) .. cursor .. struct.pack('>I4I4', missed, #notified_text) .. notified_text}
-for consumer, token, cursor in string.gmatch(ARGV[5], '(%d+) (%S+) ([^;]+)') do
+local function read_lane(consumer, token, cursor)
   if token == '-' then token = '' end
   local stream = base .. ':' .. consumer
   local delay = base .. ':delay:' .. group .. ':' .. consumer
-  local status, wait = 0, ''
+  local status = 0
   local packed = {}
   if budget <= 0 then
     status = 1
@@ -275,17 +278,27 @@ for consumer, token, cursor in string.gmatch(ARGV[5], '(%d+) (%S+) ([^;]+)') do
       local fresh = readgroup(stream, consumer, n - #history, '>')
       budget = budget - #fresh
       for _, e in ipairs(fresh) do pack(packed, e[1], e[2] or {}, 1, '') end
-      if #history == 0 and #fresh == 0 then
-        -- Nothing to hand: the caller blocks (XREAD) for entries after the last one.
-        local last = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
-        if #last > 0 then wait = last[1][1] else wait = '0-0' end
-      end
+      -- Fewer than asked: the lane has nothing more now, and whatever is appended after this
+      -- run adds a notification after the cursor returned below (what the caller blocks on).
+      if #fresh < n - #history then status = 3 end
     end
   end
   local entries = table.concat(packed)
-  out[#out + 1] = struct.pack('>I4I4I4', tonumber(consumer), status, #wait) .. wait
-  out[#out + 1] = struct.pack('>I4', #entries)
+  out[#out + 1] = struct.pack('>I4I4I4', tonumber(consumer), status, #entries)
   out[#out + 1] = entries
+end
+if ARGV[8] == '1' and missed == 0 then
+  -- Find each notified lane in the list (a plain search) rather than walk a thousand lanes.
+  local lanes = ';' .. ARGV[5]
+  for p in pairs(notified) do
+    local at = string.find(lanes, ';' .. p .. ' ', 1, true)
+    if at then
+      local consumer, token, cursor = string.match(lanes, '^;(%d+) (%S+) ([^;]+)', at)
+      read_lane(consumer, token, cursor)
+    end
+  end
+else
+  for consumer, token, cursor in string.gmatch(ARGV[5], '(%d+) (%S+) ([^;]+)') do read_lane(consumer, token, cursor) end
 end
 return table.concat(out)
 """

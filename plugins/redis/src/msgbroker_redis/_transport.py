@@ -98,6 +98,9 @@ anyway (entries a publisher of an earlier version appended without a notificatio
 READ_LANES = 256
 """The most lanes one read covers (in turn, when more have room): what a read sends grows with
 its lanes (a lease token and a cursor each), and a read stops at READ_BUDGET entries anyway."""
+NOTIFY_PEEK = 50
+"""Notifications a blocked wait returns at most: the lanes they name are read at once (a read
+after the wait takes in the rest of the notify stream anyway)."""
 READ_BUDGET = 2000
 """The most entries one read returns over all its lanes (the rest: read again at once)."""
 PUBLISH_CHUNK = 1000
@@ -796,7 +799,9 @@ class RedisLaneConsumer(LaneConsumer):
         self._member = member_id
         self._keys = transport.keys(topic)
         self._tokens: dict[int, str] = {}
-        self._cursors: dict[int, str] = {}
+        self._specs: dict[int, str] = {}
+        """Each open lane as the READ script takes it: "<partition> <token or -> <cursor>", the cursor
+        being the last entry id handed out."""
         self._acks: dict[int, tuple[str, list[bytes]]] = {}
         self._ack_count = 0
         self._flush_lock = asyncio.Lock()
@@ -809,6 +814,18 @@ class RedisLaneConsumer(LaneConsumer):
         """The cursor in the topic's notify stream ('' before the first read)."""
         self._recheck_at = time.monotonic() + IDLE_RECHECK
         self._turn = 0
+        self._waiting: asyncio.Future[None] | None = None
+        """Done when the wait in progress, with its read of the lanes in ``_waiting_lanes``, has
+        ended and its deliveries were taken in."""
+        self._waiting_lanes: Sequence[int] = ()
+        self._closing: set[int] = set()
+        """Lanes being closed while a wait that reads them is in progress."""
+        self._wake: asyncio.Event | None = None
+        self._asked: Sequence[int] = ()
+        self._asked_opened = -1
+        self._opened = 0
+        """Counts the lanes opened and closed (what ``_asked_lanes`` was filtered with)."""
+        self._asked_lanes: list[int] = []
 
     def _lane_keys(self, partition: int) -> list[str]:
         keys = self._keys
@@ -821,17 +838,30 @@ class RedisLaneConsumer(LaneConsumer):
         await reader.open()
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
-        self._tokens[partition] = lease or ""
-        self._cursors[partition] = "0-0"  # the lane's unsettled history first
+        self._tokens[partition] = token = lease or ""
+        self._specs[partition] = f"{partition} {token or '-'} 0-0"  # the lane's unsettled history first
         self._idle.discard(partition)
+        self._opened += 1
 
     async def close_lane(self, partition: int) -> None:
+        self._closing.add(partition)  # no wait that starts from now on reads it
         try:
+            waiting = self._waiting
+            if waiting is not None and partition in self._waiting_lanes:
+                # A wait in progress reads this lane as soon as something is appended to it: cut
+                # it short and let it finish, so that what it read is handed back (unread) while
+                # this member still holds the lane, rather than left counted as a delivery to it.
+                if self._wake is not None:
+                    self._wake.set()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(waiting)
             await self.flush_acks()
         finally:
+            self._closing.discard(partition)
             self._tokens.pop(partition, None)
-            self._cursors.pop(partition, None)
+            self._specs.pop(partition, None)
             self._idle.discard(partition)
+            self._opened += 1
             dropped = self._acks.pop(partition, None)
             if dropped:
                 self._ack_count -= len(dropped[1])
@@ -843,47 +873,128 @@ class RedisLaneConsumer(LaneConsumer):
     async def poll(
         self, partitions: Sequence[int], max_per_lane: int, timeout: float, wake: asyncio.Event
     ) -> list[Delivery]:
-        lanes = [p for p in partitions if p in self._tokens]
+        tokens = self._tokens
+        # The engine hands the same tuple while its lanes do not change: a thousand lanes are
+        # not walked at every poll.
+        if partitions is self._asked and self._opened == self._asked_opened:
+            lanes = self._asked_lanes
+        else:
+            lanes = [p for p in partitions if p in tokens]
+            self._asked, self._asked_opened, self._asked_lanes = partitions, self._opened, lanes
         if self._stopped or not lanes:
             return []
         if time.monotonic() >= self._recheck_at:
             self._recheck_at = time.monotonic() + IDLE_RECHECK
             self._idle.clear()
-        idle, tokens = self._idle, self._tokens
+        idle = self._idle
         waited = False
+        self._wake = wake
         for _ in range(4):
-            active = [p for p in lanes if p not in idle and p in tokens]
-            truncated = len(active) > READ_LANES
-            if truncated:
-                start = self._turn % len(active)
-                self._turn += READ_LANES
-                active = (active[start:] + active[:start])[:READ_LANES]
-            deliveries, more, notified = await self._read(active, max_per_lane)
-            more = more or truncated
-            if deliveries or more or timeout <= 0 or wake.is_set() or self._stopped:
-                return deliveries
-            if any(p in notified and p in tokens for p in lanes):
-                continue  # an idle lane has new entries: read it now
-            if waited:
+            active = [] if idle.issuperset(lanes) else [p for p in lanes if p not in idle and p in tokens]
+            # Every lane idle and the notify cursor known: nothing to read until a notification
+            # comes, and the blocking read below returns at once when one came since the cursor.
+            if active or waited or not self._notified or timeout <= 0:
+                truncated = len(active) > READ_LANES
+                if truncated:
+                    start = self._turn % len(active)
+                    self._turn += READ_LANES
+                    active = (active[start:] + active[:start])[:READ_LANES]
+                deliveries, more, notified = await self._read(active, max_per_lane)
+                more = more or truncated
+                if deliveries or more or timeout <= 0 or wake.is_set() or self._stopped:
+                    return deliveries
+                if any(p in notified and p in tokens for p in lanes):
+                    continue  # an idle lane has new entries: read it now
+                if waited:
+                    return []
+                if not any(p in idle for p in lanes):  # every lane is fenced: the lease coordinator will notice
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout)
+                    return []
+            else:
+                # Let the lanes this poll's caller just handed deliveries to start their
+                # handlers before the blocking read is set up (it waits for the next publish).
+                await asyncio.sleep(0)
+                if wake.is_set() or self._stopped:
+                    return []
+                if not self._transport.cluster:
+                    # On one server the read of the lanes goes in the same write as the wait,
+                    # behind it on its connection: Redis runs it as soon as the wait returns.
+                    done, deliveries, more = await self._wait_and_read(lanes, max_per_lane, timeout, wake)
+                    if done:
+                        if deliveries or more or wake.is_set() or self._stopped:
+                            return deliveries
+                        if idle.issuperset(p for p in lanes if p in tokens):
+                            return []  # the timeout, or notifications of lanes not asked for now
+                        waited = True  # a lane was named but not read (notifications missed): read it
+                        continue
+            woken = await self._wait_for_notification(timeout, wake)
+            if woken is None:
                 return []
-            if not any(p in idle for p in lanes):  # every lane is fenced: the lease coordinator will notice
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout)
-                return []
-            if not await self._wait_for_notification(timeout, wake):
-                return []
+            # The lanes the notifications name are read by the next read, which also takes in
+            # the notify stream from the cursor (and sees whether entries were trimmed past it).
+            idle -= woken
             waited = True
         return []
 
-    async def _wait_for_notification(self, timeout: float, wake: asyncio.Event) -> bool:
+    async def _wait_for_notification(self, timeout: float, wake: asyncio.Event) -> set[int] | None:
         """Block (XREAD on the topic's notify stream, no group state touched) until a publish
         appends to the topic, the timeout passes, or ``wake`` is set (then the blocked read is cut
-        short with CLIENT UNBLOCK). True when something was appended."""
+        short with CLIENT UNBLOCK). The lanes the first notifications after the cursor name
+        (possibly none), or None when nothing was appended."""
         reader = self._reader
         if reader is None:
-            return False
+            return None
         waits = {self._keys.notify: self._notified.encode() or b"$"}
-        return bool(await reader.wait(waits, timeout, wake, f"waiting for {self._topic}"))
+        reply = await reader.block(waits, timeout, wake, f"waiting for {self._topic}", NOTIFY_PEEK)
+        if not reply:
+            return None
+        woken: set[int] = set()
+        for entries in (reply.values() if isinstance(reply, dict) else (item[1] for item in reply)):
+            for _entry_id, fields in entries:
+                lanes = fields.get(b"p") if isinstance(fields, dict) else None
+                if lanes:
+                    woken.update(int(p) for p in lanes.split(b","))
+        return woken
+
+    async def _wait_and_read(self, lanes: list[int], count: int, timeout: float,
+                             wake: asyncio.Event) -> tuple[bool, list[Delivery], bool]:
+        """Block on the notify stream with the READ of the idle ``lanes`` pipelined behind it
+        (the script reads those the notifications since the cursor name): one round trip from a
+        publish to its delivery. Returns whether it ran (False: the script was not loaded), the
+        deliveries and whether a lane has more."""
+        reader = self._reader
+        specs, closing = self._specs, self._closing
+        if len(lanes) == len(specs) and not closing:
+            spec = ";".join(specs.values())  # every open lane (the usual case): no walk in Python
+        else:
+            lanes = [p for p in lanes if p in specs and p not in closing]
+            spec = ";".join([specs[p] for p in lanes])
+        if reader is None or not lanes:
+            return False, [], False
+        args = [self._group, self._keys.base, self._transport.partitions, count,
+                spec, READ_BUDGET, self._notified, "1"]
+        waiting = self._waiting = asyncio.get_running_loop().create_future()
+        self._waiting_lanes = lanes
+        try:
+            _appended, reply = await reader.block_and_run(
+                {self._keys.notify: self._notified.encode()}, timeout, wake, f"waiting for {self._topic}", 1,
+                self._transport.script("READ"), [self._keys.meta], args)
+            if isinstance(reply, rex.NoScriptError):
+                return False, [], False  # the server lost it (a restart): the plain read loads it
+            if isinstance(reply, Exception):
+                raise translate(reply, f"reading {self._topic} for {self._group}", self._transport.user) from reply
+            deliveries, more, _notified = self._take(reply)
+            if closing and deliveries:
+                back = [d for d in deliveries if d.partition in closing]
+                if back:
+                    deliveries = [d for d in deliveries if d.partition not in closing]
+                    with contextlib.suppress(MsgBrokerError):
+                        await self.unread(back)
+            return True, deliveries, more
+        finally:
+            self._waiting, self._waiting_lanes = None, ()
+            waiting.set_result(None)
 
     async def _read(self, lanes: list[int], count: int) -> tuple[list[Delivery], bool, set[int]]:
         """Read these lanes (their pending history after the cursor, then new entries) and the
@@ -892,12 +1003,17 @@ class RedisLaneConsumer(LaneConsumer):
         reader = self._reader
         if reader is None:
             raise BrokerClosedError("the redis consumer is stopped")
-        spec = ";".join(f"{p} {self._tokens[p] or '-'} {self._cursors[p]}" for p in lanes)
-        args = [self._group, self._keys.base, self._transport.partitions, count, spec, READ_BUDGET, self._notified]
+        specs = self._specs
+        args = [self._group, self._keys.base, self._transport.partitions, count, ";".join([specs[p] for p in lanes]),
+                READ_BUDGET, self._notified]
         # The script derives the lanes' keys from the base; the meta key, in the same slot,
         # routes the call on a Redis Cluster.
         reply = await self._transport.call("READ", [self._keys.meta], args, f"reading {self._topic} for {self._group}",
                                            await reader.script_client())
+        return self._take(reply)
+
+    def _take(self, reply: bytes) -> tuple[list[Delivery], bool, set[int]]:
+        """Take in a READ reply: the notify cursor, the lanes notified, each lane's entries."""
         deliveries: list[Delivery] = []
         idle = self._idle
         more = False
@@ -914,20 +1030,20 @@ class RedisLaneConsumer(LaneConsumer):
             notified &= idle
             idle -= notified
         end = len(reply)
+        tokens = self._tokens
         while pos < end:
             partition, status, size = _LANE.unpack_from(reply, pos)
-            wait = reply[pos + 12:pos + 12 + size]
-            pos += 12 + size
-            (size,) = _LENGTH.unpack_from(reply, pos)
-            start, pos = pos + 4, pos + 4 + size
+            start, pos = pos + 12, pos + 12 + size
             if status == 2:
                 continue  # fenced: the lease coordinator will notice
             more = more or status == 1
-            if start == pos:
-                if wait and partition in self._tokens:
-                    idle.add(partition)  # read again once the notify stream names it
-            elif partition in self._tokens:  # else closed meanwhile: the entries stay pending
-                self._cursors[partition] = _unpack(reply, start, pos, partition, deliveries).decode()
+            if partition not in tokens:
+                continue  # closed meanwhile: the entries stay pending for the lane's next owner
+            if start < pos:
+                cursor = _unpack(reply, start, pos, partition, deliveries).decode()
+                self._specs[partition] = f"{partition} {tokens[partition] or '-'} {cursor}"
+            if status == 3:
+                idle.add(partition)  # drained: read again once the notify stream names it
         return deliveries, more, notified
 
     # -- settling ------------------------------------------------------------------------------
@@ -1059,6 +1175,8 @@ class RedisLaneConsumer(LaneConsumer):
         self._acks.clear()
         self._ack_count = 0
         self._tokens.clear()
+        self._specs.clear()
+        self._opened += 1
         flusher, self._flusher = self._flusher, None
         if flusher is not None and flusher is not asyncio.current_task():
             flusher.cancel()
