@@ -155,17 +155,33 @@ def by_partition(topic: str, group: str) -> dict[int, int]:
     return asyncio.run(go())
 
 
+# The page redraws its sections as the dashboard polls: the grid and the member table are read
+# in one script each (a snapshot), not element by element (an element found before a redraw is
+# stale after it).
+_CELLS = """
+const [topic, group] = arguments;
+const section = [...document.querySelectorAll('section.group')]
+  .find(s => s.dataset.topic === topic && s.dataset.group === group);
+return section ? [...section.querySelectorAll('.cell')].map(
+  c => [c.dataset.partition || '-1', c.dataset.pending || '', c.dataset.owner || '']) : [];
+"""
+_MEMBERS = """
+const [topic, group] = arguments;
+const section = [...document.querySelectorAll('section.group')]
+  .find(s => s.dataset.topic === topic && s.dataset.group === group);
+return section ? [...section.querySelectorAll('tr.member')].map(
+  r => [r.dataset.member || '', (r.querySelector('.held') || {}).textContent || '0']) : [];
+"""
+
+
 def cells(browser: WebDriver, topic: str, group: str) -> dict[int, dict[str, str]]:
-    found = browser.find_elements(By.CSS_SELECTOR, f'section.group[data-topic="{topic}"][data-group="{group}"] .cell')
-    return {int(c.get_attribute("data-partition") or -1): {"pending": c.get_attribute("data-pending") or "",
-                                                         "owner": c.get_attribute("data-owner") or ""}
-            for c in found}
+    found = browser.execute_script(_CELLS, topic, group)
+    return {int(partition): {"pending": pending, "owner": owner} for partition, pending, owner in found}
 
 
 def members(browser: WebDriver, topic: str, group: str) -> dict[str, int]:
-    rows = browser.find_elements(
-        By.CSS_SELECTOR, f'section.group[data-topic="{topic}"][data-group="{group}"] tr.member')
-    return {r.get_attribute("data-member") or "": int(r.find_element(By.CSS_SELECTOR, ".held").text) for r in rows}
+    rows = browser.execute_script(_MEMBERS, topic, group)
+    return {member: int(held) for member, held in rows}
 
 
 def keys_for(partition: int, n: int) -> list[str]:
