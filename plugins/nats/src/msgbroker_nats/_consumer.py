@@ -351,11 +351,13 @@ class NatsLaneConsumer(LaneConsumer):
             return True  # cannot tell: hand back as usual (at worst one more delivery)
 
     async def _release(self, lane: _Lane) -> None:
-        """Hand back what this member holds of the lane and never settled, in stream order,
-        with a nak delayed by ``_HAND_BACK_DELAY``: by then the next owner has a pull request
-        waiting (nats-server 2.9.10 rewinds a consumer that redelivers to dead requests only, see
-        *Recovery*), and it waits for these sequences (the owner record names them). The last
-        nak is confirmed: the server applied them all before the lane is given up."""
+        """Hand back what this member holds of the lane and never settled, in stream order, with
+        a nak — on nats-server 2.9 delayed by ``_HAND_BACK_DELAY``: by then the next owner has a
+        pull request waiting (2.9.10 rewinds a consumer that redelivers to dead requests only, see
+        *Recovery*; 2.10 and later keep the message for the next live request, so there it goes
+        back at once). The next owner waits for these sequences (the owner record names them).
+        The last nak is confirmed: the server applied them all before the lane is given up."""
+        payload = _NAK if self._transport.asks_consumers_freely() else _HAND_BACK
         held = [lane.items[seq] for seq in sorted(lane.items)]
         lane.items.clear()
         lane.handed.clear()
@@ -365,9 +367,9 @@ class NatsLaneConsumer(LaneConsumer):
         for index, item in enumerate(held):
             try:
                 if index == len(held) - 1:
-                    await nc.request(item.msg.reply, _HAND_BACK, timeout=5.0)
+                    await nc.request(item.msg.reply, payload, timeout=5.0)
                 else:
-                    await nc.publish(item.msg.reply, _HAND_BACK)
+                    await nc.publish(item.msg.reply, payload)
             except Exception as exc:
                 lane.clean = False  # not sure the server has them back: the next owner waits ack_wait
                 log.debug("nats: handing back %s[%d] #%d failed: %r", self._topic, lane.partition, item.seq, exc)
