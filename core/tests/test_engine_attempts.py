@@ -144,3 +144,46 @@ async def test_a_hand_over_of_many_lanes_releases_them_a_few_at_a_time() -> None
     await first.close()
     await second.close()
     assert 1 <= most <= RELEASES_AT_ONCE, f"{most} releases at once"
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_a_message_read_as_the_subscription_closes_is_no_attempt(ordered: bool) -> None:
+    """``Subscription.close()`` cancelled the read loop with a poll in flight: the broker had
+    counted the delivery it was bringing back (Redis ran its read script, Kafka wrote its start
+    marker) and the answer was lost, so the next owner was handed attempt 2 of a message no
+    handler had seen. The poll's answer comes late here; the message it brings must reach the
+    next owner as attempt 1. Found by the conformance case on a Redis and a Kafka cluster."""
+    url = f"memory://{uuid.uuid4().hex}"
+    settings: dict[str, Any] = {"partition_count": 1}
+    first = await msgbroker.connect(url, **settings)
+    second = await msgbroker.connect(url, **settings)
+    seen: list[tuple[str, str, int]] = []
+    counted = asyncio.Event()
+
+    async def record(ctx: MessageContext[Job]) -> None:
+        seen.append(("first", ctx.message.key, ctx.delivery_attempt))
+
+    subscription = await first.subscribe("jobs", "workers", record, message_type=Job, ordered=ordered)
+    runner = subscription._runner
+    poll = runner.consumer.poll
+
+    async def late_answer(*args: Any) -> Any:
+        deliveries = await poll(*args)
+        if deliveries:
+            counted.set()
+            await asyncio.sleep(0.3)  # counted by the broker, the answer still on the way
+        return deliveries
+
+    runner.consumer.poll = late_answer  # type: ignore[method-assign]
+    await first.publish("jobs", Job(key="late"))
+    await asyncio.wait_for(counted.wait(), 5)
+    await subscription.close()
+
+    async def handle(ctx: MessageContext[Job]) -> None:
+        seen.append(("second", ctx.message.key, ctx.delivery_attempt))
+
+    await second.subscribe("jobs", "workers", handle, message_type=Job, ordered=ordered)
+    await _until(lambda: len(seen) == 1)
+    await first.close()
+    await second.close()
+    assert seen == [("second", "late", 1)]

@@ -29,6 +29,9 @@ __all__ = ["SubscriptionRunner", "assign_partitions"]
 
 log = logging.getLogger("msgbroker")
 
+_CLOSE_POLL_BOUND = 2.0
+"""Seconds a closing subscription waits, past the poll timeout, for a poll in flight to return."""
+
 
 
 
@@ -79,6 +82,9 @@ class SubscriptionRunner:
         self._wake = asyncio.Event()
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._reader: asyncio.Task[None] | None = None
+        self._polling = False
+        """The reader is inside ``consumer.poll``: the broker may have counted what it returns."""
         self._coordinator: LeaseCoordinator | None = None
         self._spawned: set[asyncio.Task[None]] = set()
         self._grace = settings.shutdown_timeout.total_seconds()
@@ -118,14 +124,29 @@ class SubscriptionRunner:
             self._coordinator = coordinator = LeaseCoordinator(self)
             await coordinator.beat()
             self._tasks.append(asyncio.create_task(coordinator.run(), name=f"msgbroker-leases-{self.topic}"))
-        self._tasks.append(asyncio.create_task(self._read_loop(), name=f"msgbroker-reader-{self.topic}"))
+        self._reader = asyncio.create_task(self._read_loop(), name=f"msgbroker-reader-{self.topic}")
+        self._tasks.append(self._reader)
 
     async def close(self) -> None:
         """Stop taking messages, let in-flight handlers finish (bounded), settle, release."""
         if self._closing:
             return
         self._closing = True
+        for lane in self._lanes.values():
+            lane.stopping = True  # no lane starts another handling; one in a handler finishes (revoked below)
+            self._unwant(lane.partition)
+            lane.data.set()
         self._wake.set()
+        reader = self._reader
+        for task in self._tasks:
+            if task is not reader:
+                task.cancel()
+        if reader is not None and self._polling:
+            # A poll in flight may have been counted by the broker already (a read script ran,
+            # a start marker was written) with its answer still on the way: cut off, those
+            # deliveries would count one attempt more at the next owner. Woken, it returns soon
+            # (bounded) and the read loop hands back what it got.
+            await asyncio.wait({reader}, timeout=self._poll_timeout + _CLOSE_POLL_BOUND)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -279,6 +300,7 @@ class SubscriptionRunner:
                 continue
             self._wake.clear()
             timeout = self._poll_timeout if next_held is None else max(0.0, min(self._poll_timeout, next_held))
+            self._polling = True
             try:
                 deliveries = await self.consumer.poll(idle, self._batch, timeout, self._wake)
                 failures = 0
@@ -293,15 +315,22 @@ class SubscriptionRunner:
                 self._stop_on(exc)
                 return
             except Exception as exc:
+                self._polling = False
+                if self._closing:
+                    return
                 failures += 1
                 pause = min(2.0, 0.05 * 2**failures)
                 log.warning("msgbroker: polling %s for %s failed (%s); again in %.2fs", self.topic, self.group,
                             redact(str(exc)), pause)
                 await asyncio.sleep(pause)
                 continue
+            finally:
+                self._polling = False
             lanes = self._lanes
             dropped: list[Delivery] = []
-            if self.ordered:
+            if self._closing:
+                dropped = deliveries  # the subscription is closing: no lane takes more
+            elif self.ordered:
                 last = None
                 for delivery in deliveries:
                     lane = lanes.get(delivery.partition)
