@@ -181,3 +181,32 @@ def test_a_failure_seen_once_is_reported_as_the_providers_not_as_flaky() -> None
     assert isinstance(failure, ConformanceFailure) and not isinstance(failure, FlakyFailure)
     assert str(failure).startswith("ModelViolation: b#4 has delivery_attempt 2; it was handled 0 time(s) — seen once")
     assert failure.__notes__ == ["state.publish(key='b', n=1)"]
+
+
+def test_a_crash_after_the_last_allowed_failure_but_one_lets_the_message_be_dead_lettered_unhandled() -> None:
+    """The volume model: a message failed max_retry_attempts - 1 times and waited for its next
+    delivery when a member died (it may have read it ahead, and the broker counted that
+    delivery): the next owner may dead-letter it unhandled ("delivered N times without being
+    settled") and hand the next message of its partition. Flagged as an order violation before
+    (RabbitMQ, seed 867987651 of the volume case)."""
+    from msgbroker_conformance._volume import VolumeModel
+
+    model = VolumeModel(partitions=4, max_attempts=4)
+    model.publish("m1", "k", 0, disturbed=False)
+    model.publish("m2", "k", 1, disturbed=False)
+    partition = partition_for("k", 4)
+    for attempt in (1, 2, 3):
+        model.deliver("m1", "a", partition, attempt, 0.0)
+        model.settle("m1", "raise")
+    model.crashed("b")  # m1 waits for its fourth delivery meanwhile
+    model.deliver("m2", "a", partition, 1, 0.0)  # m1 was dead-lettered as delivered 5 times
+    model.judge_dead_letters({"m1": 1})
+    assert model.violations == []
+    unexposed = VolumeModel(partitions=4, max_attempts=4)
+    unexposed.publish("m1", "k", 0, disturbed=False)
+    unexposed.publish("m2", "k", 1, disturbed=False)
+    for attempt in (1, 2, 3):
+        unexposed.deliver("m1", "a", partition, attempt, 0.0)
+        unexposed.settle("m1", "raise")
+    unexposed.deliver("m2", "a", partition, 1, 0.0)
+    assert unexposed.violations and "before the earlier k#0" in unexposed.violations[0]

@@ -201,6 +201,10 @@ class VolumeModel:
                 entry.uncertain = entry.disturbed = True
             if entry.state in (READY, INFLIGHT, MAYBE_DEAD):
                 entry.exposures += 1
+                if entry.state == READY and entry.failures + entry.exposures >= self.max_attempts:
+                    # the crash may have counted its last delivery: it may be dead-lettered
+                    # unhandled, and a later message of its partition may pass it then
+                    entry.state = MAYBE_DEAD
         self.disturb()
 
     def disturb(self) -> None:
