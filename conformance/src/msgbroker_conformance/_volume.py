@@ -27,6 +27,8 @@ from msgbroker import Broker, MessageContext, partition_for
 from ._support import ConformanceFailure, ConformanceMessage, eventually
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from ._support import Scenario
 
 __all__ = ["StallWatch", "VolumeModel", "run_volume"]
@@ -286,7 +288,7 @@ class StallWatch:
             if frame is None or not on_time:
                 previous = None
                 continue
-            stack = "".join(traceback.format_stack(frame))
+            stack = _plain_stack(frame)
             here = f"{frame.f_code.co_filename}:{frame.f_lineno}"
             if (previous is not None and previous[0] == self.tick and previous[1] == here
                     and late >= 2 * self.limit and self.package in frame.f_code.co_filename.replace("\\", "/")):
@@ -299,6 +301,16 @@ class StallWatch:
         for late, stack in self.stacks:
             return f"the event loop was blocked for {late:.2f}s or more in the provider's code:\n{stack}"
         return None
+
+
+def _plain_stack(frame: FrameType) -> str:
+    """``traceback.format_stack(frame)`` without its carets: on Python 3.11 those parse source
+    lines with the ``ast`` module, whose state is not safe beside a compile in another thread
+    (CPython gh-106905: the loop thread's next ``inspect.getsource`` — Hypothesis calls it —
+    failed with "SystemError: AST constructor recursion depth mismatch")."""
+    return "".join(f'  File "{entry.filename}", line {entry.lineno}, in {entry.name}\n'
+                   + (f"    {entry.line.strip()}\n" if entry.line else "")
+                   for entry in traceback.extract_stack(frame))
 
 
 def _fate(seed: int, key: str, seq: int, attempt: int, delay: bool) -> tuple[str, float]:
