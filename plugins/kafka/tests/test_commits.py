@@ -101,3 +101,46 @@ async def test_a_message_that_kills_every_worker_reaches_the_dead_letters(
     assert letter.attempts == 4 and "the worker died" in letter.error, letter
     # what followed it was read ahead by every dead worker, handled by none: one attempt more at most
     assert [(member, attempt) for member, seq, attempt in seen if seq == 1] == [(3, 2)]
+
+
+async def test_a_message_read_ahead_and_handed_back_at_a_close_is_no_attempt(
+    connect: Callable[..., Any], names: Callable[[str], str]
+) -> None:
+    """One handler at a time over two partitions: the first partition's message holds the only
+    slot while the second's is read (handed to its lane) but never handled; the member closes.
+    Kafka has no per-message delivery count: the commit at the close recorded the second lane's
+    head as begun ("cut short in its handler"), and the next owner was handed attempt 2 of a
+    message no handler had seen. The engine hands such deliveries back (``unread``): attempt 1."""
+    from msgbroker import partition_for
+
+    topic, group = names("handback"), names("g")
+    first = await connect(partition_count=2, max_concurrency=1, kafka=SLOW_COMMITS)
+    keys = {partition_for(k, 2): k for k in (f"key-{i}" for i in range(20))}
+    seen: list[tuple[str, int, int]] = []
+    release = asyncio.Event()
+
+    async def hold(ctx: MessageContext[Step]) -> None:
+        seen.append(("first", ctx.message.seq, ctx.delivery_attempt))
+        await release.wait()
+
+    await first.publish(topic, Step(key=keys[0], seq=0))
+    subscription = await first.subscribe(topic, group, hold, message_type=Step)
+    await _until(lambda: len(seen) == 1, "the first message in its handler")
+    await first.publish(topic, Step(key=keys[1], seq=1))
+    # The second lane fetches its message within a poll or two and waits for the only slot
+    # (had it not fetched it by the close, the next owner would see attempt 1 anyway).
+    await asyncio.sleep(1.0)
+    closing = asyncio.ensure_future(subscription.close())
+    await asyncio.sleep(0.2)
+    release.set()  # the handler in flight finishes within the grace period
+    await closing
+    assert seen == [("first", 0, 1)]
+
+    second = await connect(partition_count=2, kafka=SLOW_COMMITS)
+
+    async def record(ctx: MessageContext[Step]) -> None:
+        seen.append(("second", ctx.message.seq, ctx.delivery_attempt))
+
+    await second.subscribe(topic, group, record, message_type=Step)
+    await _until(lambda: len(seen) == 2, "the second member to handle the message handed back")
+    assert seen == [("first", 0, 1), ("second", 1, 1)]

@@ -230,6 +230,9 @@ class _Track:
     """Offset: (the attempt a retry announced, its not_before, failures as of that retry)."""
     settled: dict[int, int] = field(default_factory=dict)
     """Attempts of settled offsets above a lower unsettled one (unordered lanes), until a commit passes them."""
+    unhanded: set[int] = field(default_factory=set)
+    """Pending offsets the engine handed back unhandled (read ahead as its lane stopped): their
+    delivery never began."""
     fetched_to: int | None = None
     inherited: AttemptRecord | None = None
     inherited_at: int = -1
@@ -334,6 +337,8 @@ class _Track:
         if retried is not None and retried[0] >= attempt:
             attempt, not_before = retried[0], retried[1]
         waiting = not_before is not None and time.time() < not_before
+        if offset in self.unhanded:
+            return attempt - 1, (not_before if waiting else None), False
         is_head = offset == self.target()
         if not final:
             if waiting:
@@ -354,7 +359,7 @@ class _Track:
         if delivery is not None:
             if offset not in self.careful:
                 # a first delivery: may begin (or began, and was acked) before the next commit
-                if final:
+                if final or offset in self.unhanded:
                     return self._began(offset, delivery, True)[0], False, None, False
                 return 0, True, None, False
             began, not_before, due = self._began(offset, delivery, final)
@@ -778,6 +783,16 @@ class KafkaLaneConsumer(LaneConsumer):
                 except (kafka_errors.IllegalStateError, AssertionError) as exc:
                     log.debug("kafka: seek of %s failed: %s", tp, exc)
         self._lanes[partition] = track
+
+    async def unread(self, deliveries: Sequence[Delivery]) -> None:
+        """Read ahead, never handed to a handler, and the lane stops: the commit records no
+        delivery of these begun, so the next owner's attempt counts handlings (docs/semantics.md,
+        rule 3). A crash before that commit leaves them in doubt as any first delivery."""
+        for delivery in deliveries:
+            track = self._lanes.get(delivery.partition)
+            if track is not None and track.pending.get(delivery.position) is delivery:
+                track.unhanded.add(delivery.position)
+                self._dirty.set()
 
     async def close_lane(self, partition: int) -> None:
         track = self._lanes.get(partition)
