@@ -21,6 +21,7 @@ from ._message import Handler, Message, Outcome
 from ._provider import Delivery, LaneConsumer, Transport
 from ._registry import registry
 from ._settling import Settling
+from ._tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from ._settings import BrokerSettings
@@ -147,18 +148,13 @@ class SubscriptionRunner:
             # deliveries would count one attempt more at the next owner. Woken, it returns soon
             # (bounded) and the read loop hands back what it got.
             await asyncio.wait({reader}, timeout=self._poll_timeout + _CLOSE_POLL_BOUND)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         if self._coordinator is not None:
             # A hand-over in progress closes its lane and then releases its lease: let it, or
             # release_all below would free the lane while the provider still hands it back.
             await self._coordinator.finish_hand_overs()
         await self.revoked(list(self._lanes))
-        workers = list(self._spawned)  # unordered: idle now (their lanes are stopped)
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await cancel_and_wait(list(self._spawned))  # unordered workers: idle now (their lanes are stopped)
         if self._coordinator is not None:
             await self._coordinator.release_all()
             with contextlib.suppress(Exception):
@@ -174,9 +170,7 @@ class SubscriptionRunner:
         tasks = [*self._tasks, *self._spawned, *(lane.task for lane in self._lanes.values() if lane.task)]
         if self._coordinator is not None:  # a hand-over in progress must not release its lease
             tasks += self._coordinator.draining
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         self._lanes.clear()
         with contextlib.suppress(Exception):
             await self.consumer.stop(flush=False)
@@ -210,8 +204,7 @@ class SubscriptionRunner:
             lane.stopping = True
             self._unwant(partition)
             if lane.task:
-                lane.task.cancel()
-                await asyncio.gather(lane.task, return_exceptions=True)
+                await cancel_and_wait([lane.task])
             with contextlib.suppress(Exception):
                 await self.consumer.close_lane(partition)
 
@@ -236,17 +229,14 @@ class SubscriptionRunner:
             if not done:
                 log.warning("msgbroker: handler on %s[%d] outlived the grace period; it is cancelled and "
                             "its message will be redelivered", self.topic, lane.partition)
-                lane.task.cancel()
-                await asyncio.gather(lane.task, return_exceptions=True)
+                await cancel_and_wait([lane.task])
         if lane.in_flight:  # unordered: wait for this lane's handlers, then cut them off
             drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             lane.drained = drained
             finished, _ = await asyncio.wait({drained}, timeout=self._grace)
             if not finished:
                 late = [task for task, handled in self._handling.items() if handled is lane]
-                for task in late:
-                    task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
+                await cancel_and_wait(late)
         self._lanes.pop(lane.partition, None)
         # The broker counted these deliveries (a read, or a retry that announced the next attempt)
         # but no handler saw that attempt: handed back, the next owner's attempt counts handlings.

@@ -44,6 +44,7 @@ from ._provider import (
     failures_since,
 )
 from ._settings import BrokerSettings, Duration, ProviderSettings
+from ._tasks import cancel_and_wait
 from ._tls import tls_client_context, tls_verification_error
 from .wire import (
     CONTENT_TYPE,
@@ -124,6 +125,7 @@ __all__ = [
     "TransientError",
     "Transport",
     "assign_partitions",
+    "cancel_and_wait",
     "dead_letter_from_record",
     "dead_letter_group",
     "dead_letter_headers",

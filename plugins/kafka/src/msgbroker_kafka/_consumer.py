@@ -34,7 +34,15 @@ from typing import TYPE_CHECKING, Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener  # type: ignore[import-untyped]
 from aiokafka import errors as kafka_errors
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
-from msgbroker.spi import AccessDeniedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, failures_since
+from msgbroker.spi import (
+    AccessDeniedError,
+    DeadLetter,
+    Delivery,
+    LaneConsumer,
+    MsgBrokerError,
+    cancel_and_wait,
+    failures_since,
+)
 
 from . import _compat
 from ._assignor import PinningAssignor
@@ -620,9 +628,7 @@ class KafkaLaneConsumer(LaneConsumer):
         self._stopped = True
         tasks = [t for t in (self._commit_task, self._watch_task) if t is not None]
         self._commit_task = self._watch_task = None
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         if flush:
             await self._commit(None, bound=_FINAL_BOUND, final=True)
         inflight = self._inflight

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import partition_for
-from msgbroker.spi import MsgBrokerError, ReplySink
+from msgbroker.spi import MsgBrokerError, ReplySink, cancel_and_wait
 
 
 class KafkaTransport(Protocol):
@@ -105,8 +105,7 @@ class ReplyInbox:
     async def close(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             with contextlib.suppress(Exception):

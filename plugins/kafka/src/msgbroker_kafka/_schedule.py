@@ -41,7 +41,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import partition_for
-from msgbroker.spi import AccessDeniedError, BrokerTimeoutError, MsgBrokerError, OutgoingRecord
+from msgbroker.spi import AccessDeniedError, BrokerTimeoutError, MsgBrokerError, OutgoingRecord, cancel_and_wait
 
 from ._records import MESSAGE_ID_HEADER, encode_headers
 from ._replies import ReplyInbox
@@ -257,9 +257,7 @@ class _Mover:
                     del held[name]
 
     async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
+        await cancel_and_wait([self._task])
 
 
 class Schedules:

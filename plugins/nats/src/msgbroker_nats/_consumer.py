@@ -22,7 +22,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import nats.js.errors
-from msgbroker.spi import BrokerClosedError, DeadLetter, Delivery, LaneConsumer, MsgBrokerError, dead_letter_record
+from msgbroker.spi import (
+    BrokerClosedError,
+    DeadLetter,
+    Delivery,
+    LaneConsumer,
+    MsgBrokerError,
+    cancel_and_wait,
+    dead_letter_record,
+)
 
 from ._errors import map_error
 from ._host import ConsumerHost
@@ -379,10 +387,7 @@ class NatsLaneConsumer(LaneConsumer):
             return
         self._stopped = True
         self._transport.forget(self)
-        background = [t for t in (self._keeper,) if t is not None]
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await cancel_and_wait([t for t in (self._keeper,) if t is not None])
         rewound, self._rewound_sub = self._rewound_sub, None
         if rewound is not None:
             with contextlib.suppress(Exception):

@@ -38,6 +38,7 @@ from msgbroker.spi import (
     BrokerTimeoutError,
     OutgoingRecord,
     PublishFailedError,
+    cancel_and_wait,
 )
 from pamqp import commands as spec
 
@@ -202,9 +203,7 @@ class _Mover:
         await raw.basic_ack(tag)
 
     async def stop(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
+        await cancel_and_wait([self._task])
 
 
 class Schedules:

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol, cast
 
-from msgbroker.spi import ReplySink
+from msgbroker.spi import ReplySink, cancel_and_wait
 
 from ._clients import Client, Connections, Reader
 from ._errors import REDIS_ERRORS, translate
@@ -114,8 +114,7 @@ class ReplyInbox:
         self._stop.set()
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.drop()

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from msgbroker.spi import AccessDeniedError, BrokerClosedError
+from msgbroker.spi import AccessDeniedError, BrokerClosedError, cancel_and_wait
 
 __all__ = ["MOVE_INTERVAL", "Movers"]
 
@@ -99,11 +99,7 @@ class Movers:
         """Stop every mover; ``release`` gives their leases up at once (a close), else they run
         out (a crash)."""
         tasks, self._tasks = self._tasks, {}
-        for task in tasks.values():
-            task.cancel()
-        for task in tasks.values():
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(tasks.values())
         if release:
             for topic in tasks:
                 keys = self._transport.keys(topic)

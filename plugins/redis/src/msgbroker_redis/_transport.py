@@ -56,6 +56,7 @@ from msgbroker.spi import (
     PublishIndeterminateError,
     ReplySink,
     Transport,
+    cancel_and_wait,
     dead_letter_from_record,
     dead_letter_record,
     describe_from_interface,
@@ -1179,8 +1180,7 @@ class RedisLaneConsumer(LaneConsumer):
         self._opened += 1
         flusher, self._flusher = self._flusher, None
         if flusher is not None and flusher is not asyncio.current_task():
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
+            await cancel_and_wait([flusher])
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.drop()
