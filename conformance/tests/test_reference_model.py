@@ -81,6 +81,28 @@ def test_an_ack_lost_with_its_member_may_come_back_once_as_a_duplicate() -> None
     assert model.duplicates == 1
 
 
+def test_a_letter_whose_ack_was_lost_stays_listed_while_the_message_comes_back() -> None:
+    """Rejected, then the member died before its buffered ack reached the broker: the letter is
+    stored and stays listed while the message is delivered again. A delay of it is then no dead
+    letter, and whether a nak dead-lettered it again cannot be told from the listing."""
+    model = _model(("m1", "k", 0), ("m2", "j", 0))
+    for message_id in ("m1", "m2"):
+        model.deliver(message_id, "a", 1, 0.0)
+        model.settle(message_id, "reject", dead=True)
+    model.forget_holder("a")
+    model.deliver("m1", "b", 2, 0.0)
+    model.settle("m1", "delay", dead=True, not_before=1.0)  # the old letter is still listed
+    model.deliver("m1", "b", 3, 2.0)
+    model.deliver("m2", "b", 2, 0.0)
+    model.settle("m2", "nak", dead=True)
+    model.deliver("m2", "c", 3, 0.0)  # it was retried, not dead-lettered again: legal
+    model.settle("m2", "ack", dead=False)
+    model = _model(("m1", "k", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    with pytest.raises(ModelViolation, match="dead-lettered on a delay"):
+        model.settle("m1", "delay", dead=True, not_before=1.0)  # no earlier letter: a real one
+
+
 def test_naks_dead_letter_exactly_at_max_attempts() -> None:
     model = _model(("m1", "k", 0))
     model.deliver("m1", "a", 1, 0.0)

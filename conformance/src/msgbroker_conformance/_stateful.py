@@ -210,7 +210,11 @@ class ReferenceModel:
             entry.state, entry.acked_by, entry.lettered = DEAD, holder, True
         elif action == "nak":
             entry.naks += 1
-            if dead:
+            if dead and entry.lettered and entry.disturbed:
+                # Listed since an earlier settlement whose ack a crash may have lost (the letter
+                # stays, rule 4): whether this nak dead-lettered it again cannot be told apart.
+                entry.state, entry.acked_by, entry.uncertain = DEAD, holder, True
+            elif dead:
                 if entry.naks + entry.exposures < self.max_attempts and not entry.lettered:
                     raise ModelViolation(
                         f"{name} was dead-lettered after a nak on attempt {entry.last_attempt}: {entry.naks} "
@@ -223,7 +227,7 @@ class ReferenceModel:
             else:
                 entry.state = READY
         elif action == "delay":
-            if dead:
+            if dead and not (entry.lettered and entry.disturbed):  # not a letter of an earlier settlement
                 raise ModelViolation(f"{name} was dead-lettered on a delay", since=since)
             entry.state, entry.delayed_until = READY, not_before
         else:  # pragma: no cover - the machine only draws the actions above
