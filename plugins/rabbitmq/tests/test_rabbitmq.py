@@ -389,6 +389,68 @@ async def test_a_retry_note_keeps_attempt_and_delay_across_a_crash(
     assert at >= delayed_until[0] - 0.01, f"redelivered {delayed_until[0] - at:.2f}s before the delay ended"
 
 
+async def test_messages_prefetched_through_hand_overs_are_no_attempts(
+    amqp_url: str, prefix: str, wait_for: Any
+) -> None:
+    """A lane closed at a hand-over sends back what the server pushed ahead and no handler saw;
+    RabbitMQ counts that return in ``x-delivery-count``. The lane's note says so, and the next
+    owner hands those messages as the same attempt (docs/semantics.md rule 3): after more
+    hand-overs than ``max_retry_attempts``, nothing is dead-lettered and every first handling is
+    attempt 1. A message retried before its lane moved keeps its attempt and failure count."""
+    topic, group = f"handback-{uuid.uuid4().hex[:6]}", "g"
+    seen: list[tuple[int, int, int]] = []  # (member, seq, attempt)
+    letters: list[str] = []
+    members = 5
+
+    def connect_member() -> msgbroker.Broker:
+        return msgbroker.connect(amqp_url, partition_count=1, max_retry_attempts=2, retry_delay=1.0,
+                                 rabbitmq={"exchange_prefix": prefix, "claim_timeout": 2, "queue_expires": 300,
+                                           "prefetch": 10})
+
+    async with connect_member() as publisher:
+        await publisher.publish_batch(topic, [Numbered(key="a", seq=i) for i in range(40)])
+        for member in range(members):
+            started, release = asyncio.Event(), asyncio.Event()
+
+            async def handle(ctx: MessageContext[Numbered], member: int = member, started: asyncio.Event = started,
+                             release: asyncio.Event = release) -> None:
+                seen.append((member, ctx.message.seq, ctx.delivery_attempt))
+                if member == 0 and ctx.message.seq == 0 and ctx.delivery_attempt == 1:
+                    await ctx.nak(requeue=True)  # one failure; the lane moves during its retry delay
+                    started.set()
+                    return
+                if not started.is_set():
+                    started.set()
+                    await release.wait()  # the server pushes the next ones meanwhile: read ahead
+
+            async with connect_member() as worker:
+                sub = await worker.subscribe(topic, group, handle)
+                await wait_for(started.is_set, 20, lambda m=member: f"member {m} to begin handling (were the "
+                                                                      f"messages dead-lettered unhandled? {seen})")
+                await asyncio.sleep(0.5)  # the prefetch fills
+                closing = asyncio.ensure_future(sub.close())
+                await asyncio.sleep(0.1)
+                release.set()
+                await closing
+
+        async def last(ctx: MessageContext[Numbered]) -> None:
+            seen.append((members, ctx.message.seq, ctx.delivery_attempt))
+
+        async with connect_member() as worker:
+            await worker.subscribe(topic, group, last)
+            await wait_for(lambda: {seq for _, seq, _ in seen} == set(range(40)), 30,
+                           lambda: f"every message handled: {sorted({seq for _, seq, _ in seen})}")
+            await pending_settles_at(worker, topic, group, 0)
+            letters.extend(letter.message_id for letter in await worker.dead_letters(topic, group))
+    assert letters == [], f"dead-lettered after hand-overs alone: {letters} ({seen})"
+    first: dict[int, int] = {}
+    for _, seq, attempt in seen:
+        first.setdefault(seq, attempt)
+    assert first[0] == 1 and [a for _, s, a in seen if s == 0][:2] == [1, 2], f"seq 0's attempts: {seen}"
+    handovers = [seq for seq, attempt in first.items() if seq and attempt != 1]
+    assert handovers == [], f"first handled as a later attempt after hand-overs: {handovers} in {seen}"
+
+
 async def test_delete_topic_removes_its_queues(amqp_url: str, prefix: str, wait_for: Any) -> None:
     topic, group = f"retire-{uuid.uuid4().hex[:6]}", "g"
     got: list[int] = []

@@ -95,6 +95,21 @@ def letter_headers(letter: DeadLetter) -> dict[str, str]:
     return {**dead_letter_headers(letter), KEY_HEADER: letter.partition_key}
 
 
+def _handed_back(note: dict[str, Any] | None, message_id: str) -> dict[str, Any] | None:
+    """The note's entry for ``message_id`` handed back unhandled by an earlier owner, if any."""
+    if note is None:
+        return None
+    entries = note.get("unread")
+    entry = entries.get(message_id) if isinstance(entries, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
+def _settled(lane: _Lane, message_id: str) -> None:
+    entries = (lane.note or {}).get("unread")
+    if isinstance(entries, dict) and message_id in entries:
+        lane.settled.add(message_id)
+
+
 @dataclass(eq=False)
 class _Lane:
     """An owned lane on this member: its channel, what the broker pushed and what is out."""
@@ -113,8 +128,17 @@ class _Lane:
     closing: bool = False
     backlog_checked: bool = False
     note: dict[str, Any] | None = None
+    """The lane's note as this member last read or wrote it (see :meth:`RabbitMQLaneConsumer._to_delivery`)."""
     note_declared: bool = False
     counts: dict[int, int] = field(default_factory=dict)
+    """Per delivery tag: the message's ``x-delivery-count`` as it arrived."""
+    settled: set[str] = field(default_factory=set)
+    """Message ids of the note's handed-back entries settled here: the next note leaves them out."""
+    handed_back: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Entries for the note written when the lane closes: deliveries the engine handed back
+    (:meth:`RabbitMQLaneConsumer.unread`), by message id."""
+    returned: list[DeliveredMessage] = field(default_factory=list)
+    """Pushed while the lane was closing: never taken, they go back with the channel."""
 
 
 class RabbitMQLaneConsumer(LaneConsumer):
@@ -465,6 +489,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
                     await raw.basic_cancel(lane.consumer_tag)
                 if flush:
                     await self._send_acks(lane)
+            if flush and not lane.dead and not raw.is_closed:
+                await self._note_handed_back(lane)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(lane.channel.close(), 5.0)
 
@@ -509,7 +535,16 @@ class RabbitMQLaneConsumer(LaneConsumer):
         failures: int | None = None
         note = lane.note
         message_id = properties.message_id or ""
-        if note is not None and note.get("message_id") == message_id and returns > int(note.get("count", 0)):
+        back = _handed_back(note, message_id)
+        if back is not None and returns > int(back.get("count", 0)):
+            # Handed back by an owner that never handed this attempt to a handler: that return is
+            # no delivery (docs/semantics.md rule 3); every further return counts one.
+            handed = int(back.get("attempt", 1))
+            attempt = handed + returns - int(back.get("count", 0)) - 1
+            recorded = back.get("failures")
+            failures = failures_since(recorded if isinstance(recorded, int) else None, handed, attempt)
+            not_before = back.get("not_before")
+        elif note is not None and note.get("message_id") == message_id and returns > int(note.get("count", 0)):
             # Retried by an owner that then died or handed the lane over: the noted attempt was
             # handed out unless the owner was still waiting out the noted delay; every further
             # return counts one more delivery.
@@ -524,7 +559,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
         lane.counts[tag] = returns
         delivery = Delivery(
             partition=lane.partition,
-            message_id=properties.message_id or "",
+            message_id=message_id,
             key=_text(raw_headers.get(KEY_HEADER)) or "",
             headers=delivery_headers(raw_headers),
             body=message.body,
@@ -538,8 +573,11 @@ class RabbitMQLaneConsumer(LaneConsumer):
 
     def _on_push(self, lane: _Lane) -> Any:
         async def pushed(message: DeliveredMessage) -> None:
-            if lane.dead or lane.closing or self._lanes.get(lane.partition) is not lane:
-                return  # unacked: it goes back to the queue when the lane's channel closes
+            if lane.dead:
+                return  # its channel is gone: the message is back in the queue
+            if lane.closing or self._lanes.get(lane.partition) is not lane:
+                lane.returned.append(message)  # unacked: handed back when the lane's channel closes
+                return
             incoming = lane.incoming
             incoming.append(message)
             self._busy.add(lane)
@@ -676,6 +714,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
         lane, tag = current
         lane.outstanding.pop(tag, None)
         lane.counts.pop(tag, None)
+        if lane.note is not None:
+            _settled(lane, delivery.message_id)
         lane.acks.append(tag)  # sent by the poll (woken here), or when the lane closes
         self._busy.add(lane)
         if len(lane.acks) == 1:
@@ -689,10 +729,22 @@ class RabbitMQLaneConsumer(LaneConsumer):
         if current is None:
             return
         lane, tag = current
-        queue = self._topology.note_queue(self.topic, self.group, lane.partition)
         note = {"message_id": delivery.message_id, "attempt": attempt, "not_before": not_before,
-                "failures": delivery.failures,
-                "count": lane.counts.get(tag, 0)}
+                "failures": delivery.failures, "count": lane.counts.get(tag, 0),
+                "unread": self._carried(lane, skip=delivery.message_id)}
+        await self._write_note(lane, note, f"noting the retry of {delivery.message_id}")
+
+    def _carried(self, lane: _Lane, skip: str | None = None) -> dict[str, Any]:
+        """The handed-back entries of the lane's note still to keep: not settled here (a
+        message retried here is noted by its retry instead)."""
+        entries = (lane.note or {}).get("unread")
+        if not isinstance(entries, dict):
+            return {}
+        return {mid: entry for mid, entry in entries.items() if mid not in lane.settled and mid != skip}
+
+    async def _write_note(self, lane: _Lane, note: dict[str, Any], doing: str) -> None:
+        """Replace the lane's note (confirmed): the next owner reads it when it opens the lane."""
+        queue = self._topology.note_queue(self.topic, self.group, lane.partition)
         where = f"{self.topic}[{lane.partition}]"
         deadline = time.monotonic() + PUBLISH_TIMEOUT
         refusals = 0
@@ -717,14 +769,15 @@ class RabbitMQLaneConsumer(LaneConsumer):
                     with contextlib.suppress(Exception):
                         await raw.close()
                 if time.monotonic() + pause > deadline:
-                    raise translate(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
+                    raise translate(exc, f"{doing} on {where}") from exc
                 await asyncio.sleep(pause)
                 continue
             except Exception as exc:
-                raise self._refused_if_denied(exc, f"noting the retry of {delivery.message_id} on {where}") from exc
+                raise self._refused_if_denied(exc, f"{doing} on {where}") from exc
             break
         if not isinstance(stored, spec.Basic.Ack):
-            raise PublishFailedError(f"rabbitmq: the retry note of {delivery.message_id} was not stored")
+            raise PublishFailedError(f"rabbitmq: {doing} on {where}: the note was not stored")
+        lane.note = note
 
     async def _declare_note(self, queue: str) -> None:
         """The lane's note queue, a quorum queue (a classic one an earlier version declared is
@@ -776,8 +829,47 @@ class RabbitMQLaneConsumer(LaneConsumer):
             ) from exc
         lane.outstanding.pop(tag, None)
         lane.counts.pop(tag, None)
+        if lane.note is not None:
+            _settled(lane, delivery.message_id)
         lane.acks.append(tag)
         self._busy.add(lane)
+
+    async def unread(self, deliveries: Sequence[Delivery]) -> None:
+        """Read ahead and never handed to a handler: noted when the lane closes, so that their
+        return to the queue (which RabbitMQ counts in ``x-delivery-count``) is no delivery for the
+        next owner (docs/semantics.md rule 3)."""
+        for delivery in deliveries:
+            lane, tag = cast("tuple[_Lane, int]", delivery.position)
+            if lane.dead or tag not in lane.outstanding:
+                continue
+            lane.handed_back[delivery.message_id] = {
+                "count": lane.counts.get(tag, 0), "attempt": delivery.attempt,
+                "failures": delivery.failures, "not_before": delivery.not_before,
+            }
+
+    async def _note_handed_back(self, lane: _Lane) -> None:
+        """Before the lane's channel closes: what goes back to the queue unhandled — deliveries the
+        engine handed back, messages pushed and never taken — is written to the lane's note."""
+        entries = dict(lane.handed_back)
+        for message in [*lane.incoming, *lane.returned]:
+            delivery = self._to_delivery(lane, message)
+            entries.setdefault(delivery.message_id, {
+                "count": lane.counts.get(message.delivery_tag or 0, 0), "attempt": delivery.attempt,
+                "failures": delivery.failures, "not_before": delivery.not_before,
+            })
+        lane.incoming.clear()
+        lane.returned.clear()
+        if not entries:
+            return
+        note = {key: value for key, value in (lane.note or {}).items() if key != "unread"}
+        note["unread"] = {**self._carried(lane), **entries}
+        try:
+            await self._write_note(lane, note, "noting what goes back unhandled")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # their next delivery counts one more: never fewer
+            log.info("rabbitmq: %s[%d]: the messages handed back could not be noted: %s",
+                     self.topic, lane.partition, exc)
 
     async def stop(self, flush: bool) -> None:
         self._stopped = True
