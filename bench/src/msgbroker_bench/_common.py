@@ -110,8 +110,7 @@ def ours_overrides(provider: str) -> dict[str, Any]:
     if provider == "nats":
         return {"nats": {"stream_prefix": "MSGBENCH"}}
     if provider == "rabbitmq":
-        # prefetch 100 like the raw baseline (the provider's default is 1: see its handover notes)
-        return {"rabbitmq": {"exchange_prefix": "msgbroker-bench", "prefetch": 100}}
+        return {"rabbitmq": {"exchange_prefix": "msgbroker-bench"}}  # the default prefetch (32)
     if provider == "kafka":
         return {"kafka": {"client_id": "msgbroker-bench"}}
     return {}

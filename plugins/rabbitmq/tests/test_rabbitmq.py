@@ -278,12 +278,12 @@ async def test_names_longer_than_amqp_allows_are_shortened_uniquely(amqp_url: st
     assert got == [0, 1, 2]
 
 
-async def test_a_handover_keeps_order_and_recounts_at_most_the_pushed_message(
+async def test_a_handover_keeps_order_and_recounts_nothing(
     amqp_url: str, prefix: str, wait_for: Any
 ) -> None:
-    """A graceful handover mid-stream: the new owner goes on in order. With prefetch 1 the broker
-    has pushed at most one message the old owner did not handle; it comes back counted as a
-    second delivery (the documented cost of push delivery), nothing else does."""
+    """A graceful handover mid-stream: the new owner goes on in order. The broker has pushed up
+    to ``prefetch`` (32) messages the old owner did not handle; they come back uncounted (the
+    lane's note says they were handed back), so every message is handled once, as attempt 1."""
     topic, group = f"handover-{uuid.uuid4().hex[:6]}", "g"
     attempts: list[tuple[str, int, int]] = []
 
@@ -305,8 +305,7 @@ async def test_a_handover_keeps_order_and_recounts_at_most_the_pushed_message(
     taken_over = [a for a in attempts if a[0] == "second"]
     assert taken_over, "the second member never got the lane"
     recounted = [a for a in attempts if a[2] != 1]
-    assert recounted in ([], [taken_over[0]]), recounted
-    assert all(a[2] <= 2 for a in attempts), attempts
+    assert recounted == [], f"handed back unhandled, yet counted: {recounted}"
 
 
 async def test_a_release_is_not_lost_when_an_acquire_is_refused_at_the_same_time(amqp_url: str, prefix: str) -> None:

@@ -19,9 +19,10 @@ class RabbitMQSettings(ProviderSettings):
     tries them in this order and, when it is lost, reconnects to the next one that answers."""
     exchange_prefix: str = "msgbroker"
     """First part of every exchange and queue name (1-50 of ``A-Z a-z 0-9 _ . -``)."""
-    prefetch: int = Field(1, ge=1)
-    """Unacked messages the server pushes ahead per lane (the QoS of the lane's channel; see
-    docs/providers/rabbitmq.md, *Handover*, before raising it)."""
+    prefetch: int = Field(32, ge=1)
+    """Unacked messages the server pushes ahead per lane (the QoS of the lane's channel). A
+    handover hands them back uncounted; a member that dies holding them counts one delivery each
+    (docs/providers/rabbitmq.md, *Handover*). 1 costs a round trip per message per lane."""
     queue_type: str = "quorum"
     """Only ``quorum`` is accepted: lanes need the delivery count and requeue position quorum queues keep."""
     quorum_initial_group_size: int | None = Field(None, ge=1)
