@@ -266,8 +266,11 @@ def test_a_poisoned_message_is_replayed_from_the_page_and_handled(browser: WebDr
         until(lambda: bad in handled.read_text(), "the replayed message to be handled")
         until(lambda: not browser.find_elements(By.CSS_SELECTOR, f'tr.letter[data-id="{bad}"]'),
               "the replayed letter to leave the list")
-        rate = browser.find_element(By.CSS_SELECTOR, '.rate[data-kind="published"] .value').text
-        assert rate.endswith("/s"), f"the published rate is {rate!r}"
+        # A rate needs every partition's published count in two samples in a row; a sample in which
+        # the provider could not tell one (Redis's XINFO GROUPS may answer no lag) shows n/a until
+        # the next ones (a CI dry run met it right after the replay): the rate must come.
+        until(lambda: browser.find_element(By.CSS_SELECTOR, '.rate[data-kind="published"] .value').text
+              .endswith("/s"), "the published rate to be shown")
     finally:
         dashboard.close()
         stop(worker, signal.SIGTERM)
