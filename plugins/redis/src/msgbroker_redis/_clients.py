@@ -360,19 +360,33 @@ class Reader:
         self._client: aioredis.Redis | None = None
         self._address: tuple[str, int] | None = None
         self._id: int | None = None
+        self._closed = False
 
     async def open(self) -> None:
         if self._client is not None:
             return
+        if self._closed:
+            raise BrokerClosedError("the redis reader is closed")
         address = self._connections.node_of(self._key)
         url = self._connections.urls[0] if address is None else _at(self._connections.urls[0], *address)
         client = self._connections.plain(url, single=True)
         try:
             await client.initialize()
-        except REDIS_ERRORS as exc:
+        except BaseException as exc:
+            # Cancelled too (a consumer stopping while its read connects): the socket is closed
+            # here, or nobody would (its owner has let go of the reader by then).
             with contextlib.suppress(Exception):
                 await client.aclose()
-            raise translate(exc, f"connecting the reader to {redacted(url)}") from exc
+            if isinstance(exc, REDIS_ERRORS):
+                raise translate(exc, f"connecting the reader to {redacted(url)}") from exc
+            raise
+        if self._closed or self._client is not None:
+            # Closed while connecting, or another task of the same reader connected first.
+            with contextlib.suppress(Exception):
+                await client.aclose()
+            if self._closed:
+                raise BrokerClosedError("the redis reader is closed")
+            return
         # CLIENT UNBLOCK needs the connection's id, which a reconnect changes (and a restarted
         # server hands out again to others): forget it on every reconnect.
         on_reconnect(client, self._reconnected)
@@ -380,6 +394,11 @@ class Reader:
 
     def _reconnected(self, connection: object) -> None:
         self._id = None
+
+    async def close(self) -> None:
+        """Close the connection for good: a read that is connecting meanwhile closes its own."""
+        self._closed = True
+        await self.drop()
 
     async def drop(self) -> None:
         """Close the connection; the next use opens one to the node that owns the slot then."""

@@ -117,7 +117,7 @@ class ReplyInbox:
             await cancel_and_wait([task])
         reader, self._reader = self._reader, None
         if reader is not None:
-            await reader.drop()
+            await reader.close()
         with contextlib.suppress(Exception):
             await self._transport.redis.delete(self.key)
 

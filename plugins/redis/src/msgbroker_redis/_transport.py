@@ -1183,5 +1183,5 @@ class RedisLaneConsumer(LaneConsumer):
             await cancel_and_wait([flusher])
         reader, self._reader = self._reader, None
         if reader is not None:
-            await reader.drop()
+            await reader.close()
 
