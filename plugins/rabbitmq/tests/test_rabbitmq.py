@@ -388,6 +388,48 @@ async def test_a_retry_note_keeps_attempt_and_delay_across_a_crash(
     assert at >= delayed_until[0] - 0.01, f"redelivered {delayed_until[0] - at:.2f}s before the delay ended"
 
 
+async def test_a_retry_note_of_the_next_message_keeps_the_acked_ones_attempts(
+    amqp_url: str, prefix: str, wait_for: Any
+) -> None:
+    """The lane's note holds one retry. Seq 0 is dead-lettered, seq 1 retried then acked, seq 2
+    delayed — its note replaces seq 1's — and the member dies right after. Had seq 1's ack not
+    gone out, seq 1 would come back counted from its broker returns alone: attempt 2 after
+    attempt 2, where attempts must grow (docs/semantics.md rule 3). Every settlement wakes the
+    acks, and a retry note is written only once the acks before it were taken."""
+    for round_ in range(5):
+        topic, group = f"acked-{uuid.uuid4().hex[:6]}", "g"
+        delayed = asyncio.Event()
+        handled: list[tuple[int, int]] = []
+
+        async def first_owner(ctx: MessageContext[Numbered], handled: list[tuple[int, int]] = handled,
+                              delayed: asyncio.Event = delayed) -> None:
+            handled.append((ctx.message.seq, ctx.delivery_attempt))
+            if ctx.message.seq == 0:
+                await ctx.nak(requeue=False)
+            elif ctx.message.seq == 1 and ctx.delivery_attempt == 1:
+                await ctx.nak(requeue=True)  # the note: seq 1, attempt 2
+            elif ctx.message.seq == 2:
+                await ctx.delay(1.0)  # the note: seq 2 (seq 1 acked before it)
+                delayed.set()
+
+        seen: list[tuple[int, int]] = []
+
+        async def next_owner(ctx: MessageContext[Numbered], seen: list[tuple[int, int]] = seen) -> None:
+            seen.append((ctx.message.seq, ctx.delivery_attempt))
+
+        async with connect(amqp_url, prefix, 1) as first, connect(amqp_url, prefix, 1) as second:
+            await first.subscribe(topic, group, first_owner)
+            await first.publish_batch(topic, [Numbered(key="a", seq=i) for i in range(3)])
+            await wait_for(delayed.is_set, 20, lambda h=handled: f"seq 2 to be delayed: {h}")
+            await first.abort()
+            await second.subscribe(topic, group, next_owner)
+            await wait_for(lambda s=seen: any(seq == 2 for seq, _ in s), 60,
+                           lambda s=seen: f"the next owner to handle seq 2: {s}")
+        last = {seq: attempt for seq, attempt in handled}
+        again = [(seq, attempt) for seq, attempt in seen if attempt <= last.get(seq, 0)]
+        assert again == [], f"round {round_}: handled {handled}, then by the next owner {seen}: attempts must grow"
+
+
 async def test_messages_prefetched_through_hand_overs_are_no_attempts(
     amqp_url: str, prefix: str, wait_for: Any
 ) -> None:

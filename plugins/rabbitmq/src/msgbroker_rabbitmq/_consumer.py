@@ -717,12 +717,16 @@ class RabbitMQLaneConsumer(LaneConsumer):
         lane, tag = current
         lane.outstanding.pop(tag, None)
         lane.counts.pop(tag, None)
+        self._settle(lane, tag, delivery.message_id)
+
+    def _settle(self, lane: _Lane, tag: int, message_id: str) -> None:
+        """Buffer the ack of ``tag``: sent by the poll (woken here), before the lane's next retry
+        note, or when the lane closes."""
         if lane.note is not None:
-            _settled(lane, delivery.message_id)
-        lane.acks.append(tag)  # sent by the poll (woken here), or when the lane closes
+            _settled(lane, message_id)
+        lane.acks.append(tag)
         self._busy.add(lane)
-        if len(lane.acks) == 1:
-            self._arrived.set()
+        self._arrived.set()
 
     async def retry(self, delivery: Delivery, attempt: int, not_before: float | None) -> None:
         """The message stays unacked on this member, which hands it again itself (a nack would
@@ -732,6 +736,21 @@ class RabbitMQLaneConsumer(LaneConsumer):
         if current is None:
             return
         lane, tag = current
+        if lane.acks:
+            # The note holds one retry: this one replaces the record of a message retried and
+            # settled here just before. Were its ack still buffered when this member dies, that
+            # message would come back counted from its broker returns alone (attempts must grow,
+            # docs/semantics.md rule 3). So the acks go out first, and a round trip on the lane's
+            # channel (basic.qos, answered after the frames before it) shows they were taken.
+            try:
+                await self._send_acks(lane)
+                await lane.raw.basic_qos(prefetch_count=self._prefetch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise PublishFailedError(
+                    f"rabbitmq: noting the retry of {delivery.message_id} on {self.topic}[{lane.partition}]: "
+                    f"the acks before it were not taken ({exc})") from exc
         note = {"message_id": delivery.message_id, "attempt": attempt, "not_before": not_before,
                 "failures": delivery.failures, "count": lane.counts.get(tag, 0),
                 "unread": self._carried(lane, skip=delivery.message_id)}
@@ -832,10 +851,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
             ) from exc
         lane.outstanding.pop(tag, None)
         lane.counts.pop(tag, None)
-        if lane.note is not None:
-            _settled(lane, delivery.message_id)
-        lane.acks.append(tag)
-        self._busy.add(lane)
+        self._settle(lane, tag, delivery.message_id)
 
     async def unread(self, deliveries: Sequence[Delivery]) -> None:
         """Read ahead and never handed to a handler: noted when the lane closes, so that their
