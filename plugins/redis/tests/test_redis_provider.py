@@ -536,6 +536,21 @@ async def test_pending_counts_every_entry_before_the_group_exists(connect: Any, 
         assert await broker.pending_count(topic, "nobody-yet") == 25
 
 
+async def test_hundreds_of_concurrent_publishes_wait_for_a_connection_instead_of_failing(
+    connect: Any, topic: str
+) -> None:
+    """An API server publishes from every request at once: 300 concurrent ``publish()`` calls are
+    more than the pool's ``redis.max_connections`` (100 by default), and each waits for a free
+    connection (redis-py's default pool refused 200 of them with "Too many connections")."""
+    async with connect() as broker:
+        await broker.publish(topic, Item(key="k", n=-1))
+        results = await asyncio.gather(*(broker.publish(topic, Item(key=f"k{n}", n=n)) for n in range(300)),
+                                       return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert failed == [], f"{len(failed)} of 300 concurrent publishes failed, e.g. {failed[0]!r}"
+        assert await broker.pending_count(topic, "nobody-yet") == 301
+
+
 async def test_an_unreachable_server_is_a_connection_error_naming_it() -> None:
     broker = msgbroker.connect("redis://127.0.0.1:1/0")
     with pytest.raises(msgbroker.BrokerConnectionError, match=r"127\.0\.0\.1:1"):

@@ -86,8 +86,10 @@ def _at(url: str, host: str, port: int) -> str:
 class Connections:
     """The clients of one broker connection."""
 
-    def __init__(self, url: str, prefix: str, cluster: bool | None, tls_options: dict[str, Any]) -> None:
+    def __init__(self, url: str, prefix: str, cluster: bool | None, tls_options: dict[str, Any],
+                 max_connections: int = 100) -> None:
         self.urls = node_urls(url)
+        self._max_connections = max_connections
         self.cluster = cluster
         """True for a Redis Cluster, False for a single server; None until :meth:`open` asked."""
         self._name = f"msgbroker:{prefix}"  # who is who in CLIENT LIST
@@ -117,9 +119,15 @@ class Connections:
                 "retry": Retry(ExponentialBackoff(cap=0.5, base=0.02), 2), "client_name": self._name, **self._tls}
 
     def plain(self, url: str, *, single: bool = False) -> aioredis.Redis:
-        """A client of one server: pooled, or one connection of its own (``single``)."""
+        """A client of one server: pooled, or one connection of its own (``single``). The pool
+        blocks: a call finding every connection in use waits for one (up to the socket timeout)
+        where redis-py's default pool raises "Too many connections" past its 100th."""
         try:
-            return aioredis.Redis.from_url(url, single_connection_client=single, **self._kwargs())
+            if single:
+                return aioredis.Redis.from_url(url, single_connection_client=True, **self._kwargs())
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=self._max_connections, timeout=SOCKET_TIMEOUT, **self._kwargs())
+            return aioredis.Redis.from_pool(pool)
         except ValueError as exc:
             raise ConfigurationError(f"invalid redis url {redacted(url)!r}: {exc}") from exc
 
@@ -169,7 +177,8 @@ class Connections:
             if parts.hostname:
                 startup.append(ClusterNode(parts.hostname, parts.port or 6379))
         try:
-            return RedisCluster.from_url(self.urls[0], startup_nodes=startup or None, **self._kwargs())
+            return RedisCluster.from_url(self.urls[0], startup_nodes=startup or None,
+                                         max_connections=self._max_connections, **self._kwargs())
         except (ValueError, rex.RedisClusterException) as exc:
             raise ConfigurationError(f"invalid redis url {self.describe()!r} for a Redis Cluster: {exc}") from exc
 

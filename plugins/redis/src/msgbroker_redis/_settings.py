@@ -59,6 +59,11 @@ class RedisSettings(ProviderSettings):
     fails with ``PublishIndeterminateError``."""
     wait_timeout: Duration = timedelta(seconds=1)
     """How long one ``WAIT`` waits for ``wait_replicas``."""
+    max_connections: int = Field(100, ge=1, le=10_000)
+    """Connections of the broker's pool (on a Redis Cluster: per node). On a single server more
+    concurrent calls (``publish()`` from hundreds of tasks at once) wait for a free connection,
+    up to 15 s; a Redis Cluster's client refuses a call beyond it (docs/providers/redis.md,
+    *Connections*)."""
 
     @field_validator("url", mode="before")
     @classmethod

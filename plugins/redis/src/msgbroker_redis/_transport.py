@@ -355,7 +355,8 @@ class RedisTransport(Transport):
         return {"ssl_ca_certs": cafile}
 
     async def connect(self) -> None:
-        connections = Connections(self.url, self.prefix, self.settings.redis.cluster, self._tls_options())
+        connections = Connections(self.url, self.prefix, self.settings.redis.cluster, self._tls_options(),
+                                  self.settings.redis.max_connections)
         client = await connections.open()
         self._connections = connections
         self._scripts = {
