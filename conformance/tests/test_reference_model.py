@@ -103,6 +103,27 @@ def test_a_letter_whose_ack_was_lost_stays_listed_while_the_message_comes_back()
         model.settle("m1", "delay", dead=True, not_before=1.0)  # no earlier letter: a real one
 
 
+def test_a_member_that_dies_before_its_ack_is_sent_may_count_as_a_failure() -> None:
+    """Handled and acked, then the member died before its buffered ack reached the broker: the
+    message comes again, and for the broker that delivery went to a member that died (rule 3),
+    so it may count toward max_retry_attempts — as the death of the member before it did."""
+    model = _model(("m1", "k", 0))
+    model.deliver("m1", "a", 1, 0.0)
+    model.forget_holder("a")  # died holding it: one exposure
+    model.deliver("m1", "b", 2, 0.0)
+    model.settle("m1", "ack", dead=False)
+    model.forget_holder("b")  # died before the ack went out: it comes again
+    model.deliver("m1", "c", 3, 0.0)
+    model.settle("m1", "nak", dead=True)  # 1 failure + 2 deaths = 3: legal
+    model = _model(("m1", "k", 0))
+    model.deliver("m1", "b", 1, 0.0)
+    model.settle("m1", "ack", dead=False)
+    model.forget_holder("b")
+    model.deliver("m1", "c", 2, 0.0)
+    with pytest.raises(ModelViolation, match="fewer than max_retry_attempts=3"):
+        model.settle("m1", "nak", dead=True)  # 1 failure + 1 death: still too early
+
+
 def test_naks_dead_letter_exactly_at_max_attempts() -> None:
     model = _model(("m1", "k", 0))
     model.deliver("m1", "a", 1, 0.0)

@@ -240,8 +240,11 @@ class ReferenceModel:
                 entry.state, entry.holder = READY, None
             if entry.state in (ACKED, DEAD) and entry.acked_by == member:
                 # its settlement may not have reached the broker (buffered acks, rule 12; a dead
-                # letter stored before the original was settled, rule 4): it may come again
+                # letter stored before the original was settled, rule 4): it may come again, and
+                # the broker then saw a delivery to a member that died (rule 3) — one more
+                # possible failure
                 entry.uncertain = entry.disturbed = True
+                entry.exposures += 1
             if entry.state in (READY, INFLIGHT):
                 entry.exposures += 1
         self.disturb()
