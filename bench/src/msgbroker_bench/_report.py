@@ -734,6 +734,9 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
     profile = profile_path.read_text() if profile_path.exists() else ""
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     drain = drain_section(results)
+    run_starts = {row["run_at"] for row in rows if row.get("run_at")}
+    when = (f"in the {len(run_starts)} runs named under *Merged runs* below (this report written {now})"
+            if len(run_starts) > 1 else f"in one run ({now}, {seconds / 60:.1f} min)")
     lines = [
         "# Benchmarks",
         "",
@@ -741,7 +744,7 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         "bench/src/msgbroker_bench/notes.md, not this file. -->",
         "",
         f"msgbroker measured side by side with the raw client libraries, FastStream and the brokers' own tools, "
-        f"in one run ({now}, {seconds / 60:.1f} min). Every number is the **median of the repetitions** with "
+        f"{when}. Every number is the **median of the repetitions** with "
         f"**min–max** in brackets; repetitions of the variants of a cell are interleaved (A B C A B C) and each "
         f"ratio pairs repetitions measured back to back.",
         "",
