@@ -68,7 +68,8 @@ class RawRedis(Driver):
     label = "redis-py"
     config = (
         f"one stream; XADD MAXLEN ~100000; batch = pipeline(transaction=False); "
-        f"XREADGROUP COUNT {FETCH} BLOCK 100 + one XACK of all ids per read"
+        f"XREADGROUP COUNT {FETCH} BLOCK 100 + one XACK of all ids per read; a blocking pool of 100 "
+        f"connections (as msgbroker's: redis-py's default pool refuses the 101st concurrent call)"
     )
 
     def __init__(self, url: str) -> None:
@@ -79,7 +80,8 @@ class RawRedis(Driver):
     def _new(self) -> Any:
         import redis.asyncio as aioredis
 
-        return aioredis.Redis.from_url(self.url)
+        pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=100, timeout=15)
+        return aioredis.Redis.from_pool(pool)
 
     async def open(self) -> None:
         self.client = self._new()
