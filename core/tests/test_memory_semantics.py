@@ -145,6 +145,25 @@ async def test_partitions_are_spread_over_members_and_move_when_one_leaves() -> 
             await b.close()
 
 
+async def test_members_that_subscribe_together_take_their_share_without_a_hand_over() -> None:
+    """Workers started together see each other before any takes a lane (docs/semantics.md,
+    *Model*): each returns from subscribe() with its share, none with every lane to hand most of
+    them over a moment later."""
+    name = uuid.uuid4().hex
+    brokers = [connect(name, partition_count=16) for _ in range(4)]
+    for b in brokers:
+        await b.open()
+    try:
+        rec = Recorder()
+        subs = await asyncio.gather(*(b.subscribe("t", "g", rec.handler(f"m{i}")) for i, b in enumerate(brokers)))
+        shares = [s.partitions for s in subs]
+        assert sorted(p for share in shares for p in share) == list(range(16)), shares
+        assert [len(share) for share in shares] == [4, 4, 4, 4], shares
+    finally:
+        for b in brokers:
+            await b.close()
+
+
 async def test_closing_one_of_three_subscribers_mid_stream_loses_nothing_and_keeps_order() -> None:
     name = uuid.uuid4().hex
     brokers = [connect(name) for _ in range(4)]

@@ -123,7 +123,7 @@ class SubscriptionRunner:
             await self.assigned(list(wanted))
         elif mode == "leases":
             self._coordinator = coordinator = LeaseCoordinator(self)
-            await coordinator.beat()
+            await coordinator.join()
             self._tasks.append(asyncio.create_task(coordinator.run(), name=f"msgbroker-leases-{self.topic}"))
         self._reader = asyncio.create_task(self._read_loop(), name=f"msgbroker-reader-{self.topic}")
         self._tasks.append(self._reader)
