@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Sequence
 
 import msgbroker
+import pytest
 from msgbroker import Delivery, Lane, Message, MessageContext, partition_for
 from msgbroker.testing import eventually
 
@@ -124,3 +125,63 @@ async def test_the_read_loop_asks_only_for_the_lanes_that_want_deliveries() -> N
         await eventually(lambda: handled == [0, 1, 2])
         await eventually(lambda: busy in asked[-1])
         assert sorted(asked[-1]) == list(range(partitions))
+
+
+@pytest.mark.parametrize("bound", [1, 4])
+async def test_lanes_open_concurrently_up_to_the_provider_s_bound(monkeypatch: pytest.MonkeyPatch, bound: int) -> None:
+    """``LaneConsumer.OPENS_AT_ONCE``: a member taking many lanes opens them that many at a time
+    (one after another by default), and every lane opened runs."""
+    from msgbroker._memory import _MemoryConsumer
+
+    open_lane = _MemoryConsumer.open_lane
+    active, most = 0, 0
+
+    async def slow_open(self: _MemoryConsumer, partition: int, lease: str | None) -> None:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        try:
+            await asyncio.sleep(0.01)
+            await open_lane(self, partition, lease)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(_MemoryConsumer, "open_lane", slow_open)
+    monkeypatch.setattr(_MemoryConsumer, "OPENS_AT_ONCE", bound)
+    async with msgbroker.connect(f"memory://{uuid.uuid4().hex}", partition_count=16) as broker:
+        keys = [_key_for(p, 16) for p in range(16)]
+        await broker.publish_batch("t", [Keyed(key=k) for k in keys])
+        seen: set[int] = set()
+
+        async def handle(ctx: MessageContext[Keyed]) -> None:
+            seen.add(ctx.partition)
+
+        subscription = await broker.subscribe("t", "g", handle, message_type=Keyed)
+        assert subscription.partitions == list(range(16))
+        await eventually(lambda: seen == set(range(16)), what="every lane handled its message")
+    assert most == bound
+
+
+async def test_a_lane_that_fails_to_open_does_not_keep_the_others_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from msgbroker._engine import SubscriptionRunner
+    from msgbroker._memory import _MemoryConsumer
+
+    open_lane = _MemoryConsumer.open_lane
+
+    async def failing_open(self: _MemoryConsumer, partition: int, lease: str | None) -> None:
+        await asyncio.sleep(0)
+        if partition == 2:
+            raise RuntimeError("lane 2 cannot open")
+        await open_lane(self, partition, lease)
+
+    monkeypatch.setattr(_MemoryConsumer, "open_lane", failing_open)
+    monkeypatch.setattr(_MemoryConsumer, "OPENS_AT_ONCE", 3)
+    async with msgbroker.connect(f"memory://{uuid.uuid4().hex}", partition_count=8) as broker:
+        async def handle(message: Keyed) -> None:
+            pass
+
+        subscription = await broker.subscribe_to_partition("t", "g", 0, handle, message_type=Keyed)
+        runner: SubscriptionRunner = subscription._runner
+        with pytest.raises(RuntimeError, match="lane 2 cannot open"):
+            await runner.assigned([1, 2, 3, 4, 5])
+        assert runner.partitions == [0, 1, 3, 4, 5]

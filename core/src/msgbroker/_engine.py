@@ -178,18 +178,37 @@ class SubscriptionRunner:
     # -- assignment (AssignmentListener) ----------------------------------------------------
 
     async def assigned(self, partitions: Sequence[int], leases: dict[int, str] | None = None) -> None:
-        for partition in partitions:
-            if partition in self._lanes or self._closing:
-                continue
-            lease = leases.get(partition) if leases else None
-            await self.consumer.open_lane(partition, lease)
-            lane = LaneState(partition, lease)
-            self._lanes[partition] = lane
-            self._want(lane)
-            if self.ordered:
-                lane.task = asyncio.create_task(self._run_ordered_lane(lane),
-                                                name=f"msgbroker-lane-{self.topic}-{partition}")
+        at_once = max(1, self.consumer.OPENS_AT_ONCE)
+        if at_once == 1 or len(partitions) < 2:
+            for partition in partitions:
+                await self._open_lane(partition, leases)
+        else:
+            # Each lane starts as soon as it is open; a failure of one does not stop the others
+            # (the first is raised once all are done, as the one-by-one path would raise it).
+            gate = asyncio.Semaphore(at_once)
+
+            async def open_one(partition: int) -> None:
+                async with gate:
+                    await self._open_lane(partition, leases)
+
+            results = await asyncio.gather(*(open_one(p) for p in partitions), return_exceptions=True)
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                self._wake.set()
+                raise failure
         self._wake.set()
+
+    async def _open_lane(self, partition: int, leases: dict[int, str] | None) -> None:
+        if partition in self._lanes or self._closing:
+            return
+        lease = leases.get(partition) if leases else None
+        await self.consumer.open_lane(partition, lease)
+        lane = LaneState(partition, lease)
+        self._lanes[partition] = lane
+        self._want(lane)
+        if self.ordered:
+            lane.task = asyncio.create_task(self._run_ordered_lane(lane),
+                                            name=f"msgbroker-lane-{self.topic}-{partition}")
 
     async def revoked(self, partitions: Sequence[int]) -> None:
         lanes = [self._lanes[p] for p in partitions if p in self._lanes]

@@ -166,6 +166,13 @@ class AssignmentListener(Protocol):
 class LaneConsumer(ABC):
     """A member's reader of one (topic, group): polls the lanes the engine owns and settles."""
 
+    OPENS_AT_ONCE: ClassVar[int] = 1
+    """How many ``open_lane`` calls (each for another partition) the engine may have in flight
+    at once when the member takes several lanes. 1, the default: one after another. A provider
+    whose lane opening takes round trips and is safe to run concurrently raises it: a member
+    taking 64 lanes then reads its first message after a few round trips instead of 64 times as
+    many."""
+
     @abstractmethod
     async def start(self, listener: AssignmentListener, partition: int | None) -> None:
         """Prepare (create the group where needed). For native assignment, start the broker's

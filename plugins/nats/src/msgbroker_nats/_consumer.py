@@ -172,6 +172,10 @@ class _Lane:
 class NatsLaneConsumer(LaneConsumer):
     """Reads the lanes of one (topic, group) for one member."""
 
+    OPENS_AT_ONCE = 16
+    """Opening a lane reads and writes its owner record and sends a pull request (three round
+    trips): one after another, a member taking 64 lanes read its first message after 0.25 s."""
+
     def __init__(self, transport: ConsumerHost, topic: str, group: str, member_id: str) -> None:
         self._transport = transport
         self._layout = transport.layout(topic)

@@ -144,6 +144,10 @@ class _Lane:
 class RabbitMQLaneConsumer(LaneConsumer):
     """A member of ``group`` on ``topic`` (see the module docstring)."""
 
+    OPENS_AT_ONCE = 16
+    """Opening a lane opens its channel, sets its prefetch and reads its retry note (round trips
+    each): one after another, a member taking 64 lanes read its first message after 0.5 s."""
+
     def __init__(self, transport: MemberHost, topic: str, group: str, member_id: str) -> None:
         self._transport = transport
         self._topology = transport.topology
