@@ -766,13 +766,21 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         *targets(results),
         "",
     ]
-    runs: dict[str, set[str]] = defaultdict(set)
+    runs: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    workloads: dict[str, set[str]] = defaultdict(set)
     for row in rows:
+        workloads[row["provider"]].add(row.get("workload", ""))
         if row.get("run_at"):
-            runs[row["run_at"]].add(row["provider"])
+            runs[row["run_at"]][row["provider"]].add(row.get("workload", ""))
+
+    def measured(provs: dict[str, set[str]]) -> str:
+        # a provider whose other cells came from another run (--merge --cells) names its cells here
+        return ", ".join(p if provs[p] == workloads[p] else f"{p} ({', '.join(sorted(provs[p]))} cells)"
+                         for p in PROVIDER_ORDER if p in provs)
+
     if len(runs) > 1:
         lines += ["**Merged runs:** " + "; ".join(
-            f"{', '.join(p for p in PROVIDER_ORDER if p in provs)} measured in the run of {at}"
+            f"{measured(provs)} measured in the run of {at}"
             for at, provs in sorted(runs.items())) + " (every ratio still pairs repetitions of one run).", ""]
     lines += ["## Results by provider", ""]
     for provider in results.providers():

@@ -304,7 +304,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true", help="rewrite the doc and plots from the CSV")
     parser.add_argument("--merge", action="store_true",
                         help="keep the CSV's rows of the providers not measured now (re-measure one provider "
-                             "after a server restart spoiled its cells; the doc says which were merged)")
+                             "after a server restart spoiled its cells; the doc says which were merged); with "
+                             "--cells, also the measured providers' rows of the other cells")
     parser.add_argument("--command", default=None, help="the command line to print in the doc")
     return parser.parse_args(argv)
 
@@ -330,8 +331,10 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
         run_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         rows: list[dict[str, Any]] = []
         if args.merge and csv_path.exists():
+            only_cells = set(plan.cells) != set(CELL_KINDS)
             with csv_path.open() as handle:
-                kept = [r for r in csv.DictReader(handle) if r["provider"] not in wanted]
+                kept = [r for r in csv.DictReader(handle)
+                        if r["provider"] not in wanted or (only_cells and r["workload"] not in plan.cells)]
             for row in kept:
                 row["config"] = row.get("config", "")
             rows.extend(kept)
