@@ -66,9 +66,6 @@ SETTLING_BEATS = 10
 """Beats per heartbeat interval while the membership is settling (see LeaseCoordinator.run)."""
 SETTLING_FOR = 2
 """Heartbeat intervals a member beats fast after it joined or saw the membership change."""
-JOIN_WINDOW = 0.025
-"""Seconds a joining member waits between announcing itself and taking its lanes (see
-LeaseCoordinator.join)."""
 
 
 class LeaseCoordinator:
@@ -120,16 +117,16 @@ class LeaseCoordinator:
                 log.warning("msgbroker: membership of %s/%s failed: %s", self.runner.topic, self.runner.group, exc)
 
     async def join(self) -> None:
-        """The first beat of a member that subscribes: announce itself, wait ``JOIN_WINDOW``, then
-        compute the assignment and take its lanes. Workers started together (a deployment, a
-        worker pool) then see each other before any takes a lane: without the wait the first one
-        took every lane, read ahead on all of them and handed most of them over a moment later
-        (an in-flight message finished, read-ahead handed back, a lease released and taken) —
-        four workers draining a backlog were slower than one."""
+        """The first beat of a member that subscribes: announce itself, wait the transport's
+        ``JOIN_WINDOW``, then compute the assignment and take its lanes. Workers started together
+        (a deployment, a worker pool) then see each other before any takes a lane: without the
+        wait the first one took every lane, read ahead on all of them and handed most of them over
+        a moment later (an in-flight message finished, read-ahead handed back, a lease released
+        and taken) — four workers draining a backlog were slower than one."""
         if self.runner.only_partition is None:
             runner = self.runner
             await self.transport.heartbeat(runner.topic, runner.group, runner.member_id, self.ttl)
-            await asyncio.sleep(JOIN_WINDOW)
+            await asyncio.sleep(self.transport.JOIN_WINDOW)
         await self.beat()
 
     async def beat(self) -> None:

@@ -284,6 +284,7 @@ class MemoryTransport(Transport):
         reasons={"persistent": "state lives in the process", "server_restart": "there is no server"},
     )
     ASSIGNMENT = "leases"
+    JOIN_WINDOW = 0.001  # members are tasks of one process: their heartbeats come within a few loop turns
     REDELIVERY = "local"
     MAX_POLL_BLOCK: ClassVar[float] = 1.0
 

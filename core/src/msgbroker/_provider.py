@@ -235,6 +235,10 @@ class Transport(ABC):
     """Who decides which member reads which lane: the engine over this provider's membership
     and lease primitives (``leases``), nobody because the broker serialises each lane itself
     (``shared``: every member polls every lane), or the broker (``native``)."""
+    JOIN_WINDOW: ClassVar[float] = 0.025
+    """Under ``leases``: seconds a subscribing member waits between announcing itself (its first
+    heartbeat) and taking its lanes, so that members started together see each other first. A
+    provider whose members all live in one process (the memory provider) lowers it."""
     REDELIVERY: ClassVar[Literal["local", "broker"]] = "local"
     """After :meth:`LaneConsumer.retry`, does the engine hand the message again itself
     (``local``) or does the broker deliver it again through ``poll`` (``broker``)?"""
