@@ -174,7 +174,7 @@ class NatsLaneConsumer(LaneConsumer):
 
     OPENS_AT_ONCE = 16
     """Opening a lane reads and writes its owner record and sends a pull request (three round
-    trips): one after another, a member taking 64 lanes read its first message after 0.25 s."""
+    trips): one after another, a member taking 64 lanes waited 192 round trips."""
 
     def __init__(self, transport: ConsumerHost, topic: str, group: str, member_id: str) -> None:
         self._transport = transport

@@ -146,7 +146,8 @@ class RabbitMQLaneConsumer(LaneConsumer):
 
     OPENS_AT_ONCE = 16
     """Opening a lane opens its channel, sets its prefetch and reads its retry note (round trips
-    each): one after another, a member taking 64 lanes read its first message after 0.5 s."""
+    each): one after another, a member's first message of a drain on 64 lanes came 80-110 ms
+    later than with 16 at once (docs/benchmarks.md, the drain's notes)."""
 
     def __init__(self, transport: MemberHost, topic: str, group: str, member_id: str) -> None:
         self._transport = transport
