@@ -16,7 +16,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 from msgbroker import Message, MessageContext
-from msgbroker_kafka import MESSAGE_ID_HEADER
+from msgbroker_kafka import MESSAGE_ID_HEADER, KafkaTransport
+from msgbroker_kafka._assignor import PinningAssignor
 
 
 class Seat(Message):
@@ -207,3 +208,48 @@ async def test_a_close_that_cuts_a_handler_short_commits_nothing_past_it(
     await second.subscribe(topic, group, record)
     await _until(lambda: len([s for s in seen if s[0] == "second"]) >= 3, "the rest of the partition")
     assert [(seq, attempt) for member, seq, attempt in seen if member == "second"] == [(2, 2), (3, 1), (4, 1)]
+
+
+class _Blind:
+    """Cluster metadata as a broker that has not yet heard of ``topic`` answers it (a topic just
+    created reaches a cluster's brokers one after the other)."""
+
+    def __init__(self, cluster: Any, topic: str) -> None:
+        self.cluster, self.topic = cluster, topic
+
+    def partitions_for_topic(self, topic: str) -> Any:
+        return None if topic == self.topic else self.cluster.partitions_for_topic(topic)
+
+
+async def test_a_group_assigned_while_the_metadata_lacked_its_topic_joins_again_once_it_lists_it(
+    connect: Callable[..., Any], names: Callable[[str], str], monkeypatch: Any
+) -> None:
+    """The group's leader assigns from metadata that lacks the topic (the first assignment is
+    computed as a broker of a cluster answers before the topic reached it): nobody gets a
+    partition. aiokafka would look at the metadata again only after 5 minutes; the member asks
+    for it at once, sees the topic and joins again, and what was published is delivered."""
+    topic, group = names("blind"), names("g")
+    broker = await connect(partition_count=4)
+    transport = broker.live_transport()
+    assert isinstance(transport, KafkaTransport)
+    kafka_topic = transport.kafka_name(topic)
+    assign = PinningAssignor.assign
+    blinded: list[int] = []
+
+    def first_blind(self: Any, cluster: Any, members: Any) -> Any:
+        if not blinded:
+            blinded.append(1)
+            return assign(self, _Blind(cluster, kafka_topic), members)
+        return assign(self, cluster, members)
+
+    monkeypatch.setattr(PinningAssignor, "assign", first_blind)
+    handled: list[int] = []
+
+    async def handle(ctx: MessageContext[Seat]) -> None:
+        handled.append(ctx.message.seq)
+
+    await broker.subscribe(topic, group, handle)
+    await broker.publish_batch(topic, [Seat(key=f"k{i}", seq=i) for i in range(8)])
+    await _until(lambda: sorted(handled) == list(range(8)),
+                 f"the 8 messages to be handled after the blind assignment (handled {sorted(handled)})", timeout=30)
+    assert blinded == [1], "the first assignment was not computed from the blind metadata"

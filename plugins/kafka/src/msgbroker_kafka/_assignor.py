@@ -88,6 +88,9 @@ class PinningAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         self.pinned = pinned
         self.holding = False
         self.since = int(time.time() * 1000)
+        self.blind: set[str] = set()
+        """Topics the last assignment this member computed (as the group's leader) had no
+        partition metadata for: nobody was given their partitions (see ``_consumer._watch_group``)."""
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
         user_data = encode_pin(self.pinned, self.holding, self.since)
@@ -98,10 +101,12 @@ class PinningAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
         topics = {t for meta in members.values() for t in meta.subscription}
         partitions_by_topic: dict[str, set[int]] = {}
+        self.blind = set()
         for topic in topics:
             known = cluster.partitions_for_topic(topic)
             if known is None:
                 log.warning("kafka: no partition metadata for topic %s while assigning", topic)
+                self.blind.add(topic)
                 continue
             partitions_by_topic[topic] = set(known)
         pins = {m: decode_pin(meta.user_data) for m, meta in members.items()}

@@ -3,7 +3,8 @@
 aiokafka has no public way for a consumer to leave its group *without* a LeaveGroup request (to
 vanish like a killed process, which the crash path and a close stuck in a join need, see
 ``_consumer._leave``), nor to cut short a join that waits on the broker, nor to finish closing a
-consumer whose ``stop()`` that cut short. The functions below do
+consumer whose ``stop()`` that cut short, nor to look at the cluster's metadata again before
+``metadata_max_age_ms`` and join again when a topic appeared in it. The functions below do
 that through aiokafka's private attributes. They are written against, and tested with, the
 aiokafka series in :data:`TESTED` (the pinned version is in the repository's constraints.txt):
 importing this package with another series installed raises :class:`UntestedClientVersion`,
@@ -14,6 +15,7 @@ aiokafka attribute whose name starts with ``_``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from importlib import metadata
 from typing import Any
@@ -31,6 +33,7 @@ __all__ = [
     "drop_connections",
     "finish_stop",
     "installed_version",
+    "refresh_metadata_and_rejoin",
     "skip_leave_group",
 ]
 
@@ -130,3 +133,21 @@ async def finish_stop(consumer: Any, bound: float) -> None:
             task.cancel()
         elif not task.cancelled():
             task.exception()  # seen: a close that failed has nothing more to close
+
+
+async def refresh_metadata_and_rejoin(consumer: Any, topic: str, bound: float) -> bool:
+    """Ask a broker for the cluster's metadata now (aiokafka asks by itself only every
+    ``metadata_max_age_ms``, 5 minutes) and, once it lists ``topic``, make the consumer join its
+    group again, so that an assignment computed without the topic is computed again with it.
+    True when the rejoin was asked for; False when the metadata still lacks the topic (or did not
+    come within ``bound`` seconds)."""
+    client = consumer._client
+    coordinator = consumer._coordinator
+    if client is None or coordinator is None:
+        return False
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(client.force_metadata_update(), bound)
+    if consumer.partitions_for_topic(topic) is None:
+        return False
+    coordinator.request_rejoin()
+    return True

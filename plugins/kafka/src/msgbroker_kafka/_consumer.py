@@ -524,6 +524,7 @@ class KafkaLaneConsumer(LaneConsumer):
         user's ACLs): the next poll raises it, which stops the subscription."""
         self._consumer: AIOKafkaConsumer | None = None
         self._listener: AssignmentListener | None = None
+        self._assignor: PinningAssignor | None = None
         self._lanes: dict[int, _Track] = {}
         self._committed: dict[int, tuple[int, str]] = {}
         self._log_starts: dict[int, int] = {}
@@ -570,6 +571,7 @@ class KafkaLaneConsumer(LaneConsumer):
         kafka = settings.kafka
         session = int(kafka.session_timeout.total_seconds() * 1000)
         grace = int(settings.shutdown_timeout.total_seconds() * 1000)
+        assignor = self._assignor = PinningAssignor(partition)
         consumer = AIOKafkaConsumer(
             **self.transport.client_options(),
             group_id=self.kafka_group,
@@ -582,7 +584,7 @@ class KafkaLaneConsumer(LaneConsumer):
             # handlers never block polling here; the engine just stops polling full lanes, which
             # must not count as a stuck member (liveness is the heartbeat's job)
             max_poll_interval_ms=24 * 3600 * 1000,
-            partition_assignment_strategy=(PinningAssignor(partition),),
+            partition_assignment_strategy=(assignor,),
             fetch_max_wait_ms=250,
         )
         self._listener = listener
@@ -811,6 +813,21 @@ class KafkaLaneConsumer(LaneConsumer):
             self._refused = error
             self._dirty.set()
 
+    async def _see_topics(self, consumer: AIOKafkaConsumer, bound: float) -> None:
+        """This member, as the group's leader, assigned partitions while its metadata lacked a
+        topic: no member was given that topic's partitions. On a cluster, a topic just created
+        reaches the brokers one after the other, and ``_topic_visible`` asked one of them;
+        aiokafka would look again only after ``metadata_max_age_ms`` (5 minutes), and the
+        group's lanes stayed closed that long (a cluster conformance run: a message published
+        after subscribe not delivered within 19 s). So the metadata is asked for now, and once it
+        lists the topic the group joins again (every heartbeat interval until it does)."""
+        assert self._assignor is not None
+        missing = sorted(self._assignor.blind)
+        if await _compat.refresh_metadata_and_rejoin(consumer, self.kafka_topic, bound):
+            log.warning("kafka: group %s was assigned while the metadata lacked %s; it lists it now: joining again",
+                        self.kafka_group, ", ".join(missing))
+            self._assignor.blind = set()
+
     async def _watch_group(self) -> None:
         """Every heartbeat interval: has the broker refused this member its group (no Read on
         it, taken away or never given), or its login (a SASL credential deleted or changed while
@@ -827,6 +844,8 @@ class KafkaLaneConsumer(LaneConsumer):
             consumer = self._consumer
             if consumer is None or self._stopped:
                 return
+            if self._assignor is not None and self._assignor.blind:
+                await self._see_topics(consumer, interval)
             error: MsgBrokerError | None = None
             failure = _compat.coordinator_failure(consumer)
             if failure is not None:
