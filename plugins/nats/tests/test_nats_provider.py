@@ -448,6 +448,42 @@ async def test_a_server_restart_mid_stream_loses_nothing(connect: Any, raw: Clie
             assert firsts == sorted(firsts), f"{key} first handled out of order: {firsts}"
 
 
+async def _brokers(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(REPO / "scripts" / "brokers"), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await process.communicate()
+    assert process.returncode == 0, f"scripts/brokers {' '.join(args)}: {output.decode()[-2000:]}"
+
+
+async def test_publishes_the_server_does_not_answer_are_indeterminate_at_the_deadline_and_later_ones_are_stored(
+    connect: Any, raw: Client, topic: str, monkeypatch: Any
+) -> None:
+    """Single ``publish()`` calls wait for their acks without a timer each (see
+    ``NatsTransport._publish_one``): one task fails them at the publish deadline. The server is
+    paused (SIGSTOP) while several callers publish: each gets PublishIndeterminateError once the
+    deadline (1.5 s here, 10 s by default) passed, not later and not never; after the server
+    resumes, a publish is confirmed and stored."""
+    monkeypatch.setattr("msgbroker_nats._transport._PUBLISH_TIMEOUT", 1.5)
+    async with connect(partition_count=4) as broker:
+        await broker.publish(topic, Item(key="k", n=0))  # the stream exists: the pause hits the acks only
+        await _brokers("pause", "nats")
+        try:
+            started = time.monotonic()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(broker.publish(topic, Item(key=f"k{i}", n=i)) for i in range(1, 6)),
+                               return_exceptions=True), 30)
+            waited = time.monotonic() - started
+        finally:
+            await _brokers("resume", "nats")
+        kinds = [type(r).__name__ for r in results]
+        assert kinds == ["PublishIndeterminateError"] * 5, f"publishes while the server was paused: {results}"
+        assert waited >= 1.4, f"the publishes gave up after {waited:.2f}s, before their 1.5-s deadline"
+        await broker.publish(topic, Item(key="k", n=6))
+        record = Record()
+        await broker.subscribe(topic, "g", record.handler("a"))
+        await eventually(lambda: record.ns("k") == [0, 6], f"n=0 and n=6 of key k to be handled: {record.ns('k')}")
+
+
 async def test_a_round_trip_cut_short_leaves_the_connection_reading(connect: Any, topic: str) -> None:
     """A flush (PING) whose waiter is cancelled before its PONG is read — what ``is_healthy()``
     or ``pending_count()`` leave behind while the server is paused — must not end nats-py's read

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -94,6 +95,7 @@ def _again(error: AccessDeniedError) -> AccessDeniedError:
     return AccessDeniedError(str(error))
 
 
+@functools.lru_cache(maxsize=4096)
 def _kind(subject: str) -> str:
     """The part of a subject one permission of docs/security.md covers: the ack subjects of one
     consumer, the keys of one KV bucket (and its direct gets), every inbox, the announcements;

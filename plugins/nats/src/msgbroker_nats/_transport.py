@@ -9,6 +9,7 @@ redelivers (``REDELIVERY = "broker"``). docs/providers/nats.md has the design.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -86,6 +87,8 @@ _REPLICAS_REFUSED = (10074, 10023)
 """JetStream's "replicas > 1 not supported in non-clustered mode" and "insufficient resources"."""
 _PUBLISH_TIMEOUT = 10.0
 _API_TIMEOUT = 5.0
+_MAX_PENDING = 4000
+"""Publishes awaiting their acks on one connection before the next one waits (nats-py's default)."""
 _HEADER_ROOM = 4096
 """Bytes of a message's budget left for msgbroker's envelope and the user's headers."""
 _SERVER_MAX_PAYLOAD = 1024 * 1024
@@ -165,6 +168,9 @@ class NatsTransport(Transport):
         self._js: JetStreamContext | None = None
         self._jsm: JetStreamManager | None = None
         self._streams: dict[str, asyncio.Task[float]] = {}
+        self._expiring: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
+        """Single publishes awaiting their acks, with their deadlines (see ``_expire``)."""
+        self._expirer: asyncio.Task[None] | None = None
         self._scheduling: set[str] = set()
         """Topics whose stream has message schedules and the schedule subjects already."""
         self._consumers: weakref.WeakSet[NatsLaneConsumer] = weakref.WeakSet()
@@ -251,7 +257,7 @@ class NatsTransport(Transport):
         self._nc = nc
         self._nc.options["allow_reconnect"] = True
         self._nc.options["max_reconnect_attempts"] = -1
-        self._js = self._nc.jetstream(timeout=_API_TIMEOUT)
+        self._js = self._nc.jetstream(timeout=_API_TIMEOUT, publish_async_max_pending=_MAX_PENDING)
         self._jsm = self._nc.jsm(timeout=_API_TIMEOUT)
         try:
             await self._jsm.account_info()
@@ -409,6 +415,10 @@ class NatsTransport(Transport):
         """Create the topic's stream, or check an existing one (partition count, subjects) and
         widen its duplicate window when deduplication asks for more."""
         task = self._streams.get(layout.topic)
+        wanted = self._window(dedup_window)
+        if (task is not None and task.done() and not task.cancelled() and task.exception() is None
+                and (wanted is None or abs(task.result() - wanted) <= 0.001)):
+            return  # open already, with the window asked for: the path of every publish
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._streams[layout.topic] = asyncio.ensure_future(self._open_stream(layout, dedup_window))
         try:
@@ -417,7 +427,6 @@ class NatsTransport(Transport):
             if task.done() and self._streams.get(layout.topic) is task:
                 del self._streams[layout.topic]
             raise
-        wanted = self._window(dedup_window)
         if wanted is not None and abs(window - wanted) > 0.001:
             self._streams[layout.topic] = asyncio.ensure_future(self._open_stream(layout, dedup_window))
             await self._streams[layout.topic]
@@ -905,6 +914,8 @@ class NatsTransport(Transport):
         self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None, deadline: float
     ) -> list[int]:
         """Publish and wait for the acks; the indexes no stream took (not stored)."""
+        if len(records) == 1:
+            return await self._publish_one(records[0], dedup_ids[0] if dedup_ids is not None else None, deadline)
         js = self.js
         limit = self.nc.max_payload
         futures: list[asyncio.Future[Any]] = []
@@ -956,6 +967,80 @@ class NatsTransport(Transport):
                     f"nats: message {records[index].message_id} on {records[index].topic!r} not confirmed: {result!r}"
                 ) from result
         return refused
+
+    def _headers(self, record: OutgoingRecord, dedup_id: str | None) -> dict[str, str]:
+        """A record's NATS headers, its size checked against the connection's ``max_payload``."""
+        headers = {ENVELOPE_HEADER: encode_envelope(record.message_id, record.key, record.headers)}
+        if dedup_id is not None:
+            headers[MSG_ID_HEADER] = dedup_id
+        size = len(record.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+        limit = self.nc.max_payload
+        if size > limit:
+            raise MessageTooLargeError(
+                f"message {record.message_id} on {record.topic!r} is {size} bytes with its headers; "
+                f"the nats server accepts at most {limit} (max_payload)"
+            )
+        return headers
+
+    async def _publish_one(self, record: OutgoingRecord, dedup_id: str | None, deadline: float) -> list[int]:
+        """``_publish_once`` of one record, the shape of an API server's ``publish()`` per request:
+        no timer and no gather of its own (with hundreds of callers at once they cost as much as
+        nats-py's publish). The ack's future is awaited directly; :meth:`_expire` fails it at the
+        deadline, and nats-py then forgets it as it does an answered one."""
+        js = self.js
+        headers = self._headers(record, dedup_id)
+        subject = f"{self.prefix}.{record.topic}.{record.partition}"
+        future: asyncio.Future[Any] | None = None
+        try:
+            # nats-py waits (for a free slot among _MAX_PENDING) only when they are all taken:
+            # then, and only then, that wait has the deadline (a wait_for costs a task and a timer)
+            stall = None if js.publish_async_pending() < _MAX_PENDING else max(0.001, deadline - time.monotonic())
+            future = await js.publish_async(subject, record.body, wait_stall=stall, headers=headers)
+            self._expire(future, deadline)
+            await future
+        except asyncio.CancelledError:
+            if future is not None:
+                future.cancel()
+            raise
+        except (TimeoutError, nats.js.errors.TooManyStalledMsgsError) as exc:
+            raise PublishIndeterminateError(
+                f"nats: no confirmation within {_PUBLISH_TIMEOUT}s for message {record.message_id} on "
+                f"{record.topic!r}; it may or may not be stored"
+            ) from exc
+        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
+            return [0]
+        except nats.js.errors.APIError as exc:
+            raise PublishFailedError(
+                f"nats: JetStream refused message {record.message_id} on {record.topic!r}: {exc.description}"
+            ) from exc
+        except Exception as exc:
+            if future is None:
+                raise map_error(exc, f"publishing to {record.topic!r}") from exc
+            raise PublishIndeterminateError(
+                f"nats: message {record.message_id} on {record.topic!r} not confirmed: {exc!r}"
+            ) from exc
+        return []
+
+    def _expire(self, future: asyncio.Future[Any], deadline: float) -> None:
+        """Fail ``future`` with TimeoutError if it is not done by ``deadline``: one task for all
+        the publishes of the connection, in deadline order (every publish has the same timeout)."""
+        self._expiring.append((deadline, future))
+        if self._expirer is None or self._expirer.done():
+            self._expirer = asyncio.create_task(self._expire_loop(), name="msgbroker-nats-publish-deadlines")
+
+    async def _expire_loop(self) -> None:
+        pending = self._expiring
+        while pending:
+            deadline, future = pending[0]
+            if future.done():
+                pending.popleft()
+                continue
+            now = time.monotonic()
+            if now >= deadline:
+                pending.popleft()
+                future.set_exception(TimeoutError())
+                continue
+            await asyncio.sleep(min(deadline - now, 0.25))
 
     # -- consuming -------------------------------------------------------------------------------
 
