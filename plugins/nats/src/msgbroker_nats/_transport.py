@@ -970,10 +970,12 @@ class NatsTransport(Transport):
 
     def _headers(self, record: OutgoingRecord, dedup_id: str | None) -> dict[str, str]:
         """A record's NATS headers, its size checked against the connection's ``max_payload``."""
-        headers = {ENVELOPE_HEADER: encode_envelope(record.message_id, record.key, record.headers)}
+        envelope = encode_envelope(record.message_id, record.key, record.headers)
+        headers = {ENVELOPE_HEADER: envelope}
+        size = len(record.body) + len(ENVELOPE_HEADER) + len(envelope) + 16
         if dedup_id is not None:
             headers[MSG_ID_HEADER] = dedup_id
-        size = len(record.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+            size += len(MSG_ID_HEADER) + len(dedup_id) + 4
         limit = self.nc.max_payload
         if size > limit:
             raise MessageTooLargeError(
