@@ -709,3 +709,44 @@ async def test_more_replicas_than_a_single_server_keeps_are_refused_naming_the_s
     async with connect(nats={"replicas": 3}) as broker:
         with pytest.raises(ConfigurationError, match=r"nats\.replicas=3"):
             await broker.publish(topic, Item(key="k", n=1))
+
+
+async def test_a_group_past_the_stream_s_consumer_limit_is_refused_naming_nats_max_consumers(
+    connect: Any, raw: Client, topic: str
+) -> None:
+    """Each group takes a consumer per partition, and a stream may have ``nats.max_consumers``
+    (nats-server 2.15 sets 1,000 on a stream that sets none: 1,024 partitions did not fit one
+    group). The stream is created with the setting; a group past it is refused in an error that
+    names the setting, not one that calls the consumer's settings unchangeable."""
+    async with connect(partition_count=4, nats={"max_consumers": 6}) as broker:
+        await broker.publish(topic, Item(key="k", n=1))
+        layout = broker.live_transport().layout(topic)  # type: ignore[attr-defined]
+        info = await raw.jsm().stream_info(layout.stream)
+        assert info.config.max_consumers == 6, f"the stream was created with max_consumers={info.config.max_consumers}"
+        await broker.subscribe(topic, "first", Record().handler("a"))
+        with pytest.raises(ConfigurationError, match=r"nats\.max_consumers \(now 6") as refused:
+            await broker.subscribe(topic, "second", Record().handler("b"))
+        assert "cannot be changed" not in str(refused.value), str(refused.value)
+
+
+async def test_a_stream_s_consumer_limit_is_raised_to_nats_max_consumers_where_the_server_allows_it(
+    connect: Any, raw: Client, topic: str
+) -> None:
+    """A stream created with a smaller limit (nats-server 2.15's default, or a smaller setting
+    before) gets ``nats.max_consumers`` when a connection with a larger one opens it: nats-server
+    2.13 and later change it in place; an older server refuses, and the limit stays (the
+    consumer that does not fit then names the setting, see the test above)."""
+    async with connect(partition_count=4, nats={"max_consumers": 4}) as first:
+        await first.publish(topic, Item(key="k", n=1))
+    async with connect(partition_count=4, nats={"max_consumers": 12}) as second:
+        await second.publish(topic, Item(key="k", n=2))
+        layout = second.live_transport().layout(topic)  # type: ignore[attr-defined]
+        info = await raw.jsm().stream_info(layout.stream)
+        server = raw.connected_server_version
+        version = (server.major, server.minor)
+        if version >= (2, 13):
+            assert info.config.max_consumers == 12, f"max_consumers stayed {info.config.max_consumers} on {version}"
+            await second.subscribe(topic, "first", Record().handler("a"))
+            await second.subscribe(topic, "second", Record().handler("b"))  # 8 consumers: past the old 4
+        else:
+            assert info.config.max_consumers == 4, f"max_consumers {info.config.max_consumers} on {version}"

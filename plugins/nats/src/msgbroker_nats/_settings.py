@@ -46,6 +46,11 @@ class NatsSettings(ProviderSettings):
     ssl_cafile: str | None = None
     """The CA certificate bundle (PEM) that signed the server's TLS certificate, for a ``tls://``
     url (and a ``nats://`` one to a server that requires TLS); None trusts the system's CAs."""
+    max_consumers: int | None = Field(None, ge=1)
+    """How many consumers a topic's stream may have: each group of the topic takes one per
+    partition. None: 64 groups' worth (``64 * partition_count``), at least 1,000. nats-server 2.15
+    limits a stream that sets none to 1,000 (``default_max_consumers``): 1,024 partitions did not
+    fit one group."""
     replicas: int = Field(1, ge=1, le=5)
     """How many servers of a JetStream cluster keep each stream the provider creates (the topics',
     their ``<topic>.dlq`` and the KV buckets'), and so its consumers: 1 on a single server; 3

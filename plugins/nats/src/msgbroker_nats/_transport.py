@@ -87,6 +87,11 @@ _REPLICAS_REFUSED = (10074, 10023)
 """JetStream's "replicas > 1 not supported in non-clustered mode" and "insufficient resources"."""
 _PUBLISH_TIMEOUT = 10.0
 _API_TIMEOUT = 5.0
+_MIN_CONSUMERS = 1000
+_GROUPS_PER_STREAM = 64
+"""The default ``nats.max_consumers``: this many groups' lanes on a topic's stream, at least
+:data:`_MIN_CONSUMERS` (nats-server 2.15's own default for a stream that sets no limit)."""
+_MAX_CONSUMERS_REACHED = 10026
 _MAX_PENDING = 4000
 """Publishes awaiting their acks on one connection before the next one waits (nats-py's default)."""
 _HEADER_ROOM = 4096
@@ -158,6 +163,8 @@ class NatsTransport(Transport):
             raise ConfigurationError(f"nats.ack_wait={section.ack_wait!r} must be positive")
         self.max_age = section.max_age.total_seconds()
         self.replicas: int = section.replicas
+        self.max_consumers: int = section.max_consumers or max(_MIN_CONSUMERS,
+                                                               _GROUPS_PER_STREAM * self.partition_count)
         if section.max_deliver != -1 and section.max_deliver <= settings.max_retry_attempts:
             # The engine dead-letters after max_retry_attempts; the server limit is never used
             # (a message at the server's max_deliver is dropped silently), see docs/providers/nats.md.
@@ -451,6 +458,7 @@ class NatsTransport(Transport):
                     max_age=self.max_age or None,
                     duplicate_window=self._window(dedup_window) or 0,  # 0: the server's default (as None is sent)
                     num_replicas=self.replicas,
+                    max_consumers=self.max_consumers,
                 )
                 try:
                     info = await jsm.add_stream(config)
@@ -494,11 +502,26 @@ class NatsTransport(Transport):
                     self._refuse_replicas(exc, f"stream {layout.stream!r}")
                     raise
                 window = float(info.config.duplicate_window or 0)
+                config = info.config
+            if config.max_consumers is not None and 0 < config.max_consumers < self.max_consumers:
+                # a limit the stream was created with (nats-server 2.15's default of 1,000, or
+                # a smaller nats.max_consumers) is raised, never lowered; servers before 2.13
+                # refuse to change it: then the consumer that does not fit says so
+                await self._raise_max_consumers(layout, config)
             return window
         except (ConfigurationError, asyncio.CancelledError):
             raise
         except Exception as exc:
             raise map_error(exc, f"opening stream {layout.stream!r}") from exc
+
+    async def _raise_max_consumers(self, layout: TopicLayout, config: StreamConfig) -> None:
+        try:
+            await self.jsm.update_stream(config.evolve(max_consumers=self.max_consumers))
+            log.info("nats: stream %s may have %d consumers now (it had %d)", layout.stream, self.max_consumers,
+                     config.max_consumers)
+        except nats.js.errors.APIError as exc:
+            log.warning("nats: stream %s keeps its limit of %s consumers (nats.max_consumers=%d): the server refused "
+                        "to raise it: %s", layout.stream, config.max_consumers, self.max_consumers, exc.description)
 
     def _refuse_replicas(self, exc: nats.js.errors.APIError, what: str) -> None:
         """Raise a ConfigurationError naming ``nats.replicas`` when the server refused that many
@@ -538,6 +561,13 @@ class NatsTransport(Transport):
             info = await self.jsm.add_consumer(layout.stream, config)
             return int(info.delivered.stream_seq or 0) if info.delivered else 0
         except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as exc:
+            if exc.err_code == _MAX_CONSUMERS_REACHED:
+                raise ConfigurationError(
+                    f"nats: stream {layout.stream!r} of topic {layout.topic!r} has as many consumers as it may "
+                    f"have ({exc.description}): each group takes one per partition ({self.partition_count}); "
+                    f"raise nats.max_consumers (now {self.max_consumers}; nats-server 2.13 and later raise an "
+                    f"existing stream's limit to it) or delete the consumers of groups no longer used"
+                ) from exc
             # 2.9 answers 500 / err_code 10012 for "deliver policy can not be updated".
             raise ConfigurationError(
                 f"nats consumer {config.durable_name!r} on stream {layout.stream!r} exists with settings "
