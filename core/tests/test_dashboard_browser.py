@@ -30,6 +30,7 @@ import msgbroker
 import pytest
 from msgbroker import Message, partition_for
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -256,9 +257,32 @@ def test_a_poisoned_message_is_replayed_from_the_page_and_handled(browser: WebDr
         assert not browser.find_elements(By.CSS_SELECTOR, "#letter b, #letter img, #letter script")
         assert browser.execute_script("return window.__pwned === undefined") is True
         (tmp / "cure").write_text("")
-        browser.find_element(By.CSS_SELECTOR, f'tr.letter[data-id="{bad}"] input.pick').click()
+        pick = f'tr.letter[data-id="{bad}"] input.pick'
+
+        def tick() -> bool:
+            box = browser.find_element(By.CSS_SELECTOR, pick)
+            if not box.is_selected():
+                box.click()
+            return bool(browser.find_element(By.CSS_SELECTOR, pick).is_selected())
+
+        until(tick, "the poisoned letter's box to be ticked")
+        # The list is drawn again whenever a poll sees the count change (a CI dry run met it
+        # between the tick and the button: the box came back unticked, and no confirmation was
+        # asked for); a reload keeps what is ticked.
+        before = browser.find_element(By.CSS_SELECTOR, pick)
+        browser.find_element(By.ID, "dlq-refresh").click()
+
+        def redrawn() -> bool:
+            try:
+                before.is_selected()
+            except StaleElementReferenceException:
+                return True
+            return False
+
+        until(redrawn, "the list to be loaded again")
+        assert browser.find_element(By.CSS_SELECTOR, pick).is_selected(), "loading the list again unticked the box"
         browser.find_element(By.ID, "replay-selected").click()
-        alert = browser.switch_to.alert
+        alert = until(lambda: browser.switch_to.alert, "the confirmation of the replay")
         assert "Replay 1 dead letter(s)" in alert.text
         alert.accept()
         until(lambda: "replayed 1 dead letter(s)" in browser.find_element(By.ID, "status").text,

@@ -179,14 +179,18 @@ async function loadLetters() {
   const response = await fetch("api/dead-letters?" + query, { credentials: "same-origin", cache: "no-store" });
   const data = await response.json();
   if (!response.ok) return report(data.error, true);
+  // a reload of the same group's letters (a poll saw its count change) keeps the boxes ticked
+  const kept = new Set(lettersOf === groupKey(target) ? picked() : []);
   lettersOf = groupKey(target);
   letters = data.letters;
   document.getElementById("dlq-count").textContent =
     `${data.total} dead letter(s)` + (data.total > letters.length ? `, the first ${letters.length} shown` : "");
   const body = document.querySelector("#letters tbody");
   body.replaceChildren(...letters.map((x) => {
+    const box = el("input", { type: "checkbox", class: "pick", "data-id": x.message_id });
+    box.checked = kept.has(x.message_id);
     const row = el("tr", { class: "letter", "data-id": x.message_id },
-      el("td", {}, el("input", { type: "checkbox", class: "pick", "data-id": x.message_id })),
+      el("td", {}, box),
       el("td", { class: "id" }, x.message_id), el("td", {}, String(x.partition)),
       el("td", {}, String(x.attempts)), el("td", {}, new Date(x.dead_lettered_at).toLocaleString()),
       el("td", { class: "error" }, short(x.error, 100)));
