@@ -947,22 +947,13 @@ class NatsTransport(Transport):
         if len(records) == 1:
             return await self._publish_one(records[0], dedup_ids[0] if dedup_ids is not None else None, deadline)
         js = self.js
-        limit = self.nc.max_payload
         futures: list[asyncio.Future[Any]] = []
         try:
             # One deadline for the whole batch; no per-message timeout, so the loop below never
             # yields to the event loop and nats-py writes the batch with one socket write.
             async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                 for index, record in enumerate(records):
-                    headers = {ENVELOPE_HEADER: encode_envelope(record.message_id, record.key, record.headers)}
-                    if dedup_ids is not None:
-                        headers[MSG_ID_HEADER] = dedup_ids[index]
-                    size = len(record.body) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
-                    if size > limit:
-                        raise MessageTooLargeError(
-                            f"message {record.message_id} on {record.topic!r} is {size} bytes with its headers; "
-                            f"the nats server accepts at most {limit} (max_payload)"
-                        )
+                    headers = self._headers(record, dedup_ids[index] if dedup_ids is not None else None)
                     subject = f"{self.prefix}.{record.topic}.{record.partition}"
                     futures.append(await js.publish_async(subject, record.body, headers=headers))
                 results = await asyncio.gather(*futures, return_exceptions=True)
