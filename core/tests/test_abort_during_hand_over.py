@@ -144,3 +144,49 @@ async def test_close_releases_a_lane_in_hand_over_only_once_it_is_closed() -> No
         )
     for broker in joined:
         await broker.close()
+
+
+async def test_members_subscribing_together_see_each_other_however_long_their_consumers_take_to_start() -> None:
+    """A member announces itself while its provider's consumer starts (streams and consumers
+    checked: from a few to a hundred milliseconds, varying between worker processes on few
+    cores). It announced only after that start, so a member whose start was quick saw itself
+    alone at the end of its join window, took every lane and handed half of them over a moment
+    later (on NATS 2.9 a hand-over holds the lane's read-ahead back for two seconds)."""
+    url = "memory://join-while-starting"
+    settings: dict[str, Any] = {"partition_count": 16}
+    quick = await msgbroker.connect(url, **settings)
+    slow = await msgbroker.connect(url, **settings)
+    asked: list[int] = []
+    acquire = quick.transport.acquire_leases
+
+    async def recorded(lanes: Any, member_id: str, ttl: float) -> dict[Lane, str]:
+        asked.append(len(lanes))
+        return await acquire(lanes, member_id, ttl)
+
+    quick.transport.acquire_leases = recorded  # type: ignore[method-assign]
+    make_consumer = slow.transport.consumer
+
+    def slow_consumer(topic: str, group: str, member_id: str) -> Any:
+        consumer = make_consumer(topic, group, member_id)
+        start = consumer.start
+
+        async def slow_start(listener: Any, partition: int | None) -> None:
+            await asyncio.sleep(0.2)
+            await start(listener, partition)
+
+        consumer.start = slow_start  # type: ignore[method-assign]
+        return consumer
+
+    slow.transport.consumer = slow_consumer  # type: ignore[method-assign]
+
+    async def handle(ctx: MessageContext[Job]) -> None:
+        await ctx.ack()
+
+    try:
+        first, second = await asyncio.gather(quick.subscribe("jobs", "workers", handle),
+                                             slow.subscribe("jobs", "workers", handle))
+        assert asked and max(asked) <= 8, f"the quick member asked for {asked} lanes: it did not see the other"
+        assert len(first.partitions) == len(second.partitions) == 8
+    finally:
+        await quick.close()
+        await slow.close()

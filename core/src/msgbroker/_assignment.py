@@ -17,7 +17,7 @@ from ._provider import Lane, Transport
 if TYPE_CHECKING:
     from ._settings import BrokerSettings
 
-__all__ = ["LaneOwner", "LeaseCoordinator", "assign_partitions"]
+__all__ = ["LaneOwner", "LeaseCoordinator", "announce", "assign_partitions"]
 
 log = logging.getLogger("msgbroker")
 
@@ -68,6 +68,17 @@ SETTLING_FOR = 2
 """Heartbeat intervals a member beats fast after it joined or saw the membership change."""
 
 
+async def announce(runner: LaneOwner) -> float:
+    """A subscribing member's first heartbeat; returns when it was done (``time.monotonic``).
+    The engine sends it while the provider's consumer starts: how long that start takes varies
+    between members (streams and consumers checked, with several processes on few cores from a
+    few to a hundred milliseconds), and a member announced only after it missed the join window
+    of the members that started faster — the first one then saw itself alone and took every lane."""
+    transport = runner.transport
+    await transport.heartbeat(runner.topic, runner.group, runner.member_id, transport.lease_ttl())
+    return time.monotonic()
+
+
 class LeaseCoordinator:
     """Membership heartbeats, rendezvous assignment and exclusive leases over the provider's
     primitives (``Transport.ASSIGNMENT == "leases"``)."""
@@ -116,17 +127,20 @@ class LeaseCoordinator:
             except Exception as exc:
                 log.warning("msgbroker: membership of %s/%s failed: %s", self.runner.topic, self.runner.group, exc)
 
-    async def join(self) -> None:
-        """The first beat of a member that subscribes: announce itself, wait the transport's
-        ``JOIN_WINDOW``, then compute the assignment and take its lanes. Workers started together
-        (a deployment, a worker pool) then see each other before any takes a lane: without the
-        wait the first one took every lane, read ahead on all of them and handed most of them over
-        a moment later (an in-flight message finished, read-ahead handed back, a lease released
-        and taken) — four workers draining a backlog were slower than one."""
+    async def join(self, announced_at: float | None = None) -> None:
+        """The first beat of a member that subscribes: announce itself (unless :func:`announce`
+        did, at ``announced_at``), wait the rest of the transport's ``JOIN_WINDOW``, then compute
+        the assignment and take its lanes. Workers started together (a deployment, a worker pool)
+        then see each other before any takes a lane: without the wait the first one took every
+        lane, read ahead on all of them and handed most of them over a moment later (an in-flight
+        message finished, read-ahead handed back, a lease released and taken) — four workers
+        draining a backlog were slower than one."""
         if self.runner.only_partition is None:
-            runner = self.runner
-            await self.transport.heartbeat(runner.topic, runner.group, runner.member_id, self.ttl)
-            await asyncio.sleep(self.transport.JOIN_WINDOW)
+            if announced_at is None:
+                announced_at = await announce(self.runner)
+            rest = self.transport.JOIN_WINDOW - (time.monotonic() - announced_at)
+            if rest > 0:
+                await asyncio.sleep(rest)
         await self.beat()
 
     async def beat(self) -> None:
@@ -161,6 +175,8 @@ class LeaseCoordinator:
                 await runner.lost(lost)
         for partition in list(self.held):
             if partition not in desired and partition not in self._draining:
+                log.debug("msgbroker: %s hands %s[%d] for %s over", runner.member_id, runner.topic, partition,
+                          runner.group)
                 self._draining[partition] = asyncio.create_task(self._hand_over(partition))
         wanted = sorted(desired - set(self.held))
         self._wanting = False
@@ -172,6 +188,9 @@ class LeaseCoordinator:
             # its lease ends, and the fast beats stop after the settling time).
             self._wanting = len(taken) < len(wanted) and time.monotonic() < self._settling_until + self.ttl
             if taken:
+                log.debug("msgbroker: %s took %d of the %d lanes of %s/%s it wants (%d members)", runner.member_id,
+                          len(taken), len(wanted), runner.topic, runner.group,
+                          len(self._desired[0]) if self._desired else 1)
                 self.held.update(taken)
                 await runner.assigned(sorted(taken), taken)
 

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ._assignment import LeaseCoordinator, assign_partitions
+from ._assignment import LeaseCoordinator, announce, assign_partitions
 from ._errors import AccessDeniedError, redact
 from ._hookspecs import has_implementations
 from ._lanes import LaneState, wait_event
@@ -116,17 +116,45 @@ class SubscriptionRunner:
         return sorted(p for p, lane in self._lanes.items() if not lane.stopping)
 
     async def start(self) -> None:
-        await self.consumer.start(self, self.only_partition)
         mode = self.transport.ASSIGNMENT
-        if mode == "shared":
-            wanted = [self.only_partition] if self.only_partition is not None else range(self.settings.partition_count)
-            await self.assigned(list(wanted))
-        elif mode == "leases":
-            self._coordinator = coordinator = LeaseCoordinator(self)
-            await coordinator.join()
-            self._tasks.append(asyncio.create_task(coordinator.run(), name=f"msgbroker-leases-{self.topic}"))
+        announcing: asyncio.Future[float] | None = None
+        if mode == "leases" and self.only_partition is None:
+            announcing = asyncio.ensure_future(announce(self))  # see announce
+        started = False
+        try:
+            await self.consumer.start(self, self.only_partition)
+            started = True
+            announced_at = await announcing if announcing is not None else None
+        except BaseException:
+            if announcing is not None:
+                await cancel_and_wait([announcing])
+                with contextlib.suppress(Exception):
+                    await self.transport.leave(self.topic, self.group, self.member_id)
+            if started:
+                with contextlib.suppress(Exception):
+                    await self.consumer.stop(flush=True)
+            raise
+        # The reader runs while the first lanes open: each is read as soon as it is open (the
+        # path of every later rebalance), not once the member's last lane is (64 lanes opened
+        # 16 at a time kept the first message waiting ~0.1 s).
         self._reader = asyncio.create_task(self._read_loop(), name=f"msgbroker-reader-{self.topic}")
         self._tasks.append(self._reader)
+        try:
+            if mode == "shared":
+                count = self.settings.partition_count
+                await self.assigned([self.only_partition] if self.only_partition is not None else list(range(count)))
+            elif mode == "leases":
+                # made after the consumer started: a provider may learn its lease time there
+                self._coordinator = coordinator = LeaseCoordinator(self)
+                await coordinator.join(announced_at)
+                self._tasks.append(asyncio.create_task(coordinator.run(), name=f"msgbroker-leases-{self.topic}"))
+        except asyncio.CancelledError:
+            await self.abort()
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()  # what it took is handed back, its leases released
+            raise
 
     async def close(self) -> None:
         """Stop taking messages, let in-flight handlers finish (bounded), settle, release."""

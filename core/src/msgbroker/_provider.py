@@ -237,8 +237,9 @@ class Transport(ABC):
     (``shared``: every member polls every lane), or the broker (``native``)."""
     JOIN_WINDOW: ClassVar[float] = 0.025
     """Under ``leases``: seconds a subscribing member waits between announcing itself (its first
-    heartbeat) and taking its lanes, so that members started together see each other first. A
-    provider whose members all live in one process (the memory provider) lowers it."""
+    heartbeat, sent while its :meth:`LaneConsumer.start` runs) and taking its lanes, so that
+    members started together see each other first. A provider whose members all live in one
+    process (the memory provider) lowers it."""
     REDELIVERY: ClassVar[Literal["local", "broker"]] = "local"
     """After :meth:`LaneConsumer.retry`, does the engine hand the message again itself
     (``local``) or does the broker deliver it again through ``poll`` (``broker``)?"""
@@ -347,7 +348,9 @@ class Transport(ABC):
         return 30.0
 
     async def heartbeat(self, topic: str, group: str, member_id: str, ttl: float) -> list[str]:
-        """Record that ``member_id`` is alive for ``ttl`` seconds; return the live members."""
+        """Record that ``member_id`` is alive for ``ttl`` seconds; return the live members. A
+        subscribing member's first heartbeat runs while its :meth:`LaneConsumer.start` does: it
+        must not depend on it (a subscribe that fails then calls :meth:`leave`)."""
         raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
 
     async def leave(self, topic: str, group: str, member_id: str) -> None:
