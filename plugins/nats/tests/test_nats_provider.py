@@ -175,6 +175,48 @@ async def test_an_existing_consumer_is_updated_or_refused_with_a_clear_message(
             await broker.subscribe(topic, "h", Record().handler("b"))
 
 
+async def test_a_subscribe_lists_the_group_s_consumers_and_creates_only_those_missing_or_changed(
+    connect: Any, raw: Client, prefix: str, topic: str
+) -> None:
+    """Each lane's consumer used to be created (or updated) with its own request at every
+    subscribe, one per partition: the consumers are listed first and only those missing or with
+    other settings are sent."""
+    stream = f"{prefix}_{topic}"
+    creates: list[str] = []
+
+    async def seen(msg: Any) -> None:
+        if ".CREATE." in msg.subject and stream in msg.subject:
+            creates.append(msg.subject)
+
+    watch = await raw.subscribe("$JS.API.CONSUMER.>", cb=seen)
+    try:
+        async with connect(partition_count=8) as broker:
+            record = Record()
+            await broker.publish(topic, Item(key="k", n=0))
+            sub = await broker.subscribe(topic, "g", record.handler("a"))
+            await raw.flush()
+            await eventually(lambda: len(creates) == 8, "a create request per lane on the first subscribe")
+            await sub.close()
+
+            jsm = raw.jsm()
+            await jsm.delete_consumer(stream, "g_5")
+            changed = (await jsm.consumer_info(stream, "g_3")).config
+            changed.max_ack_pending = 7
+            await jsm.add_consumer(stream, changed)
+            await raw.flush()
+            creates.clear()
+            sub = await broker.subscribe(topic, "g", record.handler("b"))
+            await broker.publish(topic, Item(key="k", n=1))
+            await eventually(lambda: record.ns("k") == [0, 1], "both messages handled once, in order")
+            await raw.flush()
+            assert sorted(s.rsplit(".", 1)[-1] for s in creates) == ["g_3", "g_5"]
+            assert (await jsm.consumer_info(stream, "g_3")).config.max_ack_pending == 2 * 64
+            assert (await jsm.consumer_info(stream, "g_5")).config.filter_subject == f"{prefix}.{topic}.5"
+            await sub.close()
+    finally:
+        await watch.unsubscribe()
+
+
 async def test_a_dead_members_pull_requests_take_nothing(connect: Any, raw: Client, topic: str) -> None:
     """A member that dies idle leaves pull requests behind; the server must not hand the next
     message to them (it would come back only after ack_wait, as a second attempt)."""

@@ -203,8 +203,7 @@ class NatsLaneConsumer(LaneConsumer):
         self._ordered = listener.ordered
         await transport.ensure_stream(self._layout, None)
         wanted = [partition] if partition is not None else list(range(transport.partition_count))
-        delivered = await asyncio.gather(*(transport.ensure_consumer(self._layout, self._group, p) for p in wanted))
-        self._delivered_at_start = dict(zip(wanted, delivered, strict=True))
+        self._delivered_at_start = await transport.ensure_consumers(self._layout, self._group, wanted)
         await transport.pins()  # the leases' bucket (its TTL is the lease time)
         nc = transport.nc
         self._inbox = nc.new_inbox()
