@@ -1,13 +1,58 @@
-"""NATS with JetStream: the Debian nats-server, plus a second small one that requires TLS."""
+"""NATS with JetStream: a current nats-server built from its Go module (Debian's 2.9.10 with
+``MSGBROKER_BROKERS_NATS_VERSION=debian``), plus a second small one, Debian's, that requires TLS."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
+import time
+from pathlib import Path
 
 from .broker import Broker
-from .common import HOST, rel, say
+from .common import CACHE_ROOT, HOST, Failure, rel, say
 from .processes import Tracked, spawn
 from .tls import TLS_CERT, TLS_KEY, ca_fingerprint, tls_client_context
+
+NATS_VERSION = os.environ.get("MSGBROKER_BROKERS_NATS_VERSION", "v2.15.3")
+"""The main server's nats-server: a Go module version, or ``debian`` for the Debian package."""
+NATS_MODULE = "github.com/nats-io/nats-server/v2"
+BUILD_DIR = CACHE_ROOT / "nats-server"
+
+
+def built_nats_server(version: str) -> Path:
+    """Where the build of ``version`` lives (made by :func:`build_nats_server`)."""
+    return BUILD_DIR / version / "nats-server"
+
+
+def build_nats_server(version: str, who: str) -> Path:
+    """Build nats-server ``version`` from its Go module with the machine's Go toolchain into
+    .cache/nats-server/<version>/ (once; about 40 s) and return the binary."""
+    binary = built_nats_server(version)
+    if os.access(binary, os.X_OK):
+        return binary
+    go = shutil.which("go")
+    if not go:
+        raise Failure(f"{who}: building nats-server {version} needs Go (the `go` command); install a Go toolchain "
+                      "first (or MSGBROKER_BROKERS_NATS_VERSION=debian for the Debian package)")
+    t0 = time.monotonic()
+    tmp = BUILD_DIR / f"{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    say(f"{who}: building nats-server {version} with `go install {NATS_MODULE}@{version}` "
+        f"into {rel(BUILD_DIR / version)} (once; about 40 s)")
+    env = dict(os.environ, GOBIN=str(tmp), GOTOOLCHAIN="local", CGO_ENABLED="0")
+    res = subprocess.run([go, "install", f"{NATS_MODULE}@{version}"], env=env, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0 or not os.access(tmp / "nats-server", os.X_OK):
+        (BUILD_DIR / "build.log").write_text(res.stdout + res.stderr)
+        raise Failure(f"{who}: `go install {NATS_MODULE}@{version}` failed "
+                      f"(exit {res.returncode}); see {rel(BUILD_DIR / 'build.log')}")
+    shutil.rmtree(BUILD_DIR / version, ignore_errors=True)
+    tmp.rename(BUILD_DIR / version)
+    say(f"{who}: built nats-server {version} in {time.monotonic() - t0:.0f}s")
+    return binary
 
 
 async def check_nats(url: str, tls: bool = False) -> None:
@@ -54,7 +99,28 @@ class Nats(Broker):
         return f"tls://{HOST}:{port}"
 
     def missing_packages(self) -> list[str]:
-        return [] if shutil.which("nats-server") else ["nats-server"]
+        return [] if shutil.which("nats-server") else ["nats-server"]  # the TLS server's (and nats-auth's)
+
+    def install_other(self) -> None:
+        if NATS_VERSION != "debian":
+            build_nats_server(NATS_VERSION, "nats")
+
+    def binary(self) -> str:
+        if NATS_VERSION == "debian":
+            return shutil.which("nats-server") or "nats-server"
+        return str(build_nats_server(NATS_VERSION, "nats"))
+
+    @property
+    def version_file(self) -> Path:
+        return self.dir / "version"  # the nats-server the running server was started as
+
+    def config_stale(self) -> str | None:
+        if self.port() is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if self.version_file.read_text().strip() == NATS_VERSION:
+                return None
+        return f"it is not nats-server {NATS_VERSION}"
 
     def choose_tls_port(self, restarting: bool) -> int:
         port = self.tls_port()
@@ -69,11 +135,12 @@ class Nats(Broker):
         store = self.dir / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         argv = [
-            shutil.which("nats-server") or "nats-server",
+            self.binary(),
             "-a", HOST, "-p", str(port), "-n", "msgbroker-nats",
             "-js", "-sd", str(store),
         ]
         pid = spawn(argv, self.log)
+        self.version_file.write_text(NATS_VERSION + "\n")
         if self.tls_proc.pid() is None:
             self.start_tls_server(tls_port)
         return pid

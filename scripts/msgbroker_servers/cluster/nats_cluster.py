@@ -7,20 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
-import time
 import urllib.error
 import urllib.request
 
-from ..common import CACHE_ROOT, HOST, Failure, rel, say
-from ..nats_server import check_nats
+from ..common import HOST, Failure
+from ..nats_server import build_nats_server, built_nats_server, check_nats
 from ..processes import spawn
 from .node import Cluster, Node
 
 NATS_VERSION = os.environ.get("MSGBROKER_BROKERS_NATS_CLUSTER_VERSION", "v2.15.3")
-NATS_MODULE = "github.com/nats-io/nats-server/v2"
-BUILD_DIR = CACHE_ROOT / "nats-server"
 CLUSTER_NAME = "msgbroker-cluster"
 
 
@@ -53,34 +48,13 @@ class NatsCluster(Cluster):
 
     def __init__(self) -> None:
         super().__init__()
-        self.binary = BUILD_DIR / NATS_VERSION / "nats-server"
+        self.binary = built_nats_server(NATS_VERSION)
 
     def installed(self) -> bool:
         return os.access(self.binary, os.X_OK)
 
     def install_other(self) -> None:
-        if self.installed():
-            return
-        go = shutil.which("go")
-        if not go:
-            raise Failure(f"nats cluster: building nats-server {NATS_VERSION} needs Go (the `go` command); "
-                          "install a Go toolchain first")
-        t0 = time.monotonic()
-        tmp = BUILD_DIR / f"{NATS_VERSION}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        say(f"nats cluster: building nats-server {NATS_VERSION} with `go install {NATS_MODULE}@{NATS_VERSION}` "
-            f"into {rel(BUILD_DIR / NATS_VERSION)} (once; about 40 s)")
-        env = dict(os.environ, GOBIN=str(tmp), GOTOOLCHAIN="local", CGO_ENABLED="0")
-        res = subprocess.run([go, "install", f"{NATS_MODULE}@{NATS_VERSION}"], env=env, stdin=subprocess.DEVNULL,
-                             capture_output=True, text=True, check=False)
-        if res.returncode != 0 or not os.access(tmp / "nats-server", os.X_OK):
-            (BUILD_DIR / "build.log").write_text(res.stdout + res.stderr)
-            raise Failure(f"nats cluster: `go install {NATS_MODULE}@{NATS_VERSION}` failed "
-                          f"(exit {res.returncode}); see {rel(BUILD_DIR / 'build.log')}")
-        shutil.rmtree(BUILD_DIR / NATS_VERSION, ignore_errors=True)
-        tmp.rename(BUILD_DIR / NATS_VERSION)
-        say(f"nats cluster: built nats-server {NATS_VERSION} in {time.monotonic() - t0:.0f}s")
+        build_nats_server(NATS_VERSION, "nats cluster")
 
     def missing_packages(self) -> list[str]:
         return []  # the build needs Go, which apt's golang would be too old for: install_other says so
