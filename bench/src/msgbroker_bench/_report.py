@@ -138,7 +138,7 @@ def machine_info(root: Path) -> list[str]:
     head = _cmd("git", "-C", str(root), "rev-parse", "--short", "HEAD")
     status = _cmd("git", "-C", str(root), "status", "--short", "--untracked-files=no", "--", "core", "plugins")
     dirty = [line.split(maxsplit=1)[1] for line in status.splitlines() if len(line.split(maxsplit=1)) == 2]
-    nats_v = _cmd("nats-server", "--version")
+    nats_v = _cmd(_nats_server(root), "--version")
     lines = [
         f"- CPU: {fields.get('Model name', '?')}; {fields.get('CPU(s)', '?')} logical CPUs "
         f"({fields.get('Core(s) per socket', '?')} cores per socket, {fields.get('Thread(s) per core', '?')} "
@@ -163,6 +163,17 @@ def machine_info(root: Path) -> list[str]:
         f"Apache Kafka {kafka or '?'} (KRaft, one node)",
     ]
     return lines
+
+
+def _nats_server(root: Path) -> str:
+    """The nats-server binary `scripts/brokers up nats` started last: a build of the version its
+    ``.brokers/nats/version`` names, or Debian's (``debian``, or an older scripts/brokers)."""
+    try:
+        version = (root / ".brokers" / "nats" / "version").read_text().strip()
+    except OSError:
+        version = "debian"
+    built = root / ".cache" / "nats-server" / version / "nats-server"
+    return str(built) if version != "debian" and built.exists() else "nats-server"
 
 
 # -- tables --------------------------------------------------------------------------------------
