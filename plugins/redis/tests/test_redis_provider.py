@@ -211,6 +211,48 @@ async def test_a_paused_member_cannot_settle_what_the_new_owner_holds(connect: A
         await zombie.stop(flush=False)
 
 
+async def test_a_wait_whose_reply_is_lost_leaves_its_lanes_to_be_read_from_their_cursors(
+    connect: Any, topic: str
+) -> None:
+    """A member's wait on idle lanes sends no cursors (an idle lane has no history after its
+    cursor) and reads only new entries. When its reply is lost after the server ran the read,
+    the entries it took sit in the lane's pending list: the next poll must read those lanes
+    from their cursors, or they would wait for the idle recheck (10 s) or the next owner."""
+    async with connect(partition_count=4) as broker:
+        transport = broker.transport
+        assert isinstance(transport, RedisTransport)
+        wake = asyncio.Event()
+        consumer = transport.consumer(topic, "g", "member-a")
+        await consumer.start(None, None)  # type: ignore[arg-type]
+        lanes = [0, 1, 2, 3]
+        for partition in lanes:
+            token = await transport.acquire_lease(Lane(topic, "g", partition), "member-a", 30)
+            await consumer.open_lane(partition, token)
+        assert await consumer.poll(lanes, 10, 0.1, wake) == []  # every lane read once: all idle now
+        assert consumer._idle == set(lanes)  # type: ignore[attr-defined]
+
+        reader = consumer._reader  # type: ignore[attr-defined]
+        real = reader.block_and_run
+        ran: list[Any] = []
+
+        async def lost(*args: Any, **kwargs: Any) -> Any:
+            ran.append(await real(*args, **kwargs))  # the server reads the lane...
+            raise msgbroker.BrokerConnectionError("the reply was lost")  # ...its reply never comes
+
+        await broker.publish(topic, Item(key="a", n=1))
+        reader.block_and_run = lost
+        with pytest.raises(msgbroker.BrokerConnectionError):
+            await consumer.poll(lanes, 10, 0.5, wake)
+        assert ran and b"a" in ran[0][1], "the lost wait did not read the entry"
+        reader.block_and_run = real
+
+        got = await consumer.poll(lanes, 10, 0.5, wake)
+        assert [(d.key, d.partition) for d in got] == [("a", partition_for("a", 4))]
+        await consumer.ack(got[0])
+        await consumer.stop(flush=True)
+        assert await broker.pending_count(topic, "g") == 0
+
+
 async def test_read_ahead_handed_over_unhandled_keeps_its_first_attempt(connect: Any, topic: str) -> None:
     gate = asyncio.Event()
     first: list[int] = []

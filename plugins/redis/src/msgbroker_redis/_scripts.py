@@ -191,7 +191,12 @@ READ = _PRELUDE + r"""
 -- the lane had, so the caller reads it again only once a notification names it) and the
 -- length of the packed entries as 4-byte big-endian, then the packed entries.
 -- ARGV[8] '1': the lanes are idle ones (the caller's wait, pipelined behind its blocking read
--- of the notify stream): only those the notifications since the cursor name are read.
+-- of the notify stream): only those the notifications since the cursor name are read, and the
+-- lanes come as "<partition> <token>;..." with the token's common start in ARGV[9] ("<token>"
+-- is ARGV[9] .. what follows the partition, "-" for none). An idle lane's last read took
+-- everything it had, so it has no history after its cursor and none is sent: the wait's
+-- arguments stay small however many lanes a member holds (on a thousand lanes the cursors and
+-- whole tokens were ~66 kB per wait, and a script's cost grows with the bytes it is handed).
 local group, base, partitions, count = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local budget = tonumber(ARGV[6])
 local cursor, missed, notified = ARGV[7], 0, {}
@@ -238,6 +243,7 @@ end
 local out = {struct.pack('>I4', #cursor) .. cursor .. struct.pack('>I4I4', missed, #notified_text) .. notified_text}
 local function read_lane(consumer, token, cursor)
   if token == '-' then token = '' end
+  -- cursor nil: an idle lane (see ARGV[8]), read from its new entries
   local stream = base .. ':' .. consumer
   local delay = base .. ':delay:' .. group .. ':' .. consumer
   local status = 0
@@ -248,7 +254,8 @@ local function read_lane(consumer, token, cursor)
     status = 2
   else
     local n = math.min(count, budget)
-    local history = readgroup(stream, consumer, n, cursor)
+    local history = {}
+    if cursor then history = readgroup(stream, consumer, n, cursor) end
     local kept = {}
     for _, e in ipairs(history) do
       if e[2] then
@@ -287,15 +294,28 @@ local function read_lane(consumer, token, cursor)
   out[#out + 1] = struct.pack('>I4I4I4', tonumber(consumer), status, #entries)
   out[#out + 1] = entries
 end
-if ARGV[8] == '1' and missed == 0 then
-  -- Find each notified lane in the list (a plain search) rather than walk a thousand lanes.
-  local lanes = ';' .. ARGV[5]
-  for p in pairs(notified) do
-    local at = string.find(lanes, ';' .. p .. ' ', 1, true)
-    if at then
-      local consumer, token, cursor = string.match(lanes, '^;(%d+) (%S+) ([^;]+)', at)
-      read_lane(consumer, token, cursor)
+if ARGV[8] == '1' then
+  local prefix, lanes = ARGV[9], ARGV[5]
+  local function token_of(rest)
+    if rest == '-' then return rest end
+    return prefix .. rest
+  end
+  if missed == 0 then
+    -- Find each notified lane in the list (a plain search, no copy of the list: copying it
+    -- cost as much as the read) rather than walk a thousand lanes.
+    for p in pairs(notified) do
+      local at = 1
+      if string.sub(lanes, 1, #p + 1) ~= p .. ' ' then
+        at = string.find(lanes, ';' .. p .. ' ', 1, true)
+        if at then at = at + 1 end
+      end
+      if at then
+        local consumer, rest = string.match(lanes, '^(%d+) ([^;]+)', at)
+        read_lane(consumer, token_of(rest), nil)
+      end
     end
+  else
+    for consumer, rest in string.gmatch(lanes, '(%d+) ([^;]+)') do read_lane(consumer, token_of(rest), nil) end
   end
 else
   for consumer, token, cursor in string.gmatch(ARGV[5], '(%d+) (%S+) ([^;]+)') do read_lane(consumer, token, cursor) end

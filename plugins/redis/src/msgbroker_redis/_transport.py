@@ -25,9 +25,9 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import struct
 import time
-import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -157,6 +157,13 @@ class TopicKeys:
 _HEAD = struct.Struct(">II")
 _LANE = struct.Struct(">III")
 _LENGTH = struct.Struct(">I")
+
+
+def _fresh_token() -> str:
+    """The part of a lease's value that tells this member's successive holds of it apart (64
+    random bits; the member's id before it tells members apart). Short: every wait sends the
+    token of each of the member's idle lanes."""
+    return secrets.token_hex(8)
 
 
 def _entry_time(delivery: Delivery) -> float | None:
@@ -753,7 +760,7 @@ class RedisTransport(Transport):
 
     async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
         key = self.keys(lane.topic).lease(lane.group, lane.partition)
-        value = await self.call("ACQUIRE", [key], [member_id, uuid.uuid4().hex, max(1, int(ttl * 1000))],
+        value = await self.call("ACQUIRE", [key], [member_id, _fresh_token(), max(1, int(ttl * 1000))],
                                 f"taking the lease of {lane.topic}[{lane.partition}]")
         return value.decode() if value else None
 
@@ -766,7 +773,7 @@ class RedisTransport(Transport):
         for topic, some in by_topic.items():
             keys = self.keys(topic)
             values = await self.call("ACQUIRE_MANY", [keys.lease(lane.group, lane.partition) for lane in some],
-                                     [member_id, max(1, int(ttl * 1000)), *(uuid.uuid4().hex for _ in some)],
+                                     [member_id, max(1, int(ttl * 1000)), *(_fresh_token() for _ in some)],
                                      f"taking the leases of {len(some)} lane(s) of {topic}")
             taken.update((lane, value.decode()) for lane, value in zip(some, values, strict=True) if value)
         return taken
@@ -828,6 +835,10 @@ class RedisLaneConsumer(LaneConsumer):
         self._opened = 0
         """Counts the lanes opened and closed (what ``_asked_lanes`` was filtered with)."""
         self._asked_lanes: list[int] = []
+        self._wait_lanes: Sequence[int] | None = None
+        self._wait_opened = -1
+        self._wait_spec = ("", "")
+        """The lanes of the last wait (the list ``poll`` was handed) and their spec (see ``_compact``)."""
 
     def _lane_keys(self, partition: int) -> list[str]:
         keys = self._keys
@@ -964,29 +975,42 @@ class RedisLaneConsumer(LaneConsumer):
         """Block on the notify stream with the READ of the idle ``lanes`` pipelined behind it
         (the script reads those the notifications since the cursor name): one round trip from a
         publish to its delivery. Returns whether it ran (False: the script was not loaded), the
-        deliveries and whether a lane has more."""
+        deliveries and whether a lane has more.
+
+        The lanes go as partition and lease token only (the tokens' common start once): an idle
+        lane has no history after its cursor, so the script reads its new entries. A wait whose
+        reply is not taken in (an error, a cancel) leaves its lanes not idle, so the next poll
+        reads them from their cursors (what that lost reply held is their history then)."""
         reader = self._reader
-        specs, closing = self._specs, self._closing
-        if len(lanes) == len(specs) and not closing:
-            spec = ";".join(specs.values())  # every open lane (the usual case): no walk in Python
+        tokens, closing = self._tokens, self._closing
+        if not closing and lanes is self._wait_lanes and self._wait_opened == self._opened:
+            prefix, spec = self._wait_spec  # the lanes and their leases did not change: no walk
         else:
-            lanes = [p for p in lanes if p in specs and p not in closing]
-            spec = ";".join([specs[p] for p in lanes])
+            if closing:
+                lanes = [p for p in lanes if p in tokens and p not in closing]
+            prefix, spec = self._compact(lanes)
+            if not closing:
+                self._wait_lanes, self._wait_opened, self._wait_spec = lanes, self._opened, (prefix, spec)
         if reader is None or not lanes:
             return False, [], False
         args = [self._group, self._keys.base, self._transport.partitions, count,
-                spec, READ_BUDGET, self._notified, "1"]
+                spec, READ_BUDGET, self._notified, "1", prefix]
         waiting = self._waiting = asyncio.get_running_loop().create_future()
         self._waiting_lanes = lanes
+        taken = False
         try:
-            _appended, reply = await reader.block_and_run(
+            result = await reader.block_and_run(
                 {self._keys.notify: self._notified.encode()}, timeout, wake, f"waiting for {self._topic}", 1,
                 self._transport.script("READ"), [self._keys.meta], args)
+            if result is None:
+                return True, [], False  # woken while the server did not answer: the reply is lost
+            _appended, reply = result
             if isinstance(reply, rex.NoScriptError):
                 return False, [], False  # the server lost it (a restart): the plain read loads it
             if isinstance(reply, Exception):
                 raise translate(reply, f"reading {self._topic} for {self._group}", self._transport.user) from reply
             deliveries, more, _notified = self._take(reply)
+            taken = True
             if closing and deliveries:
                 back = [d for d in deliveries if d.partition in closing]
                 if back:
@@ -995,8 +1019,20 @@ class RedisLaneConsumer(LaneConsumer):
                         await self.unread(back)
             return True, deliveries, more
         finally:
+            if not taken:
+                self._idle.difference_update(lanes)
             self._waiting, self._waiting_lanes = None, ()
             waiting.set_result(None)
+
+    def _compact(self, lanes: Sequence[int]) -> tuple[str, str]:
+        """The lanes as the wait's READ takes them: "<partition> <token>;...", each token without
+        the start all of them share (this member's id: its leases are "<member>/<token>")."""
+        tokens = self._tokens
+        prefix = f"{self._member}/"
+        if all(tokens[p].startswith(prefix) for p in lanes):
+            cut = len(prefix)
+            return prefix, ";".join([f"{p} {tokens[p][cut:]}" for p in lanes])
+        return "", ";".join([f"{p} {tokens[p] or '-'}" for p in lanes])
 
     async def _read(self, lanes: list[int], count: int) -> tuple[list[Delivery], bool, set[int]]:
         """Read these lanes (their pending history after the cursor, then new entries) and the
