@@ -560,17 +560,19 @@ return out
 
 RENEW = r"""
 -- KEYS: the topic's meta hash (routes the call). ARGV: ttl ms, the topic's key base, group,
--- the leases as "<partition> <token>;...". Returns the partitions still held (renewed).
+-- the leases as "<partition> <token>;...". Returns the partitions no longer held (not renewed):
+-- usually none, where a list of the renewed ones was a thousand integers a second to parse.
 local ttl, base, group = ARGV[1], ARGV[2], ARGV[3]
-local kept = {}
+local lost = {}
 for partition, token in string.gmatch(ARGV[4], '(%d+) ([^;]+)') do
   local key = base .. ':lease:' .. group .. ':' .. partition
   if redis.call('GET', key) == token then
     redis.call('PEXPIRE', key, ttl)
-    kept[#kept + 1] = tonumber(partition)
+  else
+    lost[#lost + 1] = tonumber(partition)
   end
 end
-return kept
+return lost
 """
 
 RELEASE = r"""

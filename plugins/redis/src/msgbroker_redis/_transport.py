@@ -787,9 +787,10 @@ class RedisTransport(Transport):
         for (topic, group), lanes in by_group.items():
             keys = self.keys(topic)
             spec = ";".join(f"{lane.partition} {leases[lane]}" for lane in lanes)
-            held = await self.call("RENEW", [keys.meta], [max(1, int(ttl * 1000)), keys.base, group, spec],
+            lost = await self.call("RENEW", [keys.meta], [max(1, int(ttl * 1000)), keys.base, group, spec],
                                    f"renewing the leases of {group!r} on {topic!r}")
-            kept.update(Lane(topic, group, int(p)) for p in held)
+            gone = {int(p) for p in lost}
+            kept.update(lane for lane in lanes if lane.partition not in gone)
         return kept
 
     async def release_lease(self, lane: Lane, token: str) -> None:
@@ -835,6 +836,7 @@ class RedisLaneConsumer(LaneConsumer):
         self._opened = 0
         """Counts the lanes opened and closed (what ``_asked_lanes`` was filtered with)."""
         self._asked_lanes: list[int] = []
+        self._asked_set: frozenset[int] = frozenset()
         self._wait_lanes: Sequence[int] | None = None
         self._wait_opened = -1
         self._wait_spec = ("", "")
@@ -890,10 +892,12 @@ class RedisLaneConsumer(LaneConsumer):
         # The engine hands the same tuple while its lanes do not change: a thousand lanes are
         # not walked at every poll.
         if partitions is self._asked and self._opened == self._asked_opened:
-            lanes = self._asked_lanes
+            lanes, asked = self._asked_lanes, self._asked_set
         else:
             lanes = [p for p in partitions if p in tokens]
-            self._asked, self._asked_opened, self._asked_lanes = partitions, self._opened, lanes
+            asked = frozenset(lanes)  # a set: ``idle >= asked`` then builds none at every poll
+            self._asked, self._asked_opened, self._asked_lanes, self._asked_set = (
+                partitions, self._opened, lanes, asked)
         if self._stopped or not lanes:
             return []
         if time.monotonic() >= self._recheck_at:
@@ -903,7 +907,7 @@ class RedisLaneConsumer(LaneConsumer):
         waited = False
         self._wake = wake
         for _ in range(4):
-            active = [] if idle.issuperset(lanes) else [p for p in lanes if p not in idle and p in tokens]
+            active = [] if idle >= asked else [p for p in lanes if p not in idle and p in tokens]
             # Every lane idle and the notify cursor known: nothing to read until a notification
             # comes, and the blocking read below returns at once when one came since the cursor.
             if active or waited or not self._notified or timeout <= 0:
@@ -937,7 +941,7 @@ class RedisLaneConsumer(LaneConsumer):
                     if done:
                         if deliveries or more or wake.is_set() or self._stopped:
                             return deliveries
-                        if idle.issuperset(p for p in lanes if p in tokens):
+                        if idle >= asked or idle.issuperset(p for p in lanes if p in tokens):
                             return []  # the timeout, or notifications of lanes not asked for now
                         waited = True  # a lane was named but not read (notifications missed): read it
                         continue
