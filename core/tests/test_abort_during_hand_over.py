@@ -12,6 +12,7 @@ across the close)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import msgbroker
@@ -190,3 +191,61 @@ async def test_members_subscribing_together_see_each_other_however_long_their_co
     finally:
         await quick.close()
         await slow.close()
+
+
+async def test_a_member_renews_its_leases_while_its_lanes_start_however_long_that_takes() -> None:
+    """The lanes a member takes are started before its next beat. With a thousand lanes that
+    start took longer than a lease lasts (NATS, 1,024 partitions: 2.7 s, the default lease
+    2.5 s), no renewal went out meanwhile, and the member lost every lease it had just taken.
+    Here each of 16 lanes takes 0.1 s to start (1.6 s in all) under a 0.8-s lease, renewed every
+    0.2 s: every held lease must be renewed within its lease time all along."""
+    ttl = 0.8
+    broker = await msgbroker.connect("memory://renew-while-starting", partition_count=16,
+                                     memory={"claim_timeout": ttl})
+    transport = broker.transport
+    taken_at: dict[int, float] = {}
+    renewed_at: dict[int, list[float]] = {}
+    acquire, renew = transport.acquire_leases, transport.renew_leases
+
+    async def acquired(lanes: Any, member_id: str, ttl: float) -> dict[Lane, str]:
+        tokens = await acquire(lanes, member_id, ttl)
+        taken_at.update((lane.partition, asyncio.get_running_loop().time()) for lane in tokens)
+        return tokens
+
+    async def renewed(leases: Any, ttl: float) -> set[Lane]:
+        kept = await renew(leases, ttl)
+        for lane in kept:
+            renewed_at.setdefault(lane.partition, []).append(asyncio.get_running_loop().time())
+        return kept
+
+    transport.acquire_leases = acquired  # type: ignore[method-assign]
+    transport.renew_leases = renewed  # type: ignore[method-assign]
+    make_consumer = transport.consumer
+
+    def slow_consumer(topic: str, group: str, member_id: str) -> Any:
+        consumer = make_consumer(topic, group, member_id)
+        open_lane = consumer.open_lane
+
+        async def slow_open(partition: int, lease: str | None) -> None:
+            await asyncio.sleep(0.1)
+            await open_lane(partition, lease)
+
+        consumer.open_lane = slow_open  # type: ignore[method-assign]
+        return consumer
+
+    transport.consumer = slow_consumer  # type: ignore[method-assign]
+
+    async def handle(ctx: MessageContext[Job]) -> None:
+        await ctx.ack()
+
+    try:
+        sub = await broker.subscribe("jobs", "workers", handle)
+        await asyncio.sleep(ttl)
+        assert len(taken_at) == 16 and sorted(sub.partitions) == list(range(16))
+        end = asyncio.get_running_loop().time()
+        for partition, start in taken_at.items():
+            times = [start, *renewed_at.get(partition, []), end]
+            gap = max(b - a for a, b in itertools.pairwise(times))
+            assert gap < ttl, f"lease of partition {partition} went {gap:.2f}s without a renewal (lease {ttl}s)"
+    finally:
+        await broker.close()

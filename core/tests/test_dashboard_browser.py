@@ -248,9 +248,14 @@ def test_a_poisoned_message_is_replayed_from_the_page_and_handled(browser: WebDr
         handled = tmp / "handled"
         until(lambda: handled.exists() and good in handled.read_text(), "the good message to be handled")
         browser.get(dashboard.url)
-        row = until(lambda: browser.find_element(By.CSS_SELECTOR, f'tr.letter[data-id="{bad}"]'),
-                    "the poisoned message in the dead letters")
-        row.click()
+
+        def open_letter() -> bool:
+            # Found and clicked in one try: the page redraws the table while it polls, and a row
+            # found before a redraw is stale by the click (seen once in a full test run).
+            browser.find_element(By.CSS_SELECTOR, f'tr.letter[data-id="{bad}"]').click()
+            return True
+
+        until(open_letter, "the poisoned message in the dead letters, opened")
         headers = until(lambda: browser.find_element(By.ID, "letter-headers").text, "the letter's headers")
         assert json.loads(headers)["note"] == HOSTILE, f"the header is not shown as text: {headers!r}"
         assert "poisoned" in browser.find_element(By.ID, "letter-error").text

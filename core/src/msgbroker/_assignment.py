@@ -99,6 +99,9 @@ class LeaseCoordinator:
         handed over is taken, within a fraction of the interval instead of a whole one."""
         self._wanting = False
         self._renewed_at = 0.0
+        self._renewing = asyncio.Lock()
+        self._renewer: asyncio.Task[None] | None = None
+        """Renews while lanes start (see ``_renew_until``); kept here so the task is not collected."""
         self.held: dict[int, str] = {}
         self._draining: dict[int, asyncio.Task[None]] = {}
         self._releasing = asyncio.Semaphore(RELEASES_AT_ONCE)
@@ -163,7 +166,8 @@ class LeaseCoordinator:
         if self.held and now - self._renewed_at >= self.interval * 0.9:
             # Renewed once an interval, however fast the member beats while settling.
             self._renewed_at = now
-            kept = await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
+            async with self._renewing:
+                kept = await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
             lost = [p for p in self.held if self._lane(p) not in kept]
             for partition in lost:
                 log.warning("msgbroker: lease of %s[%d] for %s was lost", runner.topic, partition, runner.group)
@@ -192,7 +196,33 @@ class LeaseCoordinator:
                           len(taken), len(wanted), runner.topic, runner.group,
                           len(self._desired[0]) if self._desired else 1)
                 self.held.update(taken)
-                await runner.assigned(sorted(taken), taken)
+                opened = asyncio.Event()
+                self._renewer = asyncio.create_task(self._renew_until(opened))
+                try:
+                    await runner.assigned(sorted(taken), taken)
+                finally:
+                    opened.set()  # the renewer ends by itself (one in progress completes)
+
+    async def _renew_until(self, opened: asyncio.Event) -> None:
+        """While the engine starts the lanes just taken (until ``opened``), renew the held leases
+        every interval. A member that took a thousand lanes took longer to start them than a
+        lease lasts (NATS, 1,024 partitions: 2.7 s, the default lease 2.5 s): with no renewal
+        meanwhile it lost every lease at its next beat, and each lane then waited for what it had
+        read to come back (~25 s). A lease found lost here is left to the next beat: a lost lease
+        stays lost, and that beat hands it on as usual. Renewals never overlap (``_renewing``):
+        two revision-checked renewals of one lease at once would fail one of them."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(opened.wait(), self.interval)
+            if opened.is_set() or self.runner.closing:
+                return
+            async with self._renewing:
+                self._renewed_at = time.monotonic()
+                try:
+                    await self.transport.renew_leases({self._lane(p): t for p, t in self.held.items()}, self.ttl)
+                except Exception as exc:  # the beat after the opening renews (and reports) again
+                    log.debug("msgbroker: renewing leases of %s/%s while its lanes open failed: %s",
+                              self.runner.topic, self.runner.group, exc)
 
     async def _hand_over(self, partition: int) -> None:
         """Rebalance: finish the in-flight message, then release the lane."""

@@ -378,7 +378,9 @@ class Transport(ABC):
         return taken
 
     async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
-        """Extend the leases still held (same token); return those lanes."""
+        """Extend the leases still held (same token); return those lanes. The engine calls it
+        once per renewal interval, also while lanes it took are being opened (``open_lane`` in
+        progress), never twice at once for one subscription."""
         raise CapabilityNotSupported(f"{self.NAME} has no lease-based membership")
 
     async def release_lease(self, lane: Lane, token: str) -> None:
