@@ -147,6 +147,24 @@ async def test_close_releases_a_lane_in_hand_over_only_once_it_is_closed() -> No
         await broker.close()
 
 
+def slow_down(transport: Any, method: str, delay: float) -> None:
+    """Each consumer ``transport`` makes from now on waits ``delay`` seconds before ``method``."""
+    make_consumer = transport.consumer
+
+    def consumer(topic: str, group: str, member_id: str) -> Any:
+        made = make_consumer(topic, group, member_id)
+        real = getattr(made, method)
+
+        async def slowed(*args: Any) -> Any:
+            await asyncio.sleep(delay)
+            return await real(*args)
+
+        setattr(made, method, slowed)
+        return made
+
+    transport.consumer = consumer
+
+
 async def test_members_subscribing_together_see_each_other_however_long_their_consumers_take_to_start() -> None:
     """A member announces itself while its provider's consumer starts (streams and consumers
     checked: from a few to a hundred milliseconds, varying between worker processes on few
@@ -165,20 +183,7 @@ async def test_members_subscribing_together_see_each_other_however_long_their_co
         return await acquire(lanes, member_id, ttl)
 
     quick.transport.acquire_leases = recorded  # type: ignore[method-assign]
-    make_consumer = slow.transport.consumer
-
-    def slow_consumer(topic: str, group: str, member_id: str) -> Any:
-        consumer = make_consumer(topic, group, member_id)
-        start = consumer.start
-
-        async def slow_start(listener: Any, partition: int | None) -> None:
-            await asyncio.sleep(0.2)
-            await start(listener, partition)
-
-        consumer.start = slow_start  # type: ignore[method-assign]
-        return consumer
-
-    slow.transport.consumer = slow_consumer  # type: ignore[method-assign]
+    slow_down(slow.transport, "start", 0.2)
 
     async def handle(ctx: MessageContext[Job]) -> None:
         await ctx.ack()
@@ -220,20 +225,7 @@ async def test_a_member_renews_its_leases_while_its_lanes_start_however_long_tha
 
     transport.acquire_leases = acquired  # type: ignore[method-assign]
     transport.renew_leases = renewed  # type: ignore[method-assign]
-    make_consumer = transport.consumer
-
-    def slow_consumer(topic: str, group: str, member_id: str) -> Any:
-        consumer = make_consumer(topic, group, member_id)
-        open_lane = consumer.open_lane
-
-        async def slow_open(partition: int, lease: str | None) -> None:
-            await asyncio.sleep(0.1)
-            await open_lane(partition, lease)
-
-        consumer.open_lane = slow_open  # type: ignore[method-assign]
-        return consumer
-
-    transport.consumer = slow_consumer  # type: ignore[method-assign]
+    slow_down(transport, "open_lane", 0.1)
 
     async def handle(ctx: MessageContext[Job]) -> None:
         await ctx.ack()
