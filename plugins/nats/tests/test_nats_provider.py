@@ -792,3 +792,28 @@ async def test_a_stream_s_consumer_limit_is_raised_to_nats_max_consumers_where_t
             await second.subscribe(topic, "second", Record().handler("b"))  # 8 consumers: past the old 4
         else:
             assert info.config.max_consumers == 4, f"max_consumers {info.config.max_consumers} on {version}"
+
+
+async def test_a_heartbeat_waits_a_moment_for_the_pins_bucket_to_answer_again(
+    connect: Any, raw: Client, prefix: str, topic: str
+) -> None:
+    """A cluster electing a leader for the pins bucket's stream (a node restarted) answers a
+    write with "no responders" for a moment: a subscribe's first heartbeat then failed the
+    subscribe (seen in the cluster conformance run). The stream gone for 0.3 s stands in for the
+    election here: the heartbeat goes through once it is back."""
+    async with connect() as broker:
+        transport = broker.transport
+        assert isinstance(transport, NatsTransport)
+        assert await transport.heartbeat(topic, "g", "m1", 5) == ["m1"]
+        js = raw.jsm()
+        name = f"KV_{prefix}_pins"
+        config = (await js.stream_info(name)).config
+        await js.delete_stream(name)
+
+        async def back() -> None:
+            await asyncio.sleep(0.3)
+            await js.add_stream(config)
+
+        returning = asyncio.create_task(back())
+        assert await transport.heartbeat(topic, "g", "m2", 5) == ["m2"]
+        await returning

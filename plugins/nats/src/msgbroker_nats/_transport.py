@@ -93,6 +93,10 @@ _GROUPS_PER_STREAM = 64
 :data:`_MIN_CONSUMERS` (nats-server 2.15's own default for a stream that sets no limit)."""
 _MAX_CONSUMERS_REACHED = 10026
 _CONSUMER_PAGE = 256
+_LEADERLESS_FOR = 1.0
+"""How long a heartbeat waits for the pins bucket's stream to answer again when it has no leader
+(a cluster electing one after a node restarted answers "no responders"): a subscribe in that
+moment failed where a second later it would not have."""
 """Consumers one ``CONSUMER.LIST`` answer holds at most (nats-server's list limit)."""
 _MAX_PENDING = 4000
 """Publishes awaiting their acks on one connection before the next one waits (nats-py's default)."""
@@ -765,7 +769,15 @@ class NatsTransport(Transport):
         bucket = f"{self.prefix}_pins"
         try:
             kv = await self.pins()
-            await kv.put(self._member_key(topic, group, member_id), b"")
+            deadline = time.monotonic() + _LEADERLESS_FOR
+            while True:
+                try:
+                    await kv.put(self._member_key(topic, group, member_id), b"")
+                    break
+                except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.1)
             info = await self.jsm.stream_info(f"KV_{bucket}",
                                               subjects_filter=f"$KV.{bucket}.{self._member_key(topic, group, '*')}")
         except asyncio.CancelledError:
