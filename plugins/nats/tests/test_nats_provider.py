@@ -817,3 +817,73 @@ async def test_a_heartbeat_waits_a_moment_for_the_pins_bucket_to_answer_again(
         returning = asyncio.create_task(back())
         assert await transport.heartbeat(topic, "g", "m2", 5) == ["m2"]
         await returning
+
+
+
+class _Listener:
+    """The engine's side of an ordered subscription, for a lane consumer driven by hand."""
+
+    ordered = True
+    closing = False
+
+    async def assigned(self, partitions: Any) -> None:
+        pass
+
+    async def revoked(self, partitions: Any) -> None:
+        pass
+
+
+async def _next_delivery(consumer: Any) -> Any:
+    wake = asyncio.Event()
+    for _ in range(100):
+        got = await consumer.poll([0], 1, 0.2, wake)
+        if got:
+            return got[0]
+    raise AssertionError("nothing delivered within 20 s")
+
+
+async def test_a_redelivery_whose_start_was_recorded_as_its_lane_closed_is_not_a_failure(
+    connect: Any, topic: str
+) -> None:
+    """Before a handler gets a redelivered message, its member records that this delivery began
+    (so that a death in it counts as a failure). When the lane closes while that record is being
+    written, no handler gets the delivery and it is handed back as read ahead: the next member
+    counted the recorded start as one more failure all the same, and dead-lettered the message an
+    attempt early (the conformance volume tier: handled 3 times with max_retry_attempts=4, dead-
+    lettered, and the next message of its partition handed before it was settled). The lane
+    consumers are driven as the engine drives them, the lane closed as at a rebalance."""
+    broker = connect(partition_count=1, max_retry_attempts=4)
+    async with broker:
+        await broker.publish(topic, Item(key="k", n=0))
+        transport = broker.transport
+        first = transport.consumer(topic, "g", "first")
+        await first.start(_Listener(), None)
+        await first.open_lane(0, None)
+        delivery = await _next_delivery(first)
+        for failures in (1, 2):  # two handlings failed (the engine's retry)
+            delivery.failures = failures
+            await first.retry(delivery, delivery.attempt + 1, None)
+            delivery.attempt += 1
+            if failures == 1:
+                delivery = await _next_delivery(first)
+        real = first._record_start
+        recorded = asyncio.Event()
+
+        async def slow_start(*args: Any) -> None:
+            await real(*args)  # the third delivery's start is written; the answer comes late
+            recorded.set()
+            await asyncio.sleep(0.5)
+
+        first._record_start = slow_start
+        polling = asyncio.ensure_future(first.poll([0], 1, 5.0, asyncio.Event()))
+        await asyncio.wait_for(recorded.wait(), 10)
+        await first.close_lane(0)  # revoked meanwhile
+        assert await polling == []  # no handler got the third delivery
+        await first.stop(True)
+        second = transport.consumer(topic, "g", "second")
+        await second.start(_Listener(), None)
+        await second.open_lane(0, None)
+        again = await _next_delivery(second)
+        assert (again.attempt, again.failures) == (3, 2)
+        await second.ack(again)
+        await second.stop(True)

@@ -131,6 +131,7 @@ class _Lane:
         "seen",
         "settled",
         "settled_here",
+        "starting",
         "sub",
         "turn",
         "unread",
@@ -160,6 +161,7 @@ class _Lane:
         self.floor_check_at = 0.0  # when to look for awaited sequences settled meanwhile (see _prune_awaiting)
         self.owner_revision: int | None = None  # of the lane's owner record this member wrote
         self.retried: Delivery | None = None
+        self.starting: tuple[asyncio.Future[None], _Held, int] | None = None  # a start being recorded (see _hand_out)
         self.seen = 0  # the highest stream sequence of this lane delivered (as far as we know)
         self.settled = 0  # the highest stream sequence this member acked or terminated
         self.settled_here: set[int] = set()  # the last sequences this member acked or terminated
@@ -335,6 +337,7 @@ class NatsLaneConsumer(LaneConsumer):
                     await asyncio.wait_for(sub.drain(), 5.0)  # type: ignore[no-untyped-call]  # nats-py: unannotated
             finally:
                 lane.closing = False
+        await self._settle_start(lane)
         record = self._owner_record(lane, closing=True)  # before _release forgets what it held
         lane.unread.clear()
         lease, lane.lease = lane.lease, None
@@ -354,6 +357,23 @@ class NatsLaneConsumer(LaneConsumer):
                 kv = await self._transport.failure_counts()
                 await kv.update(self._owner_key(partition), record, last=lane.owner_revision)
         lane.owner_revision = None
+
+    async def _settle_start(self, lane: _Lane) -> None:
+        """A redelivery's start being recorded as the lane closes (see _hand_out): wait for the
+        record, and as no handler gets that delivery now, say so in it before the message goes
+        back — the next owner would count the recorded start as a failure (a member that died
+        in the handler) and dead-letter the message an attempt early."""
+        starting, lane.starting = lane.starting, None
+        if starting is None:
+            return
+        started, item, failures = starting
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(started), 5.0)
+        if item.seq in lane.handed:
+            return  # handed to the engine before the close: its unread (or its handler) says what happened
+        with contextlib.suppress(Exception):
+            kv = await self._transport.failure_counts()
+            await kv.put(self._attempts_key(lane.partition, item.seq), f"{failures}:{item.delivered + 1}".encode())
 
     async def _holds(self, lane: _Lane, lease: str) -> bool:
         try:
@@ -948,10 +968,19 @@ class NatsLaneConsumer(LaneConsumer):
                     self._ready_lanes.add(lane.partition)  # after what the engine holds of the lane
                     break
                 delivery = self._delivery(lane, item)
-                await self._record_start(lane, item, delivery.failures or 0)
+                # Until it is handed, a close undoes the recorded start (_settle_start).
+                started = asyncio.get_running_loop().create_future()
+                lane.starting = (started, item, delivery.failures or 0)
+                try:
+                    await self._record_start(lane, item, delivery.failures or 0)
+                finally:
+                    started.set_result(None)
                 item.careful = False
-                if not lane.open or lane.items.get(seq) is not item:
-                    return  # closed (handed back) meanwhile
+                if not lane.open:
+                    return  # closed meanwhile: handed back, its start undone (_settle_start)
+                lane.starting = None
+                if lane.items.get(seq) is not item:
+                    return  # settled meanwhile
                 handed.add(seq)
                 out.append(delivery)
                 count += 1
