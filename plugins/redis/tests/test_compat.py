@@ -3,10 +3,14 @@ internals only there, and refuses a redis-py outside the tested series, naming b
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from msgbroker.spi import ConfigurationError
 from msgbroker_redis import UntestedClientVersion, _compat
 
@@ -65,3 +69,37 @@ def test_connecting_with_an_untested_redis_py_says_why_the_provider_is_missing()
     )
     assert out.startswith("ProviderNotFoundError "), out
     assert "redis 8.2.0 is installed" in out
+
+
+
+async def test_a_timed_write_to_a_server_that_stopped_reading_fails_after_the_socket_timeout_and_closes(
+    redis_url: str, raw: Any
+) -> None:
+    """``timed_sends`` keeps redis-py's write timeout (with ``asyncio.timeout``, no task per
+    command): a server that stopped reading — here the real server busy in a 2-s script, which
+    reads no socket meanwhile — lets the socket's buffers fill, and a large write fails with
+    redis-py's TimeoutError after ``socket_timeout``, the connection closed."""
+    from redis import exceptions as rex
+    from redis.asyncio.connection import Connection
+
+    timed = _compat.timed_sends(Connection)
+    assert _compat.timed_sends(Connection) is timed  # one class per connection class
+    pool = aioredis.ConnectionPool.from_url(redis_url, socket_timeout=0.5)
+    pool.connection_class = timed_sends = _compat.timed_sends(pool.connection_class)
+    connection = pool.make_connection()
+    assert isinstance(connection, timed_sends)
+    await connection.connect()
+    busy = asyncio.ensure_future(raw.eval(
+        "local t = redis.call('TIME'); local s = t[1] + t[2] / 1e6 "
+        "repeat t = redis.call('TIME') until t[1] + t[2] / 1e6 - s > 2 return 1", 0))
+    try:
+        await asyncio.sleep(0.2)  # the script runs: the server reads nothing until it ends
+        started = time.monotonic()
+        with pytest.raises(rex.TimeoutError, match="Timeout writing to socket"):
+            await connection.send_packed_command(b"*1\r\n$4\r\nPING\r\n" * 4_000_000)  # 56 MB
+        assert time.monotonic() - started < 1.9  # not once the server read again
+        assert not connection.is_connected
+    finally:
+        assert await busy == 1
+        await connection.disconnect()
+        await pool.aclose()

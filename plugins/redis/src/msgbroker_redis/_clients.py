@@ -35,7 +35,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ._compat import on_reconnect, send_in_one_write
+from ._compat import on_reconnect, send_in_one_write, timed_sends
 from ._errors import REDIS_ERRORS, redacted, translate, user_of
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ class Connections:
                 return aioredis.Redis.from_url(url, single_connection_client=True, **self._kwargs())
             pool = aioredis.BlockingConnectionPool.from_url(
                 url, max_connections=self._max_connections, timeout=SOCKET_TIMEOUT, **self._kwargs())
+            pool.connection_class = timed_sends(pool.connection_class)
             return aioredis.Redis.from_pool(pool)
         except ValueError as exc:
             raise ConfigurationError(f"invalid redis url {redacted(url)!r}: {exc}") from exc
