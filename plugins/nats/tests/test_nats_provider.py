@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,44 @@ async def test_dedup_is_jetstreams_own_msg_id_within_the_window(
     async with connect() as plain:  # without deduplication the same id is a new message (replays)
         await plain.publish(topic, item)
         assert (await raw.jsm().stream_info(f"{prefix}_{topic}")).state.messages == 3
+
+
+async def test_a_publish_to_a_stream_deleted_behind_its_back_is_stored_in_the_stream_made_again(
+    connect: Any, raw: Client, prefix: str, topic: str
+) -> None:
+    """The stream's 503 (no stream takes the subject) is the provider's own ack reading's to
+    see: the messages were not stored, so they go again once the stream is made again."""
+    async with connect(partition_count=2) as broker:
+        await broker.publish(topic, Item(key="k", n=0))
+        jsm = raw.jsm()
+        await jsm.delete_stream(f"{prefix}_{topic}")
+        await broker.publish(topic, Item(key="k", n=1))
+        assert (await jsm.stream_info(f"{prefix}_{topic}")).state.messages == 1
+        await jsm.delete_stream(f"{prefix}_{topic}")
+        await broker.publish_batch(topic, [Item(key=f"k{n}", n=n) for n in range(300)])
+        assert (await jsm.stream_info(f"{prefix}_{topic}")).state.messages == 300
+
+
+async def test_a_message_the_stream_refuses_fails_the_publish_naming_the_reason(
+    connect: Any, raw: Client, prefix: str, topic: str
+) -> None:
+    """A stream's error answer (here: full, with discard new) is a PublishFailedError naming the
+    message and the server's reason, for one publish and for a batch."""
+    from msgbroker import PublishFailedError
+    from nats.js.api import DiscardPolicy
+
+    async with connect(partition_count=2) as broker:
+        await broker.publish(topic, Item(key="k", n=0))
+        jsm = raw.jsm()
+        config = (await jsm.stream_info(f"{prefix}_{topic}")).config
+        await jsm.update_stream(replace(config, max_msgs=2, discard=DiscardPolicy.NEW))
+        await broker.publish(topic, Item(key="k", n=1))
+        refused = Item(key="k", n=2)
+        with pytest.raises(PublishFailedError, match=f"refused message {refused.message_id}.*maximum messages"):
+            await broker.publish(topic, refused)
+        with pytest.raises(PublishFailedError, match="maximum messages"):
+            await broker.publish_batch(topic, [Item(key="k", n=n) for n in range(3, 10)])
+        assert (await jsm.stream_info(f"{prefix}_{topic}")).state.messages == 2
 
 
 async def test_an_existing_consumer_is_updated_or_refused_with_a_clear_message(

@@ -55,6 +55,7 @@ from msgbroker.spi import (
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, ReplayPolicy, StorageType, StreamConfig
 
 from . import _compat, _schedule
+from ._acks import Acks, Waiter
 from ._consumer import NatsLaneConsumer
 from ._errors import Refusals, RefusingClient, map_error, redacted
 from ._layout import (
@@ -184,6 +185,8 @@ class NatsTransport(Transport):
         self._expiring: collections.deque[tuple[float, asyncio.Future[Any]]] = collections.deque()
         """Single publishes awaiting their acks, with their deadlines (see ``_expire``)."""
         self._expirer: asyncio.Task[None] | None = None
+        self._acks = Acks()
+        """The publish acks of the connection (see _acks)."""
         self._scheduling: set[str] = set()
         """Topics whose stream has message schedules and the schedule subjects already."""
         self._consumers: weakref.WeakSet[NatsLaneConsumer] = weakref.WeakSet()
@@ -1022,39 +1025,54 @@ class NatsTransport(Transport):
     async def _publish_once(
         self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None, deadline: float
     ) -> list[int]:
-        """Publish and wait for the acks; the indexes no stream took (not stored)."""
+        """Publish and wait for the acks; the indexes no stream took (not stored). The acks are
+        read by :class:`~msgbroker_nats._acks.Acks` (one future for the batch); a batch of more
+        than ``_MAX_PENDING`` messages goes in parts of that many, each waiting for its acks."""
         if len(records) == 1:
             return await self._publish_one(records[0], dedup_ids[0] if dedup_ids is not None else None, deadline)
-        js = self.js
-        futures: list[asyncio.Future[Any]] = []
+        refused: list[int] = []
+        for start in range(0, len(records), _MAX_PENDING):
+            part = records[start:start + _MAX_PENDING]
+            ids = dedup_ids[start:start + _MAX_PENDING] if dedup_ids is not None else None
+            refused += [start + index for index in await self._publish_part(part, ids, deadline)]
+        return refused
+
+    async def _publish_part(
+        self, records: Sequence[OutgoingRecord], dedup_ids: Sequence[str] | None, deadline: float
+    ) -> list[int]:
+        nc = self.nc
+        acks = self._acks
+        waiter: Waiter | None = None
         try:
-            # One deadline for the whole batch; no per-message timeout, so the loop below never
-            # yields to the event loop and nats-py writes the batch with one socket write.
+            await acks.ready(nc)
+            waiter = Waiter(len(records))
+            publish, reply_to, headers_of, prefix = nc.publish, acks.reply_to, self._headers, self.prefix
+            # One deadline for the whole batch; no per-message timer, so the loop below does not
+            # yield to the event loop (unless nats-py's buffer is full) and one socket write
+            # carries the batch.
             async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                 for index, record in enumerate(records):
-                    headers = self._headers(record, dedup_ids[index] if dedup_ids is not None else None)
-                    subject = f"{self.prefix}.{record.topic}.{record.partition}"
-                    futures.append(await js.publish_async(subject, record.body, headers=headers))
-                results = await asyncio.gather(*futures, return_exceptions=True)
+                    headers = headers_of(record, dedup_ids[index] if dedup_ids is not None else None)
+                    await publish(f"{prefix}.{record.topic}.{record.partition}", record.body,
+                                  reply=reply_to(waiter, index), headers=headers)
+                await waiter.future
         except (MessageTooLargeError, asyncio.CancelledError):
-            for future in futures:
-                future.cancel()
+            if waiter is not None:
+                acks.forget(waiter)
             raise
-        except (TimeoutError, nats.js.errors.TooManyStalledMsgsError) as exc:
-            for future in futures:
-                future.cancel()
+        except TimeoutError as exc:
+            if waiter is not None:
+                acks.forget(waiter)
             raise PublishIndeterminateError(
                 f"nats: no confirmation within {_PUBLISH_TIMEOUT}s for {len(records)} message(s) on "
                 f"{records[0].topic!r}; they may or may not be stored"
             ) from exc
         except Exception as exc:
-            for future in futures:
-                future.cancel()
+            if waiter is not None:
+                acks.forget(waiter)
             raise map_error(exc, f"publishing to {records[0].topic!r}") from exc
         refused: list[int] = []
-        for index, result in enumerate(results):
-            if not isinstance(result, BaseException):
-                continue
+        for index, result in sorted(waiter.errors.items()):
             if isinstance(result, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
                 refused.append(index)
             elif isinstance(result, nats.js.errors.APIError):
@@ -1088,40 +1106,56 @@ class NatsTransport(Transport):
         """``_publish_once`` of one record, the shape of an API server's ``publish()`` per request:
         no timer and no gather of its own (with hundreds of callers at once they cost as much as
         nats-py's publish). The ack's future is awaited directly; :meth:`_expire` fails it at the
-        deadline, and nats-py then forgets it as it does an answered one."""
-        js = self.js
-        headers = self._headers(record, dedup_id)
-        subject = f"{self.prefix}.{record.topic}.{record.partition}"
-        future: asyncio.Future[Any] | None = None
+        deadline."""
+        acks = self._acks
+        waiter: Waiter | None = None
+        sent = False
         try:
-            # nats-py waits (for a free slot among _MAX_PENDING) only when they are all taken:
-            # then, and only then, that wait has the deadline (a wait_for costs a task and a timer)
-            stall = None if js.publish_async_pending() < _MAX_PENDING else max(0.001, deadline - time.monotonic())
-            future = await js.publish_async(subject, record.body, wait_stall=stall, headers=headers)
-            self._expire(future, deadline)
-            await future
+            nc = self.nc
+            await acks.ready(nc)
+            headers = self._headers(record, dedup_id)
+            waiter = Waiter(1)
+            await nc.publish(f"{self.prefix}.{record.topic}.{record.partition}", record.body,
+                             reply=acks.reply_to(waiter, 0), headers=headers)
+            sent = True
+            self._expire(waiter.future, deadline)
+            await waiter.future
         except asyncio.CancelledError:
-            if future is not None:
-                future.cancel()
+            if waiter is not None:
+                waiter.future.cancel()
+                acks.forget(waiter)
             raise
-        except (TimeoutError, nats.js.errors.TooManyStalledMsgsError) as exc:
+        except TimeoutError as exc:
+            if waiter is not None:
+                acks.forget(waiter)
+            if not sent:
+                raise map_error(exc, f"publishing to {record.topic!r}") from exc
             raise PublishIndeterminateError(
                 f"nats: no confirmation within {_PUBLISH_TIMEOUT}s for message {record.message_id} on "
                 f"{record.topic!r}; it may or may not be stored"
             ) from exc
-        except (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError):
-            return [0]
-        except nats.js.errors.APIError as exc:
-            raise PublishFailedError(
-                f"nats: JetStream refused message {record.message_id} on {record.topic!r}: {exc.description}"
-            ) from exc
+        except MessageTooLargeError:
+            raise
         except Exception as exc:
-            if future is None:
+            if waiter is not None:
+                acks.forget(waiter)
+            if not sent:
                 raise map_error(exc, f"publishing to {record.topic!r}") from exc
             raise PublishIndeterminateError(
                 f"nats: message {record.message_id} on {record.topic!r} not confirmed: {exc!r}"
             ) from exc
-        return []
+        error = waiter.errors.get(0)
+        if error is None:
+            return []
+        if isinstance(error, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
+            return [0]
+        if isinstance(error, nats.js.errors.APIError):
+            raise PublishFailedError(
+                f"nats: JetStream refused message {record.message_id} on {record.topic!r}: {error.description}"
+            ) from error
+        raise PublishIndeterminateError(
+            f"nats: message {record.message_id} on {record.topic!r} not confirmed: {error!r}"
+        ) from error
 
     def _expire(self, future: asyncio.Future[Any], deadline: float) -> None:
         """Fail ``future`` with TimeoutError if it is not done by ``deadline``: one task for all
