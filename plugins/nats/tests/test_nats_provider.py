@@ -926,3 +926,63 @@ async def test_a_redelivery_whose_start_was_recorded_as_its_lane_closed_is_not_a
         assert (again.attempt, again.failures) == (3, 2)
         await second.ack(again)
         await second.stop(True)
+
+
+async def test_a_redelivery_handed_by_a_poll_still_running_as_its_lane_closed_is_not_a_failure(
+    connect: Any, topic: str
+) -> None:
+    """A poll hands the lanes' messages one lane after another: a redelivery of lane 0 has its
+    start recorded and is taken, then the poll waits on lane 1 (its own start record) while lane
+    0 is revoked. No handler got lane 0's redelivery (the engine drops what a poll brings for a
+    lane it stopped, later), so the close counts it as read ahead and says in its record that it
+    began no handling; the next member counted one failure too many before."""
+    broker = connect(partition_count=2, max_retry_attempts=4)
+    keys = {partition_for(f"k{n}", 2): f"k{n}" for n in range(20)}
+    async with broker:
+        for partition in (0, 1):
+            await broker.publish(topic, Item(key=keys[partition], n=partition))
+        transport = broker.transport
+        first = transport.consumer(topic, "g", "first")
+        await first.start(_Listener(), None)
+        await first.open_lane(0, None)
+        await first.open_lane(1, None)
+        wake = asyncio.Event()
+        deliveries: dict[int, Any] = {}
+        while len(deliveries) < 2:
+            for delivery in await first.poll([0, 1], 1, 0.2, wake):
+                deliveries[delivery.partition] = delivery
+        for failures in (1, 2):  # two handlings of each failed (the engine's retry)
+            for partition in (0, 1):
+                delivery = deliveries[partition]
+                delivery.failures = failures
+                await first.retry(delivery, delivery.attempt + 1, None)
+                delivery.attempt += 1
+            if failures == 1:
+                deliveries.clear()
+                while len(deliveries) < 2:
+                    for delivery in await first.poll([0, 1], 1, 0.2, wake):
+                        deliveries[delivery.partition] = delivery
+        real = first._record_start
+        waiting = asyncio.Event()
+
+        async def slow_on_lane_1(lane: Any, item: Any, failures: int) -> None:
+            await real(lane, item, failures)
+            if lane.partition == 1:
+                waiting.set()
+                await asyncio.sleep(1.0)
+
+        first._record_start = slow_on_lane_1
+        await asyncio.sleep(0.3)  # both third deliveries are in
+        polling = asyncio.ensure_future(first.poll([0, 1], 1, 5.0, wake))
+        await asyncio.wait_for(waiting.wait(), 10)
+        await first.close_lane(0)  # revoked while the poll still runs
+        second = transport.consumer(topic, "g", "second")
+        await second.start(_Listener(), None)
+        await second.open_lane(0, None)
+        again = await _next_delivery(second)
+        assert (again.attempt, again.failures) == (3, 2)
+        taken = await polling  # what the engine then drops (its lane stopped) and unreads
+        await first.unread([d for d in taken if d.partition == 0])
+        await second.ack(again)
+        await second.stop(True)
+        await first.stop(True)

@@ -90,7 +90,7 @@ class _Held:
     server redelivers the same message to us, so settling uses the newest delivery.
     ``careful``: a redelivery, whose start is recorded before a handler gets it."""
 
-    __slots__ = ("careful", "delivered", "dseq", "failures", "msg", "seq", "touched")
+    __slots__ = ("careful", "delivered", "dseq", "failures", "msg", "seq", "started", "touched")
 
     def __init__(self, msg: Msg, seq: int, dseq: int, delivered: int, failures: int | None, careful: bool) -> None:
         self.msg = msg
@@ -99,6 +99,7 @@ class _Held:
         self.delivered = delivered
         self.failures = failures
         self.careful = careful
+        self.started: int | None = None  # this delivery's start was recorded here, with these failures
         self.touched = time.monotonic()
 
 
@@ -124,6 +125,7 @@ class _Lane:
         "open",
         "owner_revision",
         "partition",
+        "polled",
         "remaining",
         "retried",
         "retry_at",
@@ -148,6 +150,7 @@ class _Lane:
         self.sub: Subscription | None = None
         self.items: dict[int, _Held] = {}  # stream sequence -> held message
         self.handed: set[int] = set()  # the sequences handed to the engine and not settled
+        self.polled: set[int] = set()  # handed by a poll that has not returned yet (the engine has not got them)
         self.awaiting: set[int] = set()  # ordered: sequences at the server nothing after may overtake
         self.offsets: dict[int, int] = {}  # sequence -> its deliveries that were read ahead and handed back
         self.unread: set[int] = set()  # handed to the engine, given back unhandled (LaneConsumer.unread)
@@ -359,21 +362,32 @@ class NatsLaneConsumer(LaneConsumer):
         lane.owner_revision = None
 
     async def _settle_start(self, lane: _Lane) -> None:
-        """A redelivery's start being recorded as the lane closes (see _hand_out): wait for the
-        record, and as no handler gets that delivery now, say so in it before the message goes
-        back — the next owner would count the recorded start as a failure (a member that died
+        """Deliveries of the closing lane that no handler gets although their start may be
+        recorded: one whose start is being recorded (see _hand_out; waited for), and those a poll
+        still running took. Their records say, before the messages go back, that they began no
+        handling — the next owner would count a recorded start as a failure (a member that died
         in the handler) and dead-letter the message an attempt early."""
+        undo: list[tuple[_Held, int]] = []
         starting, lane.starting = lane.starting, None
-        if starting is None:
-            return
-        started, item, failures = starting
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(started), 5.0)
-        if item.seq in lane.handed:
-            return  # handed to the engine before the close: its unread (or its handler) says what happened
-        with contextlib.suppress(Exception):
-            kv = await self._transport.failure_counts()
-            await kv.put(self._attempts_key(lane.partition, item.seq), f"{failures}:{item.delivered + 1}".encode())
+        if starting is not None:
+            started, item, failures = starting
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(started), 5.0)
+            if item.seq not in lane.handed:
+                undo.append((item, failures))
+        # Taken by a poll still running (it waits on another lane): the engine drops them when
+        # it gets them, but only then says so (unread) — maybe after the next owner read the
+        # record. They are read ahead, and a start recorded for one of them did not happen.
+        for seq in lane.polled & lane.handed:
+            lane.unread.add(seq)
+            taken = lane.items.get(seq)
+            if taken is not None and taken.started is not None:
+                undo.append((taken, taken.started))
+        lane.polled.clear()
+        for item, failures in undo:
+            with contextlib.suppress(Exception):
+                kv = await self._transport.failure_counts()
+                await kv.put(self._attempts_key(lane.partition, item.seq), f"{failures}:{item.delivered + 1}".encode())
 
     async def _holds(self, lane: _Lane, lease: str) -> bool:
         try:
@@ -932,6 +946,8 @@ class NatsLaneConsumer(LaneConsumer):
         finally:
             if waker is not None:
                 waker.cancel()
+            for lane in self._lanes.values():
+                lane.polled.clear()  # returned (or cut off): the engine has them now, or never will
 
     def _checks_due(self) -> bool:
         return bool(self._ready_lanes) or any(lane.open and not lane.clean for lane in self._lanes.values())
@@ -981,7 +997,9 @@ class NatsLaneConsumer(LaneConsumer):
                 lane.starting = None
                 if lane.items.get(seq) is not item:
                     return  # settled meanwhile
+                item.started = delivery.failures or 0
                 handed.add(seq)
+                lane.polled.add(seq)
                 out.append(delivery)
                 count += 1
                 lane.awaiting.discard(seq)
@@ -991,6 +1009,7 @@ class NatsLaneConsumer(LaneConsumer):
                     break
                 continue
             handed.add(seq)
+            lane.polled.add(seq)
             out.append(self._delivery(lane, item))
             count += 1
             lane.awaiting.discard(seq)
