@@ -171,6 +171,28 @@ async def test_a_publish_to_a_stream_deleted_behind_its_back_is_stored_in_the_st
         assert (await jsm.stream_info(f"{prefix}_{topic}")).state.messages == 300
 
 
+async def test_publishes_that_start_together_on_a_new_connection_are_all_confirmed(
+    connect: Any, raw: Client, prefix: str, topic: str
+) -> None:
+    """The first publishes of a connection subscribe to its ack inbox; fifty that start at once
+    share that one subscription. Here the subscribing takes a moment (as it does when the server
+    is asked to confirm it), so the others come while it is made."""
+    record = Record()
+    async with connect(partition_count=4) as broker:
+        await broker.subscribe(topic, "g", record.handler("member"))  # the stream is open: no publish waits for it
+        nc = broker.transport.nc
+        subscribe = nc.subscribe
+
+        async def slow_subscribe(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.05)
+            return await subscribe(*args, **kwargs)
+
+        nc.subscribe = slow_subscribe
+        await asyncio.gather(*(broker.publish(topic, Item(key=f"k{n}", n=n)) for n in range(50)))
+        assert (await raw.jsm().stream_info(f"{prefix}_{topic}")).state.messages == 50
+        await eventually(lambda: len(record.seen) == 50, "the fifty handled")
+
+
 async def test_a_message_the_stream_refuses_fails_the_publish_naming_the_reason(
     connect: Any, raw: Client, prefix: str, topic: str
 ) -> None:

@@ -52,20 +52,25 @@ class Acks:
     def __init__(self) -> None:
         self._nc: Client | None = None
         self._sub: Subscription | None = None
+        self._subscribing = asyncio.Lock()
         self._prefix = ""
         self._next = 0
         self._waiting: dict[str, tuple[Waiter, int]] = {}
 
     async def ready(self, nc: Client) -> None:
         """Subscribe on ``nc`` (once per connection object; nats-py subscribes again after a
-        reconnect by itself)."""
-        if self._nc is nc and self._sub is not None:
+        reconnect by itself). Publishes that start together wait for the one subscription: a
+        second one, made meanwhile, took the first's place and its publishes' answers went to a
+        prefix no longer read."""
+        if self._nc is nc:
             return
-        prefix = nc.new_inbox() + "."
-        self._sub = await nc.subscribe(prefix + "*", cb=self._on_answer, pending_msgs_limit=-1,
-                                       pending_bytes_limit=-1)
-        self._nc, self._prefix = nc, prefix
-        self._waiting.clear()  # answers to another connection's publishes never come here
+        async with self._subscribing:
+            if self._nc is nc:
+                return
+            prefix = nc.new_inbox() + "."
+            self._sub = await nc.subscribe(prefix + "*", cb=self._on_answer, pending_msgs_limit=-1,
+                                           pending_bytes_limit=-1)
+            self._nc, self._prefix = nc, prefix
 
     def reply_to(self, waiter: Waiter, index: int) -> str:
         """The reply subject of ``waiter``'s message ``index``."""
