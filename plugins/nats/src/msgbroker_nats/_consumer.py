@@ -340,7 +340,7 @@ class NatsLaneConsumer(LaneConsumer):
                     await asyncio.wait_for(sub.drain(), 5.0)  # type: ignore[no-untyped-call]  # nats-py: unannotated
             finally:
                 lane.closing = False
-        await self._settle_start(lane)
+        unstarted = await self._not_started(lane)
         record = self._owner_record(lane, closing=True)  # before _release forgets what it held
         lane.unread.clear()
         lease, lane.lease = lane.lease, None
@@ -352,6 +352,10 @@ class NatsLaneConsumer(LaneConsumer):
             lane.awaiting = set()
             lane.owner_revision = None
             return
+        for item, failures in unstarted:
+            with contextlib.suppress(Exception):
+                kv = await self._transport.failure_counts()
+                await kv.put(self._attempts_key(partition, item.seq), f"{failures}:{item.delivered + 1}".encode())
         await self._release(lane)
         if lane.owner_revision is not None:
             # Once what we held is handed back (confirmed): the next owner then goes on at once,
@@ -361,12 +365,14 @@ class NatsLaneConsumer(LaneConsumer):
                 await kv.update(self._owner_key(partition), record, last=lane.owner_revision)
         lane.owner_revision = None
 
-    async def _settle_start(self, lane: _Lane) -> None:
+    async def _not_started(self, lane: _Lane) -> list[tuple[_Held, int]]:
         """Deliveries of the closing lane that no handler gets although their start may be
-        recorded: one whose start is being recorded (see _hand_out; waited for), and those a poll
-        still running took. Their records say, before the messages go back, that they began no
-        handling — the next owner would count a recorded start as a failure (a member that died
-        in the handler) and dead-letter the message an attempt early."""
+        recorded, with the failures recorded: one whose start is being recorded (see _hand_out;
+        waited for), and those a poll still running took (counted read ahead). close_lane makes
+        their records say, before the messages go back, that they began no handling — the next
+        owner would count a recorded start as a failure (a member that died in the handler) and
+        dead-letter the message an attempt early. Not when the lease was lost: the records are
+        the new owner's then."""
         undo: list[tuple[_Held, int]] = []
         starting, lane.starting = lane.starting, None
         if starting is not None:
@@ -384,10 +390,7 @@ class NatsLaneConsumer(LaneConsumer):
             if taken is not None and taken.started is not None:
                 undo.append((taken, taken.started))
         lane.polled.clear()
-        for item, failures in undo:
-            with contextlib.suppress(Exception):
-                kv = await self._transport.failure_counts()
-                await kv.put(self._attempts_key(lane.partition, item.seq), f"{failures}:{item.delivered + 1}".encode())
+        return undo
 
     async def _holds(self, lane: _Lane, lease: str) -> bool:
         try:
@@ -984,7 +987,7 @@ class NatsLaneConsumer(LaneConsumer):
                     self._ready_lanes.add(lane.partition)  # after what the engine holds of the lane
                     break
                 delivery = self._delivery(lane, item)
-                # Until it is handed, a close undoes the recorded start (_settle_start).
+                # Until it is handed, a close undoes the recorded start (_not_started).
                 started = asyncio.get_running_loop().create_future()
                 lane.starting = (started, item, delivery.failures or 0)
                 try:
@@ -993,7 +996,7 @@ class NatsLaneConsumer(LaneConsumer):
                     started.set_result(None)
                 item.careful = False
                 if not lane.open:
-                    return  # closed meanwhile: handed back, its start undone (_settle_start)
+                    return  # closed meanwhile: handed back, its start undone (_not_started)
                 lane.starting = None
                 if lane.items.get(seq) is not item:
                     return  # settled meanwhile
