@@ -139,6 +139,8 @@ async def nats_connect(urls: list[str]) -> NATS:
 
 
 async def test_nats_cluster_has_three_nodes_and_a_replicated_round_trip() -> None:
+    import nats.js.errors
+
     urls = addresses("MSGBROKER_TEST_CLUSTER_NATS_URLS")
     token = uuid.uuid4().hex[:12]
     stream, subject = f"CLUSTER_SMOKE_{token}", f"msgbroker.cluster.smoke.{token}"
@@ -161,7 +163,14 @@ async def test_nats_cluster_has_three_nodes_and_a_replicated_round_trip() -> Non
             ack = await js.publish(subject, b"hello nats cluster")
             assert ack.stream == stream
             sub = await js.pull_subscribe(subject, durable=f"smoke_{token}", stream=stream)
-            [msg] = await sub.fetch(1, timeout=10)
+            while True:
+                try:
+                    [msg] = await sub.fetch(1, timeout=10)
+                    break
+                except nats.js.errors.ServiceUnavailableError:
+                    # No responder yet: the new consumer's leader is still being elected (the
+                    # cluster tests before this one restart nodes); the 60-s bound above holds.
+                    await asyncio.sleep(0.5)
             assert msg.data == b"hello nats cluster"
             await msg.ack()
     finally:
