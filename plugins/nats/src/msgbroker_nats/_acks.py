@@ -86,11 +86,6 @@ class Acks:
         for token in waiter.tokens:
             waiting.pop(token, None)
 
-    @property
-    def pending(self) -> int:
-        """Messages published and not answered yet."""
-        return len(self._waiting)
-
     async def _on_answer(self, msg: Msg) -> None:
         entry = self._waiting.pop(msg.subject[len(self._prefix):], None)
         if entry is None:

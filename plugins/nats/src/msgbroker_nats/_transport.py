@@ -1071,20 +1071,7 @@ class NatsTransport(Transport):
             if waiter is not None:
                 acks.forget(waiter)
             raise map_error(exc, f"publishing to {records[0].topic!r}") from exc
-        refused: list[int] = []
-        for index, result in sorted(waiter.errors.items()):
-            if isinstance(result, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
-                refused.append(index)
-            elif isinstance(result, nats.js.errors.APIError):
-                raise PublishFailedError(
-                    f"nats: JetStream refused message {records[index].message_id} on {records[index].topic!r}: "
-                    f"{result.description}"
-                ) from result
-            else:
-                raise PublishIndeterminateError(
-                    f"nats: message {records[index].message_id} on {records[index].topic!r} not confirmed: {result!r}"
-                ) from result
-        return refused
+        return [index for index, error in sorted(waiter.errors.items()) if _not_taken(records[index], error)]
 
     def _headers(self, record: OutgoingRecord, dedup_id: str | None) -> dict[str, str]:
         """A record's NATS headers, its size checked against the connection's ``max_payload``."""
@@ -1145,17 +1132,7 @@ class NatsTransport(Transport):
                 f"nats: message {record.message_id} on {record.topic!r} not confirmed: {exc!r}"
             ) from exc
         error = waiter.errors.get(0)
-        if error is None:
-            return []
-        if isinstance(error, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
-            return [0]
-        if isinstance(error, nats.js.errors.APIError):
-            raise PublishFailedError(
-                f"nats: JetStream refused message {record.message_id} on {record.topic!r}: {error.description}"
-            ) from error
-        raise PublishIndeterminateError(
-            f"nats: message {record.message_id} on {record.topic!r} not confirmed: {error!r}"
-        ) from error
+        return [0] if error is not None and _not_taken(record, error) else []
 
     def _expire(self, future: asyncio.Future[Any], deadline: float) -> None:
         """Fail ``future`` with TimeoutError if it is not done by ``deadline``: one task for all
@@ -1363,3 +1340,17 @@ class NatsTransport(Transport):
         return dead_letter_from_record(topic, layout.partition_of(msg.subject), envelope.message_id, envelope.key,
                                        envelope.headers, msg.data, dead_lettered_at=meta.timestamp)
 
+
+
+def _not_taken(record: OutgoingRecord, error: Exception) -> bool:
+    """What an error answer to ``record``'s publish means: True when no stream took it (not
+    stored: sent again); a refusal raises PublishFailedError, anything else is indeterminate."""
+    if isinstance(error, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)):
+        return True
+    if isinstance(error, nats.js.errors.APIError):
+        raise PublishFailedError(
+            f"nats: JetStream refused message {record.message_id} on {record.topic!r}: {error.description}"
+        ) from error
+    raise PublishIndeterminateError(
+        f"nats: message {record.message_id} on {record.topic!r} not confirmed: {error!r}"
+    ) from error
