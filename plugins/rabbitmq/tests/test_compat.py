@@ -83,3 +83,30 @@ def test_connecting_with_an_untested_aio_pika_says_why_the_provider_is_missing()
     )
     assert out.startswith("ProviderNotFoundError "), out
     assert "aio-pika 10.3.0 is installed" in out
+
+
+async def test_a_connection_s_outgoing_frames_are_not_bounded_so_no_close_ok_is_dropped() -> None:
+    """aiormq drops its answer to the server's ``channel.close`` when its frame queue (10 frames)
+    is full (``put_nowait``, ``QueueFull`` ignored); the provider's connections lift that bound
+    (the behaviour it protects: ``test_nodes.py``, channel numbers wrapping). This pins the
+    internal it relies on: the queue is an ``asyncio.Queue`` shared by the writer and channels."""
+    import asyncio
+    import os
+
+    import aio_pika
+
+    url = os.environ.get("MSGBROKER_RABBITMQ__URL")
+    if not url:
+        pytest.fail("MSGBROKER_RABBITMQ__URL is not set: run `scripts/brokers up rabbitmq` (or use scripts/test)")
+    conn = await aio_pika.connect(url)
+    try:
+        queue = conn.transport.connection.write_queue
+        assert isinstance(queue, asyncio.Queue) and queue.maxsize == 10
+        _compat.unbounded_writes(conn)
+        assert queue.maxsize == 0
+        for _ in range(50):
+            queue.put_nowait(None)  # would raise QueueFull past 10
+        while not queue.empty():  # leave nothing for the writer
+            queue.get_nowait()
+    finally:
+        await conn.close()

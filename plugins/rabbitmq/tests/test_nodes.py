@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import uuid
@@ -174,3 +175,44 @@ async def test_a_refused_publish_goes_out_again_on_a_new_channel_until_stored(
                 break
             await asyncio.sleep(0.05)
         assert handled and set(handled) == {"k"}  # the lane got it (perhaps twice: at least once)
+
+
+async def test_channel_numbers_wrapping_past_channels_the_server_just_closed_keep_the_connection(
+    amqp_url: str,
+) -> None:
+    """A member with 1,024 lanes holds a channel per lane and opens a short one per lane whose
+    passive declare the server refuses (closing that channel); the numbers wrap at the server's
+    ``channel_max`` within a second. A number freed by the server's ``channel.close`` but not yet
+    answered by its ``close-ok`` must not be opened again: the server closes the whole connection
+    for that ("second 'channel.open' seen"), and a member's prefetched messages were dead-lettered
+    for their delivery count after enough of those."""
+    from msgbroker_rabbitmq._link import Link
+
+    downs: list[int] = []
+    link = Link([amqp_url], "rmqtest-channel-numbers", heartbeat=30, on_down=lambda: downs.append(1))
+    await link.open()
+    try:
+        generation = link.generation
+        held = [await link.channel() for _ in range(1024)]  # the lanes' own channels
+        missing = f"rmqtest-missing-{uuid.uuid4().hex[:8]}"
+        refused = 0
+        gate = asyncio.Semaphore(128)  # as many short channels at once as a member opens
+
+        async def look() -> None:
+            nonlocal refused
+            async with gate:
+                channel, raw = await link.channel()
+                try:
+                    await raw.queue_declare(missing, passive=True)
+                except amqp.ChannelNotFoundEntity:
+                    refused += 1
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+
+        await asyncio.gather(*(look() for _ in range(3000)))  # past the wrap at 2,047 more than once
+        assert (refused, downs, link.generation) == (3000, [], generation)
+        for channel, _ in held:
+            assert not channel.is_closed
+    finally:
+        await link.close()

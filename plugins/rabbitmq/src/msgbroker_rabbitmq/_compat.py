@@ -8,7 +8,10 @@ Three things this provider needs are not in the client libraries' abstract (publ
 * whether the server still knows a consumer of a channel — it cancels a consumer when its
   queue is deleted (:func:`is_consuming`, aiormq's ``Channel.consumers``);
 * publishing without holding aiormq's channel lock until each frame is on the socket
-  (:func:`publish_unlocked`, aiormq's ``Channel.basic_publish(wait=False)``).
+  (:func:`publish_unlocked`, aiormq's ``Channel.basic_publish(wait=False)``);
+* a connection's outgoing frame queue without aiormq's bound of 10 frames
+  (:func:`unbounded_writes`): aiormq answers the server's ``channel.close`` with
+  ``put_nowait`` and drops the answer when that queue is full.
 
 They are written against, and tested with, the series in :data:`TESTED` (the pinned versions
 are in the repository's constraints.txt): importing this package with another series of either
@@ -19,6 +22,7 @@ beyond their abstract interfaces (``aio_pika.abc``, ``aiormq.abc``).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Collection
 from importlib import metadata
@@ -38,6 +42,7 @@ __all__ = [
     "installed_version",
     "is_consuming",
     "publish_unlocked",
+    "unbounded_writes",
 ]
 
 TESTED = {"aio-pika": (10, 2), "aiormq": (7, 2)}
@@ -98,3 +103,24 @@ async def publish_unlocked(channel: aiormq.abc.AbstractChannel, body: bytes, **o
     confirmation, or the message the server returned)."""
     raw: Any = channel  # aiormq's Channel takes ``wait``; its abstract base does not declare it
     return await raw.basic_publish(body, wait=False, **options)
+
+
+def unbounded_writes(conn: AbstractConnection) -> None:
+    """Lift the bound (10 frames) of the outgoing frame queue of ``conn``'s aiormq connection.
+
+    aiormq answers a ``channel.close`` from the server (a passive declare of a missing queue, a
+    refused command) with ``write_queue.put_nowait(close-ok)`` and ignores ``QueueFull``, while
+    it frees the channel's number at once. With the queue full — a member opening its lanes
+    sends many frames at once — the server never got the ``close-ok``, still counted the channel
+    as open, and closed the whole connection when the number was used again ("second
+    'channel.open' seen"); a member with 1,024 lanes lost its connection again and again, until
+    its prefetched messages were dead-lettered for their delivery count. Without the bound the
+    answer is always queued; what a connection buffers stays bounded by this provider's own
+    windows (publish batches, ``SHORT_CHANNELS``, prefetch)."""
+    underlay = getattr(conn.transport, "connection", None)
+    queue = getattr(underlay, "write_queue", None)
+    if isinstance(queue, asyncio.Queue) and queue.maxsize:
+        # asyncio.Queue (CPython 3.11-3.13) keeps its bound in ``_maxsize``, read by ``full()``,
+        # ``put`` and ``put_nowait``; the queue object itself is shared by aiormq's writer
+        # task and every channel, so it cannot be replaced
+        setattr(queue, "_maxsize", 0)  # noqa: B010

@@ -35,7 +35,7 @@ from msgbroker.spi import (
 )
 from yarl import URL
 
-from ._compat import channel_numbers
+from ._compat import channel_numbers, unbounded_writes
 from ._errors import cancelled, redacted, translate, user_of, vhost_of
 
 __all__ = ["Link", "split_urls"]
@@ -116,6 +116,9 @@ class Link:
         self.reconnected_at: float | None = None
         """When (``time.monotonic()``) the connection was last re-established; None before any reconnect."""
         self._channel_number = 0
+        self._opened: dict[int, aiormq.abc.AbstractChannel] = {}
+        """The channel last opened under each number on the connection ``_opened_on``."""
+        self._opened_on: AbstractConnection | None = None
 
     @property
     def is_up(self) -> bool:
@@ -139,6 +142,8 @@ class Link:
             raise (tls_verification_error(exc, "rabbitmq", shown)
                    or translate(exc, f"connecting to {shown}", user_of(self._urls[index]),
                                 vhost_of(self._urls[index]))) from exc
+
+        unbounded_writes(conn)
 
         def closed(_sender: Any, _exc: BaseException | None = None) -> None:
             self._lost(conn)
@@ -264,27 +269,43 @@ class Link:
         return conn
 
     def _next_channel_number(self, conn: AbstractConnection) -> int | None:
-        """Channel numbers in rising order, wrapping at the negotiated maximum: aiormq on its own
-        reuses the number of a channel the server has just closed before our close-ok reached
-        the server, which then closes the whole connection ("second 'channel.open' seen")."""
+        """Channel numbers in rising order, wrapping at the negotiated maximum, skipping a number
+        whose last channel is not closed yet.
+
+        aiormq frees a number when the server's ``channel.close`` arrives, but answers it
+        (``close-ok``) only when the channel's own reader gets to it; a channel opened under the
+        number in between reaches the server first, which then closes the whole connection
+        ("second 'channel.open' seen"). Rising order alone left that to timing: with 1,024 lanes
+        (a channel each, and a short one each whose passive declare the server refuses) the
+        numbers wrapped within a second, and the member's connection was closed again and again
+        until its prefetched messages were dead-lettered for their delivery count. A channel is
+        closed (``is_closed``) only after its ``close-ok`` was queued, ahead of any later open."""
         numbers = channel_numbers(conn)
         if numbers is None:
             return None
         in_use, limit = numbers
+        if self._opened_on is not conn:
+            self._opened_on, self._opened = conn, {}
+        opened = self._opened
         for _ in range(limit):
-            self._channel_number = self._channel_number % limit + 1
-            if self._channel_number not in in_use:
-                return self._channel_number
+            self._channel_number = number = self._channel_number % limit + 1
+            if number in in_use:
+                continue
+            last = opened.get(number)
+            if last is None or last.is_closed:
+                return number
         return None
 
     async def channel(self, *, confirms: bool = False) -> tuple[AbstractChannel, aiormq.abc.AbstractChannel]:
         """A new channel (and its aiormq underlay) on the current connection."""
         try:
             conn = self.connection
-            channel = await conn.channel(
-                channel_number=self._next_channel_number(conn), publisher_confirms=confirms, on_return_raises=False
-            )
-            return channel, await channel.get_underlay_channel()
+            number = self._next_channel_number(conn)
+            channel = await conn.channel(channel_number=number, publisher_confirms=confirms, on_return_raises=False)
+            raw = await channel.get_underlay_channel()
+            if number is not None and self._opened_on is conn:
+                self._opened[number] = raw
+            return channel, raw
         except asyncio.CancelledError:
             if cancelled():
                 raise
