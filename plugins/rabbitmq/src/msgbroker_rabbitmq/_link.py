@@ -275,11 +275,12 @@ class Link:
         aiormq frees a number when the server's ``channel.close`` arrives, but answers it
         (``close-ok``) only when the channel's own reader gets to it; a channel opened under the
         number in between reaches the server first, which then closes the whole connection
-        ("second 'channel.open' seen"). Rising order alone left that to timing: with 1,024 lanes
-        (a channel each, and a short one each whose passive declare the server refuses) the
-        numbers wrapped within a second, and the member's connection was closed again and again
-        until its prefetched messages were dead-lettered for their delivery count. A channel is
-        closed (``is_closed``) only after its ``close-ok`` was queued, ahead of any later open."""
+        ("second 'channel.open' seen"). Rising order alone leaves that to timing; with 1,024
+        lanes (a channel each, and a short one each whose passive declare the server refuses) the
+        numbers wrap within a second. A channel is closed (``is_closed``) only after its
+        ``close-ok`` was queued, ahead of any later open. (What closed such a member's connection
+        again and again until 2026-12-06 was a ``close-ok`` aiormq dropped altogether:
+        :func:`unbounded_writes`.)"""
         numbers = channel_numbers(conn)
         if numbers is None:
             return None
