@@ -116,7 +116,7 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def machine_info(root: Path) -> list[str]:
+def machine_info(root: Path, measured: str | None = None) -> list[str]:
     lscpu = _cmd("lscpu")
     fields = {}
     for line in lscpu.splitlines():
@@ -151,9 +151,11 @@ def machine_info(root: Path) -> list[str]:
             f"{d} {_version(d)}" for d in ("redis", "nats-py", "aio-pika", "aiormq", "aiokafka", "faststream",
                                             "pydantic", "pydantic-core")
         ),
-        f"- Code measured: commit {head or '?'}"
-        + (f" plus uncommitted changes (of other work in progress) in {', '.join(dirty)}" if dirty else "")
-        + " — the harness runs the working tree (editable installs)",
+        measured or (
+            f"- Code measured: commit {head or '?'}"
+            + (f" plus uncommitted changes (of other work in progress) in {', '.join(dirty)}" if dirty else "")
+            + " — the harness runs the working tree (editable installs)"
+        ),
         "- msgbroker: " + ", ".join(
             f"{d} {_version(d)}" for d in ("msgbroker", "msgbroker-redis", "msgbroker-nats", "msgbroker-rabbitmq",
                                             "msgbroker-kafka")
@@ -732,8 +734,20 @@ def _problems(results: Results) -> list[str]:
     return out
 
 
+def _measured_line(doc: Path) -> str | None:
+    """The "- Code measured:" line of the existing ``doc``, if any."""
+    if not doc.exists():
+        return None
+    for line in doc.read_text().splitlines():
+        if line.startswith("- Code measured:"):
+            return line
+    return None
+
+
 def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: float,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], *, rewrite: bool = False) -> None:
+    """Write ``doc`` (and its plots) from the rows of ``csv_path``. ``rewrite``: no cell ran (the
+    report is rewritten from the CSV), so the doc's line naming the code measured is kept."""
     with csv_path.open() as handle:
         rows = list(csv.DictReader(handle))
     results = Results(rows)
@@ -770,7 +784,7 @@ def write_report(root: Path, csv_path: Path, doc: Path, command: str, seconds: f
         *(["## Drain: a backlog handled by 1, 2 and 4 workers", "", *drain, ""] if drain else []),
         "## Machine",
         "",
-        *machine_info(root),
+        *machine_info(root, _measured_line(doc) if rewrite else None),
         "",
         "## COMPASS targets",
         "",

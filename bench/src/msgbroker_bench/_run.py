@@ -395,7 +395,7 @@ async def main_async(args: argparse.Namespace, log: Callable[[str], None]) -> in
         from ._report import write_report
 
         command = args.command or " ".join(["msgbroker bench", *getattr(args, "argv", sys.argv[1:])])
-        write_report(root, csv_path, root / args.doc, command, time.time() - started, log)
+        write_report(root, csv_path, root / args.doc, command, time.time() - started, log, rewrite=args.report_only)
     return 0
 
 
