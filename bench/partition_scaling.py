@@ -44,8 +44,7 @@ from typing import Any
 import msgbroker
 from msgbroker import Message, MessageContext
 
-from msgbroker_bench._cells import BrokerCpu
-from msgbroker_bench._run import broker_pid
+from msgbroker_bench import BrokerCpu, broker_pid
 
 KEYS = 1000
 BATCH = 500

@@ -2,7 +2,8 @@
 the brokers' own tools, on every provider whose server is up (see docs/benchmarks.md).
 
 ``run(argv)`` is the entry point (``msgbroker bench``, ``python -m msgbroker_bench``,
-``scripts/bench``)."""
+``scripts/bench``); ``BrokerCpu`` and ``broker_pid`` serve the standalone scripts beside the
+package (``bench/*.py``) that measure a broker server's CPU."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ._cells import BrokerCpu
 from ._common import PROVIDERS
-from ._run import parse_args
+from ._run import broker_pid, parse_args
 
-__all__ = ["PROVIDERS", "main", "run"]
+__all__ = ["PROVIDERS", "BrokerCpu", "broker_pid", "main", "run"]
 
 
 def _log(text: str) -> None:
