@@ -159,9 +159,20 @@ async def one_run(url: str, partitions: int, messages: int, idle: float, limit: 
             if delete is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(delete(topic, ["scale"]), 60)
+            elif url.startswith("nats"):
+                await _delete_nats_streams(broker, topic)
     if url.startswith("kafka://"):  # its provider deletes no topic: 1,024-partition leftovers fill the heap
         await _delete_kafka_topics(url, topic)
     return result
+
+
+async def _delete_nats_streams(broker: msgbroker.Broker, topic: str) -> None:
+    """Delete the topic's stream and its dead letters' (the NATS provider deletes no topic)."""
+    transport: Any = broker.transport
+    layout = transport.layout(topic)
+    for name in (layout.stream, layout.dead_letters.stream):
+        with contextlib.suppress(Exception):
+            await transport.js.delete_stream(name)
 
 
 async def _delete_kafka_topics(url: str, topic: str) -> None:
