@@ -28,8 +28,8 @@ stream prefixes of the same names, and admins ``admin-a``/``admin-b``."""
 # the JetStream API verbs cannot be narrowed to the prefix's streams. The account is the boundary.
 TENANT_PUBLISH = (
     "{p}.>",                                  # the topics' subjects: <prefix>.<topic>.<partition>
-    "$KV.{p}_pins.>",                         # leases and membership (KV bucket <prefix>_pins)
-    "$KV.{p}_attempts.>",                     # failed attempts and lane owners (<prefix>_attempts)
+    "$KV.{p}_pins.>",                         # membership and incarnations (KV bucket <prefix>_pins)
+    "$KV.{p}_attempts.>",                     # failed attempts, lane owners, leases (<prefix>_attempts)
     "$JS.API.INFO",                           # the account's JetStream, checked at connect
     "$JS.API.STREAM.INFO.*",
     "$JS.API.STREAM.CREATE.*",
@@ -42,6 +42,7 @@ TENANT_PUBLISH = (
     "$JS.API.CONSUMER.DURABLE.CREATE.*.*",    # a lane's durable consumer
     "$JS.API.CONSUMER.CREATE.*.*.{p}.>",      # the dead-letter listing's consumer (name, filter)
     "$JS.API.CONSUMER.INFO.*.*",
+    "$JS.API.CONSUMER.LIST.*",                # a subscribe lists the stream's consumers first
     "$JS.API.CONSUMER.DELETE.*.*",
     "$JS.API.CONSUMER.MSG.NEXT.*.*",          # pull requests
     "$JS.ACK.>",                              # acks, naks, in-progress, terminations

@@ -32,7 +32,7 @@ from msgbroker.spi import (
     dead_letter_record,
 )
 
-from ._errors import map_error
+from ._errors import map_error, through_elections
 from ._host import ConsumerHost
 from ._layout import ENVELOPE_HEADER, decode_envelope
 
@@ -190,6 +190,11 @@ class NatsLaneConsumer(LaneConsumer):
         self._lanes: dict[int, _Lane] = {}
         self._ready_lanes: set[int] = set()
         self._needs_request: set[int] = set()
+        self._watched: set[int] = set()
+        """Lanes the sweep of _maintain looks at: not clean, or awaiting a sequence (added
+        wherever either begins, dropped by the sweep once neither holds). Sweeping every lane at
+        every poll cost a member of 1,024 lanes about 0.4 ms a poll, and its p50 latency twice
+        the raw client's."""
         self._arrival: asyncio.Future[None] | None = None
         self._inbox = ""
         self._epoch = 0
@@ -235,6 +240,7 @@ class NatsLaneConsumer(LaneConsumer):
         lane.floor_check_at = time.monotonic() + self._transport.ack_wait
         await self._take_over(lane)
         lane.open = True
+        self._watched.add(partition)
         self._epoch += 1
         try:
             # A subscription per lane: when the lane closes, the server drops its pull request
@@ -283,6 +289,7 @@ class NatsLaneConsumer(LaneConsumer):
             seq, _, offset = entry.partition("~")
             if seq.isdigit():
                 lane.awaiting.add(int(seq))
+                self._watched.add(lane.partition)
                 if offset.isdigit():
                     lane.offsets[int(seq)] = int(offset)
         if self._ordered and (left is None or not state.startswith("closed")):
@@ -316,10 +323,11 @@ class NatsLaneConsumer(LaneConsumer):
         try:
             kv = await self._transport.failure_counts()
             key = self._owner_key(lane.partition)
-            if lane.owner_revision is None:
-                lane.owner_revision = await kv.put(key, record)
+            last = lane.owner_revision
+            if last is None:
+                lane.owner_revision = await through_elections(lambda: kv.put(key, record))
             else:
-                lane.owner_revision = await kv.update(key, record, last=lane.owner_revision)
+                lane.owner_revision = await through_elections(lambda: kv.update(key, record, last=last))
         except Exception as exc:
             log.debug("nats: writing the owner record of %s[%d] failed: %r", self._topic, lane.partition, exc)
             if closing:
@@ -420,6 +428,7 @@ class NatsLaneConsumer(LaneConsumer):
                     await nc.publish(item.msg.reply, payload)
             except Exception as exc:
                 lane.clean = False  # not sure the server has them back: the next owner waits ack_wait
+                self._watched.add(lane.partition)
                 log.debug("nats: handing back %s[%d] #%d failed: %r", self._topic, lane.partition, item.seq, exc)
 
     async def stop(self, flush: bool) -> None:
@@ -516,7 +525,12 @@ class NatsLaneConsumer(LaneConsumer):
             elif now >= wanting.retry_at:
                 self._needs_request.discard(partition)
                 await self._top_up(wanting)
-        for lane in list(self._lanes.values()):
+        for partition in list(self._watched):
+            found = self._lanes.get(partition)
+            if found is None or not found.open or (found.clean and not found.awaiting):
+                self._watched.discard(partition)
+                continue
+            lane = found
             if (lane.open and not lane.clean and lane.remaining == 0 and lane.sub is not None
                     and lane.partition not in self._needs_request):
                 # Waiting for what was in flight elsewhere: it can come back only into a pull
@@ -545,6 +559,7 @@ class NatsLaneConsumer(LaneConsumer):
         also say so (_check_clean), at most until ``_UNCONFIRMED_CLEAN`` times ack_wait."""
         ack_wait = self._transport.ack_wait
         lane.clean = False
+        self._watched.add(lane.partition)
         lane.clean_at = now + ack_wait + 0.5
         lane.clean_by = now + _UNCONFIRMED_CLEAN * ack_wait
 
@@ -913,6 +928,7 @@ class NatsLaneConsumer(LaneConsumer):
         deadline = time.monotonic() + timeout
         wanted: set[int] | None = None
         waker: asyncio.Task[Any] | None = None
+        touched: list[_Lane] = []
         try:
             while True:
                 await self._maintain()
@@ -926,6 +942,7 @@ class NatsLaneConsumer(LaneConsumer):
                         before, turn = len(out), lane.turn
                         await self._hand_out(lane, max_per_lane, out)
                         taken.append((lane, turn, len(out) - before))
+                        touched.append(lane)
                     if any(lane.turn != turn for lane, turn, _ in taken):
                         # A retry on a lane while this poll awaited (a start record): the engine
                         # dropped what it held of that lane, so what was taken here goes too.
@@ -949,11 +966,14 @@ class NatsLaneConsumer(LaneConsumer):
         finally:
             if waker is not None:
                 waker.cancel()
-            for lane in self._lanes.values():
+            for lane in touched:
                 lane.polled.clear()  # returned (or cut off): the engine has them now, or never will
 
     def _checks_due(self) -> bool:
-        return bool(self._ready_lanes) or any(lane.open and not lane.clean for lane in self._lanes.values())
+        if self._ready_lanes:
+            return True
+        lanes = self._lanes
+        return any((lane := lanes.get(p)) is not None and lane.open and not lane.clean for p in self._watched)
 
     async def _hand_out(self, lane: _Lane, limit: int, out: list[Delivery]) -> None:
         """The lane's next messages in stream order, for an ordered lane only once every message
@@ -1105,6 +1125,7 @@ class NatsLaneConsumer(LaneConsumer):
             lane.handed.clear()
             lane.turn += 1
             lane.awaiting.add(item.seq)
+            self._watched.add(lane.partition)
             if delay >= self._transport.ack_wait:
                 # Longer than a next owner waits after our death: the owner record names it.
                 del lane.items[item.seq]

@@ -18,7 +18,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
@@ -245,6 +245,28 @@ class RefusingClient(_compat.Client):
         except nats.errors.TimeoutError:
             self.refusals.check_request(subject)  # refused while it waited (a permission taken away)
             raise
+
+
+_T = TypeVar("_T")
+
+LEADERLESS_FOR = 2.0
+"""How long a write to a KV bucket waits for its stream to answer again when it has no leader (a
+cluster electing one after a node restarted answers "no responders"): a subscribe in that moment
+failed where a second later it would not have."""
+_LEADERLESS = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
+
+
+async def through_elections(call: Callable[[], Awaitable[_T]], within: float = LEADERLESS_FOR) -> _T:
+    """``call()``, made again every 0.1 s for up to ``within`` seconds while JetStream answers
+    "no responders". That answer means nothing was stored, so making it again is safe."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            return await call()
+        except _LEADERLESS:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+        await asyncio.sleep(0.1)
 
 
 def map_error(exc: BaseException, doing: str) -> MsgBrokerError:

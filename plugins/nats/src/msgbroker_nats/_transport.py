@@ -57,7 +57,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, 
 from . import _compat, _schedule
 from ._acks import Acks, Waiter
 from ._consumer import NatsLaneConsumer
-from ._errors import Refusals, RefusingClient, map_error, redacted
+from ._errors import Refusals, RefusingClient, map_error, redacted, through_elections
 from ._layout import (
     ENVELOPE_HEADER,
     MSG_ID_HEADER,
@@ -66,6 +66,7 @@ from ._layout import (
     encode_envelope,
     validate_stream_prefix,
 )
+from ._leases import Leases
 from ._settings import NatsSettings, server_urls
 
 if TYPE_CHECKING:
@@ -94,10 +95,6 @@ _GROUPS_PER_STREAM = 64
 :data:`_MIN_CONSUMERS` (nats-server 2.15's own default for a stream that sets no limit)."""
 _MAX_CONSUMERS_REACHED = 10026
 _CONSUMER_PAGE = 256
-_LEADERLESS_FOR = 1.0
-"""How long a heartbeat waits for the pins bucket's stream to answer again when it has no leader
-(a cluster electing one after a node restarted answers "no responders"): a subscribe in that
-moment failed where a second later it would not have."""
 """Consumers one ``CONSUMER.LIST`` answer holds at most (nats-server's list limit)."""
 _MAX_PENDING = 4000
 """Publishes awaiting their acks on one connection before the next one waits (nats-py's default)."""
@@ -197,11 +194,8 @@ class NatsTransport(Transport):
         # Half ack_wait: a dead member's lanes have a new owner (with a pull request waiting)
         # before the server redelivers what it held (see _consumer._take_over).
         self._lease_ttl = max(1.0, self.ack_wait / 2)
-        self._leases: dict[str, int] = {}
-        """A lease's token -> the revision of its key now (a renewal writes a new one)."""
-        self._renewed: dict[str, float] = {}
-        """A lease's token -> when its last taking or renewal was sent (monotonic): the bucket
-        counts the lease time from when it stored that write, which is no earlier."""
+        self._leases = Leases(self.pins, self.failure_counts, self.lease_ttl)
+        """The lanes' leases (see _leases: one write per member and renewal)."""
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -642,8 +636,8 @@ class NatsTransport(Transport):
             raise map_error(exc, f"creating consumer {config.durable_name!r} on {layout.stream!r}") from exc
 
     async def pins(self) -> KeyValue:
-        """The KV bucket ``<stream_prefix>_pins`` whose keys pin a lane to the member of a
-        ``subscribe_to_partition``; the bucket's TTL (``ack_wait``) is the pin's lease."""
+        """The KV bucket ``<stream_prefix>_pins``: a key per live member of a group and per live
+        incarnation holding leases (see _leases); its TTL (half ``ack_wait``) is the lease time."""
         task = self._pins
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._pins = asyncio.ensure_future(self._open_pins())
@@ -709,20 +703,17 @@ class NatsTransport(Transport):
         return float(self._lease_ttl)
 
     async def describe(self, topic: str, group: str) -> GroupView:
-        """The default view plus the pins bucket: the live members (their keys) and each lane's
-        holder (its lease key's value). The bucket keeps no join time."""
+        """The default view plus the buckets: the live members (their keys in the pins bucket)
+        and each lane's holder (its lease key's incarnation, while that lives). The pins bucket
+        keeps no join time."""
         view = await describe_from_interface(self, topic, group, knows_members=True)
         bucket = f"{self.prefix}_pins"
         owners: dict[int, str] = {}
         try:
-            kv = await self.pins()
+            await self.pins()
             info = await self.jsm.stream_info(f"KV_{bucket}",
                                               subjects_filter=f"$KV.{bucket}.{self._member_key(topic, group, '*')}")
-            for partition in range(self.settings.partition_count):
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                    entry = await kv.get(f"{topic}/{group}.{partition}")
-                    if entry.value:
-                        owners[partition] = entry.value.decode()
+            owners = await self._leases.holders([Lane(topic, group, p) for p in range(self.settings.partition_count)])
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -772,15 +763,7 @@ class NatsTransport(Transport):
         bucket = f"{self.prefix}_pins"
         try:
             kv = await self.pins()
-            deadline = time.monotonic() + _LEADERLESS_FOR
-            while True:
-                try:
-                    await kv.put(self._member_key(topic, group, member_id), b"")
-                    break
-                except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
-                    if time.monotonic() >= deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+            await through_elections(lambda: kv.put(self._member_key(topic, group, member_id), b""))
             info = await self.jsm.stream_info(f"KV_{bucket}",
                                               subjects_filter=f"$KV.{bucket}.{self._member_key(topic, group, '*')}")
         except asyncio.CancelledError:
@@ -790,6 +773,7 @@ class NatsTransport(Transport):
         return sorted(subject.rpartition(".")[2] for subject in info.state.subjects or {})
 
     async def leave(self, topic: str, group: str, member_id: str) -> None:
+        self._leases.forget(member_id)
         bucket = f"{self.prefix}_pins"
         try:
             subject = f"$KV.{bucket}.{self._member_key(topic, group, member_id)}"
@@ -800,62 +784,19 @@ class NatsTransport(Transport):
             raise map_error(exc, f"leaving {group!r} on {topic!r}") from exc
 
     async def acquire_lease(self, lane: Lane, member_id: str, ttl: float) -> str | None:
-        """The lane's key (``<topic>/<group>.<partition>``), created only if absent: the token
-        is the revision that created it; renewals are revision-checked updates."""
-        key = f"{lane.topic}/{lane.group}.{lane.partition}"
-        try:
-            kv = await self.pins()
-            sent = time.monotonic()
-            revision = await kv.create(key, member_id.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise map_error(exc, f"taking the lease of {lane.topic}[{lane.partition}] for {lane.group}") from exc
-        token = f"{member_id}:{revision}"
-        self._leases[token] = revision
-        self._renewed[token] = sent
-        return token
+        """The lane's key in the attempts bucket, created (or taken over from an incarnation that
+        ended): see _leases."""
+        return (await self._leases.acquire([lane], member_id)).get(lane)
 
     async def acquire_leases(self, lanes: Sequence[Lane], member_id: str, ttl: float) -> dict[Lane, str]:
-        """:meth:`acquire_lease` for each lane, the creates sent together (one after another, a
+        """:meth:`acquire_lease` for each lane, the writes sent together (one after another, a
         member taking 64 lanes waited 64 round trips before its first lane opened). On an error
         the leases taken are kept (the others at the next heartbeat); with none taken it is raised."""
-        results = await asyncio.gather(*(self.acquire_lease(lane, member_id, ttl) for lane in lanes),
-                                       return_exceptions=True)
-        taken = {lane: token for lane, token in zip(lanes, results, strict=True) if isinstance(token, str)}
-        failed = next((r for r in results if isinstance(r, BaseException)), None)
-        if failed is not None and not taken:
-            raise failed
-        return taken
+        return await self._leases.acquire(lanes, member_id)
 
     async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
-        kv = await self.pins()
-
-        async def renew(lane: Lane, token: str) -> bool:
-            revision = self._leases.get(token)
-            if revision is None:
-                return False
-            member = token.rpartition(":")[0]
-            sent = time.monotonic()
-            try:
-                self._leases[token] = await kv.update(f"{lane.topic}/{lane.group}.{lane.partition}", member.encode(),
-                                                      last=revision)
-            except nats.js.errors.KeyWrongLastSequenceError:
-                self._leases.pop(token, None)
-                self._renewed.pop(token, None)
-                return False
-            self._renewed[token] = sent
-            return True
-
-        try:
-            kept = await asyncio.gather(*(renew(lane, token) for lane, token in leases.items()))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise map_error(exc, "renewing leases") from exc
-        return {lane for lane, ok in zip(leases, kept, strict=True) if ok}
+        """One write per member, however many lanes it holds (see _leases)."""
+        return await self._leases.renew(leases)
 
     def asks_consumers_freely(self) -> bool:
         """Whether the server answers a consumer-info request without harm: nats-server 2.9 makes
@@ -868,64 +809,18 @@ class NatsTransport(Transport):
             return False
 
     def lease_is_fresh(self, token: str) -> bool:
-        """Whether this member surely holds the lease right now without asking: taken or renewed
-        within three quarters of the lease time (the coordinator renews every quarter)."""
-        renewed = self._renewed.get(token)
-        return renewed is not None and time.monotonic() - renewed < self._lease_ttl * 0.75
+        """Whether this member surely holds the lease right now without asking: its incarnation
+        renewed within three quarters of the lease time (the coordinator renews every quarter)."""
+        return self._leases.is_fresh(token)
 
     async def holds_lease(self, topic: str, group: str, partition: int, token: str) -> bool:
         """Whether ``token`` still holds the lane: yes while renewed within half the lease time,
-        else asked of the bucket (a member paused past its lease must not settle: rule 11)."""
-        revision = self._leases.get(token)
-        if revision is None:
-            return False
-        if time.monotonic() - self._renewed.get(token, 0.0) < self._lease_ttl / 2:
-            return True
-        try:
-            entry = await (await self.pins()).get(f"{topic}/{group}.{partition}")
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return False
-        except Exception as exc:
-            raise map_error(exc, f"checking the lease of {topic}[{partition}] for {group}") from exc
-        # The holder's member id, not the revision: a renewal of ours may be landing right now.
-        return entry.value == token.rpartition(":")[0].encode() and token in self._leases
+        else once its member's lease key is renewed now (a member paused past its lease must not
+        settle: docs/semantics.md rule 11)."""
+        return await self._leases.holds(Lane(topic, group, partition), token)
 
     async def release_lease(self, lane: Lane, token: str) -> None:
-        self._renewed.pop(token, None)
-        revision = self._leases.pop(token, None)
-        if revision is None:
-            return
-        with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
-            kv = await self.pins()
-            await kv.delete(f"{lane.topic}/{lane.group}.{lane.partition}", last=revision)
-
-    async def pinned_partitions(self, topic: str, group: str) -> set[int]:
-        """The partitions of ``topic`` that a ``subscribe_to_partition`` member of ``group``
-        holds right now (keys of the pins bucket; one listing, then a read of each listed key,
-        since a released pin leaves a delete marker until it ages out)."""
-        bucket = f"{self.prefix}_pins"
-        try:
-            try:
-                info = await self.jsm.stream_info(f"KV_{bucket}", subjects_filter=f"$KV.{bucket}.{topic}/{group}.*")
-            except nats.js.errors.NotFoundError:
-                return set()
-            subjects = list(info.state.subjects or {})
-            if not subjects:
-                return set()
-            kv = await self.pins()
-            pinned: set[int] = set()
-            for subject in subjects:
-                key = subject[len(f"$KV.{bucket}."):]
-                try:
-                    await kv.get(key)
-                except nats.js.errors.KeyNotFoundError:
-                    continue
-                pinned.add(int(key.rpartition(".")[2]))
-            return pinned
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            raise map_error(exc, f"reading the pins of {group!r} on {topic!r}") from exc
+        await self._leases.release(lane, token)
 
     # -- publishing ------------------------------------------------------------------------------
 
