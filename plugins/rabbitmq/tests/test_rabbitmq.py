@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections import defaultdict
@@ -15,6 +16,7 @@ import msgbroker
 import pytest
 from msgbroker import Lane, Message, MessageContext, partition_for
 from msgbroker_rabbitmq import RabbitMQSettings, RabbitMQTransport, Topology
+from msgbroker_rabbitmq._consumer import RabbitMQLaneConsumer
 from msgbroker_rabbitmq._names import DELIVERY_LIMIT
 
 
@@ -428,6 +430,167 @@ async def test_a_retry_note_of_the_next_message_keeps_the_acked_ones_attempts(
         last = {seq: attempt for seq, attempt in handled}
         again = [(seq, attempt) for seq, attempt in seen if attempt <= last.get(seq, 0)]
         assert again == [], f"round {round_}: handled {handled}, then by the next owner {seen}: attempts must grow"
+
+
+def _one_lane_member(amqp_url: str, prefix: str, max_retry_attempts: int | None = None,
+                     **rabbitmq: Any) -> msgbroker.Broker:
+    """A member of a one-partition topic whose lease runs out 2 s after it dies."""
+    settings: dict[str, Any] = {"partition_count": 1,
+                                "rabbitmq": {"exchange_prefix": prefix, "claim_timeout": 2, "queue_expires": 300,
+                                             **rabbitmq}}
+    if max_retry_attempts is not None:
+        settings["max_retry_attempts"] = max_retry_attempts
+    return msgbroker.connect(amqp_url, **settings)
+
+
+async def _close_while_handling(sub: Any, started: asyncio.Event, release: asyncio.Event, wait_for: Any) -> None:
+    """Close ``sub`` while its handler holds the first message (the lane reads ahead
+    meanwhile), then let the handler finish: the close hands the lane over."""
+    await wait_for(started.is_set, 20, "the first member to begin handling")
+    await asyncio.sleep(0.5)
+    closing = asyncio.ensure_future(sub.close())
+    await asyncio.sleep(0.1)
+    release.set()
+    await closing
+
+
+async def test_a_lane_handed_over_while_it_holds_backlog_messages_keeps_their_order(
+    amqp_url: str, prefix: str, wait_for: Any
+) -> None:
+    """Messages published while no group was bound are read from the backlog with
+    ``basic.get``; RabbitMQ 3.10 puts such messages back in the order of their delivery tags as
+    text when their channel closes. A lane handed over while it held 29 of them reached its next
+    owner as 9-18, 1, 19-28, 2, ...: they are now handed back in order before the close."""
+    topic, group = f"backlog-{uuid.uuid4().hex[:6]}", "g"
+    seen: list[tuple[int, int, int]] = []  # (member, seq, attempt)
+
+    def connect_member() -> msgbroker.Broker:
+        return _one_lane_member(amqp_url, prefix, max_retry_attempts=2)
+
+    async with connect_member() as publisher:
+        await publisher.publish_batch(topic, [Numbered(key="a", seq=i) for i in range(30)])  # no group yet
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def held(ctx: MessageContext[Numbered]) -> None:
+            seen.append((0, ctx.message.seq, ctx.delivery_attempt))
+            started.set()
+            await release.wait()  # the member reads the backlog ahead meanwhile
+
+        async with connect_member() as worker:
+            sub = await worker.subscribe(topic, group, held)
+            await _close_while_handling(sub, started, release, wait_for)
+
+        async def rest(ctx: MessageContext[Numbered]) -> None:
+            seen.append((1, ctx.message.seq, ctx.delivery_attempt))
+
+        async with connect_member() as worker:
+            await worker.subscribe(topic, group, rest)
+            await wait_for(lambda: {seq for _, seq, _ in seen} == set(range(30)), 30,
+                           lambda: f"every message handled: {sorted({seq for _, seq, _ in seen})}")
+    order = [seq for member, seq, _ in seen if member == 1]
+    assert order == sorted(order), f"the next owner's order: {order}"
+    assert [attempt for _, _, attempt in seen] == [1] * 30, f"attempts: {seen}"
+
+
+async def test_a_member_killed_while_it_holds_backlog_messages_leaves_them_in_order(
+    amqp_url: str, prefix: str, wait_for: Any
+) -> None:
+    """A member that dies returns what it took from the backlog in the text order of the
+    delivery tags (RabbitMQ 3.10); that is their order while the tags have as many digits, so a
+    lane takes tag 10, 100, ... only once it holds nothing of the backlog. Before, a member
+    killed holding tags 1-29 left them to the next owner as 9-18, 1, 19-28, 2, ..."""
+    topic, group = f"backlog-{uuid.uuid4().hex[:6]}", "g"
+    seen: list[tuple[int, int]] = []  # (member, seq)
+
+    def connect_member() -> msgbroker.Broker:
+        return _one_lane_member(amqp_url, prefix)
+
+    async with connect_member() as publisher:
+        await publisher.publish_batch(topic, [Numbered(key="a", seq=i) for i in range(30)])  # no group yet
+        started = asyncio.Event()
+
+        async def stuck(ctx: MessageContext[Numbered]) -> None:
+            seen.append((0, ctx.message.seq))
+            started.set()
+            await asyncio.Event().wait()  # the member dies handling it
+
+        doomed = await connect_member()
+        await doomed.subscribe(topic, group, stuck)
+        await wait_for(started.is_set, 20, "the first member to begin handling")
+        await asyncio.sleep(0.5)  # it reads the backlog ahead meanwhile
+        await doomed.abort()
+
+        async def rest(ctx: MessageContext[Numbered]) -> None:
+            seen.append((1, ctx.message.seq))
+
+        async with connect_member() as worker:
+            await worker.subscribe(topic, group, rest)
+            await wait_for(lambda: {seq for member, seq in seen if member == 1} == set(range(30)), 30,
+                           lambda: f"every message handled by the next owner: {seen}")
+    order = [seq for member, seq in seen if member == 1]
+    assert order == sorted(order), f"the next owner's order: {order}"
+
+
+async def test_messages_pushed_after_the_hand_over_note_are_noted_too(
+    amqp_url: str, prefix: str, wait_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closing lane's acks make room in its prefetch, so the server may push more after the
+    lane's note is written and before the channel's close is answered. Those pushes go back
+    unhandled and RabbitMQ counts their return; unnoted, the next owner handed them as attempt 2
+    (the conformance volume case, seed 30248668, dead-lettered a message after 2 failures). Here
+    the room is made on purpose right after the note (one message it noted is acked, unhandled):
+    every other message must still be first handled as attempt 1."""
+    topic, group = f"late-{uuid.uuid4().hex[:6]}", "g"
+    seen: list[tuple[int, int, int]] = []  # (member, seq, attempt)
+
+    def connect_member() -> msgbroker.Broker:
+        return _one_lane_member(amqp_url, prefix, max_retry_attempts=2, prefetch=4)
+
+    note = RabbitMQLaneConsumer._note_handed_back
+    made_room: list[int] = []
+
+    async def note_then_make_room(self: RabbitMQLaneConsumer, lane: Any, late: bool = False) -> None:
+        await (note(self, lane, late) if late else note(self, lane))
+        if not late and not made_room and lane.outstanding:
+            # Room for one push after the note: one message it noted, acked (gone unhandled).
+            tag, delivery = max(lane.outstanding.items())
+            made_room.append(json.loads(delivery.body)["seq"])
+            await lane.raw.basic_ack(tag)
+            await asyncio.sleep(0.05)  # the push it makes room for arrives before the close
+
+    async with connect_member() as publisher:
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def held(ctx: MessageContext[Numbered]) -> None:
+            seen.append((0, ctx.message.seq, ctx.delivery_attempt))
+            started.set()
+            await release.wait()  # the prefetch fills behind it
+
+        monkeypatch.setattr(RabbitMQLaneConsumer, "_note_handed_back", note_then_make_room)
+        async with connect_member() as worker:
+            sub = await worker.subscribe(topic, group, held)
+            # Published once the group's lane queue exists: pushed (the prefetch), not the backlog.
+            await publisher.publish_batch(topic, [Numbered(key="a", seq=i) for i in range(30)])
+            await _close_while_handling(sub, started, release, wait_for)
+        monkeypatch.undo()
+        assert len(made_room) == 1, "room made after the note"
+        expected = set(range(30)) - set(made_room)
+
+        async def rest(ctx: MessageContext[Numbered]) -> None:
+            seen.append((1, ctx.message.seq, ctx.delivery_attempt))
+
+        async with connect_member() as worker:
+            await worker.subscribe(topic, group, rest)
+            await wait_for(lambda: {seq for _, seq, _ in seen} == expected, 30,
+                           lambda: f"every message handled: {sorted({seq for _, seq, _ in seen})}")
+            await pending_settles_at(worker, topic, group, 0)
+            letters = [letter.message_id for letter in await worker.dead_letters(topic, group)]
+    assert letters == [], f"dead-lettered: {letters} ({seen})"
+    first: dict[int, int] = {}
+    for _, seq, attempt in seen:
+        first.setdefault(seq, attempt)
+    later = {seq: attempt for seq, attempt in first.items() if attempt != 1}
+    assert later == {}, f"first handled as a later attempt after one hand-over: {later} in {seen}"
 
 
 async def test_messages_prefetched_through_hand_overs_are_no_attempts(

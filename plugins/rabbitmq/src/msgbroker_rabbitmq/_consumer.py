@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -62,6 +62,15 @@ SHORT_CHANNELS = 128
 """At most this many channels opened for one look (a lane's retry note, its backlog) at a time:
 with 1,024 lanes, their own channels and one such channel each went past the server's
 ``channel_max`` (2,047), which closes the whole connection."""
+
+def _power_of_ten(tag: int) -> bool:
+    return tag >= 10 and str(tag).rstrip("0") == "1"
+
+
+async def _nothing() -> None:
+    """What a consumer callback returns once it has done its work (see _on_push)."""
+    return None
+
 
 _BROKER_HEADERS = frozenset({
     KEY_HEADER, "x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
@@ -139,6 +148,9 @@ class _Lane:
     (:meth:`RabbitMQLaneConsumer.unread`), by message id."""
     returned: list[DeliveredMessage] = field(default_factory=list)
     """Pushed while the lane was closing: never taken, they go back with the channel."""
+    last_get_tag: int = 0
+    """The delivery tag of the last message read from the backlog (``basic.get``): every tag up
+    to it is the backlog's, since the lane queue's consumer starts once the backlog is empty."""
 
 
 class RabbitMQLaneConsumer(LaneConsumer):
@@ -493,14 +505,43 @@ class RabbitMQLaneConsumer(LaneConsumer):
         everything at once (and a cancel while holding deliveries is what spring-amqp#2482 warns of)."""
         lane.closing = True
         raw = lane.raw
+        noting = False
         if not lane.dead and not raw.is_closed:
             with contextlib.suppress(Exception):
                 if flush:
                     await self._send_acks(lane)
             if flush and not lane.dead and not raw.is_closed:
+                noting = True
                 await self._note_handed_back(lane)
+                await self._hand_back_backlog(lane)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(lane.channel.close(), 5.0)
+        if noting and (lane.incoming or lane.returned):
+            # Pushed after the last note, before the close's answer (the acks made room): noted
+            # now, before the lease goes, so the next owner reads them.
+            await self._note_handed_back(lane, late=True)
+
+    @staticmethod
+    def _holds_backlog(lane: _Lane) -> bool:
+        """Whether the server still counts a backlog message as the lane's (not settled, or its
+        ack not sent yet). RabbitMQ 3.10 returns the messages a dead member took with
+        ``basic.get`` in the text order of their delivery tags (see :meth:`_hand_back_backlog`),
+        which is their order only while the tags have the same number of digits: a lane takes a
+        tag with one digit more (10, 100, 1000, ...) only once it holds none of the backlog."""
+        last = lane.last_get_tag
+        return any(tag <= last for tag in lane.outstanding) or any(tag <= last for tag in lane.acks)
+
+    async def _hand_back_backlog(self, lane: _Lane) -> None:
+        """Return what the lane holds of the backlog, in order, before its channel closes.
+        RabbitMQ 3.10 puts messages taken with ``basic.get`` back in the order of their delivery
+        tags *as text* when their channel closes (1, 10, 11, ..., 19, 2, 20, ...), so a lane
+        handed over while it held 29 backlog messages reached its next owner as 9-18, 1, 19-28,
+        2, ... One ``basic.nack`` of them all (``multiple``, requeue) keeps their order. The tags
+        up to the highest held are all the backlog's, and those acked are acked already."""
+        held = [tag for tag in lane.outstanding if tag <= lane.last_get_tag]
+        if held:
+            with contextlib.suppress(Exception):  # the close returns them (out of order) instead
+                await lane.raw.basic_nack(max(held), multiple=True, requeue=True)
 
     async def _send_acks(self, lane: _Lane) -> None:
         tags, lane.acks = sorted(lane.acks), []
@@ -580,12 +621,19 @@ class RabbitMQLaneConsumer(LaneConsumer):
         return delivery
 
     def _on_push(self, lane: _Lane) -> Any:
-        async def pushed(message: DeliveredMessage) -> None:
+        """The lane's consumer callback. It does its work when called, not in the coroutine it
+        returns: aiormq calls it as it reads the delivery and runs that coroutine as a task of the
+        channel, which the channel's close cancels. A push read just before the close's answer
+        was so never seen; RabbitMQ counted its return as a delivery, and the next owner handed
+        it as one attempt more (the conformance volume case, seed 30248668: a message
+        dead-lettered after 2 failures and no crash)."""
+
+        def pushed(message: DeliveredMessage) -> Coroutine[Any, Any, None]:
             if lane.dead:
-                return  # its channel is gone: the message is back in the queue
+                return _nothing()  # its channel is gone: the message is back in the queue
             if lane.closing or self._lanes.get(lane.partition) is not lane:
                 lane.returned.append(message)  # unacked: handed back when the lane's channel closes
-                return
+                return _nothing()
             incoming = lane.incoming
             incoming.append(message)
             self._busy.add(lane)
@@ -594,6 +642,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
                 incoming.clear()
                 incoming.extend(incoming_sorted)
             self._arrived.set()
+            return _nothing()
 
         return pushed
 
@@ -609,11 +658,14 @@ class RabbitMQLaneConsumer(LaneConsumer):
                 async with self._short_channels:
                     present = await backlog_exists(self.link, self._topology, self.topic, lane.partition)
             while present and len(out) < limit:
+                if _power_of_ten(lane.last_get_tag + 1) and self._holds_backlog(lane):
+                    break  # see _holds_backlog: read on once what it holds is acked
                 message = await lane.raw.basic_get(queue, no_ack=False)
                 if isinstance(message.delivery, spec.Basic.GetEmpty):
                     present = False
                 else:
                     out.append(self._to_delivery(lane, message))
+                    lane.last_get_tag = message.delivery_tag or 0
             if not present:
                 lane.phase = "main"
                 ok = await lane.raw.basic_consume(
@@ -871,12 +923,12 @@ class RabbitMQLaneConsumer(LaneConsumer):
                 "failures": delivery.failures, "not_before": delivery.not_before,
             }
 
-    async def _note_handed_back(self, lane: _Lane) -> None:
+    async def _note_handed_back(self, lane: _Lane, late: bool = False) -> None:
         """Before the lane's channel closes: what goes back to the queue unhandled — deliveries the
         engine handed back, messages pushed and never taken — is written to the lane's note. The
         acks just sent make room in the prefetch, so the server may push more while the note is
         written: the note is written again with them (at most three times)."""
-        entries: dict[str, dict[str, Any]] = dict(lane.handed_back)
+        entries = lane.handed_back
         for written in range(3):
             arrived = [*lane.incoming, *lane.returned]
             lane.incoming.clear()
@@ -887,7 +939,7 @@ class RabbitMQLaneConsumer(LaneConsumer):
                     "count": lane.counts.get(message.delivery_tag or 0, 0), "attempt": delivery.attempt,
                     "failures": delivery.failures, "not_before": delivery.not_before,
                 })
-            if not entries or (written and not arrived):
+            if not entries or ((written or late) and not arrived):
                 return
             note = {key: value for key, value in (lane.note or {}).items() if key != "unread"}
             note["unread"] = {**self._carried(lane), **entries}
