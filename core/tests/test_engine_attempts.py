@@ -187,3 +187,53 @@ async def test_a_message_read_as_the_subscription_closes_is_no_attempt(ordered: 
     await first.close()
     await second.close()
     assert seen == [("second", "late", 1)]
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+async def test_a_message_read_as_its_lane_is_handed_over_is_no_attempt(ordered: bool) -> None:
+    """A rebalance handed a lane over while a poll that asked for it was in flight: the broker
+    had counted the deliveries it was bringing back, the lane was closed and its lease released
+    before the answer came, and the member could no longer take the count back (fenced). The
+    next owner was handed attempt 2 of messages no handler had seen, counted that delivery as a
+    failure and dead-lettered a message after max_retry_attempts - 1 failed handlings. Seen in
+    the conformance volume case on SQLite and Redis under CI load."""
+    from msgbroker import partition_for
+
+    url = f"memory://{uuid.uuid4().hex}"
+    settings: dict[str, Any] = {"partition_count": 2}
+    first = await msgbroker.connect(url, **settings)
+    second = await msgbroker.connect(url, **settings)
+    seen: list[tuple[str, str, int]] = []
+    counted = asyncio.Event()
+
+    async def record(ctx: MessageContext[Job]) -> None:
+        seen.append(("first", ctx.message.key, ctx.delivery_attempt))
+
+    async def handle(ctx: MessageContext[Job]) -> None:
+        seen.append(("second", ctx.message.key, ctx.delivery_attempt))
+
+    one = await first.subscribe("jobs", "workers", record, message_type=Job, ordered=ordered)
+    await _until(lambda: len(one.partitions) == 2)
+    runner = one._runner
+    poll = runner.consumer.poll
+    late = True
+
+    async def late_answer(*args: Any) -> Any:
+        deliveries = await poll(*args)
+        if deliveries and late:
+            counted.set()
+            await asyncio.sleep(1.5)  # counted by the broker, the answer still on the way
+        return deliveries
+
+    runner.consumer.poll = late_answer  # type: ignore[method-assign]
+    keys = {partition_for(f"k{i}", 2): f"k{i}" for i in range(20)}
+    assert sorted(keys) == [0, 1]
+    await first.publish_batch("jobs", [Job(key=key) for key in keys.values()])
+    await asyncio.wait_for(counted.wait(), 5)
+    late = False
+    two = await second.subscribe("jobs", "workers", handle, message_type=Job, ordered=ordered)
+    await _until(lambda: len(two.partitions) == 1 and len(one.partitions) == 1)
+    await _until(lambda: {key for _, key, _ in seen} == set(keys.values()))
+    await first.close()
+    await second.close()
+    assert [entry for entry in seen if entry[2] != 1] == []

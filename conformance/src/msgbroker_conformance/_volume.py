@@ -227,7 +227,9 @@ class VolumeModel:
                 if not may:
                     self._violate(
                         f"{name} is a dead letter, but it failed {entry.failures} time(s) and was exposed to "
-                        f"{entry.exposures} crash(es): fewer than max_retry_attempts={self.max_attempts}", entry
+                        f"{entry.exposures} crash(es): fewer than max_retry_attempts={self.max_attempts} (handled "
+                        f"{entry.deliveries}x, last delivery_attempt {entry.last_attempt}; an attempt higher than "
+                        f"the handlings is a delivery the provider counted and no handler saw)", entry
                     )
                 elif entry.state != DEAD:
                     entry.state = DEAD  # dead-lettered unhandled after crashes: legal, see above

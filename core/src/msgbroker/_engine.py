@@ -85,7 +85,13 @@ class SubscriptionRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._reader: asyncio.Task[None] | None = None
         self._polling = False
-        """The reader is inside ``consumer.poll``: the broker may have counted what it returns."""
+        """The reader is inside ``consumer.poll`` (the broker may have counted what it returns) or
+        hands what it returned to the lanes, or back."""
+        self._poll_asked: tuple[int, ...] = ()
+        """The lanes the poll in flight (or the last one) asked for."""
+        self._poll_end: asyncio.Future[None] | None = None
+        """Set once the poll in flight was answered and what it brought was taken or handed back
+        (created by a lane stop that waits for it)."""
         self._coordinator: LeaseCoordinator | None = None
         self._spawned: set[asyncio.Task[None]] = set()
         self._grace = settings.shutdown_timeout.total_seconds()
@@ -284,6 +290,13 @@ class SubscriptionRunner:
             if not finished:
                 late = [task for task, handled in self._handling.items() if handled is lane]
                 await cancel_and_wait(late)
+        if self._polling and self._coordinator is not None and lane.partition in self._poll_asked:
+            # A poll in flight asked for this lane: the broker may have counted deliveries of it
+            # whose answer is still on the way. Released first, the lane's lease was gone when
+            # they came and they could not be taken back (fenced): the next owner was handed
+            # attempt 2 of messages no handler saw. Woken, the poll returns soon (bounded); the
+            # read loop hands back what it brought while this member still holds the lane.
+            await self._poll_answered()
         self._lanes.pop(lane.partition, None)
         # The broker counted these deliveries (a read, or a retry that announced the next attempt)
         # but no handler saw that attempt: handed back, the next owner's attempt counts handlings.
@@ -293,6 +306,24 @@ class SubscriptionRunner:
             if unhandled:
                 await self.consumer.unread(unhandled)
             await self.consumer.close_lane(lane.partition)
+
+    async def _poll_answered(self) -> None:
+        """Wait (bounded) until the poll in flight was answered and its deliveries handled."""
+        reader = self._reader
+        if reader is None or reader.done():
+            return
+        if self._poll_end is None:
+            self._poll_end = asyncio.get_running_loop().create_future()
+        end = self._poll_end
+        self._wake.set()
+        await asyncio.wait({end, reader}, timeout=self._poll_timeout + _CLOSE_POLL_BOUND,
+                           return_when=asyncio.FIRST_COMPLETED)
+
+    def _poll_handled(self) -> None:
+        self._polling = False
+        end, self._poll_end = self._poll_end, None
+        if end is not None and not end.done():
+            end.set_result(None)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -338,6 +369,7 @@ class SubscriptionRunner:
             self._wake.clear()
             timeout = self._poll_timeout if next_held is None else max(0.0, min(self._poll_timeout, next_held))
             self._polling = True
+            self._poll_asked = idle
             try:
                 deliveries = await self.consumer.poll(idle, self._batch, timeout, self._wake)
                 failures = 0
@@ -352,7 +384,7 @@ class SubscriptionRunner:
                 self._stop_on(exc)
                 return
             except Exception as exc:
-                self._polling = False
+                self._poll_handled()
                 if self._closing:
                     return
                 failures += 1
@@ -361,8 +393,6 @@ class SubscriptionRunner:
                             redact(str(exc)), pause)
                 await asyncio.sleep(pause)
                 continue
-            finally:
-                self._polling = False
             lanes = self._lanes
             dropped: list[Delivery] = []
             if self._closing:
@@ -402,6 +432,7 @@ class SubscriptionRunner:
                 # owner's delivery_attempt counts handlings (docs/semantics.md, rule 3).
                 with contextlib.suppress(Exception):
                     await self.consumer.unread(dropped)
+            self._poll_handled()
 
     def _stop_on(self, exc: AccessDeniedError) -> None:
         log.error("msgbroker: the subscription of %s to %s stopped: %s (its unsettled messages stay for a "
