@@ -60,15 +60,20 @@ def metrics_command(
     async def work(broker: Broker) -> dict[str, Any]:
         if serve is None:
             return await refresh(broker)
+        async def refresh_or_say() -> None:
+            try:
+                await refresh(broker)
+            except MsgBrokerError as exc:
+                err().print(f"refresh failed: {exc}", markup=False)
+
+        # The first refresh before the server starts: a scrape never sees msgbroker_up without a value.
+        await refresh_or_say()
         server, thread = start_http_server(serve, addr="127.0.0.1", registry=target_registry)
         err().print(f"serving http://127.0.0.1:{server.server_port}/metrics (Ctrl-C to stop)", markup=False)
         try:
             while True:
-                try:
-                    await refresh(broker)
-                except MsgBrokerError as exc:
-                    err().print(f"refresh failed: {exc}", markup=False)
                 await asyncio.sleep(interval)
+                await refresh_or_say()
         finally:
             server.shutdown()
             thread.join(5)
