@@ -144,3 +144,18 @@ async def test_a_message_read_ahead_and_handed_back_at_a_close_is_no_attempt(
     await second.subscribe(topic, group, record, message_type=Step)
     await _until(lambda: len(seen) == 2, "the second member to handle the message handed back")
     assert seen == [("first", 0, 1), ("second", 1, 1)]
+
+
+async def test_counts_asked_together_on_a_new_connection_both_answer(
+    connect: Callable[..., Any], names: Callable[[str], str]
+) -> None:
+    """The first calls that need the connection's offsets client, made together, share one: a
+    second client started meanwhile and stopped again raised CancelledError to its caller (a
+    member's first assignment met it when it read its log bounds beside another read)."""
+    topics = [names(f"together-{i}") for i in range(4)]
+    setup = await connect(partition_count=2)
+    for i, topic in enumerate(topics):
+        await setup.publish_batch(topic, [Step(key=f"k{n}", seq=n) for n in range(i + 1)])
+    fresh = await connect(partition_count=2)
+    counts = await asyncio.gather(*(fresh.pending_count(topic, names("g")) for topic in topics))
+    assert counts == [1, 2, 3, 4]

@@ -138,6 +138,7 @@ class KafkaTransport(Transport):
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._offsets: AIOKafkaConsumer | None = None
+        self._offsets_lock = asyncio.Lock()
         self._inbox: ReplyInbox | None = None
         self._topics: dict[str, int] = {}
         self._topic_lock = asyncio.Lock()
@@ -558,20 +559,23 @@ class KafkaTransport(Transport):
         return sorted(p["partition"] for p in described["partitions"])
 
     async def offsets_client(self) -> AIOKafkaConsumer:
-        """A group-less consumer used for log start/end offsets."""
-        if self._offsets is None:
-            consumer = AIOKafkaConsumer(**self.client_options(), enable_auto_commit=False)
-            try:
-                await consumer.start()
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await consumer.stop()
-                raise self.error(exc, "starting the offsets client") from exc
+        """A group-less consumer used for log start/end offsets, started once. Callers that
+        come together wait for the one start: a second client started meanwhile and stopped
+        again raised CancelledError to its caller (aiokafka's stop of a consumer just started
+        cancels its group coordinator's first task and re-raises that)."""
+        if self._offsets is not None:
+            return self._offsets
+        async with self._offsets_lock:
             if self._offsets is None:
+                consumer = AIOKafkaConsumer(**self.client_options(), enable_auto_commit=False)
+                try:
+                    await consumer.start()
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
+                    raise self.error(exc, "starting the offsets client") from exc
                 self._offsets = consumer
-            else:
-                await consumer.stop()
-        return self._offsets
+            return self._offsets
 
     # -- publishing -----------------------------------------------------------------------------
 
