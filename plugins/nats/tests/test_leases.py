@@ -194,3 +194,79 @@ async def test_a_member_that_left_is_forgotten(connect: Any, topic: str) -> None
             await subscription.close()
         leases = transport._leases
         assert (leases._lives, leases._by_name, leases._locks, leases._held) == ({}, {}, {}, {})
+
+
+class _Requests:
+    """Counts the requests a connection sends (each KV read and write is one)."""
+
+    def __init__(self, transport: NatsTransport, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        nc = transport.nc
+        send = nc.request
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return await send(*args, **kwargs)
+
+        monkeypatch.setattr(nc, "request", counted)
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+async def test_taking_a_released_or_a_held_lane_reads_its_key_once(
+    connect: Any, raw: Client, prefix: str, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane is mostly taken again (a restart, a rebalance) or asked for while another member
+    holds it. nats-py's ``create`` over a released key (a delete marker) cost three requests, and
+    three before a held key's holder was known, whose life was then asked about once per lane (three
+    more); now one read, and one write where it is free, and each holder is asked about once."""
+    async with connect(partition_count=8) as first, connect(partition_count=8) as second:
+        a, b = first.transport, second.transport
+        assert isinstance(a, NatsTransport) and isinstance(b, NatsTransport)
+        lanes = [Lane(topic, "g", p) for p in range(8)]
+        taken = await a.acquire_leases(lanes, "m1", a.lease_ttl())
+        assert set(taken) == set(lanes)
+        await b.acquire_leases([Lane(topic, "other", 0)], "m2", b.lease_ttl())  # m2's incarnation exists
+        requests = _Requests(b, monkeypatch)
+        writes = await _last_seq(raw, f"KV_{prefix}_attempts")
+        assert await b.acquire_leases(lanes, "m2", b.lease_ttl()) == {}, "held by m1, which lives"
+        assert requests.take() == 8 + 2, "one read a lane; m1's life asked once (a refused write, a read)"
+        assert await _last_seq(raw, f"KV_{prefix}_attempts") == writes, "nothing written"
+        for lane in lanes[:4]:
+            await a.release_lease(lane, taken[lane])
+        writes = await _last_seq(raw, f"KV_{prefix}_attempts")
+        again = await b.acquire_leases(lanes, "m2", b.lease_ttl())
+        assert set(again) == set(lanes[:4]), "the released ones"
+        assert requests.take() == 8 + 4 + 2, "a read a lane, a write for each released one, m1 asked once"
+        assert await _last_seq(raw, f"KV_{prefix}_attempts") - writes == 4
+        for lane in lanes[:4]:
+            assert await b.holds_lease(topic, "g", lane.partition, again[lane])
+        for lane in lanes[4:]:
+            assert await a.holds_lease(topic, "g", lane.partition, taken[lane])
+
+
+async def test_the_first_subscriber_of_a_group_creates_its_lane_keys_with_one_request_each(
+    connect: Any, topic: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lanes whose consumer the member created itself have no lease key yet: created at
+    once. A key there anyway (the consumer was deleted, the key was not) is read and taken as
+    any other."""
+    async with connect(partition_count=8) as broker, connect(partition_count=8) as other:
+        transport, holder = broker.transport, other.transport
+        assert isinstance(transport, NatsTransport) and isinstance(holder, NatsTransport)
+        lanes = [Lane(topic, "g", p) for p in range(8)]
+        # Partition 7's key is there already, held by another member.
+        held = await holder.acquire_leases([lanes[7]], "m2", holder.lease_ttl())
+        await transport.ensure_stream(transport.layout(topic), None)
+        await transport.ensure_consumers(transport.layout(topic), "g", range(8))
+        await transport.pins()
+        await transport.failure_counts()
+        requests = _Requests(transport, monkeypatch)
+        taken = await transport.acquire_leases(lanes, "m1", transport.lease_ttl())
+        assert set(taken) == set(lanes[:7])
+        # One write per new key; for partition 7 the refused create, a read, and m2's life asked
+        # (a refused write, a read). The member's incarnation: one write more.
+        assert requests.take() == 7 + 2 + 2 + 1
+        assert await holder.holds_lease(topic, "g", 7, held[lanes[7]])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -95,22 +94,26 @@ def _again(error: AccessDeniedError) -> AccessDeniedError:
     return AccessDeniedError(str(error))
 
 
-@functools.lru_cache(maxsize=4096)
 def _kind(subject: str) -> str:
     """The part of a subject one permission of docs/security.md covers: the ack subjects of one
     consumer, the keys of one KV bucket (and its direct gets), every inbox, the announcements;
     any other subject stands for itself (a topic's partition, one JetStream API request). In lower
-    case: nats-py hands the server's error text on in lower case, subjects included."""
-    tokens = subject.lower().split(".")
-    if tokens[0] in ("_inbox", "_msgbroker_nats"):
-        return tokens[0]
-    if tokens[0] == "$kv":
-        return ".".join(tokens[:2])
-    if tokens[:2] == ["$js", "ack"]:
-        return ".".join(tokens[:4])
-    if tokens[:4] == ["$js", "api", "direct", "get"]:
-        return ".".join(tokens[:5])
-    return ".".join(tokens)
+    case: nats-py hands the server's error text on in lower case, subjects included. Asked for
+    every publish (each ack has a subject of its own, so a cache only missed): the first token
+    decides how much of the rest is split."""
+    head, _, rest = subject.partition(".")
+    first = head.lower()
+    if first in ("_inbox", "_msgbroker_nats"):
+        return first
+    if first == "$kv":
+        return f"$kv.{rest.partition('.')[0].lower()}" if rest else first
+    if first == "$js":
+        tokens = subject.lower().split(".", 5)
+        if tokens[1:2] == ["ack"]:
+            return ".".join(tokens[:4])
+        if tokens[1:4] == ["api", "direct", "get"]:
+            return ".".join(tokens[:5])
+    return subject.lower()
 
 
 class Refusals:
@@ -168,6 +171,8 @@ class Refusals:
 
     def check(self, verb: str, subject: str) -> None:
         """Raise what the server refused for ``subject`` before (a pull once reading was refused)."""
+        if not self.refused and self.reading is None:
+            return  # nothing refused on this connection (every publish asks)
         if (verb, _kind(subject)) in self.refused:
             raise self._refusal(verb, subject)
         if self.reading is not None and subject.startswith("$JS.API.CONSUMER.MSG.NEXT."):
@@ -213,9 +218,11 @@ class RefusingClient(_compat.Client):
 
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
                       headers: dict[str, str] | None = None) -> None:
-        self.refusals.check("publish", subject)
+        refusals = self.refusals
+        refusals.check("publish", subject)
         await super().publish(subject, payload, reply, headers)
-        await self.refusals.confirm("publish", subject, self._flush, self.is_connected)
+        if ("publish", _kind(subject)) not in refusals.allowed:  # every ack comes here: no await when known
+            await refusals.confirm("publish", subject, self._flush, self.is_connected)
 
     async def subscribe(
         self,

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import nats.js.errors
@@ -161,7 +161,10 @@ class Leases:
             return True
         kv = await self._pins()
         try:
-            await through_elections(lambda: kv.create(life_key(incarnation), _ENDED))
+            # Written only where the key has no entry (revision 0): nats-py's create would read
+            # the key once more on the refusal. A delete marker (no msgbroker deletes these keys)
+            # is refused too, and read below as gone: a renewal over it fails all the same.
+            await through_elections(lambda: kv.update(life_key(incarnation), _ENDED, last=0))
         except nats.js.errors.KeyWrongLastSequenceError:
             with contextlib.suppress(*_GONE):
                 if (await kv.get(life_key(incarnation))).value != _ENDED:
@@ -173,27 +176,30 @@ class Leases:
 
     # -- the lease primitives ------------------------------------------------------------------
 
-    async def acquire(self, lanes: Sequence[Lane], member_id: str) -> dict[Lane, str]:
+    async def acquire(self, lanes: Sequence[Lane], member_id: str, new: Collection[Lane] = ()) -> dict[Lane, str]:
         """Take each lane that is free (no key, or its holder ended); the tokens of those taken.
         The writes are sent together. On an error the leases taken are kept (the others at the
-        next heartbeat); with none taken it is raised."""
+        next heartbeat); with none taken it is raised. ``new``: lanes whose key was most likely
+        never written (their consumer was just created), tried with a create first."""
         try:
             life = await self._life(member_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             raise map_error(exc, f"starting the leases of {member_id}") from exc
-        results = await asyncio.gather(*(self._take(lane, life) for lane in lanes), return_exceptions=True)
+        asked: dict[str, asyncio.Future[bool]] = {}
+        results = await asyncio.gather(*(self._take(lane, life, lane in new, asked) for lane in lanes),
+                                       return_exceptions=True)
         taken = {lane: token for lane, token in zip(lanes, results, strict=True) if isinstance(token, str)}
         failed = next((r for r in results if isinstance(r, BaseException)), None)
         if failed is not None and not taken:
             raise failed
         return taken
 
-    async def _take(self, lane: Lane, life: _Life) -> str | None:
+    async def _take(self, lane: Lane, life: _Life, new: bool, asked: dict[str, asyncio.Future[bool]]) -> str | None:
         try:
             kv = await self._attempts()
-            taken = await through_elections(lambda: self._try_take(kv, lane, life))
+            taken = await through_elections(lambda: self._try_take(kv, lane, life, new, asked))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -207,33 +213,53 @@ class Leases:
         self._held[token] = (revision, written)
         return token
 
-    async def _try_take(self, kv: KeyValue, lane: Lane, life: _Life) -> tuple[int, float] | None:
-        """One try at taking ``lane``: its key's revision and when it was written, or None."""
+    async def _try_take(self, kv: KeyValue, lane: Lane, life: _Life, new: bool,
+                        asked: dict[str, asyncio.Future[bool]]) -> tuple[int, float] | None:
+        """One try at taking ``lane``: its key's revision and when it was written, or None.
+
+        The key is read first, then written revision-checked: two requests, whether it is new,
+        released (a delete marker) or held. nats-py's ``create`` costs one for a key never written,
+        but three over a delete marker (a refused write, a read, a write) and three before a held
+        key's holder is known (a refused write, two reads) — and a lane is mostly taken again (a
+        restart, a rebalance) or asked for while another member holds it. A ``new`` lane's key
+        is created at once (one request), read only when that is refused. Whether a holder ended
+        is asked once per ``asked`` (one acquire): a member asking for the 256 lanes another
+        holds asked 256 times."""
         key = lane_key(lane)
         written = time.monotonic()
+        if new:
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):
+                return await kv.update(key, life.name.encode(), last=0), written
         try:
-            revision = await kv.create(key, life.name.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError as gone:
+            # Never written (or aged out): revision 0; released: its delete marker's revision.
+            # Either way written only if nobody wrote it since.
+            last = gone.entry.revision if gone.entry is not None else 0
             try:
-                entry = await kv.get(key)
-            except _GONE:
+                revision = await kv.update(key, life.name.encode(), last=last)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None  # taken (or released again) just now: the next heartbeat looks again
+            return revision, written
+        holder = (entry.value or b"").decode()
+        if holder != life.name:
+            verdict = asked.get(holder)
+            if verdict is None:
+                verdict = asked[holder] = asyncio.ensure_future(self._ended(holder))
+            if not await asyncio.shield(verdict):  # shared: one taker's cancellation is not the others'
+                return None
+            try:
+                revision = await kv.update(key, life.name.encode(), last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return None  # another member took it over first
+        else:
+            # This incarnation's own key, which the engine does not hold: a release of it
+            # still on its way, or one that failed. Rewritten revision-checked, so that of
+            # the two (the release deletes revision-checked) exactly one takes effect.
+            try:
+                revision = await kv.update(key, life.name.encode(), last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
                 return None  # released just now: the next heartbeat takes it
-            holder = (entry.value or b"").decode()
-            if holder != life.name:
-                if not await self._ended(holder):
-                    return None
-                try:
-                    revision = await kv.update(key, life.name.encode(), last=entry.revision)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    return None  # another member took it over first
-            else:
-                # This incarnation's own key, which the engine does not hold: a release of it
-                # still on its way, or one that failed. Rewritten revision-checked, so that of
-                # the two (the release deletes revision-checked) exactly one takes effect.
-                try:
-                    revision = await kv.update(key, life.name.encode(), last=entry.revision)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    return None  # released just now: the next heartbeat takes it
         return revision, written
 
     async def renew(self, leases: Mapping[Lane, str]) -> set[Lane]:

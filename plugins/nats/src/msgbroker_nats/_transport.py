@@ -195,6 +195,9 @@ class NatsTransport(Transport):
         # before the server redelivers what it held (see _consumer._take_over).
         self._lease_ttl = max(1.0, self.ack_wait / 2)
         self._leases = Leases(self.pins, self.failure_counts, self.lease_ttl)
+        self._new_lanes: set[Lane] = set()
+        """Lanes whose consumer this connection created (none was listed): their lease key was
+        most likely never written, so the first take tries a create (see Leases.acquire)."""
         """The lanes' leases (see _leases: one write per member and renewal)."""
 
     # -- connection ----------------------------------------------------------------------------
@@ -561,7 +564,8 @@ class NatsTransport(Transport):
         A member subscribing to 64 partitions sent 64 ``CONSUMER.CREATE`` requests (1,024 at 1,024
         partitions), each a write at the server even when nothing changed: with four worker
         processes starting together that was about 0.1 s before the first lane opened."""
-        existing = await self._listed_consumers(layout)
+        listed = await self._listed_consumers(layout)
+        existing = listed if listed is not None else {}
         delivered: dict[int, int] = {}
         stale: list[int] = []
         for partition in partitions:
@@ -572,10 +576,13 @@ class NatsTransport(Transport):
                 stale.append(partition)
         made = await asyncio.gather(*(self.ensure_consumer(layout, group, p) for p in stale))
         delivered.update(zip(stale, made, strict=True))
+        if listed is not None:  # the lanes whose consumer was not there
+            self._new_lanes.update(Lane(layout.topic, group, p) for p in stale
+                                   if layout.consumer(group, p) not in existing)
         return delivered
 
-    async def _listed_consumers(self, layout: TopicLayout) -> dict[str, ConsumerInfo]:
-        """The stream's consumers by name; empty when the listing fails (everything is then
+    async def _listed_consumers(self, layout: TopicLayout) -> dict[str, ConsumerInfo] | None:
+        """The stream's consumers by name; None when the listing fails (everything is then
         created or checked one by one, as before)."""
         found: dict[str, ConsumerInfo] = {}
         try:
@@ -590,7 +597,7 @@ class NatsTransport(Transport):
             raise
         except Exception as exc:
             log.debug("nats: listing the consumers of %s failed (%r); checking them one by one", layout.stream, exc)
-            return {}
+            return None
 
     @staticmethod
     def _configured(have: ConsumerConfig, want: ConsumerConfig) -> bool:
@@ -792,7 +799,9 @@ class NatsTransport(Transport):
         """:meth:`acquire_lease` for each lane, the writes sent together (one after another, a
         member taking 64 lanes waited 64 round trips before its first lane opened). On an error
         the leases taken are kept (the others at the next heartbeat); with none taken it is raised."""
-        return await self._leases.acquire(lanes, member_id)
+        new = [lane for lane in lanes if lane in self._new_lanes]
+        self._new_lanes.difference_update(new)
+        return await self._leases.acquire(lanes, member_id, new)
 
     async def renew_leases(self, leases: Mapping[Lane, str], ttl: float) -> set[Lane]:
         """One write per member, however many lanes it holds (see _leases)."""
