@@ -814,20 +814,24 @@ async def test_more_replicas_than_a_single_server_keeps_are_refused_naming_the_s
             await broker.publish(topic, Item(key="k", n=1))
 
 
+@pytest.mark.parametrize("partitions", [4, 64])
 async def test_a_group_past_the_stream_s_consumer_limit_is_refused_naming_nats_max_consumers(
-    connect: Any, raw: Client, topic: str
+    connect: Any, raw: Client, topic: str, partitions: int
 ) -> None:
     """Each group takes a consumer per partition, and a stream may have ``nats.max_consumers``
     (nats-server 2.15 sets 1,000 on a stream that sets none: 1,024 partitions did not fit one
     group). The stream is created with the setting; a group past it is refused in an error that
-    names the setting, not one that calls the consumer's settings unchangeable."""
-    async with connect(partition_count=4, nats={"max_consumers": 6}) as broker:
+    names the setting, not one that calls the consumer's settings unchangeable. With more lanes
+    than a member opens at once (64) the consumers are made as the lanes open: the refusal
+    still reaches ``subscribe``."""
+    limit = partitions + partitions // 2
+    async with connect(partition_count=partitions, nats={"max_consumers": limit}) as broker:
         await broker.publish(topic, Item(key="k", n=1))
         layout = broker.live_transport().layout(topic)  # type: ignore[attr-defined]
         info = await raw.jsm().stream_info(layout.stream)
-        assert info.config.max_consumers == 6, f"the stream was created with max_consumers={info.config.max_consumers}"
+        assert info.config.max_consumers == limit, f"created with max_consumers={info.config.max_consumers}"
         await broker.subscribe(topic, "first", Record().handler("a"))
-        with pytest.raises(ConfigurationError, match=r"nats\.max_consumers \(now 6") as refused:
+        with pytest.raises(ConfigurationError, match=rf"nats\.max_consumers \(now {limit}") as refused:
             await broker.subscribe(topic, "second", Record().handler("b"))
         assert "cannot be changed" not in str(refused.value), str(refused.value)
 

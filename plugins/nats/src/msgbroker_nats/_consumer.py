@@ -204,6 +204,8 @@ class NatsLaneConsumer(LaneConsumer):
         self._next_sweep = 0.0
         self._stopped = False
         self._delivered_at_start: dict[int, int] = {}
+        self._unmade: set[int] = set()
+        """Lanes whose consumer is missing or has other settings: made or updated as they open."""
         self._background: set[asyncio.Task[Any]] = set()  # referenced until done (not collected)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -213,7 +215,14 @@ class NatsLaneConsumer(LaneConsumer):
         self._ordered = listener.ordered
         await transport.ensure_stream(self._layout, None)
         wanted = [partition] if partition is not None else list(range(transport.partition_count))
-        self._delivered_at_start = await transport.ensure_consumers(self._layout, self._group, wanted)
+        if len(wanted) <= self.OPENS_AT_ONCE:
+            self._delivered_at_start = await transport.ensure_consumers(self._layout, self._group, wanted)
+        else:
+            # Made as their lanes open (see open_lane): the first lanes open while the server
+            # makes the others' consumers. Made here, 1,024 of them (a new group of a
+            # 1,024-partition topic) kept every lane waiting 1.6 s.
+            self._delivered_at_start, unmade = await transport.check_consumers(self._layout, self._group, wanted)
+            self._unmade.update(unmade)
         await transport.pins()  # the leases' bucket (its TTL is the lease time)
         nc = transport.nc
         self._inbox = nc.new_inbox()
@@ -229,6 +238,10 @@ class NatsLaneConsumer(LaneConsumer):
         task.add_done_callback(self._background.discard)
 
     async def open_lane(self, partition: int, lease: str | None) -> None:
+        if partition in self._unmade:
+            self._delivered_at_start[partition] = await self._transport.ensure_consumer(self._layout, self._group,
+                                                                                        partition)
+            self._unmade.discard(partition)
         lane = self._lanes.get(partition)
         if lane is None:
             stream, consumer = self._layout.stream, self._layout.consumer(self._group, partition)

@@ -559,11 +559,21 @@ class NatsTransport(Transport):
         )
 
     async def ensure_consumers(self, layout: TopicLayout, group: str, partitions: Sequence[int]) -> dict[int, int]:
-        """:meth:`ensure_consumer` for many lanes: the stream's consumers are listed first (one
-        request per 256) and only those missing or with other settings are created or updated.
-        A member subscribing to 64 partitions sent 64 ``CONSUMER.CREATE`` requests (1,024 at 1,024
-        partitions), each a write at the server even when nothing changed: with four worker
-        processes starting together that was about 0.1 s before the first lane opened."""
+        """:meth:`ensure_consumer` for many lanes, made or updated together where
+        :meth:`check_consumers` finds them missing or with other settings."""
+        delivered, stale = await self.check_consumers(layout, group, partitions)
+        made = await asyncio.gather(*(self.ensure_consumer(layout, group, p) for p in stale))
+        delivered.update(zip(stale, made, strict=True))
+        return delivered
+
+    async def check_consumers(
+        self, layout: TopicLayout, group: str, partitions: Sequence[int]
+    ) -> tuple[dict[int, int], list[int]]:
+        """The lanes whose consumer is there with msgbroker's settings (with the last stream
+        sequence each delivered), and the others, which need :meth:`ensure_consumer`. The
+        stream's consumers are listed (one request per 256): a member subscribing to 64
+        partitions had sent 64 ``CONSUMER.CREATE`` requests (1,024 at 1,024 partitions), each a
+        write at the server even when nothing changed. A listing that fails lists none."""
         listed = await self._listed_consumers(layout)
         existing = listed if listed is not None else {}
         delivered: dict[int, int] = {}
@@ -574,12 +584,10 @@ class NatsTransport(Transport):
                 delivered[partition] = int(info.delivered.stream_seq or 0) if info.delivered else 0
             else:
                 stale.append(partition)
-        made = await asyncio.gather(*(self.ensure_consumer(layout, group, p) for p in stale))
-        delivered.update(zip(stale, made, strict=True))
         if listed is not None:  # the lanes whose consumer was not there
             self._new_lanes.update(Lane(layout.topic, group, p) for p in stale
                                    if layout.consumer(group, p) not in existing)
-        return delivered
+        return delivered, stale
 
     async def _listed_consumers(self, layout: TopicLayout) -> dict[str, ConsumerInfo] | None:
         """The stream's consumers by name; None when the listing fails (everything is then
