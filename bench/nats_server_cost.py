@@ -32,19 +32,9 @@ from pathlib import Path
 
 import msgbroker
 import nats
-from msgbroker import Message, MessageContext
+from msgbroker import MessageContext
 
-from msgbroker_bench import BrokerCpu, broker_pid
-
-
-class Seat(Message):
-    key: str
-    seq: int
-    data: str
-
-    @property
-    def partition_key(self) -> str:
-        return self.key
+from msgbroker_bench import BrokerCpu, Seat, broker_pid
 
 
 def _body(seq: int) -> bytes:

@@ -42,24 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import msgbroker
-from msgbroker import Message, MessageContext
+from msgbroker import MessageContext
 
-from msgbroker_bench import BrokerCpu, broker_pid
+from msgbroker_bench import BrokerCpu, Seat, broker_pid
 
 KEYS = 1000
 BATCH = 500
-
-
-class Seat(Message):
-    """100 B of JSON with the id: a seat-lock request of the seed's ticket sale."""
-
-    key: str
-    seq: int
-    data: str
-
-    @property
-    def partition_key(self) -> str:
-        return self.key
 
 
 async def publish(broker: msgbroker.Broker, topic: str, seqs: range) -> None:

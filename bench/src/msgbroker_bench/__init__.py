@@ -3,7 +3,7 @@ the brokers' own tools, on every provider whose server is up (see docs/benchmark
 
 ``run(argv)`` is the entry point (``msgbroker bench``, ``python -m msgbroker_bench``,
 ``scripts/bench``); ``BrokerCpu`` and ``broker_pid`` serve the standalone scripts beside the
-package (``bench/*.py``) that measure a broker server's CPU."""
+package (``bench/*.py``) that measure a broker server's CPU, and ``Seat`` is their message."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 from ._cells import BrokerCpu
 from ._common import PROVIDERS
+from ._model import Seat
 from ._run import broker_pid, parse_args
 
-__all__ = ["PROVIDERS", "BrokerCpu", "broker_pid", "main", "run"]
+__all__ = ["PROVIDERS", "BrokerCpu", "Seat", "broker_pid", "main", "run"]
 
 
 def _log(text: str) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from msgbroker import Message
 
-__all__ = ["BenchMessage", "Sink", "decode_raw", "encode_raw", "key_of", "payload"]
+__all__ = ["BenchMessage", "Seat", "Sink", "decode_raw", "encode_raw", "key_of", "payload"]
 
 KEYS = 10_000
 """Distinct partition keys (the issue's "10k keys")."""
@@ -41,6 +41,19 @@ class BenchMessage(Message):
     seq: int
     run: int
     sent_ns: int
+    data: str
+
+    @property
+    def partition_key(self) -> str:
+        return self.key
+
+
+class Seat(Message):
+    """100 B of JSON with the id: a seat-lock request of the seed's ticket sale (the standalone
+    scripts' message, ``bench/*.py``)."""
+
+    key: str
+    seq: int
     data: str
 
     @property
