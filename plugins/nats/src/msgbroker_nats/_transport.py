@@ -195,10 +195,10 @@ class NatsTransport(Transport):
         # before the server redelivers what it held (see _consumer._take_over).
         self._lease_ttl = max(1.0, self.ack_wait / 2)
         self._leases = Leases(self.pins, self.failure_counts, self.lease_ttl)
-        self._new_lanes: set[Lane] = set()
-        """Lanes whose consumer this connection created (none was listed): their lease key was
-        most likely never written, so the first take tries a create (see Leases.acquire)."""
         """The lanes' leases (see _leases: one write per member and renewal)."""
+        self._new_lanes: set[Lane] = set()
+        """Lanes whose consumer was not listed (a new group): their lease key was most likely
+        never written, so the first take tries a create (see Leases.acquire)."""
 
     # -- connection ----------------------------------------------------------------------------
 
