@@ -94,13 +94,16 @@ async def publish_confirmed(
         _check_headers(record)
     # aiormq matches a returned message to its publish by message id: one id per round.
     rounds: list[list[OutgoingRecord]] = [[]]
-    ids: set[str] = set()
-    for record in records:
-        if record.message_id in ids:
-            rounds.append([])
-            ids.clear()
-        ids.add(record.message_id)
-        rounds[-1].append(record)
+    if len(records) == 1:
+        rounds[0].append(records[0])
+    else:
+        ids: set[str] = set()
+        for record in records:
+            if record.message_id in ids:
+                rounds.append([])
+                ids.clear()
+            ids.add(record.message_id)
+            rounds[-1].append(record)
     channels = _Channels(link, channel)
     try:
         for chunk in rounds:
@@ -246,12 +249,16 @@ async def _publish_round(
 
     results: list[Any]
     if len(records) == 1:  # one publish() awaits its confirm in the caller's task (gather would add a task)
+        result: Any
         try:
-            results = [await publish(records[0])]
+            result = await publish(records[0])
         except asyncio.CancelledError as exc:
-            results = [exc]
+            result = exc
         except Exception as exc:
-            results = [exc]
+            result = exc
+        if not isinstance(result, (BaseException, DeliveredMessage)):
+            return [], [], []  # confirmed (basic.ack): what the sorting below finds, without it
+        results = [result]
     else:
         results = await asyncio.gather(*(publish(record) for record in records), return_exceptions=True)
     pairs = list(zip(records, results, strict=True))

@@ -316,9 +316,14 @@ class RabbitMQTransport(Transport):
         if dedup_window is not None:
             self.CAPABILITIES.require("deduplication")
         link = await self._up()
-        for topic in dict.fromkeys(r.topic for r in records):
-            await self.ensure_topic(topic, link)
-        raw = await self._publisher_channel(link)
+        if len(records) == 1:  # one publish(): no set of topics to build
+            await self.ensure_topic(records[0].topic, link)
+        else:
+            for topic in dict.fromkeys(r.topic for r in records):
+                await self.ensure_topic(topic, link)
+        raw = self._publisher
+        if raw is None or raw.is_closed:  # else what the locked path would return
+            raw = await self._publisher_channel(link)
         await publish_confirmed(link, self.topology, raw, records)
 
     # -- membership and leases (delegated to the member's own connection) ------------------------
