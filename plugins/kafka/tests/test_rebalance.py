@@ -253,3 +253,45 @@ async def test_a_group_assigned_while_the_metadata_lacked_its_topic_joins_again_
     await _until(lambda: sorted(handled) == list(range(8)),
                  f"the 8 messages to be handled after the blind assignment (handled {sorted(handled)})", timeout=30)
     assert blinded == [1], "the first assignment was not computed from the blind metadata"
+
+
+async def test_each_assigned_partition_starts_at_its_commit_or_at_its_first_offset_after_retention(
+    connect: Callable[..., Any], names: Callable[[str], str], bootstrap_servers: str
+) -> None:
+    """A member points its consumer at each assigned partition's start itself: a group that never
+    committed a partition starts at its first offset (also one retention moved past 0: records
+    deleted before it are not asked for), a group that committed starts after its commit."""
+    from aiokafka.admin.records_to_delete import RecordsToDelete
+
+    topic, group = names("starts"), names("g")
+    broker = await connect(partition_count=2)
+    transport = broker.live_transport()
+    assert isinstance(transport, KafkaTransport)
+    kafka_topic = transport.kafka_name(topic)
+    await broker.publish_batch(topic, [Seat(key=f"k{i}", seq=i) for i in range(40)])
+    before = await _positions(bootstrap_servers, kafka_topic, 2)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    await admin.start()
+    try:  # what retention does: the first records of partition 0 are gone, its log starts at 5
+        await admin.delete_records({TopicPartition(kafka_topic, 0): RecordsToDelete(before_offset=5)})
+    finally:
+        await admin.close()
+    kept = {mid for mid, (partition, offset) in before.items() if partition == 1 or offset >= 5}
+    assert len(kept) == len(before) - 5, "partition 0 held fewer than 5 records: pick other keys"
+    handled: list[str] = []
+
+    async def handle(ctx: MessageContext[Seat]) -> None:
+        handled.append(ctx.message_id)
+
+    subscription = await broker.subscribe(topic, group, handle, message_type=Seat)
+    await _until(lambda: len(handled) >= len(kept), f"the {len(kept)} records still kept to be handled")
+    await asyncio.sleep(0.5)  # nothing else comes
+    assert sorted(handled) == sorted(kept), "the new group did not start each partition at its first offset"
+    await subscription.close()  # commits all of it
+    more = await broker.publish_batch(topic, [Seat(key=f"k{i}", seq=100 + i) for i in range(10)])
+    handled.clear()
+    subscription = await broker.subscribe(topic, group, handle, message_type=Seat)
+    await _until(lambda: len(handled) >= len(more), "the 10 messages published after the close to be handled")
+    await asyncio.sleep(0.5)
+    assert sorted(handled) == sorted(more), "the group did not start after its commits"
+    await subscription.close()

@@ -574,6 +574,14 @@ class KafkaTransport(Transport):
                     with contextlib.suppress(Exception):
                         await consumer.stop()
                     raise self.error(exc, "starting the offsets client") from exc
+                except BaseException:  # the caller was cancelled: the half-started client is closed too
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(consumer.stop())
+                    raise
+                if self._admin is None:  # the connection closed (or its clients stopped) meanwhile
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
+                    raise BrokerClosedError("the kafka connection is closed")
                 self._offsets = consumer
             return self._offsets
 
