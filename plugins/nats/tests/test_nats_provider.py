@@ -6,6 +6,7 @@ seed's appsettings.json."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import msgbroker
+import nats.errors
 import nats.js.errors
 import pytest
 from msgbroker import BrokerSettings, ConfigurationError, Message, MessageContext, partition_for
@@ -388,6 +390,44 @@ async def test_a_delivery_lost_as_a_member_closed_is_waited_for_and_not_an_attem
         await second.subscribe(topic, "g", record.handler("second"))
         await eventually(lambda: len(record.ns("k")) == 3, "the lost message back after ack_wait")
         assert record.seen == [("first", "k", 0, 1), ("second", "k", 1, 1), ("second", "k", 2, 1)]
+
+
+async def test_a_delivery_lost_while_a_member_owns_the_lane_is_waited_for(
+    connect: Any, raw: Client, topic: str
+) -> None:
+    """A delivery of the lane's consumer can go to a pull request that is not the owner's and
+    be lost: on a cluster, a request of a member that closed the lane (its unsubscribe still
+    travelling between nodes) waits at the consumer beside the owner's, and the server serves
+    waiting requests in turn. Here a raw client's request plays that one: it takes a message in
+    the middle of the lane and never settles it. The owner sees a gap in the consumer's delivery
+    sequence and hands nothing after it until the message is back (after ack_wait): the message
+    behind it must not overtake it (it did before), and the lost delivery is not an attempt."""
+    member = connect(partition_count=1)
+    record = Record()
+    async with member:
+        layout = member.transport.layout(topic)
+        await member.subscribe(topic, "g", record.handler("member"))
+        await member.publish(topic, Item(key="k", n=0))
+        await eventually(lambda: record.ns("k") == [0], "the first message handled")
+        next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{layout.stream}.{layout.consumer('g', 0)}"
+        inbox = raw.new_inbox()
+        thief = await raw.subscribe(inbox)
+        await raw.publish(next_subject, b'{"batch":1,"expires":30000000000}', reply=inbox)
+        await raw.flush()
+        n = 1
+        taken = None
+        while taken is None and n < 20:
+            await member.publish(topic, Item(key="k", n=n))
+            n += 1
+            with contextlib.suppress(nats.errors.TimeoutError):
+                taken = await thief.next_msg(timeout=0.3)
+        assert taken is not None, "the server never served the second pull request while the member's waited"
+        await thief.unsubscribe()
+        stolen = Item.model_validate_json(taken.data).n
+        await member.publish(topic, Item(key="k", n=n))  # behind the stolen one
+        await eventually(lambda: len(record.ns("k")) == n + 1, "the stolen message back after ack_wait")
+        # In order, and the lost delivery is not an attempt.
+        assert record.seen == [("member", "k", i, 1) for i in range(n + 1)], f"stolen: {stolen}"
 
 
 @pytest.mark.parametrize("leaves", ["dies", "closes"])

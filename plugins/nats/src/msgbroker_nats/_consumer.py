@@ -250,6 +250,7 @@ class NatsLaneConsumer(LaneConsumer):
         lane.awaiting = set()
         lane.clean = True
         lane.lease = lease
+        lane.last_dseq = 0  # deliveries to others since this member last held it are no gap
         lane.floor_check_at = time.monotonic() + self._transport.ack_wait
         await self._take_over(lane)
         lane.open = True
@@ -669,7 +670,7 @@ class NatsLaneConsumer(LaneConsumer):
                 return
             lane.remaining = max(0, lane.remaining - 1)
             delivered, seq, dseq = _ack_fields(msg.reply)
-            if lane.left_at is not None:
+            if lane.left_at is not None or lane.last_dseq:
                 self._check_lost(lane, dseq)
             lane.last_dseq = max(lane.last_dseq, dseq)
             current = lane.items.get(seq)
@@ -721,19 +722,24 @@ class NatsLaneConsumer(LaneConsumer):
             log.warning("nats: handling a pull answer on %s failed: %r", msg.subject, exc)
 
     def _check_lost(self, lane: _Lane, dseq: int) -> None:
-        """The first delivery after taking over a lane its last owner closed: the consumer's
-        delivery sequence goes on from that owner's last (its record's ``#<n>``) unless
-        deliveries to it were lost. A member that unsubscribes while its pull request is open
-        can lose what the server sent just before it saw the unsubscribe (on a cluster, while
-        that travels between nodes): counted as delivered, it comes back only after ack_wait,
-        behind what the next owner gets meanwhile. So with a gap an ordered lane waits as after a
-        crash (_not_clean), and that many redeliveries are not counted as attempts."""
+        """A delivery of an open lane: the consumer's delivery sequence goes on from the last one
+        this member received since it took the lane over (at the first, from the last owner's
+        closing record's ``#<n>``) unless deliveries went elsewhere and were lost. A member that
+        unsubscribes while its pull request is open can lose what the server sent just before it
+        saw the unsubscribe (on a cluster, while that travels between nodes), and while that
+        request still waits beside the owner's, the server serves them in turn, so the gap can
+        come in the middle of a lane too. Counted as delivered, a lost message comes back only
+        after ack_wait, behind what this member gets meanwhile. So with a gap an ordered lane
+        waits as after a crash (_not_clean), and that many redeliveries are not counted as
+        attempts."""
         left_at, lane.left_at = lane.left_at, None
-        if left_at is None or dseq <= left_at + 1:
+        last = left_at if left_at is not None else lane.last_dseq
+        if dseq <= last + 1:
             return
-        lane.lost = dseq - left_at - 1
-        log.info("nats: %d delivery(ies) of %s[%d] for %s to its last owner were lost as it closed; %s",
-                 lane.lost, self._topic, lane.partition, self._group,
+        lost = dseq - last - 1
+        lane.lost += lost
+        log.info("nats: %d delivery(ies) of %s[%d] for %s %s were lost; %s", lost, self._topic, lane.partition,
+                 self._group, "to its last owner as it closed" if left_at is not None else "to another pull request",
                  "waiting for them as after a crash" if self._ordered else "they come back after ack_wait")
         if self._ordered and lane.clean:
             self._not_clean(lane, time.monotonic())
