@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -135,5 +136,51 @@ def test_a_connected_broker_declares_what_its_server_can(_nats_with_schedules: _
                 assert broker.capabilities.scheduling == "none"
                 with pytest.raises(msgbroker.CapabilityNotSupported, match=r"scheduling.*2\.9\.10"):
                     await broker.publish("t", _Ping(), delay=1)
+
+    asyncio.run(run())
+
+
+class _Numbered(msgbroker.Message):
+    n: int
+
+
+def test_a_schedule_no_stream_hears_yet_is_sent_again(_nats_with_schedules: _Server) -> None:
+    """A schedule message that no stream hears (no responders: not stored) is sent again until
+    the publish deadline. On the 3-node cluster, right after a restart, the first schedule of a
+    topic failed so at once ("JetStream did not answer"). Here the stream loses its schedule
+    subjects behind the provider's back and gets them again 0.5 s later: the schedule is taken
+    then, and both messages are delivered."""
+    import asyncio
+
+    async def run() -> None:
+        topic = f"t-{uuid.uuid4().hex[:8]}"
+        settings = {"stream_prefix": f"SCHED-{uuid.uuid4().hex[:8]}", "ack_wait": 2}
+        async with msgbroker.connect(_nats_with_schedules.url, nats=settings) as broker:
+            got: list[int] = []
+            both = asyncio.Event()
+
+            async def handler(ctx: msgbroker.MessageContext[_Numbered]) -> None:
+                got.append(ctx.message.n)
+                if len(got) == 2:
+                    both.set()
+
+            await broker.subscribe(topic, "g", handler, message_type=_Numbered)
+            await broker.publish(topic, _Numbered(n=0), delay=0.2)  # gives the stream its schedule subjects
+            transport = broker.transport
+            assert isinstance(transport, NatsTransport)
+            jsm = transport.jsm
+            stream = transport.layout(topic).stream
+            config = (await jsm.stream_info(stream)).config
+            await jsm.update_stream(config.evolve(subjects=[s for s in config.subjects or [] if "~s" not in s]))
+
+            async def give_back() -> None:
+                await asyncio.sleep(0.5)
+                await jsm.update_stream(config)
+
+            restoring = asyncio.create_task(give_back())
+            await broker.publish(topic, _Numbered(n=1), delay=0.3)
+            await restoring
+            await asyncio.wait_for(both.wait(), 20)
+            assert sorted(got) == [0, 1]
 
     asyncio.run(run())

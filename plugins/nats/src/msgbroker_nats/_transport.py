@@ -873,8 +873,24 @@ class NatsTransport(Transport):
                     f"message {record.message_id} on {record.topic!r} is {size} bytes with its headers; "
                     f"the nats server accepts at most {self.nc.max_payload} (max_payload)")
             subject = _schedule.schedule_subject(self.prefix, record.topic, record.message_id)
-            await asyncio.wait_for(_schedule.publish(self, subject, record.body, headers), _PUBLISH_TIMEOUT)
-        except (MessageTooLargeError, ConfigurationError, asyncio.CancelledError):
+            deadline = time.monotonic() + _PUBLISH_TIMEOUT
+            pause = 0.05
+            while True:
+                try:
+                    await asyncio.wait_for(_schedule.publish(self, subject, record.body, headers),
+                                           max(0.001, deadline - time.monotonic()))
+                    return
+                except nats.js.errors.NoStreamResponseError:
+                    # No stream listened on the subject (not stored): on a cluster, a stream just
+                    # made or given its schedule subjects, or one electing its leader after a
+                    # restart, is not heard everywhere at once. Sent again until the deadline.
+                    if time.monotonic() + pause > deadline:
+                        raise BrokerUnavailableError(
+                            f"nats: no stream took scheduled message {record.message_id} on {record.topic!r} "
+                            f"within {_PUBLISH_TIMEOUT}s (is JetStream up?); it was not scheduled") from None
+                    await asyncio.sleep(pause)
+                    pause = min(0.5, pause * 2)
+        except (MessageTooLargeError, ConfigurationError, BrokerUnavailableError, asyncio.CancelledError):
             raise
         except TimeoutError as exc:
             raise PublishIndeterminateError(
