@@ -670,9 +670,11 @@ class NatsLaneConsumer(LaneConsumer):
                 return
             lane.remaining = max(0, lane.remaining - 1)
             delivered, seq, dseq = _ack_fields(msg.reply)
-            if lane.left_at is not None or lane.last_dseq:
+            last = lane.last_dseq
+            if lane.left_at is not None or (last and dseq > last + 1):
                 self._check_lost(lane, dseq)
-            lane.last_dseq = max(lane.last_dseq, dseq)
+            if dseq > last:
+                lane.last_dseq = dseq
             current = lane.items.get(seq)
             if current is None and seq in lane.rewound:
                 # Settled by another member, which saw the consumer's pointer rewound onto it.
