@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgbroker
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
 
 REPO = Path(__file__).resolve().parents[3]
 HOW = (
@@ -18,6 +21,55 @@ HOW = (
 )
 FAST = {"session_timeout": 6, "heartbeat_interval": 1, "commit_interval": 0.05}
 """The broker's smallest session timeout (group.min.session.timeout.ms = 6 s), for fast failover."""
+
+
+def _own_server() -> str | None:
+    """The bootstrap servers under test when they are the Kafka ``scripts/brokers up kafka`` runs
+    (loopback, the port it recorded); None for a Kafka of someone else's."""
+    value = os.environ.get("MSGBROKER_KAFKA__BOOTSTRAP_SERVERS", "").strip()
+    try:
+        port = (REPO / ".brokers" / "kafka" / "port").read_text().strip()
+    except OSError:
+        return None
+    return value if value in (f"127.0.0.1:{port}", f"localhost:{port}") else None
+
+
+async def _topics(servers: str, delete: set[str] | None = None) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    await admin.start()
+    try:
+        if delete:
+            names = sorted(delete)
+            for start in range(0, len(names), 200):
+                await admin.delete_topics(names[start:start + 200], timeout_ms=60000)
+            return set()
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_the_topics_of_the_session() -> Iterator[None]:
+    """Delete the topics made while these tests ran, on the Kafka of ``scripts/brokers`` only.
+
+    That Kafka stays up between runs of the test command and keeps its data when restarted;
+    each run leaves a few thousand partitions behind (each topic has a ``.starts`` companion,
+    dead-letter topics have theirs), and with about 12,000 the broker (heap 512 MiB) died of
+    OutOfMemoryError in the middle of a run. A Kafka of someone else's is left alone."""
+    servers = _own_server()
+    before: set[str] | None = None
+    if servers is not None:
+        with contextlib.suppress(Exception):
+            before = asyncio.run(_topics(servers))
+    yield
+    if servers is None or before is None:
+        return
+    try:
+        made = {name for name in asyncio.run(_topics(servers)) - before if not name.startswith("__")}
+        if made:
+            asyncio.run(_topics(servers, made))
+    except Exception as exc:  # the tests' verdict stands; the topics stay
+        print(f"kafka tests: deleting the topics of this run failed: {exc!r}")
 
 
 @pytest.fixture
@@ -31,7 +83,7 @@ def bootstrap_servers() -> str:
 
 @pytest.fixture
 def names() -> Callable[[str], str]:
-    """Unique topic and group names (Kafka keeps them; nothing to clean between tests)."""
+    """Unique topic and group names (Kafka keeps them; deleted at the end of the session)."""
     run = uuid.uuid4().hex[:8]
     return lambda stem: f"kt-{stem}-{run}"
 
