@@ -34,18 +34,27 @@ def _own_server() -> str | None:
     return value if value in (f"127.0.0.1:{port}", f"localhost:{port}") else None
 
 
-async def _topics(servers: str, delete: set[str] | None = None) -> set[str]:
+@contextlib.asynccontextmanager
+async def _admin(servers: str) -> AsyncIterator[Any]:
     admin = AIOKafkaAdminClient(bootstrap_servers=servers)
     await admin.start()
     try:
-        if delete:
-            names = sorted(delete)
-            for start in range(0, len(names), 200):
-                await admin.delete_topics(names[start:start + 200], timeout_ms=60000)
-            return set()
-        return set(await admin.list_topics())
+        yield admin
     finally:
         await admin.close()
+
+
+async def _topics(servers: str) -> set[str]:
+    async with _admin(servers) as admin:
+        return set(await admin.list_topics())
+
+
+async def _delete_topics_since(servers: str, before: set[str]) -> None:
+    """Delete every topic not in ``before`` (Kafka's own ``__…`` topics aside)."""
+    async with _admin(servers) as admin:
+        made = sorted(name for name in set(await admin.list_topics()) - before if not name.startswith("__"))
+        for start in range(0, len(made), 200):
+            await admin.delete_topics(made[start:start + 200], timeout_ms=60000)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,9 +74,7 @@ def _delete_the_topics_of_the_session() -> Iterator[None]:
     if servers is None or before is None:
         return
     try:
-        made = {name for name in asyncio.run(_topics(servers)) - before if not name.startswith("__")}
-        if made:
-            asyncio.run(_topics(servers, made))
+        asyncio.run(_delete_topics_since(servers, before))
     except Exception as exc:  # the tests' verdict stands; the topics stay
         print(f"kafka tests: deleting the topics of this run failed: {exc!r}")
 
