@@ -104,6 +104,24 @@ async def test_messages_published_before_the_first_worker_are_received() -> None
         await eventually(lambda: len(rec.distinct()) == 20)
 
 
+async def test_a_publisher_s_loop_lets_a_waiting_subscriber_run() -> None:
+    # A publish yields to the event loop only when it woke a consumer waiting for news: a
+    # publisher that publishes one message after another with nothing else to await must not
+    # keep a subscriber from handling until its loop ends (as a network round trip would not).
+    async with connect() as broker:
+        rec = Recorder()
+        await broker.subscribe("t", "g", rec.handler("a"))
+        await broker.publish("t", Order(key="warm", seq=0))
+        await eventually(lambda: len(rec.seen) == 1)
+        handled_while_publishing = 0
+        for i in range(1, 501):
+            await broker.publish("t", Order(key=f"k{i % 7}", seq=i))
+            handled_while_publishing = len(rec.seen) - 1
+        assert handled_while_publishing > 0
+        await eventually(lambda: len(rec.distinct()) == 501)
+        assert rec.keys_in_order()
+
+
 async def test_every_group_gets_every_message_and_one_member_each_within_a_group() -> None:
     name = uuid.uuid4().hex
     brokers = [connect(name) for _ in range(4)]
