@@ -123,8 +123,6 @@ class _MemoryServer:
         self._changed_loop: asyncio.AbstractEventLoop | None = None
         self.woken: asyncio.Event | None = None
         """The event :meth:`notify` set last, until a consumer that waited on it runs again."""
-        self.unyielded = 0
-        """Publishes since the last one that yielded to the event loop."""
 
     @property
     def changed(self) -> asyncio.Event:
@@ -278,10 +276,6 @@ def forget(name: str) -> bool:
     return _SERVERS.pop(name, None) is not None
 
 
-YIELD_EVERY = 64
-"""A publish that woke no consumer yields to the event loop after this many that did not."""
-
-
 class MemoryTransport(Transport):
     """``memory://`` — the embedded default."""
 
@@ -361,15 +355,10 @@ class MemoryTransport(Transport):
         server.move_due()  # a due scheduled message goes first: it was published earlier
         server.append_all(records, self._partitions, dedup_window)
         # Let consumers run, as they would while a network round trip is awaited, when one
-        # waited for this or was woken and has not run yet, and at least every
-        # YIELD_EVERY publishes (one busy handling is not starved by a publisher that awaits
-        # nothing else). Otherwise a publisher's loop costs no turn of the event loop per
-        # message: a bare queue's put does not either.
-        if server.notify() or server.woken is not None or server.unyielded >= YIELD_EVERY:
-            server.unyielded = 0
+        # waited for this or was woken and has not run yet. Otherwise a publisher's loop costs
+        # no turn of the event loop per message, as a bare queue's put does not.
+        if server.notify() or server.woken is not None:
             await asyncio.sleep(0)
-        else:
-            server.unyielded += 1
 
     async def schedule(self, record: OutgoingRecord, deliver_at: float) -> None:
         """Kept in the broker's memory; appended by the first poll, publish or count after its
