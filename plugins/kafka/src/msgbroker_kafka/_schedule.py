@@ -121,8 +121,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class _Mover:
     """This connection's member of the movers' group."""
 
-    def __init__(self, owner: Schedules) -> None:
+    def __init__(self, owner: Schedules, delay: float) -> None:
         self._owner = owner
+        self._go = asyncio.Event()
+        """Set to start now (see :meth:`start`); else the mover joins ``delay`` seconds after it
+        was made."""
+        self._delay = delay
         self._waiting: dict[int, dict[tuple[str, str], _Waiting]] = {}
         """Per schedule partition held: (topic, message id) -> what waits."""
         self._consumer: AIOKafkaConsumer | None = None
@@ -133,6 +137,10 @@ class _Mover:
         """Partitions still being read up to the end they had when assigned (their state is not
         complete before: nothing of them is moved meanwhile)."""
         self._task = asyncio.create_task(self._run(), name="msgbroker-kafka-schedule-mover")
+
+    def start(self) -> None:
+        """Join the movers' group now, if it waits still."""
+        self._go.set()
 
     def revoked(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -151,6 +159,9 @@ class _Mover:
 
     async def _run(self) -> None:
         transport = self._owner.transport
+        if self._delay > 0 and not self._go.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._go.wait(), self._delay)
         while True:
             consumer = None
             try:
@@ -295,10 +306,13 @@ class Schedules:
             raise transport.error(exc, f"creating the schedule topic {name!r}") from exc
         await transport.ensure_topic(SCHEDULE_TOPIC, SCHEDULE_PARTITIONS)  # checks its partition count
 
-    def run_mover(self) -> None:
-        """Join the movers' group from this connection (once)."""
+    def run_mover(self, delay: float = 0.0) -> None:
+        """Join the movers' group from this connection (once), ``delay`` seconds from now (a
+        later call without one starts it at once)."""
         if self._mover is None:
-            self._mover = _Mover(self)
+            self._mover = _Mover(self, delay)
+        elif delay <= 0:
+            self._mover.start()
 
     @staticmethod
     def partition(topic: str, message_id: str) -> int:
