@@ -105,9 +105,10 @@ async def test_messages_published_before_the_first_worker_are_received() -> None
 
 
 async def test_a_publisher_s_loop_lets_a_waiting_subscriber_run() -> None:
-    # A publish yields to the event loop only when it woke a consumer waiting for news: a
-    # publisher that publishes one message after another with nothing else to await must not
-    # keep a subscriber from handling until its loop ends (as a network round trip would not).
+    # A publish yields to the event loop only while a consumer waits for news or was woken and
+    # has not run yet: a publisher that publishes one message after another with nothing else
+    # to await must still not keep a subscriber from handling until its loop ends (a network
+    # round trip would not).
     async with connect() as broker:
         rec = Recorder()
         await broker.subscribe("t", "g", rec.handler("a"))
