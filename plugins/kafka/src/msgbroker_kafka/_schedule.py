@@ -121,12 +121,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class _Mover:
     """This connection's member of the movers' group."""
 
-    def __init__(self, owner: Schedules, delay: float) -> None:
+    def __init__(self, owner: Schedules) -> None:
         self._owner = owner
-        self._go = asyncio.Event()
-        """Set to start now (see :meth:`start`); else the mover joins ``delay`` seconds after it
-        was made."""
-        self._delay = delay
         self._waiting: dict[int, dict[tuple[str, str], _Waiting]] = {}
         """Per schedule partition held: (topic, message id) -> what waits."""
         self._consumer: AIOKafkaConsumer | None = None
@@ -137,10 +133,6 @@ class _Mover:
         """Partitions still being read up to the end they had when assigned (their state is not
         complete before: nothing of them is moved meanwhile)."""
         self._task = asyncio.create_task(self._run(), name="msgbroker-kafka-schedule-mover")
-
-    def start(self) -> None:
-        """Join the movers' group now, if it waits still."""
-        self._go.set()
 
     def revoked(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -159,9 +151,6 @@ class _Mover:
 
     async def _run(self) -> None:
         transport = self._owner.transport
-        if self._delay > 0 and not self._go.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._go.wait(), self._delay)
         while True:
             consumer = None
             try:
@@ -306,13 +295,10 @@ class Schedules:
             raise transport.error(exc, f"creating the schedule topic {name!r}") from exc
         await transport.ensure_topic(SCHEDULE_TOPIC, SCHEDULE_PARTITIONS)  # checks its partition count
 
-    def run_mover(self, delay: float = 0.0) -> None:
-        """Join the movers' group from this connection (once), ``delay`` seconds from now (a
-        later call without one starts it at once)."""
+    def run_mover(self) -> None:
+        """Join the movers' group from this connection (once)."""
         if self._mover is None:
-            self._mover = _Mover(self, delay)
-        elif delay <= 0:
-            self._mover.start()
+            self._mover = _Mover(self)
 
     @staticmethod
     def partition(topic: str, message_id: str) -> int:
