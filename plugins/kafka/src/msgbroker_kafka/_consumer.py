@@ -46,6 +46,7 @@ from msgbroker.spi import (
 
 from . import _compat
 from ._assignor import PinningAssignor
+from ._clients import start_client
 from ._host import ConsumerHost
 from ._records import MESSAGE_ID_HEADER, decode_headers
 
@@ -617,7 +618,7 @@ class KafkaLaneConsumer(LaneConsumer):
         self._listener = listener
         self._ordered = bool(listener.ordered)
         try:
-            await consumer.start()
+            await start_client(consumer)
             await self._topic_visible(consumer)
             consumer.subscribe([self.kafka_topic], listener=_RebalanceListener(self))
         except Exception as exc:
@@ -839,7 +840,7 @@ class KafkaLaneConsumer(LaneConsumer):
         group = self.kafka_group.encode()
         reader = AIOKafkaConsumer(**self.transport.client_options(), enable_auto_commit=False)
         try:
-            await reader.start()
+            await start_client(reader)
             reader.assign(list(since))
             for tp, offset in since.items():
                 reader.seek(tp, offset)

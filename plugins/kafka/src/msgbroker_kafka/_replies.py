@@ -21,6 +21,8 @@ from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import partition_for
 from msgbroker.spi import MsgBrokerError, ReplySink, cancel_and_wait
 
+from ._clients import start_client
+
 
 class KafkaTransport(Protocol):
     """What replies need of the transport (``_transport.KafkaTransport``)."""
@@ -66,7 +68,7 @@ class ReplyInbox:
         consumer = AIOKafkaConsumer(**transport.client_options(), enable_auto_commit=False, group_id=None,
                                     fetch_max_wait_ms=50, auto_offset_reset="latest")
         try:
-            await consumer.start()
+            await start_client(consumer)
             consumer.assign([tp])
             await consumer.seek_to_end(tp)
             await consumer.position(tp)  # resolved now: a reply produced after this is read

@@ -43,6 +43,7 @@ from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 from msgbroker import partition_for
 from msgbroker.spi import AccessDeniedError, BrokerTimeoutError, MsgBrokerError, OutgoingRecord, cancel_and_wait
 
+from ._clients import start_client
 from ._records import MESSAGE_ID_HEADER, encode_headers
 from ._replies import ReplyInbox
 
@@ -163,8 +164,8 @@ class _Mover:
                     session_timeout_ms=int(kafka.session_timeout.total_seconds() * 1000),
                     heartbeat_interval_ms=int(kafka.heartbeat_interval.total_seconds() * 1000))
                 self._consumer = consumer
+                await start_client(consumer)  # before the subscribe: the start is its bootstrap only
                 consumer.subscribe([transport.kafka_name(SCHEDULE_TOPIC)], listener=_Listener(self))
-                await consumer.start()
                 while True:
                     batches = await consumer.getmany(timeout_ms=self._wait_ms())
                     for tp, records in batches.items():

@@ -54,6 +54,7 @@ from msgbroker.spi import (
     tls_verification_error,
 )
 
+from ._clients import start_client
 from ._consumer import KafkaLaneConsumer
 from ._describe import with_group_members
 from ._errors import GRANT, access_denied, map_error
@@ -273,7 +274,7 @@ class KafkaTransport(Transport):
                 log.warning("kafka: the broker lost this producer's sequence state (%s); starting a new producer", exc)
                 fresh = self._new_producer()
                 try:
-                    await fresh.start()
+                    await start_client(fresh)
                 except Exception as start_exc:
                     with contextlib.suppress(Exception):
                         await fresh.stop()
@@ -289,8 +290,8 @@ class KafkaTransport(Transport):
         producer = self._new_producer()
         admin = AIOKafkaAdminClient(**options, request_timeout_ms=int(_ADMIN_TIMEOUT * 1000))
         try:
-            await producer.start()
-            await admin.start()
+            await start_client(producer)
+            await start_client(admin)
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await producer.stop()
@@ -569,15 +570,11 @@ class KafkaTransport(Transport):
             if self._offsets is None:
                 consumer = AIOKafkaConsumer(**self.client_options(), enable_auto_commit=False)
                 try:
-                    await consumer.start()
+                    await start_client(consumer)
                 except Exception as exc:
                     with contextlib.suppress(Exception):
                         await consumer.stop()
                     raise self.error(exc, "starting the offsets client") from exc
-                except BaseException:  # the caller was cancelled: the half-started client is closed too
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(consumer.stop())
-                    raise
                 if self._admin is None:  # the connection closed (or its clients stopped) meanwhile
                     with contextlib.suppress(Exception):
                         await consumer.stop()
@@ -732,7 +729,7 @@ class KafkaTransport(Transport):
         reader = AIOKafkaConsumer(**self.client_options(), enable_auto_commit=False, auto_offset_reset="earliest")
         out: list[tuple[int, int, Any]] = []
         try:
-            await reader.start()
+            await start_client(reader)
             reader.assign(tps)
             ends = await asyncio.wait_for(reader.end_offsets(tps), _ADMIN_TIMEOUT)
             await reader.seek_to_beginning(*tps)
