@@ -122,8 +122,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class _Mover:
     """This connection's member of the movers' group."""
 
-    def __init__(self, owner: Schedules) -> None:
+    def __init__(self, owner: Schedules, delay: float) -> None:
         self._owner = owner
+        self._go = asyncio.Event()
+        """Set to start now (see :meth:`start`); else the mover joins ``delay`` seconds after it
+        was made."""
+        self._delay = delay
         self._waiting: dict[int, dict[tuple[str, str], _Waiting]] = {}
         """Per schedule partition held: (topic, message id) -> what waits."""
         self._consumer: AIOKafkaConsumer | None = None
@@ -134,6 +138,10 @@ class _Mover:
         """Partitions still being read up to the end they had when assigned (their state is not
         complete before: nothing of them is moved meanwhile)."""
         self._task = asyncio.create_task(self._run(), name="msgbroker-kafka-schedule-mover")
+
+    def start(self) -> None:
+        """Join the movers' group now, if it waits still."""
+        self._go.set()
 
     def revoked(self, partitions: set[int]) -> None:
         for partition in partitions:
@@ -152,6 +160,9 @@ class _Mover:
 
     async def _run(self) -> None:
         transport = self._owner.transport
+        if self._delay > 0 and not self._go.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._go.wait(), self._delay)
         while True:
             consumer = None
             try:
@@ -274,9 +285,10 @@ class Schedules:
 
     async def ensure_topic(self) -> None:
         """Create the compacted schedule topic when missing (once per connection)."""
-        if self._topic is None or (self._topic.done() and self._topic.exception() is not None):
-            self._topic = asyncio.ensure_future(self._create())
-        await asyncio.shield(self._topic)
+        topic = self._topic
+        if topic is None or (topic.done() and (topic.cancelled() or topic.exception() is not None)):
+            topic = self._topic = asyncio.ensure_future(self._create())
+        await asyncio.shield(topic)
 
     async def _create(self) -> None:
         transport = self.transport
@@ -296,10 +308,13 @@ class Schedules:
             raise transport.error(exc, f"creating the schedule topic {name!r}") from exc
         await transport.ensure_topic(SCHEDULE_TOPIC, SCHEDULE_PARTITIONS)  # checks its partition count
 
-    def run_mover(self) -> None:
-        """Join the movers' group from this connection (once)."""
+    def run_mover(self, delay: float = 0.0) -> None:
+        """Join the movers' group from this connection (once), ``delay`` seconds from now (a
+        later call without one starts it at once)."""
         if self._mover is None:
-            self._mover = _Mover(self)
+            self._mover = _Mover(self, delay)
+        elif delay <= 0:
+            self._mover.start()
 
     @staticmethod
     def partition(topic: str, message_id: str) -> int:
@@ -374,6 +389,9 @@ class Schedules:
         mover, self._mover = self._mover, None
         if mover is not None:
             await mover.stop()
+        topic = self._topic
+        if topic is not None and not topic.done():  # a creation its caller stopped waiting for (shielded)
+            await cancel_and_wait([topic])
         inbox, self._inbox = self._inbox, None
         if inbox is not None:
             await inbox.close()
