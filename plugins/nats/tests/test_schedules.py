@@ -1,8 +1,9 @@
 """Scheduled messages (semantics rule 14) on a nats-server with message schedules (2.12+).
 
-The server of ``scripts/brokers up nats`` is Debian's 2.9.10, which has none: there the suite
-checks that scheduling is declared missing, naming the version (test_conformance.py). The
-scheduling cases run here against a nats-server 2.15.3 of this module's own — the binary that
+The server of ``scripts/brokers up nats`` is a 2.15.3 as well (Debian's 2.9.10 with
+``MSGBROKER_BROKERS_NATS_VERSION=debian``, which has none: there test_conformance.py checks that
+scheduling is declared missing, naming the version; so does test_auth.py against nats-auth,
+Debian's). The scheduling cases run here against a nats-server 2.15.3 of this module's own — the binary that
 ``scripts/brokers cluster install nats`` (or ``cluster up nats``) builds into ``.cache/nats-server/``,
 built here first when it is missing — on a free loopback port with a fresh store, restarted by
 the cases' ``restart_server`` hook.
