@@ -570,6 +570,8 @@ class KafkaLaneConsumer(LaneConsumer):
         """Done once ``<topic>.starts`` is made, or known not to be (see :meth:`start`)."""
         self._ends_task: asyncio.Task[None] | None = None
         """Learning the ``<topic>.starts`` ends of lanes opened without them (see on_assigned)."""
+        self._handing: list[Delivery] = []
+        """Handed out by a poll that is still fetching (see :meth:`poll`): not in a handler yet."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -880,6 +882,11 @@ class KafkaLaneConsumer(LaneConsumer):
             finally:
                 self._parked = False
             return
+        # What a poll handed out and still holds never reaches a handler of these lanes (see
+        # poll): the commit records it as not begun, as what the lanes read ahead.
+        for delivery in self._handing:
+            if delivery.partition in partitions and self._current(delivery):
+                self._lanes[delivery.partition].unhanded.add(delivery.position)
         # commit what was settled, then release; a failed commit only means redelivery
         await self._commit(partitions, bound=_FINAL_BOUND, final=True)
         for partition in partitions:
@@ -1021,6 +1028,7 @@ class KafkaLaneConsumer(LaneConsumer):
             else:
                 to_fetch.append(track.tp)
         if to_fetch:
+            self._handing = out
             try:
                 batch = await self._fetch(consumer, to_fetch, 0 if out else timeout, wake)
             except asyncio.CancelledError:
@@ -1030,6 +1038,15 @@ class KafkaLaneConsumer(LaneConsumer):
                 if isinstance(error, AccessDeniedError):
                     self._refuse(error)
                 raise error from exc
+            finally:
+                self._handing = []
+            if out:
+                # Handed out from the lanes' surplus before this fetch, which can wait through a
+                # rebalance (aiokafka's getmany waits for the new assignment): a lane revoked
+                # meanwhile committed them as its own, unsettled, and a lane opened again on the
+                # partition reads them again from that commit. Handed on, they would run under
+                # that new lane, whose settle calls ignore them (an ack or a failure lost).
+                out = [delivery for delivery in out if self._current(delivery)]
             for tp, records in batch.items():
                 track = lanes.get(tp.partition)
                 if track is None or track.closed or not records:
@@ -1088,6 +1105,11 @@ class KafkaLaneConsumer(LaneConsumer):
         out.extend(deliver(surplus.popleft()) for _ in range(min(limit, len(surplus))))
 
     # -- settling -------------------------------------------------------------------------------
+
+    def _current(self, delivery: Delivery) -> bool:
+        """``delivery`` belongs to the partition's lane as it is now (not to one revoked since)."""
+        track = self._lanes.get(delivery.partition)
+        return track is not None and track.pending.get(delivery.position) is delivery
 
     def _owned(self, delivery: Delivery) -> _Track | None:
         track = self._lanes.get(delivery.partition)
